@@ -1,0 +1,275 @@
+"""``machinen`` command line (also ``python -m machinen_async``).
+
+Exit codes: the guest command's for ``exec``/``boot -- cmd``; otherwise 0
+success, 1 error (``error [CODE]: message`` on stderr), 130 on SIGINT, 143
+on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import click
+
+from . import __version__, registry
+from .errors import MachinenError, plain_errors
+from .vm import VM, boot, connect
+from .vmm import assets
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def _run(main: Callable[[], Awaitable[int | None]]) -> None:
+    """Run ``main`` on asyncio, mapping errors and signals to exit codes."""
+
+    async def wrapper() -> int:
+        async with anyio.create_task_group() as tg:
+            outcome: list[int] = []
+
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                    async for signum in received:
+                        outcome.append(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
+                        tg.cancel_scope.cancel()
+
+            async def body() -> None:
+                try:
+                    with plain_errors():
+                        outcome.append(await main() or 0)
+                except MachinenError as exc:
+                    click.echo(f"error [{exc.code}]: {exc.message}", err=True)
+                    outcome.append(1)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on_signals)
+            tg.start_soon(body)
+        return outcome[0] if outcome else 1
+
+    sys.exit(anyio.run(wrapper))
+
+
+def _progress(message: str) -> None:
+    click.echo(f"machinen: {message}", err=True)
+
+
+def _vm_row(entry: registry.VmDir) -> dict[str, Any] | None:
+    meta = entry.read_meta()
+    if meta is None:
+        return None
+    return {
+        "name": meta["name"],
+        "pid": meta["supervisor_pid"],
+        "qemu_pid": meta["qemu_pid"],
+        "accel": meta["accel"],
+        "memory_mib": meta["memory_mib"],
+        "uptime_s": round(time.time() - meta["started_at"], 1),
+        "image": meta["image"],
+        "detached": meta["detached"],
+    }
+
+
+async def _stream_exec(vm: VM, argv: list[str], env: dict[str, str], cwd: str | None, timeout: float | None) -> int:
+    """Run argv in the VM with our stdio attached; returns its exit code."""
+    forward_stdin = not sys.stdin.isatty()
+    async with vm.process(argv, env=env, cwd=cwd, stdin=forward_stdin, timeout=timeout) as proc:
+
+        async def copy_out(stream, fd: int) -> None:
+            async for chunk in stream:
+                await anyio.to_thread.run_sync(_write_all, fd, chunk)
+
+        async def copy_in() -> None:
+            while chunk := await anyio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True):
+                await proc.stdin.send(chunk)
+            await proc.stdin.aclose()
+
+        async with anyio.create_task_group() as tg:
+            if forward_stdin:
+                tg.start_soon(copy_in)
+            async with anyio.create_task_group() as output:
+                output.start_soon(copy_out, proc.stdout, 1)
+                output.start_soon(copy_out, proc.stderr, 2)
+            code = await proc.wait()
+            tg.cancel_scope.cancel()  # the command is done; stop reading our stdin
+        if proc.timed_out:
+            click.echo(f"error [EXEC_AGENT_TIMEOUT]: {argv!r} timed out after {timeout:g} s", err=True)
+        return code
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _command(cmd: tuple[str, ...]) -> list[str]:
+    """The words after ``--`` (click keeps the separator when interspersed args are off)."""
+    words = list(cmd)
+    return words[1:] if words[:1] == ["--"] else words
+
+
+IMAGE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst")
+
+
+def _split_image_and_command(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """``[IMAGE] [--] CMD...``: click drops a leading ``--``, so an image is
+    recognised by its tarball suffix."""
+    words = list(args)
+    image = words.pop(0) if words and words[0].endswith(IMAGE_SUFFIXES) else None
+    return image, _command(tuple(words))
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MachinenError(f"--env takes KEY=VALUE, got {pair!r}", code="PARSE_FLAG_INVALID")
+        env[key] = value
+    return env
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="machinen")
+def main() -> None:
+    """Boot Linux microVMs, run commands in them, fork and snapshot them."""
+
+
+@main.command()
+@click.option("--refresh", is_flag=True, help="Ask apt again for the newest kernel/busybox/rootfs inputs.")
+def install(refresh: bool) -> None:
+    """Fetch and build the base kernel, initramfs and root filesystem."""
+
+    async def run() -> None:
+        def build() -> Any:
+            base = assets.ensure_base(_progress, refresh=refresh)
+            return base, assets.image_for(base.rootfs_tarball, _progress)
+
+        base, image = await anyio.to_thread.run_sync(build)
+        click.echo(f"kernel  {base.kernel}  ({base.kernel_package})")
+        click.echo(f"initrd  {base.initrd}")
+        click.echo(f"rootfs  {base.rootfs_tarball}")
+        click.echo(f"image   {image}")
+
+    _run(run)
+
+
+@main.command(name="boot", context_settings={"allow_interspersed_args": False})
+@click.option("--name", help="VM name (default: generated).")
+@click.option("--memory", "memory_mib", type=int, default=256, show_default=True, help="Guest RAM in MiB.")
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default=None, help="Default: $MACHINEN_ACCEL or auto.")
+@click.option("--boot-timeout", type=float, default=60.0, show_default=True)
+@click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Environment for the command.")
+@click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
+@click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
+def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, detach, as_json) -> None:
+    """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
+
+    With `-- CMD...` run CMD, stream its output and exit with its code (the VM
+    is stopped after).  With --detach the VM keeps running: use `machinen exec`.
+    """
+    image, cmd = _split_image_and_command(args)
+    env = _parse_env(env_pairs)
+    if detach and cmd:
+        raise click.UsageError("--detach with a command is not supported yet: boot detached, then `machinen exec`")
+
+    async def run() -> int:
+        launch = boot(
+            image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
+            detached=detach, progress=_progress,
+        )  # fmt: skip
+        async with launch as vm:
+            if as_json:
+                click.echo(json.dumps(vm.info))
+            elif detach or not cmd:
+                click.echo(f"{vm.name} booted in {vm.info['boot_s']:.2f} s ({vm.info['accel']})", err=True)
+            if detach:
+                return 0
+            if cmd:
+                return await _stream_exec(vm, _command(cmd), env, None, None)
+            click.echo("running; Ctrl-C stops it", err=True)
+            await anyio.sleep_forever()
+        return 0
+
+    _run(run)
+
+
+@main.command(name="exec", context_settings={"allow_interspersed_args": False})
+@click.argument("name")
+@click.option("--env", "env_pairs", multiple=True, metavar="K=V")
+@click.option("--cwd", help="Working directory in the guest.")
+@click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds.")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(name, env_pairs, cwd, timeout, cmd) -> None:
+    """Run CMD in VM NAME, streaming stdin/stdout/stderr; exit with its code."""
+    env = _parse_env(env_pairs)
+
+    async def run() -> int:
+        async with connect(name) as vm:
+            return await _stream_exec(vm, _command(cmd), env, cwd, timeout)
+
+    _run(run)
+
+
+@main.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+def ls_command(as_json: bool) -> None:
+    """List running VMs."""
+    rows = [row for row in map(_vm_row, registry.live_vms()) if row]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}")
+    for row in rows:
+        click.echo(f"{row['name']:<24} {row['pid']:>8} {row['uptime_s']:>8.0f}s {row['accel']:<5} {row['memory_mib']:>5}Mi")
+
+
+@main.command(name="stop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="SIGKILL the supervisor and QEMU instead of a clean stop.")
+@click.option("--json", "as_json", is_flag=True)
+def stop_command(name: str, force: bool, as_json: bool) -> None:
+    """Stop VM NAME and remove its files."""
+
+    async def run() -> None:
+        entry = registry.find(name)
+        if force:
+            meta = entry.read_meta() or {}
+            for pid in (meta.get("supervisor_pid"), meta.get("qemu_pid")):
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            with anyio.fail_after(10):
+                while entry.is_live():
+                    await anyio.sleep(0.05)
+            registry.clear_leftovers(entry)
+        else:
+            async with connect(name) as vm:
+                await vm.stop()
+        click.echo(json.dumps({"name": name, "stopped": True}) if as_json else f"{name} stopped")
+
+    _run(run)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--lines", "-n", type=int, default=50, show_default=True)
+def logs(name: str, lines: int) -> None:
+    """Show the tail of VM NAME's console."""
+    entry = registry.find(name)
+    text = entry.console_log.read_text(errors="replace") if entry.console_log.exists() else ""
+    click.echo("\n".join(text.splitlines()[-lines:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""machinen guest agent: runs inside the VM as PID 1 (stdlib + msgpack only).
+
+PID 1 mounts the basics, then forks: the parent only reaps orphans (and
+respawns the server if it dies), the child serves the host over the
+virtio-serial port ``org.machinen.agent`` using the frames in ``wire``.
+
+Threads, not asyncio: every call gets its own threads (process waiter, one
+pump per output pipe, one writer for input), so a slow consumer of one call
+never stalls another, and blocking ``os.read``/``os.write`` on pipes and on
+the port stay simple.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import platform
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+from ..vsock import wire
+
+AGENT_VERSION = "0.1.0"
+PORT_NAME = "org.machinen.agent"
+# While no host is connected, read() on the port returns b"" at once (and
+# poll() reports HUP): sleep between tries instead of spinning.  A supervisor
+# keeps the port connected for the VM's whole life, so this only runs in the
+# short gaps around a restore.
+DISCONNECTED_POLL_S = 0.02
+# A command that left a background child holding its stdout/stderr open is
+# reported finished once no output arrived for this long after it exited.
+OUTPUT_GRACE_AFTER_EXIT_S = 0.25
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "xterm",
+}
+
+
+def _file_error(exc: OSError) -> tuple[str, str]:
+    codes = {
+        errno.ENOENT: "FILE_NOT_FOUND",
+        errno.EACCES: "FILE_PERMISSION_DENIED",
+        errno.EPERM: "FILE_PERMISSION_DENIED",
+        errno.EISDIR: "FILE_IS_A_DIRECTORY",
+        errno.ENOTDIR: "FILE_NOT_FOUND",
+    }
+    return codes.get(exc.errno, "FILE_IO_ERROR"), f"{exc.strerror}: {exc.filename}"
+
+
+def start_thread(target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+class Task:
+    """Server side of one call; output obeys the host's credit window."""
+
+    def __init__(self, agent: Agent, sid: int) -> None:
+        self.agent = agent
+        self.sid = sid
+        self.session = agent.session
+        self.cond = threading.Condition()
+        self.credit = {wire.STDOUT: wire.INITIAL_WINDOW, wire.STDERR: wire.INITIAL_WINDOW}
+        self.finished = False
+        self.cancelled = False
+        self.input: InputPump | None = None
+
+    @property
+    def orphaned(self) -> bool:
+        """The host session that opened this call is gone: keep working, drop output."""
+        return self.session != self.agent.session
+
+    def send(self, frame: list) -> None:
+        with self.cond:
+            if self.finished or self.cancelled or self.orphaned:
+                return
+        self.agent.send(frame)
+
+    def take_credit(self, fd: int) -> int:
+        """Block until output may be sent on ``fd``; return how many bytes."""
+        with self.cond:
+            while self.credit[fd] <= 0 and not (self.cancelled or self.orphaned):
+                self.cond.wait(1.0)
+            if self.cancelled or self.orphaned:
+                return wire.CHUNK
+            return min(self.credit[fd], wire.CHUNK)
+
+    def spend_credit(self, fd: int, size: int) -> None:
+        with self.cond:
+            self.credit[fd] -= size
+
+    def on_frame(self, frame: list) -> None:
+        kind = frame[0]
+        if kind == wire.CREDIT:
+            with self.cond:
+                self.credit[frame[2]] = self.credit.get(frame[2], 0) + frame[3]
+                self.cond.notify_all()
+        elif kind in (wire.DATA, wire.EOF) and self.input is not None:
+            self.input.put(frame[3] if kind == wire.DATA else None)
+        elif kind == wire.CANCEL:
+            with self.cond:
+                self.cancelled = True
+                self.cond.notify_all()
+            self.on_cancel()
+        elif kind == wire.CONTROL:
+            self.on_control(frame[2])
+
+    def on_session_change(self) -> None:
+        """Processes outlive the session that started them (forks keep them);
+        their stdin is closed and their output dropped."""
+        with self.cond:
+            self.cond.notify_all()
+        if self.input is not None:
+            self.input.put(None)
+
+    def on_cancel(self) -> None:
+        self.agent.tasks.pop(self.sid, None)
+        if self.input is not None:
+            self.input.put(None)
+
+    def on_control(self, payload: dict) -> None:
+        pass
+
+    def finish(self, value) -> None:
+        self.send([wire.RESULT, self.sid, value])
+        self._close()
+
+    def fail(self, code: str, message: str) -> None:
+        self.send([wire.ERROR, self.sid, code, message])
+        self._close()
+
+    def _close(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+        self.agent.tasks.pop(self.sid, None)
+
+
+class InputPump:
+    """Writes the host's DATA frames to an fd on its own thread, returning credit."""
+
+    def __init__(self, task: Task, fd: int, on_eof) -> None:
+        self.task = task
+        self.fd = fd
+        self.on_eof = on_eof
+        self.queue: deque[bytes | None] = deque()
+        self.cond = threading.Condition()
+        self.thread = start_thread(self._run)
+
+    def put(self, data: bytes | None) -> None:
+        with self.cond:
+            self.queue.append(data)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        broken = False
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                data = self.queue.popleft()
+            if data is None:
+                break
+            if not broken:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self.fd, view) :]
+                except OSError:
+                    broken = True  # reader went away: swallow the rest, keep the host flowing
+            self.task.send([wire.CREDIT, self.task.sid, wire.STDIN, len(data)])
+        self.on_eof(broken)
+
+
+class ExecTask(Task):
+    def start(self, params: dict) -> None:
+        env = dict(BASE_ENV)
+        env.update(params.get("env") or {})
+        try:
+            self.proc = subprocess.Popen(
+                params["argv"],
+                stdin=subprocess.PIPE if params.get("stdin") else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=params.get("cwd") or "/",
+                env=env,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            if params.get("cwd") and exc.filename == params.get("cwd"):
+                return self.fail("EXEC_CWD_NOT_FOUND", f"working directory not found: {exc.filename}")
+            return self.fail("EXEC_COMMAND_NOT_FOUND", f"command not found: {params['argv'][0]}")
+        except (PermissionError, NotADirectoryError) as exc:
+            return self.fail("EXEC_PERMISSION_DENIED", f"{exc.strerror}: {exc.filename}")
+        except (OSError, ValueError, TypeError) as exc:
+            return self.fail("EXEC_SPAWN_FAILED", f"cannot start {params['argv']!r}: {exc}")
+        self.timed_out = False
+        self.output_detached = False
+        self.bytes_read = 0
+        if self.proc.stdin is not None:
+            self.input = InputPump(self, self.proc.stdin.fileno(), lambda broken: self.proc.stdin.close())
+        timeout = params.get("timeout")
+        self.timer = threading.Timer(timeout, self._on_timeout) if timeout else None
+        if self.timer:
+            self.timer.daemon = True
+            self.timer.start()
+        self.pumps = [
+            start_thread(self._pump, self.proc.stdout, wire.STDOUT),
+            start_thread(self._pump, self.proc.stderr, wire.STDERR),
+        ]
+        start_thread(self._wait)
+
+    def _pump(self, pipe, fd: int) -> None:
+        while True:
+            size = self.take_credit(fd)
+            data = os.read(pipe.fileno(), size)
+            if not data:
+                break
+            self.bytes_read += len(data)
+            if self.output_detached:
+                continue
+            self.spend_credit(fd, len(data))
+            self.send([wire.DATA, self.sid, fd, data])
+        pipe.close()
+        if not self.output_detached:
+            self.send([wire.EOF, self.sid, fd])
+
+    def _wait(self) -> None:
+        returncode = self.proc.wait()
+        if self.timer:
+            self.timer.cancel()
+        while any(p.is_alive() for p in self.pumps):
+            before = self.bytes_read
+            for pump in self.pumps:
+                pump.join(OUTPUT_GRACE_AFTER_EXIT_S)
+            if self.bytes_read == before and any(p.is_alive() for p in self.pumps):
+                with self.cond:
+                    waiting_for_credit = any(c <= 0 for c in self.credit.values())
+                if not waiting_for_credit:
+                    self.output_detached = True
+                    for pump, fd in zip(self.pumps, (wire.STDOUT, wire.STDERR)):
+                        if pump.is_alive():
+                            self.send([wire.EOF, self.sid, fd])
+                    break
+        signum = -returncode if returncode < 0 else None
+        self.finish(
+            {
+                "exit_code": 128 + signum if signum else returncode,
+                "signal": signum,
+                "timed_out": self.timed_out,
+            }
+        )
+
+    def _kill_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self._kill_group(signal.SIGKILL)
+
+    def on_cancel(self) -> None:
+        super().on_cancel()
+        if hasattr(self, "proc"):
+            self._kill_group(signal.SIGKILL)
+
+    def on_control(self, payload: dict) -> None:
+        signum = payload.get("signal")
+        if signum and hasattr(self, "proc"):
+            if payload.get("group"):
+                self._kill_group(signum)
+            else:
+                try:
+                    self.proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+
+class ReadFileTask(Task):
+    def start(self, params: dict) -> None:
+        start_thread(self._run, params["path"])
+
+    def _run(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                while True:
+                    data = f.read(self.take_credit(wire.STDOUT))
+                    if not data or self.cancelled or self.orphaned:
+                        break
+                    self.spend_credit(wire.STDOUT, len(data))
+                    self.send([wire.DATA, self.sid, wire.STDOUT, data])
+        except OSError as exc:
+            return self.fail(*_file_error(exc))
+        self.send([wire.EOF, self.sid, wire.STDOUT])
+        self.finish({"size": size})
+
+
+class WriteFileTask(Task):
+    def start(self, params: dict) -> None:
+        self.path = params["path"]
+        self.mode = params.get("mode")
+        append = params.get("append", False)
+        directory = os.path.dirname(self.path) or "/"
+        try:
+            if params.get("parents"):
+                os.makedirs(directory, exist_ok=True)
+            if append:
+                self.target = None
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.mode or 0o644)
+            else:
+                # Write next to the target and rename, so readers never see half a file.
+                self.target = os.path.join(directory, f".{os.path.basename(self.path)}.{os.getpid()}.{self.sid}")
+                fd = os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            return self.fail(*_file_error(exc))
+        self.fd = fd
+        self.input = InputPump(self, fd, self._complete)
+
+    def _complete(self, broken: bool) -> None:
+        try:
+            if self.cancelled or self.orphaned:
+                raise OSError(errno.ECANCELED, "upload abandoned", self.path)
+            if broken:
+                raise OSError(errno.EIO, "write failed", self.path)
+            if self.mode is not None:
+                os.fchmod(self.fd, self.mode)
+            os.close(self.fd)
+            self.fd = -1
+            if self.target:
+                os.rename(self.target, self.path)
+        except OSError as exc:
+            if self.fd >= 0:
+                os.close(self.fd)
+            if self.target and os.path.exists(self.target):
+                os.unlink(self.target)
+            return self.fail(*_file_error(exc))
+        self.finish({"size": os.stat(self.path).st_size})
+
+
+class UnaryTask(Task):
+    def start(self, params: dict, handler) -> None:
+        start_thread(self._run, handler, params)
+
+    def _run(self, handler, params: dict) -> None:
+        try:
+            self.finish(handler(params))
+        except Exception as exc:  # report, never kill the agent
+            self.fail("EXEC_PROTOCOL", f"{type(exc).__name__}: {exc}")
+
+
+def agent_info(params: dict | None = None) -> dict:
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return {
+        "agent_version": AGENT_VERSION,
+        "protocol": wire.PROTOCOL_VERSION,
+        "hostname": socket.gethostname(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uptime_s": uptime,
+        "time": time.time(),
+        "pid": os.getpid(),
+    }
+
+
+class Agent:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.write_lock = threading.Lock()
+        self.session: bytes | None = None
+        self.tasks: dict[int, Task] = {}
+        self.unary = {"ping": lambda p: {"pong": True, "time": time.time()}, "info": agent_info}
+        self.streaming = {"exec": ExecTask, "read_file": ReadFileTask, "write_file": WriteFileTask}
+
+    def send(self, frame: list) -> None:
+        data = wire.encode(frame)
+        with self.write_lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(self.fd, view) :]
+                except InterruptedError:
+                    continue
+
+    def serve(self) -> None:
+        decoder = wire.FrameDecoder(resync=True)
+        while True:
+            try:
+                data = os.read(self.fd, 256 * 1024)
+            except InterruptedError:
+                continue
+            if not data:
+                decoder.reset()
+                time.sleep(DISCONNECTED_POLL_S)
+                continue
+            for frame in decoder.feed(data):
+                self.dispatch(frame)
+
+    def dispatch(self, frame: list) -> None:
+        kind, sid = frame[0], frame[1]
+        if kind == wire.HELLO:
+            if frame[2] != self.session:
+                self.session = frame[2]
+                for task in list(self.tasks.values()):
+                    task.on_session_change()
+                self.tasks.clear()
+            self.send([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, agent_info()])
+        elif kind == wire.OPEN:
+            method, params = frame[2], frame[3]
+            if method in self.streaming:
+                task = self.streaming[method](self, sid)
+                self.tasks[sid] = task
+                task.start(params)
+            elif method in self.unary:
+                task = UnaryTask(self, sid)
+                self.tasks[sid] = task
+                task.start(params, self.unary[method])
+            else:
+                self.send([wire.ERROR, sid, "EXEC_PROTOCOL", f"unknown method {method!r}"])
+        else:
+            task = self.tasks.get(sid)
+            if task is not None:
+                task.on_frame(frame)
+
+
+def find_port() -> str:
+    base = "/sys/class/virtio-ports"
+    for _ in range(500):
+        for entry in os.listdir(base) if os.path.isdir(base) else ():
+            try:
+                with open(os.path.join(base, entry, "name")) as f:
+                    if f.read().strip() == PORT_NAME:
+                        return f"/dev/{entry}"
+            except OSError:
+                continue
+        time.sleep(0.01)
+    raise SystemExit(f"virtio port {PORT_NAME} not found")
+
+
+def _mount(source: str, target: str, fstype: str, options: str = "") -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.makedirs(target, exist_ok=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, options.encode() or None) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EBUSY:
+            print(f"agent: mount {target}: {os.strerror(err)}", file=sys.stderr)
+
+
+def _loopback_up() -> None:
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _kernel_args() -> dict[str, str]:
+    with open("/proc/cmdline") as f:
+        return dict(arg.split("=", 1) for arg in f.read().split() if "=" in arg)
+
+
+def init_system() -> None:
+    """What an init does before services: filesystems, hostname, loopback."""
+    _mount("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666")
+    _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
+    _mount("tmpfs", "/run", "tmpfs", "mode=755")
+    _mount("tmpfs", "/tmp", "tmpfs", "mode=1777")
+    hostname = _kernel_args().get("machinen.hostname")
+    if hostname:
+        socket.sethostname(hostname)
+    try:
+        _loopback_up()
+    except OSError as exc:
+        print(f"agent: loopback: {exc}", file=sys.stderr)
+
+
+def reap_forever(server_pid: int) -> None:
+    """PID 1's job: reap every orphan; bring the server back if it dies."""
+    while True:
+        try:
+            pid, _ = os.wait()
+        except ChildProcessError:
+            time.sleep(0.1)
+            continue
+        except InterruptedError:
+            continue
+        if pid == server_pid:
+            print("agent: server exited; restarting", file=sys.stderr)
+            time.sleep(0.2)
+            server_pid = fork_server()
+
+
+def fork_server() -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            serve_port()
+        finally:
+            os._exit(1)
+    return pid
+
+
+def serve_port() -> None:
+    fd = os.open(find_port(), os.O_RDWR)
+    Agent(fd).serve()
+
+
+def main() -> None:
+    os.environ.update(BASE_ENV)
+    if os.getpid() == 1:
+        init_system()
+        reap_forever(fork_server())
+    else:
+        serve_port()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Named VMs on this host: ``$MACHINEN_HOME/vms/<name>/``.
+
+A name belongs to the supervisor holding an exclusive ``flock`` on the
+entry's ``lock`` file, so a crashed supervisor (even ``kill -9``) frees its
+name at once and liveness never depends on stale pid files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .errors import RegistryError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+
+
+def validate_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise RegistryError(
+            f"invalid VM name {name!r}: 1-48 characters from A-Z a-z 0-9 _ . - , starting with a letter or digit",
+            code="REGISTRY_NAME_INVALID",
+        )
+    return name
+
+
+def new_name() -> str:
+    return f"vm-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class VmDir:
+    """The files of one named VM."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def lock(self) -> Path:
+        return self.path / "lock"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.path / "supervisor.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.path / "agent.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.path / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.path / "supervisor.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.path / "qemu.log"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta.json"
+
+    def read_meta(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        partial = self.meta.with_suffix(".partial")
+        partial.write_text(json.dumps(meta))
+        partial.chmod(0o600)
+        partial.rename(self.meta)
+
+    def is_live(self) -> bool:
+        """True while a supervisor holds the entry's lock."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+def vm_dir(name: str) -> VmDir:
+    return VmDir(paths.vms_dir() / validate_name(name))
+
+
+@contextlib.contextmanager
+def claim(name: str) -> Iterator[VmDir]:
+    """Own ``name`` for the duration; the entry is removed on exit.
+
+    Raises REGISTRY_NAME_IN_USE while another live supervisor owns it.  A
+    leftover entry of a dead supervisor is cleared and reused.
+    """
+    entry = vm_dir(name)
+    paths.private_dir(entry.path.parent)
+    fd = _lock_entry(entry)
+    try:
+        for leftover in entry.path.iterdir():
+            if leftover.name != "lock":
+                _remove(leftover)
+        yield entry
+    finally:
+        for leftover in entry.path.iterdir():
+            if leftover.name != "lock":
+                _remove(leftover)
+        # Unlink while still holding the lock, so a concurrent claimer that
+        # opened the old lock file cannot believe it owns the new entry.
+        entry.lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            entry.path.rmdir()
+        os.close(fd)
+
+
+def _name_in_use(entry: VmDir) -> RegistryError:
+    holder = (entry.read_meta() or {}).get("supervisor_pid")
+    return RegistryError(
+        f"a VM named {entry.name!r} is already running" + (f" (supervisor pid {holder})" if holder else ""),
+        code="REGISTRY_NAME_IN_USE",
+    )
+
+
+def ensure_free(name: str) -> None:
+    entry = vm_dir(name)
+    if entry.is_live():
+        raise _name_in_use(entry)
+
+
+def _lock_entry(entry: VmDir) -> int:
+    while True:
+        paths.private_dir(entry.path)
+        fd = os.open(entry.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _name_in_use(entry) from None
+        try:
+            if os.stat(entry.lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file its previous owner had just unlinked: retry
+
+
+def clear_leftovers(entry: VmDir) -> None:
+    """Remove what a killed supervisor left: its entry and its RAM directory."""
+    ram_dir = (entry.read_meta() or {}).get("ram_dir")
+    if ram_dir and Path(ram_dir).parent == paths.runtime_dir():
+        shutil.rmtree(ram_dir, ignore_errors=True)
+    with contextlib.suppress(RegistryError), claim(entry.name):
+        pass  # claiming a dead entry clears it; releasing removes it
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def find(name: str) -> VmDir:
+    entry = vm_dir(name)
+    if not entry.is_live():
+        raise RegistryError(f"no running VM named {name!r}", code="REGISTRY_VM_NOT_FOUND")
+    return entry
+
+
+def live_vms() -> list[VmDir]:
+    root = paths.vms_dir()
+    if not root.is_dir():
+        return []
+    entries = (VmDir(p) for p in root.iterdir() if p.is_dir())
+    return sorted((e for e in entries if e.is_live()), key=lambda e: e.name)

@@ -1,0 +1,505 @@
+"""The public SDK: ``boot()``, ``connect()``, ``VM`` and ``Process``.
+
+A ``VM`` talks to its per-VM supervisor over one unix socket, multiplexing
+any number of concurrent calls (see ``vsock.mux``).  ``boot()`` starts a
+supervisor and owns it: leaving the ``async with`` (normally, on error or on
+cancellation) stops QEMU and removes every file the VM had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from . import paths, registry
+from .errors import BootError, ExecError, ExecTimeoutError, MachinenError, error_from_code, plain_errors
+from .vmm import assets, qemu
+from .vmm.supervisor import DETACH, SupervisorConfig
+from .vsock import wire
+from .vsock.framed import FrameStream
+from .vsock.mux import Call, Channel
+
+DEFAULT_EXEC_TIMEOUT_S = 300.0
+DEFAULT_BOOT_TIMEOUT_S = 60.0
+MIN_MEMORY_MIB = 64
+# Host-side backstop beyond the agent's own timeout, for a guest that froze.
+AGENT_TIMEOUT_SLACK_S = 10.0
+SUPERVISOR_STOP_GRACE_S = 10.0
+# A supervisor that neither reports nor exits within boot_timeout plus this is killed.
+STATUS_SLACK_S = 30.0
+
+Command = str | Sequence[str]
+
+
+def _argv(cmd: Command) -> list[str]:
+    if isinstance(cmd, str):
+        return ["/bin/sh", "-c", cmd]
+    argv = [str(a) for a in cmd]
+    if not argv:
+        raise ExecError("empty command", code="EXEC_COMMAND_INVALID")
+    return argv
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class ProcessOutput(anyio.abc.ByteReceiveStream):
+    """A guest process's stdout or stderr, chunk by chunk as it is produced."""
+
+    def __init__(self, call: Call, fd: int) -> None:
+        self._call = call
+        self._fd = fd
+        self._leftover = b""
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self._leftover:
+            self._leftover = await self._call.receive(self._fd)
+        data, self._leftover = self._leftover[:max_bytes], self._leftover[max_bytes:]
+        return data
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ProcessInput(anyio.abc.ByteSendStream):
+    """A guest process's stdin; ``aclose()`` sends EOF."""
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self._closed = False
+
+    async def send(self, item: bytes) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        await self._call.send(item)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._call.send_eof()
+
+
+class Process:
+    """A running guest process (see ``VM.process``)."""
+
+    def __init__(self, call: Call, argv: list[str]) -> None:
+        self._call = call
+        self.argv = argv
+        self.stdin = ProcessInput(call)
+        self.stdout = ProcessOutput(call, wire.STDOUT)
+        self.stderr = ProcessOutput(call, wire.STDERR)
+        self.returncode: int | None = None
+        self.signal: int | None = None
+        self.timed_out = False
+
+    async def wait(self) -> int:
+        """Exit code (128+N when killed by signal N).
+
+        Like a pipe, unread output eventually blocks the process: read
+        stdout/stderr (or use ``VM.exec``) for chatty commands.
+        """
+        if self.returncode is None:
+            outcome = await self._call.result()
+            self.signal = outcome["signal"]
+            self.timed_out = outcome["timed_out"]
+            self.returncode = outcome["exit_code"]
+        return self.returncode
+
+    async def send_signal(self, signum: int, *, group: bool = False) -> None:
+        await self._call.control({"signal": int(signum), "group": group})
+
+    async def kill(self) -> None:
+        await self.send_signal(signal.SIGKILL, group=True)
+
+
+class VM:
+    """A running VM.  Get one from ``boot()`` or ``connect()``."""
+
+    def __init__(self, channel: Channel, info: dict[str, Any], *, owner: _Owner | None = None) -> None:
+        self._channel = channel
+        self._owner = owner
+        self.info = info
+        self.name: str = info["name"]
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} accel={self.info.get('accel')} memory={self.info.get('memory_mib')}MiB>"
+
+    @asynccontextmanager
+    async def process(
+        self,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Process]:
+        """Start a guest process and stream its stdin/stdout/stderr.
+
+        Leaving the block while it still runs kills it (and its process group).
+        """
+        argv = _argv(cmd)
+        params = {"argv": argv, "env": dict(env or {}), "cwd": cwd, "stdin": stdin, "timeout": timeout}
+        call = await self._channel.open("exec", params)
+        try:
+            yield Process(call, argv)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await call.cancel()
+
+    async def exec(
+        self,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | None = None,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv list, or a string for ``/bin/sh -c``) to completion.
+
+        ``timeout`` kills the guest process group and raises
+        ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT); ``check`` raises
+        ``ExecError`` (EXEC_NONZERO_EXIT) on a non-zero exit.
+        """
+        stdout, stderr = bytearray(), bytearray()
+        backstop = None if timeout is None else timeout + AGENT_TIMEOUT_SLACK_S
+        with anyio.move_on_after(backstop) as scope, plain_errors():
+            async with self.process(cmd, env=env, cwd=cwd, stdin=input is not None, timeout=timeout) as proc:
+
+                async def collect(stream: ProcessOutput, into: bytearray) -> None:
+                    async for chunk in stream:
+                        into += chunk
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(collect, proc.stdout, stdout)
+                    tg.start_soon(collect, proc.stderr, stderr)
+                    if input is not None:
+                        await proc.stdin.send(input)
+                        await proc.stdin.aclose()
+                exit_code = await proc.wait()
+        if scope.cancelled_caught:
+            raise ExecTimeoutError(f"the guest agent did not finish {cmd!r} within {backstop:g} s")
+        result = ExecResult(exit_code, bytes(stdout), bytes(stderr), proc.signal)
+        if proc.timed_out:
+            raise ExecTimeoutError(f"{cmd!r} timed out after {timeout:g} s and was killed", result=result)
+        if check and exit_code != 0:
+            raise ExecError(
+                f"{cmd!r} exited with {exit_code}: {result.stderr[-500:].decode(errors='replace')}",
+                code="EXEC_NONZERO_EXIT",
+                result=result,
+            )
+        return result
+
+    async def read_file(self, path: str) -> bytes:
+        call = await self._channel.open("read_file", {"path": path})
+        chunks = []
+        try:
+            while True:
+                try:
+                    chunks.append(await call.receive(wire.STDOUT))
+                except anyio.EndOfStream:
+                    break
+            await call.result()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await call.cancel()
+        return b"".join(chunks)
+
+    async def write_file(
+        self, path: str, data: bytes, *, mode: int = 0o644, append: bool = False, parents: bool = False
+    ) -> None:
+        """Write ``data`` to ``path`` in the guest; replaced atomically unless ``append``."""
+        call = await self._channel.open("write_file", {"path": path, "mode": mode, "append": append, "parents": parents})
+        try:
+            await call.send(data)
+            await call.send_eof()
+            await call.result()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await call.cancel()
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._channel.call("ping")
+
+    async def describe(self) -> dict[str, Any]:
+        """Supervisor metadata plus the guest agent's info."""
+        return await self._channel.call("vm.info")
+
+    async def stop(self) -> None:
+        """Stop the VM (QEMU, supervisor, files) and wait until it is gone."""
+        if self._owner is not None:
+            await self.aclose()
+            return
+        entry = registry.vm_dir(self.name)
+        try:
+            await self._channel.call("vm.stop")
+        except MachinenError:
+            pass  # it may already be on its way down
+        await self._channel.aclose()
+        await _wait_until_gone(entry)
+
+    async def aclose(self) -> None:
+        """Disconnect; a VM this handle booted is also stopped."""
+        with anyio.CancelScope(shield=True):
+            await self._channel.aclose()
+            if self._owner is not None:
+                await self._owner.shutdown()
+
+
+class _Owner:
+    """The supervisor process a ``boot()`` started, and how to end it for sure."""
+
+    def __init__(self, process: anyio.abc.Process, lifeline: int, ram_dir: Path) -> None:
+        self.process = process
+        self.lifeline = lifeline
+        self.ram_dir = ram_dir
+
+    def _cut_lifeline(self) -> None:
+        if self.lifeline >= 0:
+            os.close(self.lifeline)
+            self.lifeline = -1
+
+    async def release(self) -> None:
+        """Let a detached supervisor live on (it got DETACH before our EOF)."""
+        self._cut_lifeline()
+        await self.process.aclose()
+
+    async def shutdown(self) -> None:
+        with anyio.CancelScope(shield=True):
+            self._cut_lifeline()  # EOF tells the supervisor to stop
+            with anyio.move_on_after(SUPERVISOR_STOP_GRACE_S / 2):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(SUPERVISOR_STOP_GRACE_S):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()  # QEMU follows through its parent-death signal
+                await self.process.wait()
+                shutil.rmtree(self.ram_dir, ignore_errors=True)
+            await self.process.aclose()
+
+
+def _available_memory_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _validate_memory(memory_mib: Any) -> int:
+    if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < MIN_MEMORY_MIB:
+        raise BootError(f"memory must be an integer >= {MIN_MEMORY_MIB} MiB, got {memory_mib!r}", code="BOOT_MEMORY_INVALID")
+    available = _available_memory_mib()
+    if memory_mib > available:
+        raise BootError(
+            f"{memory_mib} MiB of guest memory requested but only {available} MiB is available on this host",
+            code="BOOT_MEMORY_INVALID",
+        )
+    return memory_mib
+
+
+async def _read_status_line(process: anyio.abc.Process) -> dict[str, Any]:
+    assert process.stdout is not None
+    buffer = b""
+    while b"\n" not in buffer:
+        try:
+            buffer += await process.stdout.receive()
+        except anyio.EndOfStream:
+            break
+    try:
+        return json.loads(buffer.split(b"\n", 1)[0])
+    except ValueError:
+        return {}
+
+
+async def _supervisor_failure(process: anyio.abc.Process, status: dict[str, Any]) -> MachinenError:
+    if "error" in status:
+        error = status["error"]
+        return error_from_code(error["code"], error["message"])
+    await process.wait()
+    stderr = b""
+    if process.stderr is not None:
+        with anyio.move_on_after(1):
+            async for chunk in process.stderr:
+                stderr += chunk
+    return BootError(
+        f"the VM supervisor exited ({process.returncode}) before the VM was ready:\n"
+        + stderr.decode(errors="replace")[-3000:]
+    )
+
+
+async def _open_channel(socket_path: Path) -> tuple[Channel, dict[str, Any]]:
+    stream = await anyio.connect_unix(str(socket_path))
+    channel = Channel(FrameStream(stream))
+    try:
+        info = await channel.hello()
+    except BaseException:
+        await channel.aclose()
+        raise
+    return channel, info
+
+
+async def _launch(
+    image: str | os.PathLike | None,
+    *,
+    name: str | None,
+    memory_mib: int,
+    cpus: int,
+    accel: str | None,
+    boot_timeout: float,
+    detached: bool,
+    progress: Callable[[str], None] | None,
+) -> VM:
+    name = registry.validate_name(name) if name is not None else registry.new_name()
+    memory_mib = _validate_memory(memory_mib)
+    chosen_accel = qemu.choose_accelerator(accel)
+    qemu.qemu_binary()
+    report = progress or (lambda message: None)
+
+    def prepare() -> tuple[assets.BaseAssets, Path]:
+        base = assets.ensure_base(report)
+        tarball = Path(image).expanduser().resolve() if image is not None else base.rootfs_tarball
+        return base, assets.image_for(tarball, report)
+
+    base, disk_image = await anyio.to_thread.run_sync(prepare)
+    registry.ensure_free(name)  # fail fast; the supervisor's claim is the real check
+    ram_dir = paths.runtime_dir() / f"{name}-{os.urandom(4).hex()}"
+    config = SupervisorConfig(
+        name=name,
+        memory_mib=memory_mib,
+        cpus=cpus,
+        accel=chosen_accel,
+        kernel=str(base.kernel),
+        initrd=str(base.initrd),
+        image=str(disk_image),
+        ram_dir=str(ram_dir),
+        boot_timeout=boot_timeout,
+        detached=detached,
+    )
+    argv = [sys.executable, "-m", "machinen_async.vmm.supervisor", config.to_json()]
+    if detached:
+        # setsid --fork: the supervisor is nobody's child here, so it never lingers as our zombie.
+        argv = ["setsid", "--fork", *argv]
+    # The supervisor's stdin is our "lifeline": EOF before DETACH means we are gone.
+    lifeline_read, lifeline = os.pipe()
+    try:
+        process = await anyio.open_process(
+            argv, stdin=lifeline_read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+    except BaseException:
+        os.close(lifeline)
+        raise
+    finally:
+        os.close(lifeline_read)
+    owner = _Owner(process, lifeline, ram_dir)
+    try:
+        with anyio.fail_after(boot_timeout + STATUS_SLACK_S):
+            status = await _read_status_line(process)
+        if "ready" not in status:
+            raise await _supervisor_failure(process, status)
+        channel, info = await _open_channel(registry.vm_dir(name).supervisor_socket)
+        if detached:
+            os.write(lifeline, DETACH)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await owner.shutdown()
+            if detached:
+                await _wait_until_gone(registry.vm_dir(name))
+        raise
+    if detached:
+        await owner.release()
+        owner = None
+    return VM(channel, info, owner=owner)
+
+
+async def _wait_until_gone(entry: registry.VmDir) -> None:
+    with anyio.move_on_after(SUPERVISOR_STOP_GRACE_S + 5):
+        while entry.is_live():
+            await anyio.sleep(0.05)
+
+
+class _Boot:
+    """``async with boot(...) as vm`` (stopped on exit) or ``vm = await boot(...)`` (call ``vm.aclose()``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._vm: VM | None = None
+
+    def __await__(self):
+        return _launch(**self._kwargs).__await__()
+
+    async def __aenter__(self) -> VM:
+        self._vm = await _launch(**self._kwargs)
+        return self._vm
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._vm is not None
+        await self._vm.aclose()
+
+
+def boot(
+    image: str | os.PathLike | None = None,
+    *,
+    name: str | None = None,
+    memory_mib: int = 256,
+    cpus: int = 1,
+    accel: str | None = None,
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+    detached: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> _Boot:
+    """Boot a microVM from ``image`` (a rootfs tarball; default: the Debian base).
+
+    ``accel``: "kvm", "tcg" or "auto" (default, also $MACHINEN_ACCEL).  With
+    ``detached`` the VM outlives this process; reach it with ``connect(name)``.
+    """
+    return _Boot(
+        image=image,
+        name=name,
+        memory_mib=memory_mib,
+        cpus=cpus,
+        accel=accel,
+        boot_timeout=boot_timeout,
+        detached=detached,
+        progress=progress,
+    )
+
+
+@asynccontextmanager
+async def connect(name: str) -> AsyncIterator[VM]:
+    """Attach to a running VM by name; leaving the block only disconnects."""
+    entry = registry.find(name)
+    try:
+        channel, info = await _open_channel(entry.supervisor_socket)
+    except OSError:
+        raise MachinenError(f"VM {name!r} is not accepting connections", code="REGISTRY_VM_NOT_FOUND") from None
+    vm = VM(channel, info)
+    try:
+        yield vm
+    finally:
+        await vm.aclose()

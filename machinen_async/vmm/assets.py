@@ -1,0 +1,312 @@
+"""Guest kernel, initramfs and root filesystem images, built from Debian packages.
+
+Everything lands in the cache directory, content addressed, and is rebuilt
+only when its inputs change:
+
+- kernel: ``linux-image-cloud-amd64``'s dependency, fetched with
+  ``apt-get download`` and unpacked with ``dpkg-deb -x`` (not installed);
+- initramfs: busybox-static + the virtio modules + a tiny /init, packed with
+  busybox's cpio (hosts often lack cpio);
+- base rootfs: ``mmdebstrap --variant=minbase`` with python3 + msgpack, kept
+  as a tarball;
+- images: a rootfs tarball plus the guest agent, as a read-only ext4 file
+  named by the sha256 of (tarball, agent code).  Each VM boots on its own
+  qcow2 overlay of it.
+
+These functions block (subprocesses, hashing): call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import paths
+from ..errors import AssetsError, BootError
+
+Report = Callable[[str], None]
+
+KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+SUITE = "bookworm"
+ROOTFS_PACKAGES = ("python3-minimal", "python3-msgpack")
+# Dependency order: each module only needs the ones before it.
+INITRD_MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk")
+IMAGE_SIZE = "2G"  # sparse; the qcow2 overlay only stores what a VM writes
+GUEST_LIB = "usr/lib/machinen"
+GUEST_ENTRY = f"/{GUEST_LIB}/agent_main.py"
+ASSETS_FORMAT = 1
+
+INIT_SCRIPT = f"""#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+for m in {" ".join(INITRD_MODULES)}; do insmod /lib/modules/$m.ko; done
+i=0; while [ ! -b /dev/vda ]; do i=$((i+1)); [ $i -gt 500 ] && echo "machinen: no /dev/vda" && exec sh; sleep 0.01; done
+mkdir -p /newroot
+mount -t ext4 -o rw,noatime /dev/vda /newroot || {{ echo "machinen: cannot mount root"; exec sh; }}
+mount --move /proc /newroot/proc; mount --move /sys /newroot/sys; mount --move /dev /newroot/dev
+exec switch_root /newroot /usr/bin/python3 -I {GUEST_ENTRY}
+"""
+
+AGENT_ENTRY = f"""import sys
+sys.path.insert(0, "/{GUEST_LIB}")
+from machinen_async.guest_agent.agent import main
+main()
+"""
+
+
+@dataclass(frozen=True)
+class BaseAssets:
+    kernel: Path
+    initrd: Path
+    rootfs_tarball: Path
+    kernel_package: str
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, what: str) -> str:
+    try:
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise AssetsError(
+            f"{what}: {argv[0]} is not installed (apt-get install the host packages from the README)",
+            code="ASSETS_TOOL_MISSING",
+        ) from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise AssetsError(f"{what} failed ({' '.join(argv[:3])} ... exit {proc.returncode}):\n{tail}")
+    return proc.stdout
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[Path]:
+    """One builder at a time per cache directory (several CLIs, test workers)."""
+    cache = paths.private_dir(paths.cache_dir())
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield cache
+
+
+@contextlib.contextmanager
+def _step(report: Report, title: str) -> Iterator[None]:
+    report(f"{title} ...")
+    started = time.monotonic()
+    yield
+    report(f"{title}: done in {time.monotonic() - started:.1f} s")
+
+
+def _apt_package(name: str, report: Report) -> tuple[str, str]:
+    """(package, version) from apt's lists, refreshing them once if needed."""
+    for attempt in range(2):
+        try:
+            out = _run(["apt-cache", "show", "--no-all-versions", name], what=f"apt-cache show {name}")
+        except AssetsError:
+            out = ""
+        fields = dict(
+            line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith(" ")
+        )
+        if "Version" in fields:
+            return fields["Package"], fields["Version"]
+        if attempt == 0:
+            with _step(report, "apt-get update"):
+                _run(["apt-get", "update", "-q"], what="apt-get update")
+    raise AssetsError(f"Debian package {name} not found in apt's lists", code="ASSETS_PACKAGE_NOT_FOUND")
+
+
+def _kernel_package(report: Report) -> tuple[str, str]:
+    meta, _ = _apt_package(KERNEL_META_PACKAGE, report)
+    depends = _run(["apt-cache", "depends", meta], what="apt-cache depends")
+    for line in depends.splitlines():
+        line = line.strip()
+        if line.startswith("Depends: linux-image-"):
+            return _apt_package(line.split(": ", 1)[1], report)
+    raise AssetsError(f"{meta} names no kernel image package", code="ASSETS_PACKAGE_NOT_FOUND")
+
+
+def _download_and_extract(package: str, version: str, into: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=into.parent) as tmp:
+        _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=Path(tmp), what=f"download {package}")
+        (deb,) = Path(tmp).glob("*.deb")
+        _run(["dpkg-deb", "-x", str(deb), str(into)], what=f"unpack {package}")
+
+
+def _module_dependencies(module: Path) -> list[str]:
+    """A module's ``depends=`` field (the package ships no modules.dep)."""
+    data = module.read_bytes()
+    start = data.find(b"\0depends=")
+    if start < 0:
+        return []
+    value = data[start + len(b"\0depends=") : data.index(b"\0", start + 1)].decode()
+    return [d for d in value.split(",") if d]
+
+
+def _build_kernel_and_initrd(cache: Path, report: Report) -> tuple[Path, Path, str]:
+    package, version = _kernel_package(report)
+    busybox_package, busybox_version = _apt_package("busybox-static", report)
+    key = hashlib.sha256(
+        json.dumps([ASSETS_FORMAT, package, version, busybox_version, INITRD_MODULES, INIT_SCRIPT]).encode()
+    ).hexdigest()[:16]
+    target = cache / "boot" / key
+    if (target / "initrd.gz").exists():
+        return target / "vmlinuz", target / "initrd.gz", f"{package}={version}"
+    paths.private_dir(target.parent)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        work = Path(tmp)
+        with _step(report, f"fetching kernel {package} {version}"):
+            _download_and_extract(package, version, work / "kernel")
+        with _step(report, f"fetching {busybox_package} {busybox_version}"):
+            _download_and_extract(busybox_package, busybox_version, work / "busybox")
+        with _step(report, "building initramfs"):
+            root = work / "initrd"
+            for sub in ("bin", "lib/modules", "proc", "sys", "dev", "newroot"):
+                (root / sub).mkdir(parents=True)
+            busybox = root / "bin" / "busybox"
+            shutil.copy2(work / "busybox" / "bin" / "busybox", busybox)
+            for applet in ("sh", "mount", "insmod", "mkdir", "switch_root", "sleep", "echo"):
+                (root / "bin" / applet).symlink_to("busybox")
+            modules = {p.stem: p for p in (work / "kernel" / "lib" / "modules").rglob("*.ko")}
+            for name in INITRD_MODULES:
+                if name not in modules:
+                    raise AssetsError(f"kernel module {name}.ko missing from {package}")
+                missing = [d for d in _module_dependencies(modules[name]) if d not in INITRD_MODULES]
+                if missing:
+                    raise AssetsError(f"{name}.ko needs {missing}, which the initramfs lacks")
+                shutil.copy2(modules[name], root / "lib" / "modules" / f"{name}.ko")
+            (root / "init").write_text(INIT_SCRIPT)
+            (root / "init").chmod(0o755)
+            members = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+            archive = subprocess.run(
+                [str(busybox), "cpio", "-o", "-H", "newc"], cwd=root, input=members, capture_output=True
+            )
+            if archive.returncode != 0 or len(archive.stdout) < 1024:
+                raise AssetsError(f"cpio failed: {archive.stderr.decode(errors='replace')[-500:]}")
+            out = work / "out"
+            out.mkdir()
+            with open(out / "initrd.gz", "wb") as f:
+                subprocess.run(["gzip", "-1"], input=archive.stdout, stdout=f, check=True)
+            (vmlinuz,) = (work / "kernel" / "boot").glob("vmlinuz-*")
+            shutil.copy2(vmlinuz, out / "vmlinuz")
+            for f in out.iterdir():
+                f.chmod(0o444)
+            out.rename(target)
+    return target / "vmlinuz", target / "initrd.gz", f"{package}={version}"
+
+
+def _build_rootfs_tarball(cache: Path, report: Report) -> Path:
+    key = hashlib.sha256(json.dumps([ASSETS_FORMAT, SUITE, "minbase", ROOTFS_PACKAGES]).encode()).hexdigest()[:16]
+    tarball = cache / "rootfs" / f"base-{SUITE}-{key}.tar"
+    if tarball.exists():
+        return tarball
+    paths.private_dir(tarball.parent)
+    partial = tarball.with_suffix(".partial")
+    with _step(report, f"building Debian {SUITE} rootfs with mmdebstrap (about a minute)"):
+        try:
+            _run(
+                [
+                    "mmdebstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(ROOTFS_PACKAGES)}",
+                    "--format=tar",
+                    SUITE,
+                    str(partial),
+                ],
+                what="mmdebstrap",
+            )
+            partial.chmod(0o444)
+            partial.rename(tarball)
+        finally:
+            partial.unlink(missing_ok=True)
+    return tarball
+
+
+def ensure_base(report: Report = lambda message: None, *, refresh: bool = False) -> BaseAssets:
+    """Kernel, initrd and base rootfs tarball, built on first use.
+
+    The result is remembered in ``base.json`` so a boot does not ask apt
+    again; ``refresh`` (``machinen install``) re-resolves the packages.
+    """
+    with _cache_lock() as cache:
+        record = cache / "base.json"
+        if record.exists() and not refresh:
+            base = BaseAssets(**{k: (Path(v) if k != "kernel_package" else v) for k, v in json.loads(record.read_text()).items()})
+            if base.kernel.exists() and base.initrd.exists() and base.rootfs_tarball.exists():
+                return base
+        kernel, initrd, kernel_package = _build_kernel_and_initrd(cache, report)
+        base = BaseAssets(kernel, initrd, _build_rootfs_tarball(cache, report), kernel_package)
+        record.write_text(json.dumps({k: str(v) for k, v in asdict(base).items()}))
+        return base
+
+
+def _agent_sources() -> dict[str, bytes]:
+    """Guest-side files: the agent and the wire module it shares with the host."""
+    package = Path(__file__).resolve().parent.parent
+    return {
+        "machinen_async/__init__.py": b"",
+        "machinen_async/vsock/__init__.py": b"",
+        "machinen_async/vsock/wire.py": (package / "vsock" / "wire.py").read_bytes(),
+        "machinen_async/guest_agent/__init__.py": b"",
+        "machinen_async/guest_agent/agent.py": (package / "guest_agent" / "agent.py").read_bytes(),
+        "agent_main.py": AGENT_ENTRY.encode(),
+    }
+
+
+def _tarball_digest(tarball: Path, cache: Path) -> str:
+    """sha256 of a tarball, memoised by (path, size, mtime) to skip rehashing."""
+    stat = tarball.stat()
+    memo_dir = paths.private_dir(cache / "digests")
+    memo_key = hashlib.sha256(f"{tarball.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = memo_dir / memo_key
+    if memo.exists():
+        return memo.read_text()
+    digest = sha256_file(tarball)
+    memo.write_text(digest)
+    return digest
+
+
+def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
+    """The read-only ext4 image of ``tarball`` plus the current guest agent."""
+    if not tarball.is_file():
+        raise BootError(f"image not found: {tarball}", code="BOOT_IMAGE_NOT_FOUND")
+    with _cache_lock() as cache:
+        agent = _agent_sources()
+        key = hashlib.sha256()
+        key.update(f"{ASSETS_FORMAT}|{IMAGE_SIZE}|{_tarball_digest(tarball, cache)}".encode())
+        for name in sorted(agent):
+            key.update(name.encode() + b"\0" + agent[name] + b"\0")
+        image = paths.private_dir(cache / "images") / f"{key.hexdigest()[:24]}.ext4"
+        if image.exists():
+            return image
+        with _step(report, f"converting {tarball.name} to an ext4 image"), tempfile.TemporaryDirectory(
+            dir=image.parent
+        ) as tmp:
+            root = Path(tmp) / "root"
+            root.mkdir()
+            _run(["tar", "-C", str(root), "-xpf", str(tarball)], what="unpack rootfs")
+            for name, content in agent.items():
+                target = root / GUEST_LIB / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+            partial = Path(tmp) / "image.ext4"
+            _run(
+                ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), "-L", "machinen-root", str(partial), IMAGE_SIZE],
+                what="mke2fs",
+            )
+            partial.chmod(0o444)
+            partial.rename(image)
+        return image

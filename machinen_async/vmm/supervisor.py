@@ -1,0 +1,411 @@
+"""Per-VM supervisor process: ``python -m machinen_async.vmm.supervisor CONFIG_JSON``.
+
+It owns everything one VM is made of -- the registry entry (name lock),
+QEMU, QMP, the agent channel, the RAM file and the disk overlay -- and serves
+a 0600 unix socket that any number of clients (SDK, CLI, other processes)
+use at once.  Client frames are relayed to the guest agent with stream ids
+rewritten, so flow control stays end to end; methods named ``vm.*`` are
+answered here.
+
+It always runs on asyncio (``qemu.qmp`` is asyncio-only), whatever event
+loop its clients use.  Startup result is one JSON line on stdout:
+``{"ready": {...}}`` or ``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from qemu.qmp import QMPClient
+
+from .. import paths, registry
+from ..errors import BootError, BootTimeoutError, MachinenError, plain_errors
+from ..vsock import wire
+from ..vsock.framed import FrameStream
+from . import qemu
+
+log = structlog.get_logger("machinen.supervisor")
+
+HELLO_RETRY_S = 0.5
+QEMU_QUIT_GRACE_S = 2.0
+CONSOLE_TAIL_BYTES = 3000
+# The launcher writes this byte on our stdin to let the VM outlive it; EOF
+# without it means "my owner is gone": stop.
+DETACH = b"d"
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    name: str
+    memory_mib: int
+    cpus: int
+    accel: str
+    kernel: str
+    initrd: str
+    image: str
+    ram_dir: str  # chosen by the launcher, so it can clean up if it has to SIGKILL us
+    boot_timeout: float
+    detached: bool
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SupervisorConfig:
+        return cls(**json.loads(text))
+
+
+def console_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - CONSOLE_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class ClientConnection:
+    def __init__(self, frames: FrameStream) -> None:
+        self.frames = frames
+        self.agent_sids: dict[int, int] = {}  # client sid -> agent sid
+        self.outbox_send, self.outbox = anyio.create_memory_object_stream[list](float("inf"))
+
+    async def write_loop(self) -> None:
+        async for frame in self.outbox:
+            await self.frames.send(frame)
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
+        self.config = config
+        self.entry = entry
+        self.agent: FrameStream | None = None
+        self.agent_info: dict[str, Any] = {}
+        self.routes: dict[int, tuple[ClientConnection, int]] = {}
+        self.next_agent_sid = 1
+        self.stop_requested = anyio.Event()
+        self.meta: dict[str, Any] = {}
+
+    # --- the agent side -----------------------------------------------------------
+
+    async def connect_agent(self) -> None:
+        """Connect to the agent socket and complete a HELLO exchange."""
+        while True:
+            try:
+                stream = await anyio.connect_unix(str(self.entry.agent_socket))
+                break
+            except OSError:
+                await anyio.sleep(0.01)
+        self.agent = FrameStream(stream, resync=True)
+        nonce = secrets.token_bytes(8)
+
+        async def send_hellos() -> None:
+            while True:
+                await self.agent.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, {}])
+                await anyio.sleep(HELLO_RETRY_S)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send_hellos)
+            while True:
+                frame = await self.agent.receive()
+                if frame[0] == wire.HELLO and frame[2] == nonce:
+                    self.agent_info = frame[4]
+                    self.agent.resync = False
+                    tg.cancel_scope.cancel()
+                    break
+
+    async def agent_read_loop(self) -> None:
+        assert self.agent is not None
+        while True:
+            try:
+                frame = await self.agent.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, wire.ProtocolError, OSError) as exc:
+                log.error("agent channel lost", error=repr(exc))
+                self.stop_requested.set()
+                return
+            route = self.routes.get(frame[1])
+            if route is None:
+                continue  # late output of a call whose client left
+            client, client_sid = route
+            if frame[0] in wire.FINAL_KINDS:
+                del self.routes[frame[1]]
+                client.agent_sids.pop(client_sid, None)
+            frame[1] = client_sid
+            client.outbox_send.send_nowait(frame)
+
+    # --- the client side ----------------------------------------------------------
+
+    async def serve_client(self, stream: anyio.abc.ByteStream) -> None:
+        client = ClientConnection(FrameStream(stream))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.write_loop)
+                while True:
+                    try:
+                        frame = await client.frames.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, wire.ProtocolError, OSError):
+                        break
+                    await self.on_client_frame(client, frame, tg)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                # A caller that went away abandons its calls: stop their processes.
+                for agent_sid in list(client.agent_sids.values()):
+                    self.routes.pop(agent_sid, None)
+                    with contextlib.suppress(Exception):
+                        await self.agent.send([wire.CANCEL, agent_sid])
+                await client.frames.aclose()
+
+    async def on_client_frame(self, client: ClientConnection, frame: list, tg: anyio.abc.TaskGroup) -> None:
+        kind, sid = frame[0], frame[1]
+        if kind == wire.HELLO:
+            client.outbox_send.send_nowait([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, self.meta])
+        elif kind == wire.OPEN and frame[2].startswith("vm."):
+            tg.start_soon(self.handle_local_call, client, sid, frame[2], frame[3])
+        elif kind == wire.OPEN:
+            agent_sid = self.next_agent_sid
+            self.next_agent_sid += 1
+            self.routes[agent_sid] = (client, sid)
+            client.agent_sids[sid] = agent_sid
+            await self.agent.send([wire.OPEN, agent_sid, frame[2], frame[3]])
+        else:
+            agent_sid = client.agent_sids.get(sid)
+            if agent_sid is None:
+                return
+            if kind == wire.CANCEL:
+                del client.agent_sids[sid]
+                self.routes.pop(agent_sid, None)
+            frame[1] = agent_sid
+            await self.agent.send(frame)
+
+    async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> None:
+        try:
+            if method == "vm.info":
+                result: Any = {**self.meta, "agent": self.agent_info}
+            elif method == "vm.stop":
+                self.stop_requested.set()
+                result = {"stopping": True}
+            else:
+                raise MachinenError(f"unknown method {method!r}", code="EXEC_PROTOCOL")
+        except MachinenError as exc:
+            client.outbox_send.send_nowait([wire.ERROR, sid, exc.code, exc.message])
+            return
+        client.outbox_send.send_nowait([wire.RESULT, sid, result])
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, report_ready) -> None:
+        ram_dir = Path(self.config.ram_dir)
+        paths.private_dir(ram_dir.parent)
+        paths.private_dir(ram_dir)
+        try:
+            await self._run(ram_dir, report_ready)
+        finally:
+            shutil.rmtree(ram_dir, ignore_errors=True)
+
+    async def _run(self, ram_dir: Path, report_ready) -> None:
+        config, entry = self.config, self.entry
+        started = time.monotonic()
+        await _check_call(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", config.image, str(entry.disk)],
+            what="create the disk overlay",
+        )
+        machine = qemu.MachineConfig(
+            memory_mib=config.memory_mib,
+            cpus=config.cpus,
+            accel=config.accel,
+            kernel=Path(config.kernel),
+            initrd=Path(config.initrd),
+            hostname=config.name,
+        )
+        argv = qemu.command_line(
+            machine,
+            ram_file=ram_dir / "mem",
+            disk=entry.disk,
+            console_log=entry.console_log,
+            agent_socket=entry.agent_socket,
+            qmp_socket=entry.qmp_socket,
+        )
+        # setpriv --pdeathsig: QEMU dies with its supervisor, even on SIGKILL.
+        with open(entry.qemu_log, "wb") as qemu_log:
+            process = await anyio.open_process(
+                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_log,
+                stderr=qemu_log,
+            )
+        log.info("qemu started", pid=process.pid, accel=config.accel, memory_mib=config.memory_mib)
+        qmp = QMPClient(config.name)
+        try:
+            async with anyio.create_task_group() as tg:
+                qemu_exited = anyio.Event()
+
+                async def watch_qemu() -> None:
+                    await process.wait()
+                    qemu_exited.set()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_qemu)
+                try:
+                    with anyio.fail_after(config.boot_timeout):
+                        await self.connect_agent()
+                        await _connect_qmp(qmp, entry.qmp_socket)
+                except TimeoutError:
+                    raise BootTimeoutError(
+                        f"the guest agent did not answer within {config.boot_timeout:g} s; console tail:\n"
+                        + console_tail(entry.console_log),
+                    ) from None
+                boot_s = time.monotonic() - started
+                self.meta = {
+                    "name": config.name,
+                    "supervisor_pid": os.getpid(),
+                    "qemu_pid": process.pid,
+                    "accel": config.accel,
+                    "memory_mib": config.memory_mib,
+                    "cpus": config.cpus,
+                    "image": config.image,
+                    "ram_dir": config.ram_dir,
+                    "detached": config.detached,
+                    "started_at": time.time(),
+                    "boot_s": round(boot_s, 3),
+                    "socket": str(entry.supervisor_socket),
+                }
+                listener = await anyio.create_unix_listener(str(entry.supervisor_socket))
+                entry.supervisor_socket.chmod(0o600)
+                entry.write_meta(self.meta)
+                tg.start_soon(self.agent_read_loop)
+                tg.start_soon(listener.serve, self.serve_client)
+                report_ready(self.meta)
+                log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.agent_info.get("uptime_s"))
+                await self.stop_requested.wait()
+                log.info("stop requested")
+                tg.cancel_scope.cancel()
+            if qemu_exited.is_set():
+                raise BootError(
+                    f"QEMU exited with status {process.returncode}: "
+                    + entry.qemu_log.read_text(errors="replace")[-CONSOLE_TAIL_BYTES:]
+                    + "\nconsole tail:\n"
+                    + console_tail(entry.console_log)
+                )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _stop_qemu(process, qmp)
+
+
+async def _check_call(argv: list[str], *, what: str) -> None:
+    result = await anyio.run_process(argv, check=False)
+    if result.returncode != 0:
+        raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
+
+
+async def _connect_qmp(qmp: QMPClient, socket_path: Path) -> None:
+    while True:
+        try:
+            await qmp.connect(str(socket_path))
+            return
+        except Exception:  # qemu.qmp raises ConnectError wrapping OSError while QEMU starts
+            await anyio.sleep(0.01)
+
+
+async def _stop_qemu(process: anyio.abc.Process, qmp: QMPClient) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(Exception), anyio.move_on_after(0.5):
+            await qmp.execute("quit")
+        with anyio.move_on_after(QEMU_QUIT_GRACE_S):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    with contextlib.suppress(Exception), anyio.move_on_after(1):
+        await qmp.disconnect()
+
+
+async def _owner_lets_go() -> bool:
+    """Wait on the launcher's pipe: True on EOF (owner gone), False on DETACH."""
+    await anyio.wait_readable(0)
+    return os.read(0, 1) != DETACH
+
+
+async def amain(config: SupervisorConfig) -> int:
+    ready_out = os.fdopen(os.dup(1), "w")
+
+    def report(payload: dict) -> None:
+        ready_out.write(json.dumps(payload) + "\n")
+        ready_out.flush()
+        ready_out.close()
+
+    def report_ready(meta: dict) -> None:
+        report({"ready": meta})
+        # From here on nobody reads our stdout/stderr: log to the entry instead.
+        log_fd = os.open(entry.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+
+    try:
+        with plain_errors(), registry.claim(config.name) as entry:
+            supervisor = Supervisor(config, entry)
+            async with anyio.create_task_group() as tg:
+
+                def request_stop() -> None:
+                    if supervisor.meta:
+                        supervisor.stop_requested.set()
+                    else:
+                        tg.cancel_scope.cancel()  # still booting: abandon the boot
+
+                async def signals() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+                        async for signum in received:
+                            log.info("signal", signum=int(signum))
+                            request_stop()
+
+                async def watch_owner() -> None:
+                    if await _owner_lets_go():
+                        log.info("owner process gone")
+                        request_stop()
+                    else:
+                        log.info("detached")
+
+                tg.start_soon(signals)
+                tg.start_soon(watch_owner)
+                await supervisor.run(report_ready)
+                tg.cancel_scope.cancel()
+            if not supervisor.meta:
+                raise BootError("boot cancelled", code="BOOT_CANCELLED")
+    except MachinenError as exc:
+        if not ready_out.closed:
+            report({"error": exc.to_dict()})
+        log.error("failed", code=exc.code, message=exc.message)
+        return 1
+    return 0
+
+
+def main() -> None:
+    config = SupervisorConfig.from_json(sys.argv[1])
+    structlog.configure(
+        processors=[structlog.processors.TimeStamper(fmt="iso"), structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    os.umask(0o077)
+    sys.exit(anyio.run(amain, config, backend="asyncio"))
+
+
+if __name__ == "__main__":
+    main()

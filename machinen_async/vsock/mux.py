@@ -1,0 +1,224 @@
+"""Caller side of the multiplexed call protocol (see ``wire``).
+
+``Channel`` runs no background task: whichever caller is waiting for a frame
+takes the read lock, reads one frame and dispatches it to the call it belongs
+to.  That keeps a channel usable from any task, from Jupyter cells and from
+objects closed with ``aclose()`` rather than a ``with`` block, under asyncio
+and trio alike.  Memory stays bounded because the peer never sends more than
+the credit window per stream and direction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ..errors import AgentUnavailableError, ExecError, MachinenError, error_from_code
+from . import wire
+from .framed import FrameStream
+
+_CONNECTION_LOST = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class Call:
+    """One logical stream: a request, optional data in both directions, one outcome."""
+
+    def __init__(self, channel: Channel, sid: int, method: str) -> None:
+        self._channel = channel
+        self.sid = sid
+        self.method = method
+        self._inbox: dict[int, deque[bytes]] = {wire.STDOUT: deque(), wire.STDERR: deque()}
+        self._eof: set[int] = set()
+        self._unacknowledged = {wire.STDOUT: 0, wire.STDERR: 0}
+        self._send_credit = wire.INITIAL_WINDOW
+        self._outcome: tuple[bool, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def _on_frame(self, frame: list) -> None:
+        kind = frame[0]
+        if kind == wire.DATA:
+            self._inbox[frame[2]].append(frame[3])
+        elif kind == wire.EOF:
+            self._eof.add(frame[2])
+        elif kind == wire.CREDIT:
+            self._send_credit += frame[3]
+        elif kind == wire.RESULT:
+            self._outcome = (True, frame[2])
+        elif kind == wire.ERROR:
+            details = frame[4] if len(frame) > 4 and isinstance(frame[4], dict) else {}
+            self._outcome = (False, error_from_code(frame[2], frame[3], **details))
+
+    def _fail(self, error: MachinenError) -> None:
+        if self._outcome is None:
+            self._outcome = (False, error)
+
+    def _raise_if_failed(self) -> None:
+        if self._outcome is not None and not self._outcome[0]:
+            raise self._outcome[1]
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes on the call's input (a process's stdin, a file upload)."""
+        view = memoryview(data)
+        while view:
+            await self._channel.wait_for(lambda: self._send_credit > 0 or self.done)
+            self._raise_if_failed()
+            if self.done:
+                raise ExecError("the call finished; it takes no more input", code="EXEC_STDIN_CLOSED")
+            size = min(len(view), self._send_credit, wire.CHUNK)
+            self._send_credit -= size
+            await self._channel.send([wire.DATA, self.sid, wire.STDIN, bytes(view[:size])])
+            view = view[size:]
+
+    async def send_eof(self) -> None:
+        if not self.done:
+            await self._channel.send([wire.EOF, self.sid, wire.STDIN])
+
+    async def receive(self, fd: int) -> bytes:
+        """Next chunk on ``fd``; raises ``anyio.EndOfStream`` after its EOF."""
+        inbox = self._inbox[fd]
+        await self._channel.wait_for(lambda: bool(inbox) or fd in self._eof or self.done)
+        if not inbox:
+            self._raise_if_failed()
+            raise anyio.EndOfStream
+        data = inbox.popleft()
+        self._unacknowledged[fd] += len(data)
+        if self._unacknowledged[fd] >= wire.INITIAL_WINDOW // 2 and not self.done:
+            credit, self._unacknowledged[fd] = self._unacknowledged[fd], 0
+            await self._channel.send([wire.CREDIT, self.sid, fd, credit])
+        return data
+
+    async def result(self) -> Any:
+        await self._channel.wait_for(lambda: self.done)
+        ok, value = self._outcome  # type: ignore[misc]
+        if not ok:
+            raise value
+        return value
+
+    async def control(self, payload: dict) -> None:
+        if not self.done:
+            await self._channel.send([wire.CONTROL, self.sid, payload])
+
+    async def cancel(self) -> None:
+        """Abandon the call; the peer stops its work (kills a process)."""
+        if self.done:
+            return
+        self._fail(ExecError("call cancelled", code="EXEC_CANCELLED"))
+        self._channel.forget(self.sid)
+        try:
+            await self._channel.send([wire.CANCEL, self.sid])
+        except MachinenError:
+            pass  # the peer is gone, so is the call
+
+
+class Channel:
+    """Multiplexes concurrent calls over one ``FrameStream``."""
+
+    def __init__(self, frames: FrameStream) -> None:
+        self._frames = frames
+        self._calls: dict[int, Call] = {}
+        self._next_sid = 1
+        self._read_lock = anyio.Lock()
+        self._lost: MachinenError | None = None
+        self._hello_nonce: bytes | None = None
+        self._hello_reply: dict | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    async def hello(self, info: dict | None = None) -> dict:
+        """Start a session; frames from any earlier session are discarded."""
+        self._hello_nonce = os.urandom(8)
+        self._hello_reply = None
+        self._frames.resync = True
+        await self.send([wire.HELLO, 0, self._hello_nonce, wire.PROTOCOL_VERSION, info or {}])
+        await self.wait_for(lambda: self._hello_reply is not None)
+        return self._hello_reply  # type: ignore[return-value]
+
+    async def open(self, method: str, params: dict) -> Call:
+        sid = self._next_sid
+        self._next_sid += 1
+        call = Call(self, sid, method)
+        self._calls[sid] = call
+        try:
+            await self.send([wire.OPEN, sid, method, params])
+        except BaseException:
+            self._calls.pop(sid, None)
+            raise
+        return call
+
+    async def call(self, method: str, params: dict | None = None) -> Any:
+        call = await self.open(method, params or {})
+        try:
+            return await call.result()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await call.cancel()
+            raise
+
+    def forget(self, sid: int) -> None:
+        self._calls.pop(sid, None)
+
+    async def send(self, frame: list) -> None:
+        if self._lost is not None:
+            raise self._lost
+        try:
+            await self._frames.send(frame)
+        except _CONNECTION_LOST as exc:
+            self._mark_lost(f"connection lost while sending: {exc!r}")
+            raise self._lost from None  # type: ignore[misc]
+
+    async def wait_for(self, ready: Callable[[], bool]) -> None:
+        """Read and dispatch frames until ``ready()`` holds."""
+        while not ready():
+            if self._lost is not None:
+                raise self._lost
+            async with self._read_lock:
+                if ready():
+                    return
+                try:
+                    frame = await self._frames.receive()
+                except _CONNECTION_LOST:
+                    self._mark_lost("the VM closed the connection")
+                    continue
+                except wire.ProtocolError as exc:
+                    self._mark_lost(f"protocol error: {exc}", code="EXEC_PROTOCOL")
+                    continue
+                self._dispatch(frame)
+
+    def _dispatch(self, frame: list) -> None:
+        kind = frame[0]
+        if kind == wire.HELLO:
+            if frame[2] == self._hello_nonce:
+                self._frames.resync = False
+                self._hello_reply = frame[4] if len(frame) > 4 else {}
+            return
+        if self._hello_reply is None and self._hello_nonce is not None:
+            return  # left over from an earlier session
+        call = self._calls.get(frame[1])
+        if call is None:
+            return  # late frame of a cancelled call
+        call._on_frame(frame)
+        if kind in wire.FINAL_KINDS:
+            self._calls.pop(call.sid, None)
+
+    def _mark_lost(self, reason: str, code: str = "EXEC_AGENT_UNAVAILABLE") -> None:
+        if self._lost is None:
+            self._lost = (
+                AgentUnavailableError(reason) if code == "EXEC_AGENT_UNAVAILABLE" else ExecError(reason, code=code)
+            )
+        for call in self._calls.values():
+            call._fail(self._lost)
+        self._calls.clear()
+
+    async def aclose(self) -> None:
+        self._mark_lost("channel closed")
+        with anyio.CancelScope(shield=True):
+            await self._frames.aclose()

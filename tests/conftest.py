@@ -1,0 +1,76 @@
+"""Fixtures: real VMs under the host's accelerator (TCG on CI), both anyio backends.
+
+One detached VM, booted through the CLI in a subprocess, is shared by the
+tests that only need *a* VM: that also proves a detached VM is usable from
+other processes.  Tests about lifecycle boot VMs of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Short paths: unix socket paths are limited to 108 bytes.
+_HOME = Path(tempfile.mkdtemp(prefix="mn-", dir="/tmp"))
+os.environ["MACHINEN_HOME"] = str(_HOME)
+os.environ.setdefault("MACHINEN_RUNTIME_DIR", f"/dev/shm/machinen-test-{os.getpid()}")
+
+SHARED_VM = "shared"
+
+
+def machinen(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run the CLI in a separate process, exactly as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "machinen_async", *args],
+        capture_output=True,
+        timeout=timeout,
+        check=check,
+        **kwargs,
+    )
+
+
+def qemu_processes() -> list[str]:
+    """QEMU processes started by this test session (their paths contain our home)."""
+    out = subprocess.run(["pgrep", "-a", "qemu-system"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(_HOME) in line and "<defunct>" not in line]
+
+
+def runtime_leftovers() -> list[str]:
+    runtime = Path(os.environ["MACHINEN_RUNTIME_DIR"])
+    return sorted(p.name for p in runtime.iterdir()) if runtime.exists() else []
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def shared_vm() -> str:
+    """Name of a detached VM booted by `machinen boot --detach` in another process."""
+    machinen("boot", "--name", SHARED_VM, "--detach", "--json", timeout=600)
+    yield SHARED_VM
+    machinen("stop", SHARED_VM, check=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_qemu_survives():
+    yield
+    leftovers = qemu_processes()
+    assert not leftovers, f"QEMU processes survived the test session: {leftovers}"
+    assert not runtime_leftovers(), f"RAM files survived: {runtime_leftovers()}"
+
+
+@pytest.fixture
+def cli():
+    return machinen
+
+
+def ls_json() -> list[dict]:
+    return json.loads(machinen("ls", "--json").stdout)

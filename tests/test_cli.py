@@ -1,0 +1,58 @@
+"""The CLI, run as separate processes against the shared detached VM."""
+
+from __future__ import annotations
+
+import subprocess
+
+from conftest import SHARED_VM, ls_json
+
+
+def test_exec_streams_and_returns_guest_exit_code(shared_vm, cli):
+    result = cli("exec", shared_vm, "--", "sh", "-c", "cat; echo to-err >&2; exit 7", check=False, input=b"from-host\n")
+    assert result.returncode == 7
+    assert result.stdout == b"from-host\n"
+    assert result.stderr == b"to-err\n"
+
+
+def test_exec_errors_are_typed(shared_vm, cli):
+    missing = cli("exec", shared_vm, "--", "/no/such/binary", check=False, stdin=subprocess.DEVNULL)
+    assert missing.returncode == 1
+    assert b"error [EXEC_COMMAND_NOT_FOUND]" in missing.stderr
+    unknown = cli("exec", "no-such-vm", "--", "true", check=False)
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith(b"error [REGISTRY_VM_NOT_FOUND]")
+
+
+def test_ls_json_shape(shared_vm):
+    rows = {row["name"]: row for row in ls_json()}
+    row = rows[SHARED_VM]
+    assert set(row) == {"name", "pid", "qemu_pid", "accel", "memory_mib", "uptime_s", "image", "detached"}
+    assert row["detached"] is True and row["memory_mib"] == 256 and row["accel"] in ("kvm", "tcg")
+    assert isinstance(row["pid"], int) and isinstance(row["uptime_s"], float)
+
+
+def test_boot_detach_name_in_use(shared_vm, cli):
+    again = cli("boot", "--name", SHARED_VM, "--detach", check=False)
+    assert again.returncode == 1
+    assert b"error [REGISTRY_NAME_IN_USE]" in again.stderr
+
+
+def test_boot_run_command_then_stop(cli):
+    result = cli("boot", "--name", "cli-oneshot", "--", "sh", "-c", "hostname; exit 4", check=False)
+    assert result.returncode == 4, result.stderr
+    assert result.stdout == b"cli-oneshot\n"
+    assert "cli-oneshot" not in {row["name"] for row in ls_json()}
+
+
+def test_detached_lifecycle_stop(cli):
+    cli("boot", "--name", "cli-detached", "--detach")
+    assert "cli-detached" in {row["name"] for row in ls_json()}
+    stopped = cli("stop", "cli-detached", "--json")
+    assert stopped.stdout.strip() == b'{"name": "cli-detached", "stopped": true}'
+    assert "cli-detached" not in {row["name"] for row in ls_json()}
+    assert cli("stop", "cli-detached", check=False).returncode == 1
+
+
+def test_help_and_version(cli):
+    assert b"Usage" in cli("--help").stdout
+    assert b"machinen" in cli("--version").stdout
