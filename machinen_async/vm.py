@@ -398,6 +398,7 @@ async def _launch(
         initrd=str(base.initrd),
         image=str(disk_image),
         ram_dir=str(ram_dir),
+        tsc_khz=qemu.host_tsc_khz() if chosen_accel == "tcg" else None,
         boot_timeout=boot_timeout,
         detached=detached,
     )

@@ -128,3 +128,20 @@ async def test_invalid_accelerator():
         async with boot(accel="warp"):
             pass
     assert invalid.value.code == "BOOT_ACCEL_INVALID"
+
+
+async def test_concurrent_boots_on_a_busy_host(anyio_backend):
+    # Regression: under TCG a busy host made guest kernels fail TSC calibration and hang at time 0.
+    names = [f"together-{anyio_backend}-{i}" for i in range(3)]
+    hostnames: dict[str, bytes] = {}
+
+    async def one(name: str) -> None:
+        async with boot(name=name) as vm:
+            hostnames[name] = (await vm.exec(["hostname"], check=True)).stdout
+
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(one, name)
+    assert hostnames == {name: f"{name}\n".encode() for name in names}
+    for name in names:
+        _assert_nothing_left(name)

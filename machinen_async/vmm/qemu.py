@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import os
+import platform
 import shutil
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +50,39 @@ def choose_accelerator(requested: str | None = None) -> str:
     return choice
 
 
+# x86-64: rdtsc; shl rdx, 32; or rax, rdx; ret
+_RDTSC_CODE = bytes.fromhex("0f3148c1e2204809d0c3")
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host TSC rate, which TCG guests see as their own TSC rate.
+
+    A guest kernel calibrates its TSC against the emulated PIT; when the host
+    is busy (several VMs booting on 2 cores) that calibration fails, the
+    kernel finds no other reference on microvm, marks the TSC unstable and
+    hangs at time 0.  Passing ``tsc_early_khz`` skips the calibration.
+    """
+    if platform.machine() != "x86_64":
+        return None
+    try:
+        code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError:  # W+X mappings forbidden by policy
+        return None
+    code.write(_RDTSC_CODE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(code))
+    rdtsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(address)
+    samples = []
+    for _ in range(5):
+        ns0, tsc0 = time.perf_counter_ns(), rdtsc()
+        while time.perf_counter_ns() - ns0 < 5_000_000:
+            pass
+        ns1, tsc1 = time.perf_counter_ns(), rdtsc()
+        samples.append((tsc1 - tsc0) * 1_000_000 / (ns1 - ns0))
+    del rdtsc
+    return round(statistics.median(samples))
+
+
 def qemu_binary() -> str:
     found = shutil.which(QEMU_BINARY)
     if not found:
@@ -61,9 +100,13 @@ class MachineConfig:
     kernel: Path
     initrd: Path
     hostname: str
+    tsc_khz: int | None = None
 
     def kernel_cmdline(self) -> str:
-        return f"console=ttyS0 quiet panic=-1 machinen.hostname={self.hostname}"
+        args = f"console=ttyS0 quiet panic=-1 machinen.hostname={self.hostname}"
+        if self.tsc_khz:
+            args += f" tsc_early_khz={self.tsc_khz}"
+        return args
 
 
 def command_line(

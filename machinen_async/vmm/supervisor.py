@@ -59,6 +59,7 @@ class SupervisorConfig:
     initrd: str
     image: str
     ram_dir: str  # chosen by the launcher, so it can clean up if it has to SIGKILL us
+    tsc_khz: int | None
     boot_timeout: float
     detached: bool
 
@@ -233,6 +234,7 @@ class Supervisor:
             kernel=Path(config.kernel),
             initrd=Path(config.initrd),
             hostname=config.name,
+            tsc_khz=config.tsc_khz,
         )
         argv = qemu.command_line(
             machine,
