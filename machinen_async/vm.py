@@ -248,6 +248,14 @@ class VM:
         """Supervisor metadata plus the guest agent's info."""
         return await self._channel.call("vm.info")
 
+    async def reset_agent_channel(self) -> dict[str, Any]:
+        """Drop and re-establish the supervisor's channel to the guest agent.
+
+        Calls in flight fail with EXEC_AGENT_UNAVAILABLE; their guest processes
+        keep running (as after a restore).  A recovery tool for a wedged channel.
+        """
+        return await self._channel.call("vm.reset_agent_channel")
+
     async def stop(self) -> None:
         """Stop the VM (QEMU, supervisor, files) and wait until it is gone."""
         if self._owner is not None:

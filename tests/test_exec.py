@@ -8,7 +8,7 @@ import signal
 import anyio
 import pytest
 
-from machinen_async import ExecError, ExecTimeoutError, GuestFileError, connect
+from machinen_async import AgentUnavailableError, ExecError, ExecTimeoutError, GuestFileError, connect
 
 pytestmark = pytest.mark.anyio
 
@@ -167,3 +167,18 @@ async def test_ping_and_describe(shared_vm):
         assert info["name"] == shared_vm
         assert info["agent"]["hostname"] == shared_vm
         assert info["accel"] in ("kvm", "tcg")
+
+
+async def test_agent_channel_reset_reconnects(shared_vm):
+    async with connect(shared_vm) as vm:
+        async with vm.process(["sh", "-c", "echo $$; exec sleep 300"], stdin=False) as proc:
+            pid = (await proc.stdout.receive()).decode().strip()
+            info = await vm.reset_agent_channel()
+            assert info["agent"]["hostname"] == shared_vm
+            with pytest.raises(AgentUnavailableError) as reset:
+                await proc.wait()
+            assert reset.value.retryable
+        assert (await vm.exec(["echo", "after"])).stdout == b"after\n"
+        # The call's process outlives the session that started it, as in a fork.
+        assert (await vm.exec(["test", "-e", f"/proc/{pid}"])).exit_code == 0
+        await vm.exec(f"kill {pid}", check=True)

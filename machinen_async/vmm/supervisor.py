@@ -42,6 +42,8 @@ from . import qemu
 log = structlog.get_logger("machinen.supervisor")
 
 HELLO_RETRY_S = 0.5
+AGENT_RECONNECT_TIMEOUT_S = 10.0
+_CHANNEL_DOWN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 QEMU_QUIT_GRACE_S = 2.0
 CONSOLE_TAIL_BYTES = 3000
 # The launcher writes this byte on our stdin to let the VM outlive it; EOF
@@ -97,6 +99,7 @@ class Supervisor:
         self.config = config
         self.entry = entry
         self.agent: FrameStream | None = None
+        self.agent_up = False
         self.agent_info: dict[str, Any] = {}
         self.routes: dict[int, tuple[ClientConnection, int]] = {}
         self.next_agent_sid = 1
@@ -128,18 +131,50 @@ class Supervisor:
                 if frame[0] == wire.HELLO and frame[2] == nonce:
                     self.agent_info = frame[4]
                     self.agent.resync = False
+                    self.agent_up = True
                     tg.cancel_scope.cancel()
                     break
 
+    async def send_to_agent(self, frame: list) -> bool:
+        """False while the agent channel is down (being re-established)."""
+        if self.agent is None or not self.agent_up:
+            return False
+        try:
+            await self.agent.send(frame)
+            return True
+        except _CHANNEL_DOWN:
+            return False
+
+    def fail_all_calls(self, message: str) -> None:
+        for client, client_sid in self.routes.values():
+            client.agent_sids.pop(client_sid, None)
+            client.outbox_send.send_nowait([wire.ERROR, client_sid, "EXEC_AGENT_UNAVAILABLE", message])
+        self.routes.clear()
+
     async def agent_read_loop(self) -> None:
-        assert self.agent is not None
+        """Relay agent frames to clients; on a channel reset, reconnect.
+
+        Calls in flight fail with EXEC_AGENT_UNAVAILABLE (retryable); their
+        guest processes keep running, orphaned, as after a restore.
+        """
         while True:
             try:
                 frame = await self.agent.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, wire.ProtocolError, OSError) as exc:
-                log.error("agent channel lost", error=repr(exc))
-                self.stop_requested.set()
-                return
+            except (*_CHANNEL_DOWN, anyio.EndOfStream, wire.ProtocolError) as exc:
+                log.warning("agent channel reset", error=repr(exc))
+                self.agent_up = False
+                self.fail_all_calls("the guest agent channel was reset")
+                with contextlib.suppress(*_CHANNEL_DOWN):
+                    await self.agent.aclose()
+                try:
+                    with anyio.fail_after(AGENT_RECONNECT_TIMEOUT_S):
+                        await self.connect_agent()
+                except TimeoutError:
+                    log.error("guest agent unreachable after a channel reset")
+                    self.stop_requested.set()
+                    return
+                log.info("agent channel re-established")
+                continue
             route = self.routes.get(frame[1])
             if route is None:
                 continue  # late output of a call whose client left
@@ -169,8 +204,7 @@ class Supervisor:
                 # A caller that went away abandons its calls: stop their processes.
                 for agent_sid in list(client.agent_sids.values()):
                     self.routes.pop(agent_sid, None)
-                    with contextlib.suppress(Exception):
-                        await self.agent.send([wire.CANCEL, agent_sid])
+                    await self.send_to_agent([wire.CANCEL, agent_sid])
                 await client.frames.aclose()
 
     async def on_client_frame(self, client: ClientConnection, frame: list, tg: anyio.abc.TaskGroup) -> None:
@@ -184,7 +218,12 @@ class Supervisor:
             self.next_agent_sid += 1
             self.routes[agent_sid] = (client, sid)
             client.agent_sids[sid] = agent_sid
-            await self.agent.send([wire.OPEN, agent_sid, frame[2], frame[3]])
+            if not await self.send_to_agent([wire.OPEN, agent_sid, frame[2], frame[3]]):
+                self.routes.pop(agent_sid, None)
+                client.agent_sids.pop(sid, None)
+                client.outbox_send.send_nowait(
+                    [wire.ERROR, sid, "EXEC_AGENT_UNAVAILABLE", "the guest agent channel is being re-established"]
+                )
         else:
             agent_sid = client.agent_sids.get(sid)
             if agent_sid is None:
@@ -193,12 +232,20 @@ class Supervisor:
                 del client.agent_sids[sid]
                 self.routes.pop(agent_sid, None)
             frame[1] = agent_sid
-            await self.agent.send(frame)
+            await self.send_to_agent(frame)
 
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> None:
         try:
             if method == "vm.info":
                 result: Any = {**self.meta, "agent": self.agent_info}
+            elif method == "vm.reset_agent_channel":
+                # Drop and re-establish the agent channel (a new agent session), as a
+                # restore does; for recovering a wedged channel and for tests.
+                old = self.agent
+                await old.aclose()
+                while self.agent is old or not self.agent_up:
+                    await anyio.sleep(0.01)
+                result = {"agent": self.agent_info}
             elif method == "vm.stop":
                 self.stop_requested.set()
                 result = {"stopping": True}
