@@ -19,9 +19,11 @@ class MachinenError(Exception):
     default_code = "MACHINEN_ERROR"
     retryable = False
 
-    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None, **details: Any):
         super().__init__(message)
         self.code = code or self.default_code
+        if retryable is not None:
+            self.retryable = retryable
         self.message = message
         self.details = details
 

@@ -77,10 +77,6 @@ class VmDir:
         return self.path / "qemu.log"
 
     @property
-    def disk(self) -> Path:
-        return self.path / "disk.qcow2"
-
-    @property
     def meta(self) -> Path:
         return self.path / "meta.json"
 

@@ -14,18 +14,18 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
 from . import paths, registry
 from .errors import BootError, ExecError, ExecTimeoutError, MachinenError, error_from_code, plain_errors
-from .vmm import assets, qemu
+from .vmm import assets, qemu, storage
 from .vmm.supervisor import DETACH, SupervisorConfig
 from .vsock import wire
 from .vsock.framed import FrameStream
@@ -37,6 +37,12 @@ MIN_MEMORY_MIB = 64
 # Host-side backstop beyond the agent's own timeout, for a guest that froze.
 AGENT_TIMEOUT_SLACK_S = 10.0
 SUPERVISOR_STOP_GRACE_S = 10.0
+# Fork back-pressure estimate per sibling: QEMU's own memory (TCG translation
+# cache capped at 64 MiB, heap) plus the share of guest RAM a busy sibling
+# typically dirties; refuse when that exceeds this share of MemAvailable.
+FORK_OVERHEAD_MIB = {"tcg": 160, "kvm": 48}
+FORK_PRIVATE_SHARE = 0.25
+FORK_MEMORY_HEADROOM = 0.9
 # A supervisor that neither reports nor exits within boot_timeout plus this is killed.
 STATUS_SLACK_S = 30.0
 
@@ -248,6 +254,37 @@ class VM:
         """Supervisor metadata plus the guest agent's info."""
         return await self._channel.call("vm.info")
 
+    def fork(
+        self,
+        n: int | None = None,
+        *,
+        name: str | None = None,
+        names: Sequence[str] | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+    ) -> _ForkLaunch:
+        """Siblings of this running VM, started concurrently from one instant.
+
+        ``child = await vm.fork(name="b")`` gives one VM (close it with
+        ``await child.aclose()``); ``async with vm.fork(n=8) as forks`` gives
+        ``Forks`` and closes them on exit.  This VM pauses only for the fork
+        window and keeps running; memory is shared copy-on-write and every
+        sibling writes its own qcow2 layer over the frozen disk.  Siblings get
+        their own name, hostname, fresh guest entropy and the current time, and
+        never inherit port forwards.
+        """
+        count = 1 if n is None else n
+        if not isinstance(count, int) or count < 1:
+            raise MachinenError(f"n must be a positive integer, got {n!r}", code="FORK_COUNT_INVALID")
+        if names is not None:
+            chosen = [registry.validate_name(x) for x in names]
+            if len(chosen) != count and n is not None:
+                raise MachinenError(f"{len(chosen)} names for {count} siblings", code="FORK_COUNT_INVALID")
+        elif name is not None:
+            chosen = [registry.validate_name(name if n is None else f"{name}-{i}") for i in range(count)]
+        else:
+            chosen = [f"{self.name}-{os.urandom(3).hex()}"[-48:] for _ in range(count)]
+        return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout)
+
     async def reset_agent_channel(self) -> dict[str, Any]:
         """Drop and re-establish the supervisor's channel to the guest agent.
 
@@ -275,6 +312,133 @@ class VM:
             await self._channel.aclose()
             if self._owner is not None:
                 await self._owner.shutdown()
+
+
+T = TypeVar("T")
+
+
+class Forks(Sequence[VM]):
+    """Siblings of one fork event, in order; ``async with`` closes them all."""
+
+    def __init__(self, vms: list[VM], fork_info: dict[str, Any]) -> None:
+        self._vms = vms
+        self.source_pause_ms: float = fork_info["pause_ms"]
+        self.source_pause_steps_ms: dict[str, float] = fork_info["pause_steps_ms"]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._vms[index]
+
+    def __len__(self) -> int:
+        return len(self._vms)
+
+    async def map(
+        self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: bool = False
+    ) -> list[T | BaseException]:
+        """Run ``fn(sibling, index)`` for every sibling concurrently; results in order.
+
+        The first failure cancels the others and is raised, unless
+        ``return_exceptions`` is set: then each failure is returned in its slot.
+        """
+        results: list[Any] = [None] * len(self._vms)
+
+        async def run(index: int, vm: VM) -> None:
+            try:
+                results[index] = await fn(vm, index)
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                results[index] = exc
+
+        with plain_errors():
+            async with anyio.create_task_group() as tg:
+                for index, vm in enumerate(self._vms):
+                    tg.start_soon(run, index, vm)
+        return results
+
+    async def aclose(self) -> None:
+        await _close_all(self._vms)
+
+
+async def _close_all(vms: Sequence[VM | None]) -> None:
+    with anyio.CancelScope(shield=True):
+        async with anyio.create_task_group() as tg:
+            for vm in vms:
+                if vm is not None:
+                    tg.start_soon(vm.aclose)
+
+
+def _check_fork_memory(count: int, machine: dict[str, Any]) -> None:
+    """Refuse a fork the host cannot hold rather than let the OOM killer pick."""
+    per_sibling = FORK_OVERHEAD_MIB[machine["accel"]] + machine["memory_mib"] * FORK_PRIVATE_SHARE
+    needed = count * per_sibling + machine["memory_mib"]  # + the template's RAM copy
+    available = _available_memory_mib()
+    if needed > available * FORK_MEMORY_HEADROOM:
+        raise MachinenError(
+            f"forking {count} siblings needs about {needed:.0f} MiB but {available} MiB is available",
+            code="FORK_MEMORY_BACKPRESSURE",
+            retryable=True,
+        )
+
+
+async def _fork(source: VM, names: list[str], boot_timeout: float) -> list[VM]:
+    for name in names:
+        registry.ensure_free(name)
+    info = await source.describe()
+    _check_fork_memory(len(names), {"accel": info["accel"], "memory_mib": info["memory_mib"]})
+    fork_info = await source._channel.call("vm.fork_template")
+    template = storage.Template(Path(fork_info["template"]))
+    reference = template.hold()  # ours until every sibling holds its own
+    siblings: list[VM | None] = [None] * len(names)
+    try:
+        machine = fork_info["machine"]
+
+        async def start(index: int, name: str) -> None:
+            config = SupervisorConfig(
+                name=name,
+                ram_dir=_new_ram_dir(name),
+                boot_timeout=boot_timeout,
+                detached=False,
+                incoming={"template": fork_info["template"], "layer": fork_info["layer"], "source": source.name},
+                **machine,
+            )
+            siblings[index] = await _start_supervisor(config)
+
+        with plain_errors():
+            async with anyio.create_task_group() as tg:
+                for index, name in enumerate(names):
+                    tg.start_soon(start, index, name)
+    except BaseException:
+        await _close_all(siblings)
+        raise
+    finally:
+        storage.close_quietly(reference)
+    return siblings, fork_info  # type: ignore[return-value]
+
+
+class _ForkLaunch:
+    """``await vm.fork()`` -> VM (or ``Forks`` with ``n``); ``async with`` closes them on exit."""
+
+    def __init__(self, source: VM, names: list[str], single: bool, boot_timeout: float) -> None:
+        self._source = source
+        self._names = names
+        self._single = single
+        self._boot_timeout = boot_timeout
+        self._result: VM | Forks | None = None
+
+    async def _start(self) -> VM | Forks:
+        siblings, fork_info = await _fork(self._source, self._names, self._boot_timeout)
+        return siblings[0] if self._single else Forks(siblings, fork_info)
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def __aenter__(self) -> VM | Forks:
+        self._result = await self._start()
+        return self._result
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._result is not None
+        await self._result.aclose()
 
 
 class _Owner:
@@ -396,7 +560,6 @@ async def _launch(
 
     base, disk_image = await anyio.to_thread.run_sync(prepare)
     registry.ensure_free(name)  # fail fast; the supervisor's claim is the real check
-    ram_dir = paths.runtime_dir() / f"{name}-{os.urandom(4).hex()}"
     config = SupervisorConfig(
         name=name,
         memory_mib=memory_mib,
@@ -405,11 +568,21 @@ async def _launch(
         kernel=str(base.kernel),
         initrd=str(base.initrd),
         image=str(disk_image),
-        ram_dir=str(ram_dir),
+        ram_dir=_new_ram_dir(name),
         tsc_khz=qemu.host_tsc_khz() if chosen_accel == "tcg" else None,
         boot_timeout=boot_timeout,
         detached=detached,
     )
+    return await _start_supervisor(config)
+
+
+def _new_ram_dir(name: str) -> str:
+    return str(paths.runtime_dir() / f"{name}-{os.urandom(4).hex()}")
+
+
+async def _start_supervisor(config: SupervisorConfig) -> VM:
+    """Spawn a supervisor for ``config`` and connect once it reports ready."""
+    name, detached, ram_dir = config.name, config.detached, Path(config.ram_dir)
     argv = [sys.executable, "-m", "machinen_async.vmm.supervisor", config.to_json()]
     if detached:
         # setsid --fork: the supervisor is nobody's child here, so it never lingers as our zombie.
@@ -427,7 +600,7 @@ async def _launch(
         os.close(lifeline_read)
     owner = _Owner(process, lifeline, ram_dir)
     try:
-        with anyio.fail_after(boot_timeout + STATUS_SLACK_S):
+        with anyio.fail_after(config.boot_timeout + STATUS_SLACK_S):
             status = await _read_status_line(process)
         if "ready" not in status:
             raise await _supervisor_failure(process, status)

@@ -42,8 +42,13 @@ def qemu_processes() -> list[str]:
 
 
 def runtime_leftovers() -> list[str]:
+    """Per-VM RAM directories and fork templates still on tmpfs."""
     runtime = Path(os.environ["MACHINEN_RUNTIME_DIR"])
-    return sorted(p.name for p in runtime.iterdir()) if runtime.exists() else []
+    if not runtime.exists():
+        return []
+    found = [p for p in runtime.iterdir() if p.name != "templates"]
+    found += list((runtime / "templates").glob("*"))
+    return sorted(str(p.relative_to(runtime)) for p in found)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -37,7 +37,7 @@ async def test_boot_exec_files_and_clean_exit(anyio_backend):
         ram_dir = paths.runtime_dir()
         for path in [entry, *entry.iterdir(), ram_dir, *ram_dir.rglob(f"{name}-*/*")]:
             assert path.stat().st_mode & 0o077 == 0, f"{path} is reachable by other users"
-        assert {"supervisor.sock", "agent.sock", "qmp.sock", "console.log", "disk.qcow2"} <= {
+        assert {"supervisor.sock", "agent.sock", "qmp.sock", "console.log", "meta.json"} <= {
             p.name for p in entry.iterdir()
         }
     _assert_nothing_left(name)

@@ -377,13 +377,35 @@ def agent_info(params: dict | None = None) -> dict:
     }
 
 
+RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
+
+
+def resumed(params: dict) -> dict:
+    """Called by the host right after this VM was restored or forked.
+
+    Siblings start with identical kernel RNG state, hostname and a clock
+    that stopped while the template was frozen: give each its own identity,
+    fresh entropy (credited, then an immediate reseed) and the host's time.
+    """
+    if params.get("hostname"):
+        socket.sethostname(params["hostname"])
+    if params.get("time_ns"):
+        time.clock_settime_ns(time.CLOCK_REALTIME, params["time_ns"])
+    entropy = params.get("entropy") or b""
+    if entropy:
+        with open("/dev/urandom", "wb") as random_device:
+            fcntl.ioctl(random_device, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+            fcntl.ioctl(random_device, RNDRESEEDCRNG)
+    return agent_info()
+
+
 class Agent:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.write_lock = threading.Lock()
         self.session: bytes | None = None
         self.tasks: dict[int, Task] = {}
-        self.unary = {"ping": lambda p: {"pong": True, "time": time.time()}, "info": agent_info}
+        self.unary = {"ping": lambda p: {"pong": True, "time": time.time()}, "info": agent_info, "resumed": resumed}
         self.streaming = {"exec": ExecTask, "read_file": ReadFileTask, "write_file": WriteFileTask}
 
     def send(self, frame: list) -> None:

@@ -110,9 +110,21 @@ class MachineConfig:
 
 
 def command_line(
-    machine: MachineConfig, *, ram_file: Path, disk: Path, console_log: Path, agent_socket: Path, qmp_socket: Path
+    machine: MachineConfig,
+    *,
+    ram_file: Path,
+    ram_shared: bool,
+    incoming: bool,
+    disk: Path,
+    console_log: Path,
+    agent_socket: Path,
+    qmp_socket: Path,
 ) -> list[str]:
+    """The QEMU argv.  ``ram_shared``: a booted VM's own RAM file, mappable by
+    other processes (fork); otherwise a template mapped copy-on-write.
+    ``incoming``: wait for device state over QMP instead of booting."""
     accel = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if machine.accel == "tcg" else "kvm"
+    share = "on" if ram_shared else "off"
     return [
         qemu_binary(),
         "-M", "microvm,memory-backend=ram0",
@@ -120,8 +132,7 @@ def command_line(
         "-cpu", "max" if machine.accel == "tcg" else "host",
         "-smp", str(machine.cpus),
         "-m", f"{machine.memory_mib}M",
-        # share=on: guest RAM lives in a tmpfs file other QEMU processes can map (fork).
-        "-object", f"memory-backend-file,id=ram0,size={machine.memory_mib}M,mem-path={ram_file},share=on",
+        "-object", f"memory-backend-file,id=ram0,size={machine.memory_mib}M,mem-path={ram_file},share={share}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(machine.kernel),
         "-initrd", str(machine.initrd),
@@ -133,4 +144,5 @@ def command_line(
         "-blockdev", f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={disk}",
         "-device", "virtio-blk-device,drive=disk0,id=vblk0",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+        *(["-incoming", "defer"] if incoming else []),
     ]  # fmt: skip

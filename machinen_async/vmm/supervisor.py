@@ -34,14 +34,17 @@ import structlog
 from qemu.qmp import QMPClient
 
 from .. import paths, registry
-from ..errors import BootError, BootTimeoutError, MachinenError, plain_errors
+from ..errors import BootError, BootTimeoutError, MachinenError, error_from_code, plain_errors
 from ..vsock import wire
 from ..vsock.framed import FrameStream
-from . import qemu
+from . import qemu, storage
 
 log = structlog.get_logger("machinen.supervisor")
 
-HELLO_RETRY_S = 0.5
+HELLO_RETRY_S = 0.2
+# A fork template stays referenced by its source this long after the fork
+# call returned, so the caller can take its own reference first.
+TEMPLATE_HANDOVER_S = 120.0
 AGENT_RECONNECT_TIMEOUT_S = 10.0
 _CHANNEL_DOWN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 QEMU_QUIT_GRACE_S = 2.0
@@ -64,6 +67,7 @@ class SupervisorConfig:
     tsc_khz: int | None
     boot_timeout: float
     detached: bool
+    incoming: dict[str, Any] | None = None  # {"template", "layer", "source"}: start as a fork sibling
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -105,6 +109,13 @@ class Supervisor:
         self.next_agent_sid = 1
         self.stop_requested = anyio.Event()
         self.meta: dict[str, Any] = {}
+        self.qmp = QMPClient(config.name)
+        self.fork_lock = anyio.Lock()
+        self.layer: storage.Layer | None = None
+        self.layer_refs: list[int] = []  # flock references on every layer and template we use
+        self.disk_node = "disk0"
+        self.ram_file: Path | None = None
+        self.task_group: anyio.abc.TaskGroup | None = None
 
     # --- the agent side -----------------------------------------------------------
 
@@ -134,6 +145,18 @@ class Supervisor:
                     self.agent_up = True
                     tg.cancel_scope.cancel()
                     break
+
+    async def call_agent(self, method: str, params: dict) -> Any:
+        """A unary agent call of the supervisor's own; only before the read loop runs."""
+        sid = self.next_agent_sid
+        self.next_agent_sid += 1
+        await self.agent.send([wire.OPEN, sid, method, params])
+        while True:
+            frame = await self.agent.receive()
+            if frame[1] == sid and frame[0] == wire.RESULT:
+                return frame[2]
+            if frame[1] == sid and frame[0] == wire.ERROR:
+                raise error_from_code(frame[2], frame[3])
 
     async def send_to_agent(self, frame: list) -> bool:
         """False while the agent channel is down (being re-established)."""
@@ -246,6 +269,8 @@ class Supervisor:
                 while self.agent is old or not self.agent_up:
                     await anyio.sleep(0.01)
                 result = {"agent": self.agent_info}
+            elif method == "vm.fork_template":
+                result = await self.freeze_template()
             elif method == "vm.stop":
                 self.stop_requested.set()
                 result = {"stopping": True}
@@ -256,6 +281,68 @@ class Supervisor:
             return
         client.outbox_send.send_nowait([wire.RESULT, sid, result])
 
+    # --- fork -------------------------------------------------------------------
+
+    async def freeze_template(self) -> dict[str, Any]:
+        """Capture this running VM as a template siblings start from.
+
+        The pause covers: QMP stop, freezing the disk layer (the VM continues
+        on a fresh qcow2 on top), saving device state (RAM skipped:
+        x-ignore-shared) and copying the touched RAM pages to the template.
+        The RAM copy is what lets this VM keep running on its own file while
+        siblings map the frozen one copy-on-write.
+        """
+        if self.config.incoming is not None:
+            raise MachinenError(
+                "forking a VM that is itself a fork is not supported yet", code="FORK_OF_FORK_UNSUPPORTED"
+            )
+        async with self.fork_lock:
+            template, template_ref = storage.new_template()
+            layer, layer_ref = storage.new_layer()
+            steps: dict[str, float] = {}
+            clock = time.monotonic()
+
+            def step(name: str) -> None:
+                nonlocal clock
+                now = time.monotonic()
+                steps[name] = round((now - clock) * 1000, 2)
+                clock = now
+
+            paused_at = clock
+            await self.qmp.execute("stop")
+            step("stop")
+            try:
+                node = f"disk{len(self.layer_refs)}"
+                await self.qmp.execute(
+                    "blockdev-snapshot-sync",
+                    {"node-name": self.disk_node, "snapshot-file": str(layer.disk),
+                     "snapshot-node-name": node, "format": "qcow2"},
+                )  # fmt: skip
+                frozen, self.layer, self.disk_node = self.layer, layer, node
+                self.layer_refs.append(layer_ref)
+                step("freeze_disk")
+                await _migrate(self.qmp, "migrate", {"uri": _exec_uri(f"cat > {template.state}")})
+                step("save_state")
+                await _check_call(["cp", "--sparse=always", str(self.ram_file), str(template.mem)], what="copy RAM")
+                step("copy_ram")
+            finally:
+                await self.qmp.execute("cont")
+            pause_ms = (time.monotonic() - paused_at) * 1000
+        # Our reference only bridges the gap until the caller takes its own.
+        self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
+        log.info("fork template", template=template.id, frozen_layer=frozen.id, pause_ms=round(pause_ms, 1))
+        return {
+            "template": str(template.path),
+            "layer": str(frozen.path),
+            "pause_ms": round(pause_ms, 2),
+            "pause_steps_ms": steps,
+            "source": self.config.name,
+            "machine": {
+                k: getattr(self.config, k)
+                for k in ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "tsc_khz")
+            },
+        }
+
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(self, report_ready) -> None:
@@ -265,15 +352,54 @@ class Supervisor:
         try:
             await self._run(ram_dir, report_ready)
         finally:
+            for ref in self.layer_refs:
+                storage.close_quietly(ref)
             shutil.rmtree(ram_dir, ignore_errors=True)
+            storage.collect_garbage()
+
+    async def _prepare_disk_and_ram(self, ram_dir: Path) -> tuple[Path, bool]:
+        """Create this VM's writable layer; return (RAM file, shared?)."""
+        config = self.config
+        self.layer, ref = storage.new_layer()
+        self.layer_refs.append(ref)
+        if config.incoming is None:
+            backing, backing_format = config.image, "raw"
+            self.ram_file, shared = ram_dir / "mem", True
+        else:
+            template = storage.Template(Path(config.incoming["template"]))
+            frozen = storage.Layer(Path(config.incoming["layer"]))
+            try:
+                self.layer_refs += [template.hold(), frozen.hold()]
+            except FileNotFoundError:
+                raise BootError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
+            backing, backing_format = str(frozen.disk), "qcow2"
+            self.ram_file, shared = template.mem, False
+        await _check_call(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", backing, str(self.layer.disk)],
+            what="create the disk overlay",
+        )
+        return self.ram_file, shared
+
+    async def _bring_up(self, entry: registry.VmDir) -> None:
+        """Until the agent answers: boot, or load a template's state and resume."""
+        await _connect_qmp(self.qmp, entry.qmp_socket)
+        if self.config.incoming is not None:
+            template = storage.Template(Path(self.config.incoming["template"]))
+            await _migrate(self.qmp, "migrate-incoming", {"uri": _exec_uri(f"cat {template.state}")})
+            if (await self.qmp.execute("query-status"))["status"] != "running":
+                await self.qmp.execute("cont")
+        await self.connect_agent()
+        if self.config.incoming is not None:
+            resumed = await self.call_agent(
+                "resumed",
+                {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": secrets.token_bytes(64)},
+            )
+            self.agent_info = resumed
 
     async def _run(self, ram_dir: Path, report_ready) -> None:
         config, entry = self.config, self.entry
         started = time.monotonic()
-        await _check_call(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", config.image, str(entry.disk)],
-            what="create the disk overlay",
-        )
+        ram_file, ram_shared = await self._prepare_disk_and_ram(ram_dir)
         machine = qemu.MachineConfig(
             memory_mib=config.memory_mib,
             cpus=config.cpus,
@@ -285,8 +411,10 @@ class Supervisor:
         )
         argv = qemu.command_line(
             machine,
-            ram_file=ram_dir / "mem",
-            disk=entry.disk,
+            ram_file=ram_file,
+            ram_shared=ram_shared,
+            incoming=config.incoming is not None,
+            disk=self.layer.disk,
             console_log=entry.console_log,
             agent_socket=entry.agent_socket,
             qmp_socket=entry.qmp_socket,
@@ -300,9 +428,9 @@ class Supervisor:
                 stderr=qemu_log,
             )
         log.info("qemu started", pid=process.pid, accel=config.accel, memory_mib=config.memory_mib)
-        qmp = QMPClient(config.name)
         try:
             async with anyio.create_task_group() as tg:
+                self.task_group = tg
                 qemu_exited = anyio.Event()
 
                 async def watch_qemu() -> None:
@@ -313,8 +441,7 @@ class Supervisor:
                 tg.start_soon(watch_qemu)
                 try:
                     with anyio.fail_after(config.boot_timeout):
-                        await self.connect_agent()
-                        await _connect_qmp(qmp, entry.qmp_socket)
+                        await self._bring_up(entry)
                 except TimeoutError:
                     raise BootTimeoutError(
                         f"the guest agent did not answer within {config.boot_timeout:g} s; console tail:\n"
@@ -331,6 +458,7 @@ class Supervisor:
                     "image": config.image,
                     "ram_dir": config.ram_dir,
                     "detached": config.detached,
+                    "forked_from": (config.incoming or {}).get("source"),
                     "started_at": time.time(),
                     "boot_s": round(boot_s, 3),
                     "socket": str(entry.supervisor_socket),
@@ -354,13 +482,43 @@ class Supervisor:
                 )
         finally:
             with anyio.CancelScope(shield=True):
-                await _stop_qemu(process, qmp)
+                await _stop_qemu(process, self.qmp)
 
 
 async def _check_call(argv: list[str], *, what: str) -> None:
     result = await anyio.run_process(argv, check=False)
     if result.returncode != 0:
         raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
+
+
+def _exec_uri(shell_command: str) -> str:
+    # QEMU 7.2 has no file: migration URI; exec: runs the command with /bin/sh.
+    return f"exec:{shell_command}"
+
+
+async def _migrate(qmp: QMPClient, command: str, arguments: dict) -> None:
+    """Save or load device state (RAM in shared files skipped) and wait for it."""
+    await qmp.execute(
+        "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+    )
+    await qmp.execute(command, arguments)
+    while True:
+        info = await qmp.execute("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise MachinenError(
+                f"{command} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
+            )
+        await anyio.sleep(0.002)
+
+
+async def _release_later(ref: int, delay: float) -> None:
+    try:
+        await anyio.sleep(delay)
+    finally:
+        storage.close_quietly(ref)
 
 
 async def _connect_qmp(qmp: QMPClient, socket_path: Path) -> None:

@@ -1,0 +1,136 @@
+"""Fork: siblings of a running VM, from one instant, copy-on-write (real VMs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import anyio
+import pytest
+
+from conftest import qemu_processes, runtime_leftovers
+from machinen_async import MachinenError, VM, boot
+from machinen_async.vmm import storage
+
+pytestmark = pytest.mark.anyio
+
+# An in-memory counter: each poke increments a shell variable and replies with it.
+COUNTER = (
+    "mkfifo /tmp/poke /tmp/reply; "
+    "nohup sh -c 'i=0; while :; do read x < /tmp/poke; i=$((i+1)); echo $i > /tmp/reply; done' "
+    ">/dev/null 2>&1 &"
+)
+
+
+async def poke(vm: VM) -> int:
+    result = await vm.exec(["sh", "-c", "echo > /tmp/poke; cat /tmp/reply"], check=True, timeout=30)
+    return int(result.stdout)
+
+
+async def snapshot_of(vm: VM) -> dict:
+    script = "hostname; cat /root/state; cat /proc/sys/kernel/random/uuid; date +%s"
+    hostname, state, uuid, clock = (await vm.exec(["sh", "-c", script], check=True)).stdout.decode().split()
+    return {"hostname": hostname, "state": state, "uuid": uuid, "clock": int(clock)}
+
+
+def _qemu_of(name: str) -> list[str]:
+    return [p for p in qemu_processes() if f"/vms/{name}/" in p]
+
+
+def _private_ram_mib(qemu_pid: int, ram_file: str) -> float:
+    """Private (copy-on-write) pages of the guest-RAM mapping, in MiB."""
+    private_kib, inside = 0, False
+    with open(f"/proc/{qemu_pid}/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split()[0] and len(line.split()) >= 5:
+                inside = line.rstrip().endswith(ram_file)
+            elif inside and line.startswith(("Private_Dirty:", "Private_Clean:")):
+                private_kib += int(line.split()[1])
+    return private_kib / 1024
+
+
+async def test_siblings_diverge_from_one_instant(anyio_backend):
+    async with boot(name=f"fsrc-{anyio_backend}") as source:
+        await source.exec(["sh", "-c", f"echo 41 > /root/state; {COUNTER}"], check=True)
+        assert [await poke(source), await poke(source)] == [1, 2]
+        async with source.fork(n=3, name=f"fsib-{anyio_backend}") as forks:
+            assert len(forks) == 3 and forks.source_pause_ms > 0
+            # every sibling continues from count = 2, as does the source
+            assert await forks.map(lambda vm, i: poke(vm)) == [3, 3, 3]
+            assert await poke(source) == 3
+            assert await poke(forks[0]) == 4
+            assert [await poke(forks[1]), await poke(source)] == [4, 4]
+            # disk: same contents at the fork, then independent
+            await forks[0].exec(["sh", "-c", "echo changed > /root/state"], check=True)
+            states = await forks.map(lambda vm, i: snapshot_of(vm))
+            source_state = await snapshot_of(source)
+            assert [s["state"] for s in states] == ["changed", "41", "41"] and source_state["state"] == "41"
+            # identity: own hostname, own RNG stream, clock set to now
+            assert [s["hostname"] for s in states] == [f"fsib-{anyio_backend}-{i}" for i in range(3)]
+            uuids = {s["uuid"] for s in states} | {source_state["uuid"]}
+            assert len(uuids) == 4, "siblings share RNG state"
+            assert all(abs(s["clock"] - time.time()) < 5 for s in states)
+            assert {vm.info["forked_from"] for vm in forks} == {f"fsrc-{anyio_backend}"}
+    assert not _qemu_of(f"fsib-{anyio_backend}-0")
+    assert not storage.collect_garbage(dry_run=True), "layers or templates outlived every VM using them"
+
+
+async def test_memory_is_shared_copy_on_write():
+    async with boot(name="fmem", memory_mib=256) as source:
+        async with source.fork(n=2, name="fmem-sib") as forks:
+            await forks.map(lambda vm, i: vm.exec(["true"]))
+            describe = [await vm.describe() for vm in forks]
+            for info in describe:
+                template_mem = str(storage.templates_dir())
+                with open(f"/proc/{info['qemu_pid']}/maps") as maps:
+                    ram_file = next(line.split()[-1] for line in maps if line.rstrip().endswith("/mem") and template_mem in line)
+                private = _private_ram_mib(info["qemu_pid"], ram_file)
+                assert private < 0.08 * 256, f"sibling copied {private:.1f} MiB of guest RAM"
+
+
+async def test_single_fork_closed_with_aclose(anyio_backend):
+    async with boot(name=f"fone-{anyio_backend}") as source:
+        child = await source.fork(name=f"fone-child-{anyio_backend}")
+        try:
+            assert (await child.exec(["hostname"])).stdout.decode().strip() == f"fone-child-{anyio_backend}"
+        finally:
+            await child.aclose()
+        assert not _qemu_of(f"fone-child-{anyio_backend}")
+        assert (await source.exec(["true"])).exit_code == 0
+
+
+async def test_killed_sibling_leaves_the_others_running():
+    async with boot(name="fkill") as source:
+        async with source.fork(n=3, name="fkill-sib") as forks:
+            os.kill(forks[1].info["qemu_pid"], signal.SIGKILL)
+            results = await forks.map(lambda vm, i: vm.exec(["echo", str(i)]), return_exceptions=True)
+            assert results[0].stdout == b"0\n" and results[2].stdout == b"2\n"
+            assert isinstance(results[1], MachinenError) and results[1].code == "EXEC_AGENT_UNAVAILABLE"
+            assert (await source.exec(["true"])).exit_code == 0
+
+
+async def test_cancelling_a_fork_leaves_nothing(anyio_backend):
+    async with boot(name=f"fcan-{anyio_backend}") as source:
+        with anyio.move_on_after(0.6) as scope:
+            async with source.fork(n=4, name=f"fcan-sib-{anyio_backend}"):
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+        assert not [p for p in qemu_processes() if f"fcan-sib-{anyio_backend}" in p]
+        assert (await source.exec(["true"])).exit_code == 0
+    assert not [d for d in runtime_leftovers() if d.startswith("fcan")]
+    assert not storage.collect_garbage(dry_run=True)
+
+
+async def test_fork_errors():
+    async with boot(name="ferr") as source:
+        with pytest.raises(MachinenError) as bad_count:
+            await source.fork(n=0)
+        assert bad_count.value.code == "FORK_COUNT_INVALID"
+        with pytest.raises(MachinenError) as too_many:
+            await source.fork(n=100_000)
+        assert too_many.value.code == "FORK_MEMORY_BACKPRESSURE"
+        async with source.fork(name="ferr-child") as child:
+            with pytest.raises(MachinenError) as nested:
+                await child.fork()
+            assert nested.value.code == "FORK_OF_FORK_UNSUPPORTED"
