@@ -15,9 +15,19 @@ from .errors import (
     MachinenError,
     RegistryError,
 )
-from .vm import VM, ExecResult, Process, boot, connect
-
 __version__ = "0.1.0"
+
+_FROM_VM = {"VM", "ExecResult", "Forks", "Process", "boot", "connect"}
+
+
+def __getattr__(name: str):
+    # Lazy: the per-VM supervisor imports this package's submodules and
+    # should not pay for the SDK (one supervisor starts per fork sibling).
+    if name in _FROM_VM:
+        from . import vm
+
+        return getattr(vm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "VM",
@@ -28,6 +38,7 @@ __all__ = [
     "ExecError",
     "ExecResult",
     "ExecTimeoutError",
+    "Forks",
     "GuestFileError",
     "MachinenError",
     "Process",

@@ -72,6 +72,7 @@ def _vm_row(entry: registry.VmDir) -> dict[str, Any] | None:
         "uptime_s": round(time.time() - meta["started_at"], 1),
         "image": meta["image"],
         "detached": meta["detached"],
+        "forked_from": meta.get("forked_from"),
     }
 
 
@@ -219,6 +220,35 @@ def exec_command(name, env_pairs, cwd, timeout, cmd) -> None:
     _run(run)
 
 
+@main.command(name="fork")
+@click.argument("name")
+@click.option("--new-name", help="Sibling name; with -n a prefix: NAME-0, NAME-1, ...")
+@click.option("-n", "count", type=int, default=None, help="Number of siblings (default 1).")
+@click.option("--detach", "-d", is_flag=True, help="Leave the siblings running and return.")
+@click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
+def fork_command(name: str, new_name: str | None, count: int | None, detach: bool, as_json: bool) -> None:
+    """Fork running VM NAME into siblings that continue from this instant.
+
+    NAME keeps running; each sibling has NAME's memory, processes and disk as
+    they were, copy-on-write, and its own name and hostname.
+    """
+
+    async def run() -> None:
+        async with connect(name) as source:
+            async with source.fork(count, name=new_name, detached=detach) as result:
+                siblings = [result] if isinstance(result, VM) else list(result)
+                if as_json:
+                    click.echo(json.dumps([vm.info for vm in siblings]))
+                else:
+                    for vm in siblings:
+                        click.echo(f"{vm.name} forked from {name} in {vm.info['boot_s']:.2f} s", err=True)
+                if not detach:
+                    click.echo("running; Ctrl-C stops the siblings", err=True)
+                    await anyio.sleep_forever()
+
+    _run(run)
+
+
 @main.command(name="ls")
 @click.option("--json", "as_json", is_flag=True)
 def ls_command(as_json: bool) -> None:
@@ -227,9 +257,12 @@ def ls_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}")
+    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  FORKED-FROM")
     for row in rows:
-        click.echo(f"{row['name']:<24} {row['pid']:>8} {row['uptime_s']:>8.0f}s {row['accel']:<5} {row['memory_mib']:>5}Mi")
+        click.echo(
+            f"{row['name']:<24} {row['pid']:>8} {row['uptime_s']:>8.0f}s {row['accel']:<5} "
+            f"{row['memory_mib']:>5}Mi  {row['forked_from'] or '-'}"
+        )
 
 
 @main.command(name="stop")

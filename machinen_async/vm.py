@@ -261,6 +261,7 @@ class VM:
         name: str | None = None,
         names: Sequence[str] | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+        detached: bool = False,
     ) -> _ForkLaunch:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -270,7 +271,8 @@ class VM:
         window and keeps running; memory is shared copy-on-write and every
         sibling writes its own qcow2 layer over the frozen disk.  Siblings get
         their own name, hostname, fresh guest entropy and the current time, and
-        never inherit port forwards.
+        never inherit port forwards.  ``detached`` siblings outlive this process
+        (closing their handles only disconnects).
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -283,7 +285,7 @@ class VM:
             chosen = [registry.validate_name(name if n is None else f"{name}-{i}") for i in range(count)]
         else:
             chosen = [f"{self.name}-{os.urandom(3).hex()}"[-48:] for _ in range(count)]
-        return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout)
+        return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout, detached)
 
     async def reset_agent_channel(self) -> dict[str, Any]:
         """Drop and re-establish the supervisor's channel to the guest agent.
@@ -380,7 +382,9 @@ def _check_fork_memory(count: int, machine: dict[str, Any]) -> None:
         )
 
 
-async def _fork(source: VM, names: list[str], boot_timeout: float) -> list[VM]:
+async def _fork(
+    source: VM, names: list[str], boot_timeout: float, detached: bool
+) -> tuple[list[VM], dict[str, Any]]:
     for name in names:
         registry.ensure_free(name)
     info = await source.describe()
@@ -397,7 +401,7 @@ async def _fork(source: VM, names: list[str], boot_timeout: float) -> list[VM]:
                 name=name,
                 ram_dir=_new_ram_dir(name),
                 boot_timeout=boot_timeout,
-                detached=False,
+                detached=detached,
                 incoming={"template": fork_info["template"], "layer": fork_info["layer"], "source": source.name},
                 **machine,
             )
@@ -412,21 +416,22 @@ async def _fork(source: VM, names: list[str], boot_timeout: float) -> list[VM]:
         raise
     finally:
         storage.close_quietly(reference)
-    return siblings, fork_info  # type: ignore[return-value]
+    return siblings, fork_info  # type: ignore[return-value]  # all set once the task group ends
 
 
 class _ForkLaunch:
     """``await vm.fork()`` -> VM (or ``Forks`` with ``n``); ``async with`` closes them on exit."""
 
-    def __init__(self, source: VM, names: list[str], single: bool, boot_timeout: float) -> None:
+    def __init__(self, source: VM, names: list[str], single: bool, boot_timeout: float, detached: bool) -> None:
         self._source = source
         self._names = names
         self._single = single
         self._boot_timeout = boot_timeout
+        self._detached = detached
         self._result: VM | Forks | None = None
 
     async def _start(self) -> VM | Forks:
-        siblings, fork_info = await _fork(self._source, self._names, self._boot_timeout)
+        siblings, fork_info = await _fork(self._source, self._names, self._boot_timeout, self._detached)
         return siblings[0] if self._single else Forks(siblings, fork_info)
 
     def __await__(self):

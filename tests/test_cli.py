@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 from conftest import SHARED_VM, ls_json
@@ -26,7 +27,9 @@ def test_exec_errors_are_typed(shared_vm, cli):
 def test_ls_json_shape(shared_vm):
     rows = {row["name"]: row for row in ls_json()}
     row = rows[SHARED_VM]
-    assert set(row) == {"name", "pid", "qemu_pid", "accel", "memory_mib", "uptime_s", "image", "detached"}
+    assert set(row) == {
+        "name", "pid", "qemu_pid", "accel", "memory_mib", "uptime_s", "image", "detached", "forked_from"
+    }  # fmt: skip
     assert row["detached"] is True and row["memory_mib"] == 256 and row["accel"] in ("kvm", "tcg")
     assert isinstance(row["pid"], int) and isinstance(row["uptime_s"], float)
 
@@ -56,3 +59,21 @@ def test_detached_lifecycle_stop(cli):
 def test_help_and_version(cli):
     assert b"Usage" in cli("--help").stdout
     assert b"machinen" in cli("--version").stdout
+
+
+def test_fork_detached_siblings_count_independently(cli):
+    cli("boot", "--name", "cli-counter", "--detach")
+    try:
+        cli("exec", "cli-counter", "--", "sh", "-c", "echo 2 > /root/count")
+        forked = json.loads(cli("fork", "cli-counter", "--new-name", "cli-counter-b", "-n", "2", "--detach", "--json").stdout)
+        assert [s["name"] for s in forked] == ["cli-counter-b-0", "cli-counter-b-1"]
+        rows = {row["name"]: row for row in ls_json()}
+        assert rows["cli-counter-b-0"]["forked_from"] == "cli-counter"
+        bump = ["sh", "-c", "echo $(( $(cat /root/count) + 1 )) > /root/count; cat /root/count"]
+        assert cli("exec", "cli-counter-b-0", "--", *bump, stdin=subprocess.DEVNULL).stdout == b"3\n"
+        assert cli("exec", "cli-counter-b-0", "--", *bump, stdin=subprocess.DEVNULL).stdout == b"4\n"
+        assert cli("exec", "cli-counter", "--", *bump, stdin=subprocess.DEVNULL).stdout == b"3\n"
+        assert cli("exec", "cli-counter-b-1", "--", *bump, stdin=subprocess.DEVNULL).stdout == b"3\n"
+    finally:
+        for name in ("cli-counter-b-0", "cli-counter-b-1", "cli-counter"):
+            cli("stop", name, check=False)

@@ -2,13 +2,13 @@
 
     python examples/fork_pi/run.py [--backend asyncio|trio]
 
-Steps: boot the base image, install the agent into it and warm it up, then
-give each sibling its own prompt in parallel and gather the answers with
-timings.  With no API key the offline scripted agent (offline_agent.py)
-answers, so the demo always runs end to end; the output says which mode ran.
-
-Siblings are fresh VMs booted concurrently and warmed the same way: copy-on-
-write `vm.fork(n=...)` siblings replace them when fork lands (issue #3).
+Steps: boot the base image, install the agent into it and warm it up, fork
+it into one sibling per prompt (copy-on-write memory and disk, all from the
+same instant), give each sibling its prompt in parallel and gather the
+answers with timings.  With no API key the offline scripted agent
+(offline_agent.py) answers, so the demo always runs end to end; the output
+says which mode ran.  (The real `pi` coding-agent mode comes with image
+provisioning.)
 """
 
 from __future__ import annotations
@@ -42,32 +42,23 @@ async def ask(vm: VM, prompt: str) -> tuple[str, float]:
 
 
 async def main(backend: str) -> None:
-    print(f"mode: offline scripted agent (no API key); siblings: concurrent cold boots; backend: {backend}")
+    print(f"mode: offline scripted agent (no API key); backend: {backend}")
     started = time.perf_counter()
     async with boot(name="fork-pi-template", progress=lambda m: print(f"  {m}")) as template:
         await install_agent(template)
-        print(f"template ready in {time.perf_counter() - started:.1f} s ({template.info['accel']})")
+        print(f"template booted and warmed in {time.perf_counter() - started:.1f} s ({template.info['accel']})")
 
-        answers: list[tuple[str, float, float]] = [("", 0.0, 0.0)] * len(PROMPTS)
-        fan_out_started = time.perf_counter()
+        fork_started = time.perf_counter()
+        async with template.fork(n=len(PROMPTS), name="fork-pi") as siblings:
+            forked = time.perf_counter() - fork_started
+            print(f"forked {len(siblings)} siblings in {forked:.2f} s (template paused {siblings.source_pause_ms:.0f} ms)")
+            answers = await siblings.map(lambda vm, index: ask(vm, PROMPTS[index]))
+        fan_out = time.perf_counter() - fork_started
 
-        async def sibling(index: int, prompt: str) -> None:
-            sibling_started = time.perf_counter()
-            async with boot(name=f"fork-pi-{index}") as vm:
-                await install_agent(vm)
-                ready = time.perf_counter() - sibling_started
-                answer, took = await ask(vm, prompt)
-                answers[index] = (answer, ready, took)
-
-        async with anyio.create_task_group() as tg:
-            for index, prompt in enumerate(PROMPTS):
-                tg.start_soon(sibling, index, prompt)
-        fan_out = time.perf_counter() - fan_out_started
-
-    for index, (prompt, (answer, ready, took)) in enumerate(zip(PROMPTS, answers)):
-        print(f"\n[sibling {index}] ready after {ready:.1f} s, answered in {took:.2f} s")
+    for index, (prompt, (answer, took)) in enumerate(zip(PROMPTS, answers)):
+        print(f"\n[sibling {index}] answered in {took:.2f} s")
         print(f"  Q: {prompt}\n  A: {answer}")
-    print(f"\n{len(PROMPTS)} siblings answered in {fan_out:.1f} s wall")
+    print(f"\n{len(PROMPTS)} siblings forked and answered in {fan_out:.1f} s wall")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""Fork fan-out vs cold boots, measured in one run (this machine is noisy).
+
+    python benchmarks/fork_fanout.py [--n 1 4 16] [--mib 256] [--backend asyncio|trio]
+
+For each n: fork a warmed-up VM into n siblings and time until every sibling
+answered an exec; then cold-boot n fresh VMs concurrently to their first exec.
+Prints a JSON list, one object per n, with at least:
+n, fork_wall_s, cold_boot_wall_s, source_pause_ms, private_mib_per_sibling, guest_ram_mib.
+
+private_mib_per_sibling is the copy-on-write private part of each sibling's
+guest-RAM mapping (smaps); qemu_pss_mib_per_sibling is the whole QEMU process
+(proportional set size: shared pages divided among sharers), which under TCG
+is dominated by QEMU's translation cache, not by guest RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import anyio
+
+from machinen_async import VM, boot
+from machinen_async.vmm import qemu, storage
+
+
+def available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemAvailable")
+
+
+def sibling_memory(qemu_pid: int) -> tuple[float, float]:
+    """(private MiB of the template RAM mapping, PSS MiB of the whole process)."""
+    templates = str(storage.templates_dir())
+    private_kib, pss_kib, inside = 0, 0, False
+    with open(f"/proc/{qemu_pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                inside = templates in line and line.rstrip().endswith("/mem")
+            elif line.startswith("Pss:"):
+                pss_kib += int(fields[1])
+            elif inside and line.startswith(("Private_Dirty:", "Private_Clean:")):
+                private_kib += int(fields[1])
+    return private_kib / 1024, pss_kib / 1024
+
+
+async def first_exec_all(vms: list[VM]) -> None:
+    async with anyio.create_task_group() as tg:
+        for vm in vms:
+            tg.start_soon(vm.exec, ["true"])
+
+
+async def measure(n: int, mib: int, source: VM) -> dict:
+    before = available_mib()
+    started = time.perf_counter()
+    async with source.fork(n=n, boot_timeout=300) as forks:
+        await first_exec_all(list(forks))
+        fork_wall = time.perf_counter() - started
+        memory = [sibling_memory((await vm.describe())["qemu_pid"]) for vm in forks]
+        used_by_fork = before - available_mib()
+        pause, steps = forks.source_pause_ms, forks.source_pause_steps_ms
+
+    started = time.perf_counter()
+    cold: list[VM] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def cold_boot() -> None:
+                vm = await boot(memory_mib=mib, boot_timeout=300)
+                cold.append(vm)
+                await vm.exec(["true"])
+
+            for _ in range(n):
+                tg.start_soon(cold_boot)
+        cold_wall = time.perf_counter() - started
+    finally:
+        async with anyio.create_task_group() as tg:
+            for vm in cold:
+                tg.start_soon(vm.aclose)
+
+    return {
+        "n": n,
+        "guest_ram_mib": mib,
+        "fork_wall_s": round(fork_wall, 3),
+        "cold_boot_wall_s": round(cold_wall, 3),
+        "fork_vs_cold": round(fork_wall / cold_wall, 3),
+        "source_pause_ms": pause,
+        "source_pause_steps_ms": steps,
+        "private_mib_per_sibling": round(statistics.mean(m[0] for m in memory), 2),
+        "private_share_of_guest_ram": round(statistics.mean(m[0] for m in memory) / mib, 4),
+        "qemu_pss_mib_per_sibling": round(statistics.mean(m[1] for m in memory), 1),
+        "host_mib_used_by_fork": round(used_by_fork, 1),
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    results = []
+    async with boot(name="bench-fork-source", memory_mib=args.mib) as source:
+        # Warm the source: a Python interpreter and some page cache, like an agent would.
+        await source.exec(["python3", "-c", "import json, hashlib, subprocess"], check=True)
+        for n in args.n:
+            results.append(await measure(n, args.mib, source))
+    print(
+        json.dumps(
+            {
+                "benchmark": "fork_fanout",
+                "date": time.strftime("%Y-%m-%d"),
+                "accel": qemu.choose_accelerator(),
+                "backend": args.backend,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    arguments = parser.parse_args()
+    anyio.run(main, arguments, backend=arguments.backend)
