@@ -14,10 +14,11 @@ from .errors import (
     GuestFileError,
     MachinenError,
     RegistryError,
+    SnapshotError,
 )
 __version__ = "0.1.0"
 
-_FROM_VM = {"VM", "ExecResult", "Forks", "Process", "boot", "connect"}
+_FROM_VM = {"VM", "ExecResult", "Forks", "Process", "SnapshotInfo", "boot", "connect", "restore"}
 
 
 def __getattr__(name: str):
@@ -43,6 +44,9 @@ __all__ = [
     "MachinenError",
     "Process",
     "RegistryError",
+    "SnapshotError",
+    "SnapshotInfo",
     "boot",
     "connect",
+    "restore",
 ]

@@ -70,6 +70,14 @@ class GuestFileError(MachinenError):
     default_code = "FILE_IO_ERROR"
 
 
+class SnapshotError(MachinenError):
+    default_code = "SNAPSHOT_DUMP_FAILED"
+
+
+class ForkError(MachinenError):
+    default_code = "FORK_FAILED"
+
+
 class RegistryError(MachinenError):
     default_code = "REGISTRY_VM_NOT_FOUND"
 
@@ -84,6 +92,8 @@ _CLASS_BY_PREFIX: dict[str, type[MachinenError]] = {
     "ASSETS_": AssetsError,
     "EXEC_": ExecError,
     "FILE_": GuestFileError,
+    "SNAPSHOT_": SnapshotError,
+    "FORK_": ForkError,
     "REGISTRY_": RegistryError,
 }
 

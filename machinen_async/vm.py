@@ -24,8 +24,16 @@ import anyio
 import anyio.abc
 
 from . import paths, registry
-from .errors import BootError, ExecError, ExecTimeoutError, MachinenError, error_from_code, plain_errors
-from .vmm import assets, qemu, storage
+from .errors import (
+    BootError,
+    ExecError,
+    ExecTimeoutError,
+    MachinenError,
+    SnapshotError,
+    error_from_code,
+    plain_errors,
+)
+from .vmm import assets, bundle, qemu, storage
 from .vmm.supervisor import DETACH, SupervisorConfig
 from .vsock import wire
 from .vsock.framed import FrameStream
@@ -68,6 +76,14 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    pause_ms: float
+    write_ms: float
+    size_bytes: int
 
 
 class ProcessOutput(anyio.abc.ByteReceiveStream):
@@ -287,6 +303,20 @@ class VM:
             chosen = [f"{self.name}-{os.urandom(3).hex()}"[-48:] for _ in range(count)]
         return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout, detached)
 
+    async def snapshot(self, bundle_dir: str | os.PathLike) -> SnapshotInfo:
+        """Write a restorable bundle of this VM to ``bundle_dir`` (new or empty).
+
+        Non-destructive: the VM pauses only to capture state and keeps running.
+        """
+        target = Path(bundle_dir).expanduser().resolve()
+        result = await self._channel.call("vm.snapshot", {"dir": str(target)})
+        return SnapshotInfo(
+            path=Path(result["bundle"]),
+            pause_ms=result["pause_ms"],
+            write_ms=result["write_ms"],
+            size_bytes=sum(f["size"] for f in result["files"].values()),
+        )
+
     async def reset_agent_channel(self) -> dict[str, Any]:
         """Drop and re-establish the supervisor's channel to the guest agent.
 
@@ -390,11 +420,12 @@ async def _fork(
     info = await source.describe()
     _check_fork_memory(len(names), {"accel": info["accel"], "memory_mib": info["memory_mib"]})
     fork_info = await source._channel.call("vm.fork_template")
-    template = storage.Template(Path(fork_info["template"]))
+    template = storage.Shared(Path(fork_info["holds"][0]))
     reference = template.hold()  # ours until every sibling holds its own
     siblings: list[VM | None] = [None] * len(names)
+    incoming = {key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")}
+    incoming["mem_mode"] = "map"  # siblings share the template's RAM copy-on-write
     try:
-        machine = fork_info["machine"]
 
         async def start(index: int, name: str) -> None:
             config = SupervisorConfig(
@@ -402,8 +433,8 @@ async def _fork(
                 ram_dir=_new_ram_dir(name),
                 boot_timeout=boot_timeout,
                 detached=detached,
-                incoming={"template": fork_info["template"], "layer": fork_info["layer"], "source": source.name},
-                **machine,
+                incoming=incoming,
+                **fork_info["machine"],
             )
             siblings[index] = await _start_supervisor(config)
 
@@ -633,15 +664,15 @@ async def _wait_until_gone(entry: registry.VmDir) -> None:
 class _Boot:
     """``async with boot(...) as vm`` (stopped on exit) or ``vm = await boot(...)`` (call ``vm.aclose()``)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._kwargs = kwargs
+    def __init__(self, start: Callable[[], Awaitable[VM]]) -> None:
+        self._start = start
         self._vm: VM | None = None
 
     def __await__(self):
-        return _launch(**self._kwargs).__await__()
+        return self._start().__await__()
 
     async def __aenter__(self) -> VM:
-        self._vm = await _launch(**self._kwargs)
+        self._vm = await self._start()
         return self._vm
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -666,15 +697,109 @@ def boot(
     ``detached`` the VM outlives this process; reach it with ``connect(name)``.
     """
     return _Boot(
-        image=image,
+        lambda: _launch(
+            image,
+            name=name,
+            memory_mib=memory_mib,
+            cpus=cpus,
+            accel=accel,
+            boot_timeout=boot_timeout,
+            detached=detached,
+            progress=progress,
+        )
+    )
+
+
+def restore(
+    bundle_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    image: str | os.PathLike | None = None,
+    accel: str | None = None,
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+    detached: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> _Boot:
+    """Start a VM from a snapshot bundle, continuing exactly where it was.
+
+    Every file is checked against the manifest's sha256 before QEMU starts;
+    a bundle from another QEMU version or accelerator is refused
+    (SNAPSHOT_INCOMPATIBLE).  ``image`` (a rootfs tarball) replaces the
+    image the bundle was taken on, which must have the same content.  The
+    bundle is never modified, so it can be restored any number of times.
+    """
+    return _Boot(lambda: _restore(Path(bundle_dir), name, image, accel, boot_timeout, detached, progress))
+
+
+async def _restore(
+    bundle_dir: Path,
+    name: str | None,
+    image: str | os.PathLike | None,
+    accel: str | None,
+    boot_timeout: float,
+    detached: bool,
+    progress: Callable[[str], None] | None,
+) -> VM:
+    name = registry.validate_name(name) if name is not None else registry.new_name()
+    bundle_dir = bundle_dir.expanduser().resolve()
+    report = progress or (lambda message: None)
+    manifest = await anyio.to_thread.run_sync(bundle.verify, bundle_dir)
+    machine = manifest.machine
+    chosen_accel = qemu.choose_accelerator(accel)
+    if machine.get("type") != qemu.MACHINE_TYPE or machine.get("accel") != chosen_accel:
+        raise SnapshotError(
+            f"bundle is for {machine.get('type')}/{machine.get('accel')}, this host runs {qemu.MACHINE_TYPE}/{chosen_accel}",
+            code="SNAPSHOT_INCOMPATIBLE",
+        )
+    local_qemu = qemu.qemu_version()
+    if manifest.data.get("qemu_version") != local_qemu:
+        raise SnapshotError(
+            f"bundle was taken with QEMU {manifest.data.get('qemu_version')}, this host has {local_qemu}",
+            code="SNAPSHOT_INCOMPATIBLE",
+        )
+
+    def locate_assets() -> tuple[assets.BaseAssets, Path]:
+        base = assets.ensure_base(report)
+        for key, path in (("kernel", base.kernel), ("initrd", base.initrd)):
+            if assets.sha256_file(path) != manifest.data[key]["sha256"]:
+                raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
+        tarball = Path(image).expanduser().resolve() if image is not None else base.rootfs_tarball
+        disk_image = assets.image_for(tarball, report)
+        if disk_image.stem != manifest.data["image"]["key"]:
+            raise BootError(
+                "the image this bundle was taken on is not here: pass image= (the rootfs tarball it was booted from)",
+                code="BOOT_IMAGE_NOT_FOUND",
+            )
+        return base, disk_image
+
+    base, disk_image = await anyio.to_thread.run_sync(locate_assets)
+    registry.ensure_free(name)
+    in_bundle = {key: str(bundle_dir / key) for key in (bundle.STATE, bundle.MEM, bundle.DISK)}
+    config = SupervisorConfig(
         name=name,
-        memory_mib=memory_mib,
-        cpus=cpus,
-        accel=accel,
+        memory_mib=machine["memory_mib"],
+        cpus=machine["cpus"],
+        accel=chosen_accel,
+        kernel=str(base.kernel),
+        initrd=str(base.initrd),
+        image=str(disk_image),
+        ram_dir=_new_ram_dir(name),
+        tsc_khz=machine["tsc_khz"],
         boot_timeout=boot_timeout,
         detached=detached,
-        progress=progress,
+        incoming={
+            "state": in_bundle[bundle.STATE],
+            "mem": None if manifest.ram_in_state else in_bundle[bundle.MEM],
+            "mem_mode": "copy",
+            "ram_in_state": manifest.ram_in_state,
+            "chain": [[str(disk_image), "raw"]],
+            "import_disk": in_bundle[bundle.DISK],
+            "disk_size": machine["disk_size"],
+            "holds": [],
+            "source": manifest.data.get("source"),
+        },
     )
+    return await _start_supervisor(config)
 
 
 @asynccontextmanager

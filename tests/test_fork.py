@@ -130,7 +130,22 @@ async def test_fork_errors():
         with pytest.raises(MachinenError) as too_many:
             await source.fork(n=100_000)
         assert too_many.value.code == "FORK_MEMORY_BACKPRESSURE"
-        async with source.fork(name="ferr-child") as child:
-            with pytest.raises(MachinenError) as nested:
-                await child.fork()
-            assert nested.value.code == "FORK_OF_FORK_UNSUPPORTED"
+
+
+async def test_fork_of_a_fork(anyio_backend):
+    async with boot(name=f"fff-{anyio_backend}") as source:
+        await source.exec(["sh", "-c", COUNTER], check=True)
+        assert await poke(source) == 1
+        async with source.fork(name=f"fff-child-{anyio_backend}") as child:
+            assert await poke(child) == 2
+            async with child.fork(n=2, name=f"fff-grand-{anyio_backend}") as grandchildren:
+                # the child's RAM is private: it streams live, the child barely pauses
+                assert "stream_ram_live" in grandchildren.source_pause_steps_ms
+                assert await grandchildren.map(lambda vm, i: poke(vm)) == [3, 3]
+                assert await poke(child) == 3
+                assert await poke(grandchildren[0]) == 4
+                assert [vm.info["forked_from"] for vm in grandchildren] == [f"fff-child-{anyio_backend}"] * 2
+                async with grandchildren[1].fork(name=f"fff-great-{anyio_backend}") as great:
+                    assert await poke(great) == 4
+            assert await poke(source) == 2
+    assert not storage.collect_garbage(dry_run=True)

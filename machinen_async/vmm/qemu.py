@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import mmap
 import os
 import platform
+import re
 import shutil
+import subprocess
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from pathlib import Path
 from ..errors import BootError
 
 QEMU_BINARY = "qemu-system-x86_64"
+MACHINE_TYPE = "microvm"
 AGENT_PORT_NAME = "org.machinen.agent"
 # A capped TCG translation cache keeps QEMU's own memory near 100 MiB instead
 # of growing with every guest code path, with no measurable slowdown
@@ -90,6 +94,16 @@ def qemu_binary() -> str:
     return found
 
 
+@functools.cache
+def qemu_version() -> str:
+    """e.g. "7.2.22": device state only loads into the same QEMU version."""
+    out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"version (\d+\.\d+\.\d+)", out)
+    if not match:
+        raise BootError(f"cannot read the QEMU version from {out!r}", code="BOOT_QEMU_MISSING")
+    return match.group(1)
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     """Everything that shapes the virtual hardware; a restore must match it."""
@@ -109,13 +123,33 @@ class MachineConfig:
         return args
 
 
+def chain_blockdev(chain: list[list[str]], *, writable: bool = True) -> dict:
+    """A block node graph for a disk chain ([path, format], top first).
+
+    The whole chain is spelled out, so the backing-file names recorded inside
+    qcow2 headers are never used: a bundle or layer moved from elsewhere
+    cannot point QEMU at another file.  Only the top node may be writable.
+    """
+    node: dict | None = None
+    for path, fmt in reversed(chain):
+        spec: dict = {"driver": fmt, "read-only": True, "file": {"driver": "file", "filename": path}}
+        if fmt == "qcow2":
+            spec["backing"] = node
+        node = spec
+    assert node is not None
+    node["read-only"] = not writable
+    if writable:
+        node["node-name"] = "disk0"
+    return node
+
+
 def command_line(
     machine: MachineConfig,
     *,
     ram_file: Path,
     ram_shared: bool,
     incoming: bool,
-    disk: Path,
+    disk_chain: list[list[str]],
     console_log: Path,
     agent_socket: Path,
     qmp_socket: Path,
@@ -127,7 +161,7 @@ def command_line(
     share = "on" if ram_shared else "off"
     return [
         qemu_binary(),
-        "-M", "microvm,memory-backend=ram0",
+        "-M", f"{MACHINE_TYPE},memory-backend=ram0",
         "-accel", accel,
         "-cpu", "max" if machine.accel == "tcg" else "host",
         "-smp", str(machine.cpus),
@@ -141,7 +175,7 @@ def command_line(
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-        "-blockdev", f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={disk}",
+        "-blockdev", json.dumps(chain_blockdev(disk_chain)),
         "-device", "virtio-blk-device,drive=disk0,id=vblk0",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
         *(["-incoming", "defer"] if incoming else []),

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,8 @@ from .. import paths, registry
 from ..errors import BootError, BootTimeoutError, MachinenError, error_from_code, plain_errors
 from ..vsock import wire
 from ..vsock.framed import FrameStream
-from . import qemu, storage
+from . import bundle, qemu, storage
+from .assets import sha256_file
 
 log = structlog.get_logger("machinen.supervisor")
 
@@ -45,6 +47,8 @@ HELLO_RETRY_S = 0.2
 # A fork template stays referenced by its source this long after the fork
 # call returned, so the caller can take its own reference first.
 TEMPLATE_HANDOVER_S = 120.0
+MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes/s: effectively unlimited, to a local file
+MIGRATION_DOWNTIME_MS = 50
 AGENT_RECONNECT_TIMEOUT_S = 10.0
 _CHANNEL_DOWN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 QEMU_QUIT_GRACE_S = 2.0
@@ -67,7 +71,9 @@ class SupervisorConfig:
     tsc_khz: int | None
     boot_timeout: float
     detached: bool
-    incoming: dict[str, Any] | None = None  # {"template", "layer", "source"}: start as a fork sibling
+    # Start from saved state instead of booting (fork sibling or restore):
+    # {state, mem, mem_mode: "map"|"copy", ram_in_state, chain, disk_size, holds, import_disk?, source}
+    incoming: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -110,11 +116,14 @@ class Supervisor:
         self.stop_requested = anyio.Event()
         self.meta: dict[str, Any] = {}
         self.qmp = QMPClient(config.name)
-        self.fork_lock = anyio.Lock()
-        self.layer: storage.Layer | None = None
+        self.capture_lock = anyio.Lock()
+        self.chain: list[list[str]] = []  # disk chain, top (writable) first: [path, format]
+        self.disk_size = 0
         self.layer_refs: list[int] = []  # flock references on every layer and template we use
         self.disk_node = "disk0"
         self.ram_file: Path | None = None
+        self.ram_shared = True
+        self.qemu_version = ""
         self.task_group: anyio.abc.TaskGroup | None = None
 
     # --- the agent side -----------------------------------------------------------
@@ -271,6 +280,8 @@ class Supervisor:
                 result = {"agent": self.agent_info}
             elif method == "vm.fork_template":
                 result = await self.freeze_template()
+            elif method == "vm.snapshot":
+                result = await self.snapshot(params["dir"])
             elif method == "vm.stop":
                 self.stop_requested.set()
                 result = {"stopping": True}
@@ -281,67 +292,135 @@ class Supervisor:
             return
         client.outbox_send.send_nowait([wire.RESULT, sid, result])
 
-    # --- fork -------------------------------------------------------------------
+    # --- capture: fork templates and snapshots -------------------------------------
+
+    async def _capture(self, state: Path, mem: Path | None) -> tuple[list[list[str]], dict[str, float]]:
+        """Save this VM's state while it keeps running; return (frozen disk chain, timings).
+
+        The disk freeze gives the VM a fresh qcow2 layer on top, so the
+        returned chain (top first) is immutable from now on; it happens while
+        the guest is stopped, at the same instant as the saved state.
+
+        - A VM on its own shared RAM file: stop, freeze the disk, save device
+          state with RAM skipped (x-ignore-shared), copy the touched RAM to
+          ``mem``, continue.  The copy lets the VM run on its own file while
+          others use the frozen one.
+        - A VM whose RAM privately maps a template (a fork sibling): its RAM
+          goes into ``state`` by live (pre-copy) migration, so the guest runs
+          while most of it streams and stops only for the last dirty pages.
+        """
+        layer, layer_ref = storage.new_layer()
+        uri = _exec_uri(f"cat > {shlex.quote(str(state))}")
+        steps: dict[str, float] = {}
+        clock = time.monotonic()
+
+        def step(name: str) -> float:
+            nonlocal clock
+            now = time.monotonic()
+            steps[name] = round((now - clock) * 1000, 2)
+            clock = now
+            return steps[name]
+
+        frozen: list[list[str]] | None = None
+        try:
+            if self.ram_shared:
+                await self.qmp.execute("stop")
+                step("stop")
+                frozen = await self._freeze_disk(layer, layer_ref)
+                step("freeze_disk")
+                await _migrate(self.qmp, "migrate", {"uri": uri}, ignore_shared=True)
+                step("save_state")
+                if mem is not None:
+                    await _check_call(["cp", "--sparse=always", str(self.ram_file), str(mem)], what="copy RAM")
+                    step("copy_ram")
+            else:
+                final = await _migrate(self.qmp, "migrate", {"uri": uri}, ignore_shared=False)
+                step("stream_ram_live")
+                steps["stopped_for_last_pages"] = float(final.get("downtime", 0))
+                frozen = await self._freeze_disk(layer, layer_ref)  # the guest is stopped (postmigrate)
+                step("freeze_disk")
+        finally:
+            if frozen is None:
+                storage.close_quietly(layer_ref)
+            await self.qmp.execute("cont")
+        step("resume")
+        paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_for_last_pages", "resume")
+        steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
+        return frozen, steps
+
+    async def _freeze_disk(self, layer: storage.Layer, layer_ref: int) -> list[list[str]]:
+        """Put a fresh qcow2 layer on top of the disk; return the now-frozen chain."""
+        node = f"disk{len(self.layer_refs)}"
+        await self.qmp.execute(
+            "blockdev-snapshot-sync",
+            {"node-name": self.disk_node, "snapshot-file": str(layer.disk),
+             "snapshot-node-name": node, "format": "qcow2"},
+        )  # fmt: skip
+        frozen = list(self.chain)
+        self.chain = [[str(layer.disk), "qcow2"], *frozen]
+        self.disk_node = node
+        self.layer_refs.append(layer_ref)
+        return frozen
+
+    def _machine(self) -> dict[str, Any]:
+        return {k: getattr(self.config, k) for k in ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "tsc_khz")}
 
     async def freeze_template(self) -> dict[str, Any]:
-        """Capture this running VM as a template siblings start from.
-
-        The pause covers: QMP stop, freezing the disk layer (the VM continues
-        on a fresh qcow2 on top), saving device state (RAM skipped:
-        x-ignore-shared) and copying the touched RAM pages to the template.
-        The RAM copy is what lets this VM keep running on its own file while
-        siblings map the frozen one copy-on-write.
-        """
-        if self.config.incoming is not None:
-            raise MachinenError(
-                "forking a VM that is itself a fork is not supported yet", code="FORK_OF_FORK_UNSUPPORTED"
-            )
-        async with self.fork_lock:
+        """Capture this running VM as a template that fork siblings start from."""
+        async with self.capture_lock:
             template, template_ref = storage.new_template()
-            layer, layer_ref = storage.new_layer()
-            steps: dict[str, float] = {}
-            clock = time.monotonic()
-
-            def step(name: str) -> None:
-                nonlocal clock
-                now = time.monotonic()
-                steps[name] = round((now - clock) * 1000, 2)
-                clock = now
-
-            paused_at = clock
-            await self.qmp.execute("stop")
-            step("stop")
-            try:
-                node = f"disk{len(self.layer_refs)}"
-                await self.qmp.execute(
-                    "blockdev-snapshot-sync",
-                    {"node-name": self.disk_node, "snapshot-file": str(layer.disk),
-                     "snapshot-node-name": node, "format": "qcow2"},
-                )  # fmt: skip
-                frozen, self.layer, self.disk_node = self.layer, layer, node
-                self.layer_refs.append(layer_ref)
-                step("freeze_disk")
-                await _migrate(self.qmp, "migrate", {"uri": _exec_uri(f"cat > {template.state}")})
-                step("save_state")
-                await _check_call(["cp", "--sparse=always", str(self.ram_file), str(template.mem)], what="copy RAM")
-                step("copy_ram")
-            finally:
-                await self.qmp.execute("cont")
-            pause_ms = (time.monotonic() - paused_at) * 1000
+            chain, steps = await self._capture(template.state, template.mem)
         # Our reference only bridges the gap until the caller takes its own.
         self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
-        log.info("fork template", template=template.id, frozen_layer=frozen.id, pause_ms=round(pause_ms, 1))
+        log.info("fork template", template=template.id, pause_ms=steps["total"])
         return {
-            "template": str(template.path),
-            "layer": str(frozen.path),
-            "pause_ms": round(pause_ms, 2),
-            "pause_steps_ms": steps,
+            "state": str(template.state),
+            "mem": None if not self.ram_shared else str(template.mem),
+            "ram_in_state": not self.ram_shared,
+            "chain": chain,
+            "disk_size": self.disk_size,
+            "holds": [str(template.path), *_layer_dirs(chain)],
             "source": self.config.name,
-            "machine": {
-                k: getattr(self.config, k)
-                for k in ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "tsc_khz")
-            },
+            "pause_ms": steps["total"],
+            "pause_steps_ms": steps,
+            "machine": self._machine(),
         }
+
+    async def snapshot(self, directory: str) -> dict[str, Any]:
+        """Write a bundle of this running VM to ``directory``; the VM keeps running."""
+        target = bundle.create_dir(Path(directory))
+        try:
+            async with self.capture_lock:
+                chain, steps = await self._capture(target / bundle.STATE, target / bundle.MEM)
+            started = time.monotonic()
+            # Flatten everything above the base image into one file: the bundle
+            # must not depend on this host's layer files.
+            base = chain[-1][0]
+            await _check_call(
+                ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
+                 "json:" + json.dumps(qemu.chain_blockdev(chain, writable=False)), str(target / bundle.DISK)],
+                what="write the bundle's disk",
+            )  # fmt: skip
+            machine = self._machine()
+            fields = {
+                "created": time.time(),
+                "source": self.config.name,
+                "qemu_version": self.qemu_version,
+                "machine": {"type": qemu.MACHINE_TYPE, "disk_size": self.disk_size,
+                            **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz")}},
+                "kernel": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["kernel"]))},
+                "initrd": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["initrd"]))},
+                "image": {"key": Path(base).stem},
+            }  # fmt: skip
+            manifest = await anyio.to_thread.run_sync(bundle.seal, target, fields)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                bundle.remove_partial(target)
+            raise
+        write_ms = round((time.monotonic() - started) * 1000, 2)
+        log.info("snapshot", bundle=str(target), pause_ms=steps["total"], write_ms=write_ms)
+        return {"bundle": str(target), "pause_ms": steps["total"], "pause_steps_ms": steps,
+                "write_ms": write_ms, "files": manifest.data["files"]}  # fmt: skip
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -357,39 +436,56 @@ class Supervisor:
             shutil.rmtree(ram_dir, ignore_errors=True)
             storage.collect_garbage()
 
-    async def _prepare_disk_and_ram(self, ram_dir: Path) -> tuple[Path, bool]:
-        """Create this VM's writable layer; return (RAM file, shared?)."""
-        config = self.config
-        self.layer, ref = storage.new_layer()
-        self.layer_refs.append(ref)
-        if config.incoming is None:
-            backing, backing_format = config.image, "raw"
-            self.ram_file, shared = ram_dir / "mem", True
+    async def _prepare_disk_and_ram(self, ram_dir: Path) -> None:
+        """Create this VM's writable layer and decide where its RAM lives.
+
+        Booted and restored VMs own a shared RAM file (so they fork cheaply);
+        fork siblings map their template's RAM privately (copy-on-write).
+        """
+        config, incoming = self.config, self.config.incoming
+        if incoming is None:
+            self.chain = [[config.image, "raw"]]
+            self.disk_size = os.stat(config.image).st_size
         else:
-            template = storage.Template(Path(config.incoming["template"]))
-            frozen = storage.Layer(Path(config.incoming["layer"]))
             try:
-                self.layer_refs += [template.hold(), frozen.hold()]
+                self.layer_refs += [storage.Shared(Path(p)).hold() for p in incoming["holds"]]
             except FileNotFoundError:
                 raise BootError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
-            backing, backing_format = str(frozen.disk), "qcow2"
-            self.ram_file, shared = template.mem, False
+            self.chain, self.disk_size = incoming["chain"], incoming["disk_size"]
+            if incoming.get("import_disk"):  # a bundle's disk: copied, so the bundle stays untouched
+                imported, ref = storage.new_layer()
+                self.layer_refs.append(ref)
+                await _check_call(["cp", "--sparse=always", incoming["import_disk"], str(imported.disk)],
+                                  what="import the bundle's disk")  # fmt: skip
+                self.chain = [[str(imported.disk), "qcow2"], *self.chain]
+        layer, ref = storage.new_layer()
+        self.layer_refs.append(ref)
+        top, top_format = self.chain[0]
         await _check_call(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", backing, str(self.layer.disk)],
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", top_format, "-b", top,
+             str(layer.disk), str(self.disk_size)],
             what="create the disk overlay",
-        )
-        return self.ram_file, shared
+        )  # fmt: skip
+        self.chain = [[str(layer.disk), "qcow2"], *self.chain]
+        if incoming is not None and incoming.get("mem_mode") == "map" and incoming.get("mem"):
+            self.ram_file, self.ram_shared = Path(incoming["mem"]), False
+        else:
+            self.ram_file, self.ram_shared = ram_dir / "mem", True
+            if incoming is not None and incoming.get("mem"):
+                await _check_call(["cp", "--sparse=always", incoming["mem"], str(self.ram_file)], what="load RAM")
 
     async def _bring_up(self, entry: registry.VmDir) -> None:
-        """Until the agent answers: boot, or load a template's state and resume."""
+        """Until the agent answers: boot, or load saved state and resume."""
         await _connect_qmp(self.qmp, entry.qmp_socket)
-        if self.config.incoming is not None:
-            template = storage.Template(Path(self.config.incoming["template"]))
-            await _migrate(self.qmp, "migrate-incoming", {"uri": _exec_uri(f"cat {template.state}")})
+        self.qemu_version = _version_string((await self.qmp.execute("query-version"))["qemu"])
+        incoming = self.config.incoming
+        if incoming is not None:
+            uri = _exec_uri(f"cat {shlex.quote(incoming['state'])}")
+            await _migrate(self.qmp, "migrate-incoming", {"uri": uri}, ignore_shared=not incoming["ram_in_state"])
             if (await self.qmp.execute("query-status"))["status"] != "running":
                 await self.qmp.execute("cont")
         await self.connect_agent()
-        if self.config.incoming is not None:
+        if incoming is not None:
             resumed = await self.call_agent(
                 "resumed",
                 {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": secrets.token_bytes(64)},
@@ -399,7 +495,7 @@ class Supervisor:
     async def _run(self, ram_dir: Path, report_ready) -> None:
         config, entry = self.config, self.entry
         started = time.monotonic()
-        ram_file, ram_shared = await self._prepare_disk_and_ram(ram_dir)
+        await self._prepare_disk_and_ram(ram_dir)
         machine = qemu.MachineConfig(
             memory_mib=config.memory_mib,
             cpus=config.cpus,
@@ -411,10 +507,10 @@ class Supervisor:
         )
         argv = qemu.command_line(
             machine,
-            ram_file=ram_file,
-            ram_shared=ram_shared,
+            ram_file=self.ram_file,
+            ram_shared=self.ram_shared,
             incoming=config.incoming is not None,
-            disk=self.layer.disk,
+            disk_chain=self.chain,
             console_log=entry.console_log,
             agent_socket=entry.agent_socket,
             qmp_socket=entry.qmp_socket,
@@ -496,22 +592,38 @@ def _exec_uri(shell_command: str) -> str:
     return f"exec:{shell_command}"
 
 
-async def _migrate(qmp: QMPClient, command: str, arguments: dict) -> None:
-    """Save or load device state (RAM in shared files skipped) and wait for it."""
+async def _migrate(qmp: QMPClient, command: str, arguments: dict, *, ignore_shared: bool) -> dict:
+    """Save or load VM state and wait for it; ``ignore_shared`` leaves RAM in
+    shared files out of the stream (both ends must agree).  Returns QEMU's
+    final migration report."""
     await qmp.execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+        "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}
     )
+    if command == "migrate":  # QEMU's defaults (32 MiB/s, 300 ms) are for networks, not tmpfs
+        await qmp.execute(
+            "migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH, "downtime-limit": MIGRATION_DOWNTIME_MS}
+        )
     await qmp.execute(command, arguments)
     while True:
         info = await qmp.execute("query-migrate")
         status = info.get("status")
         if status == "completed":
-            return
+            return info
         if status in ("failed", "cancelled"):
             raise MachinenError(
                 f"{command} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
             )
         await anyio.sleep(0.002)
+
+
+def _layer_dirs(chain: list[list[str]]) -> list[str]:
+    """The shared layer directories a disk chain runs through."""
+    root = storage.layers_dir()
+    return [str(Path(path).parent) for path, _ in chain if Path(path).parent.parent == root]
+
+
+def _version_string(version: dict[str, int]) -> str:
+    return f"{version['major']}.{version['minor']}.{version['micro']}"
 
 
 async def _release_later(ref: int, delay: float) -> None:
