@@ -10,7 +10,8 @@ n, fork_wall_s, cold_boot_wall_s, source_pause_ms, private_mib_per_sibling, gues
 private_mib_per_sibling is the copy-on-write private part of each sibling's
 guest-RAM mapping (smaps); qemu_pss_mib_per_sibling is the whole QEMU process
 (proportional set size: shared pages divided among sharers), which under TCG
-is dominated by QEMU's translation cache, not by guest RAM.
+is dominated by QEMU's translation cache, not by guest RAM.  Also measured:
+snapshot and restore of the source, and a fork of a fork (n=4).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import anyio
 
-from machinen_async import VM, boot
+from machinen_async import VM, boot, restore
 from machinen_async.vmm import qemu, storage
 
 
@@ -99,6 +102,41 @@ async def measure(n: int, mib: int, source: VM) -> dict:
     }
 
 
+async def measure_snapshot_restore(source: VM) -> dict:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        started = time.perf_counter()
+        info = await source.snapshot(Path(tmp) / "bench.snap")
+        snapshot_s = time.perf_counter() - started
+        started = time.perf_counter()
+        async with restore(info.path) as restored:
+            await restored.exec(["true"])
+            restore_s = time.perf_counter() - started
+    return {
+        "snapshot_s": round(snapshot_s, 3),
+        "snapshot_pause_ms": info.pause_ms,
+        "bundle_mib": round(info.size_bytes / 2**20, 1),
+        "restore_to_first_exec_s": round(restore_s, 3),
+    }
+
+
+async def measure_fork_of_fork(source: VM, n: int) -> dict:
+    async with source.fork(name="bench-child") as child:
+        await child.exec(["python3", "-c", "pass"])
+        started = time.perf_counter()
+        async with child.fork(n=n, boot_timeout=300) as grandchildren:
+            await first_exec_all(list(grandchildren))
+            wall = time.perf_counter() - started
+            memory = [sibling_memory((await vm.describe())["qemu_pid"]) for vm in grandchildren]
+            steps = grandchildren.source_pause_steps_ms
+    return {
+        "n": n,
+        "fork_wall_s": round(wall, 3),
+        "source_pause_ms": steps["total"],
+        "source_pause_steps_ms": steps,
+        "qemu_pss_mib_per_sibling": round(statistics.mean(m[1] for m in memory), 1),
+    }
+
+
 async def main(args: argparse.Namespace) -> None:
     results = []
     async with boot(name="bench-fork-source", memory_mib=args.mib) as source:
@@ -106,6 +144,8 @@ async def main(args: argparse.Namespace) -> None:
         await source.exec(["python3", "-c", "import json, hashlib, subprocess"], check=True)
         for n in args.n:
             results.append(await measure(n, args.mib, source))
+        snapshot_restore = await measure_snapshot_restore(source)
+        fork_of_fork = await measure_fork_of_fork(source, 4)
     print(
         json.dumps(
             {
@@ -114,6 +154,8 @@ async def main(args: argparse.Namespace) -> None:
                 "accel": qemu.choose_accelerator(),
                 "backend": args.backend,
                 "results": results,
+                "snapshot_restore": snapshot_restore,
+                "fork_of_fork": fork_of_fork,
             },
             indent=2,
         )

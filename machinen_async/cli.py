@@ -20,8 +20,8 @@ import click
 
 from . import __version__, registry
 from .errors import MachinenError, plain_errors
-from .vm import VM, boot, connect
-from .vmm import assets
+from .vm import VM, boot, connect, restore
+from .vmm import assets, storage
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
@@ -247,6 +247,61 @@ def fork_command(name: str, new_name: str | None, count: int | None, detach: boo
                     await anyio.sleep_forever()
 
     _run(run)
+
+
+@main.command(name="snapshot")
+@click.argument("name")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_command(name: str, directory: str, as_json: bool) -> None:
+    """Write a restorable bundle of running VM NAME to DIRECTORY (the VM keeps running)."""
+
+    async def run() -> None:
+        async with connect(name) as vm:
+            info = await vm.snapshot(directory)
+        if as_json:
+            click.echo(json.dumps({"name": name, "bundle": str(info.path), "pause_ms": info.pause_ms,
+                                   "write_ms": info.write_ms, "size_bytes": info.size_bytes}))  # fmt: skip
+        else:
+            click.echo(f"{name} -> {info.path} (paused {info.pause_ms:.0f} ms, {info.size_bytes / 2**20:.0f} MiB)")
+
+    _run(run)
+
+
+@main.command(name="restore")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", help="Name of the restored VM (default: generated).")
+@click.option("--image", help="Rootfs tarball the bundle's VM was booted from, if not the base image.")
+@click.option("--boot-timeout", type=float, default=60.0, show_default=True)
+@click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
+@click.option("--json", "as_json", is_flag=True)
+def restore_command(directory, name, image, boot_timeout, detach, as_json) -> None:
+    """Start a VM from the bundle in DIRECTORY, where its snapshot left off."""
+
+    async def run() -> None:
+        async with restore(directory, name=name, image=image, boot_timeout=boot_timeout, detached=detach) as vm:
+            if as_json:
+                click.echo(json.dumps(vm.info))
+            else:
+                click.echo(f"{vm.name} restored in {vm.info['boot_s']:.2f} s", err=True)
+            if not detach:
+                click.echo("running; Ctrl-C stops it", err=True)
+                await anyio.sleep_forever()
+
+    _run(run)
+
+
+@main.command(name="gc")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True)
+def gc_command(dry_run: bool, as_json: bool) -> None:
+    """Remove what no running VM uses: fork templates, disk layers, leftovers of killed VMs."""
+    removed = [str(p) for p in (*registry.collect_stale(dry_run=dry_run), *storage.collect_garbage(dry_run=dry_run))]
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed}))
+    else:
+        for path in removed:
+            click.echo(("would remove " if dry_run else "removed ") + path)
 
 
 @main.command(name="ls")

@@ -198,3 +198,27 @@ def live_vms() -> list[VmDir]:
         return []
     entries = (VmDir(p) for p in root.iterdir() if p.is_dir())
     return sorted((e for e in entries if e.is_live()), key=lambda e: e.name)
+
+
+def collect_stale(*, dry_run: bool = False) -> list[Path]:
+    """Entries and RAM directories that no live supervisor owns (after a ``kill -9``)."""
+    removed: list[Path] = []
+    root = paths.vms_dir()
+    live = set()
+    for path in sorted(root.iterdir()) if root.is_dir() else ():
+        entry = VmDir(path)
+        if entry.is_live():
+            live.add(entry.name)
+        elif path.is_dir():
+            removed.append(path)
+            if not dry_run:
+                clear_leftovers(entry)
+    runtime = paths.runtime_dir()
+    for path in sorted(runtime.iterdir()) if runtime.is_dir() else ():
+        owner, _, suffix = path.name.rpartition("-")
+        if path.name == "templates" or not owner or len(suffix) != 8 or owner in live:
+            continue
+        removed.append(path)
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+    return removed

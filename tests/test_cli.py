@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 
-from conftest import SHARED_VM, ls_json
+from conftest import SHARED_VM, ls_json, qemu_processes, runtime_leftovers
 
 
 def test_exec_streams_and_returns_guest_exit_code(shared_vm, cli):
@@ -77,3 +80,37 @@ def test_fork_detached_siblings_count_independently(cli):
     finally:
         for name in ("cli-counter-b-0", "cli-counter-b-1", "cli-counter"):
             cli("stop", name, check=False)
+
+
+def test_snapshot_restore_and_gc(shared_vm, cli, tmp_path):
+    bundle = tmp_path / "cli.snap"
+    cli("exec", shared_vm, "--", "sh", "-c", "echo from-shared > /root/marker", stdin=subprocess.DEVNULL)
+    taken = json.loads(cli("snapshot", shared_vm, str(bundle), "--json").stdout)
+    assert taken["bundle"] == str(bundle) and taken["pause_ms"] > 0
+    restored = json.loads(cli("restore", str(bundle), "--name", "cli-restored", "--detach", "--json").stdout)
+    try:
+        assert restored["name"] == "cli-restored"
+        marker = cli("exec", "cli-restored", "--", "cat", "/root/marker", stdin=subprocess.DEVNULL)
+        assert marker.stdout == b"from-shared\n"
+        listed = json.loads(cli("gc", "--dry-run", "--json").stdout)
+        assert listed["dry_run"] is True
+        assert not [p for p in listed["removed"] if "/vms/" in p], "gc would touch a live VM"
+    finally:
+        cli("stop", "cli-restored", check=False)
+    missing = cli("restore", str(tmp_path / "none"), check=False)
+    assert missing.returncode == 1 and b"error [BOOT_SNAPSHOT_NOT_FOUND]" in missing.stderr
+
+
+def test_gc_clears_what_a_killed_vm_left(cli):
+    cli("boot", "--name", "cli-killed", "--detach")
+    row = {r["name"]: r for r in ls_json()}["cli-killed"]
+    os.kill(row["pid"], signal.SIGKILL)  # QEMU follows through its parent-death signal
+    deadline = time.monotonic() + 20
+    while "cli-killed" in {r["name"] for r in ls_json()} or any("cli-killed" in p for p in qemu_processes()):
+        assert time.monotonic() < deadline, "killed VM still listed"
+        time.sleep(0.1)
+    removed = json.loads(cli("gc", "--json").stdout)["removed"]
+    assert any(p.endswith("/vms/cli-killed") for p in removed)
+    assert any("/layers/" in p for p in removed)
+    assert not [d for d in runtime_leftovers() if d.startswith("cli-killed-")]
+    assert json.loads(cli("gc", "--json").stdout)["removed"] == []
