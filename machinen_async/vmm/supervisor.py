@@ -369,14 +369,22 @@ class Supervisor:
         """Capture this running VM as a template that fork siblings start from."""
         async with self.capture_lock:
             template, template_ref = storage.new_template()
-            chain, steps = await self._capture(template.state, template.mem)
+            try:
+                chain, steps = await self._capture(template.state, template.mem)
+                if not self.ram_shared:
+                    started = time.monotonic()
+                    await self._unpack_ram(template, chain)
+                    steps["unpack_ram_after_resume"] = round((time.monotonic() - started) * 1000, 2)
+            except BaseException:
+                storage.close_quietly(template_ref)
+                raise
         # Our reference only bridges the gap until the caller takes its own.
         self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
         log.info("fork template", template=template.id, pause_ms=steps["total"])
         return {
             "state": str(template.state),
-            "mem": None if not self.ram_shared else str(template.mem),
-            "ram_in_state": not self.ram_shared,
+            "mem": str(template.mem),
+            "ram_in_state": False,
             "chain": chain,
             "disk_size": self.disk_size,
             "holds": [str(template.path), *_layer_dirs(chain)],
@@ -385,6 +393,63 @@ class Supervisor:
             "pause_steps_ms": steps,
             "machine": self._machine(),
         }
+
+    async def _unpack_ram(self, template: storage.Template, chain: list[list[str]]) -> None:
+        """Turn a RAM-carrying state into a RAM file plus device state.
+
+        A fork sibling's RAM arrives inside ``state``.  Loaded by every one of
+        its own siblings, each would hold a full private copy; instead a
+        paused helper QEMU loads it once into the template's shared RAM file
+        and saves device state without RAM, so they all map one file
+        copy-on-write.  This VM is already running again meanwhile.
+        """
+        full_state = template.path / "state.full"
+        template.state.rename(full_state)
+        scratch, scratch_ref = storage.new_layer()  # the helper's disk top, never written
+        qmp = QMPClient(f"{self.config.name}-template")
+        process = None
+        try:
+            top, top_format = chain[0]
+            await _check_call(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", top_format, "-b", top,
+                 str(scratch.disk), str(self.disk_size)],
+                what="create the helper's disk",
+            )  # fmt: skip
+            argv = qemu.command_line(
+                self._machine_config(),
+                ram_file=template.mem,
+                ram_shared=True,
+                incoming=True,
+                disk_chain=[[str(scratch.disk), "qcow2"], *chain],
+                console_log=Path(os.devnull),
+                agent_socket=scratch.path / "agent.sock",
+                qmp_socket=scratch.path / "qmp.sock",
+            )
+            process = await anyio.open_process(
+                ["setpriv", "--pdeathsig", "KILL", "--", *argv, "-S"],  # -S: never run the guest
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            await _connect_qmp(qmp, scratch.path / "qmp.sock")
+            await _migrate(qmp, "migrate-incoming", {"uri": _exec_uri(f"cat {full_state}")}, ignore_shared=False)
+            await _migrate(qmp, "migrate", {"uri": _exec_uri(f"cat > {template.state}")}, ignore_shared=True)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process is not None:
+                    await _stop_qemu(process, qmp)
+                full_state.unlink(missing_ok=True)
+                storage.close_quietly(scratch_ref)
+
+    def _machine_config(self) -> qemu.MachineConfig:
+        config = self.config
+        return qemu.MachineConfig(
+            memory_mib=config.memory_mib,
+            cpus=config.cpus,
+            accel=config.accel,
+            kernel=Path(config.kernel),
+            initrd=Path(config.initrd),
+            hostname=config.name,
+            tsc_khz=config.tsc_khz,
+        )
 
     async def snapshot(self, directory: str) -> dict[str, Any]:
         """Write a bundle of this running VM to ``directory``; the VM keeps running."""
@@ -496,17 +561,8 @@ class Supervisor:
         config, entry = self.config, self.entry
         started = time.monotonic()
         await self._prepare_disk_and_ram(ram_dir)
-        machine = qemu.MachineConfig(
-            memory_mib=config.memory_mib,
-            cpus=config.cpus,
-            accel=config.accel,
-            kernel=Path(config.kernel),
-            initrd=Path(config.initrd),
-            hostname=config.name,
-            tsc_khz=config.tsc_khz,
-        )
         argv = qemu.command_line(
-            machine,
+            self._machine_config(),
             ram_file=self.ram_file,
             ram_shared=self.ram_shared,
             incoming=config.incoming is not None,
