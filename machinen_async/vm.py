@@ -1,4 +1,5 @@
-"""The public SDK: ``boot()``, ``connect()``, ``VM`` and ``Process``.
+"""The public SDK: ``boot()``, ``restore()``, ``connect()``, ``VM`` (with
+``fork()`` and ``snapshot()``), ``Forks`` and ``Process``.
 
 A ``VM`` talks to its per-VM supervisor over one unix socket, multiplexing
 any number of concurrent calls (see ``vsock.mux``).  ``boot()`` starts a
@@ -300,7 +301,7 @@ class VM:
         elif name is not None:
             chosen = [registry.validate_name(name if n is None else f"{name}-{i}") for i in range(count)]
         else:
-            chosen = [f"{self.name}-{os.urandom(3).hex()}"[-48:] for _ in range(count)]
+            chosen = [f"{self.name[:40]}-{os.urandom(3).hex()}" for _ in range(count)]
         return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout, detached)
 
     async def snapshot(self, bundle_dir: str | os.PathLike) -> SnapshotInfo:
