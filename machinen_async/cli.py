@@ -73,6 +73,7 @@ def _vm_row(entry: registry.VmDir) -> dict[str, Any] | None:
         "image": meta["image"],
         "detached": meta["detached"],
         "forked_from": meta.get("forked_from"),
+        "ports": [f"{address}:{host}->{guest}" for address, host, guest in meta.get("ports", [])],
     }
 
 
@@ -136,6 +137,16 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+publish_option = click.option(
+    "-p",
+    "--publish",
+    "ports",
+    multiple=True,
+    metavar="[ADDR:]HOST:GUEST",
+    help="Forward a host TCP port (on 127.0.0.1 unless ADDR) to a guest port; repeatable.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="machinen")
 def main() -> None:
@@ -168,10 +179,11 @@ def install(refresh: bool) -> None:
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default=None, help="Default: $MACHINEN_ACCEL or auto.")
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Environment for the command.")
+@publish_option
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
-def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, detach, as_json) -> None:
+def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, ports, detach, as_json) -> None:
     """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
 
     With `-- CMD...` run CMD, stream its output and exit with its code (the VM
@@ -185,7 +197,7 @@ def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, d
     async def run() -> int:
         launch = boot(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
-            detached=detach, progress=_progress,
+            detached=detach, ports=ports, progress=_progress,
         )  # fmt: skip
         async with launch as vm:
             if as_json:
@@ -224,9 +236,10 @@ def exec_command(name, env_pairs, cwd, timeout, cmd) -> None:
 @click.argument("name")
 @click.option("--new-name", help="Sibling name; with -n a prefix: NAME-0, NAME-1, ...")
 @click.option("-n", "count", type=int, default=None, help="Number of siblings (default 1).")
+@publish_option
 @click.option("--detach", "-d", is_flag=True, help="Leave the siblings running and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
-def fork_command(name: str, new_name: str | None, count: int | None, detach: bool, as_json: bool) -> None:
+def fork_command(name: str, new_name: str | None, count: int | None, ports, detach: bool, as_json: bool) -> None:
     """Fork running VM NAME into siblings that continue from this instant.
 
     NAME keeps running; each sibling has NAME's memory, processes and disk as
@@ -235,7 +248,7 @@ def fork_command(name: str, new_name: str | None, count: int | None, detach: boo
 
     async def run() -> None:
         async with connect(name) as source:
-            async with source.fork(count, name=new_name, detached=detach) as result:
+            async with source.fork(count, name=new_name, detached=detach, ports=ports) as result:
                 siblings = [result] if isinstance(result, VM) else list(result)
                 if as_json:
                     click.echo(json.dumps([vm.info for vm in siblings]))
@@ -272,14 +285,16 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", help="Name of the restored VM (default: generated).")
 @click.option("--image", help="Rootfs tarball the bundle's VM was booted from, if not the base image.")
+@publish_option
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--json", "as_json", is_flag=True)
-def restore_command(directory, name, image, boot_timeout, detach, as_json) -> None:
+def restore_command(directory, name, image, ports, boot_timeout, detach, as_json) -> None:
     """Start a VM from the bundle in DIRECTORY, where its snapshot left off."""
 
     async def run() -> None:
-        async with restore(directory, name=name, image=image, boot_timeout=boot_timeout, detached=detach) as vm:
+        launch = restore(directory, name=name, image=image, boot_timeout=boot_timeout, detached=detach, ports=ports)
+        async with launch as vm:
             if as_json:
                 click.echo(json.dumps(vm.info))
             else:
@@ -312,11 +327,11 @@ def ls_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  FORKED-FROM")
+    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  {'FORKED-FROM':<24} PORTS")
     for row in rows:
         click.echo(
             f"{row['name']:<24} {row['pid']:>8} {row['uptime_s']:>8.0f}s {row['accel']:<5} "
-            f"{row['memory_mib']:>5}Mi  {row['forked_from'] or '-'}"
+            f"{row['memory_mib']:>5}Mi  {row['forked_from'] or '-':<24} {','.join(row['ports']) or '-'}"
         )
 
 

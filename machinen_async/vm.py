@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 
 from . import paths, registry
+from .ports import PortSpec, parse_port_forwards
 from .errors import (
     BootError,
     ExecError,
@@ -279,6 +280,7 @@ class VM:
         names: Sequence[str] | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
         detached: bool = False,
+        ports: Sequence[PortSpec] | None = None,
     ) -> _ForkLaunch:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -288,8 +290,9 @@ class VM:
         window and keeps running; memory is shared copy-on-write and every
         sibling writes its own qcow2 layer over the frozen disk.  Siblings get
         their own name, hostname, fresh guest entropy and the current time, and
-        never inherit port forwards.  ``detached`` siblings outlive this process
-        (closing their handles only disconnects).
+        never inherit port forwards: ``ports`` gives a single sibling its own.
+        ``detached`` siblings outlive this process (closing their handles only
+        disconnects).
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -302,7 +305,10 @@ class VM:
             chosen = [registry.validate_name(name if n is None else f"{name}-{i}") for i in range(count)]
         else:
             chosen = [f"{self.name[:40]}-{os.urandom(3).hex()}" for _ in range(count)]
-        return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout, detached)
+        forwards = parse_port_forwards(ports)
+        if forwards and len(chosen) > 1:
+            raise MachinenError("ports can be given to a single sibling only", code="PARSE_PORT_INVALID")
+        return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout, detached, forwards)
 
     async def snapshot(self, bundle_dir: str | os.PathLike) -> SnapshotInfo:
         """Write a restorable bundle of this VM to ``bundle_dir`` (new or empty).
@@ -414,7 +420,7 @@ def _check_fork_memory(count: int, machine: dict[str, Any]) -> None:
 
 
 async def _fork(
-    source: VM, names: list[str], boot_timeout: float, detached: bool
+    source: VM, names: list[str], boot_timeout: float, detached: bool, ports: list[list]
 ) -> tuple[list[VM], dict[str, Any]]:
     for name in names:
         registry.ensure_free(name)
@@ -434,6 +440,7 @@ async def _fork(
                 ram_dir=_new_ram_dir(name),
                 boot_timeout=boot_timeout,
                 detached=detached,
+                ports=ports,
                 incoming=incoming,
                 **fork_info["machine"],
             )
@@ -454,16 +461,19 @@ async def _fork(
 class _ForkLaunch:
     """``await vm.fork()`` -> VM (or ``Forks`` with ``n``); ``async with`` closes them on exit."""
 
-    def __init__(self, source: VM, names: list[str], single: bool, boot_timeout: float, detached: bool) -> None:
+    def __init__(
+        self, source: VM, names: list[str], single: bool, boot_timeout: float, detached: bool, ports: list[list]
+    ) -> None:
         self._source = source
         self._names = names
         self._single = single
         self._boot_timeout = boot_timeout
         self._detached = detached
+        self._ports = ports
         self._result: VM | Forks | None = None
 
     async def _start(self) -> VM | Forks:
-        siblings, fork_info = await _fork(self._source, self._names, self._boot_timeout, self._detached)
+        siblings, fork_info = await _fork(self._source, self._names, self._boot_timeout, self._detached, self._ports)
         return siblings[0] if self._single else Forks(siblings, fork_info)
 
     def __await__(self):
@@ -582,9 +592,11 @@ async def _launch(
     accel: str | None,
     boot_timeout: float,
     detached: bool,
+    ports: Sequence[PortSpec] | None,
     progress: Callable[[str], None] | None,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
+    forwards = parse_port_forwards(ports)
     memory_mib = _validate_memory(memory_mib)
     chosen_accel = qemu.choose_accelerator(accel)
     qemu.qemu_binary()
@@ -609,6 +621,7 @@ async def _launch(
         tsc_khz=qemu.host_tsc_khz() if chosen_accel == "tcg" else None,
         boot_timeout=boot_timeout,
         detached=detached,
+        ports=forwards,
     )
     return await _start_supervisor(config)
 
@@ -690,12 +703,16 @@ def boot(
     accel: str | None = None,
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
     detached: bool = False,
+    ports: Sequence[PortSpec] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> _Boot:
     """Boot a microVM from ``image`` (a rootfs tarball; default: the Debian base).
 
     ``accel``: "kvm", "tcg" or "auto" (default, also $MACHINEN_ACCEL).  With
     ``detached`` the VM outlives this process; reach it with ``connect(name)``.
+    ``ports``: host -> guest TCP forwards, ``["3000:3000", "0.0.0.0:8080:80",
+    (5432, 5432)]`` (loopback unless an address is given); they tunnel through
+    the guest agent, so they need no guest network.
     """
     return _Boot(
         lambda: _launch(
@@ -706,6 +723,7 @@ def boot(
             accel=accel,
             boot_timeout=boot_timeout,
             detached=detached,
+            ports=ports,
             progress=progress,
         )
     )
@@ -719,9 +737,12 @@ def restore(
     accel: str | None = None,
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
     detached: bool = False,
+    ports: Sequence[PortSpec] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> _Boot:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
+
+    Port forwards are not part of a bundle: pass ``ports`` again.
 
     Every file is checked against the manifest's sha256 before QEMU starts;
     a bundle from another QEMU version or accelerator is refused
@@ -729,7 +750,7 @@ def restore(
     image the bundle was taken on, which must have the same content.  The
     bundle is never modified, so it can be restored any number of times.
     """
-    return _Boot(lambda: _restore(Path(bundle_dir), name, image, accel, boot_timeout, detached, progress))
+    return _Boot(lambda: _restore(Path(bundle_dir), name, image, accel, boot_timeout, detached, ports, progress))
 
 
 async def _restore(
@@ -739,9 +760,11 @@ async def _restore(
     accel: str | None,
     boot_timeout: float,
     detached: bool,
+    ports: Sequence[PortSpec] | None,
     progress: Callable[[str], None] | None,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
+    forwards = parse_port_forwards(ports)
     bundle_dir = bundle_dir.expanduser().resolve()
     report = progress or (lambda message: None)
     manifest = await anyio.to_thread.run_sync(bundle.verify, bundle_dir)
@@ -788,6 +811,7 @@ async def _restore(
         tsc_khz=machine["tsc_khz"],
         boot_timeout=boot_timeout,
         detached=detached,
+        ports=forwards,
         incoming={
             "state": in_bundle[bundle.STATE],
             "mem": None if manifest.ram_in_state else in_bundle[bundle.MEM],

@@ -15,6 +15,7 @@ loop its clients use.  Startup result is one JSON line on stdout:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class SupervisorConfig:
     tsc_khz: int | None
     boot_timeout: float
     detached: bool
+    ports: list[list] = field(default_factory=list)  # [[host address, host port, guest port], ...]
     # Start from saved state instead of booting (fork sibling or restore):
     # {state, mem, mem_mode: "map"|"copy", ram_in_state, chain, disk_size, holds, import_disk?, source}
     incoming: dict[str, Any] | None = None
@@ -94,7 +96,9 @@ def console_tail(path: Path) -> str:
 
 
 class ClientConnection:
-    def __init__(self, frames: FrameStream) -> None:
+    """One caller: a socket client, or (``frames`` None) a port-forward tunnel of our own."""
+
+    def __init__(self, frames: FrameStream | None) -> None:
         self.frames = frames
         self.agent_sids: dict[int, int] = {}  # client sid -> agent sid
         self.outbox_send, self.outbox = anyio.create_memory_object_stream[list](float("inf"))
@@ -116,6 +120,7 @@ class Supervisor:
         self.stop_requested = anyio.Event()
         self.meta: dict[str, Any] = {}
         self.qmp = QMPClient(config.name)
+        self.forwards: list[anyio.abc.SocketListener] = []
         self.capture_lock = anyio.Lock()
         self.chain: list[list[str]] = []  # disk chain, top (writable) first: [path, format]
         self.disk_size = 0
@@ -246,16 +251,7 @@ class Supervisor:
         elif kind == wire.OPEN and frame[2].startswith("vm."):
             tg.start_soon(self.handle_local_call, client, sid, frame[2], frame[3])
         elif kind == wire.OPEN:
-            agent_sid = self.next_agent_sid
-            self.next_agent_sid += 1
-            self.routes[agent_sid] = (client, sid)
-            client.agent_sids[sid] = agent_sid
-            if not await self.send_to_agent([wire.OPEN, agent_sid, frame[2], frame[3]]):
-                self.routes.pop(agent_sid, None)
-                client.agent_sids.pop(sid, None)
-                client.outbox_send.send_nowait(
-                    [wire.ERROR, sid, "EXEC_AGENT_UNAVAILABLE", "the guest agent channel is being re-established"]
-                )
+            await self.open_agent_call(client, sid, frame[2], frame[3])
         else:
             agent_sid = client.agent_sids.get(sid)
             if agent_sid is None:
@@ -265,6 +261,92 @@ class Supervisor:
                 self.routes.pop(agent_sid, None)
             frame[1] = agent_sid
             await self.send_to_agent(frame)
+
+    async def open_agent_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> int | None:
+        """Route a new call of ``client`` to the agent; its frames will arrive in ``client.outbox``."""
+        agent_sid = self.next_agent_sid
+        self.next_agent_sid += 1
+        self.routes[agent_sid] = (client, sid)
+        client.agent_sids[sid] = agent_sid
+        if await self.send_to_agent([wire.OPEN, agent_sid, method, params]):
+            return agent_sid
+        self.routes.pop(agent_sid, None)
+        client.agent_sids.pop(sid, None)
+        client.outbox_send.send_nowait(
+            [wire.ERROR, sid, "EXEC_AGENT_UNAVAILABLE", "the guest agent channel is being re-established"]
+        )
+        return None
+
+    # --- port forwards --------------------------------------------------------------
+
+    async def bind_forwards(self) -> list[anyio.abc.SocketListener]:
+        """Bind every host port now, before QEMU starts, so a conflict fails fast."""
+        listeners = []
+        try:
+            for address, host_port, _ in self.config.ports:
+                try:
+                    listeners.append(await anyio.create_tcp_listener(local_host=address, local_port=host_port))
+                except OSError as exc:
+                    raise BootError(
+                        f"host port {address}:{host_port} is in use by {_port_holder(host_port)} ({exc.strerror})",
+                        code="BOOT_PORT_FORWARD_IN_USE",
+                        port=host_port,
+                    ) from None
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        return listeners
+
+    async def serve_forward(self, guest_port: int, connection: anyio.abc.SocketStream) -> None:
+        """Relay one host TCP connection to ``guest_port`` through an agent tunnel."""
+        tunnel = ClientConnection(None)
+        credit = wire.INITIAL_WINDOW  # how much more the agent lets us send
+        credit_granted = anyio.Event()
+        async with connection:
+            agent_sid = await self.open_agent_call(tunnel, 1, "tunnel", {"port": guest_port})
+            if agent_sid is None:
+                return
+            finished = False
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def host_to_guest() -> None:
+                        nonlocal credit, credit_granted
+                        while True:
+                            while credit <= 0:
+                                await credit_granted.wait()
+                                credit_granted = anyio.Event()
+                            try:
+                                data = await connection.receive(min(credit, wire.CHUNK))
+                            except (anyio.EndOfStream, *_CHANNEL_DOWN):
+                                break
+                            credit -= len(data)
+                            await self.send_to_agent([wire.DATA, agent_sid, wire.STDIN, data])
+                        await self.send_to_agent([wire.EOF, agent_sid, wire.STDIN])
+
+                    tg.start_soon(host_to_guest)
+                    async for frame in tunnel.outbox:
+                        kind = frame[0]
+                        if kind == wire.DATA:
+                            await connection.send(frame[3])
+                            await self.send_to_agent([wire.CREDIT, agent_sid, wire.STDOUT, len(frame[3])])
+                        elif kind == wire.EOF:
+                            await connection.send_eof()
+                        elif kind == wire.CREDIT:
+                            credit += frame[3]
+                            credit_granted.set()
+                        else:
+                            finished = True
+                            break
+                    tg.cancel_scope.cancel()
+            except _CHANNEL_DOWN:
+                pass  # the host side went away
+            finally:
+                if not finished:
+                    self.routes.pop(agent_sid, None)
+                    with anyio.CancelScope(shield=True):
+                        await self.send_to_agent([wire.CANCEL, agent_sid])
 
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> None:
         try:
@@ -496,6 +578,9 @@ class Supervisor:
         try:
             await self._run(ram_dir, report_ready)
         finally:
+            with anyio.CancelScope(shield=True):
+                for forward in self.forwards:
+                    await forward.aclose()
             for ref in self.layer_refs:
                 storage.close_quietly(ref)
             shutil.rmtree(ram_dir, ignore_errors=True)
@@ -560,6 +645,7 @@ class Supervisor:
     async def _run(self, ram_dir: Path, report_ready) -> None:
         config, entry = self.config, self.entry
         started = time.monotonic()
+        self.forwards = await self.bind_forwards()
         await self._prepare_disk_and_ram(ram_dir)
         argv = qemu.command_line(
             self._machine_config(),
@@ -611,6 +697,7 @@ class Supervisor:
                     "ram_dir": config.ram_dir,
                     "detached": config.detached,
                     "forked_from": (config.incoming or {}).get("source"),
+                    "ports": config.ports,
                     "started_at": time.time(),
                     "boot_s": round(boot_s, 3),
                     "socket": str(entry.supervisor_socket),
@@ -620,6 +707,8 @@ class Supervisor:
                 entry.write_meta(self.meta)
                 tg.start_soon(self.agent_read_loop)
                 tg.start_soon(listener.serve, self.serve_client)
+                for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
+                    tg.start_soon(forward.serve, functools.partial(self.serve_forward, guest_port))
                 report_ready(self.meta)
                 log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.agent_info.get("uptime_s"))
                 await self.stop_requested.wait()
@@ -670,6 +759,15 @@ async def _migrate(qmp: QMPClient, command: str, arguments: dict, *, ignore_shar
                 f"{command} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
             )
         await anyio.sleep(0.002)
+
+
+def _port_holder(host_port: int) -> str:
+    """The VM forwarding ``host_port``, for the error message, else "another process"."""
+    for entry in registry.live_vms():
+        meta = entry.read_meta() or {}
+        if any(port == host_port for _, port, _ in meta.get("ports", [])):
+            return f"VM {entry.name!r}"
+    return "another process"
 
 
 def _layer_dirs(chain: list[list[str]]) -> list[str]:
