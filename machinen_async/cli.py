@@ -179,11 +179,12 @@ def install(refresh: bool) -> None:
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default=None, help="Default: $MACHINEN_ACCEL or auto.")
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Environment for the command.")
+@click.option("--no-network", is_flag=True, help="Boot with no network device (default: outbound NAT).")
 @publish_option
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
-def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, ports, detach, as_json) -> None:
+def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, ports, detach, as_json):
     """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
 
     With `-- CMD...` run CMD, stream its output and exit with its code (the VM
@@ -197,7 +198,7 @@ def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, p
     async def run() -> int:
         launch = boot(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
-            detached=detach, ports=ports, progress=_progress,
+            detached=detach, ports=ports, network=not no_network, progress=_progress,
         )  # fmt: skip
         async with launch as vm:
             if as_json:

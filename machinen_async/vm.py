@@ -593,6 +593,7 @@ async def _launch(
     boot_timeout: float,
     detached: bool,
     ports: Sequence[PortSpec] | None,
+    network: bool,
     progress: Callable[[str], None] | None,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
@@ -622,6 +623,7 @@ async def _launch(
         boot_timeout=boot_timeout,
         detached=detached,
         ports=forwards,
+        network=network,
     )
     return await _start_supervisor(config)
 
@@ -704,6 +706,7 @@ def boot(
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
     detached: bool = False,
     ports: Sequence[PortSpec] | None = None,
+    network: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> _Boot:
     """Boot a microVM from ``image`` (a rootfs tarball; default: the Debian base).
@@ -712,7 +715,9 @@ def boot(
     ``detached`` the VM outlives this process; reach it with ``connect(name)``.
     ``ports``: host -> guest TCP forwards, ``["3000:3000", "0.0.0.0:8080:80",
     (5432, 5432)]`` (loopback unless an address is given); they tunnel through
-    the guest agent, so they need no guest network.
+    the guest agent, so they need no guest network.  ``network``: outbound
+    access (QEMU user-mode NAT, DNS included, nothing inbound); False boots
+    with no network device at all.
     """
     return _Boot(
         lambda: _launch(
@@ -724,6 +729,7 @@ def boot(
             boot_timeout=boot_timeout,
             detached=detached,
             ports=ports,
+            network=network,
             progress=progress,
         )
     )
@@ -812,6 +818,7 @@ async def _restore(
         boot_timeout=boot_timeout,
         detached=detached,
         ports=forwards,
+        network=machine["network"],
         incoming={
             "state": in_bundle[bundle.STATE],
             "mem": None if manifest.ram_in_state else in_bundle[bundle.MEM],

@@ -38,6 +38,7 @@ DISCONNECTED_POLL_S = 0.02
 # A command that left a background child holding its stdout/stderr open is
 # reported finished once no output arrived for this long after it exited.
 OUTPUT_GRACE_AFTER_EXIT_S = 0.25
+GUEST_IP, GATEWAY_IP, DNS_IP = "10.0.2.15", "10.0.2.2", "10.0.2.3"  # QEMU user-mode networking
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -532,12 +533,31 @@ def _mount(source: str, target: str, fstype: str, options: str = "") -> None:
             print(f"agent: mount {target}: {os.strerror(err)}", file=sys.stderr)
 
 
-def _loopback_up() -> None:
+def _interface_up(s: socket.socket, name: bytes) -> None:
     SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", name, 0)))[1]
+    fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", name, flags | IFF_UP))
+
+
+def _configure_network() -> None:
+    """eth0 for QEMU user-mode networking (fixed addresses, so no DHCP client needed)."""
+    if not os.path.exists("/sys/class/net/eth0"):
+        return
+    SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT = 0x8916, 0x891C, 0x890B
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        request = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+        def sockaddr(ip: str) -> bytes:
+            return struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(ip))
+
+        fcntl.ioctl(s, SIOCSIFADDR, struct.pack("16s", b"eth0") + sockaddr(GUEST_IP))
+        fcntl.ioctl(s, SIOCSIFNETMASK, struct.pack("16s", b"eth0") + sockaddr("255.255.255.0"))
+        _interface_up(s, b"eth0")
+        # struct rtentry: pad, dst, gateway, genmask, flags (RTF_UP | RTF_GATEWAY), then the rest zeroed
+        route = struct.pack("L", 0) + sockaddr("0.0.0.0") + sockaddr(GATEWAY_IP) + sockaddr("0.0.0.0")
+        route += struct.pack("H", 0x0001 | 0x0002) + bytes(120 - len(route) - 2)
+        fcntl.ioctl(s, SIOCADDRT, route)
+    with open("/etc/resolv.conf", "w") as f:
+        f.write(f"nameserver {DNS_IP}\n")
 
 
 def _kernel_args() -> dict[str, str]:
@@ -546,7 +566,7 @@ def _kernel_args() -> dict[str, str]:
 
 
 def init_system() -> None:
-    """What an init does before services: filesystems, hostname, loopback."""
+    """What an init does before services: filesystems, hostname, network."""
     _mount("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666")
     _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
     _mount("tmpfs", "/run", "tmpfs", "mode=755")
@@ -555,9 +575,11 @@ def init_system() -> None:
     if hostname:
         socket.sethostname(hostname)
     try:
-        _loopback_up()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            _interface_up(s, b"lo")
+        _configure_network()
     except OSError as exc:
-        print(f"agent: loopback: {exc}", file=sys.stderr)
+        print(f"agent: network: {exc}", file=sys.stderr)
 
 
 def reap_forever(server_pid: int) -> None:

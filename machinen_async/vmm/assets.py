@@ -39,7 +39,9 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 SUITE = "bookworm"
 ROOTFS_PACKAGES = ("python3-minimal", "python3-msgpack")
 # Dependency order: each module only needs the ones before it.
-INITRD_MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk")
+INITRD_MODULES = (
+    "virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "failover", "net_failover", "virtio_net",
+)  # fmt: skip
 IMAGE_SIZE = "2G"  # sparse; the qcow2 overlay only stores what a VM writes
 GUEST_LIB = "usr/lib/machinen"
 GUEST_ENTRY = f"/{GUEST_LIB}/agent_main.py"
@@ -237,13 +239,26 @@ def _build_rootfs_tarball(cache: Path, report: Report) -> Path:
 def ensure_base(report: Report = lambda message: None, *, refresh: bool = False) -> BaseAssets:
     """Kernel, initrd and base rootfs tarball, built on first use.
 
-    The result is remembered in ``base.json`` so a boot does not ask apt
-    again; ``refresh`` (``machinen install``) re-resolves the packages.
+    The result is remembered in ``base-<recipe>.json`` so a boot does not ask
+    apt again; ``refresh`` (``machinen install --refresh``) re-resolves the
+    packages.  A change to what is built (modules, /init, package list)
+    is a new recipe and builds anew.
     """
+    # What this code builds, as opposed to which package versions it builds from.
+    recipe = hashlib.sha256(
+        json.dumps([ASSETS_FORMAT, INITRD_MODULES, INIT_SCRIPT, SUITE, ROOTFS_PACKAGES]).encode()
+    ).hexdigest()
     with _cache_lock() as cache:
-        record = cache / "base.json"
+        # One record per recipe, so different machinen versions sharing a cache coexist.
+        record = cache / f"base-{recipe[:16]}.json"
         if record.exists() and not refresh:
-            base = BaseAssets(**{k: (Path(v) if k != "kernel_package" else v) for k, v in json.loads(record.read_text()).items()})
+            saved = json.loads(record.read_text())
+            base = BaseAssets(
+                kernel=Path(saved["kernel"]),
+                initrd=Path(saved["initrd"]),
+                rootfs_tarball=Path(saved["rootfs_tarball"]),
+                kernel_package=saved["kernel_package"],
+            )
             if base.kernel.exists() and base.initrd.exists() and base.rootfs_tarball.exists():
                 return base
         kernel, initrd, kernel_package = _build_kernel_and_initrd(cache, report)

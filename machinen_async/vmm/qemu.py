@@ -115,6 +115,7 @@ class MachineConfig:
     initrd: Path
     hostname: str
     tsc_khz: int | None = None
+    network: bool = True  # outbound only, user-mode NAT: guest 10.0.2.15, gateway .2, DNS .3
 
     def kernel_cmdline(self) -> str:
         args = f"console=ttyS0 quiet panic=-1 machinen.hostname={self.hostname}"
@@ -178,5 +179,6 @@ def command_line(
         "-blockdev", json.dumps(chain_blockdev(disk_chain)),
         "-device", "virtio-blk-device,drive=disk0,id=vblk0",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+        *(["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"] if machine.network else []),
         *(["-incoming", "defer"] if incoming else []),
     ]  # fmt: skip

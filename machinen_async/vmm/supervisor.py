@@ -72,6 +72,7 @@ class SupervisorConfig:
     tsc_khz: int | None
     boot_timeout: float
     detached: bool
+    network: bool = True
     ports: list[list] = field(default_factory=list)  # [[host address, host port, guest port], ...]
     # Start from saved state instead of booting (fork sibling or restore):
     # {state, mem, mem_mode: "map"|"copy", ram_in_state, chain, disk_size, holds, import_disk?, source}
@@ -445,7 +446,8 @@ class Supervisor:
         return frozen
 
     def _machine(self) -> dict[str, Any]:
-        return {k: getattr(self.config, k) for k in ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "tsc_khz")}
+        keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "tsc_khz", "network")
+        return {k: getattr(self.config, k) for k in keys}
 
     async def freeze_template(self) -> dict[str, Any]:
         """Capture this running VM as a template that fork siblings start from."""
@@ -531,6 +533,7 @@ class Supervisor:
             initrd=Path(config.initrd),
             hostname=config.name,
             tsc_khz=config.tsc_khz,
+            network=config.network,
         )
 
     async def snapshot(self, directory: str) -> dict[str, Any]:
@@ -554,7 +557,7 @@ class Supervisor:
                 "source": self.config.name,
                 "qemu_version": self.qemu_version,
                 "machine": {"type": qemu.MACHINE_TYPE, "disk_size": self.disk_size,
-                            **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz")}},
+                            **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
                 "kernel": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["kernel"]))},
                 "initrd": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["initrd"]))},
                 "image": {"key": Path(base).stem},
@@ -697,6 +700,7 @@ class Supervisor:
                     "ram_dir": config.ram_dir,
                     "detached": config.detached,
                     "forked_from": (config.incoming or {}).get("source"),
+                    "network": config.network,
                     "ports": config.ports,
                     "started_at": time.time(),
                     "boot_s": round(boot_s, 3),
