@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from . import vm
 
         return getattr(vm, name)
+    if name in ("provision", "ProvisionError"):
+        from . import provisioning
+
+        return getattr(provisioning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
@@ -43,10 +47,12 @@ __all__ = [
     "GuestFileError",
     "MachinenError",
     "Process",
+    "ProvisionError",
     "RegistryError",
     "SnapshotError",
     "SnapshotInfo",
     "boot",
     "connect",
+    "provision",
     "restore",
 ]

@@ -19,7 +19,8 @@ import anyio
 import click
 
 from . import __version__, registry
-from .errors import MachinenError, plain_errors
+from .errors import GuestFileError, MachinenError, plain_errors
+from .guest_agent.agent import WORKLOAD_LOG
 from .vm import VM, boot, connect, restore
 from .vmm import assets, storage
 
@@ -187,18 +188,19 @@ def install(refresh: bool) -> None:
 def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, ports, detach, as_json):
     """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
 
-    With `-- CMD...` run CMD, stream its output and exit with its code (the VM
-    is stopped after).  With --detach the VM keeps running: use `machinen exec`.
+    The image's default cmd (see `provision`) runs as the VM's workload.  With
+    `-- CMD...` in the foreground, run CMD, stream its output and exit with its
+    code (the VM is stopped after).  With --detach the VM keeps running and
+    CMD, if given, is its workload (output: `machinen logs --workload`).
     """
     image, cmd = _split_image_and_command(args)
     env = _parse_env(env_pairs)
-    if detach and cmd:
-        raise click.UsageError("--detach with a command is not supported yet: boot detached, then `machinen exec`")
 
     async def run() -> int:
         launch = boot(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
             detached=detach, ports=ports, network=not no_network, progress=_progress,
+            cmd=cmd if detach and cmd else None, env=env,
         )  # fmt: skip
         async with launch as vm:
             if as_json:
@@ -368,11 +370,23 @@ def stop_command(name: str, force: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--lines", "-n", type=int, default=50, show_default=True)
-def logs(name: str, lines: int) -> None:
-    """Show the tail of VM NAME's console."""
-    entry = registry.find(name)
-    text = entry.console_log.read_text(errors="replace") if entry.console_log.exists() else ""
-    click.echo("\n".join(text.splitlines()[-lines:]))
+@click.option("--workload", is_flag=True, help="The workload's output instead of the console.")
+def logs(name: str, lines: int, workload: bool) -> None:
+    """Show the tail of VM NAME's console (or of its workload's output)."""
+
+    async def run() -> None:
+        entry = registry.find(name)
+        if workload:
+            async with connect(name) as vm:
+                try:
+                    text = (await vm.read_file(WORKLOAD_LOG)).decode(errors="replace")
+                except GuestFileError:
+                    text = ""
+        else:
+            text = entry.console_log.read_text(errors="replace") if entry.console_log.exists() else ""
+        click.echo("\n".join(text.splitlines()[-lines:]))
+
+    _run(run)
 
 
 if __name__ == "__main__":

@@ -269,8 +269,10 @@ class VM:
         return await self._channel.call("ping")
 
     async def describe(self) -> dict[str, Any]:
-        """Supervisor metadata plus the guest agent's info."""
-        return await self._channel.call("vm.info")
+        """Supervisor metadata, plus the guest agent's live info under ``"agent"``."""
+        info = await self._channel.call("vm.info")
+        info["agent"] = await self._channel.call("info")
+        return info
 
     def fork(
         self,
@@ -594,6 +596,7 @@ async def _launch(
     detached: bool,
     ports: Sequence[PortSpec] | None,
     network: bool,
+    workload: dict[str, Any] | None,
     progress: Callable[[str], None] | None,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
@@ -603,12 +606,12 @@ async def _launch(
     qemu.qemu_binary()
     report = progress or (lambda message: None)
 
-    def prepare() -> tuple[assets.BaseAssets, Path]:
+    def prepare() -> tuple[assets.BaseAssets, Path, Path]:
         base = assets.ensure_base(report)
         tarball = Path(image).expanduser().resolve() if image is not None else base.rootfs_tarball
-        return base, assets.image_for(tarball, report)
+        return base, tarball, assets.image_for(tarball, report)
 
-    base, disk_image = await anyio.to_thread.run_sync(prepare)
+    base, tarball, disk_image = await anyio.to_thread.run_sync(prepare)
     registry.ensure_free(name)  # fail fast; the supervisor's claim is the real check
     config = SupervisorConfig(
         name=name,
@@ -618,12 +621,14 @@ async def _launch(
         kernel=str(base.kernel),
         initrd=str(base.initrd),
         image=str(disk_image),
+        image_source=str(tarball),
         ram_dir=_new_ram_dir(name),
         tsc_khz=qemu.host_tsc_khz() if chosen_accel == "tcg" else None,
         boot_timeout=boot_timeout,
         detached=detached,
         ports=forwards,
         network=network,
+        workload=workload,
     )
     return await _start_supervisor(config)
 
@@ -707,9 +712,16 @@ def boot(
     detached: bool = False,
     ports: Sequence[PortSpec] | None = None,
     network: bool = True,
+    cmd: Command | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> _Boot:
     """Boot a microVM from ``image`` (a rootfs tarball; default: the Debian base).
+
+    The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
+    as its supervised workload: output in /var/log/machinen/workload.log,
+    restarted after a non-zero exit.
 
     ``accel``: "kvm", "tcg" or "auto" (default, also $MACHINEN_ACCEL).  With
     ``detached`` the VM outlives this process; reach it with ``connect(name)``.
@@ -730,6 +742,7 @@ def boot(
             detached=detached,
             ports=ports,
             network=network,
+            workload=None if cmd is None else {"cmd": _argv(cmd), "env": dict(env or {}), "cwd": cwd},
             progress=progress,
         )
     )
@@ -793,14 +806,23 @@ async def _restore(
         for key, path in (("kernel", base.kernel), ("initrd", base.initrd)):
             if assets.sha256_file(path) != manifest.data[key]["sha256"]:
                 raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
-        tarball = Path(image).expanduser().resolve() if image is not None else base.rootfs_tarball
-        disk_image = assets.image_for(tarball, report)
-        if disk_image.stem != manifest.data["image"]["key"]:
+        # Found by content, never by a path from the manifest (that is only quoted in the error).
+        wanted = manifest.data["image"]["key"]
+        if image is not None:
+            tarball = Path(image).expanduser().resolve()
+            if assets.image_key(tarball) != wanted:
+                raise SnapshotError(f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE")
+            return base, assets.image_for(tarball, report)
+        found = assets.cached_image(wanted)
+        if found is None and assets.image_key(base.rootfs_tarball) == wanted:
+            found = assets.image_for(base.rootfs_tarball, report)
+        if found is None:
             raise BootError(
-                "the image this bundle was taken on is not here: pass image= (the rootfs tarball it was booted from)",
+                f"the image this bundle was taken on ({manifest.data['image'].get('tarball', 'unknown')}) is not "
+                "here: pass image= with that rootfs tarball",
                 code="BOOT_IMAGE_NOT_FOUND",
             )
-        return base, disk_image
+        return base, found
 
     base, disk_image = await anyio.to_thread.run_sync(locate_assets)
     registry.ensure_free(name)
@@ -813,6 +835,7 @@ async def _restore(
         kernel=str(base.kernel),
         initrd=str(base.initrd),
         image=str(disk_image),
+        image_source=manifest.data["image"].get("tarball", ""),
         ram_dir=_new_ram_dir(name),
         tsc_khz=machine["tsc_khz"],
         boot_timeout=boot_timeout,

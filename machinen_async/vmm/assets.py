@@ -42,7 +42,7 @@ ROOTFS_PACKAGES = ("python3-minimal", "python3-msgpack")
 INITRD_MODULES = (
     "virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "failover", "net_failover", "virtio_net",
 )  # fmt: skip
-IMAGE_SIZE = "2G"  # sparse; the qcow2 overlay only stores what a VM writes
+MIN_IMAGE_GIB = 2  # sparse; the qcow2 overlay only stores what a VM writes
 GUEST_LIB = "usr/lib/machinen"
 GUEST_ENTRY = f"/{GUEST_LIB}/agent_main.py"
 ASSETS_FORMAT = 1
@@ -293,17 +293,28 @@ def _tarball_digest(tarball: Path, cache: Path) -> str:
     return digest
 
 
-def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
-    """The read-only ext4 image of ``tarball`` plus the current guest agent."""
+def image_key(tarball: Path) -> str:
+    """Content identity of the image built from ``tarball`` (and the current agent)."""
     if not tarball.is_file():
         raise BootError(f"image not found: {tarball}", code="BOOT_IMAGE_NOT_FOUND")
+    agent = _agent_sources()
+    key = hashlib.sha256()
+    key.update(f"{ASSETS_FORMAT}|{_tarball_digest(tarball, paths.private_dir(paths.cache_dir()))}".encode())
+    for name in sorted(agent):
+        key.update(name.encode() + b"\0" + agent[name] + b"\0")
+    return key.hexdigest()[:24]
+
+
+def cached_image(key: str) -> Path | None:
+    image = paths.cache_dir() / "images" / f"{key}.ext4"
+    return image if image.is_file() else None
+
+
+def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
+    """The read-only ext4 image of ``tarball`` plus the current guest agent."""
+    key = image_key(tarball)
     with _cache_lock() as cache:
-        agent = _agent_sources()
-        key = hashlib.sha256()
-        key.update(f"{ASSETS_FORMAT}|{IMAGE_SIZE}|{_tarball_digest(tarball, cache)}".encode())
-        for name in sorted(agent):
-            key.update(name.encode() + b"\0" + agent[name] + b"\0")
-        image = paths.private_dir(cache / "images") / f"{key.hexdigest()[:24]}.ext4"
+        image = paths.private_dir(cache / "images") / f"{key}.ext4"
         if image.exists():
             return image
         with _step(report, f"converting {tarball.name} to an ext4 image"), tempfile.TemporaryDirectory(
@@ -312,13 +323,15 @@ def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
             root = Path(tmp) / "root"
             root.mkdir()
             _run(["tar", "-C", str(root), "-xpf", str(tarball)], what="unpack rootfs")
-            for name, content in agent.items():
+            for name, content in _agent_sources().items():
                 target = root / GUEST_LIB / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content)
             partial = Path(tmp) / "image.ext4"
+            used = int(_run(["du", "-sb", str(root)], what="measure the rootfs").split()[0])
+            size_gib = max(MIN_IMAGE_GIB, -(-used * 3 // 2 // 2**30) + 1)  # room to grow; sparse anyway
             _run(
-                ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), "-L", "machinen-root", str(partial), IMAGE_SIZE],
+                ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), "-L", "machinen-root", str(partial), f"{size_gib}G"],
                 what="mke2fs",
             )
             partial.chmod(0o444)

@@ -73,7 +73,10 @@ class SupervisorConfig:
     boot_timeout: float
     detached: bool
     network: bool = True
+    image_source: str = ""  # the rootfs tarball the image was built from, for people reading a manifest
     ports: list[list] = field(default_factory=list)  # [[host address, host port, guest port], ...]
+    # The long-running command: {"cmd", "env", "cwd"}; None runs the image's default cmd, if any.
+    workload: dict[str, Any] | None = None
     # Start from saved state instead of booting (fork sibling or restore):
     # {state, mem, mem_mode: "map"|"copy", ram_in_state, chain, disk_size, holds, import_disk?, source}
     incoming: dict[str, Any] | None = None
@@ -352,7 +355,7 @@ class Supervisor:
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> None:
         try:
             if method == "vm.info":
-                result: Any = {**self.meta, "agent": self.agent_info}
+                result: Any = self.meta
             elif method == "vm.reset_agent_channel":
                 # Drop and re-establish the agent channel (a new agent session), as a
                 # restore does; for recovering a wedged channel and for tests.
@@ -446,7 +449,7 @@ class Supervisor:
         return frozen
 
     def _machine(self) -> dict[str, Any]:
-        keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "tsc_khz", "network")
+        keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "tsc_khz", "network")
         return {k: getattr(self.config, k) for k in keys}
 
     async def freeze_template(self) -> dict[str, Any]:
@@ -560,7 +563,7 @@ class Supervisor:
                             **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
                 "kernel": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["kernel"]))},
                 "initrd": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["initrd"]))},
-                "image": {"key": Path(base).stem},
+                "image": {"key": Path(base).stem, "tarball": self.config.image_source},
             }  # fmt: skip
             manifest = await anyio.to_thread.run_sync(bundle.seal, target, fields)
         except BaseException:
@@ -638,7 +641,11 @@ class Supervisor:
             if (await self.qmp.execute("query-status"))["status"] != "running":
                 await self.qmp.execute("cont")
         await self.connect_agent()
-        if incoming is not None:
+        if incoming is None:
+            workload = await self.call_agent("workload_start", self.config.workload or {"from_image": True})
+            if not workload["running"] and workload["exit_code"] == 127:
+                raise BootError(f"cannot start the workload {workload['argv']!r}", code="BOOT_CMD_NOT_FOUND")
+        else:
             resumed = await self.call_agent(
                 "resumed",
                 {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": secrets.token_bytes(64)},

@@ -1,0 +1,108 @@
+"""Bake images: boot a base, run an install hook with network, save the root filesystem.
+
+The result is a rootfs tarball that ``boot(image=...)`` (and ``machinen boot
+IMAGE``) takes; it carries its default cmd, env and cwd in
+/etc/machinen/image.json, which the guest agent starts as the VM's workload.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+import anyio
+
+from .errors import ExecError, MachinenError
+from .guest_agent.agent import IMAGE_CONFIG
+from .vm import VM, Command, _argv, boot
+
+DEFAULT_TIMEOUT_S = 600.0
+# Mount points stay (as empty directories); their contents and the agent (re-added per image) do not.
+EXPORT_EXCLUDES = ("./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", "./usr/lib/machinen")
+
+
+class ProvisionError(MachinenError):
+    default_code = "PROVISION_FAILED"
+
+
+async def provision(
+    *,
+    out: str | os.PathLike,
+    install: Callable[[VM], Awaitable[object]] | None = None,
+    cmd: Command | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    base: str | os.PathLike | None = None,
+    memory_mib: int = 512,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a rootfs tarball (``.tar`` or gzip ``.tar.gz``/``.tgz``) to ``out``.
+
+    ``install(vm)`` runs in a VM booted from ``base`` (default: the Debian
+    base image) with outbound network, so ``apt-get install``/``pip install``
+    work.  If it fails, PROVISION_INSTALL_HOOK_FAILED carries the failing
+    command's output and no tarball is written.
+    """
+    target = Path(out).expanduser().resolve()
+    if not target.parent.is_dir():
+        raise ProvisionError(f"directory {target.parent} does not exist", code="PROVISION_OUT_INVALID")
+    partial = target.with_name(f".{target.name}.partial")
+    report = progress or (lambda message: None)
+    try:
+        async with boot(image=base, memory_mib=memory_mib, network=True, progress=progress) as vm:
+            if install is not None:
+                report("running the install hook")
+                await _run_install(install, vm, timeout)
+            config = {"cmd": _argv(cmd) if cmd is not None else None, "env": dict(env or {}), "cwd": cwd or "/"}
+            await vm.write_file(IMAGE_CONFIG, json.dumps(config).encode(), parents=True)
+            await vm.exec(["sh", "-c", "apt-get clean 2>/dev/null; sync"], check=True, timeout=timeout)
+            report(f"saving the root filesystem to {target.name}")
+            await _export_rootfs(vm, partial, timeout)
+        partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+async def _run_install(install: Callable[[VM], Awaitable[object]], vm: VM, timeout: float) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            await install(vm)
+    except TimeoutError:
+        raise ProvisionError(f"the install hook did not finish within {timeout:g} s", code="PROVISION_TIMEOUT") from None
+    except ExecError as exc:
+        output = b""
+        if exc.result is not None:
+            output = (exc.result.stdout[-2000:] + b"\n" + exc.result.stderr[-2000:]).strip()
+        raise ProvisionError(
+            f"the install hook failed: {exc}\n{output.decode(errors='replace')}",
+            code="PROVISION_INSTALL_HOOK_FAILED",
+        ) from exc
+    except Exception as exc:
+        raise ProvisionError(f"the install hook raised {exc!r}", code="PROVISION_INSTALL_HOOK_FAILED") from exc
+
+
+async def _export_rootfs(vm: VM, partial: Path, timeout: float) -> None:
+    argv = ["tar", "-C", "/", "-c", "-f", "-", "--one-file-system", "--numeric-owner"]
+    argv += [f"--exclude={pattern}" for pattern in EXPORT_EXCLUDES] + ["."]
+    opener = gzip.open if partial.name.endswith((".tar.gz.partial", ".tgz.partial")) else open
+    with opener(partial, "wb") as out:  # type: ignore[operator]
+        os.chmod(partial, 0o600)
+        async with vm.process(argv, stdin=False, timeout=timeout) as tar:
+            errors = bytearray()
+
+            async def collect_errors() -> None:
+                async for chunk in tar.stderr:
+                    errors.extend(chunk)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(collect_errors)
+                async for chunk in tar.stdout:
+                    await anyio.to_thread.run_sync(out.write, chunk)
+            code = await tar.wait()
+    if code not in (0, 1):  # 1: a file changed while being read, harmless here
+        raise ProvisionError(f"tar exited {code}: {errors[-2000:].decode(errors='replace')}", code="PROVISION_EXPORT_FAILED")

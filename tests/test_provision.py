@@ -1,0 +1,92 @@
+"""Provisioned images, workloads and the quickstart example (real VMs, real network)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from machinen_async import BootError, ProvisionError, boot, provision
+from test_ports import free_port
+
+pytestmark = pytest.mark.anyio
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # each of these boots several VMs; the protocol is covered on trio elsewhere
+
+
+async def test_provision_installs_with_network_and_carries_its_cmd(tmp_path):
+    image = tmp_path / "jq.tar.gz"
+
+    async def install(vm):
+        await vm.exec("apt-get update -q && apt-get install -y -q --no-install-recommends jq", check=True, timeout=600)
+        await vm.write_file("/opt/greet.sh", b"#!/bin/sh\necho \"hello $WHO\" > /tmp/greeting\nexec sleep 100000\n",
+                            mode=0o755, parents=True)  # fmt: skip
+
+    assert await provision(install=install, cmd=["/opt/greet.sh"], env={"WHO": "image"}, out=image) == image
+    assert image.stat().st_size > 10_000_000 and image.stat().st_mode & 0o077 == 0
+    async with boot(image, name="provisioned") as vm:
+        assert (await vm.exec(["jq", "--version"], check=True)).stdout.startswith(b"jq-")
+        workload = (await vm.describe())["agent"]["workload"]
+        assert workload["running"] and workload["argv"] == ["/opt/greet.sh"]
+        assert (await vm.exec(["sh", "-c", "sleep 0.5; cat /tmp/greeting"])).stdout == b"hello image\n"
+    async with boot(image, name="provisioned-override", cmd=["sleep", "1000"]) as vm:
+        assert (await vm.describe())["agent"]["workload"]["argv"] == ["sleep", "1000"]
+
+
+async def test_failing_install_hook_writes_no_tarball(tmp_path):
+    async def install(vm):
+        await vm.exec(["sh", "-c", "echo about-to-fail; echo details >&2; exit 3"], check=True)
+
+    with pytest.raises(ProvisionError) as failed:
+        await provision(install=install, out=tmp_path / "never.tar")
+    assert failed.value.code == "PROVISION_INSTALL_HOOK_FAILED"
+    assert "about-to-fail" in failed.value.message and "details" in failed.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_workload_on_the_base_image_and_errors():
+    async with boot(name="adhoc", cmd="echo ran > /tmp/ran; exit 7", network=False) as vm:
+        status = await vm.exec(["sh", "-c", "sleep 1; cat /tmp/ran"])
+        assert status.stdout == b"ran\n"
+        workload = (await vm.describe())["agent"]["workload"]
+        assert workload["exit_code"] == 7 and workload["restarts"] >= 1  # non-zero exits are restarted
+        assert b"/tmp/ran" not in await vm.read_file("/var/log/machinen/workload.log")
+    with pytest.raises(BootError) as missing:
+        async with boot(cmd=["/no/such/program"]):
+            pass
+    assert missing.value.code == "BOOT_CMD_NOT_FOUND"
+
+
+def test_cli_detached_workload_and_logs(cli):
+    cli("boot", "--name", "cli-workload", "--detach", "--", "sh", "-c", "echo from-workload; sleep 1000")
+    try:
+        logs = cli("logs", "cli-workload", "--workload")
+        assert logs.stdout.strip() == b"from-workload"
+    finally:
+        cli("stop", "cli-workload", check=False)
+
+
+def test_quickstart_example():
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart" / "run.py"), "--port", str(port)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    counts = json.dumps(lines)
+    booted = next(line for line in lines if line.startswith("2. booted"))
+    first, second = (int(word) for word in booted.replace(",", "").split() if word.isdigit())
+    assert second == first + 1, counts
+    restored = next(line for line in lines if "restored;" in line)
+    assert f"count {second + 1}" in restored, counts  # the same process, continued
+    forked = next(line for line in lines if line.startswith("4. forked"))
+    n = second + 2
+    assert forked == f"4. forked: counter -> {n}, counter-b -> {n}, counter-b -> {n + 1}, counter -> {n + 1}"
