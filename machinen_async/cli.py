@@ -7,12 +7,16 @@ on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import stat
 import sys
+import termios
 import time
-from collections.abc import Awaitable, Callable
+import tty
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -78,31 +82,77 @@ def _vm_row(entry: registry.VmDir) -> dict[str, Any] | None:
     }
 
 
-async def _stream_exec(vm: VM, argv: list[str], env: dict[str, str], cwd: str | None, timeout: float | None) -> int:
-    """Run argv in the VM with our stdio attached; returns its exit code."""
-    forward_stdin = not sys.stdin.isatty()
-    async with vm.process(argv, env=env, cwd=cwd, stdin=forward_stdin, timeout=timeout) as proc:
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    """Our terminal in raw mode (keys go to the guest as typed), restored on exit."""
+    if not enabled:
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0, termios.TCSANOW)  # TCSAFLUSH (the default) would drop keys typed ahead
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSANOW, saved)
+
+
+async def _stream_exec(
+    vm: VM, argv: list[str], env: dict[str, str], cwd: str | None, timeout: float | None, *, use_tty: bool = False
+) -> int:
+    """Run argv in the VM with our stdio attached; returns its exit code.
+
+    With ``use_tty`` the guest process gets a pseudo-terminal of our size,
+    our terminal goes raw and window resizes follow it.
+    """
+    interactive = sys.stdin.isatty()
+    forward_stdin = use_tty or not interactive
+    size = os.get_terminal_size(0) if use_tty and interactive else os.terminal_size((24, 80))
+    if use_tty:
+        env = {"TERM": os.environ.get("TERM", "xterm"), **env}
+    async with vm.process(
+        argv, env=env, cwd=cwd, stdin=forward_stdin, timeout=timeout, tty=use_tty, size=(size.lines, size.columns)
+    ) as proc:
 
         async def copy_out(stream, fd: int) -> None:
             async for chunk in stream:
                 await anyio.to_thread.run_sync(_write_all, fd, chunk)
 
         async def copy_in() -> None:
-            while chunk := await anyio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True):
+            while chunk := await _read_stdin():
                 await proc.stdin.send(chunk)
             await proc.stdin.aclose()
 
-        async with anyio.create_task_group() as tg:
-            if forward_stdin:
-                tg.start_soon(copy_in)
-            async with anyio.create_task_group() as output:
-                output.start_soon(copy_out, proc.stdout, 1)
-                output.start_soon(copy_out, proc.stderr, 2)
-            code = await proc.wait()
-            tg.cancel_scope.cancel()  # the command is done; stop reading our stdin
+        async def follow_resizes() -> None:
+            with anyio.open_signal_receiver(signal.SIGWINCH) as resizes:
+                async for _ in resizes:
+                    size = os.get_terminal_size(0)
+                    await proc.resize(size.lines, size.columns)
+
+        with _raw_terminal(use_tty and interactive):
+            async with anyio.create_task_group() as tg:
+                if forward_stdin:
+                    tg.start_soon(copy_in)
+                if use_tty and interactive:
+                    tg.start_soon(follow_resizes)
+                async with anyio.create_task_group() as output:
+                    output.start_soon(copy_out, proc.stdout, 1)
+                    output.start_soon(copy_out, proc.stderr, 2)
+                code = await proc.wait()
+                tg.cancel_scope.cancel()  # the command is done; stop reading our stdin
         if proc.timed_out:
             click.echo(f"error [EXEC_AGENT_TIMEOUT]: {argv!r} timed out after {timeout:g} s", err=True)
         return code
+
+
+async def _read_stdin() -> bytes:
+    """A chunk of our stdin, b"" at its end.  Waits in the event loop rather
+    than in a thread, which would keep the process alive after the command
+    ended (a blocked read cannot be interrupted)."""
+    mode = os.fstat(0).st_mode
+    # Pipes, sockets and terminals can block; files and /dev/null cannot (and epoll refuses them).
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(0):
+        await anyio.wait_readable(0)
+    return os.read(0, 65536)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -223,14 +273,28 @@ def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, n
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V")
 @click.option("--cwd", help="Working directory in the guest.")
 @click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds.")
+@click.option("--tty", "-t", "use_tty", is_flag=True, help="Run CMD on a pseudo-terminal (interactive programs).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_command(name, env_pairs, cwd, timeout, cmd) -> None:
+def exec_command(name, env_pairs, cwd, timeout, use_tty, cmd) -> None:
     """Run CMD in VM NAME, streaming stdin/stdout/stderr; exit with its code."""
     env = _parse_env(env_pairs)
 
     async def run() -> int:
         async with connect(name) as vm:
-            return await _stream_exec(vm, _command(cmd), env, cwd, timeout)
+            return await _stream_exec(vm, _command(cmd), env, cwd, timeout, use_tty=use_tty)
+
+    _run(run)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--shell", default="/bin/bash", show_default=True, help="Program to run on the terminal.")
+def attach(name: str, shell: str) -> None:
+    """Open an interactive shell in VM NAME (on a pseudo-terminal)."""
+
+    async def run() -> int:
+        async with connect(name) as vm:
+            return await _stream_exec(vm, [shell, "-l"], {}, "/root", None, use_tty=True)
 
     _run(run)
 

@@ -156,6 +156,10 @@ class Process:
     async def kill(self) -> None:
         await self.send_signal(signal.SIGKILL, group=True)
 
+    async def resize(self, rows: int, cols: int) -> None:
+        """New terminal size for a ``tty`` process (it gets SIGWINCH)."""
+        await self._call.control({"resize": [int(rows), int(cols)]})
+
 
 class VM:
     """A running VM.  Get one from ``boot()`` or ``connect()``."""
@@ -178,13 +182,20 @@ class VM:
         cwd: str | None = None,
         stdin: bool = True,
         timeout: float | None = None,
+        tty: bool = False,
+        size: tuple[int, int] = (24, 80),
     ) -> AsyncIterator[Process]:
         """Start a guest process and stream its stdin/stdout/stderr.
 
-        Leaving the block while it still runs kills it (and its process group).
+        With ``tty`` it runs on a pseudo-terminal of ``size`` (rows, cols) as
+        its controlling terminal: all output arrives on stdout, and
+        ``Process.resize`` changes the size.  Leaving the block while it still
+        runs kills it (and its process group).
         """
         argv = _argv(cmd)
         params = {"argv": argv, "env": dict(env or {}), "cwd": cwd, "stdin": stdin, "timeout": timeout}
+        if tty:
+            params.update(tty=True, rows=size[0], cols=size[1])
         call = await self._channel.open("exec", params)
         try:
             yield Process(call, argv)

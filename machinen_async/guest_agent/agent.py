@@ -18,11 +18,13 @@ import fcntl
 import json
 import os
 import platform
+import pty
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -185,19 +187,43 @@ class InputPump:
         self.on_eof(broken)
 
 
+class SharedFd:
+    def __init__(self, fd: int, users: int) -> None:
+        self.fd = fd
+        self.users = users
+        self.lock = threading.Lock()
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                os.close(self.fd)
+
+
+def _take_controlling_tty() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _set_window_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
 class ExecTask(Task):
     def start(self, params: dict) -> None:
         env = dict(BASE_ENV)
         env.update(params.get("env") or {})
+        self.master = None
+        if params.get("tty"):
+            # One pseudo-terminal for stdin/stdout/stderr, as the controlling tty of a new session.
+            self.master, slave = pty.openpty()
+            _set_window_size(slave, params.get("rows") or 24, params.get("cols") or 80)
+            stdio = {"stdin": slave, "stdout": slave, "stderr": slave, "preexec_fn": _take_controlling_tty}
+        else:
+            stdin = subprocess.PIPE if params.get("stdin") else subprocess.DEVNULL
+            stdio = {"stdin": stdin, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
         try:
             self.proc = subprocess.Popen(
-                params["argv"],
-                stdin=subprocess.PIPE if params.get("stdin") else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=params.get("cwd") or "/",
-                env=env,
-                start_new_session=True,
+                params["argv"], cwd=params.get("cwd") or "/", env=env, start_new_session=True, **stdio
             )
         except FileNotFoundError as exc:
             if params.get("cwd") and exc.filename == params.get("cwd"):
@@ -207,26 +233,39 @@ class ExecTask(Task):
             return self.fail("EXEC_PERMISSION_DENIED", f"{exc.strerror}: {exc.filename}")
         except (OSError, ValueError, TypeError) as exc:
             return self.fail("EXEC_SPAWN_FAILED", f"cannot start {params['argv']!r}: {exc}")
+        finally:
+            if self.master is not None:
+                os.close(slave)
         self.timed_out = False
         self.output_detached = False
         self.bytes_read = 0
-        if self.proc.stdin is not None:
-            self.input = InputPump(self, self.proc.stdin.fileno(), lambda broken: self.proc.stdin.close())
         timeout = params.get("timeout")
         self.timer = threading.Timer(timeout, self._on_timeout) if timeout else None
         if self.timer:
             self.timer.daemon = True
             self.timer.start()
-        self.pumps = [
-            start_thread(self._pump, self.proc.stdout, wire.STDOUT),
-            start_thread(self._pump, self.proc.stderr, wire.STDERR),
-        ]
+        if self.master is not None:
+            # Reader and writer share the master fd: closed when both are done with it, never under one.
+            master = SharedFd(self.master, users=2)
+            self.input = InputPump(self, self.master, lambda broken: master.release())  # no EOF on a tty but ^D
+            self.pumps = [start_thread(self._pump, self.master, wire.STDOUT, master.release)]
+            self.send([wire.EOF, self.sid, wire.STDERR])  # all output arrives on stdout
+        else:
+            if self.proc.stdin is not None:
+                self.input = InputPump(self, self.proc.stdin.fileno(), lambda broken: self.proc.stdin.close())
+            self.pumps = [
+                start_thread(self._pump, self.proc.stdout.fileno(), wire.STDOUT, self.proc.stdout.close),
+                start_thread(self._pump, self.proc.stderr.fileno(), wire.STDERR, self.proc.stderr.close),
+            ]
         start_thread(self._wait)
 
-    def _pump(self, pipe, fd: int) -> None:
+    def _pump(self, source: int, fd: int, close) -> None:
         while True:
             size = self.take_credit(fd)
-            data = os.read(pipe.fileno(), size)
+            try:
+                data = os.read(source, size)
+            except OSError:  # EIO: every process holding the terminal's other end is gone
+                data = b""
             if not data:
                 break
             self.bytes_read += len(data)
@@ -234,7 +273,7 @@ class ExecTask(Task):
                 continue
             self.spend_credit(fd, len(data))
             self.send([wire.DATA, self.sid, fd, data])
-        pipe.close()
+        close()
         if not self.output_detached:
             self.send([wire.EOF, self.sid, fd])
 
@@ -256,6 +295,8 @@ class ExecTask(Task):
                             self.send([wire.EOF, self.sid, fd])
                     break
         signum = -returncode if returncode < 0 else None
+        if self.master is not None:
+            self.input.put(None)
         self.finish(
             {
                 "exit_code": 128 + signum if signum else returncode,
@@ -280,6 +321,9 @@ class ExecTask(Task):
             self._kill_group(signal.SIGKILL)
 
     def on_control(self, payload: dict) -> None:
+        if payload.get("resize") and self.master is not None:
+            rows, cols = payload["resize"]
+            _set_window_size(self.master, rows, cols)  # the kernel sends SIGWINCH to the foreground group
         signum = payload.get("signal")
         if signum and hasattr(self, "proc"):
             if payload.get("group"):
