@@ -1,3 +1,3 @@
 from .cli import main
 
-main()
+main(prog_name="machinen")  # same name (and completion variable) as the console script

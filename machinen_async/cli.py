@@ -453,5 +453,21 @@ def logs(name: str, lines: int, workload: bool) -> None:
     _run(run)
 
 
+# machinen's aliases for ls
+main.add_command(ls_command, name="list")
+main.add_command(ls_command, name="ps")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script, e.g. `eval "$(machinen completion bash)"`."""
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None
+    click.echo(completer(main, {}, "machinen", "_MACHINEN_COMPLETE").source())
+
+
 if __name__ == "__main__":
     main()

@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 from conftest import SHARED_VM, ls_json, qemu_processes, runtime_leftovers
 
@@ -114,3 +116,45 @@ def test_gc_clears_what_a_killed_vm_left(cli):
     assert any("/layers/" in p for p in removed)
     assert not [d for d in runtime_leftovers() if d.startswith("cli-killed-")]
     assert json.loads(cli("gc", "--json").stdout)["removed"] == []
+
+
+def test_stop_force_and_aliases(cli):
+    cli("boot", "--name", "cli-force", "--detach")
+    assert "cli-force" in {row["name"] for row in json.loads(cli("ps", "--json").stdout)}
+    assert b"cli-force" in cli("list").stdout
+    stopped = cli("stop", "cli-force", "--force", "--json")
+    assert json.loads(stopped.stdout) == {"name": "cli-force", "stopped": True}
+    assert not [p for p in qemu_processes() if "/vms/cli-force/" in p]
+    assert not [d for d in runtime_leftovers() if d.startswith("cli-force-")]
+
+
+def test_sigterm_and_sigint_exit_codes(cli):
+    for signum, expected in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "machinen_async", "boot", "--name", f"cli-signal-{signum}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while f"cli-signal-{signum}" not in {row["name"] for row in ls_json()}:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == expected
+        assert f"cli-signal-{signum}" not in {row["name"] for row in ls_json()}
+
+
+def test_shell_completion(cli):
+    assert b"_MACHINEN_COMPLETE" in cli("completion", "bash").stdout
+    env = {**os.environ, "_MACHINEN_COMPLETE": "bash_complete", "COMP_WORDS": "machinen sn", "COMP_CWORD": "1"}
+    assert b"snapshot" in cli(env=env).stdout
+
+
+def test_fork_pi_example():
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent.parent / "examples" / "fork_pi" / "run.py")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mode: offline scripted agent" in result.stdout
+    assert "pi to 60 places is 3.14159265358979323846264338327950288419716939937510582097494" in result.stdout
+    assert "3 siblings forked and answered" in result.stdout
