@@ -419,9 +419,8 @@ def stop_command(name: str, force: bool, as_json: bool) -> None:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-            with anyio.fail_after(10):
-                while entry.is_live():
-                    await anyio.sleep(0.05)
+            if not await registry.wait_until_gone(entry, 10):
+                raise MachinenError(f"{name}'s supervisor survived SIGKILL", code="STOP_FAILED")
             registry.clear_leftovers(entry)
         else:
             async with connect(name) as vm:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from . import paths
 from .errors import RegistryError
 
@@ -222,3 +224,12 @@ def collect_stale(*, dry_run: bool = False) -> list[Path]:
         if not dry_run:
             shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+async def wait_until_gone(entry: VmDir, timeout: float) -> bool:
+    """Wait until no supervisor holds ``entry``; False if it still does after ``timeout``."""
+    with anyio.move_on_after(timeout):
+        while entry.is_live():
+            await anyio.sleep(0.05)
+        return True
+    return False

@@ -356,7 +356,7 @@ class VM:
         except MachinenError:
             pass  # it may already be on its way down
         await self._channel.aclose()
-        await _wait_until_gone(entry)
+        await registry.wait_until_gone(entry, SUPERVISOR_STOP_GRACE_S + 5)
 
     async def aclose(self) -> None:
         """Disconnect; a VM this handle booted is also stopped."""
@@ -679,18 +679,12 @@ async def _start_supervisor(config: SupervisorConfig) -> VM:
         with anyio.CancelScope(shield=True):
             await owner.shutdown()
             if detached:
-                await _wait_until_gone(registry.vm_dir(name))
+                await registry.wait_until_gone(registry.vm_dir(name), SUPERVISOR_STOP_GRACE_S + 5)
         raise
     if detached:
         await owner.release()
         owner = None
     return VM(channel, info, owner=owner)
-
-
-async def _wait_until_gone(entry: registry.VmDir) -> None:
-    with anyio.move_on_after(SUPERVISOR_STOP_GRACE_S + 5):
-        while entry.is_live():
-            await anyio.sleep(0.05)
 
 
 class _Boot:

@@ -496,12 +496,7 @@ class Supervisor:
         qmp = QMPClient(f"{self.config.name}-template")
         process = None
         try:
-            top, top_format = chain[0]
-            await _check_call(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", top_format, "-b", top,
-                 str(scratch.disk), str(self.disk_size)],
-                what="create the helper's disk",
-            )  # fmt: skip
+            await _create_overlay(scratch.disk, chain[0], self.disk_size)
             argv = qemu.command_line(
                 self._machine_config(),
                 ram_file=template.mem,
@@ -512,10 +507,7 @@ class Supervisor:
                 agent_socket=scratch.path / "agent.sock",
                 qmp_socket=scratch.path / "qmp.sock",
             )
-            process = await anyio.open_process(
-                ["setpriv", "--pdeathsig", "KILL", "--", *argv, "-S"],  # -S: never run the guest
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            process = await _spawn_qemu([*argv, "-S"], subprocess.DEVNULL)  # -S: never run the guest
             await _connect_qmp(qmp, scratch.path / "qmp.sock")
             await _migrate(qmp, "migrate-incoming", {"uri": _exec_uri(f"cat {full_state}")}, ignore_shared=False)
             await _migrate(qmp, "migrate", {"uri": _exec_uri(f"cat > {template.state}")}, ignore_shared=True)
@@ -616,12 +608,7 @@ class Supervisor:
                 self.chain = [[str(imported.disk), "qcow2"], *self.chain]
         layer, ref = storage.new_layer()
         self.layer_refs.append(ref)
-        top, top_format = self.chain[0]
-        await _check_call(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", top_format, "-b", top,
-             str(layer.disk), str(self.disk_size)],
-            what="create the disk overlay",
-        )  # fmt: skip
+        await _create_overlay(layer.disk, self.chain[0], self.disk_size)
         self.chain = [[str(layer.disk), "qcow2"], *self.chain]
         if incoming is not None and incoming.get("mem_mode") == "map" and incoming.get("mem"):
             self.ram_file, self.ram_shared = Path(incoming["mem"]), False
@@ -667,14 +654,8 @@ class Supervisor:
             agent_socket=entry.agent_socket,
             qmp_socket=entry.qmp_socket,
         )
-        # setpriv --pdeathsig: QEMU dies with its supervisor, even on SIGKILL.
         with open(entry.qemu_log, "wb") as qemu_log:
-            process = await anyio.open_process(
-                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=qemu_log,
-                stderr=qemu_log,
-            )
+            process = await _spawn_qemu(argv, qemu_log)
         log.info("qemu started", pid=process.pid, accel=config.accel, memory_mib=config.memory_mib)
         try:
             async with anyio.create_task_group() as tg:
@@ -741,6 +722,23 @@ async def _check_call(argv: list[str], *, what: str) -> None:
     result = await anyio.run_process(argv, check=False)
     if result.returncode != 0:
         raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
+
+
+async def _spawn_qemu(argv: list[str], output) -> anyio.abc.Process:
+    # setpriv --pdeathsig: QEMU dies with its supervisor, even on SIGKILL.
+    return await anyio.open_process(
+        ["setpriv", "--pdeathsig", "KILL", "--", *argv], stdin=subprocess.DEVNULL, stdout=output, stderr=output
+    )
+
+
+async def _create_overlay(path: Path, backing: list[str], size: int) -> None:
+    """A new empty qcow2 on top of ``backing`` ([path, format]); -u: do not open the backing."""
+    backing_path, backing_format = backing
+    await _check_call(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing_path,
+         str(path), str(size)],
+        what="create a disk layer",
+    )  # fmt: skip
 
 
 def _exec_uri(shell_command: str) -> str:
