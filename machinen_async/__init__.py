@@ -1,7 +1,7 @@
 """machinen_async: boot Linux microVMs, run commands in them, fork and snapshot them.
 
-    async with boot() as vm:
-        result = await vm.exec(["uname", "-a"])
+async with boot() as vm:
+    result = await vm.exec(["uname", "-a"])
 """
 
 from .errors import (
@@ -16,6 +16,7 @@ from .errors import (
     RegistryError,
     SnapshotError,
 )
+
 __version__ = "0.1.0"
 
 _FROM_VM = {"VM", "ExecResult", "Forks", "Process", "SnapshotInfo", "boot", "connect", "restore"}
@@ -33,6 +34,7 @@ def __getattr__(name: str):
 
         return getattr(provisioning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "VM",

@@ -227,15 +227,18 @@ def install(refresh: bool) -> None:
 @click.option("--name", help="VM name (default: generated).")
 @click.option("--memory", "memory_mib", type=int, default=256, show_default=True, help="Guest RAM in MiB.")
 @click.option("--cpus", type=int, default=1, show_default=True)
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default=None, help="Default: $MACHINEN_ACCEL or auto.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Default: $MACHINEN_ACCEL or auto.")
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Environment for the command.")
 @click.option("--no-network", is_flag=True, help="Boot with no network device (default: outbound NAT).")
+@click.option("--tty", "-t", "use_tty", is_flag=True, help="Run the foreground CMD on a pseudo-terminal.")
 @publish_option
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
-def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, ports, detach, as_json):
+def boot_command(
+    args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, use_tty, ports, detach, as_json
+) -> None:
     """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
 
     The image's default cmd (see `provision`) runs as the VM's workload.  With
@@ -260,7 +263,7 @@ def boot_command(args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, n
             if detach:
                 return 0
             if cmd:
-                return await _stream_exec(vm, _command(cmd), env, None, None)
+                return await _stream_exec(vm, _command(cmd), env, None, None, use_tty=use_tty)
             click.echo("running; Ctrl-C stops it", err=True)
             await anyio.sleep_forever()
         return 0

@@ -73,7 +73,9 @@ async def _run_install(install: Callable[[VM], Awaitable[object]], vm: VM, timeo
         with anyio.fail_after(timeout):
             await install(vm)
     except TimeoutError:
-        raise ProvisionError(f"the install hook did not finish within {timeout:g} s", code="PROVISION_TIMEOUT") from None
+        raise ProvisionError(
+            f"the install hook did not finish within {timeout:g} s", code="PROVISION_TIMEOUT"
+        ) from None
     except ExecError as exc:
         output = b""
         if exc.result is not None:
@@ -105,4 +107,6 @@ async def _export_rootfs(vm: VM, partial: Path, timeout: float) -> None:
                     await anyio.to_thread.run_sync(out.write, chunk)
             code = await tar.wait()
     if code not in (0, 1):  # 1: a file changed while being read, harmless here
-        raise ProvisionError(f"tar exited {code}: {errors[-2000:].decode(errors='replace')}", code="PROVISION_EXPORT_FAILED")
+        raise ProvisionError(
+            f"tar exited {code}: {errors[-2000:].decode(errors='replace')}", code="PROVISION_EXPORT_FAILED"
+        )

@@ -267,7 +267,9 @@ class VM:
         self, path: str, data: bytes, *, mode: int = 0o644, append: bool = False, parents: bool = False
     ) -> None:
         """Write ``data`` to ``path`` in the guest; replaced atomically unless ``append``."""
-        call = await self._channel.open("write_file", {"path": path, "mode": mode, "append": append, "parents": parents})
+        call = await self._channel.open(
+            "write_file", {"path": path, "mode": mode, "append": append, "parents": parents}
+        )
         try:
             await call.send(data)
             await call.send_eof()
@@ -443,7 +445,9 @@ async def _fork(
     template = storage.Shared(Path(fork_info["holds"][0]))
     reference = template.hold()  # ours until every sibling holds its own
     siblings: list[VM | None] = [None] * len(names)
-    incoming = {key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")}
+    incoming = {
+        key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")
+    }
     incoming["mem_mode"] = "map"  # siblings share the template's RAM copy-on-write
     try:
 
@@ -545,7 +549,9 @@ def _available_memory_mib() -> int:
 
 def _validate_memory(memory_mib: Any) -> int:
     if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < MIN_MEMORY_MIB:
-        raise BootError(f"memory must be an integer >= {MIN_MEMORY_MIB} MiB, got {memory_mib!r}", code="BOOT_MEMORY_INVALID")
+        raise BootError(
+            f"memory must be an integer >= {MIN_MEMORY_MIB} MiB, got {memory_mib!r}", code="BOOT_MEMORY_INVALID"
+        )
     available = _available_memory_mib()
     if memory_mib > available:
         raise BootError(
@@ -796,7 +802,8 @@ async def _restore(
     chosen_accel = qemu.choose_accelerator(accel)
     if machine.get("type") != qemu.MACHINE_TYPE or machine.get("accel") != chosen_accel:
         raise SnapshotError(
-            f"bundle is for {machine.get('type')}/{machine.get('accel')}, this host runs {qemu.MACHINE_TYPE}/{chosen_accel}",
+            f"bundle is for {machine.get('type')}/{machine.get('accel')}, "
+            f"this host runs {qemu.MACHINE_TYPE}/{chosen_accel}",
             code="SNAPSHOT_INCOMPATIBLE",
         )
     local_qemu = qemu.qemu_version()
@@ -816,7 +823,9 @@ async def _restore(
         if image is not None:
             tarball = Path(image).expanduser().resolve()
             if assets.image_key(tarball) != wanted:
-                raise SnapshotError(f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE")
+                raise SnapshotError(
+                    f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE"
+                )
             return base, assets.image_for(tarball, report)
         found = assets.cached_image(wanted)
         if found is None and assets.image_key(base.rootfs_tarball) == wanted:

@@ -70,7 +70,9 @@ def test_fork_detached_siblings_count_independently(cli):
     cli("boot", "--name", "cli-counter", "--detach")
     try:
         cli("exec", "cli-counter", "--", "sh", "-c", "echo 2 > /root/count")
-        forked = json.loads(cli("fork", "cli-counter", "--new-name", "cli-counter-b", "-n", "2", "--detach", "--json").stdout)
+        forked = json.loads(
+            cli("fork", "cli-counter", "--new-name", "cli-counter-b", "-n", "2", "--detach", "--json").stdout
+        )
         assert [s["name"] for s in forked] == ["cli-counter-b-0", "cli-counter-b-1"]
         rows = {row["name"]: row for row in ls_json()}
         assert rows["cli-counter-b-0"]["forked_from"] == "cli-counter"

@@ -36,7 +36,9 @@ async def test_exit_codes_and_stream_separation(shared_vm):
 
 async def test_env_cwd_and_input(shared_vm):
     async with connect(shared_vm) as vm:
-        result = await vm.exec(["sh", "-c", 'echo "$GREETING"; pwd; cat'], env={"GREETING": "hey"}, cwd="/tmp", input=b"piped")
+        result = await vm.exec(
+            ["sh", "-c", 'echo "$GREETING"; pwd; cat'], env={"GREETING": "hey"}, cwd="/tmp", input=b"piped"
+        )
         assert result.stdout == b"hey\n/tmp\npiped"
 
 
@@ -130,7 +132,9 @@ async def test_cancelled_exec_kills_the_guest_process(shared_vm):
                         received += len(chunk)
                         if received > 4 * 1024 * 1024:
                             scope.cancel()
-        gone = await vm.exec(["sh", "-c", f"for i in $(seq 50); do test -e /proc/{pid} || exit 0; sleep 0.1; done; exit 1"])
+        gone = await vm.exec(
+            ["sh", "-c", f"for i in $(seq 50); do test -e /proc/{pid} || exit 0; sleep 0.1; done; exit 1"]
+        )
         assert gone.exit_code == 0, f"guest process {pid} survived the cancelled exec"
 
 

@@ -84,7 +84,9 @@ async def test_memory_is_shared_copy_on_write():
             for info in describe:
                 template_mem = str(storage.templates_dir())
                 with open(f"/proc/{info['qemu_pid']}/maps") as maps:
-                    ram_file = next(line.split()[-1] for line in maps if line.rstrip().endswith("/mem") and template_mem in line)
+                    ram_file = next(
+                        line.split()[-1] for line in maps if line.rstrip().endswith("/mem") and template_mem in line
+                    )
                 private = _private_ram_mib(info["qemu_pid"], ram_file)
                 assert private < 0.08 * 256, f"sibling copied {private:.1f} MiB of guest RAM"
 

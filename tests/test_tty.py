@@ -58,9 +58,7 @@ async def test_tty_process_has_a_terminal_and_follows_resizes(shared_vm):
 def run_cli_on_pty(*args: str) -> tuple[subprocess.Popen, int]:
     master, slave = pty.openpty()
     set_size(slave, 30, 100)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "machinen_async", *args], stdin=slave, stdout=slave, stderr=slave
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "machinen_async", *args], stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     return proc, master
 
@@ -90,6 +88,17 @@ def test_cli_attach_opens_a_login_shell(shared_vm):
         out = read_until(master, b"login-1\r\n")
         assert b"shell=/bin/bash cwd=/root\r\n" in out
         assert proc.wait(timeout=30) == 3
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+def test_cli_boot_runs_a_foreground_command_on_a_tty():
+    proc, master = run_cli_on_pty("boot", "--name", "tty-boot", "--tty", "--", "sh")
+    try:
+        os.write(master, b"tty; exit 6\r")
+        assert b"/dev/pts/" in read_until(master, b"/dev/pts/", timeout=120)
+        assert proc.wait(timeout=60) == 6
     finally:
         proc.kill()
         os.close(master)

@@ -51,7 +51,9 @@ async def main(backend: str) -> None:
         fork_started = time.perf_counter()
         async with template.fork(n=len(PROMPTS), name="fork-pi") as siblings:
             forked = time.perf_counter() - fork_started
-            print(f"forked {len(siblings)} siblings in {forked:.2f} s (template paused {siblings.source_pause_ms:.0f} ms)")
+            print(
+                f"forked {len(siblings)} siblings in {forked:.2f} s (template paused {siblings.source_pause_ms:.0f} ms)"
+            )
             answers = await siblings.map(lambda vm, index: ask(vm, PROMPTS[index]))
         fan_out = time.perf_counter() - fork_started
 

@@ -42,13 +42,21 @@ async def curl_inside(vm: VM) -> int:
 
 
 async def wait_for_server(vm: VM) -> None:
-    await vm.exec(["sh", "-c", "for i in $(seq 100); do curl -s localhost:3000 >/dev/null 2>&1 && exit 0; sleep 0.1; done; exit 1"])
+    await vm.exec(
+        [
+            "sh",
+            "-c",
+            "for i in $(seq 100); do curl -s localhost:3000 >/dev/null 2>&1 && exit 0; sleep 0.1; done; exit 1",
+        ]
+    )
 
 
 async def main(port: int, rebake: bool) -> None:
     if rebake or not IMAGE.exists():
         started = time.perf_counter()
-        await provision(install=install, cmd=["python3", "/opt/counter.py"], out=IMAGE, progress=lambda m: print(f"  {m}"))
+        await provision(
+            install=install, cmd=["python3", "/opt/counter.py"], out=IMAGE, progress=lambda m: print(f"  {m}")
+        )
         print(f"1. baked {IMAGE.name} in {time.perf_counter() - started:.0f} s")
     else:
         print(f"1. using {IMAGE.name} (--rebake to bake again)")

@@ -119,9 +119,7 @@ def _apt_package(name: str, report: Report) -> tuple[str, str]:
             out = _run(["apt-cache", "show", "--no-all-versions", name], what=f"apt-cache show {name}")
         except AssetsError:
             out = ""
-        fields = dict(
-            line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith(" ")
-        )
+        fields = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith(" "))
         if "Version" in fields:
             return fields["Package"], fields["Version"]
         if attempt == 0:
@@ -317,9 +315,10 @@ def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
         image = paths.private_dir(cache / "images") / f"{key}.ext4"
         if image.exists():
             return image
-        with _step(report, f"converting {tarball.name} to an ext4 image"), tempfile.TemporaryDirectory(
-            dir=image.parent
-        ) as tmp:
+        with (
+            _step(report, f"converting {tarball.name} to an ext4 image"),
+            tempfile.TemporaryDirectory(dir=image.parent) as tmp,
+        ):
             root = Path(tmp) / "root"
             root.mkdir()
             _run(["tar", "-C", str(root), "-xpf", str(tarball)], what="unpack rootfs")
@@ -331,7 +330,19 @@ def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
             used = int(_run(["du", "-sb", str(root)], what="measure the rootfs").split()[0])
             size_gib = max(MIN_IMAGE_GIB, -(-used * 3 // 2 // 2**30) + 1)  # room to grow; sparse anyway
             _run(
-                ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), "-L", "machinen-root", str(partial), f"{size_gib}G"],
+                [
+                    "mke2fs",
+                    "-q",
+                    "-F",
+                    "-t",
+                    "ext4",
+                    "-d",
+                    str(root),
+                    "-L",
+                    "machinen-root",
+                    str(partial),
+                    f"{size_gib}G",
+                ],
                 what="mke2fs",
             )
             partial.chmod(0o444)

@@ -88,7 +88,7 @@ class FrameDecoder:
             if magic == MAGIC and length <= MAX_FRAME:
                 break
             if not self.resync:
-                raise ProtocolError(f"bad frame header {bytes(buffer[:HEADER.size])!r}")
+                raise ProtocolError(f"bad frame header {bytes(buffer[: HEADER.size])!r}")
             next_magic = buffer.find(MAGIC, 1)
             del buffer[: next_magic if next_magic > 0 else len(buffer) - 1]
         end = HEADER.size + length
