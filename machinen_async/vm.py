@@ -9,6 +9,7 @@ cancellation) stops QEMU and removes every file the VM had.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -451,8 +452,8 @@ async def _fork(
     incoming["mem_mode"] = "map"  # siblings share the template's RAM copy-on-write
     try:
 
-        async def start(index: int, name: str) -> None:
-            config = SupervisorConfig(
+        configs = [
+            SupervisorConfig(
                 name=name,
                 ram_dir=_new_ram_dir(name),
                 boot_timeout=boot_timeout,
@@ -461,12 +462,25 @@ async def _fork(
                 incoming=incoming,
                 **fork_info["machine"],
             )
-            siblings[index] = await _start_supervisor(config)
+            for name in names
+        ]
+        owners = await _start_supervisors(configs)
 
-        with plain_errors():
-            async with anyio.create_task_group() as tg:
-                for index, name in enumerate(names):
-                    tg.start_soon(start, index, name)
+        async def start(index: int) -> None:
+            siblings[index] = await _await_supervisor(configs[index], owners[index])
+
+        try:
+            with plain_errors():
+                async with anyio.create_task_group() as tg:
+                    for index in range(len(configs)):
+                        tg.start_soon(start, index)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # the ones that never became VMs
+                async with anyio.create_task_group() as tg:
+                    for owner, sibling in zip(owners, siblings, strict=True):
+                        if sibling is None:
+                            tg.start_soon(owner.shutdown)
+            raise
     except BaseException:
         await _close_all(siblings)
         raise
@@ -505,10 +519,68 @@ class _ForkLaunch:
         await self._result.aclose()
 
 
+class _FdReceiveStream(anyio.abc.ByteReceiveStream):
+    """The read end of a pipe, on whichever event loop is running."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            try:
+                data = os.read(self._fd, max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._fd)
+                continue
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _ForkedSupervisor:
+    """A supervisor the zygote forked: not our child, so watched through a pidfd.
+
+    Offers the part of ``anyio.abc.Process`` that ``_Owner`` uses.
+    """
+
+    def __init__(self, pid: int, status_fd: int, stderr_fd: int) -> None:
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self.stdout = _FdReceiveStream(status_fd)
+        self.stderr = _FdReceiveStream(stderr_fd)
+        self.returncode: int | None = None  # its exit status is its parent's to read: -1 means "exited"
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            await anyio.wait_readable(self._pidfd)
+            self.returncode = -1
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def aclose(self) -> None:
+        await self.stdout.aclose()
+        await self.stderr.aclose()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
 class _Owner:
     """The supervisor process a ``boot()`` started, and how to end it for sure."""
 
-    def __init__(self, process: anyio.abc.Process, lifeline: int, ram_dir: Path) -> None:
+    def __init__(self, process: anyio.abc.Process | _ForkedSupervisor, lifeline: int, ram_dir: Path) -> None:
         self.process = process
         self.lifeline = lifeline
         self.ram_dir = ram_dir
@@ -656,9 +728,8 @@ def _new_ram_dir(name: str) -> str:
 
 async def _start_supervisor(config: SupervisorConfig) -> VM:
     """Spawn a supervisor for ``config`` and connect once it reports ready."""
-    name, detached, ram_dir = config.name, config.detached, Path(config.ram_dir)
     argv = [sys.executable, "-m", "machinen_async.vmm.supervisor", config.to_json()]
-    if detached:
+    if config.detached:
         # setsid --fork: the supervisor is nobody's child here, so it never lingers as our zombie.
         argv = ["setsid", "--fork", *argv]
     # The supervisor's stdin is our "lifeline": EOF before DETACH means we are gone.
@@ -672,7 +743,39 @@ async def _start_supervisor(config: SupervisorConfig) -> VM:
         raise
     finally:
         os.close(lifeline_read)
-    owner = _Owner(process, lifeline, ram_dir)
+    return await _await_supervisor(config, _Owner(process, lifeline, Path(config.ram_dir)))
+
+
+async def _start_supervisors(configs: list[SupervisorConfig]) -> list[_Owner]:
+    """Spawn several supervisors at once through the zygote (one interpreter start-up for all)."""
+    pipes = [(*os.pipe(), *os.pipe(), *os.pipe()) for _ in configs]  # lifeline, status, stderr: (read, write) each
+    try:
+        jobs = [[config.to_json(), p[0], p[3], p[5]] for config, p in zip(configs, pipes, strict=True)]
+        # Shielded (it takes ~0.2 s): cancelled halfway, children we have no pids for would clean
+        # up after themselves only once they notice their lifeline closed, after we returned.
+        with anyio.CancelScope(shield=True):
+            zygote = await anyio.run_process(
+                [sys.executable, "-m", "machinen_async.vmm.zygote"],
+                input=json.dumps(jobs).encode(),
+                pass_fds=[fd for p in pipes for fd in (p[0], p[3], p[5])],
+            )
+        pids = json.loads(zygote.stdout)
+    except BaseException:
+        for p in pipes:
+            for fd in p:
+                os.close(fd)
+        raise
+    owners = []
+    for config, pid, p in zip(configs, pids, pipes, strict=True):
+        for fd in (p[0], p[3], p[5]):  # the child's ends
+            os.close(fd)
+        owners.append(_Owner(_ForkedSupervisor(pid, p[2], p[4]), p[1], Path(config.ram_dir)))
+    return owners
+
+
+async def _await_supervisor(config: SupervisorConfig, owner: _Owner) -> VM:
+    """Wait for a spawned supervisor's ready line and connect to it; stop it on failure."""
+    name, detached, process, lifeline = config.name, config.detached, owner.process, owner.lifeline
     try:
         with anyio.fail_after(config.boot_timeout + STATUS_SLACK_S):
             status = await _read_status_line(process)

@@ -878,15 +878,20 @@ async def amain(config: SupervisorConfig) -> int:
     return 0
 
 
-def main() -> None:
-    config = SupervisorConfig.from_json(sys.argv[1])
+def run(config_json: str) -> int:
+    """Supervise one VM until it stops; the process exit code."""
+    config = SupervisorConfig.from_json(config_json)
     structlog.configure(
         processors=[structlog.processors.TimeStamper(fmt="iso"), structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
     os.umask(0o077)
-    sys.exit(anyio.run(amain, config, backend="asyncio"))
+    return anyio.run(amain, config, backend="asyncio")
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1]))
 
 
 if __name__ == "__main__":
