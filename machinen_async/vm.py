@@ -440,8 +440,7 @@ async def _fork(
 ) -> tuple[list[VM], dict[str, Any]]:
     for name in names:
         registry.ensure_free(name)
-    info = await source.describe()
-    _check_fork_memory(len(names), {"accel": info["accel"], "memory_mib": info["memory_mib"]})
+    _check_fork_memory(len(names), source.info)
     fork_info = await source._channel.call("vm.fork_template")
     template = storage.Shared(Path(fork_info["holds"][0]))
     reference = template.hold()  # ours until every sibling holds its own

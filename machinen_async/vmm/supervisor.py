@@ -622,12 +622,17 @@ class Supervisor:
         await _connect_qmp(self.qmp, entry.qmp_socket)
         self.qemu_version = _version_string((await self.qmp.execute("query-version"))["qemu"])
         incoming = self.config.incoming
-        if incoming is not None:
-            uri = _exec_uri(f"cat {shlex.quote(incoming['state'])}")
-            await _migrate(self.qmp, "migrate-incoming", {"uri": uri}, ignore_shared=not incoming["ram_in_state"])
-            if (await self.qmp.execute("query-status"))["status"] != "running":
-                await self.qmp.execute("cont")
-        await self.connect_agent()
+        if incoming is None:
+            await self.connect_agent()
+        else:
+            # Our HELLO waits in the socket while the state loads, so the resumed agent
+            # answers at once instead of polling for a host.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.connect_agent)
+                uri = _exec_uri(f"cat {shlex.quote(incoming['state'])}")
+                await _migrate(self.qmp, "migrate-incoming", {"uri": uri}, ignore_shared=not incoming["ram_in_state"])
+                if (await self.qmp.execute("query-status"))["status"] != "running":
+                    await self.qmp.execute("cont")
         if incoming is None:
             workload = await self.call_agent("workload_start", self.config.workload or {"from_image": True})
             if not workload["running"] and workload["exit_code"] == 127:
