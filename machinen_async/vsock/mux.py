@@ -129,10 +129,6 @@ class Channel:
         self._hello_nonce: bytes | None = None
         self._hello_reply: dict | None = None
 
-    @property
-    def lost(self) -> bool:
-        return self._lost is not None
-
     async def hello(self, info: dict | None = None) -> dict:
         """Start a session; frames from any earlier session are discarded."""
         self._hello_nonce = os.urandom(8)
