@@ -7,8 +7,10 @@ answered an exec; then cold-boot n fresh VMs concurrently to their first exec.
 Prints a JSON list, one object per n, with at least:
 n, fork_wall_s, cold_boot_wall_s, source_pause_ms, private_mib_per_sibling, guest_ram_mib.
 
-private_mib_per_sibling is the copy-on-write private part of each sibling's
-guest-RAM mapping (smaps); qemu_pss_mib_per_sibling is the whole QEMU process
+private_mib_per_sibling is the copy-on-write part of each sibling's guest-RAM
+mapping: smaps "Anonymous", the pages the sibling copied (Private_Dirty would
+also count tmpfs pages that only one process maps, without any copy);
+qemu_pss_mib_per_sibling is the whole QEMU process
 (proportional set size: shared pages divided among sharers), which under TCG
 is dominated by QEMU's translation cache, not by guest RAM.  Also measured:
 snapshot and restore of the source, and a fork of a fork (n=4).
@@ -48,7 +50,7 @@ def sibling_memory(qemu_pid: int) -> tuple[float, float]:
                 inside = templates in line and line.rstrip().endswith("/mem")
             elif line.startswith("Pss:"):
                 pss_kib += int(fields[1])
-            elif inside and line.startswith(("Private_Dirty:", "Private_Clean:")):
+            elif inside and line.startswith("Anonymous:"):  # pages copied on write
                 private_kib += int(fields[1])
     return private_kib / 1024, pss_kib / 1024
 

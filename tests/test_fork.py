@@ -39,13 +39,13 @@ def _qemu_of(name: str) -> list[str]:
 
 
 def _private_ram_mib(qemu_pid: int, ram_file: str) -> float:
-    """Private (copy-on-write) pages of the guest-RAM mapping, in MiB."""
+    """Pages of the guest-RAM mapping this sibling copied on write ("Anonymous"), in MiB."""
     private_kib, inside = 0, False
     with open(f"/proc/{qemu_pid}/smaps") as smaps:
         for line in smaps:
             if "-" in line.split()[0] and len(line.split()) >= 5:
                 inside = line.rstrip().endswith(ram_file)
-            elif inside and line.startswith(("Private_Dirty:", "Private_Clean:")):
+            elif inside and line.startswith("Anonymous:"):
                 private_kib += int(line.split()[1])
     return private_kib / 1024
 
