@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,9 @@ def no_qemu_survives():
     leftovers = qemu_processes()
     assert not leftovers, f"QEMU processes survived the test session: {leftovers}"
     assert not runtime_leftovers(), f"RAM files survived: {runtime_leftovers()}"
+    # Clean: remove the session's own (now empty) directories.
+    shutil.rmtree(os.environ["MACHINEN_RUNTIME_DIR"], ignore_errors=True)
+    shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture
