@@ -7,8 +7,8 @@ it into one sibling per prompt (copy-on-write memory and disk, all from the
 same instant), give each sibling its prompt in parallel and gather the
 answers with timings.  With no API key the offline scripted agent
 (offline_agent.py) answers, so the demo always runs end to end; the output
-says which mode ran.  (The real `pi` coding-agent mode comes with image
-provisioning.)
+says which mode ran.  (The real mode, the `pi` coding agent from npm with an
+API key, is not built yet: it needs node >= 20.6, newer than Debian bookworm's.)
 """
 
 from __future__ import annotations
