@@ -450,7 +450,6 @@ async def _fork(
     }
     incoming["mem_mode"] = "map"  # siblings share the template's RAM copy-on-write
     try:
-
         configs = [
             SupervisorConfig(
                 name=name,

@@ -132,7 +132,6 @@ class Supervisor:
         self.disk_node = "disk0"
         self.ram_file: Path | None = None
         self.ram_shared = True
-        self.qemu_version = ""
         self.task_group: anyio.abc.TaskGroup | None = None
 
     # --- the agent side -----------------------------------------------------------
@@ -400,12 +399,11 @@ class Supervisor:
         steps: dict[str, float] = {}
         clock = time.monotonic()
 
-        def step(name: str) -> float:
+        def step(name: str) -> None:
             nonlocal clock
             now = time.monotonic()
             steps[name] = round((now - clock) * 1000, 2)
             clock = now
-            return steps[name]
 
         frozen: list[list[str]] | None = None
         try:
@@ -550,7 +548,7 @@ class Supervisor:
             fields = {
                 "created": time.time(),
                 "source": self.config.name,
-                "qemu_version": self.qemu_version,
+                "qemu_version": _version_string((await self.qmp.execute("query-version"))["qemu"]),
                 "machine": {"type": qemu.MACHINE_TYPE, "disk_size": self.disk_size,
                             **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
                 "kernel": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["kernel"]))},
@@ -620,7 +618,6 @@ class Supervisor:
     async def _bring_up(self, entry: registry.VmDir) -> None:
         """Until the agent answers: boot, or load saved state and resume."""
         await _connect_qmp(self.qmp, entry.qmp_socket)
-        self.qemu_version = _version_string((await self.qmp.execute("query-version"))["qemu"])
         incoming = self.config.incoming
         if incoming is None:
             await self.connect_agent()
