@@ -12,9 +12,12 @@ from .errors import (
     ExecError,
     ExecTimeoutError,
     GuestFileError,
+    HandoffError,
+    HostError,
     MachinenError,
     RegistryError,
     SnapshotError,
+    TransferError,
 )
 
 __version__ = "0.1.0"
@@ -29,6 +32,14 @@ def __getattr__(name: str):
         from . import vm
 
         return getattr(vm, name)
+    if name in ("Host", "TransferReport"):
+        from .remote import host
+
+        return getattr(host, name)
+    if name == "HandoffReport":
+        from .remote import handoff
+
+        return handoff.HandoffReport
     if name in ("provision", "ProvisionError"):
         from . import provisioning
 
@@ -47,12 +58,18 @@ __all__ = [
     "ExecTimeoutError",
     "Forks",
     "GuestFileError",
+    "HandoffError",
+    "HandoffReport",
+    "Host",
+    "HostError",
     "MachinenError",
     "Process",
     "ProvisionError",
     "RegistryError",
     "SnapshotError",
     "SnapshotInfo",
+    "TransferError",
+    "TransferReport",
     "boot",
     "connect",
     "provision",

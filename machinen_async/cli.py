@@ -8,15 +8,15 @@ on SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import stat
 import sys
 import termios
-import time
 import tty
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -25,7 +25,7 @@ import click
 from . import __version__, registry
 from .errors import GuestFileError, MachinenError, plain_errors
 from .guest_agent.agent import WORKLOAD_LOG
-from .vm import VM, boot, connect, restore
+from .vm import VM, boot, connect, restore, stop_vm
 from .vmm import assets, storage
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -62,24 +62,6 @@ def _run(main: Callable[[], Awaitable[int | None]]) -> None:
 
 def _progress(message: str) -> None:
     click.echo(f"machinen: {message}", err=True)
-
-
-def _vm_row(entry: registry.VmDir) -> dict[str, Any] | None:
-    meta = entry.read_meta()
-    if meta is None:
-        return None
-    return {
-        "name": meta["name"],
-        "pid": meta["supervisor_pid"],
-        "qemu_pid": meta["qemu_pid"],
-        "accel": meta["accel"],
-        "memory_mib": meta["memory_mib"],
-        "uptime_s": round(time.time() - meta["started_at"], 1),
-        "image": meta["image"],
-        "detached": meta["detached"],
-        "forked_from": meta.get("forked_from"),
-        "ports": [f"{address}:{host}->{guest}" for address, host, guest in meta.get("ports", [])],
-    }
 
 
 @contextlib.contextmanager
@@ -168,6 +150,26 @@ def _command(cmd: tuple[str, ...]) -> list[str]:
 
 
 IMAGE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst")
+
+
+@contextlib.asynccontextmanager
+async def _connect_address(address: str) -> AsyncIterator[VM]:
+    """VM ``name`` here, or ``host:name`` on a host reached over SSH."""
+    if ":" not in address:
+        async with connect(address) as vm:
+            yield vm
+        return
+    from .remote.host import split_vm_address
+
+    host, name = split_vm_address(address)
+    async with host, host.connect(name) as vm:
+        yield vm
+
+
+def _ssh_host(spec: str) -> Any:
+    from .remote.host import Host
+
+    return Host.from_spec(spec)
 
 
 def _split_image_and_command(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
@@ -279,11 +281,11 @@ def boot_command(
 @click.option("--tty", "-t", "use_tty", is_flag=True, help="Run CMD on a pseudo-terminal (interactive programs).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(name, env_pairs, cwd, timeout, use_tty, cmd) -> None:
-    """Run CMD in VM NAME, streaming stdin/stdout/stderr; exit with its code."""
+    """Run CMD in VM NAME (or HOST:NAME), streaming stdin/stdout/stderr; exit with its code."""
     env = _parse_env(env_pairs)
 
     async def run() -> int:
-        async with connect(name) as vm:
+        async with _connect_address(name) as vm:
             return await _stream_exec(vm, _command(cmd), env, cwd, timeout, use_tty=use_tty)
 
     _run(run)
@@ -293,10 +295,10 @@ def exec_command(name, env_pairs, cwd, timeout, use_tty, cmd) -> None:
 @click.argument("name")
 @click.option("--shell", default="/bin/bash", show_default=True, help="Program to run on the terminal.")
 def attach(name: str, shell: str) -> None:
-    """Open an interactive shell in VM NAME (on a pseudo-terminal)."""
+    """Open an interactive shell in VM NAME or HOST:NAME (on a pseudo-terminal)."""
 
     async def run() -> int:
-        async with connect(name) as vm:
+        async with _connect_address(name) as vm:
             return await _stream_exec(vm, [shell, "-l"], {}, "/root", None, use_tty=True)
 
     _run(run)
@@ -358,13 +360,27 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @publish_option
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
+@click.option(
+    "--host", "host_spec", metavar="[USER@]HOST", help="Push the bundle to HOST over SSH and restore it there."
+)
 @click.option("--json", "as_json", is_flag=True)
-def restore_command(directory, name, image, ports, boot_timeout, detach, as_json) -> None:
+def restore_command(directory, name, image, ports, boot_timeout, detach, host_spec, as_json) -> None:
     """Start a VM from the bundle in DIRECTORY, where its snapshot left off."""
 
     async def run() -> None:
-        launch = restore(directory, name=name, image=image, boot_timeout=boot_timeout, detached=detach, ports=ports)
-        async with launch as vm:
+        async with contextlib.AsyncExitStack() as stack:
+            if host_spec is None:
+                launch = restore(
+                    directory, name=name, image=image, boot_timeout=boot_timeout, detached=detach, ports=ports
+                )
+            else:
+                if image is not None:
+                    raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
+                host = await stack.enter_async_context(_ssh_host(host_spec))
+                pushed = await host.push(directory, progress=_progress)
+                launch = host.restore(pushed.remote_bundle, name=name, ports=ports, detached=detach,
+                                      boot_timeout=boot_timeout)  # fmt: skip
+            vm = await stack.enter_async_context(launch)
             if as_json:
                 click.echo(json.dumps(vm.info))
             else:
@@ -390,10 +406,25 @@ def gc_command(dry_run: bool, as_json: bool) -> None:
 
 
 @main.command(name="ls")
+@click.option("--host", "host_specs", multiple=True, metavar="[USER@]HOST", help="List the VMs of HOST (repeatable).")
 @click.option("--json", "as_json", is_flag=True)
-def ls_command(as_json: bool) -> None:
-    """List running VMs."""
-    rows = [row for row in map(_vm_row, registry.live_vms()) if row]
+def ls_command(host_specs: tuple[str, ...], as_json: bool) -> None:
+    """List running VMs (here, or on each --host)."""
+    if not host_specs:
+        _print_rows(registry.list_rows(), as_json)
+        return
+
+    async def run() -> None:
+        rows = []
+        for spec in host_specs:
+            async with _ssh_host(spec) as host:
+                rows += [{**row, "name": f"{spec}:{row['name']}"} for row in await host.list()]
+        _print_rows(rows, as_json)
+
+    _run(run)
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -410,24 +441,17 @@ def ls_command(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="SIGKILL the supervisor and QEMU instead of a clean stop.")
 @click.option("--json", "as_json", is_flag=True)
 def stop_command(name: str, force: bool, as_json: bool) -> None:
-    """Stop VM NAME and remove its files."""
+    """Stop VM NAME (or HOST:NAME) and remove its files."""
 
     async def run() -> None:
-        entry = registry.find(name)
-        if force:
-            meta = entry.read_meta() or {}
-            for pid in (meta.get("supervisor_pid"), meta.get("qemu_pid")):
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            if not await registry.wait_until_gone(entry, 10):
-                raise MachinenError(f"{name}'s supervisor survived SIGKILL", code="STOP_FAILED")
-            registry.clear_leftovers(entry)
+        if ":" in name:
+            from .remote.host import split_vm_address
+
+            host, vm_name = split_vm_address(name)
+            async with host:
+                await host.stop(vm_name, force=force)
         else:
-            async with connect(name) as vm:
-                await vm.stop()
+            await stop_vm(name, force=force)
         click.echo(json.dumps({"name": name, "stopped": True}) if as_json else f"{name} stopped")
 
     _run(run)
@@ -453,6 +477,68 @@ def logs(name: str, lines: int, workload: bool) -> None:
         click.echo("\n".join(text.splitlines()[-lines:]))
 
     _run(run)
+
+
+@main.command(name="push")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("host_spec", metavar="[USER@]HOST")
+@click.option("--json", "as_json", is_flag=True)
+def push_command(directory: str, host_spec: str, as_json: bool) -> None:
+    """Copy the bundle in DIRECTORY to HOST over SSH (only what HOST lacks).
+
+    Prints where the bundle is on HOST; `machinen restore --host HOST DIR`
+    pushes and restores in one step.
+    """
+
+    async def run() -> None:
+        async with _ssh_host(host_spec) as host:
+            pushed = await host.push(directory, progress=None if as_json else _progress)
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(pushed)))
+        else:
+            click.echo(
+                f"{host_spec}:{pushed.remote_bundle} ({pushed.bytes_sent / 2**20:.1f} MiB sent, "
+                f"{pushed.chunks_sent}/{pushed.chunks_total} chunks, {pushed.seconds:.1f} s)"
+            )
+
+    _run(run)
+
+
+@main.command(name="handoff")
+@click.argument("name")
+@click.argument("host_spec", metavar="[USER@]HOST")
+@click.option("--new-name", help="Name on HOST (default: NAME).")
+@publish_option
+@click.option("--no-precopy", is_flag=True, help="Send everything while paused (longer pause, fewer bytes).")
+@click.option("--json", "as_json", is_flag=True)
+def handoff_command(name, host_spec, new_name, ports, no_precopy, as_json) -> None:
+    """Move running VM NAME to HOST: it stops here once it runs there."""
+
+    async def run() -> None:
+        async with _ssh_host(host_spec) as host, connect(name) as vm:
+            moved = await vm.handoff(
+                host, name=new_name, ports=ports, detached=True, precopy=not no_precopy,
+                progress=None if as_json else _progress,
+            )  # fmt: skip
+            await moved.aclose()
+        report = moved.handoff_report
+        if as_json:
+            click.echo(json.dumps({"name": f"{host_spec}:{moved.name}", **dataclasses.asdict(report)}))
+        else:
+            click.echo(
+                f"{name} -> {host_spec}:{moved.name} (paused {report.paused_ms:.0f} ms, "
+                f"{report.bytes_sent / 2**20:.1f} MiB sent, {report.total_s:.1f} s)"
+            )
+
+    _run(run)
+
+
+@main.command(name="_peer", hidden=True)
+def peer_command() -> None:
+    """The remote end of an SSH link (started by another host's machinen)."""
+    from .remote.peer import amain
+
+    anyio.run(amain)
 
 
 # machinen's aliases for ls

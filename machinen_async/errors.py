@@ -82,6 +82,25 @@ class RegistryError(MachinenError):
     default_code = "REGISTRY_VM_NOT_FOUND"
 
 
+class HostError(MachinenError):
+    """A remote host: unreachable, another machinen version, or unable to run this VM."""
+
+    default_code = "HOST_UNREACHABLE"
+
+
+class TransferError(MachinenError):
+    """Moving files between hosts failed; what arrived is kept, so a retry resumes."""
+
+    default_code = "TRANSFER_FAILED"
+    retryable = True
+
+
+class HandoffError(MachinenError):
+    """A handoff did not complete; the source VM is running as before."""
+
+    default_code = "HANDOFF_FAILED"
+
+
 _CLASS_BY_CODE: dict[str, type[MachinenError]] = {
     "BOOT_TIMEOUT": BootTimeoutError,
     "EXEC_AGENT_TIMEOUT": ExecTimeoutError,
@@ -95,6 +114,9 @@ _CLASS_BY_PREFIX: dict[str, type[MachinenError]] = {
     "SNAPSHOT_": SnapshotError,
     "FORK_": ForkError,
     "REGISTRY_": RegistryError,
+    "HOST_": HostError,
+    "TRANSFER_": TransferError,
+    "HANDOFF_": HandoffError,
 }
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,3 +234,26 @@ async def wait_until_gone(entry: VmDir, timeout: float) -> bool:
             await anyio.sleep(0.05)
         return True
     return False
+
+
+def describe(entry: VmDir) -> dict[str, Any] | None:
+    """A running VM as `machinen ls --json` shows it; None if it is not up yet."""
+    meta = entry.read_meta()
+    if meta is None:
+        return None
+    return {
+        "name": meta["name"],
+        "pid": meta["supervisor_pid"],
+        "qemu_pid": meta["qemu_pid"],
+        "accel": meta["accel"],
+        "memory_mib": meta["memory_mib"],
+        "uptime_s": round(time.time() - meta["started_at"], 1),
+        "image": meta["image"],
+        "detached": meta["detached"],
+        "forked_from": meta.get("forked_from"),
+        "ports": [f"{address}:{host}->{guest}" for address, host, guest in meta.get("ports", [])],
+    }
+
+
+def list_rows() -> list[dict[str, Any]]:
+    return [row for row in map(describe, live_vms()) if row]

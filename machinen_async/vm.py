@@ -165,14 +165,17 @@ class Process:
 class VM:
     """A running VM.  Get one from ``boot()`` or ``connect()``."""
 
-    def __init__(self, channel: Channel, info: dict[str, Any], *, owner: _Owner | None = None) -> None:
+    def __init__(self, channel: Channel, info: dict[str, Any], *, owner: Any = None, host: Any = None) -> None:
         self._channel = channel
-        self._owner = owner
+        self._owner = owner  # set when closing this handle must stop the VM
         self.info = info
         self.name: str = info["name"]
+        self.host = host  # None for this machine, else the remote.host.SSHHost it runs on
+        self.handoff_report: Any = None  # set on the VM a handoff() returned
 
     def __repr__(self) -> str:
-        return f"<VM {self.name} accel={self.info.get('accel')} memory={self.info.get('memory_mib')}MiB>"
+        where = f" on {self.host.name}" if self.host is not None else ""
+        return f"<VM {self.name}{where} accel={self.info.get('accel')} memory={self.info.get('memory_mib')}MiB>"
 
     @asynccontextmanager
     async def process(
@@ -297,6 +300,7 @@ class VM:
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
         detached: bool = False,
         ports: Sequence[PortSpec] | None = None,
+        hosts: Sequence[Any] | None = None,
     ) -> _ForkLaunch:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -308,7 +312,9 @@ class VM:
         their own name, hostname, fresh guest entropy and the current time, and
         never inherit port forwards: ``ports`` gives a single sibling its own.
         ``detached`` siblings outlive this process (closing their handles only
-        disconnects).
+        disconnects).  ``hosts`` (``Host.local()``, ``Host.ssh(...)``) spreads the
+        siblings over several hosts by free memory and CPU; remote siblings
+        start from a snapshot pushed there (see docs/scale-out.md).
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -324,7 +330,9 @@ class VM:
         forwards = parse_port_forwards(ports)
         if forwards and len(chosen) > 1:
             raise MachinenError("ports can be given to a single sibling only", code="PARSE_PORT_INVALID")
-        return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout, detached, forwards)
+        if hosts is not None and (forwards or not hosts):
+            raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
+        return _ForkLaunch(self, chosen, n is None and len(chosen) == 1, boot_timeout, detached, forwards, hosts)
 
     async def snapshot(self, bundle_dir: str | os.PathLike) -> SnapshotInfo:
         """Write a restorable bundle of this VM to ``bundle_dir`` (new or empty).
@@ -340,6 +348,37 @@ class VM:
             size_bytes=sum(f["size"] for f in result["files"].values()),
         )
 
+    async def handoff(
+        self,
+        host: Any,
+        *,
+        name: str | None = None,
+        ports: Sequence[PortSpec] | None = None,
+        detached: bool | None = None,
+        precopy: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> VM:
+        """Move this running VM to ``host`` (a ``Host.ssh(...)``); returns the VM there.
+
+        The VM pauses, its final state goes to the host (only the chunks the
+        host lacks; with ``precopy`` a first snapshot taken while it still
+        runs has already sent most of them) and is verified there, the VM
+        starts there, and only then does this one stop.  On any failure this
+        VM simply continues.  Ports are not carried over: pass ``ports``.
+        The moved VM is owned like this one was (``detached`` overrides);
+        ``moved.handoff_report`` tells bytes moved and the pause.
+        """
+        from .remote.handoff import handoff
+
+        return await handoff(self, host, name=name, ports=ports, detached=detached, precopy=precopy, progress=progress)
+
+    async def _snapshot_paused(self, bundle_dir: Path) -> None:
+        """Snapshot and stay paused until ``_resume`` or until this handle disconnects."""
+        await self._channel.call("vm.snapshot", {"dir": str(bundle_dir), "stay_paused": True})
+
+    async def _resume(self) -> None:
+        await self._channel.call("vm.resume")
+
     async def reset_agent_channel(self) -> dict[str, Any]:
         """Drop and re-establish the supervisor's channel to the guest agent.
 
@@ -352,6 +391,10 @@ class VM:
         """Stop the VM (QEMU, supervisor, files) and wait until it is gone."""
         if self._owner is not None:
             await self.aclose()
+            return
+        if self.host is not None:
+            await self._channel.aclose()
+            await self.host.stop(self.name)
             return
         entry = registry.vm_dir(self.name)
         try:
@@ -379,6 +422,7 @@ class Forks(Sequence[VM]):
         self._vms = vms
         self.source_pause_ms: float = fork_info["pause_ms"]
         self.source_pause_steps_ms: dict[str, float] = fork_info["pause_steps_ms"]
+        self.placement: dict[str, str] = fork_info.get("placement", {})  # sibling -> host, with hosts=
 
     def __getitem__(self, index):  # type: ignore[override]
         return self._vms[index]
@@ -436,12 +480,22 @@ def _check_fork_memory(count: int, machine: dict[str, Any]) -> None:
 
 
 async def _fork(
-    source: VM, names: list[str], boot_timeout: float, detached: bool, ports: list[list]
+    source: VM,
+    names: list[str],
+    boot_timeout: float,
+    detached: bool,
+    ports: list[list],
+    *,
+    bundle_dir: Path | None = None,
 ) -> tuple[list[VM], dict[str, Any]]:
+    """Siblings ``names`` of ``source``; ``bundle_dir`` also gets a bundle of the same instant."""
     for name in names:
         registry.ensure_free(name)
-    _check_fork_memory(len(names), source.info)
-    fork_info = await source._channel.call("vm.fork_template")
+    if names:
+        _check_fork_memory(len(names), source.info)
+    fork_info = await source._channel.call("vm.fork_template", {"bundle": str(bundle_dir)} if bundle_dir else {})
+    if not names:
+        return [], fork_info
     template = storage.Shared(Path(fork_info["holds"][0]))
     reference = template.hold()  # ours until every sibling holds its own
     siblings: list[VM | None] = [None] * len(names)
@@ -491,9 +545,17 @@ class _ForkLaunch:
     """``await vm.fork()`` -> VM (or ``Forks`` with ``n``); ``async with`` closes them on exit."""
 
     def __init__(
-        self, source: VM, names: list[str], single: bool, boot_timeout: float, detached: bool, ports: list[list]
+        self,
+        source: VM,
+        names: list[str],
+        single: bool,
+        boot_timeout: float,
+        detached: bool,
+        ports: list[list],
+        hosts: Sequence[Any] | None,
     ) -> None:
         self._source = source
+        self._hosts = hosts
         self._names = names
         self._single = single
         self._boot_timeout = boot_timeout
@@ -502,7 +564,16 @@ class _ForkLaunch:
         self._result: VM | Forks | None = None
 
     async def _start(self) -> VM | Forks:
-        siblings, fork_info = await _fork(self._source, self._names, self._boot_timeout, self._detached, self._ports)
+        if self._hosts is not None:
+            from .remote.spread import fork_across
+
+            siblings, fork_info = await fork_across(
+                self._source, self._names, self._hosts, self._boot_timeout, self._detached
+            )
+        else:
+            siblings, fork_info = await _fork(
+                self._source, self._names, self._boot_timeout, self._detached, self._ports
+            )
         return siblings[0] if self._single else Forks(siblings, fork_info)
 
     def __await__(self):
@@ -914,12 +985,21 @@ async def _restore(
             code="SNAPSHOT_INCOMPATIBLE",
         )
 
-    def locate_assets() -> tuple[assets.BaseAssets, Path]:
-        base = assets.ensure_base(report)
-        for key, path in (("kernel", base.kernel), ("initrd", base.initrd)):
-            if assets.sha256_file(path) != manifest.data[key]["sha256"]:
-                raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
-        # Found by content, never by a path from the manifest (that is only quoted in the error).
+    def locate_assets() -> tuple[Path, Path, Path]:
+        """Kernel, initrd and image of the bundle, found by content (a path from the
+        manifest is only ever quoted in an error): received ones first, then this
+        host's own build."""
+        boot_files = {key: assets.cached_object(manifest.data[key]["sha256"]) for key in ("kernel", "initrd")}
+        base = None
+        if None in boot_files.values():
+            base = assets.ensure_base(report)
+            for key, path in (("kernel", base.kernel), ("initrd", base.initrd)):
+                if boot_files[key] is None:
+                    if assets.immutable_file_digest(path) != manifest.data[key]["sha256"]:
+                        raise SnapshotError(
+                            f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE"
+                        )
+                    boot_files[key] = path
         wanted = manifest.data["image"]["key"]
         if image is not None:
             tarball = Path(image).expanduser().resolve()
@@ -927,19 +1007,21 @@ async def _restore(
                 raise SnapshotError(
                     f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE"
                 )
-            return base, assets.image_for(tarball, report)
+            return boot_files["kernel"], boot_files["initrd"], assets.image_for(tarball, report)
         found = assets.cached_image(wanted)
-        if found is None and assets.image_key(base.rootfs_tarball) == wanted:
-            found = assets.image_for(base.rootfs_tarball, report)
+        if found is None:
+            base = base or assets.ensure_base(report)
+            if assets.image_key(base.rootfs_tarball) == wanted:
+                found = assets.image_for(base.rootfs_tarball, report)
         if found is None:
             raise BootError(
                 f"the image this bundle was taken on ({manifest.data['image'].get('tarball', 'unknown')}) is not "
                 "here: pass image= with that rootfs tarball",
                 code="BOOT_IMAGE_NOT_FOUND",
             )
-        return base, found
+        return boot_files["kernel"], boot_files["initrd"], found
 
-    base, disk_image = await anyio.to_thread.run_sync(locate_assets)
+    kernel, initrd, disk_image = await anyio.to_thread.run_sync(locate_assets)
     registry.ensure_free(name)
     in_bundle = {key: str(bundle_dir / key) for key in (bundle.STATE, bundle.MEM, bundle.DISK)}
     config = SupervisorConfig(
@@ -947,8 +1029,8 @@ async def _restore(
         memory_mib=machine["memory_mib"],
         cpus=machine["cpus"],
         accel=chosen_accel,
-        kernel=str(base.kernel),
-        initrd=str(base.initrd),
+        kernel=str(kernel),
+        initrd=str(initrd),
         image=str(disk_image),
         image_source=manifest.data["image"].get("tarball", ""),
         ram_dir=_new_ram_dir(name),
@@ -970,6 +1052,25 @@ async def _restore(
         },
     )
     return await _start_supervisor(config)
+
+
+async def stop_vm(name: str, *, force: bool = False) -> None:
+    """Stop VM ``name`` of this host, whoever started it; ``force`` SIGKILLs it."""
+    entry = registry.find(name)
+    if not force:
+        async with connect(name) as vm:
+            await vm.stop()
+        return
+    meta = entry.read_meta() or {}
+    for pid in (meta.get("supervisor_pid"), meta.get("qemu_pid")):
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if not await registry.wait_until_gone(entry, 10):
+        raise MachinenError(f"{name}'s supervisor survived SIGKILL", code="STOP_FAILED")
+    registry.clear_leftovers(entry)
 
 
 @asynccontextmanager

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from ssh_hosts import FakeHost, SSHHosts
 
 # Short paths: unix socket paths are limited to 108 bytes.
 _HOME = Path(tempfile.mkdtemp(prefix="mn-", dir="/tmp"))
@@ -42,9 +43,9 @@ def qemu_processes() -> list[str]:
     return [line for line in out.splitlines() if str(_HOME) in line and "<defunct>" not in line]
 
 
-def runtime_leftovers() -> list[str]:
+def runtime_leftovers(runtime: Path | None = None) -> list[str]:
     """Per-VM RAM directories and fork templates still on tmpfs."""
-    runtime = Path(os.environ["MACHINEN_RUNTIME_DIR"])
+    runtime = runtime or Path(os.environ["MACHINEN_RUNTIME_DIR"])
     if not runtime.exists():
         return []
     found = [p for p in runtime.iterdir() if p.name != "templates"]
@@ -74,6 +75,30 @@ def no_qemu_survives():
     # Clean: remove the session's own (now empty) directories.
     shutil.rmtree(os.environ["MACHINEN_RUNTIME_DIR"], ignore_errors=True)
     shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts():
+    """Start fresh "remote hosts" (real sshd servers on loopback): ``ssh_hosts.add(alias)``.
+
+    Their state lives under this session's home, so the session check also
+    sees their QEMU processes.
+    """
+    hosts = SSHHosts(_HOME / "ssh", os.environ["MACHINEN_RUNTIME_DIR"])
+    os.environ["MACHINEN_SSH_CONFIG"] = str(hosts.config)
+    os.environ["MACHINEN_REMOTE_COMMAND"] = f"{sys.executable} -m machinen_async"
+    yield hosts
+    hosts.close()
+    for host in hosts.hosts:
+        leftovers = runtime_leftovers(host.runtime)
+        shutil.rmtree(host.runtime, ignore_errors=True)
+        assert not leftovers, f"RAM files survived on {host.alias}: {leftovers}"
+
+
+@pytest.fixture
+def remote_host(ssh_hosts) -> FakeHost:
+    """A fresh host of its own for one test (empty cache: everything has to travel)."""
+    return ssh_hosts.add(f"h{len(ssh_hosts.hosts)}")
 
 
 @pytest.fixture

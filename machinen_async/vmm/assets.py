@@ -234,6 +234,30 @@ def _build_rootfs_tarball(cache: Path, report: Report) -> Path:
     return tarball
 
 
+def _base_record(cache: Path) -> Path:
+    # What this code builds, as opposed to which package versions it builds from;
+    # one record per recipe, so different machinen versions sharing a cache coexist.
+    recipe = hashlib.sha256(
+        json.dumps([ASSETS_FORMAT, INITRD_MODULES, INIT_SCRIPT, SUITE, ROOTFS_PACKAGES]).encode()
+    ).hexdigest()
+    return cache / f"base-{recipe[:16]}.json"
+
+
+def find_base() -> BaseAssets | None:
+    """The base assets if they were built here already (builds nothing)."""
+    record = _base_record(paths.cache_dir())
+    if not record.exists():
+        return None
+    saved = json.loads(record.read_text())
+    base = BaseAssets(
+        kernel=Path(saved["kernel"]),
+        initrd=Path(saved["initrd"]),
+        rootfs_tarball=Path(saved["rootfs_tarball"]),
+        kernel_package=saved["kernel_package"],
+    )
+    return base if base.kernel.exists() and base.initrd.exists() and base.rootfs_tarball.exists() else None
+
+
 def ensure_base(report: Report = lambda message: None, *, refresh: bool = False) -> BaseAssets:
     """Kernel, initrd and base rootfs tarball, built on first use.
 
@@ -242,26 +266,12 @@ def ensure_base(report: Report = lambda message: None, *, refresh: bool = False)
     packages.  A change to what is built (modules, /init, package list)
     is a new recipe and builds anew.
     """
-    # What this code builds, as opposed to which package versions it builds from.
-    recipe = hashlib.sha256(
-        json.dumps([ASSETS_FORMAT, INITRD_MODULES, INIT_SCRIPT, SUITE, ROOTFS_PACKAGES]).encode()
-    ).hexdigest()
     with _cache_lock() as cache:
-        # One record per recipe, so different machinen versions sharing a cache coexist.
-        record = cache / f"base-{recipe[:16]}.json"
-        if record.exists() and not refresh:
-            saved = json.loads(record.read_text())
-            base = BaseAssets(
-                kernel=Path(saved["kernel"]),
-                initrd=Path(saved["initrd"]),
-                rootfs_tarball=Path(saved["rootfs_tarball"]),
-                kernel_package=saved["kernel_package"],
-            )
-            if base.kernel.exists() and base.initrd.exists() and base.rootfs_tarball.exists():
-                return base
+        if not refresh and (found := find_base()) is not None:
+            return found
         kernel, initrd, kernel_package = _build_kernel_and_initrd(cache, report)
         base = BaseAssets(kernel, initrd, _build_rootfs_tarball(cache, report), kernel_package)
-        record.write_text(json.dumps({k: str(v) for k, v in asdict(base).items()}))
+        _base_record(cache).write_text(json.dumps({k: str(v) for k, v in asdict(base).items()}))
         return base
 
 
@@ -278,15 +288,16 @@ def _agent_sources() -> dict[str, bytes]:
     }
 
 
-def _tarball_digest(tarball: Path, cache: Path) -> str:
-    """sha256 of a tarball, memoised by (path, size, mtime) to skip rehashing."""
-    stat = tarball.stat()
-    memo_dir = paths.private_dir(cache / "digests")
-    memo_key = hashlib.sha256(f"{tarball.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+def immutable_file_digest(path: Path) -> str:
+    """sha256 of a file that is never modified in place (tarballs, cached images, kernels),
+    memoised by (path, size, mtime) to skip rehashing."""
+    stat = path.stat()
+    memo_dir = paths.private_dir(paths.private_dir(paths.cache_dir()) / "digests")
+    memo_key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     memo = memo_dir / memo_key
     if memo.exists():
         return memo.read_text()
-    digest = sha256_file(tarball)
+    digest = sha256_file(path)
     memo.write_text(digest)
     return digest
 
@@ -297,7 +308,7 @@ def image_key(tarball: Path) -> str:
         raise BootError(f"image not found: {tarball}", code="BOOT_IMAGE_NOT_FOUND")
     agent = _agent_sources()
     key = hashlib.sha256()
-    key.update(f"{ASSETS_FORMAT}|{_tarball_digest(tarball, paths.private_dir(paths.cache_dir()))}".encode())
+    key.update(f"{ASSETS_FORMAT}|{immutable_file_digest(tarball)}".encode())
     for name in sorted(agent):
         key.update(name.encode() + b"\0" + agent[name] + b"\0")
     return key.hexdigest()[:24]
@@ -308,11 +319,25 @@ def cached_image(key: str) -> Path | None:
     return image if image.is_file() else None
 
 
+def objects_dir() -> Path:
+    """Kernels and initrds received from other hosts, named by their sha256."""
+    return paths.private_dir(paths.private_dir(paths.cache_dir()) / "objects")
+
+
+def cached_object(digest: str) -> Path | None:
+    found = paths.cache_dir() / "objects" / digest
+    return found if len(digest) == 64 and found.is_file() else None
+
+
+def images_dir() -> Path:
+    return paths.private_dir(paths.private_dir(paths.cache_dir()) / "images")
+
+
 def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
     """The read-only ext4 image of ``tarball`` plus the current guest agent."""
     key = image_key(tarball)
-    with _cache_lock() as cache:
-        image = paths.private_dir(cache / "images") / f"{key}.ext4"
+    with _cache_lock():
+        image = images_dir() / f"{key}.ext4"
         if image.exists():
             return image
         with (

@@ -58,16 +58,14 @@ def seal(bundle: Path, fields: dict[str, Any]) -> Manifest:
     return Manifest(data)
 
 
-def verify(bundle: Path) -> Manifest:
-    """Read and check a bundle; raises typed errors, starts nothing."""
-    if not (bundle / MANIFEST).is_file():
-        raise BootError(f"no snapshot bundle at {bundle}", code="BOOT_SNAPSHOT_NOT_FOUND")
+def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
+    """Decode and check a manifest's shape; its files are checked by ``verify``."""
     try:
-        data = cbor2.loads((bundle / MANIFEST).read_bytes())
+        data = cbor2.loads(raw)
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
             raise ValueError("not a manifest map")
     except (ValueError, cbor2.CBORDecodeError) as exc:
-        raise SnapshotError(f"unreadable manifest in {bundle}: {exc}", code="SNAPSHOT_CORRUPT") from None
+        raise SnapshotError(f"unreadable manifest in {where}: {exc}", code="SNAPSHOT_CORRUPT") from None
     if data.get("format") != FORMAT_VERSION:
         raise SnapshotError(
             f"bundle format {data.get('format')!r}; this machinen reads format {FORMAT_VERSION}",
@@ -76,6 +74,14 @@ def verify(bundle: Path) -> Manifest:
     unknown = set(data["files"]) - set(DATA_FILES)
     if unknown or STATE not in data["files"] or DISK not in data["files"]:
         raise SnapshotError(f"manifest lists unexpected files {sorted(unknown)}", code="SNAPSHOT_CORRUPT")
+    return data
+
+
+def verify(bundle: Path) -> Manifest:
+    """Read and check a bundle; raises typed errors, starts nothing."""
+    if not (bundle / MANIFEST).is_file():
+        raise BootError(f"no snapshot bundle at {bundle}", code="BOOT_SNAPSHOT_NOT_FOUND")
+    data = parse_manifest((bundle / MANIFEST).read_bytes(), bundle)
     for name, expected in data["files"].items():
         path = bundle / name
         if path.is_symlink() or not path.is_file():

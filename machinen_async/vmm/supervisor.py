@@ -36,11 +36,11 @@ import structlog
 from qemu.qmp import QMPClient
 
 from .. import paths, registry
-from ..errors import BootError, BootTimeoutError, MachinenError, error_from_code, plain_errors
+from ..errors import BootError, BootTimeoutError, MachinenError, SnapshotError, error_from_code, plain_errors
 from ..vsock import wire
 from ..vsock.framed import FrameStream
 from . import bundle, qemu, storage
-from .assets import sha256_file
+from .assets import immutable_file_digest
 
 log = structlog.get_logger("machinen.supervisor")
 
@@ -133,6 +133,7 @@ class Supervisor:
         self.ram_file: Path | None = None
         self.ram_shared = True
         self.task_group: anyio.abc.TaskGroup | None = None
+        self.paused_for: ClientConnection | None = None  # the client whose handoff holds the VM paused
 
     # --- the agent side -----------------------------------------------------------
 
@@ -245,6 +246,7 @@ class Supervisor:
                 for agent_sid in list(client.agent_sids.values()):
                     self.routes.pop(agent_sid, None)
                     await self.send_to_agent([wire.CANCEL, agent_sid])
+                await self.resume(client)  # a handoff whose client vanished: carry on here
                 await client.frames.aclose()
 
     async def on_client_frame(self, client: ClientConnection, frame: list, tg: anyio.abc.TaskGroup) -> None:
@@ -364,9 +366,11 @@ class Supervisor:
                     await anyio.sleep(0.01)
                 result = {"agent": self.agent_info}
             elif method == "vm.fork_template":
-                result = await self.freeze_template()
+                result = await self.freeze_template(params.get("bundle"))
             elif method == "vm.snapshot":
-                result = await self.snapshot(params["dir"])
+                result = await self.snapshot(params["dir"], paused_for=client if params.get("stay_paused") else None)
+            elif method == "vm.resume":
+                result = {"resumed": await self.resume(client)}
             elif method == "vm.stop":
                 self.stop_requested.set()
                 result = {"stopping": True}
@@ -375,12 +379,23 @@ class Supervisor:
         except MachinenError as exc:
             client.outbox_send.send_nowait([wire.ERROR, sid, exc.code, exc.message])
             return
+        except Exception as exc:  # a QMP or OS failure fails this call, not the VM
+            log.exception("call failed", method=method)
+            client.outbox_send.send_nowait(
+                [wire.ERROR, sid, "VM_CALL_FAILED", f"{method}: {type(exc).__name__}: {exc}"]
+            )
+            return
         client.outbox_send.send_nowait([wire.RESULT, sid, result])
 
     # --- capture: fork templates and snapshots -------------------------------------
 
-    async def _capture(self, state: Path, mem: Path | None) -> tuple[list[list[str]], dict[str, float]]:
+    async def _capture(
+        self, state: Path, mem: Path | None, *, stay_paused: bool = False
+    ) -> tuple[list[list[str]], dict[str, float]]:
         """Save this VM's state while it keeps running; return (frozen disk chain, timings).
+
+        With ``stay_paused`` the guest is left stopped after a successful
+        capture (a handoff: the state must stay the last one).
 
         The disk freeze gives the VM a fresh qcow2 layer on top, so the
         returned chain (top first) is immutable from now on; it happens while
@@ -426,7 +441,8 @@ class Supervisor:
         finally:
             if frozen is None:
                 storage.close_quietly(layer_ref)
-            await self.qmp.execute("cont")
+            if frozen is None or not stay_paused:
+                await self.qmp.execute("cont")
         step("resume")
         paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_for_last_pages", "resume")
         steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
@@ -450,9 +466,14 @@ class Supervisor:
         keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "tsc_khz", "network")
         return {k: getattr(self.config, k) for k in keys}
 
-    async def freeze_template(self) -> dict[str, Any]:
-        """Capture this running VM as a template that fork siblings start from."""
+    async def freeze_template(self, bundle_dir: str | None = None) -> dict[str, Any]:
+        """Capture this running VM as a template that fork siblings start from.
+
+        With ``bundle_dir``, also write a snapshot bundle of that same instant
+        (after the VM continues): siblings on other hosts start from it."""
         async with self.capture_lock:
+            if self.paused_for is not None:
+                raise MachinenError("the VM is paused for a handoff", code="FORK_VM_PAUSED")
             template, template_ref = storage.new_template()
             try:
                 chain, steps = await self._capture(template.state, template.mem)
@@ -462,6 +483,17 @@ class Supervisor:
                     steps["unpack_ram_after_resume"] = round((time.monotonic() - started) * 1000, 2)
             except BaseException:
                 storage.close_quietly(template_ref)
+                raise
+        if bundle_dir is not None:
+            target = bundle.create_dir(Path(bundle_dir))
+            try:
+                for source, name in ((template.state, bundle.STATE), (template.mem, bundle.MEM)):
+                    await _check_call(["cp", "--sparse=always", str(source), str(target / name)], what="copy state")
+                await self._seal_bundle(target, chain)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    bundle.remove_partial(target)
+                    storage.close_quietly(template_ref)
                 raise
         # Our reference only bridges the gap until the caller takes its own.
         self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
@@ -529,41 +561,63 @@ class Supervisor:
             network=config.network,
         )
 
-    async def snapshot(self, directory: str) -> dict[str, Any]:
-        """Write a bundle of this running VM to ``directory``; the VM keeps running."""
+    async def snapshot(self, directory: str, *, paused_for: ClientConnection | None = None) -> dict[str, Any]:
+        """Write a bundle of this running VM to ``directory``; the VM keeps running,
+        unless ``paused_for`` a client: then it stays paused until that client
+        resumes it or goes away (a handoff in progress)."""
         target = bundle.create_dir(Path(directory))
         try:
             async with self.capture_lock:
-                chain, steps = await self._capture(target / bundle.STATE, target / bundle.MEM)
+                if self.paused_for is not None:
+                    raise SnapshotError("the VM is paused for a handoff", code="SNAPSHOT_VM_PAUSED")
+                chain, steps = await self._capture(
+                    target / bundle.STATE, target / bundle.MEM, stay_paused=paused_for is not None
+                )
+                self.paused_for = paused_for
             started = time.monotonic()
-            # Flatten everything above the base image into one file: the bundle
-            # must not depend on this host's layer files.
-            base = chain[-1][0]
-            await _check_call(
-                ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
-                 "json:" + json.dumps(qemu.chain_blockdev(chain, writable=False)), str(target / bundle.DISK)],
-                what="write the bundle's disk",
-            )  # fmt: skip
-            machine = self._machine()
-            fields = {
-                "created": time.time(),
-                "source": self.config.name,
-                "qemu_version": _version_string((await self.qmp.execute("query-version"))["qemu"]),
-                "machine": {"type": qemu.MACHINE_TYPE, "disk_size": self.disk_size,
-                            **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
-                "kernel": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["kernel"]))},
-                "initrd": {"sha256": await anyio.to_thread.run_sync(sha256_file, Path(machine["initrd"]))},
-                "image": {"key": Path(base).stem, "tarball": self.config.image_source},
-            }  # fmt: skip
-            manifest = await anyio.to_thread.run_sync(bundle.seal, target, fields)
+            manifest = await self._seal_bundle(target, chain)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 bundle.remove_partial(target)
+                if paused_for is not None:
+                    await self.resume(paused_for)
             raise
         write_ms = round((time.monotonic() - started) * 1000, 2)
         log.info("snapshot", bundle=str(target), pause_ms=steps["total"], write_ms=write_ms)
         return {"bundle": str(target), "pause_ms": steps["total"], "pause_steps_ms": steps,
                 "write_ms": write_ms, "files": manifest.data["files"]}  # fmt: skip
+
+    async def _seal_bundle(self, target: Path, chain: list[list[str]]) -> bundle.Manifest:
+        """Finish a bundle whose state (and RAM) are in place: its disk, then the manifest."""
+        # Flatten everything above the base image into one file: the bundle
+        # must not depend on this host's layer files.
+        base = chain[-1][0]
+        await _check_call(
+            ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
+             "json:" + json.dumps(qemu.chain_blockdev(chain, writable=False)), str(target / bundle.DISK)],
+            what="write the bundle's disk",
+        )  # fmt: skip
+        machine = self._machine()
+        fields = {
+            "created": time.time(),
+            "source": self.config.name,
+            "qemu_version": _version_string((await self.qmp.execute("query-version"))["qemu"]),
+            "machine": {"type": qemu.MACHINE_TYPE, "disk_size": self.disk_size,
+                        **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
+            "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["kernel"]))},
+            "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["initrd"]))},
+            "image": {"key": Path(base).stem, "tarball": self.config.image_source,
+                      "sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(base))},
+        }  # fmt: skip
+        return await anyio.to_thread.run_sync(bundle.seal, target, fields)
+
+    async def resume(self, client: ClientConnection) -> bool:
+        """Continue a VM that ``client`` paused; False if it was not paused by it."""
+        if self.paused_for is not client:
+            return False
+        self.paused_for = None
+        await self.qmp.execute("cont")
+        return True
 
     # --- lifecycle ----------------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""Moving a running VM to another host: ``vm.handoff(host)``.
+
+1. (precopy) snapshot while the VM runs and push it: most chunks move
+   while the guest still works;
+2. snapshot again leaving the VM paused; push: only chunks that changed;
+3. the host assembles the bundle, checks every sha256, restores it;
+4. only then the source stops.  Any failure in 2-3 resumes the source,
+   so there is never a moment where both or neither run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+from .. import paths
+from ..errors import HandoffError, MachinenError
+from ..ports import PortSpec
+from ..vm import VM
+from .host import SSHHost, TransferReport
+
+
+@dataclass(frozen=True)
+class HandoffReport:
+    """``paused_ms``: how long the VM ran nowhere; bytes are what crossed the wire."""
+
+    paused_ms: float
+    total_s: float
+    bytes_sent: int
+    precopy: TransferReport | None
+    final: TransferReport
+
+
+async def handoff(
+    vm: VM,
+    host: SSHHost,
+    *,
+    name: str | None,
+    ports: Sequence[PortSpec] | None,
+    detached: bool | None,
+    precopy: bool,
+    progress: Callable[[str], None] | None,
+) -> VM:
+    if vm.host is not None:
+        raise HandoffError("hand a VM off from the host it runs on", code="HANDOFF_REMOTE_SOURCE")
+    if getattr(host, "is_local", True):
+        raise HandoffError("the destination is this host", code="HANDOFF_SAME_HOST")
+    report = progress or (lambda message: None)
+    owned = vm._owner is not None
+    started = time.monotonic()
+    await host.open()
+    workdir = paths.private_dir(paths.home() / "handoff") / f"{vm.name}-{os.urandom(4).hex()}"
+    paths.private_dir(workdir)
+    try:
+        warm = None
+        if precopy:
+            report("precopy: snapshot while running")
+            await vm.snapshot(workdir / "precopy")
+            warm = await host.push(workdir / "precopy", progress=report)
+            await anyio.to_thread.run_sync(shutil.rmtree, workdir / "precopy")
+        report("pausing for the final state")
+        paused_at = time.monotonic()
+        await vm._snapshot_paused(workdir / "final")
+        try:
+            final = await host.push(workdir / "final", progress=report)
+            moved = await host.restore(
+                final.remote_bundle,
+                name=name or vm.name,
+                ports=ports,
+                detached=(not owned) if detached is None else detached,
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await vm._resume()
+            raise
+        paused_ms = round((time.monotonic() - paused_at) * 1000, 1)
+        # The destination runs: now, and only now, the source goes.
+        with anyio.CancelScope(shield=True):
+            await (vm.aclose() if owned else vm.stop())
+            try:
+                await host.remove_bundle(final.remote_bundle)
+            except MachinenError:
+                pass  # the bundle is only a leftover now; the chunks stay for the next transfer
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+    moved.handoff_report = HandoffReport(
+        paused_ms=paused_ms,
+        total_s=round(time.monotonic() - started, 3),
+        bytes_sent=final.bytes_sent + (warm.bytes_sent if warm else 0),
+        precopy=warm,
+        final=final,
+    )
+    report(f"handed off to {host.name} as {moved.name}: paused {paused_ms:.0f} ms")
+    return moved

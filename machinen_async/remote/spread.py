@@ -1,0 +1,113 @@
+"""Forks spread over several hosts: ``vm.fork(n=8, hosts=[Host.local(), hostb])``.
+
+All siblings start from one instant: the source pauses once for a fork
+template, as for a local fork; local siblings map it copy-on-write, and a
+bundle written from the same template (the source running again) is pushed
+to every remote host (only the chunks it lacks), which restores its
+siblings from it.
+
+Placement (``place``) is greedy and deterministic: each sibling goes to
+the host with the fewest VMs per CPU among those whose free memory can
+still hold one more; if none can, the fork is refused
+(FORK_MEMORY_BACKPRESSURE) rather than overloading a host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from .. import paths
+from ..errors import ForkError, MachinenError, plain_errors
+from ..vm import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE, VM, _close_all, _fork
+from .host import Host, SSHHost
+
+
+def sibling_cost_mib(facts: dict[str, Any], memory_mib: int, *, local: bool) -> float:
+    """Host memory one more sibling takes: a share of guest RAM when it maps
+    this host's fork template, all of it when it is restored from a bundle."""
+    overhead = FORK_OVERHEAD_MIB.get(facts["accel"], FORK_OVERHEAD_MIB["tcg"])
+    return overhead + memory_mib * (FORK_PRIVATE_SHARE if local else 1.0)
+
+
+def place(count: int, facts: Sequence[dict[str, Any]], local: Sequence[bool], memory_mib: int) -> list[int]:
+    """The index of the host each of ``count`` siblings goes to."""
+    budget = [
+        f["mem_available_mib"] * FORK_MEMORY_HEADROOM - (memory_mib if is_local else 0)  # the template's RAM
+        for f, is_local in zip(facts, local, strict=True)
+    ]
+    running = [float(f["vms"]) for f in facts]
+    placement = []
+    for _ in range(count):
+        candidates = [i for i, f in enumerate(facts) if budget[i] >= sibling_cost_mib(f, memory_mib, local=local[i])]
+        if not candidates:
+            raise MachinenError(
+                f"no host has memory for sibling {len(placement) + 1} of {count}",
+                code="FORK_MEMORY_BACKPRESSURE",
+                retryable=True,
+            )
+        chosen = min(candidates, key=lambda i: (running[i] / max(facts[i]["cpus"], 1), i))
+        placement.append(chosen)
+        running[chosen] += 1
+        budget[chosen] -= sibling_cost_mib(facts[chosen], memory_mib, local=local[chosen])
+    return placement
+
+
+async def fork_across(
+    source: VM, names: list[str], hosts: Sequence[Host], boot_timeout: float, detached: bool
+) -> tuple[list[VM], dict[str, Any]]:
+    if source.host is not None:
+        raise ForkError("fork a remote VM on the host it runs on", code="FORK_REMOTE_SOURCE")
+    facts: list[dict[str, Any]] = [{}] * len(hosts)
+
+    async def learn(index: int) -> None:
+        facts[index] = await hosts[index].info()
+
+    with plain_errors():
+        async with anyio.create_task_group() as tg:
+            for index in range(len(hosts)):
+                tg.start_soon(learn, index)
+    placement = place(len(names), facts, [h.is_local for h in hosts], source.info["memory_mib"])
+    local_names = [n for n, i in zip(names, placement, strict=True) if hosts[i].is_local]
+    remote: dict[int, list[str]] = {}
+    for name, index in zip(names, placement, strict=True):
+        if not hosts[index].is_local:
+            remote.setdefault(index, []).append(name)
+
+    started: dict[str, VM] = {}
+    workdir = paths.private_dir(paths.home() / "handoff") / f"fork-{source.name}-{os.urandom(4).hex()}"
+    try:
+        siblings, fork_info = await _fork(
+            source, local_names, boot_timeout, detached, [], bundle_dir=workdir if remote else None
+        )
+        started.update(zip(local_names, siblings, strict=True))
+
+        async def start_remote(host: SSHHost, host_names: list[str]) -> None:
+            pushed = await host.push(workdir)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for name in host_names:
+                        tg.start_soon(restore_one, host, pushed.remote_bundle, name)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await host.remove_bundle(pushed.remote_bundle)
+
+        async def restore_one(host: SSHHost, bundle: str, name: str) -> None:
+            started[name] = await host.restore(bundle, name=name, detached=detached, boot_timeout=boot_timeout)
+
+        with plain_errors():
+            async with anyio.create_task_group() as tg:
+                for index, host_names in remote.items():
+                    tg.start_soon(start_remote, hosts[index], host_names)
+    except BaseException:
+        await _close_all(list(started.values()))
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+    fork_info["placement"] = {name: hosts[i].name for name, i in zip(names, placement, strict=True)}
+    return [started[name] for name in names], fork_info

@@ -1,0 +1,182 @@
+"""Handoff and fork across hosts over SSH: real sshd servers on loopback, real VMs on both sides."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+from conftest import ls_json, machinen
+from machinen_async import Host, HostError, MachinenError, TransferError, boot, connect
+from machinen_async.remote.spread import place
+from test_fork import COUNTER, poke
+
+pytestmark = pytest.mark.anyio
+
+
+async def remote_names(host) -> list[str]:
+    return sorted(row["name"] for row in await host.list())
+
+
+async def test_handoff_carries_a_running_process_on(remote_host, anyio_backend):
+    async with Host.from_spec(remote_host.alias) as hostb:
+        async with boot(name=f"mover-{anyio_backend}") as vm:
+            await vm.exec(["sh", "-c", f"echo 41 > /root/state; {COUNTER}"], check=True)
+            assert [await poke(vm), await poke(vm)] == [1, 2]
+            moved = await vm.handoff(hostb)
+            assert moved.host is hostb and moved.name == vm.name
+            assert await poke(moved) == 3  # the same process, its memory intact
+            assert (await moved.exec(["cat", "/root/state"])).stdout == b"41\n"
+            assert vm.name not in [row["name"] for row in ls_json()]  # the source stopped here
+            assert await remote_names(hostb) == [vm.name]
+            report = moved.handoff_report
+            assert report.precopy is not None and report.paused_ms > 0
+            # The precopy sent nearly everything (image and kernel too: the host had nothing).
+            assert report.precopy.bytes_sent > 20 * report.final.bytes_sent
+            assert report.final.chunks_sent < report.final.chunks_total
+        # An owned VM moved with its owner's lifetime: closing the connection stops it.
+    async with Host.from_spec(remote_host.alias) as hostb:
+        assert await remote_names(hostb) == []
+
+
+async def test_handoff_cut_mid_transfer_leaves_the_source_running(remote_host):
+    async with Host.from_spec(remote_host.alias) as hostb, boot(name="cut") as vm:
+        await vm.exec(["sh", "-c", COUNTER], check=True)
+        assert await poke(vm) == 1
+        peer_pid = (await hostb.info())["pid"]
+        cut = []
+
+        def kill_the_connection(message: str) -> None:
+            if message.startswith("sent ") and not cut:
+                cut.append(message)
+                os.kill(peer_pid, signal.SIGKILL)
+
+        # No precopy: the VM is paused during this transfer, so it must be resumed.
+        with pytest.raises(TransferError) as failure:
+            await vm.handoff(hostb, precopy=False, progress=kill_the_connection)
+        assert cut and failure.value.code == "HOST_CONNECTION_LOST" and failure.value.retryable
+        assert await poke(vm) == 2  # still here, running
+        assert await remote_names(hostb) == []  # the host reconnects on its own; nothing started there
+        # Retrying resumes: chunks that landed before the cut are not sent again.
+        moved = await vm.handoff(hostb, precopy=False)
+        assert moved.handoff_report.final.chunks_sent < moved.handoff_report.final.chunks_total
+        assert await poke(moved) == 3
+        await moved.aclose()
+
+
+async def test_second_transfer_sends_only_what_changed(remote_host, tmp_path):
+    async with Host.from_spec(remote_host.alias) as hostb, boot(name="delta") as vm:
+        await vm.snapshot(tmp_path / "one")
+        first = await hostb.push(tmp_path / "one")
+        again = await hostb.push(tmp_path / "one")
+        assert (again.bytes_sent, again.chunks_sent) == (0, 0)
+        assert again.remote_bundle == first.remote_bundle
+        await vm.exec(["sh", "-c", "head -c 3000000 /dev/urandom > /root/blob; sync"], check=True)
+        await vm.snapshot(tmp_path / "two")
+        second = await hostb.push(tmp_path / "two")
+        assert 3_000_000 < second.bytes_sent < first.bytes_sent / 5
+        moved = await vm.handoff(hostb, precopy=False)
+        assert moved.handoff_report.bytes_sent < first.bytes_sent / 5
+        assert (await moved.exec(["wc", "-c", "/root/blob"])).stdout.split()[0] == b"3000000"
+        await moved.aclose()
+
+
+async def test_fork_across_two_hosts(remote_host, anyio_backend):
+    async with Host.from_spec(remote_host.alias) as hostb, boot(name=f"spread-{anyio_backend}") as vm:
+        await vm.exec(["sh", "-c", f"echo 10 > /root/state; {COUNTER}"], check=True)
+        assert await poke(vm) == 1
+        async with vm.fork(n=4, hosts=[Host.local(), hostb], name=f"sp-{anyio_backend}") as forks:
+            assert set(forks.placement.values()) == {"local", remote_host.alias}
+            assert [sibling.host is hostb for sibling in forks] == [
+                forks.placement[sibling.name] == remote_host.alias for sibling in forks
+            ]
+            assert await forks.map(lambda sibling, i: poke(sibling)) == [2, 2, 2, 2]  # all from one instant
+            hostnames = await forks.map(lambda sibling, i: sibling.exec(["hostname"]))
+            assert [h.stdout.decode().strip() for h in hostnames] == [f"sp-{anyio_backend}-{i}" for i in range(4)]
+            assert await poke(vm) == 2  # the source went on too
+            assert len(await remote_names(hostb)) == list(forks.placement.values()).count(remote_host.alias)
+        assert await remote_names(hostb) == []
+
+
+def test_placement_balances_cpu_and_respects_memory():
+    def facts(cpus: int, vms: int, free_mib: int) -> dict:
+        return {"cpus": cpus, "vms": vms, "mem_available_mib": free_mib, "accel": "tcg"}
+
+    roomy = [facts(2, 2, 20000), facts(4, 0, 20000)]
+    assert place(6, roomy, [True, False], 256) == [1, 1, 1, 1, 0, 1]
+    # The remote host has memory for one restored sibling only (each holds all of its RAM).
+    tight = [facts(2, 0, 20000), facts(8, 0, 600)]
+    assert place(3, tight, [True, False], 256) == [0, 1, 0]
+    with pytest.raises(MachinenError) as refused:
+        place(2, [facts(2, 0, 500)], [False], 256)
+    assert refused.value.code == "FORK_MEMORY_BACKPRESSURE"
+
+
+async def test_host_errors_are_typed(ssh_hosts, shared_vm, anyio_backend):
+    with pytest.raises(HostError) as unreachable:
+        async with Host.ssh("127.0.0.1", port=1, connect_timeout=5):
+            pass
+    assert unreachable.value.code == "HOST_UNREACHABLE"
+
+    alias = ssh_hosts.add(f"errs-{anyio_backend}").alias
+    with pytest.raises(HostError) as missing:
+        async with Host.ssh(alias, machinen="/nonexistent/machinen"):
+            pass
+    assert missing.value.code == "HOST_MACHINEN_NOT_FOUND"
+
+    other_version = (
+        f'{sys.executable} -c \'import machinen_async; machinen_async.__version__ = "9.9.9"; '
+        "from machinen_async.cli import main; main()'"
+    )
+    with pytest.raises(HostError) as mismatch:
+        async with Host.ssh(alias, machinen=other_version):
+            pass
+    assert mismatch.value.code == "HOST_VERSION_MISMATCH" and "9.9.9" in mismatch.value.message
+
+    kvm_only = ssh_hosts.add(f"kvm-{anyio_backend}", extra_env={"MACHINEN_ACCEL": "kvm"}).alias
+    async with Host.from_spec(kvm_only) as host, connect(shared_vm) as vm:
+        with pytest.raises(HostError) as incompatible:
+            await vm.handoff(host)
+        assert incompatible.value.code == "HOST_INCOMPATIBLE" and "accelerator" in incompatible.value.message
+        assert (await vm.exec(["true"])).exit_code == 0  # the source is untouched
+
+    with pytest.raises(HostError) as bad_spec:
+        Host.from_spec("user@host:22")
+    assert bad_spec.value.code == "HOST_SPEC_INVALID"
+
+
+def test_cli_handoff_push_restore_and_remote_addressing(remote_host, tmp_path):
+    alias = remote_host.alias
+    machinen("boot", "--name", "clihand", "--detach", timeout=300)
+    machinen("exec", "clihand", "--", "sh", "-c", f"echo 5 > /root/state; {COUNTER}")
+    machinen("exec", "clihand", "--", "sh", "-c", "echo > /tmp/poke; cat /tmp/reply")
+    moved = json.loads(machinen("handoff", "clihand", alias, "--json", timeout=300).stdout)
+    assert moved["name"] == f"{alias}:clihand" and moved["bytes_sent"] > 0 and moved["paused_ms"] > 0
+    assert "clihand" not in [row["name"] for row in ls_json()]
+    # The moved VM is detached on the host and addressed as HOST:NAME.
+    poked = machinen("exec", f"{alias}:clihand", "--", "sh", "-c", "echo > /tmp/poke; cat /tmp/reply")
+    assert poked.stdout == b"2\n"
+    rows = json.loads(machinen("ls", "--host", alias, "--json").stdout)
+    assert [row["name"] for row in rows] == [f"{alias}:clihand"]
+    failed = machinen("exec", f"{alias}:clihand", "--", "sh", "-c", "exit 3", check=False)
+    assert failed.returncode == 3
+    # push + restore --host: a second VM on the host from a bundle made here.
+    machinen("boot", "--name", "clipush", "--detach", timeout=300)
+    machinen("exec", "clipush", "--", "sh", "-c", "echo pushed > /root/state")
+    machinen("snapshot", "clipush", str(tmp_path / "snap"))
+    machinen("stop", "clipush")
+    pushed = json.loads(machinen("push", str(tmp_path / "snap"), alias, "--json").stdout)
+    assert pushed["bytes_sent"] < pushed["bytes_total"]  # the image and kernel are there already
+    again = json.loads(machinen("push", str(tmp_path / "snap"), alias, "--json").stdout)
+    assert again["bytes_sent"] == 0 and again["remote_bundle"] == pushed["remote_bundle"]
+    restored = json.loads(
+        machinen("restore", str(tmp_path / "snap"), "--host", alias, "--name", "clipush", "-d", "--json").stdout
+    )
+    assert restored["name"] == "clipush"
+    assert machinen("exec", f"{alias}:clipush", "--", "cat", "/root/state").stdout == b"pushed\n"
+    for name in ("clihand", "clipush"):
+        assert json.loads(machinen("stop", f"{alias}:{name}", "--json").stdout)["stopped"] is True
+    assert json.loads(machinen("ls", "--host", alias, "--json").stdout) == []
