@@ -3,13 +3,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PACKAGES := qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs util-linux python3-venv
+# The multi-host tests run real sshd servers on loopback.
+TEST_PACKAGES := openssh-server openssh-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps host-deps demo test bench clean
+.PHONY: deps host-deps test-deps demo test bench clean
 
 host-deps:
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(HOST_PACKAGES)
+
+test-deps:
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(TEST_PACKAGES)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +27,7 @@ deps: host-deps $(PY)
 demo: deps
 	$(PY) examples/fork_pi/run.py
 
-test: deps
+test: deps test-deps
 	$(PY) -m pytest
 
 bench: deps

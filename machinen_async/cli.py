@@ -310,23 +310,40 @@ def attach(name: str, shell: str) -> None:
 @click.option("-n", "count", type=int, default=None, help="Number of siblings (default 1).")
 @publish_option
 @click.option("--detach", "-d", is_flag=True, help="Leave the siblings running and return.")
+@click.option(
+    "--host", "host_specs", multiple=True, metavar="[USER@]HOST",
+    help="Spread the siblings over these hosts (repeatable; `local` is this one).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
-def fork_command(name: str, new_name: str | None, count: int | None, ports, detach: bool, as_json: bool) -> None:
+def fork_command(name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, as_json) -> None:
     """Fork running VM NAME into siblings that continue from this instant.
 
     NAME keeps running; each sibling has NAME's memory, processes and disk as
-    they were, copy-on-write, and its own name and hostname.
+    they were, copy-on-write, and its own name and hostname.  With --host the
+    siblings are placed over the hosts by free memory and CPU.
     """
 
     async def run() -> None:
-        async with connect(name) as source:
-            async with source.fork(count, name=new_name, detached=detach, ports=ports) as result:
-                siblings = [result] if isinstance(result, VM) else list(result)
-                if as_json:
-                    click.echo(json.dumps([vm.info for vm in siblings]))
-                else:
-                    for vm in siblings:
-                        click.echo(f"{vm.name} forked from {name} in {vm.info['boot_s']:.2f} s", err=True)
+        async with contextlib.AsyncExitStack() as stack:
+            hosts = None
+            if host_specs:
+                from .remote.host import Host
+
+                hosts = [
+                    Host.local() if spec == "local" else await stack.enter_async_context(Host.from_spec(spec))
+                    for spec in host_specs
+                ]
+            source = await stack.enter_async_context(connect(name))
+            result = await stack.enter_async_context(
+                source.fork(count, name=new_name, detached=detach, ports=ports, hosts=hosts)
+            )
+            siblings = [result] if isinstance(result, VM) else list(result)
+            where = {vm.name: f"{vm.host.name}:" if vm.host is not None else "" for vm in siblings}
+            if as_json:
+                click.echo(json.dumps([{**vm.info, "name": where[vm.name] + vm.name} for vm in siblings]))
+            else:
+                for vm in siblings:
+                    click.echo(f"{where[vm.name]}{vm.name} forked from {name} in {vm.info['boot_s']:.2f} s", err=True)
                 if not detach:
                     click.echo("running; Ctrl-C stops the siblings", err=True)
                     await anyio.sleep_forever()
@@ -396,8 +413,18 @@ def restore_command(directory, name, image, ports, boot_timeout, detach, host_sp
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.option("--json", "as_json", is_flag=True)
 def gc_command(dry_run: bool, as_json: bool) -> None:
-    """Remove what no running VM uses: fork templates, disk layers, leftovers of killed VMs."""
-    removed = [str(p) for p in (*registry.collect_stale(dry_run=dry_run), *storage.collect_garbage(dry_run=dry_run))]
+    """Remove what no running VM uses: fork templates, disk layers, leftovers of killed VMs,
+    and transfer chunks and received bundles unused for 7 days."""
+    from .remote import chunks
+
+    removed = [
+        str(p)
+        for p in (
+            *registry.collect_stale(dry_run=dry_run),
+            *storage.collect_garbage(dry_run=dry_run),
+            *chunks.collect_unused(dry_run=dry_run),
+        )
+    ]
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": removed}))
     else:

@@ -167,6 +167,16 @@ def test_cli_handoff_push_restore_and_remote_addressing(remote_host, tmp_path):
     machinen("boot", "--name", "clipush", "--detach", timeout=300)
     machinen("exec", "clipush", "--", "sh", "-c", "echo pushed > /root/state")
     machinen("snapshot", "clipush", str(tmp_path / "snap"))
+    # fork --host: detached siblings placed over this host and the other one.
+    forked = json.loads(
+        machinen("fork", "clipush", "-n", "3", "--new-name", "cf", "--host", "local", "--host", alias, "-d", "--json",
+                 timeout=300).stdout
+    )  # fmt: skip
+    names = [sibling["name"] for sibling in forked]
+    assert sorted(name.rpartition(":")[2] for name in names) == ["cf-0", "cf-1", "cf-2"]
+    for name in names:
+        assert machinen("exec", name, "--", "cat", "/root/state").stdout == b"pushed\n"
+        machinen("stop", name)
     machinen("stop", "clipush")
     pushed = json.loads(machinen("push", str(tmp_path / "snap"), alias, "--json").stdout)
     assert pushed["bytes_sent"] < pushed["bytes_total"]  # the image and kernel are there already

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from .. import paths
 from ..errors import TransferError
 
 CHUNK_SIZE = 256 * 1024
-# A chunk not used for this long is collected by `machinen gc`.
+# Chunks and received bundles not used for this long are collected by `machinen gc`,
+# leftovers of a transfer that was killed after this long.
 CHUNK_KEEP_S = 7 * 24 * 3600
+PARTIAL_KEEP_S = 3600
 
 Recipe = dict[str, Any]  # {"size": int, "chunks": [bytes | None, ...]}, digests raw (32 bytes)
 
@@ -122,18 +125,27 @@ def assemble(file_recipe: Recipe, target: Path) -> None:
 
 
 def collect_unused(*, dry_run: bool = False) -> list[Path]:
-    """Chunks nobody used for CHUNK_KEEP_S (they only speed up later transfers)."""
-    root = paths.home() / "chunks"
-    if not root.is_dir():
-        return []
-    cutoff = time.time() - CHUNK_KEEP_S
+    """What transfers left behind: chunks and received bundles unused for
+    CHUNK_KEEP_S (they only speed up later transfers), and the partial files
+    and work directories of transfers killed mid-way (after PARTIAL_KEEP_S)."""
+    now = time.time()
+    home = paths.home()
+    received = [*(home / "chunks").glob("*/*"), *(home / "bundles").glob("*")]
+    candidates = [
+        *((path, PARTIAL_KEEP_S if path.name.startswith(".") else CHUNK_KEEP_S) for path in received),
+        *((path, PARTIAL_KEEP_S) for path in (home / "handoff").glob("*")),
+    ]
     removed = []
-    for chunk in root.glob("*/*"):
+    for path, keep_s in candidates:
         try:
-            if chunk.stat().st_mtime < cutoff:
-                if not dry_run:
-                    chunk.unlink()
-                removed.append(chunk)
+            if path.lstat().st_mtime < now - keep_s:
+                if dry_run:
+                    pass
+                elif path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
         except FileNotFoundError:
             pass
     return removed

@@ -96,6 +96,7 @@ def assemble_bundle(params: dict[str, Any]) -> str:
     target = bundles_dir() / bundle_id
     if target.is_dir():
         bundle.verify(target)
+        os.utime(target)  # used again: kept by gc
         return str(target)
     manifest = bundle.parse_manifest(manifest_bytes)
     files: dict[str, chunks.Recipe] = params["files"]
