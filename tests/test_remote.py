@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
+import urllib.request
 
+import anyio
 import pytest
 
 from conftest import ls_json, machinen
@@ -15,6 +18,17 @@ from machinen_async.remote.spread import place
 from test_fork import COUNTER, poke
 
 pytestmark = pytest.mark.anyio
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
 
 
 async def remote_names(host) -> list[str]:
@@ -47,12 +61,15 @@ async def test_handoff_cut_mid_transfer_leaves_the_source_running(remote_host):
         await vm.exec(["sh", "-c", COUNTER], check=True)
         assert await poke(vm) == 1
         peer_pid = (await hostb.info())["pid"]
+        # The sshd process serving this connection: killing it drops the TCP connection.
+        sshd_pid = int(next(line.split()[1] for line in open(f"/proc/{peer_pid}/status") if line.startswith("PPid:")))
+        assert "sshd" in open(f"/proc/{sshd_pid}/cmdline").read()
         cut = []
 
         def kill_the_connection(message: str) -> None:
             if message.startswith("sent ") and not cut:
                 cut.append(message)
-                os.kill(peer_pid, signal.SIGKILL)
+                os.kill(sshd_pid, signal.SIGKILL)
 
         # No precopy: the VM is paused during this transfer, so it must be resumed.
         with pytest.raises(TransferError) as failure:
@@ -78,9 +95,15 @@ async def test_second_transfer_sends_only_what_changed(remote_host, tmp_path):
         await vm.snapshot(tmp_path / "two")
         second = await hostb.push(tmp_path / "two")
         assert 3_000_000 < second.bytes_sent < first.bytes_sent / 5
-        moved = await vm.handoff(hostb, precopy=False)
+        await vm.exec(["sh", "-c", "cd /root && nohup python3 -m http.server 8000 >/dev/null 2>&1 &"], check=True)
+        listening = "until grep -q ':1F40 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; done"
+        await vm.exec(["sh", "-c", listening], check=True, timeout=60)
+        port = free_port()
+        moved = await vm.handoff(hostb, precopy=False, ports=[f"{port}:8000"])
         assert moved.handoff_report.bytes_sent < first.bytes_sent / 5
         assert (await moved.exec(["wc", "-c", "/root/blob"])).stdout.split()[0] == b"3000000"
+        # The server process moved too, and the host forwards its own port to it.
+        assert len(await anyio.to_thread.run_sync(http_get, f"http://127.0.0.1:{port}/blob")) == 3_000_000
         await moved.aclose()
 
 

@@ -242,6 +242,7 @@ class _Link:
         if remote_socket in self.forwards:
             return self.forwards[remote_socket][0]
         local = str(local_dir / f"{hashlib.sha256(remote_socket.encode()).hexdigest()[:16]}.sock")
+        Path(local).unlink(missing_ok=True)  # left by an earlier connection
         listener = await self.connection.forward_local_path(local, remote_socket)
         os.chmod(local, 0o600)
         self.forwards[remote_socket] = (local, listener)
