@@ -614,6 +614,12 @@ class Agent:
                 for task in list(self.tasks.values()):
                     task.on_session_change()
                 self.tasks.clear()
+                hello = frame[4] if len(frame) > 4 and isinstance(frame[4], dict) else {}
+                if hello.get("resume"):  # restored or forked: take the new identity first
+                    try:
+                        resumed(hello["resume"])
+                    except OSError as exc:
+                        print(f"agent: applying the new identity failed: {exc}", file=sys.stderr)
             self.send([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, agent_info()])
         elif kind == wire.OPEN:
             method, params = frame[2], frame[3]

@@ -85,6 +85,7 @@ def _install_verified(recipe: chunks.Recipe, digest: str, target: Path, mode: in
             raise TransferError(f"{target.name} does not match its manifest hash", code="TRANSFER_CORRUPT")
         partial.chmod(mode)
         partial.rename(target)
+        assets.remember_digest(target, digest)
     finally:
         partial.unlink(missing_ok=True)
 

@@ -288,18 +288,26 @@ def _agent_sources() -> dict[str, bytes]:
     }
 
 
+def _digest_memo(path: Path) -> Path:
+    stat = path.stat()
+    memo_dir = paths.private_dir(paths.private_dir(paths.cache_dir()) / "digests")
+    return memo_dir / hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+
+
 def immutable_file_digest(path: Path) -> str:
     """sha256 of a file that is never modified in place (tarballs, cached images, kernels),
     memoised by (path, size, mtime) to skip rehashing."""
-    stat = path.stat()
-    memo_dir = paths.private_dir(paths.private_dir(paths.cache_dir()) / "digests")
-    memo_key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    memo = memo_dir / memo_key
+    memo = _digest_memo(path)
     if memo.exists():
         return memo.read_text()
     digest = sha256_file(path)
     memo.write_text(digest)
     return digest
+
+
+def remember_digest(path: Path, digest: str) -> None:
+    """Record the sha256 of an immutable file that was just verified."""
+    _digest_memo(path).write_text(digest)
 
 
 def image_key(tarball: Path) -> str:
@@ -372,4 +380,5 @@ def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
             )
             partial.chmod(0o444)
             partial.rename(image)
+            immutable_file_digest(image)  # hashed now, while building, rather than at the first snapshot
         return image

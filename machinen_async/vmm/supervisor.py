@@ -137,8 +137,15 @@ class Supervisor:
 
     # --- the agent side -----------------------------------------------------------
 
-    async def connect_agent(self) -> None:
-        """Connect to the agent socket and complete a HELLO exchange."""
+    async def connect_agent(self, *, resume: anyio.Event | None = None) -> None:
+        """Connect to the agent socket and complete a HELLO exchange.
+
+        With ``resume`` (a restored or forked VM), the HELLO goes out once the
+        state is loaded (``resume`` set), just before the guest continues,
+        and carries the sibling's identity: hostname, the host's time (fresh
+        in every retry) and entropy.  The agent applies it on the new session
+        before answering, so no separate call is needed.
+        """
         while True:
             try:
                 stream = await anyio.connect_unix(str(self.entry.agent_socket))
@@ -148,9 +155,16 @@ class Supervisor:
         self.agent = FrameStream(stream, resync=True)
         nonce = secrets.token_bytes(8)
 
+        entropy = secrets.token_bytes(64)
+
         async def send_hellos() -> None:
+            if resume is not None:
+                await resume.wait()
             while True:
-                await self.agent.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, {}])
+                params = {}
+                if resume is not None:
+                    params["resume"] = {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": entropy}
+                await self.agent.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, params])
                 await anyio.sleep(HELLO_RETRY_S)
 
         async with anyio.create_task_group() as tg:
@@ -676,24 +690,26 @@ class Supervisor:
         if incoming is None:
             await self.connect_agent()
         else:
-            # Our HELLO waits in the socket while the state loads, so the resumed agent
-            # answers at once instead of polling for a host.
+            # Our HELLO (with the sibling's identity) waits in the socket when the guest
+            # continues, so the resumed agent answers at once instead of polling for a host.
+            state_loaded = anyio.Event()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self.connect_agent)
+                tg.start_soon(functools.partial(self.connect_agent, resume=state_loaded))
                 uri = _exec_uri(f"cat {shlex.quote(incoming['state'])}")
                 await _migrate(self.qmp, "migrate-incoming", {"uri": uri}, ignore_shared=not incoming["ram_in_state"])
+                state_loaded.set()
                 if (await self.qmp.execute("query-status"))["status"] != "running":
                     await self.qmp.execute("cont")
         if incoming is None:
             workload = await self.call_agent("workload_start", self.config.workload or {"from_image": True})
             if not workload["running"] and workload["exit_code"] == 127:
                 raise BootError(f"cannot start the workload {workload['argv']!r}", code="BOOT_CMD_NOT_FOUND")
-        else:
-            resumed = await self.call_agent(
+        elif self.agent_info.get("hostname") != self.config.name:
+            # An agent from before identity travelled in HELLO (an older bundle's RAM).
+            self.agent_info = await self.call_agent(
                 "resumed",
                 {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": secrets.token_bytes(64)},
             )
-            self.agent_info = resumed
 
     async def _run(self, ram_dir: Path, report_ready) -> None:
         config, entry = self.config, self.entry
