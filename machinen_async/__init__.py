@@ -40,7 +40,7 @@ def __getattr__(name: str):
         from .remote import handoff
 
         return handoff.HandoffReport
-    if name in ("provision", "ProvisionError"):
+    if name in ("provision", "ProvisionError", "debian_rootfs"):
         from . import provisioning
 
         return getattr(provisioning, name)
@@ -72,6 +72,7 @@ __all__ = [
     "TransferReport",
     "boot",
     "connect",
+    "debian_rootfs",
     "provision",
     "restore",
 ]

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import SHARED_VM, ls_json, qemu_processes, runtime_leftovers
+from llm_stub import MODEL as STUB_MODEL
+from llm_stub import StubServer
 
 
 def test_exec_streams_and_returns_guest_exit_code(shared_vm, cli):
@@ -151,12 +155,34 @@ def test_shell_completion(cli):
     assert b"snapshot" in cli(env=env).stdout
 
 
+FORK_PI = str(Path(__file__).resolve().parent.parent / "examples" / "fork_pi" / "run.py")
+FORK_PI_PROMPTS = ["what is pi", "hash the word fork", "summarise why copy-on-write siblings are cheap"]
+
+
 def test_fork_pi_example():
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve().parent.parent / "examples" / "fork_pi" / "run.py")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # offline mode, whatever the CI has
+    result = subprocess.run([sys.executable, FORK_PI], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mode: offline scripted agent" in result.stdout
     assert "pi to 60 places is 3.14159265358979323846264338327950288419716939937510582097494" in result.stdout
     assert "3 siblings forked and answered" in result.stdout
+
+
+@pytest.mark.timeout(1800)
+def test_fork_pi_example_runs_the_pi_agent():
+    """pi mode for real: the trixie image with pi from npm, one pi process per sibling.
+
+    No LLM API is reachable from here, so pi talks to an OpenAI-compatible
+    stand-in on this host; everything else (VM, agent, pi, its HTTP calls) is real.
+    """
+    with StubServer() as llm:
+        result = subprocess.run(
+            [sys.executable, FORK_PI, "--openai-base-url", f"http://10.0.2.2:{llm.port}/v1", "--model", STUB_MODEL],
+            capture_output=True, text=True, timeout=1700,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "mode: pi coding agent 0.73.1 (OpenAI-compatible server" in result.stdout
+    assert "pi --version: 0.73.1" in result.stdout
+    for prompt in FORK_PI_PROMPTS:
+        assert f"A: stub answer to: {prompt}" in result.stdout
+    assert len(llm.prompts) == len(FORK_PI_PROMPTS)  # one model call per sibling
