@@ -94,7 +94,7 @@ class PiAgent:
             config = {"providers": {PI_PROVIDER: provider}}
             await vm.write_file("/root/.pi/agent/models.json", json.dumps(config).encode(), parents=True)
         version = await vm.exec(["pi", "--version"], env=PI_ENV, check=True, timeout=120)  # loads node + pi once
-        print(f"  pi --version: {version.stdout.decode().strip()}")
+        print(f"  pi --version: {(version.stdout or version.stderr).decode().strip()}")  # pi prints it on stderr
 
     def argv(self, prompt: str) -> list[str]:
         model = ["--provider", PI_PROVIDER, "--model", self.model] if self.base_url else []

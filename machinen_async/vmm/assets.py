@@ -45,6 +45,7 @@ INITRD_MODULES = (
 )  # fmt: skip
 MIN_IMAGE_GIB = 2  # sparse; the qcow2 overlay only stores what a VM writes
 GUEST_LIB = "usr/lib/machinen"
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 GUEST_ENTRY = f"/{GUEST_LIB}/agent_main.py"
 ASSETS_FORMAT = 1
 
@@ -212,16 +213,26 @@ def _build_rootfs_tarball(
     cache: Path, report: Report, suite: str = SUITE, packages: Sequence[str] = (), run: Sequence[str] = ()
 ) -> Path:
     wanted = [*ROOTFS_PACKAGES, *(name for name in packages if name not in ROOTFS_PACKAGES)]
-    recipe = [ASSETS_FORMAT, suite, "minbase", wanted, *([list(run)] if run else [])]
+    recipe: list = [ASSETS_FORMAT, suite, "minbase", wanted]
+    hooks = []
+    if run:
+        # The commands use this host's network, so they trust what this host trusts: its
+        # local CAs (/usr/local/share/ca-certificates, e.g. an egress proxy's) go in first.
+        local_cas = sorted(LOCAL_CA_DIR.glob("*.crt"))
+        if "ca-certificates" not in wanted:
+            wanted.append("ca-certificates")
+        if local_cas:
+            hooks += [f"--customize-hook=copy-in {' '.join(map(shlex.quote, map(str, local_cas)))} {LOCAL_CA_DIR}",
+                      '--customize-hook=chroot "$1" update-ca-certificates --fresh >/dev/null']  # fmt: skip
+        recipe += [list(run), [hashlib.sha256(ca.read_bytes()).hexdigest() for ca in local_cas]]
+        # Run on this host, natively, in the new root: far faster than in an emulated guest.
+        hooks += [f'--customize-hook=chroot "$1" sh -ec {shlex.quote(command)}' for command in run]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
     tarball = cache / "rootfs" / f"base-{suite}-{key}.tar"
     if tarball.exists():
         return tarball
     paths.private_dir(tarball.parent)
     partial = tarball.with_suffix(".partial")
-    # Hooks run on this host, natively, in the new root (network included): far faster
-    # than the same commands in an emulated guest.
-    hooks = [f'--customize-hook=chroot "$1" sh -ec {shlex.quote(command)}' for command in run]
     with _step(report, f"building a Debian {suite} rootfs with mmdebstrap (a minute or more)"):
         try:
             _run(
