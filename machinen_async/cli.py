@@ -372,7 +372,8 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 
 @main.command(name="restore")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--name", help="Name of the restored VM (default: generated).")
+@click.option("--name", help="Name of the restored VM (default: generated); with -n a prefix: NAME-0, ...")
+@click.option("-n", "count", type=int, default=None, help="Start COUNT siblings sharing the bundle's RAM.")
 @click.option("--image", help="Rootfs tarball the bundle's VM was booted from, if not the base image.")
 @publish_option
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
@@ -381,27 +382,30 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
     "--host", "host_spec", metavar="[USER@]HOST", help="Push the bundle to HOST over SSH and restore it there."
 )
 @click.option("--json", "as_json", is_flag=True)
-def restore_command(directory, name, image, ports, boot_timeout, detach, host_spec, as_json) -> None:
-    """Start a VM from the bundle in DIRECTORY, where its snapshot left off."""
+def restore_command(directory, name, count, image, ports, boot_timeout, detach, host_spec, as_json) -> None:
+    """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
     async def run() -> None:
         async with contextlib.AsyncExitStack() as stack:
             if host_spec is None:
-                launch = restore(
-                    directory, name=name, image=image, boot_timeout=boot_timeout, detached=detach, ports=ports
-                )
+                launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
+                                 detached=detach, ports=ports)  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
                 host = await stack.enter_async_context(_ssh_host(host_spec))
                 pushed = await host.push(directory, progress=_progress)
-                launch = host.restore(pushed.remote_bundle, name=name, ports=ports, detached=detach,
+                prefix = name or registry.new_name()
+                names = None if count is None else [f"{prefix}-{i}" for i in range(count)]
+                launch = host.restore(pushed.remote_bundle, name=name, names=names, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout)  # fmt: skip
-            vm = await stack.enter_async_context(launch)
+            result = await stack.enter_async_context(launch)
+            vms = [result] if isinstance(result, VM) else list(result)
             if as_json:
-                click.echo(json.dumps(vm.info))
+                click.echo(json.dumps(vms[0].info if count is None else [vm.info for vm in vms]))
             else:
-                click.echo(f"{vm.name} restored in {vm.info['boot_s']:.2f} s", err=True)
+                for vm in vms:
+                    click.echo(f"{vm.name} restored in {vm.info['boot_s']:.2f} s", err=True)
             if not detach:
                 click.echo("running; Ctrl-C stops it", err=True)
                 await anyio.sleep_forever()

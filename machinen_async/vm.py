@@ -498,11 +498,27 @@ async def _fork(
         return [], fork_info
     template = storage.Shared(Path(fork_info["holds"][0]))
     reference = template.hold()  # ours until every sibling holds its own
-    siblings: list[VM | None] = [None] * len(names)
     incoming = {
         key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")
     }
     incoming["mem_mode"] = "map"  # siblings share the template's RAM copy-on-write
+    try:
+        siblings = await _start_siblings(names, fork_info["machine"], incoming, boot_timeout, detached, ports)
+    finally:
+        storage.close_quietly(reference)
+    return siblings, fork_info
+
+
+async def _start_siblings(
+    names: list[str],
+    machine: dict[str, Any],
+    incoming: dict[str, Any],
+    boot_timeout: float,
+    detached: bool,
+    ports: list[list],
+) -> list[VM]:
+    """One VM per name, all resumed from the same ``incoming`` state, started at once."""
+    siblings: list[VM | None] = [None] * len(names)
     try:
         configs = [
             SupervisorConfig(
@@ -512,7 +528,7 @@ async def _fork(
                 detached=detached,
                 ports=ports,
                 incoming=incoming,
-                **fork_info["machine"],
+                **machine,
             )
             for name in names
         ]
@@ -536,9 +552,7 @@ async def _fork(
     except BaseException:
         await _close_all(siblings)
         raise
-    finally:
-        storage.close_quietly(reference)
-    return siblings, fork_info  # type: ignore[return-value]  # all set once the task group ends
+    return siblings  # type: ignore[return-value]  # all set once the task group ends
 
 
 class _ForkLaunch:
@@ -866,16 +880,18 @@ async def _await_supervisor(config: SupervisorConfig, owner: _Owner) -> VM:
 
 
 class _Boot:
-    """``async with boot(...) as vm`` (stopped on exit) or ``vm = await boot(...)`` (call ``vm.aclose()``)."""
+    """``async with boot(...) as vm`` (stopped on exit) or ``vm = await boot(...)`` (call ``vm.aclose()``).
 
-    def __init__(self, start: Callable[[], Awaitable[VM]]) -> None:
+    Also ``restore(..., n=4)``: then the result is ``Forks``."""
+
+    def __init__(self, start: Callable[[], Awaitable[Any]]) -> None:
         self._start = start
-        self._vm: VM | None = None
+        self._vm: Any = None
 
     def __await__(self):
         return self._start().__await__()
 
-    async def __aenter__(self) -> VM:
+    async def __aenter__(self) -> Any:
         self._vm = await self._start()
         return self._vm
 
@@ -935,6 +951,8 @@ def restore(
     bundle_dir: str | os.PathLike,
     *,
     name: str | None = None,
+    n: int | None = None,
+    names: Sequence[str] | None = None,
     image: str | os.PathLike | None = None,
     accel: str | None = None,
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
@@ -951,24 +969,30 @@ def restore(
     (SNAPSHOT_INCOMPATIBLE).  ``image`` (a rootfs tarball) replaces the
     image the bundle was taken on, which must have the same content.  The
     bundle is never modified, so it can be restored any number of times.
+
+    With ``n`` (or ``names``) several siblings start from the bundle at once,
+    like ``vm.fork(n=...)``, and share its RAM copy-on-write: the result is
+    ``Forks``.
     """
-    return _Boot(lambda: _restore(Path(bundle_dir), name, image, accel, boot_timeout, detached, ports, progress))
+    bundle_path = Path(bundle_dir)
+    if n is None and names is None:
+        return _Boot(lambda: _restore(bundle_path, name, image, accel, boot_timeout, detached, ports, progress))
+    if names is not None:
+        chosen = [registry.validate_name(x) for x in names]
+    elif isinstance(n, int) and n >= 1:
+        prefix = registry.validate_name(name) if name is not None else registry.new_name()
+        chosen = [f"{prefix}-{i}" for i in range(n)]
+    else:
+        raise MachinenError(f"n must be a positive integer, got {n!r}", code="FORK_COUNT_INVALID")
+    if ports:
+        raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
+    return _Boot(lambda: _restore_siblings(bundle_path, chosen, image, accel, boot_timeout, detached, progress))
 
 
-async def _restore(
-    bundle_dir: Path,
-    name: str | None,
-    image: str | os.PathLike | None,
-    accel: str | None,
-    boot_timeout: float,
-    detached: bool,
-    ports: Sequence[PortSpec] | None,
-    progress: Callable[[str], None] | None,
-) -> VM:
-    name = registry.validate_name(name) if name is not None else registry.new_name()
-    forwards = parse_port_forwards(ports)
-    bundle_dir = bundle_dir.expanduser().resolve()
-    report = progress or (lambda message: None)
+async def _restore_plan(
+    bundle_dir: Path, image: str | os.PathLike | None, accel: str | None, report: Callable[[str], None]
+) -> tuple[bundle.Manifest, dict[str, Any]]:
+    """Verify a bundle and find what it runs on: (manifest, the machine fields of its VMs' configs)."""
     manifest = await anyio.to_thread.run_sync(bundle.verify, bundle_dir)
     machine = manifest.machine
     chosen_accel = qemu.choose_accelerator(accel)
@@ -1022,36 +1046,106 @@ async def _restore(
         return boot_files["kernel"], boot_files["initrd"], found
 
     kernel, initrd, disk_image = await anyio.to_thread.run_sync(locate_assets)
+    fields = {
+        "memory_mib": machine["memory_mib"],
+        "cpus": machine["cpus"],
+        "accel": chosen_accel,
+        "kernel": str(kernel),
+        "initrd": str(initrd),
+        "image": str(disk_image),
+        "image_source": manifest.data["image"].get("tarball", ""),
+        "tsc_khz": machine["tsc_khz"],
+        "network": machine["network"],
+    }
+    return manifest, fields
+
+
+async def _restore(
+    bundle_dir: Path,
+    name: str | None,
+    image: str | os.PathLike | None,
+    accel: str | None,
+    boot_timeout: float,
+    detached: bool,
+    ports: Sequence[PortSpec] | None,
+    progress: Callable[[str], None] | None,
+) -> VM:
+    name = registry.validate_name(name) if name is not None else registry.new_name()
+    forwards = parse_port_forwards(ports)
+    bundle_dir = bundle_dir.expanduser().resolve()
+    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None))
     registry.ensure_free(name)
     in_bundle = {key: str(bundle_dir / key) for key in (bundle.STATE, bundle.MEM, bundle.DISK)}
     config = SupervisorConfig(
         name=name,
-        memory_mib=machine["memory_mib"],
-        cpus=machine["cpus"],
-        accel=chosen_accel,
-        kernel=str(kernel),
-        initrd=str(initrd),
-        image=str(disk_image),
-        image_source=manifest.data["image"].get("tarball", ""),
         ram_dir=_new_ram_dir(name),
-        tsc_khz=machine["tsc_khz"],
         boot_timeout=boot_timeout,
         detached=detached,
         ports=forwards,
-        network=machine["network"],
         incoming={
             "state": in_bundle[bundle.STATE],
             "mem": None if manifest.ram_in_state else in_bundle[bundle.MEM],
             "mem_mode": "copy",
             "ram_in_state": manifest.ram_in_state,
-            "chain": [[str(disk_image), "raw"]],
+            "chain": [[fields["image"], "raw"]],
             "import_disk": in_bundle[bundle.DISK],
-            "disk_size": machine["disk_size"],
+            "disk_size": manifest.machine["disk_size"],
             "holds": [],
             "source": manifest.data.get("source"),
         },
+        **fields,
     )
     return await _start_supervisor(config)
+
+
+async def _restore_siblings(
+    bundle_dir: Path,
+    names: list[str],
+    image: str | os.PathLike | None,
+    accel: str | None,
+    boot_timeout: float,
+    detached: bool,
+    progress: Callable[[str], None] | None,
+) -> Forks:
+    """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
+
+    The bundle's RAM and disk are copied once into a fork template and a
+    frozen layer (the bundle stays untouched); every sibling maps the
+    template privately and writes its own layer on top.
+    """
+    bundle_dir = bundle_dir.expanduser().resolve()
+    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None))
+    if manifest.ram_in_state:
+        raise SnapshotError(
+            "this bundle carries its RAM inside the device state (a snapshot of a fork): restore it once, "
+            "then fork that VM",
+            code="SNAPSHOT_RAM_IN_STATE",
+        )
+    for name in names:
+        registry.ensure_free(name)
+    _check_fork_memory(len(names), fields)
+    template, template_ref = storage.new_template()
+    layer, layer_ref = storage.new_layer()
+    try:
+        for source, target in (
+            (bundle.MEM, template.mem), (bundle.STATE, template.state), (bundle.DISK, layer.disk)
+        ):  # fmt: skip
+            await anyio.run_process(["cp", "--sparse=always", str(bundle_dir / source), str(target)])
+        incoming = {
+            "state": str(template.state),
+            "mem": str(template.mem),
+            "mem_mode": "map",
+            "ram_in_state": False,
+            "chain": [[str(layer.disk), "qcow2"], [fields["image"], "raw"]],
+            "disk_size": manifest.machine["disk_size"],
+            "holds": [str(template.path), str(layer.path)],
+            "source": manifest.data.get("source"),
+        }
+        siblings = await _start_siblings(names, fields, incoming, boot_timeout, detached, [])
+    finally:
+        storage.close_quietly(template_ref)
+        storage.close_quietly(layer_ref)
+    return Forks(siblings, {"pause_ms": 0.0, "pause_steps_ms": {}})
 
 
 async def stop_vm(name: str, *, force: bool = False) -> None:

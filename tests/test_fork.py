@@ -38,15 +38,17 @@ def _qemu_of(name: str) -> list[str]:
     return [p for p in qemu_processes() if f"/vms/{name}/" in p]
 
 
-def _private_ram_mib(qemu_pid: int, ram_file: str) -> float:
-    """Pages of the guest-RAM mapping this sibling copied on write ("Anonymous"), in MiB."""
-    private_kib, inside = 0, False
+def copied_ram_mib(qemu_pid: int) -> float:
+    """Pages of the fork-template RAM mapping this QEMU copied on write ("Anonymous"), in MiB."""
+    private_kib, mapped, inside = 0, False, False
     with open(f"/proc/{qemu_pid}/smaps") as smaps:
         for line in smaps:
             if "-" in line.split()[0] and len(line.split()) >= 5:
-                inside = line.rstrip().endswith(ram_file)
+                inside = "/templates/" in line and line.rstrip().endswith("/mem")
+                mapped = mapped or inside
             elif inside and line.startswith("Anonymous:"):
                 private_kib += int(line.split()[1])
+    assert mapped, "this QEMU does not map a fork template"
     return private_kib / 1024
 
 
@@ -80,14 +82,8 @@ async def test_memory_is_shared_copy_on_write():
     async with boot(name="fmem", memory_mib=256) as source:
         async with source.fork(n=2, name="fmem-sib") as forks:
             await forks.map(lambda vm, i: vm.exec(["true"]))
-            describe = [await vm.describe() for vm in forks]
-            for info in describe:
-                template_mem = str(storage.templates_dir())
-                with open(f"/proc/{info['qemu_pid']}/maps") as maps:
-                    ram_file = next(
-                        line.split()[-1] for line in maps if line.rstrip().endswith("/mem") and template_mem in line
-                    )
-                private = _private_ram_mib(info["qemu_pid"], ram_file)
+            for vm in forks:
+                private = copied_ram_mib((await vm.describe())["qemu_pid"])
                 assert private < 0.08 * 256, f"sibling copied {private:.1f} MiB of guest RAM"
 
 

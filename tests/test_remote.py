@@ -15,7 +15,7 @@ import pytest
 from conftest import ls_json, machinen
 from machinen_async import Host, HostError, MachinenError, TransferError, boot, connect
 from machinen_async.remote.spread import place
-from test_fork import COUNTER, poke
+from test_fork import COUNTER, copied_ram_mib, poke
 
 pytestmark = pytest.mark.anyio
 
@@ -120,6 +120,8 @@ async def test_fork_across_two_hosts(remote_host, anyio_backend):
             hostnames = await forks.map(lambda sibling, i: sibling.exec(["hostname"]))
             assert [h.stdout.decode().strip() for h in hostnames] == [f"sp-{anyio_backend}-{i}" for i in range(4)]
             assert await poke(vm) == 2  # the source went on too
+            for sibling in forks:  # on every host the siblings share one template copy-on-write
+                assert copied_ram_mib((await sibling.describe())["qemu_pid"]) < 0.08 * 256
             assert len(await remote_names(hostb)) == list(forks.placement.values()).count(remote_host.alias)
         assert await remote_names(hostb) == []
 
@@ -129,12 +131,12 @@ def test_placement_balances_cpu_and_respects_memory():
         return {"cpus": cpus, "vms": vms, "mem_available_mib": free_mib, "accel": "tcg"}
 
     roomy = [facts(2, 2, 20000), facts(4, 0, 20000)]
-    assert place(6, roomy, [True, False], 256) == [1, 1, 1, 1, 0, 1]
-    # The remote host has memory for one restored sibling only (each holds all of its RAM).
+    assert place(6, roomy, 256) == [1, 1, 1, 1, 0, 1]
+    # The second host has memory for its template and one sibling only.
     tight = [facts(2, 0, 20000), facts(8, 0, 600)]
-    assert place(3, tight, [True, False], 256) == [0, 1, 0]
+    assert place(3, tight, 256) == [0, 1, 0]
     with pytest.raises(MachinenError) as refused:
-        place(2, [facts(2, 0, 500)], [False], 256)
+        place(2, [facts(2, 0, 500)], 256)
     assert refused.value.code == "FORK_MEMORY_BACKPRESSURE"
 
 
@@ -210,6 +212,16 @@ def test_cli_handoff_push_restore_and_remote_addressing(remote_host, tmp_path):
     )
     assert restored["name"] == "clipush"
     assert machinen("exec", f"{alias}:clipush", "--", "cat", "/root/state").stdout == b"pushed\n"
+    # restore -n: siblings sharing the bundle's RAM, on the host and here.
+    for where, prefix in ((["--host", alias], "rn"), ([], "ln")):
+        restored = json.loads(
+            machinen("restore", str(tmp_path / "snap"), *where, "-n", "2", "--name", prefix, "-d", "--json").stdout
+        )
+        assert [vm["name"] for vm in restored] == [f"{prefix}-0", f"{prefix}-1"]
+        for vm in restored:
+            address = f"{alias}:{vm['name']}" if where else vm["name"]
+            assert machinen("exec", address, "--", "cat", "/root/state").stdout == b"pushed\n"
+            machinen("stop", address)
     for name in ("clihand", "clipush"):
         assert json.loads(machinen("stop", f"{alias}:{name}", "--json").stdout)["stopped"] is True
     assert json.loads(machinen("ls", "--host", alias, "--json").stdout) == []

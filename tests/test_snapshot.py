@@ -11,7 +11,7 @@ import pytest
 from conftest import qemu_processes
 from machinen_async import BootError, SnapshotError, boot, connect, restore
 from machinen_async.vmm import bundle as bundle_format
-from test_fork import COUNTER, poke
+from test_fork import COUNTER, copied_ram_mib, poke
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +107,19 @@ async def test_snapshot_and_restore_errors(shared_vm, tmp_path):
         with pytest.raises(SnapshotError) as no_parent:
             await vm.snapshot(Path(tmp_path / "no" / "such" / "parent"))
         assert no_parent.value.code == "SNAPSHOT_DIR_INVALID"
+
+
+async def test_restore_n_siblings_share_the_bundle_ram(anyio_backend, tmp_path):
+    async with boot(name=f"rsrc-{anyio_backend}") as vm:
+        await vm.exec(["sh", "-c", f"echo 7 > /root/state; {COUNTER}"], check=True)
+        assert await poke(vm) == 1
+        await vm.snapshot(tmp_path / "snap")
+    async with restore(tmp_path / "snap", n=3, name=f"rsib-{anyio_backend}") as siblings:
+        assert [vm.name for vm in siblings] == [f"rsib-{anyio_backend}-{i}" for i in range(3)]
+        assert await siblings.map(lambda vm, i: poke(vm)) == [2, 2, 2]  # each continues the counter
+        hostnames = await siblings.map(lambda vm, i: vm.exec(["hostname"]))
+        assert [h.stdout.decode().strip() for h in hostnames] == [vm.name for vm in siblings]
+        await siblings[0].exec(["sh", "-c", "echo 8 > /root/state"], check=True)
+        assert (await siblings[1].exec(["cat", "/root/state"])).stdout == b"7\n"  # disks are their own
+        for vm in siblings:
+            assert copied_ram_mib((await vm.describe())["qemu_pid"]) < 0.08 * 256

@@ -123,7 +123,9 @@ async def main(args: argparse.Namespace) -> None:
     print(f"mode: {agent.title}; backend: {args.backend}")
     started = time.perf_counter()
     image = await agent.image(lambda message: print(f"  {message}"))
-    async with boot(image, name="fork-pi-template", memory_mib=args.mib or agent.memory_mib, progress=lambda m: print(f"  {m}")) as vm:
+    async with boot(
+        image, name="fork-pi-template", memory_mib=args.mib or agent.memory_mib, progress=lambda m: print(f"  {m}")
+    ) as vm:
         await agent.install(vm)
         print(f"template booted and warmed in {time.perf_counter() - started:.1f} s ({vm.info['accel']})")
 

@@ -36,7 +36,7 @@ import asyncssh
 from .. import __version__
 from ..errors import HostError, MachinenError, SnapshotError, TransferError, error_from_code, plain_errors
 from ..ports import PortSpec, parse_port_forwards
-from ..vm import DEFAULT_BOOT_TIMEOUT_S, VM, _Boot, _open_channel
+from ..vm import DEFAULT_BOOT_TIMEOUT_S, VM, Forks, _Boot, _close_all, _open_channel
 from ..vmm import assets, bundle
 from ..vsock import wire
 from ..vsock.framed import FrameStream
@@ -465,26 +465,34 @@ class SSHHost(Host):
         remote_bundle: str,
         *,
         name: str | None = None,
+        names: Sequence[str] | None = None,
         ports: Sequence[PortSpec] | None = None,
         detached: bool = False,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
     ) -> _Boot:
-        """Start a VM on this host from a bundle pushed there (``push().remote_bundle``).
+        """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
+        with ``names``, siblings sharing its RAM copy-on-write (then ``Forks``).
 
-        Without ``detached`` the VM lives until the handle is closed or this
+        Without ``detached`` the VMs live until their handles are closed or this
         connection ends."""
         forwards = parse_port_forwards(ports)
-        params = {"bundle": remote_bundle, "name": name, "ports": forwards, "detached": detached,
-                  "boot_timeout": boot_timeout}  # fmt: skip
+        params = {"bundle": remote_bundle, "name": name, "names": list(names) if names is not None else None,
+                  "ports": forwards, "detached": detached, "boot_timeout": boot_timeout}  # fmt: skip
 
-        async def start() -> VM:
-            started = await self.call("restore", params)
+        async def start() -> VM | Forks:
+            started = (await self.call("restore", params))["vms"]
+            vms: list[VM] = []
             try:
-                return await self._attach(started["name"], started["socket"], owned=not detached)
+                for entry in started:
+                    vms.append(await self._attach(entry["name"], entry["socket"], owned=not detached))
             except BaseException:
-                with anyio.CancelScope(shield=True), contextlib.suppress(MachinenError):
-                    await self.call("stop", {"name": started["name"]})
+                with anyio.CancelScope(shield=True):
+                    await _close_all(vms)
+                    for entry in started[len(vms) :]:
+                        with contextlib.suppress(MachinenError):
+                            await self.call("stop", {"name": entry["name"]})
                 raise
+            return Forks(vms, {"pause_ms": 0.0, "pause_steps_ms": {}}) if names is not None else vms[0]
 
         return _Boot(start)
 

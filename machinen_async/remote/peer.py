@@ -184,18 +184,23 @@ class Peer:
         raise MachinenError(f"unknown peer method {method!r}", code="HOST_PROTOCOL")
 
     async def restore(self, params: dict[str, Any]) -> dict[str, Any]:
-        vm = await restore(
+        """One VM, or with ``names`` siblings sharing the bundle's RAM copy-on-write."""
+        names = params.get("names")
+        started = await restore(
             params["bundle"],
             name=params.get("name"),
+            names=names,
             detached=bool(params.get("detached")),
             ports=params.get("ports"),
             boot_timeout=params.get("boot_timeout", 60.0),
         )
-        if params.get("detached"):
-            await vm.aclose()  # only disconnects
-        else:
-            self.owned[vm.name] = vm
-        return {"name": vm.name, "socket": str(registry.vm_dir(vm.name).supervisor_socket)}
+        vms = list(started) if names is not None else [started]
+        for vm in vms:
+            if params.get("detached"):
+                await vm.aclose()  # only disconnects
+            else:
+                self.owned[vm.name] = vm
+        return {"vms": [{"name": vm.name, "socket": str(registry.vm_dir(vm.name).supervisor_socket)} for vm in vms]}
 
     async def serve(self) -> None:
         try:

@@ -3,13 +3,14 @@
 All siblings start from one instant: the source pauses once for a fork
 template, as for a local fork; local siblings map it copy-on-write, and a
 bundle written from the same template (the source running again) is pushed
-to every remote host (only the chunks it lacks), which restores its
-siblings from it.
+to every remote host (only the chunks it lacks), whose siblings start from
+it sharing its RAM copy-on-write in turn (``restore(bundle, names=...)``).
 
 Placement (``place``) is greedy and deterministic: each sibling goes to
 the host with the fewest VMs per CPU among those whose free memory can
-still hold one more; if none can, the fork is refused
-(FORK_MEMORY_BACKPRESSURE) rather than overloading a host.
+still hold one more (after one template copy of the guest RAM per host);
+if none can, the fork is refused (FORK_MEMORY_BACKPRESSURE) rather than
+overloading a host.
 """
 
 from __future__ import annotations
@@ -27,23 +28,20 @@ from ..vm import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE, VM
 from .host import Host, SSHHost
 
 
-def sibling_cost_mib(facts: dict[str, Any], memory_mib: int, *, local: bool) -> float:
-    """Host memory one more sibling takes: a share of guest RAM when it maps
-    this host's fork template, all of it when it is restored from a bundle."""
-    overhead = FORK_OVERHEAD_MIB.get(facts["accel"], FORK_OVERHEAD_MIB["tcg"])
-    return overhead + memory_mib * (FORK_PRIVATE_SHARE if local else 1.0)
+def sibling_cost_mib(facts: dict[str, Any], memory_mib: int) -> float:
+    """Host memory one more sibling takes: QEMU's overhead and the share of guest RAM it
+    copies on write (siblings on every host map one template of the fork instant)."""
+    return FORK_OVERHEAD_MIB.get(facts["accel"], FORK_OVERHEAD_MIB["tcg"]) + memory_mib * FORK_PRIVATE_SHARE
 
 
-def place(count: int, facts: Sequence[dict[str, Any]], local: Sequence[bool], memory_mib: int) -> list[int]:
+def place(count: int, facts: Sequence[dict[str, Any]], memory_mib: int) -> list[int]:
     """The index of the host each of ``count`` siblings goes to."""
-    budget = [
-        f["mem_available_mib"] * FORK_MEMORY_HEADROOM - (memory_mib if is_local else 0)  # the template's RAM
-        for f, is_local in zip(facts, local, strict=True)
-    ]
+    # Each host holds one template copy of the guest RAM besides its siblings.
+    budget = [f["mem_available_mib"] * FORK_MEMORY_HEADROOM - memory_mib for f in facts]
     running = [float(f["vms"]) for f in facts]
     placement = []
     for _ in range(count):
-        candidates = [i for i, f in enumerate(facts) if budget[i] >= sibling_cost_mib(f, memory_mib, local=local[i])]
+        candidates = [i for i, f in enumerate(facts) if budget[i] >= sibling_cost_mib(f, memory_mib)]
         if not candidates:
             raise MachinenError(
                 f"no host has memory for sibling {len(placement) + 1} of {count}",
@@ -53,7 +51,7 @@ def place(count: int, facts: Sequence[dict[str, Any]], local: Sequence[bool], me
         chosen = min(candidates, key=lambda i: (running[i] / max(facts[i]["cpus"], 1), i))
         placement.append(chosen)
         running[chosen] += 1
-        budget[chosen] -= sibling_cost_mib(facts[chosen], memory_mib, local=local[chosen])
+        budget[chosen] -= sibling_cost_mib(facts[chosen], memory_mib)
     return placement
 
 
@@ -71,7 +69,7 @@ async def fork_across(
         async with anyio.create_task_group() as tg:
             for index in range(len(hosts)):
                 tg.start_soon(learn, index)
-    placement = place(len(names), facts, [h.is_local for h in hosts], source.info["memory_mib"])
+    placement = place(len(names), facts, source.info["memory_mib"])
     local_names = [n for n, i in zip(names, placement, strict=True) if hosts[i].is_local]
     remote: dict[int, list[str]] = {}
     for name, index in zip(names, placement, strict=True):
@@ -89,15 +87,13 @@ async def fork_across(
         async def start_remote(host: SSHHost, host_names: list[str]) -> None:
             pushed = await host.push(workdir)
             try:
-                async with anyio.create_task_group() as tg:
-                    for name in host_names:
-                        tg.start_soon(restore_one, host, pushed.remote_bundle, name)
+                siblings = await host.restore(
+                    pushed.remote_bundle, names=host_names, detached=detached, boot_timeout=boot_timeout
+                )
+                started.update(zip(host_names, siblings, strict=True))
             finally:
                 with anyio.CancelScope(shield=True):
                     await host.remove_bundle(pushed.remote_bundle)
-
-        async def restore_one(host: SSHHost, bundle: str, name: str) -> None:
-            started[name] = await host.restore(bundle, name=name, detached=detached, boot_timeout=boot_timeout)
 
         with plain_errors():
             async with anyio.create_task_group() as tg:
