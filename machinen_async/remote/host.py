@@ -49,7 +49,9 @@ MISSING_BATCH = 4096
 
 @dataclass(frozen=True)
 class TransferReport:
-    """What a push moved: ``bytes_sent`` on the wire against ``bytes_total`` of data."""
+    """What a push moved: ``bytes_sent`` (compressed, on the wire) of the ``chunks_sent`` the
+    host lacked, against ``bytes_total``, the data (holes excluded) of all ``chunks_total``
+    distinct chunks the bundle and any missing kernel, initrd or image are made of."""
 
     remote_bundle: str
     bytes_total: int
