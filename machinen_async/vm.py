@@ -794,6 +794,7 @@ async def _launch(
         initrd=str(base.initrd),
         image=str(disk_image),
         image_source=str(tarball),
+        image_key=disk_image.stem,
         ram_dir=_new_ram_dir(name),
         tsc_khz=qemu.host_tsc_khz() if chosen_accel == "tcg" else None,
         boot_timeout=boot_timeout,
@@ -1024,23 +1025,31 @@ async def _restore_plan(
                             f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE"
                         )
                     boot_files[key] = path
-        wanted = manifest.data["image"]["key"]
+        wanted, digest = manifest.data["image"]["key"], manifest.data["image"].get("sha256")
         if image is not None:
             tarball = Path(image).expanduser().resolve()
             if assets.image_key(tarball) != wanted:
                 raise SnapshotError(
                     f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE"
                 )
-            return boot_files["kernel"], boot_files["initrd"], assets.image_for(tarball, report)
-        found = assets.cached_image(wanted)
-        if found is None:
+            built = assets.image_for(tarball, report)
+            if digest is not None and assets.immutable_file_digest(built) != digest:
+                raise SnapshotError(
+                    f"the image built here from {tarball} is not byte-identical to the one the bundle was taken "
+                    "on (every ext4 build differs) and its disk only fits that one: move bundles between hosts "
+                    "with `machinen push` or `handoff`, which send the image",
+                    code="SNAPSHOT_INCOMPATIBLE",
+                )
+            return boot_files["kernel"], boot_files["initrd"], built
+        found = assets.find_image(wanted, digest)
+        if found is None and digest is None:
             base = base or assets.ensure_base(report)
             if assets.image_key(base.rootfs_tarball) == wanted:
                 found = assets.image_for(base.rootfs_tarball, report)
         if found is None:
             raise BootError(
                 f"the image this bundle was taken on ({manifest.data['image'].get('tarball', 'unknown')}) is not "
-                "here: pass image= with that rootfs tarball",
+                "here: restore it on the host it was taken on, or send it along with `machinen push`",
                 code="BOOT_IMAGE_NOT_FOUND",
             )
         return boot_files["kernel"], boot_files["initrd"], found
@@ -1054,6 +1063,7 @@ async def _restore_plan(
         "initrd": str(initrd),
         "image": str(disk_image),
         "image_source": manifest.data["image"].get("tarball", ""),
+        "image_key": manifest.data["image"]["key"],
         "tsc_khz": machine["tsc_khz"],
         "network": machine["network"],
     }

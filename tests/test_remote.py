@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from conftest import ls_json, machinen
-from machinen_async import Host, HostError, MachinenError, TransferError, boot, connect
+from machinen_async import Host, HostError, MachinenError, TransferError, boot, connect, restore
 from machinen_async.remote.spread import place
 from test_fork import COUNTER, copied_ram_mib, poke
 
@@ -104,7 +104,11 @@ async def test_second_transfer_sends_only_what_changed(remote_host, tmp_path):
         assert (await moved.exec(["wc", "-c", "/root/blob"])).stdout.split()[0] == b"3000000"
         # The server process moved too, and the host forwards its own port to it.
         assert len(await anyio.to_thread.run_sync(http_get, f"http://127.0.0.1:{port}/blob")) == 3_000_000
+        # A snapshot taken there (on the image it received) restores here again.
+        await moved.snapshot(tmp_path / "from-b")
         await moved.aclose()
+    async with restore(tmp_path / "from-b", name="back-home") as back:
+        assert (await back.exec(["wc", "-c", "/root/blob"])).stdout.split()[0] == b"3000000"
 
 
 async def test_fork_across_two_hosts(remote_host, anyio_backend):

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import qemu_processes
 from machinen_async import BootError, SnapshotError, boot, connect, restore
+from machinen_async.vmm import assets
 from machinen_async.vmm import bundle as bundle_format
 from test_fork import COUNTER, copied_ram_mib, poke
 
@@ -89,6 +90,13 @@ async def test_bundle_is_private_and_verified_before_boot(shared_vm, tmp_path):
         async with restore(escape):
             pass
     assert hostile.value.code == "SNAPSHOT_CORRUPT"
+    # Kernel, initrd and image are found in caches by digest: a digest that is a path is refused.
+    image = {**manifest["image"], "key": "../../../../tmp/evil"}
+    (escape / "manifest.cbor").write_bytes(cbor2.dumps({**manifest, "image": image}, canonical=True))
+    with pytest.raises(SnapshotError) as hostile_key:
+        async with restore(escape):
+            pass
+    assert hostile_key.value.code == "SNAPSHOT_CORRUPT" and "malformed key" in hostile_key.value.message
 
 
 async def test_snapshot_and_restore_errors(shared_vm, tmp_path):
@@ -123,3 +131,21 @@ async def test_restore_n_siblings_share_the_bundle_ram(anyio_backend, tmp_path):
         assert (await siblings[1].exec(["cat", "/root/state"])).stdout == b"7\n"  # disks are their own
         for vm in siblings:
             assert copied_ram_mib((await vm.describe())["qemu_pid"]) < 0.08 * 256
+
+
+async def test_restore_refuses_an_image_rebuilt_from_the_same_tarball(tmp_path):
+    """A disk layer only fits the exact ext4 image under it; a rebuild differs byte-wise."""
+    async with boot(name="rebuilt") as vm:
+        await vm.snapshot(tmp_path / "snap")
+        image = Path(vm.info["image"])
+    tarball = assets.ensure_base().rootfs_tarball
+    aside = image.with_name(image.name + ".aside")
+    image.rename(aside)  # running VMs keep their open file; the next image_for builds anew
+    try:
+        with pytest.raises(SnapshotError) as rebuilt:
+            async with restore(tmp_path / "snap", image=tarball):
+                pass
+        assert rebuilt.value.code == "SNAPSHOT_INCOMPATIBLE" and "byte-identical" in rebuilt.value.message
+    finally:
+        image.unlink(missing_ok=True)
+        aside.rename(image)

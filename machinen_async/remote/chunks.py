@@ -75,6 +75,8 @@ def store_dir() -> Path:
 
 
 def _chunk_path(digest: bytes) -> Path:
+    if not isinstance(digest, bytes) or len(digest) != 32:
+        raise TransferError(f"malformed chunk digest {digest!r}", code="TRANSFER_CORRUPT", retryable=False)
     hexdigest = digest.hex()
     return store_dir() / hexdigest[:2] / hexdigest
 

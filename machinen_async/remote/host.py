@@ -269,7 +269,7 @@ class _Link:
         lacking = await self.call(
             "lacking",
             {"kernel": manifest["kernel"]["sha256"], "initrd": manifest["initrd"]["sha256"],
-             "image_key": manifest["image"]["key"]},
+             "image_key": manifest["image"]["key"], "image_sha256": manifest["image"].get("sha256")},
         )  # fmt: skip
         sources = {name: bundle_dir / name for name in manifest["files"]}
         extras = {key: _local_asset(key, manifest) for key in ("kernel", "initrd", "image") if lacking[key]}
@@ -327,8 +327,9 @@ def _read_compressed(path: Path, index: int) -> tuple[bytes, bool]:
 def _local_asset(key: str, manifest: dict[str, Any]) -> Path:
     """This host's copy of a bundle's kernel, initrd or image, found by content."""
     if key == "image":
-        found = assets.cached_image(manifest["image"]["key"])
-        if found is None or "sha256" not in manifest["image"]:
+        digest = manifest["image"].get("sha256")
+        found = assets.find_image(manifest["image"]["key"], digest) if digest else None
+        if found is None:
             raise SnapshotError("this host does not have the bundle's image to send", code="BOOT_IMAGE_NOT_FOUND")
         return found
     digest = manifest[key]["sha256"]

@@ -72,7 +72,7 @@ def lacking(params: dict[str, Any]) -> dict[str, bool]:
     return {
         "kernel": not _has_boot_file(params["kernel"]),
         "initrd": not _has_boot_file(params["initrd"]),
-        "image": assets.cached_image(params["image_key"]) is None,
+        "image": assets.find_image(params["image_key"], params.get("image_sha256")) is None,
     }
 
 
@@ -108,10 +108,10 @@ def assemble_bundle(params: dict[str, Any]) -> str:
         if params.get(key) is not None and not _has_boot_file(digest):
             _install_verified(params[key], digest, store / digest, 0o600)
     image = manifest["image"]
-    if params.get("image") is not None and assets.cached_image(image["key"]) is None:
+    if params.get("image") is not None and assets.find_image(image["key"], image.get("sha256")) is None:
         if "sha256" not in image:
             raise TransferError("the bundle does not name its image's hash", code="TRANSFER_CORRUPT", retryable=False)
-        _install_verified(params["image"], image["sha256"], assets.images_dir() / f"{image['key']}.ext4", 0o444)
+        _install_verified(params["image"], image["sha256"], assets.objects_dir() / image["sha256"], 0o444)
     partial = bundles_dir() / f".{bundle_id}.{os.getpid()}.partial"
     partial.mkdir(mode=0o700)
     try:

@@ -353,19 +353,45 @@ def image_key(tarball: Path) -> str:
     return key.hexdigest()[:24]
 
 
+def is_hex_digest(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
 def cached_image(key: str) -> Path | None:
+    if not is_hex_digest(key, 24):  # keys come from manifests: never let one be a path
+        return None
     image = paths.cache_dir() / "images" / f"{key}.ext4"
     return image if image.is_file() else None
 
 
+def find_image(key: str, digest: str | None) -> Path | None:
+    """The image a bundle was taken on, byte for byte.
+
+    Two builds of one tarball have the same key but not the same bytes
+    (mke2fs picks UUIDs, hash seeds and layout), and a disk layer is only
+    valid on the exact image below it: so the sha256 decides.  An image
+    received from another host lives in ``objects/<sha256>``.  (Bundles from
+    before images were hashed only have the key.)
+    """
+    if digest is None:
+        return cached_image(key)
+    received = cached_object(digest)
+    if received is not None:
+        return received
+    own = cached_image(key)
+    return own if own is not None and immutable_file_digest(own) == digest else None
+
+
 def objects_dir() -> Path:
-    """Kernels and initrds received from other hosts, named by their sha256."""
+    """Kernels, initrds and images received from other hosts, named by their sha256."""
     return paths.private_dir(paths.private_dir(paths.cache_dir()) / "objects")
 
 
 def cached_object(digest: str) -> Path | None:
+    if not is_hex_digest(digest, 64):
+        return None
     found = paths.cache_dir() / "objects" / digest
-    return found if len(digest) == 64 and found.is_file() else None
+    return found if found.is_file() else None
 
 
 def images_dir() -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 import cbor2
 
 from ..errors import BootError, SnapshotError
-from .assets import sha256_file
+from .assets import is_hex_digest, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.cbor"
@@ -74,6 +74,18 @@ def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
     unknown = set(data["files"]) - set(DATA_FILES)
     if unknown or STATE not in data["files"] or DISK not in data["files"]:
         raise SnapshotError(f"manifest lists unexpected files {sorted(unknown)}", code="SNAPSHOT_CORRUPT")
+    # These name files in caches (by content): only well-formed digests, never a path.
+    identities = [
+        (data.get("kernel"), "sha256", 64),
+        (data.get("initrd"), "sha256", 64),
+        (data.get("image"), "key", 24),
+    ]
+    if isinstance(data.get("image"), dict) and "sha256" in data["image"]:
+        identities.append((data["image"], "sha256", 64))
+    for entry, field, length in identities:
+        value = entry.get(field) if isinstance(entry, dict) else None
+        if not is_hex_digest(value, length):
+            raise SnapshotError(f"manifest has a malformed {field} {value!r}", code="SNAPSHOT_CORRUPT")
     return data
 
 

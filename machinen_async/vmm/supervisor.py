@@ -74,6 +74,7 @@ class SupervisorConfig:
     detached: bool
     network: bool = True
     image_source: str = ""  # the rootfs tarball the image was built from, for people reading a manifest
+    image_key: str = ""  # the image's content key (its file may be named by sha256 when received)
     ports: list[list] = field(default_factory=list)  # [[host address, host port, guest port], ...]
     # The long-running command: {"cmd", "env", "cwd"}; None runs the image's default cmd, if any.
     workload: dict[str, Any] | None = None
@@ -477,7 +478,8 @@ class Supervisor:
         return frozen
 
     def _machine(self) -> dict[str, Any]:
-        keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "tsc_khz", "network")
+        keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "image_key", "tsc_khz",
+                "network")  # fmt: skip
         return {k: getattr(self.config, k) for k in keys}
 
     async def freeze_template(self, bundle_dir: str | None = None) -> dict[str, Any]:
@@ -620,7 +622,7 @@ class Supervisor:
                         **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
             "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["kernel"]))},
             "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["initrd"]))},
-            "image": {"key": Path(base).stem, "tarball": self.config.image_source,
+            "image": {"key": self.config.image_key or Path(base).stem, "tarball": self.config.image_source,
                       "sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(base))},
         }  # fmt: skip
         return await anyio.to_thread.run_sync(bundle.seal, target, fields)
