@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from net import free_port
+
 SSHD = "/usr/sbin/sshd"
 
 
@@ -31,12 +33,6 @@ class FakeHost:
     def env(self) -> dict[str, str]:
         return {"MACHINEN_HOME": str(self.home), "MACHINEN_RUNTIME_DIR": str(self.runtime),
                 "MACHINEN_CACHE_DIR": str(self.cache)}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _keygen(path: Path) -> str:
@@ -67,7 +63,7 @@ class SSHHosts:
         base = self.root / alias
         base.mkdir(mode=0o700)
         public_key = _keygen(base / "host_key")
-        port = _free_port()
+        port = free_port()
         host = FakeHost(alias, port, base / "home", Path(f"{self.runtime_prefix}-{alias}"), base / "cache")
         env = " ".join(f"{k}={v}" for k, v in {**host.env(), **(extra_env or {})}.items())
         (base / "sshd_config").write_text(

@@ -12,16 +12,11 @@ import pytest
 
 from machinen_async import VM, MachinenError, boot, connect, restore
 from machinen_async.ports import parse_port_forwards
+from net import free_port
 
 pytestmark = pytest.mark.anyio
 
 SERVE = "mkdir -p /srv && cd /srv && nohup python3 -m http.server {port} >/dev/null 2>&1 &"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def http_get(port: int, path: str) -> bytes:

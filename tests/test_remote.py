@@ -5,30 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
-import urllib.request
 
-import anyio
 import pytest
 
 from conftest import ls_json, machinen
 from machinen_async import Host, HostError, MachinenError, TransferError, boot, connect, restore
 from machinen_async.remote.spread import place
+from net import free_port
 from test_fork import COUNTER, copied_ram_mib, poke
+from test_ports import http_get, serve_http
 
 pytestmark = pytest.mark.anyio
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def http_get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read()
 
 
 async def remote_names(host) -> list[str]:
@@ -95,15 +83,14 @@ async def test_second_transfer_sends_only_what_changed(remote_host, tmp_path):
         await vm.snapshot(tmp_path / "two")
         second = await hostb.push(tmp_path / "two")
         assert 3_000_000 < second.bytes_sent < first.bytes_sent / 5
-        await vm.exec(["sh", "-c", "cd /root && nohup python3 -m http.server 8000 >/dev/null 2>&1 &"], check=True)
-        listening = "until grep -q ':1F40 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; done"
-        await vm.exec(["sh", "-c", listening], check=True, timeout=60)
+        await serve_http(vm)
+        await vm.exec(["cp", "/root/blob", "/srv/blob"], check=True)
         port = free_port()
         moved = await vm.handoff(hostb, precopy=False, ports=[f"{port}:8000"])
         assert moved.handoff_report.bytes_sent < first.bytes_sent / 5
         assert (await moved.exec(["wc", "-c", "/root/blob"])).stdout.split()[0] == b"3000000"
         # The server process moved too, and the host forwards its own port to it.
-        assert len(await anyio.to_thread.run_sync(http_get, f"http://127.0.0.1:{port}/blob")) == 3_000_000
+        assert len(await http_get(port, "/blob")) == 3_000_000
         # A snapshot taken there (on the image it received) restores here again.
         await moved.snapshot(tmp_path / "from-b")
         await moved.aclose()
