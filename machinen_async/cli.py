@@ -155,15 +155,22 @@ IMAGE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst")
 @contextlib.asynccontextmanager
 async def _connect_address(address: str) -> AsyncIterator[VM]:
     """VM ``name`` here, or ``host:name`` on a host reached over SSH."""
-    if ":" not in address:
-        async with connect(address) as vm:
+    host, name = _split_address(address)
+    if host is None:
+        async with connect(name) as vm:
             yield vm
         return
-    from .remote.host import split_vm_address
-
-    host, name = split_vm_address(address)
     async with host, host.connect(name) as vm:
         yield vm
+
+
+def _split_address(address: str) -> tuple[Any, str]:
+    """(SSH host or None, VM name); asyncssh is imported only for a ``host:name``."""
+    if ":" not in address:
+        return None, address
+    from .remote.host import split_vm_address
+
+    return split_vm_address(address)
 
 
 def _ssh_host(spec: str) -> Any:
@@ -395,9 +402,7 @@ def restore_command(directory, name, count, image, ports, boot_timeout, detach, 
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
                 host = await stack.enter_async_context(_ssh_host(host_spec))
                 pushed = await host.push(directory, progress=_progress)
-                prefix = name or registry.new_name()
-                names = None if count is None else [f"{prefix}-{i}" for i in range(count)]
-                launch = host.restore(pushed.remote_bundle, name=name, names=names, ports=ports, detached=detach,
+                launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
@@ -475,14 +480,12 @@ def stop_command(name: str, force: bool, as_json: bool) -> None:
     """Stop VM NAME (or HOST:NAME) and remove its files."""
 
     async def run() -> None:
-        if ":" in name:
-            from .remote.host import split_vm_address
-
-            host, vm_name = split_vm_address(name)
+        host, vm_name = _split_address(name)
+        if host is None:
+            await stop_vm(vm_name, force=force)
+        else:
             async with host:
                 await host.stop(vm_name, force=force)
-        else:
-            await stop_vm(name, force=force)
         click.echo(json.dumps({"name": name, "stopped": True}) if as_json else f"{name} stopped")
 
     _run(run)

@@ -37,7 +37,7 @@ from .errors import (
     plain_errors,
 )
 from .vmm import assets, bundle, qemu, storage
-from .vmm.supervisor import DETACH, SupervisorConfig
+from .vmm.supervisor import DETACH, SupervisorConfig, check_call
 from .vsock import wire
 from .vsock.framed import FrameStream
 from .vsock.mux import Call, Channel
@@ -418,7 +418,9 @@ T = TypeVar("T")
 class Forks(Sequence[VM]):
     """Siblings of one fork event, in order; ``async with`` closes them all."""
 
-    def __init__(self, vms: list[VM], fork_info: dict[str, Any]) -> None:
+    def __init__(self, vms: list[VM], fork_info: dict[str, Any] | None = None) -> None:
+        """``fork_info`` describes the source's pause; siblings restored from a bundle have none."""
+        fork_info = fork_info or {"pause_ms": 0.0, "pause_steps_ms": {}}
         self._vms = vms
         self.source_pause_ms: float = fork_info["pause_ms"]
         self.source_pause_steps_ms: dict[str, float] = fork_info["pause_steps_ms"]
@@ -967,8 +969,9 @@ def restore(
 
     Every file is checked against the manifest's sha256 before QEMU starts;
     a bundle from another QEMU version or accelerator is refused
-    (SNAPSHOT_INCOMPATIBLE).  ``image`` (a rootfs tarball) replaces the
-    image the bundle was taken on, which must have the same content.  The
+    (SNAPSHOT_INCOMPATIBLE).  It runs on the exact image it was taken on,
+    found by sha256; ``image`` (the rootfs tarball) helps only where building
+    it gives that same file (the cached one: every ext4 build differs).  The
     bundle is never modified, so it can be restored any number of times.
 
     With ``n`` (or ``names``) several siblings start from the bundle at once,
@@ -1014,17 +1017,18 @@ async def _restore_plan(
         """Kernel, initrd and image of the bundle, found by content (a path from the
         manifest is only ever quoted in an error): received ones first, then this
         host's own build."""
-        boot_files = {key: assets.cached_object(manifest.data[key]["sha256"]) for key in ("kernel", "initrd")}
+
+        def boot_files() -> dict[str, Path | None]:
+            return {key: assets.find_boot_file(manifest.data[key]["sha256"]) for key in ("kernel", "initrd")}
+
+        found_boot_files = boot_files()
         base = None
-        if None in boot_files.values():
-            base = assets.ensure_base(report)
-            for key, path in (("kernel", base.kernel), ("initrd", base.initrd)):
-                if boot_files[key] is None:
-                    if assets.immutable_file_digest(path) != manifest.data[key]["sha256"]:
-                        raise SnapshotError(
-                            f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE"
-                        )
-                    boot_files[key] = path
+        if None in found_boot_files.values():
+            base = assets.ensure_base(report)  # build this host's own, then look again
+            found_boot_files = boot_files()
+        for key, path in found_boot_files.items():
+            if path is None:
+                raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
         wanted, digest = manifest.data["image"]["key"], manifest.data["image"].get("sha256")
         if image is not None:
             tarball = Path(image).expanduser().resolve()
@@ -1040,7 +1044,7 @@ async def _restore_plan(
                     "with `machinen push` or `handoff`, which send the image",
                     code="SNAPSHOT_INCOMPATIBLE",
                 )
-            return boot_files["kernel"], boot_files["initrd"], built
+            return found_boot_files["kernel"], found_boot_files["initrd"], built
         found = assets.find_image(wanted, digest)
         if found is None and digest is None:
             base = base or assets.ensure_base(report)
@@ -1052,7 +1056,7 @@ async def _restore_plan(
                 "here: restore it on the host it was taken on, or send it along with `machinen push`",
                 code="BOOT_IMAGE_NOT_FOUND",
             )
-        return boot_files["kernel"], boot_files["initrd"], found
+        return found_boot_files["kernel"], found_boot_files["initrd"], found
 
     kernel, initrd, disk_image = await anyio.to_thread.run_sync(locate_assets)
     fields = {
@@ -1140,7 +1144,7 @@ async def _restore_siblings(
         for source, target in (
             (bundle.MEM, template.mem), (bundle.STATE, template.state), (bundle.DISK, layer.disk)
         ):  # fmt: skip
-            await anyio.run_process(["cp", "--sparse=always", str(bundle_dir / source), str(target)])
+            await check_call(["cp", "--sparse=always", str(bundle_dir / source), str(target)], what="copy the bundle")
         incoming = {
             "state": str(template.state),
             "mem": str(template.mem),
@@ -1155,7 +1159,7 @@ async def _restore_siblings(
     finally:
         storage.close_quietly(template_ref)
         storage.close_quietly(layer_ref)
-    return Forks(siblings, {"pause_ms": 0.0, "pause_steps_ms": {}})
+    return Forks(siblings)
 
 
 async def stop_vm(name: str, *, force: bool = False) -> None:

@@ -126,6 +126,12 @@ def assemble(file_recipe: Recipe, target: Path) -> None:
         os.close(fd)
 
 
+def work_path(label: str) -> Path:
+    """A new path (not created) for the local bundles of one transfer; `machinen gc`
+    removes what a killed transfer left there."""
+    return paths.private_dir(paths.home() / "handoff") / f"{label}-{os.urandom(4).hex()}"
+
+
 def collect_unused(*, dry_run: bool = False) -> list[Path]:
     """What transfers left behind: chunks and received bundles unused for
     CHUNK_KEEP_S (they only speed up later transfers), and the partial files

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from .. import paths
 from ..errors import HandoffError, MachinenError
 from ..ports import PortSpec
 from ..vm import VM
+from . import chunks
 from .host import SSHHost, TransferReport
 
 
@@ -54,8 +54,7 @@ async def handoff(
     owned = vm._owner is not None
     started = time.monotonic()
     await host.open()
-    workdir = paths.private_dir(paths.home() / "handoff") / f"{vm.name}-{os.urandom(4).hex()}"
-    paths.private_dir(workdir)
+    workdir = paths.private_dir(chunks.work_path(vm.name))
     try:
         warm = None
         if precopy:

@@ -332,13 +332,7 @@ def _local_asset(key: str, manifest: dict[str, Any]) -> Path:
         if found is None:
             raise SnapshotError("this host does not have the bundle's image to send", code="BOOT_IMAGE_NOT_FOUND")
         return found
-    digest = manifest[key]["sha256"]
-    found = assets.cached_object(digest)
-    if found is None:
-        base = assets.find_base()
-        candidate = getattr(base, key, None)
-        if candidate is not None and assets.immutable_file_digest(candidate) == digest:
-            found = candidate
+    found = assets.find_boot_file(manifest[key]["sha256"])
     if found is None:
         raise SnapshotError(f"this host does not have the bundle's {key} to send", code="SNAPSHOT_INCOMPATIBLE")
     return found
@@ -468,18 +462,21 @@ class SSHHost(Host):
         remote_bundle: str,
         *,
         name: str | None = None,
+        n: int | None = None,
         names: Sequence[str] | None = None,
         ports: Sequence[PortSpec] | None = None,
         detached: bool = False,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
     ) -> _Boot:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
-        with ``names``, siblings sharing its RAM copy-on-write (then ``Forks``).
+        with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
+        ``restore()`` names them (then ``Forks``).
 
         Without ``detached`` the VMs live until their handles are closed or this
         connection ends."""
         forwards = parse_port_forwards(ports)
-        params = {"bundle": remote_bundle, "name": name, "names": list(names) if names is not None else None,
+        siblings = n is not None or names is not None
+        params = {"bundle": remote_bundle, "name": name, "n": n, "names": list(names) if names is not None else None,
                   "ports": forwards, "detached": detached, "boot_timeout": boot_timeout}  # fmt: skip
 
         async def start() -> VM | Forks:
@@ -495,7 +492,7 @@ class SSHHost(Host):
                         with contextlib.suppress(MachinenError):
                             await self.call("stop", {"name": entry["name"]})
                 raise
-            return Forks(vms, {"pause_ms": 0.0, "pause_steps_ms": {}}) if names is not None else vms[0]
+            return Forks(vms) if siblings else vms[0]
 
         return _Boot(start)
 

@@ -57,21 +57,11 @@ def host_facts() -> dict[str, Any]:
     }
 
 
-def _has_boot_file(digest: str) -> bool:
-    if assets.cached_object(digest) is not None:
-        return True
-    base = assets.find_base()
-    return base is not None and digest in {
-        assets.immutable_file_digest(base.kernel),
-        assets.immutable_file_digest(base.initrd),
-    }
-
-
 def lacking(params: dict[str, Any]) -> dict[str, bool]:
     """Which boot files and image of a bundle this host would need sent."""
     return {
-        "kernel": not _has_boot_file(params["kernel"]),
-        "initrd": not _has_boot_file(params["initrd"]),
+        "kernel": assets.find_boot_file(params["kernel"]) is None,
+        "initrd": assets.find_boot_file(params["initrd"]) is None,
         "image": assets.find_image(params["image_key"], params.get("image_sha256")) is None,
     }
 
@@ -103,10 +93,10 @@ def assemble_bundle(params: dict[str, Any]) -> str:
     files: dict[str, chunks.Recipe] = params["files"]
     if set(files) != set(manifest["files"]):
         raise TransferError("the files sent are not the bundle's files", code="TRANSFER_CORRUPT", retryable=False)
-    for key, store in (("kernel", assets.objects_dir()), ("initrd", assets.objects_dir())):
+    for key in ("kernel", "initrd"):
         digest = manifest[key]["sha256"]
-        if params.get(key) is not None and not _has_boot_file(digest):
-            _install_verified(params[key], digest, store / digest, 0o600)
+        if params.get(key) is not None and assets.find_boot_file(digest) is None:
+            _install_verified(params[key], digest, assets.objects_dir() / digest, 0o600)
     image = manifest["image"]
     if params.get("image") is not None and assets.find_image(image["key"], image.get("sha256")) is None:
         if "sha256" not in image:
@@ -115,9 +105,7 @@ def assemble_bundle(params: dict[str, Any]) -> str:
     partial = bundles_dir() / f".{bundle_id}.{os.getpid()}.partial"
     partial.mkdir(mode=0o700)
     try:
-        for name in files:
-            if name not in bundle.DATA_FILES:
-                raise TransferError(f"unexpected bundle file {name!r}", code="TRANSFER_CORRUPT", retryable=False)
+        for name in files:  # the manifest's names, which parse_manifest limited to bundle.DATA_FILES
             chunks.assemble(files[name], partial / name)
         (partial / bundle.MANIFEST).write_bytes(manifest_bytes)
         (partial / bundle.MANIFEST).chmod(0o600)
@@ -184,17 +172,18 @@ class Peer:
         raise MachinenError(f"unknown peer method {method!r}", code="HOST_PROTOCOL")
 
     async def restore(self, params: dict[str, Any]) -> dict[str, Any]:
-        """One VM, or with ``names`` siblings sharing the bundle's RAM copy-on-write."""
-        names = params.get("names")
+        """One VM, or with ``n``/``names`` siblings sharing the bundle's RAM copy-on-write."""
+        n, names = params.get("n"), params.get("names")
         started = await restore(
             params["bundle"],
             name=params.get("name"),
+            n=n,
             names=names,
             detached=bool(params.get("detached")),
             ports=params.get("ports"),
             boot_timeout=params.get("boot_timeout", 60.0),
         )
-        vms = list(started) if names is not None else [started]
+        vms = list(started) if n is not None or names is not None else [started]
         for vm in vms:
             if params.get("detached"):
                 await vm.aclose()  # only disconnects

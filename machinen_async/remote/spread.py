@@ -15,16 +15,15 @@ overloading a host.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 
-from .. import paths
 from ..errors import ForkError, MachinenError, plain_errors
 from ..vm import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE, VM, _close_all, _fork
+from . import chunks
 from .host import Host, SSHHost
 
 
@@ -77,7 +76,7 @@ async def fork_across(
             remote.setdefault(index, []).append(name)
 
     started: dict[str, VM] = {}
-    workdir = paths.private_dir(paths.home() / "handoff") / f"fork-{source.name}-{os.urandom(4).hex()}"
+    workdir = chunks.work_path(f"fork-{source.name}")
     try:
         siblings, fork_info = await _fork(
             source, local_names, boot_timeout, detached, [], bundle_dir=workdir if remote else None

@@ -364,6 +364,17 @@ def cached_image(key: str) -> Path | None:
     return image if image.is_file() else None
 
 
+def find_boot_file(digest: str) -> Path | None:
+    """A kernel or initrd with this sha256: one received from another host, or this
+    host's own build (if built already; this builds nothing)."""
+    received = cached_object(digest)
+    if received is not None:
+        return received
+    base = find_base()
+    own = (base.kernel, base.initrd) if base is not None else ()
+    return next((path for path in own if immutable_file_digest(path) == digest), None)
+
+
 def find_image(key: str, digest: str | None) -> Path | None:
     """The image a bundle was taken on, byte for byte.
 

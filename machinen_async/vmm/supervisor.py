@@ -156,15 +156,11 @@ class Supervisor:
         self.agent = FrameStream(stream, resync=True)
         nonce = secrets.token_bytes(8)
 
-        entropy = secrets.token_bytes(64)
-
         async def send_hellos() -> None:
             if resume is not None:
                 await resume.wait()
             while True:
-                params = {}
-                if resume is not None:
-                    params["resume"] = {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": entropy}
+                params = {"resume": self._identity()} if resume is not None else {}
                 await self.agent.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, params])
                 await anyio.sleep(HELLO_RETRY_S)
 
@@ -178,6 +174,10 @@ class Supervisor:
                     self.agent_up = True
                     tg.cancel_scope.cancel()
                     break
+
+    def _identity(self) -> dict[str, Any]:
+        """What a restored or forked guest takes on: its name, the host's time, fresh entropy."""
+        return {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": secrets.token_bytes(64)}
 
     async def call_agent(self, method: str, params: dict) -> Any:
         """A unary agent call of the supervisor's own; only before the read loop runs."""
@@ -445,7 +445,7 @@ class Supervisor:
                 await _migrate(self.qmp, "migrate", {"uri": uri}, ignore_shared=True)
                 step("save_state")
                 if mem is not None:
-                    await _check_call(["cp", "--sparse=always", str(self.ram_file), str(mem)], what="copy RAM")
+                    await check_call(["cp", "--sparse=always", str(self.ram_file), str(mem)], what="copy RAM")
                     step("copy_ram")
             else:
                 final = await _migrate(self.qmp, "migrate", {"uri": uri}, ignore_shared=False)
@@ -504,7 +504,7 @@ class Supervisor:
             target = bundle.create_dir(Path(bundle_dir))
             try:
                 for source, name in ((template.state, bundle.STATE), (template.mem, bundle.MEM)):
-                    await _check_call(["cp", "--sparse=always", str(source), str(target / name)], what="copy state")
+                    await check_call(["cp", "--sparse=always", str(source), str(target / name)], what="copy state")
                 await self._seal_bundle(target, chain)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -608,7 +608,7 @@ class Supervisor:
         # Flatten everything above the base image into one file: the bundle
         # must not depend on this host's layer files.
         base = chain[-1][0]
-        await _check_call(
+        await check_call(
             ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
              "json:" + json.dumps(qemu.chain_blockdev(chain, writable=False)), str(target / bundle.DISK)],
             what="write the bundle's disk",
@@ -671,7 +671,7 @@ class Supervisor:
             if incoming.get("import_disk"):  # a bundle's disk: copied, so the bundle stays untouched
                 imported, ref = storage.new_layer()
                 self.layer_refs.append(ref)
-                await _check_call(["cp", "--sparse=always", incoming["import_disk"], str(imported.disk)],
+                await check_call(["cp", "--sparse=always", incoming["import_disk"], str(imported.disk)],
                                   what="import the bundle's disk")  # fmt: skip
                 self.chain = [[str(imported.disk), "qcow2"], *self.chain]
         layer, ref = storage.new_layer()
@@ -683,7 +683,7 @@ class Supervisor:
         else:
             self.ram_file, self.ram_shared = ram_dir / "mem", True
             if incoming is not None and incoming.get("mem"):
-                await _check_call(["cp", "--sparse=always", incoming["mem"], str(self.ram_file)], what="load RAM")
+                await check_call(["cp", "--sparse=always", incoming["mem"], str(self.ram_file)], what="load RAM")
 
     async def _bring_up(self, entry: registry.VmDir) -> None:
         """Until the agent answers: boot, or load saved state and resume."""
@@ -708,10 +708,7 @@ class Supervisor:
                 raise BootError(f"cannot start the workload {workload['argv']!r}", code="BOOT_CMD_NOT_FOUND")
         elif self.agent_info.get("hostname") != self.config.name:
             # An agent from before identity travelled in HELLO (an older bundle's RAM).
-            self.agent_info = await self.call_agent(
-                "resumed",
-                {"hostname": self.config.name, "time_ns": time.time_ns(), "entropy": secrets.token_bytes(64)},
-            )
+            self.agent_info = await self.call_agent("resumed", self._identity())
 
     async def _run(self, ram_dir: Path, report_ready) -> None:
         config, entry = self.config, self.entry
@@ -792,7 +789,8 @@ class Supervisor:
                 await _stop_qemu(process, self.qmp)
 
 
-async def _check_call(argv: list[str], *, what: str) -> None:
+async def check_call(argv: list[str], *, what: str) -> None:
+    """Run a helper program; its failure is a BootError quoting its stderr."""
     result = await anyio.run_process(argv, check=False)
     if result.returncode != 0:
         raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
@@ -808,7 +806,7 @@ async def _spawn_qemu(argv: list[str], output) -> anyio.abc.Process:
 async def _create_overlay(path: Path, backing: list[str], size: int) -> None:
     """A new empty qcow2 on top of ``backing`` ([path, format]); -u: do not open the backing."""
     backing_path, backing_format = backing
-    await _check_call(
+    await check_call(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing_path,
          str(path), str(size)],
         what="create a disk layer",
