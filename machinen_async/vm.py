@@ -48,6 +48,9 @@ MIN_MEMORY_MIB = 64
 # Host-side backstop beyond the agent's own timeout, for a guest that froze.
 AGENT_TIMEOUT_SLACK_S = 10.0
 SUPERVISOR_STOP_GRACE_S = 10.0
+# A supervisor reads its clients all the time; one that takes this long to
+# take a frame is wedged, and the connection is dropped.
+SUPERVISOR_SEND_STALL_S = 30.0
 # Fork back-pressure estimate per sibling: QEMU's own memory (TCG translation
 # cache capped at 64 MiB, heap) plus the share of guest RAM a busy sibling
 # typically dirties; refuse when that exceeds this share of MemAvailable.
@@ -750,7 +753,7 @@ async def _supervisor_failure(process: anyio.abc.Process, status: dict[str, Any]
 
 async def _open_channel(socket_path: Path) -> tuple[Channel, dict[str, Any]]:
     stream = await anyio.connect_unix(str(socket_path))
-    channel = Channel(FrameStream(stream))
+    channel = Channel(FrameStream(stream, send_stall_limit=SUPERVISOR_SEND_STALL_S))
     try:
         info = await channel.hello()
     except BaseException:

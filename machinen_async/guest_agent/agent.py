@@ -4,10 +4,12 @@ PID 1 mounts the basics, then forks: the parent only reaps orphans (and
 respawns the server if it dies), the child serves the host over the
 virtio-serial port ``org.machinen.agent`` using the frames in ``wire``.
 
-Threads, not asyncio: every call gets its own threads (process waiter, one
-pump per output pipe, one writer for input), so a slow consumer of one call
-never stalls another, and blocking ``os.read``/``os.write`` on pipes and on
-the port stay simple.
+Threads, not asyncio: every call gets its own threads (one that starts it,
+then a process waiter, one pump per output pipe, one writer for input), so a
+slow consumer of one call never stalls another, and blocking
+``os.read``/``os.write`` on pipes and on the port stay simple.  The thread
+that reads the port only dispatches: it never waits for a call to start (a
+spawn, a TCP connect, a file open) or for one to take its input.
 """
 
 from __future__ import annotations
@@ -79,6 +81,29 @@ class Task:
         self.finished = False
         self.cancelled = False
         self.input: InputPump | None = None
+        # Frames that arrive while the call is still starting wait here, in order.
+        self.dispatch_lock = threading.Lock()
+        self.early: list[list] | None = []
+
+    def begin(self, *args) -> None:
+        """Start the call (on its own thread), then take the frames that came meanwhile."""
+        try:
+            self.start(*args)
+        except Exception as exc:  # malformed params: fail the call, never the agent
+            self.fail("EXEC_PROTOCOL", f"cannot start the call: {type(exc).__name__}: {exc}")
+        finally:
+            with self.dispatch_lock:
+                early, self.early = self.early, None
+                for frame in early:
+                    self.on_frame(frame)
+
+    def deliver(self, frame: list) -> None:
+        """From the port reader: never blocks (``on_frame`` only queues and notifies)."""
+        with self.dispatch_lock:
+            if self.early is not None:
+                self.early.append(frame)
+                return
+            self.on_frame(frame)
 
     @property
     def orphaned(self) -> bool:
@@ -444,9 +469,6 @@ class WriteFileTask(Task):
 
 class UnaryTask(Task):
     def start(self, params: dict, handler) -> None:
-        start_thread(self._run, handler, params)
-
-    def _run(self, handler, params: dict) -> None:
         try:
             self.finish(handler(params))
         except Exception as exc:  # report, never kill the agent
@@ -626,17 +648,17 @@ class Agent:
             if method in self.streaming:
                 task = self.streaming[method](self, sid)
                 self.tasks[sid] = task
-                task.start(params)
+                start_thread(task.begin, params)
             elif method in self.unary:
                 task = UnaryTask(self, sid)
                 self.tasks[sid] = task
-                task.start(params, self.unary[method])
+                start_thread(task.begin, params, self.unary[method])
             else:
                 self.send([wire.ERROR, sid, "EXEC_PROTOCOL", f"unknown method {method!r}"])
         else:
             task = self.tasks.get(sid)
             if task is not None:
-                task.on_frame(frame)
+                task.deliver(frame)
 
 
 def find_port() -> str:

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import shlex
@@ -101,16 +102,21 @@ def console_tail(path: Path) -> str:
 
 
 class ClientConnection:
-    """One caller: a socket client, or (``frames`` None) a port-forward tunnel of our own."""
+    """One caller: a socket client, or (``frames`` None) a port-forward tunnel of our own.
+
+    Frames for it wait in ``outbox`` (their number is bounded by the credit
+    windows) so the agent relay never waits for a client that is not reading.
+    """
 
     def __init__(self, frames: FrameStream | None) -> None:
         self.frames = frames
         self.agent_sids: dict[int, int] = {}  # client sid -> agent sid
-        self.outbox_send, self.outbox = anyio.create_memory_object_stream[list](float("inf"))
+        self.outbox_send, self.outbox = anyio.create_memory_object_stream[list](math.inf)
 
     async def write_loop(self) -> None:
-        async for frame in self.outbox:
-            await self.frames.send(frame)
+        with contextlib.suppress(*_CHANNEL_DOWN):  # gone: its read side ends the connection
+            async for frame in self.outbox:
+                await self.frames.send(frame)
 
 
 class Supervisor:
@@ -119,6 +125,8 @@ class Supervisor:
         self.entry = entry
         self.agent: FrameStream | None = None
         self.agent_up = False
+        self.agent_session = 0  # counts agent sessions; a frame queued for an earlier one is dropped
+        self.to_agent_send, self.to_agent = anyio.create_memory_object_stream[tuple[int, list]](math.inf)
         self.agent_info: dict[str, Any] = {}
         self.routes: dict[int, tuple[ClientConnection, int]] = {}
         self.next_agent_sid = 1
@@ -171,6 +179,7 @@ class Supervisor:
                 if frame[0] == wire.HELLO and frame[2] == nonce:
                     self.agent_info = frame[4]
                     self.agent.resync = False
+                    self.agent_session += 1
                     self.agent_up = True
                     tg.cancel_scope.cancel()
                     break
@@ -191,15 +200,23 @@ class Supervisor:
             if frame[1] == sid and frame[0] == wire.ERROR:
                 raise error_from_code(frame[2], frame[3])
 
-    async def send_to_agent(self, frame: list) -> bool:
-        """False while the agent channel is down (being re-established)."""
+    def send_to_agent(self, frame: list) -> bool:
+        """Queue ``frame`` for the agent; False while the channel is down (being re-established).
+
+        Never waits: a guest that is slow to read its port (or paused) must not
+        stall the client loop that relays a frame, nor that client's other calls,
+        nor other clients.  The queue is bounded by the credit windows."""
         if self.agent is None or not self.agent_up:
             return False
-        try:
-            await self.agent.send(frame)
-            return True
-        except _CHANNEL_DOWN:
-            return False
+        self.to_agent_send.send_nowait((self.agent_session, frame))
+        return True
+
+    async def agent_write_loop(self) -> None:
+        async for session, frame in self.to_agent:
+            if session != self.agent_session:
+                continue  # for a session that was reset: its calls have already failed
+            with contextlib.suppress(*_CHANNEL_DOWN):  # the read loop sees the reset and reconnects
+                await self.agent.send(frame)
 
     def fail_all_calls(self, message: str) -> None:
         for client, client_sid in self.routes.values():
@@ -253,25 +270,26 @@ class Supervisor:
                         frame = await client.frames.receive()
                     except (anyio.EndOfStream, anyio.BrokenResourceError, wire.ProtocolError, OSError):
                         break
-                    await self.on_client_frame(client, frame, tg)
+                    self.on_client_frame(client, frame, tg)
                 tg.cancel_scope.cancel()
         finally:
+            # A caller that went away abandons its calls: stop their processes.
+            for agent_sid in list(client.agent_sids.values()):
+                self.routes.pop(agent_sid, None)
+                self.send_to_agent([wire.CANCEL, agent_sid])
             with anyio.CancelScope(shield=True):
-                # A caller that went away abandons its calls: stop their processes.
-                for agent_sid in list(client.agent_sids.values()):
-                    self.routes.pop(agent_sid, None)
-                    await self.send_to_agent([wire.CANCEL, agent_sid])
                 await self.resume(client)  # a handoff whose client vanished: carry on here
                 await client.frames.aclose()
 
-    async def on_client_frame(self, client: ClientConnection, frame: list, tg: anyio.abc.TaskGroup) -> None:
+    def on_client_frame(self, client: ClientConnection, frame: list, tg: anyio.abc.TaskGroup) -> None:
+        """Route one client frame without waiting for anything, so the next one is read at once."""
         kind, sid = frame[0], frame[1]
         if kind == wire.HELLO:
             client.outbox_send.send_nowait([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, self.meta])
         elif kind == wire.OPEN and frame[2].startswith("vm."):
             tg.start_soon(self.handle_local_call, client, sid, frame[2], frame[3])
         elif kind == wire.OPEN:
-            await self.open_agent_call(client, sid, frame[2], frame[3])
+            self.open_agent_call(client, sid, frame[2], frame[3])
         else:
             agent_sid = client.agent_sids.get(sid)
             if agent_sid is None:
@@ -280,15 +298,15 @@ class Supervisor:
                 del client.agent_sids[sid]
                 self.routes.pop(agent_sid, None)
             frame[1] = agent_sid
-            await self.send_to_agent(frame)
+            self.send_to_agent(frame)
 
-    async def open_agent_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> int | None:
+    def open_agent_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> int | None:
         """Route a new call of ``client`` to the agent; its frames will arrive in ``client.outbox``."""
         agent_sid = self.next_agent_sid
         self.next_agent_sid += 1
         self.routes[agent_sid] = (client, sid)
         client.agent_sids[sid] = agent_sid
-        if await self.send_to_agent([wire.OPEN, agent_sid, method, params]):
+        if self.send_to_agent([wire.OPEN, agent_sid, method, params]):
             return agent_sid
         self.routes.pop(agent_sid, None)
         client.agent_sids.pop(sid, None)
@@ -319,12 +337,19 @@ class Supervisor:
         return listeners
 
     async def serve_forward(self, guest_port: int, connection: anyio.abc.SocketStream) -> None:
-        """Relay one host TCP connection to ``guest_port`` through an agent tunnel."""
+        """Relay one host TCP connection to ``guest_port`` through an agent tunnel.
+
+        The directions are independent, as on a direct connection: guest bytes
+        wait for the TCP client in a task of their own, so a client that is not
+        reading (yet) never holds up the CREDIT that lets its upload go on.
+        """
         tunnel = ClientConnection(None)
-        credit = wire.INITIAL_WINDOW  # how much more the agent lets us send
+        upload_credit = wire.INITIAL_WINDOW  # how much more the agent lets us send
         credit_granted = anyio.Event()
+        to_host_send, to_host = anyio.create_memory_object_stream[bytes](math.inf)  # bounded by the agent's credit
+        delivered = anyio.Event()  # everything the guest sent reached the TCP client
         async with connection:
-            agent_sid = await self.open_agent_call(tunnel, 1, "tunnel", {"port": guest_port})
+            agent_sid = self.open_agent_call(tunnel, 1, "tunnel", {"port": guest_port})
             if agent_sid is None:
                 return
             finished = False
@@ -332,41 +357,51 @@ class Supervisor:
                 async with anyio.create_task_group() as tg:
 
                     async def host_to_guest() -> None:
-                        nonlocal credit, credit_granted
+                        nonlocal upload_credit, credit_granted
                         while True:
-                            while credit <= 0:
+                            while upload_credit <= 0:
                                 await credit_granted.wait()
                                 credit_granted = anyio.Event()
                             try:
-                                data = await connection.receive(min(credit, wire.CHUNK))
+                                data = await connection.receive(min(upload_credit, wire.CHUNK))
                             except (anyio.EndOfStream, *_CHANNEL_DOWN):
                                 break
-                            credit -= len(data)
-                            await self.send_to_agent([wire.DATA, agent_sid, wire.STDIN, data])
-                        await self.send_to_agent([wire.EOF, agent_sid, wire.STDIN])
+                            upload_credit -= len(data)
+                            self.send_to_agent([wire.DATA, agent_sid, wire.STDIN, data])
+                        self.send_to_agent([wire.EOF, agent_sid, wire.STDIN])
+
+                    async def guest_to_host() -> None:
+                        try:
+                            async for data in to_host:
+                                await connection.send(data)
+                                self.send_to_agent([wire.CREDIT, agent_sid, wire.STDOUT, len(data)])
+                            await connection.send_eof()
+                        except _CHANNEL_DOWN:
+                            tg.cancel_scope.cancel()  # the TCP client went away: abandon the tunnel
+                        finally:
+                            delivered.set()
 
                     tg.start_soon(host_to_guest)
+                    tg.start_soon(guest_to_host)
                     async for frame in tunnel.outbox:
                         kind = frame[0]
                         if kind == wire.DATA:
-                            await connection.send(frame[3])
-                            await self.send_to_agent([wire.CREDIT, agent_sid, wire.STDOUT, len(frame[3])])
+                            to_host_send.send_nowait(frame[3])
                         elif kind == wire.EOF:
-                            await connection.send_eof()
+                            to_host_send.close()
                         elif kind == wire.CREDIT:
-                            credit += frame[3]
+                            upload_credit += frame[3]
                             credit_granted.set()
                         else:
                             finished = True
                             break
+                    to_host_send.close()
+                    await delivered.wait()
                     tg.cancel_scope.cancel()
-            except _CHANNEL_DOWN:
-                pass  # the host side went away
             finally:
                 if not finished:
                     self.routes.pop(agent_sid, None)
-                    with anyio.CancelScope(shield=True):
-                        await self.send_to_agent([wire.CANCEL, agent_sid])
+                    self.send_to_agent([wire.CANCEL, agent_sid])
 
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> None:
         try:
@@ -769,6 +804,7 @@ class Supervisor:
                 entry.supervisor_socket.chmod(0o600)
                 entry.write_meta(self.meta)
                 tg.start_soon(self.agent_read_loop)
+                tg.start_soon(self.agent_write_loop)
                 tg.start_soon(listener.serve, self.serve_client)
                 for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
                     tg.start_soon(forward.serve, functools.partial(self.serve_forward, guest_port))

@@ -1,11 +1,15 @@
 """Caller side of the multiplexed call protocol (see ``wire``).
 
-``Channel`` runs no background task: whichever caller is waiting for a frame
-takes the read lock, reads one frame and dispatches it to the call it belongs
-to.  That keeps a channel usable from any task, from Jupyter cells and from
-objects closed with ``aclose()`` rather than a ``with`` block, under asyncio
-and trio alike.  Memory stays bounded because the peer never sends more than
-the credit window per stream and direction.
+``Channel`` runs no background task: one of the callers waiting for a frame
+holds the *read role*, reads frames and dispatches each to the call it
+belongs to; every other waiter sleeps on a broadcast that the reader fires
+after each frame it dispatched and when it gives the role up.  So an answer
+reaches its caller as soon as it is read, whoever read it, and the role
+passes on as soon as its holder has what it waited for.  That keeps a channel
+usable from any task, from Jupyter cells and from objects closed with
+``aclose()`` rather than a ``with`` block, under asyncio and trio alike.
+Memory stays bounded because the peer never sends more than the credit window
+per stream and direction.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class Call:
             return
         self._fail(ExecError("call cancelled", code="EXEC_CANCELLED"))
         self._channel.forget(self.sid)
+        self._channel.state_changed()
         try:
             await self._channel.send([wire.CANCEL, self.sid])
         except MachinenError:
@@ -124,7 +129,8 @@ class Channel:
         self._frames = frames
         self._calls: dict[int, Call] = {}
         self._next_sid = 1
-        self._read_lock = anyio.Lock()
+        self._reader: anyio.CancelScope | None = None  # the read role's receive, while someone holds it
+        self._progress = anyio.Event()  # fired (then replaced) whenever a waiter's condition may have changed
         self._lost: MachinenError | None = None
         self._hello_nonce: bytes | None = None
         self._hello_reply: dict | None = None
@@ -172,22 +178,46 @@ class Channel:
             raise self._lost from None  # type: ignore[misc]
 
     async def wait_for(self, ready: Callable[[], bool]) -> None:
-        """Read and dispatch frames until ``ready()`` holds."""
+        """Return once ``ready()`` holds: read and dispatch frames meanwhile,
+        or, while another waiter holds the read role, sleep until it reports progress."""
         while not ready():
             if self._lost is not None:
                 raise self._lost
-            async with self._read_lock:
-                if ready():
-                    return
-                try:
-                    frame = await self._frames.receive()
-                except _CONNECTION_LOST:
-                    self._mark_lost("the VM closed the connection")
-                    continue
-                except wire.ProtocolError as exc:
-                    self._mark_lost(f"protocol error: {exc}", code="EXEC_PROTOCOL")
-                    continue
-                self._dispatch(frame)
+            if self._reader is not None:
+                await self._progress.wait()
+                continue
+            try:
+                while not ready() and self._lost is None:
+                    with anyio.CancelScope() as self._reader:
+                        frame = await self._receive()
+                    if frame is not None:
+                        self._dispatch(frame)
+                        self._wake_waiters()
+            finally:
+                self._reader = None
+                self._wake_waiters()  # one of them takes the role over
+
+    async def _receive(self) -> list | None:
+        """The next frame; None when the connection is lost or the read was interrupted."""
+        try:
+            return await self._frames.receive()
+        except _CONNECTION_LOST:
+            self._mark_lost("the VM closed the connection")
+        except wire.ProtocolError as exc:
+            self._mark_lost(f"protocol error: {exc}", code="EXEC_PROTOCOL")
+        return None
+
+    def state_changed(self) -> None:
+        """Something other than a frame (a call was cancelled, the channel closed)
+        may have made a waiter ready: interrupt the reader's receive so it re-checks.
+        Only for callers other than the reader itself."""
+        if self._reader is not None:
+            self._reader.cancel()
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        self._progress.set()
+        self._progress = anyio.Event()
 
     def _dispatch(self, frame: list) -> None:
         kind = frame[0]
@@ -216,5 +246,6 @@ class Channel:
 
     async def aclose(self) -> None:
         self._mark_lost("channel closed")
+        self.state_changed()
         with anyio.CancelScope(shield=True):
             await self._frames.aclose()
