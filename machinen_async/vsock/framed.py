@@ -6,7 +6,6 @@ from collections import deque
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
 from . import wire
 
@@ -21,14 +20,19 @@ class FrameStream:
         cancelled half-way (trio writes in pieces) would leave the peer reading
         the next frame from the middle of this one, so cancellation waits for
         the write, for at most that many seconds; a peer that takes longer to
-        read it gets the stream closed as broken.  Without it, sends are
-        plainly cancellable: right for peers that may legitimately stop reading,
-        on asyncio, whose transports take every write whole."""
+        read it gets the stream closed as broken.  A frame that was written is
+        reported sent, even to a caller cancelled meanwhile (the caller's next
+        checkpoint raises), so a caller never mistakes a sent frame for an
+        unsent one.  Without a limit, sends are plainly cancellable: for peers
+        that may legitimately stop reading, where a send is only ever cancelled
+        when the connection is being dropped anyway."""
         self._stream = stream
+        self._raw_socket = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._send_stall_limit = send_stall_limit
         self._decoder = wire.FrameDecoder(resync=resync)
         self._pending: deque[list] = deque()
         self._send_lock = anyio.Lock()
+        self._readable_wait: anyio.CancelScope | None = None
 
     @property
     def resync(self) -> bool:
@@ -47,16 +51,35 @@ class FrameStream:
             with anyio.move_on_after(self._send_stall_limit, shield=True) as stalled:
                 await self._stream.send(data)
             if stalled.cancelled_caught:
-                await anyio.aclose_forcefully(self._stream)
+                await self.aclose()
                 raise anyio.BrokenResourceError(f"the peer read nothing for {self._send_stall_limit:g} s")
-        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def receive(self) -> list:
         """Next frame; raises ``anyio.EndOfStream`` when the peer closed."""
         while not self._pending:
+            if self._raw_socket is not None:
+                await self._wait_readable()
             chunk = await self._stream.receive(256 * 1024)
             self._pending.extend(self._decoder.feed(chunk))
         return self._pending.popleft()
 
+    async def _wait_readable(self) -> None:
+        """anyio's asyncio UNIX socket ``receive``, cancelled in the loop iteration
+        in which data arrives, logs an InvalidStateError from its reader callback
+        (readers here are cancelled routinely); ``wait_readable`` tolerates that,
+        so the wait happens there and ``receive`` then finds the data at once.
+        ``aclose`` ends the wait: a closed socket would not."""
+        if self._raw_socket.fileno() < 0:
+            raise anyio.ClosedResourceError
+        try:
+            with anyio.CancelScope() as self._readable_wait:
+                await anyio.wait_readable(self._raw_socket)
+        finally:
+            self._readable_wait = None
+        if self._raw_socket.fileno() < 0:
+            raise anyio.ClosedResourceError
+
     async def aclose(self) -> None:
+        if self._readable_wait is not None:
+            self._readable_wait.cancel()
         await self._stream.aclose()

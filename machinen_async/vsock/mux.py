@@ -95,7 +95,8 @@ class Call:
         self._unacknowledged[fd] += len(data)
         if self._unacknowledged[fd] >= wire.INITIAL_WINDOW // 2 and not self.done:
             credit, self._unacknowledged[fd] = self._unacknowledged[fd], 0
-            await self._channel.send([wire.CREDIT, self.sid, fd, credit])
+            with anyio.CancelScope(shield=True):  # a cancellation here would lose ``data``
+                await self._channel.send([wire.CREDIT, self.sid, fd, credit])
         return data
 
     async def result(self) -> Any:
@@ -130,6 +131,7 @@ class Channel:
         self._calls: dict[int, Call] = {}
         self._next_sid = 1
         self._reader: anyio.CancelScope | None = None  # the read role's receive, while someone holds it
+        self._reader_ready: Callable[[], bool] = lambda: False  # what the role's holder waits for
         self._progress = anyio.Event()  # fired (then replaced) whenever a waiter's condition may have changed
         self._lost: MachinenError | None = None
         self._hello_nonce: bytes | None = None
@@ -186,8 +188,10 @@ class Channel:
             if self._reader is not None:
                 await self._progress.wait()
                 continue
+            self._reader_ready = ready
             try:
                 while not ready() and self._lost is None:
+                    frame = None  # stays None when state_changed() interrupts the read
                     with anyio.CancelScope() as self._reader:
                         frame = await self._receive()
                     if frame is not None:
@@ -209,9 +213,9 @@ class Channel:
 
     def state_changed(self) -> None:
         """Something other than a frame (a call was cancelled, the channel closed)
-        may have made a waiter ready: interrupt the reader's receive so it re-checks.
+        may have made a waiter ready: if that is the reader, interrupt its receive.
         Only for callers other than the reader itself."""
-        if self._reader is not None:
+        if self._reader is not None and (self._lost is not None or self._reader_ready()):
             self._reader.cancel()
         self._wake_waiters()
 
