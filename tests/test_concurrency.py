@@ -109,3 +109,17 @@ async def test_cli_exec_from_another_process_during_a_long_exec(shared_vm):
         assert not long_done.is_set()  # the CLI calls ran beside it, not after it
         assert (await vm.ping())["pong"]
         tg.cancel_scope.cancel()
+
+
+async def test_an_upload_nobody_reads_stalls_neither_its_client_nor_others(shared_vm):
+    async with connect(shared_vm) as vm, connect(shared_vm) as other, anyio.create_task_group() as tg:
+
+        async def stuck_upload() -> None:
+            async with vm.process(["sleep", "30"]) as proc:  # never reads its stdin
+                await proc.stdin.send(b"z" * (8 * 1024 * 1024))  # waits for credit that never comes
+
+        tg.start_soon(stuck_upload)
+        await anyio.sleep(0.5)
+        took = await _one_by_one_quick_calls(vm) + await _one_by_one_quick_calls(other)
+        tg.cancel_scope.cancel()
+    assert max(took) < QUICK_S, sorted(took)[-5:]

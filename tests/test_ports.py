@@ -126,3 +126,44 @@ def test_cli_publish_and_ls_ports(cli):
         assert bad.returncode == 1 and b"error [PARSE_PORT_INVALID]" in bad.stderr
     finally:
         cli("stop", "cli-web", check=False)
+
+
+DUPLEX_SERVER = """
+import socket, threading
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", 9000))
+server.listen()
+print("listening", flush=True)
+conn, _ = server.accept()
+writer = threading.Thread(target=conn.sendall, args=(b"x" * {size},))
+writer.start()
+received = 0
+while data := conn.recv(1 << 16):
+    received += len(data)
+writer.join()
+conn.sendall(b"|read %d" % received)
+conn.close()
+"""
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the relay is the supervisor's (asyncio); one is enough
+async def test_forward_directions_are_independent(anyio_backend):
+    """A TCP client that uploads everything before reading, to a server that writes while it reads:
+    the upload must not wait behind the download the client is not reading yet (as on a direct connection)."""
+    size = 32 * 1024 * 1024  # beyond every buffer on the way: the credit windows and both kernels'
+    host_port = free_port()
+    async with boot(name="duplex", ports=[f"{host_port}:9000"]) as vm:
+        async with vm.process(["python3", "-c", DUPLEX_SERVER.format(size=size)], stdin=False) as server:
+            assert await server.stdout.receive() == b"listening\n"
+            with anyio.fail_after(240):
+                async with await anyio.connect_tcp("127.0.0.1", host_port) as stream:
+                    payload = b"y" * (1 << 20)
+                    for _ in range(size // len(payload)):
+                        await stream.send(payload)
+                    await stream.send_eof()
+                    response = bytearray()
+                    async for chunk in stream:
+                        response += chunk
+            assert await server.wait() == 0
+    assert bytes(response) == b"x" * size + b"|read %d" % size
