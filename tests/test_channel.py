@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 import pytest
 from fake_agent import chunk, fake_vm
 from hypothesis import HealthCheck, given, settings
@@ -61,12 +62,14 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    return [leaf for exc in group.exceptions for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])]
+    return [
+        leaf for exc in group.exceptions for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
 
 
 async def _cancel_after(scope: anyio.CancelScope, turns: int) -> None:
     for _ in range(turns):
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     scope.cancel()
 
 
@@ -229,15 +232,14 @@ async def test_a_cancelled_reader_hands_the_read_role_on():
 async def test_cancelling_a_call_wakes_the_task_reading_for_it():
     """Another task cancels a call whose consumer holds the read role: the consumer returns at once."""
     async with fake_vm() as (vm, agent):
-        async with vm.process(["long", "a", "0"], stdin=False) as proc:
-            async with anyio.create_task_group() as tg:
+        async with vm.process(["long", "a", "0"], stdin=False) as proc, anyio.create_task_group() as tg:
 
-                async def consume() -> None:
-                    with anyio.fail_after(HANG_S), pytest.raises(ExecError) as cancelled:
-                        await proc.stdout.receive()
-                    assert cancelled.value.code == "EXEC_CANCELLED"
+            async def consume() -> None:
+                with anyio.fail_after(HANG_S), pytest.raises(ExecError) as cancelled:
+                    await proc.stdout.receive()
+                assert cancelled.value.code == "EXEC_CANCELLED"
 
-                tg.start_soon(consume)
-                await anyio.sleep(0.01)
-                await proc._call.cancel()
+            tg.start_soon(consume)
+            await anyio.sleep(0.01)
+            await proc._call.cancel()
         await _settle(vm, agent)

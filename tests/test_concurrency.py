@@ -77,14 +77,13 @@ async def test_short_calls_return_while_a_stream_and_a_sleep_run(shared_vm):
 
 async def test_unread_output_does_not_slow_other_calls(shared_vm):
     total = 10 * 1024 * 1024
-    async with connect(shared_vm) as vm:
-        async with vm.process(["head", "-c", str(total), "/dev/zero"], stdin=False) as flood:
-            await anyio.sleep(0.5)  # it fills its credit window, then blocks in the guest
-            took = await _one_by_one_quick_calls(vm)
-            received = 0
-            async for chunk in flood.stdout:  # still all there, in order, once read
-                received += len(chunk)
-            assert await flood.wait() == 0
+    async with connect(shared_vm) as vm, vm.process(["head", "-c", str(total), "/dev/zero"], stdin=False) as flood:
+        await anyio.sleep(0.5)  # it fills its credit window, then blocks in the guest
+        took = await _one_by_one_quick_calls(vm)
+        received = 0
+        async for chunk in flood.stdout:  # still all there, in order, once read
+            received += len(chunk)
+        assert await flood.wait() == 0
     assert received == total
     assert max(took) < QUICK_S, sorted(took)[-5:]
 

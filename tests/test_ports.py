@@ -9,10 +9,10 @@ import subprocess
 
 import anyio
 import pytest
+from net import free_port
 
 from machinen_async import VM, MachinenError, boot, connect, restore
 from machinen_async.ports import parse_port_forwards
-from net import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -153,17 +153,20 @@ async def test_forward_directions_are_independent(anyio_backend):
     the upload must not wait behind the download the client is not reading yet (as on a direct connection)."""
     size = 32 * 1024 * 1024  # beyond every buffer on the way: the credit windows and both kernels'
     host_port = free_port()
-    async with boot(name="duplex", ports=[f"{host_port}:9000"]) as vm:
-        async with vm.process(["python3", "-c", DUPLEX_SERVER.format(size=size)], stdin=False) as server:
-            assert await server.stdout.receive() == b"listening\n"
-            with anyio.fail_after(240):
-                async with await anyio.connect_tcp("127.0.0.1", host_port) as stream:
-                    payload = b"y" * (1 << 20)
-                    for _ in range(size // len(payload)):
-                        await stream.send(payload)
-                    await stream.send_eof()
-                    response = bytearray()
-                    async for chunk in stream:
-                        response += chunk
-            assert await server.wait() == 0
+    server_code = DUPLEX_SERVER.format(size=size)
+    async with (
+        boot(name="duplex", ports=[f"{host_port}:9000"]) as vm,
+        vm.process(["python3", "-c", server_code], stdin=False) as server,
+    ):
+        assert await server.stdout.receive() == b"listening\n"
+        with anyio.fail_after(240):
+            async with await anyio.connect_tcp("127.0.0.1", host_port) as stream:
+                payload = b"y" * (1 << 20)
+                for _ in range(size // len(payload)):
+                    await stream.send(payload)
+                await stream.send_eof()
+                response = bytearray()
+                async for chunk in stream:
+                    response += chunk
+        assert await server.wait() == 0
     assert bytes(response) == b"x" * size + b"|read %d" % size
