@@ -31,6 +31,7 @@ from .errors import (
     BootError,
     ExecError,
     ExecTimeoutError,
+    GuestFileError,
     MachinenError,
     SnapshotError,
     error_from_code,
@@ -39,18 +40,17 @@ from .errors import (
 from .vmm import assets, bundle, qemu, storage
 from .vmm.supervisor import DETACH, SupervisorConfig, check_call
 from .vsock import wire
-from .vsock.framed import FrameStream
 from .vsock.mux import Call, Channel
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
+# What exec() keeps of each output stream and read_file() of a file, in host
+# memory; beyond it the call fails (the guest decides how much it writes).
+DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024
 DEFAULT_BOOT_TIMEOUT_S = 60.0
 MIN_MEMORY_MIB = 64
 # Host-side backstop beyond the agent's own timeout, for a guest that froze.
 AGENT_TIMEOUT_SLACK_S = 10.0
 SUPERVISOR_STOP_GRACE_S = 10.0
-# A supervisor reads its clients all the time; one that takes this long to
-# take a frame is wedged, and the connection is dropped.
-SUPERVISOR_SEND_STALL_S = 30.0
 # Fork back-pressure estimate per sibling: QEMU's own memory (TCG translation
 # cache capped at 64 MiB, heap) plus the share of guest RAM a busy sibling
 # typically dirties; refuse when that exceeds this share of MemAvailable.
@@ -219,12 +219,16 @@ class VM:
         input: bytes | None = None,
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
         check: bool = False,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
         """Run ``cmd`` (argv list, or a string for ``/bin/sh -c``) to completion.
 
         ``timeout`` kills the guest process group and raises
         ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT); ``check`` raises
-        ``ExecError`` (EXEC_NONZERO_EXIT) on a non-zero exit.
+        ``ExecError`` (EXEC_NONZERO_EXIT) on a non-zero exit.  A stdout or
+        stderr longer than ``max_output`` bytes (None: no limit) kills the
+        process and raises ``ExecError`` (EXEC_OUTPUT_TOO_LARGE); stream
+        bigger outputs with ``process()``.
         """
         stdout, stderr = bytearray(), bytearray()
         backstop = None if timeout is None else timeout + AGENT_TIMEOUT_SLACK_S
@@ -233,6 +237,10 @@ class VM:
 
                 async def collect(stream: ProcessOutput, into: bytearray) -> None:
                     async for chunk in stream:
+                        if max_output is not None and len(into) + len(chunk) > max_output:
+                            raise ExecError(
+                                f"{cmd!r} wrote more than max_output={max_output} bytes", code="EXEC_OUTPUT_TOO_LARGE"
+                            )
                         into += chunk
 
                 async with anyio.create_task_group() as tg:
@@ -255,15 +263,21 @@ class VM:
             )
         return result
 
-    async def read_file(self, path: str) -> bytes:
+    async def read_file(self, path: str, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        """The file's bytes; one longer than ``max_output`` (None: no limit) raises
+        ``GuestFileError`` (FILE_TOO_LARGE)."""
         call = await self._channel.open("read_file", {"path": path})
         chunks = []
+        size = 0
         try:
             while True:
                 try:
                     chunks.append(await call.receive(wire.STDOUT))
                 except anyio.EndOfStream:
                     break
+                size += len(chunks[-1])
+                if max_output is not None and size > max_output:
+                    raise GuestFileError(f"{path} is larger than max_output={max_output} bytes", code="FILE_TOO_LARGE")
             await call.result()
         finally:
             with anyio.CancelScope(shield=True):
@@ -753,7 +767,7 @@ async def _supervisor_failure(process: anyio.abc.Process, status: dict[str, Any]
 
 async def _open_channel(socket_path: Path) -> tuple[Channel, dict[str, Any]]:
     stream = await anyio.connect_unix(str(socket_path))
-    channel = Channel(FrameStream(stream, send_stall_limit=SUPERVISOR_SEND_STALL_S))
+    channel = Channel.over(stream)
     try:
         info = await channel.hello()
     except BaseException:

@@ -11,6 +11,13 @@ works use the real agent in a real VM instead.
 - ``echo TAG``: copies stdin to stdout (returning CREDIT as it consumes), exits at EOF.
 - ``flood TAG``: prints forever, within its credit (a process whose output nobody reads).
 - ``chatty TAG K``: K chunks alternately on stdout and stderr, then exits.
+
+The method ``raw`` (params ``{"frames": [...], "bytes": [...]}``) plays a
+hostile agent: it writes each frame as given, the string ``"SID"`` standing
+for the call's stream id, encoded without any of ``wire``'s checks, then the
+raw byte strings, then (with ``"map_bomb"``) one frame of MAX_FRAME bytes of
+empty maps, which decoded without limits builds ~300 MiB of dicts; it finishes
+(RESULT) only with ``"then_result"``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
+import msgpack
 
 from machinen_async import VM
 from machinen_async.vsock import wire
@@ -56,6 +64,7 @@ class FakeAgent:
         self.frames_sent = 0
         self.dead = anyio.Event()
         self._dying = False
+        self._send_lock = anyio.Lock()  # raw writes must not interleave with frames
 
     async def serve(self) -> None:
         try:
@@ -96,7 +105,8 @@ class FakeAgent:
     async def _send(self, frame: list) -> None:
         if self._dying:
             raise anyio.ClosedResourceError
-        await self.frames.send(frame)
+        async with self._send_lock:
+            await self.frames.send(frame)
         self.frames_sent += 1
         if self.die_after_frames is not None and self.frames_sent >= self.die_after_frames:
             self._dying = True
@@ -115,7 +125,11 @@ class FakeAgent:
     async def _run(self, call: _Call, method: str, params: dict) -> None:
         with call.scope:
             try:
-                if method == "ping":
+                if method == "raw":
+                    await self._raw(call, params)
+                    if not params.get("then_result"):
+                        await anyio.sleep_forever()
+                if method in ("ping", "raw"):
                     result = {"pong": True}
                 elif method == "exec":
                     result = await self._exec(call, params["argv"])
@@ -128,6 +142,19 @@ class FakeAgent:
                 await self._send([wire.RESULT, call.sid, result])
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 return  # dying
+
+    async def _raw(self, call: _Call, params: dict) -> None:
+        blobs = [
+            wire.HEADER.pack(wire.MAGIC, len(body)) + body
+            for frame in params.get("frames", [])
+            for body in [msgpack.packb([call.sid if item == "SID" else item for item in frame], use_bin_type=True)]
+        ]
+        if params.get("map_bomb"):
+            body = b"\xdd" + (wire.MAX_FRAME - 8).to_bytes(4, "big") + b"\x80" * (wire.MAX_FRAME - 8)
+            blobs.append(wire.HEADER.pack(wire.MAGIC, len(body)) + body)
+        async with self._send_lock:
+            for blob in [*blobs, *params.get("bytes", [])]:
+                await self.frames._stream.send(blob)
 
     async def _exec(self, call: _Call, argv: list[str]) -> dict:
         program, tag, *rest = argv
@@ -160,7 +187,7 @@ async def fake_vm() -> AsyncIterator[tuple[VM, FakeAgent]]:
     agent = FakeAgent(await anyio.abc.UNIXSocketStream.from_socket(agent_end))
     async with anyio.create_task_group() as tg:
         tg.start_soon(agent.serve)
-        channel = Channel(FrameStream(host_stream, send_stall_limit=30))
+        channel = Channel.over(host_stream)
         await channel.hello()
         vm = VM(channel, {"name": "fake"})
         try:

@@ -119,6 +119,36 @@ class ClientConnection:
                 await self.frames.send(frame)
 
 
+@dataclass(eq=False)
+class Route:
+    """An agent call, the client call it belongs to, and what the agent may still send on it.
+
+    The guest may be hostile: it gets no more output window than the client
+    granted, and only the frames an agent sends on a call."""
+
+    client: ClientConnection
+    client_sid: int
+    window: dict[int, int] = field(
+        default_factory=lambda: {wire.STDOUT: wire.INITIAL_WINDOW, wire.STDERR: wire.INITIAL_WINDOW}
+    )
+
+    def refuse(self, frame: list) -> str | None:
+        """Why the agent may not send ``frame`` (validated) on this call; None if it may."""
+        kind = frame[0]
+        if kind in (wire.DATA, wire.EOF):
+            fd = frame[2]
+            if fd not in self.window:
+                return f"output on fd {fd}, which is not open"
+            if kind == wire.EOF:
+                del self.window[fd]
+                return None
+            self.window[fd] -= len(frame[3])
+            return f"more output on fd {fd} than the client's credit" if self.window[fd] < 0 else None
+        if kind == wire.CREDIT:
+            return None if frame[2] == wire.STDIN else f"credit for fd {frame[2]}"
+        return None if kind in wire.FINAL_KINDS else f"a frame of kind {kind}"
+
+
 class Supervisor:
     def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
         self.config = config
@@ -128,7 +158,7 @@ class Supervisor:
         self.agent_session = 0  # counts agent sessions; a frame queued for an earlier one is dropped
         self.to_agent_send, self.to_agent = anyio.create_memory_object_stream[tuple[int, list]](math.inf)
         self.agent_info: dict[str, Any] = {}
-        self.routes: dict[int, tuple[ClientConnection, int]] = {}
+        self.routes: dict[int, Route] = {}  # by agent sid
         self.next_agent_sid = 1
         self.stop_requested = anyio.Event()
         self.meta: dict[str, Any] = {}
@@ -161,7 +191,7 @@ class Supervisor:
                 break
             except OSError:
                 await anyio.sleep(0.01)
-        self.agent = FrameStream(stream, resync=True)
+        self.agent = FrameStream(stream, resync=True, max_frame=wire.MAX_GUEST_FRAME, check=wire.validate)
         nonce = secrets.token_bytes(8)
 
         async def send_hellos() -> None:
@@ -208,6 +238,8 @@ class Supervisor:
         nor other clients.  The queue is bounded by the credit windows."""
         if self.agent is None or not self.agent_up:
             return False
+        if frame[0] == wire.CREDIT and (route := self.routes.get(frame[1])) and frame[2] in route.window:
+            route.window[frame[2]] += frame[3]
         self.to_agent_send.send_nowait((self.agent_session, frame))
         return True
 
@@ -219,9 +251,9 @@ class Supervisor:
                 await self.agent.send(frame)
 
     def fail_all_calls(self, message: str) -> None:
-        for client, client_sid in self.routes.values():
-            client.agent_sids.pop(client_sid, None)
-            client.outbox_send.send_nowait([wire.ERROR, client_sid, "EXEC_AGENT_UNAVAILABLE", message])
+        for route in self.routes.values():
+            route.client.agent_sids.pop(route.client_sid, None)
+            route.client.outbox_send.send_nowait([wire.ERROR, route.client_sid, "EXEC_AGENT_UNAVAILABLE", message])
         self.routes.clear()
 
     async def agent_read_loop(self) -> None:
@@ -248,20 +280,25 @@ class Supervisor:
                     return
                 log.info("agent channel re-established")
                 continue
-            route = self.routes.get(frame[1])
+            agent_sid = frame[1]
+            route = self.routes.get(agent_sid)
             if route is None:
-                continue  # late output of a call whose client left
-            client, client_sid = route
+                continue  # late output of a call whose client left (or a stray HELLO)
+            problem = route.refuse(frame)
+            if problem is not None:
+                log.warning("guest agent broke the protocol", call=agent_sid, problem=problem)
+                frame = [wire.ERROR, agent_sid, "EXEC_PROTOCOL", f"the guest agent broke the protocol: {problem}"]
+                self.send_to_agent([wire.CANCEL, agent_sid])
             if frame[0] in wire.FINAL_KINDS:
-                del self.routes[frame[1]]
-                client.agent_sids.pop(client_sid, None)
-            frame[1] = client_sid
-            client.outbox_send.send_nowait(frame)
+                del self.routes[agent_sid]
+                route.client.agent_sids.pop(route.client_sid, None)
+            frame[1] = route.client_sid
+            route.client.outbox_send.send_nowait(frame)
 
     # --- the client side ----------------------------------------------------------
 
     async def serve_client(self, stream: anyio.abc.ByteStream) -> None:
-        client = ClientConnection(FrameStream(stream))
+        client = ClientConnection(FrameStream(stream, check=wire.validate))
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(client.write_loop)
@@ -304,7 +341,7 @@ class Supervisor:
         """Route a new call of ``client`` to the agent; its frames will arrive in ``client.outbox``."""
         agent_sid = self.next_agent_sid
         self.next_agent_sid += 1
-        self.routes[agent_sid] = (client, sid)
+        self.routes[agent_sid] = Route(client, sid)
         client.agent_sids[sid] = agent_sid
         if self.send_to_agent([wire.OPEN, agent_sid, method, params]):
             return agent_sid

@@ -14,9 +14,16 @@ class FrameStream:
     """Whole-frame send/receive over a byte stream; safe for concurrent senders."""
 
     def __init__(
-        self, stream: anyio.abc.ByteStream, *, resync: bool = False, send_stall_limit: float | None = None
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        resync: bool = False,
+        send_stall_limit: float | None = None,
+        max_frame: int = wire.MAX_FRAME,
+        check=None,
     ) -> None:
-        """With ``send_stall_limit``, a frame is always written whole: a send
+        """``max_frame`` and ``check`` bound and vet what is received (see
+        ``wire.FrameDecoder``).  With ``send_stall_limit``, a frame is always written whole: a send
         cancelled half-way (trio writes in pieces) would leave the peer reading
         the next frame from the middle of this one, so cancellation waits for
         the write, for at most that many seconds; a peer that takes longer to
@@ -29,7 +36,7 @@ class FrameStream:
         self._stream = stream
         self._raw_socket = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._send_stall_limit = send_stall_limit
-        self._decoder = wire.FrameDecoder(resync=resync)
+        self._decoder = wire.FrameDecoder(resync=resync, max_frame=max_frame, check=check)
         self._pending: deque[list] = deque()
         self._send_lock = anyio.Lock()
         self._readable_wait: anyio.CancelScope | None = None

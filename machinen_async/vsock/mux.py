@@ -20,11 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from ..errors import AgentUnavailableError, ExecError, MachinenError, error_from_code
 from . import wire
 from .framed import FrameStream
 
+# A supervisor reads its clients all the time; one that takes this long to
+# take a frame is wedged, and the connection is dropped.
+SEND_STALL_S = 30.0
 _CONNECTION_LOST = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
@@ -37,7 +41,8 @@ class Call:
         self.method = method
         self._inbox: dict[int, deque[bytes]] = {wire.STDOUT: deque(), wire.STDERR: deque()}
         self._eof: set[int] = set()
-        self._unacknowledged = {wire.STDOUT: 0, wire.STDERR: 0}
+        self._unacknowledged = {wire.STDOUT: 0, wire.STDERR: 0}  # consumed, credit not yet returned
+        self._unreturned = {wire.STDOUT: 0, wire.STDERR: 0}  # received, credit not yet returned: <= a window
         self._send_credit = wire.INITIAL_WINDOW
         self._outcome: tuple[bool, Any] | None = None
 
@@ -46,18 +51,26 @@ class Call:
         return self._outcome is not None
 
     def _on_frame(self, frame: list) -> None:
+        """Take one (validated) frame; ``ProtocolError`` if the peer broke the protocol."""
         kind = frame[0]
+        if kind in (wire.DATA, wire.EOF) and (frame[2] not in self._inbox or frame[2] in self._eof):
+            raise wire.ProtocolError(f"stream {self.sid}: output on fd {frame[2]} that is not open")
         if kind == wire.DATA:
-            self._inbox[frame[2]].append(frame[3])
+            fd, data = frame[2], frame[3]
+            self._unreturned[fd] += len(data)
+            if self._unreturned[fd] > wire.INITIAL_WINDOW:
+                raise wire.ProtocolError(f"stream {self.sid}: fd {fd} sent beyond its credit window")
+            self._inbox[fd].append(data)
         elif kind == wire.EOF:
             self._eof.add(frame[2])
-        elif kind == wire.CREDIT:
+        elif kind == wire.CREDIT and frame[2] == wire.STDIN:
             self._send_credit += frame[3]
         elif kind == wire.RESULT:
             self._outcome = (True, frame[2])
         elif kind == wire.ERROR:
-            details = frame[4] if len(frame) > 4 and isinstance(frame[4], dict) else {}
-            self._outcome = (False, error_from_code(frame[2], frame[3], **details))
+            self._outcome = (False, error_from_code(frame[2], frame[3][: wire.MAX_MESSAGE_LEN]))
+        else:
+            raise wire.ProtocolError(f"stream {self.sid}: unexpected frame of kind {kind}")
 
     def _fail(self, error: MachinenError) -> None:
         if self._outcome is None:
@@ -95,6 +108,7 @@ class Call:
         self._unacknowledged[fd] += len(data)
         if self._unacknowledged[fd] >= wire.INITIAL_WINDOW // 2 and not self.done:
             credit, self._unacknowledged[fd] = self._unacknowledged[fd], 0
+            self._unreturned[fd] -= credit
             with anyio.CancelScope(shield=True):  # a cancellation here would lose ``data``
                 await self._channel.send([wire.CREDIT, self.sid, fd, credit])
         return data
@@ -127,6 +141,7 @@ class Channel:
     """Multiplexes concurrent calls over one ``FrameStream``."""
 
     def __init__(self, frames: FrameStream) -> None:
+        """Use ``Channel.over(stream)``: it sets the frame stream up as a caller needs it."""
         self._frames = frames
         self._calls: dict[int, Call] = {}
         self._next_sid = 1
@@ -136,6 +151,11 @@ class Channel:
         self._lost: MachinenError | None = None
         self._hello_nonce: bytes | None = None
         self._hello_reply: dict | None = None
+
+    @classmethod
+    def over(cls, stream: anyio.abc.ByteStream) -> Channel:
+        """A channel on ``stream``: frames written whole, every received frame vetted."""
+        return cls(FrameStream(stream, send_stall_limit=SEND_STALL_S, check=wire.validate))
 
     async def hello(self, info: dict | None = None) -> dict:
         """Start a session; frames from any earlier session are discarded."""
@@ -228,14 +248,18 @@ class Channel:
         if kind == wire.HELLO:
             if frame[2] == self._hello_nonce:
                 self._frames.resync = False
-                self._hello_reply = frame[4] if len(frame) > 4 else {}
+                self._hello_reply = frame[4]
             return
         if self._hello_reply is None and self._hello_nonce is not None:
             return  # left over from an earlier session
         call = self._calls.get(frame[1])
         if call is None:
             return  # late frame of a cancelled call
-        call._on_frame(frame)
+        try:
+            call._on_frame(frame)
+        except wire.ProtocolError as exc:
+            self._mark_lost(f"protocol error: {exc}", code="EXEC_PROTOCOL")
+            return
         if kind in wire.FINAL_KINDS:
             self._calls.pop(call.sid, None)
 

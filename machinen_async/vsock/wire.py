@@ -22,7 +22,13 @@ Frames (first array element is the kind, second the stream id):
 
 Flow control: every (stream, fd) direction starts with ``INITIAL_WINDOW``
 bytes of credit; a sender never has more unacknowledged DATA bytes in flight,
-and the receiver returns CREDIT as its consumer drains the data.
+and the receiver returns CREDIT as its consumer drains the data.  Receivers
+on the host enforce it: the guest may be hostile.
+
+Every frame a host process decodes is bounded before it is built (frame
+size, msgpack container sizes, no ext types) and checked by ``validate``
+before anything looks inside it, so a malformed frame fails the connection
+with a ``ProtocolError`` instead of an exception somewhere else.
 """
 
 from __future__ import annotations
@@ -35,8 +41,15 @@ PROTOCOL_VERSION = 1
 MAGIC = b"\xa7\x4d"
 HEADER = struct.Struct(">2sI")
 MAX_FRAME = 4 * 1024 * 1024
+# Frames from a guest carry at most a CHUNK of data or a small result: a
+# tighter bound caps what one frame can make the host allocate while decoding.
+MAX_GUEST_FRAME = 256 * 1024
 CHUNK = 64 * 1024
 INITIAL_WINDOW = 1024 * 1024
+MAX_CONTAINER_ITEMS = 65536  # per msgpack array or map; the frame size bounds the total
+MAX_METHOD_LEN = 64
+MAX_CODE_LEN = 64
+MAX_MESSAGE_LEN = 8192  # of an ERROR's text, as shown to a caller
 
 HELLO, OPEN, DATA, EOF, CREDIT, RESULT, ERROR, CANCEL, CONTROL = range(9)
 FINAL_KINDS = (RESULT, ERROR)
@@ -46,6 +59,44 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
+
+
+def validate(frame: list) -> None:
+    """Check a decoded frame's shape for its kind; raise ``ProtocolError`` if it is off.
+
+    Whether a kind or fd makes sense in a direction is for the receiver to say.
+    """
+    if not isinstance(frame, list) or len(frame) < 2:
+        raise ProtocolError("a frame is an array of at least two items")
+    kind, sid = frame[0], frame[1]
+    if type(kind) is not int or type(sid) is not int or not 0 <= sid < 2**63:
+        raise ProtocolError(f"bad frame kind or stream id: {kind!r}, {sid!r}"[:200])
+    expected = _SHAPES.get(kind)
+    if expected is None:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if len(frame) != len(expected) + 2 or not all(check(item) for check, item in zip(expected, frame[2:])):
+        raise ProtocolError(f"malformed frame of kind {kind}")
+
+
+def _fd(value) -> bool:
+    return type(value) is int and value in (STDIN, STDOUT, STDERR)
+
+
+def _short_str(limit: int):
+    return lambda value: type(value) is str and 0 < len(value) <= limit
+
+
+_SHAPES = {
+    HELLO: (lambda v: type(v) is bytes and len(v) <= 64, lambda v: type(v) is int, lambda v: type(v) is dict),
+    OPEN: (_short_str(MAX_METHOD_LEN), lambda v: type(v) is dict),
+    DATA: (_fd, lambda v: type(v) is bytes and len(v) <= CHUNK),
+    EOF: (_fd,),
+    CREDIT: (_fd, lambda v: type(v) is int and 0 <= v <= INITIAL_WINDOW),
+    RESULT: (lambda v: True,),
+    ERROR: (_short_str(MAX_CODE_LEN), lambda v: type(v) is str),
+    CANCEL: (),
+    CONTROL: (lambda v: type(v) is dict,),
+}
 
 
 def encode(frame: list) -> bytes:
@@ -60,11 +111,15 @@ class FrameDecoder:
 
     With ``resync`` set, bytes before the next valid frame header are skipped
     instead of raising; a host uses that until its HELLO is acknowledged.
+    ``max_frame`` refuses longer frames before buffering them; ``check``
+    (``validate``, for this module's frames) vets each decoded frame.
     """
 
-    def __init__(self, resync: bool = False) -> None:
+    def __init__(self, resync: bool = False, *, max_frame: int = MAX_FRAME, check=None) -> None:
         self._buffer = bytearray()
         self.resync = resync
+        self._max_frame = max_frame
+        self._check = check
 
     def reset(self) -> None:
         self._buffer.clear()
@@ -84,24 +139,34 @@ class FrameDecoder:
             if len(buffer) < HEADER.size:
                 return None
             magic, length = HEADER.unpack_from(buffer)
-            if magic == MAGIC and length <= MAX_FRAME:
-                break
-            if not self.resync:
-                raise ProtocolError(f"bad frame header {bytes(buffer[: HEADER.size])!r}")
-            next_magic = buffer.find(MAGIC, 1)
-            del buffer[: next_magic if next_magic > 0 else len(buffer) - 1]
-        end = HEADER.size + length
-        if len(buffer) < end:
-            return None
-        body = bytes(buffer[HEADER.size : end])
-        try:
-            frame = msgpack.unpackb(body, raw=False)
-            if not isinstance(frame, list) or len(frame) < 2 or not isinstance(frame[0], int):
-                raise ValueError("not a frame array")
-        except Exception as exc:  # msgpack raises several unrelated types
-            if not self.resync:
-                raise ProtocolError(f"undecodable frame: {exc}") from None
-            del buffer[:1]
-            return self._next_frame()
-        del buffer[:end]
-        return frame
+            if magic != MAGIC or length > self._max_frame:
+                if not self.resync:
+                    raise ProtocolError(f"bad frame header {bytes(buffer[: HEADER.size])!r}")
+                next_magic = buffer.find(MAGIC, 1)
+                del buffer[: next_magic if next_magic > 0 else len(buffer) - 1]
+                continue
+            end = HEADER.size + length
+            if len(buffer) < end:
+                return None
+            try:
+                frame = msgpack.unpackb(
+                    bytes(buffer[HEADER.size : end]),
+                    raw=False,
+                    max_bin_len=length,
+                    max_str_len=length,
+                    max_array_len=MAX_CONTAINER_ITEMS,
+                    max_map_len=MAX_CONTAINER_ITEMS,
+                    max_ext_len=0,
+                )
+                if not isinstance(frame, list) or len(frame) < 2 or not isinstance(frame[0], int):
+                    raise ValueError("not a frame array")
+                if self._check is not None:
+                    self._check(frame)
+            except Exception as exc:  # msgpack raises several unrelated types
+                if not self.resync:
+                    raise ProtocolError(f"undecodable frame: {exc}"[:300]) from None
+                next_magic = buffer.find(MAGIC, 1)  # not a frame after all: on to the next header
+                del buffer[: next_magic if next_magic > 0 else len(buffer) - 1]
+                continue
+            del buffer[:end]
+            return frame

@@ -1,0 +1,262 @@
+"""A hostile guest agent: malformed frames, credit overruns, allocation bombs (issue 11, items 2 and 3).
+
+The guest runs untrusted code and may replace the agent, so every frame from
+it is bounded and validated before it costs host memory, and a bad one fails
+only its call, or the channel, with a typed error.  The attacker here is the
+fake agent's ``raw`` method (fake_agent.py), in front of the SDK channel alone
+and in front of a real supervisor relay (its agent side and client side, as
+the supervisor process runs them, minus QEMU).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import anyio
+import anyio.abc
+import msgpack
+import pytest
+from fake_agent import FakeAgent, fake_vm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from machinen_async import VM, AgentUnavailableError, ExecError, MachinenError
+from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
+from machinen_async.vsock import wire
+from machinen_async.vsock.mux import Channel
+
+HANG_S = 10.0
+CHUNK_OF_X = b"x" * wire.CHUNK
+MALFORMED = {
+    "unhashable stream id": [wire.DATA, [1], wire.STDOUT, b"x"],
+    "stream id not an int": [wire.RESULT, "SID?", {}],
+    "fd out of range": [wire.DATA, "SID", 9, b"x"],
+    "credit not an int": [wire.CREDIT, "SID", wire.STDIN, "lots"],
+    "credit beyond a window": [wire.CREDIT, "SID", wire.STDIN, 2**40],
+    "error code not a string": [wire.ERROR, "SID", {"code": 1}, "m"],
+    "data not bytes": [wire.DATA, "SID", wire.STDOUT, "text"],
+    "unknown kind": [99, "SID"],
+    "too short": [wire.DATA, "SID"],
+}
+# Well-formed frames that an agent may not send on a call.
+OUT_OF_PLACE = {
+    "output on stdin": [wire.DATA, "SID", wire.STDIN, b"x"],
+    "credit for stdout": [wire.CREDIT, "SID", wire.STDOUT, 5],
+    "an OPEN": [wire.OPEN, "SID", "exec", {}],
+    "output after EOF": [wire.EOF, "SID", wire.STDOUT],
+}
+OVERRUN = [[wire.DATA, "SID", wire.STDOUT, CHUNK_OF_X]] * (wire.INITIAL_WINDOW // wire.CHUNK + 1)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+async def _outcome(vm: VM, params: dict) -> BaseException | None:
+    """Open a ``raw`` call and wait for its outcome, never reading its output."""
+    call = await vm._channel.open("raw", params)
+    try:
+        with anyio.fail_after(HANG_S):
+            await call.result()
+        return None
+    except MachinenError as exc:
+        return exc
+    finally:
+        with anyio.CancelScope(shield=True):
+            await call.cancel()
+
+
+async def _exec_when_reconnected(vm: VM, tag: str):
+    """``short TAG``, retried while the supervisor re-establishes the agent channel (a retryable error)."""
+    with anyio.fail_after(HANG_S):
+        while True:
+            try:
+                return await vm.exec(["short", tag])
+            except AgentUnavailableError:
+                await anyio.sleep(0.02)
+
+
+@asynccontextmanager
+async def relayed_vm(tmp_path: Path) -> AsyncIterator[tuple[VM, list[FakeAgent]]]:
+    """A ``VM`` whose frames go through a real supervisor relay to fake agents.
+
+    The fake agents listen where QEMU's agent socket would be; the supervisor
+    connects (and after a channel reset, reconnects) as it does to a VM."""
+    agent_socket = tmp_path / "agent.sock"
+    agents: list[FakeAgent] = []
+
+    async def serve_agent(stream: anyio.abc.ByteStream) -> None:
+        agents.append(FakeAgent(stream))
+        await agents[-1].serve()
+
+    config = SupervisorConfig(name="relay", memory_mib=256, cpus=1, accel="tcg", kernel="", initrd="", image="",
+                              ram_dir="", tsc_khz=None, boot_timeout=10, detached=False)  # fmt: skip
+    supervisor = Supervisor(config, SimpleNamespace(agent_socket=agent_socket))
+    async with await anyio.create_unix_listener(agent_socket) as listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve_agent)
+        await supervisor.connect_agent()
+        supervisor.task_group = tg
+        tg.start_soon(supervisor.agent_read_loop)
+        tg.start_soon(supervisor.agent_write_loop)
+        client_end, supervisor_end = socket.socketpair()
+        tg.start_soon(supervisor.serve_client, await anyio.abc.UNIXSocketStream.from_socket(supervisor_end))
+        channel = Channel.over(await anyio.abc.UNIXSocketStream.from_socket(client_end))
+        await channel.hello()
+        vm = VM(channel, {"name": "relay"})
+        try:
+            yield vm, agents
+        finally:
+            await vm.aclose()
+            tg.cancel_scope.cancel()  # a supervisor task that had crashed would have raised before here
+
+
+# --- the SDK channel, facing a hostile peer directly --------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("attack", [*MALFORMED, *OUT_OF_PLACE, "overrun", "map bomb", "junk"])
+async def test_the_channel_fails_typed_on_a_hostile_frame(attack):
+    frames = {**MALFORMED, **OUT_OF_PLACE, "overrun": OVERRUN}.get(attack)
+    params = {"frames": [frames] if attack in MALFORMED or attack in OUT_OF_PLACE else frames or []}
+    if attack == "output after EOF":
+        params["frames"] = [[wire.EOF, "SID", wire.STDOUT], [wire.DATA, "SID", wire.STDOUT, b"x"]]
+    params["map_bomb"] = attack == "map bomb"
+    if attack == "junk":
+        params["bytes"] = [b"\x00" * 100]
+    rss_before = _rss_mib()
+    async with fake_vm() as (vm, _agent):
+        async with anyio.create_task_group() as tg:
+            bystander: list[BaseException | None] = []
+
+            async def other_call() -> None:  # waiting when the bad frame comes
+                bystander.append(await _outcome(vm, {}))
+
+            tg.start_soon(other_call)
+            await anyio.sleep(0.05)
+            failure = await _outcome(vm, params)
+        assert isinstance(failure, ExecError) and failure.code == "EXEC_PROTOCOL", failure
+        assert isinstance(bystander[0], ExecError) and bystander[0].code == "EXEC_PROTOCOL", bystander
+        assert vm._channel._calls == {}
+    assert _rss_mib() - rss_before < 64
+
+
+def test_the_decoder_resyncs_iteratively_and_refuses_long_frames():
+    decoder = wire.FrameDecoder(resync=True)
+    bad_headers = (wire.MAGIC + b"\x00\x00\x00\x03" + b"\xc1\xc1\xc1") * 20_000  # each a frame that does not decode
+    assert decoder.feed(bad_headers + wire.encode([wire.RESULT, 1, {}])) == [[wire.RESULT, 1, {}]]
+    strict = wire.FrameDecoder(max_frame=1024)
+    with pytest.raises(wire.ProtocolError):
+        strict.feed(wire.HEADER.pack(wire.MAGIC, 1025))  # refused from its header: nothing is buffered for it
+
+
+# --- the supervisor relay, facing a hostile agent --------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("attack", ["overrun", *OUT_OF_PLACE])
+async def test_the_supervisor_fails_only_the_call_that_broke_the_protocol(attack, tmp_path):
+    frames = OVERRUN if attack == "overrun" else [OUT_OF_PLACE[attack]]
+    if attack == "output after EOF":
+        frames = [[wire.EOF, "SID", wire.STDOUT], [wire.DATA, "SID", wire.STDOUT, b"x"]]
+    async with relayed_vm(tmp_path) as (vm, agents):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(vm.exec, ["long", "bystander", "3"])  # in flight through it all
+            await anyio.sleep(0.05)
+            failure = await _outcome(vm, {"frames": frames})
+            assert isinstance(failure, ExecError) and failure.code == "EXEC_PROTOCOL", failure
+            assert "broke the protocol" in failure.message
+            agents[0].gate.set()  # the bystander finishes normally
+        with anyio.fail_after(HANG_S):
+            while agents[0].live:
+                await anyio.sleep(0.01)
+        assert agents[0].cancelled  # the supervisor cancelled the bad call in the guest
+        assert len(agents) == 1  # no channel reset was needed
+        assert (await vm.exec(["short", "after"])).stdout == b"after"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("attack", [*MALFORMED, "map bomb", "junk"])
+async def test_the_supervisor_survives_a_malformed_frame(attack, tmp_path):
+    params = {"frames": [MALFORMED[attack]]} if attack in MALFORMED else {}
+    params["map_bomb"] = attack == "map bomb"
+    if attack == "junk":
+        params["bytes"] = [b"\x00" * 100]
+    rss_before = _rss_mib()
+    async with relayed_vm(tmp_path) as (vm, agents):
+        failure = await _outcome(vm, params)
+        # The agent channel cannot be trusted after it: reset, calls fail retryable, reconnected.
+        assert isinstance(failure, AgentUnavailableError) and failure.retryable, failure
+        assert (await _exec_when_reconnected(vm, "again")).stdout == b"again"
+        assert len(agents) == 2
+    assert _rss_mib() - rss_before < 64
+
+
+# --- fuzz: random and mutated frames ----------------------------------------------------
+
+frame_items = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=64) | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+valid_frames = st.sampled_from(
+    [
+        [wire.DATA, "SID", wire.STDOUT, b"data"],
+        [wire.EOF, "SID", wire.STDERR],
+        [wire.CREDIT, "SID", wire.STDIN, 100],
+        [wire.RESULT, "SID", {"exit_code": 0}],
+        [wire.ERROR, "SID", "EXEC_SPAWN_FAILED", "no"],
+    ]
+)
+mutated_frames = st.tuples(valid_frames, st.integers(0, 3), frame_items).map(
+    lambda t: [*t[0][: t[1]], t[2], *t[0][t[1] + 1 :]]
+)
+hostile_frames = st.lists(st.one_of(valid_frames, mutated_frames, st.lists(frame_items, max_size=6)), max_size=6)
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# A junk that starts like a frame header would be a frame still arriving: a stalled peer, not a bad one.
+junks = st.binary(max_size=64).filter(lambda junk: not junk.startswith(wire.MAGIC[:1]))
+
+
+async def _fuzz_channel(frames: list, junk: bytes) -> None:
+    async with fake_vm() as (vm, _agent):
+        failure = await _outcome(vm, {"frames": frames, "bytes": [junk] if junk else [], "then_result": True})
+        assert failure is None or isinstance(failure, ExecError), repr(failure)
+
+
+async def _fuzz_relay(frames: list, junk: bytes, tmp_path: Path) -> None:
+    async with relayed_vm(tmp_path) as (vm, _agents):
+        failure = await _outcome(vm, {"frames": frames, "bytes": [junk] if junk else [], "then_result": True})
+        assert failure is None or isinstance(failure, ExecError), repr(failure)
+        assert (await _exec_when_reconnected(vm, "ok")).stdout == b"ok"  # the supervisor still serves
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@FUZZ
+@given(frames=hostile_frames, junk=junks)
+def test_fuzz_the_sdk_channel(backend, frames, junk):
+    anyio.run(_fuzz_channel, _encodable(frames), junk, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@FUZZ
+@given(frames=hostile_frames, junk=junks)
+def test_fuzz_the_supervisor_relay(backend, frames, junk, tmp_path_factory):
+    anyio.run(_fuzz_relay, _encodable(frames), junk, tmp_path_factory.mktemp("relay"), backend=backend)
+
+
+def _encodable(frames: list) -> list:
+    """Drop what msgpack cannot encode (ints beyond 64 bits), as a real agent could not send it either."""
+    kept = []
+    for frame in frames:
+        try:
+            msgpack.packb(frame, use_bin_type=True)
+        except (OverflowError, ValueError, TypeError):
+            continue
+        kept.append(frame)
+    return kept
