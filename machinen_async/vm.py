@@ -26,7 +26,6 @@ import anyio
 import anyio.abc
 
 from . import paths, registry
-from .ports import PortSpec, parse_port_forwards
 from .errors import (
     BootError,
     ExecError,
@@ -37,6 +36,7 @@ from .errors import (
     error_from_code,
     plain_errors,
 )
+from .ports import PortSpec, parse_port_forwards
 from .vmm import assets, bundle, qemu, storage
 from .vmm.supervisor import DETACH, SupervisorConfig, check_call
 from .vsock import wire

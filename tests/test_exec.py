@@ -186,3 +186,18 @@ async def test_agent_channel_reset_reconnects(shared_vm):
         # The call's process outlives the session that started it, as in a fork.
         assert (await vm.exec(["test", "-e", f"/proc/{pid}"])).exit_code == 0
         await vm.exec(f"kill {pid}", check=True)
+
+
+async def test_output_beyond_max_output_is_a_typed_error(shared_vm):
+    async with connect(shared_vm) as vm:
+        with pytest.raises(ExecError) as big:
+            await vm.exec(["sh", "-c", "echo $$ > /tmp/big.pid; exec head -c 3000000 /dev/zero"], max_output=1_000_000)
+        assert big.value.code == "EXEC_OUTPUT_TOO_LARGE"
+        pid = (await vm.read_file("/tmp/big.pid")).decode().strip()
+        gone = f"for i in $(seq 50); do test -e /proc/{pid} || exit 0; sleep 0.1; done; exit 1"
+        assert (await vm.exec(["sh", "-c", gone])).exit_code == 0, "the process outlived its exec"
+        assert len((await vm.exec(["head", "-c", "3000000", "/dev/zero"], max_output=None)).stdout) == 3000000
+        with pytest.raises(GuestFileError) as large:
+            await vm.read_file("/etc/passwd", max_output=10)
+        assert large.value.code == "FILE_TOO_LARGE"
+        assert b"root" in await vm.read_file("/etc/passwd")
