@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import pty
+import select
 import signal
 import socket
 import struct
@@ -33,7 +34,7 @@ from collections import deque
 
 from ..vsock import wire
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = "0.2.0"
 PORT_NAME = "org.machinen.agent"
 # While no host is connected, read() on the port returns b"" at once (and
 # poll() reports HUP): sleep between tries instead of spinning.  A supervisor
@@ -263,6 +264,8 @@ class ExecTask(Task):
                 os.close(slave)
         self.timed_out = False
         self.output_detached = False
+        self.output_lock = threading.Lock()  # DATA before EOF, and one EOF per fd, whoever sends them
+        self.output_closed: set[int] = set()
         self.bytes_read = 0
         timeout = params.get("timeout")
         self.timer = threading.Timer(timeout, self._on_timeout) if timeout else None
@@ -273,11 +276,13 @@ class ExecTask(Task):
             # Reader and writer share the master fd: closed when both are done with it, never under one.
             master = SharedFd(self.master, users=2)
             self.input = InputPump(self, self.master, lambda broken: master.release())  # no EOF on a tty but ^D
+            self.pump_sources = [self.master]
             self.pumps = [start_thread(self._pump, self.master, wire.STDOUT, master.release)]
-            self.send([wire.EOF, self.sid, wire.STDERR])  # all output arrives on stdout
+            self._output(wire.EOF, wire.STDERR)  # all output arrives on stdout
         else:
             if self.proc.stdin is not None:
                 self.input = InputPump(self, self.proc.stdin.fileno(), lambda broken: self.proc.stdin.close())
+            self.pump_sources = [self.proc.stdout.fileno(), self.proc.stderr.fileno()]
             self.pumps = [
                 start_thread(self._pump, self.proc.stdout.fileno(), wire.STDOUT, self.proc.stdout.close),
                 start_thread(self._pump, self.proc.stderr.fileno(), wire.STDERR, self.proc.stderr.close),
@@ -297,10 +302,31 @@ class ExecTask(Task):
             if self.output_detached:
                 continue
             self.spend_credit(fd, len(data))
-            self.send([wire.DATA, self.sid, fd, data])
+            self._output(wire.DATA, fd, data)
         close()
-        if not self.output_detached:
-            self.send([wire.EOF, self.sid, fd])
+        self._output(wire.EOF, fd)
+
+    def _output(self, kind: int, fd: int, data: bytes = b"") -> None:
+        """Send DATA or EOF on ``fd``, unless its EOF went out already (a detached pump)."""
+        with self.output_lock:
+            if fd in self.output_closed:
+                return
+            if kind == wire.EOF:
+                self.output_closed.add(fd)
+                self.send([wire.EOF, self.sid, fd])
+            else:
+                self.send([wire.DATA, self.sid, fd, data])
+
+    def _pipes_idle(self) -> bool:
+        """No pump can make progress: no output waiting and the write ends still held
+        (by a background child); a pump that merely was not scheduled yet is not idle."""
+        poller = select.poll()
+        for source in self.pump_sources:
+            poller.register(source, select.POLLIN)
+        try:
+            return not poller.poll(0)
+        except OSError:
+            return False  # a pump closed its pipe meanwhile: it is finishing
 
     def _wait(self) -> None:
         returncode = self.proc.wait()
@@ -313,11 +339,11 @@ class ExecTask(Task):
             if self.bytes_read == before and any(p.is_alive() for p in self.pumps):
                 with self.cond:
                     waiting_for_credit = any(c <= 0 for c in self.credit.values())
-                if not waiting_for_credit:
+                if not waiting_for_credit and self._pipes_idle():
                     self.output_detached = True
                     for pump, fd in zip(self.pumps, (wire.STDOUT, wire.STDERR)):
                         if pump.is_alive():
-                            self.send([wire.EOF, self.sid, fd])
+                            self._output(wire.EOF, fd)
                     break
         signum = -returncode if returncode < 0 else None
         if self.master is not None:

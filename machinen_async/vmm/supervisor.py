@@ -131,6 +131,12 @@ class Route:
     window: dict[int, int] = field(
         default_factory=lambda: {wire.STDOUT: wire.INITIAL_WINDOW, wire.STDERR: wire.INITIAL_WINDOW}
     )
+    closed: set[int] = field(default_factory=set)  # fds whose EOF was relayed
+
+    def late(self, frame: list) -> bool:
+        """Output on an fd after its EOF: dropped, not relayed (agents before 0.2 could race
+        a detached pump's last frames against its EOF; it costs nothing here)."""
+        return frame[0] in (wire.DATA, wire.EOF) and frame[2] in self.closed
 
     def refuse(self, frame: list) -> str | None:
         """Why the agent may not send ``frame`` (validated) on this call; None if it may."""
@@ -140,7 +146,7 @@ class Route:
             if fd not in self.window:
                 return f"output on fd {fd}, which is not open"
             if kind == wire.EOF:
-                del self.window[fd]
+                self.closed.add(fd)
                 return None
             self.window[fd] -= len(frame[3])
             return f"more output on fd {fd} than the client's credit" if self.window[fd] < 0 else None
@@ -284,6 +290,8 @@ class Supervisor:
             route = self.routes.get(agent_sid)
             if route is None:
                 continue  # late output of a call whose client left (or a stray HELLO)
+            if route.late(frame):
+                continue
             problem = route.refuse(frame)
             if problem is not None:
                 log.warning("guest agent broke the protocol", call=agent_sid, problem=problem)
