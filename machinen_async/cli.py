@@ -197,6 +197,9 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+trust_option = click.option(
+    "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
+)
 publish_option = click.option(
     "-p",
     "--publish",
@@ -388,20 +391,21 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @click.option(
     "--host", "host_spec", metavar="[USER@]HOST", help="Push the bundle to HOST over SSH and restore it there."
 )
+@trust_option
 @click.option("--json", "as_json", is_flag=True)
-def restore_command(directory, name, count, image, ports, boot_timeout, detach, host_spec, as_json) -> None:
+def restore_command(directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, as_json) -> None:
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
     async def run() -> None:
         async with contextlib.AsyncExitStack() as stack:
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
-                                 detached=detach, ports=ports)  # fmt: skip
+                                 detached=detach, ports=ports, trust=trust)  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
                 host = await stack.enter_async_context(_ssh_host(host_spec))
-                pushed = await host.push(directory, progress=_progress)
+                pushed = await host.push(directory, progress=_progress, trust=trust)
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout)  # fmt: skip
             result = await stack.enter_async_context(launch)
@@ -516,8 +520,9 @@ def logs(name: str, lines: int, workload: bool) -> None:
 @main.command(name="push")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("host_spec", metavar="[USER@]HOST")
+@trust_option
 @click.option("--json", "as_json", is_flag=True)
-def push_command(directory: str, host_spec: str, as_json: bool) -> None:
+def push_command(directory: str, host_spec: str, trust: bool, as_json: bool) -> None:
     """Copy the bundle in DIRECTORY to HOST over SSH (only what HOST lacks).
 
     Prints where the bundle is on HOST; `machinen restore --host HOST DIR`
@@ -526,7 +531,7 @@ def push_command(directory: str, host_spec: str, as_json: bool) -> None:
 
     async def run() -> None:
         async with _ssh_host(host_spec) as host:
-            pushed = await host.push(directory, progress=None if as_json else _progress)
+            pushed = await host.push(directory, progress=None if as_json else _progress, trust=trust)
         if as_json:
             click.echo(json.dumps(dataclasses.asdict(pushed)))
         else:

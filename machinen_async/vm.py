@@ -10,6 +10,7 @@ cancellation) stops QEMU and removes every file the VM had.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -520,7 +521,6 @@ async def _fork(
     incoming = {
         key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")
     }
-    incoming["mem_mode"] = "map"  # siblings share the template's RAM copy-on-write
     try:
         siblings = await _start_siblings(names, fork_info["machine"], incoming, boot_timeout, detached, ports)
     finally:
@@ -979,12 +979,18 @@ def restore(
     detached: bool = False,
     ports: Sequence[PortSpec] | None = None,
     progress: Callable[[str], None] | None = None,
+    trust: bool = False,
 ) -> _Boot:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
     Port forwards are not part of a bundle: pass ``ports`` again.
 
-    Every file is checked against the manifest's sha256 before QEMU starts;
+    Only bundles this user's machinen wrote or received with ``push`` are
+    restored (their manifest carries a MAC under this user's key); another
+    one needs ``trust=True``, since QEMU parses its device state
+    (SNAPSHOT_UNTRUSTED).  Every file is copied to a private place and checked
+    against the manifest's sha256 as it is copied, before QEMU starts, and a
+    disk whose header names other files is refused (SNAPSHOT_DISK_UNSAFE);
     a bundle from another QEMU version or accelerator is refused
     (SNAPSHOT_INCOMPATIBLE).  It runs on the exact image it was taken on,
     found by sha256; ``image`` (the rootfs tarball) helps only where building
@@ -997,7 +1003,7 @@ def restore(
     """
     bundle_path = Path(bundle_dir)
     if n is None and names is None:
-        return _Boot(lambda: _restore(bundle_path, name, image, accel, boot_timeout, detached, ports, progress))
+        return _Boot(lambda: _restore(bundle_path, name, image, accel, boot_timeout, detached, ports, progress, trust))
     if names is not None:
         chosen = [registry.validate_name(x) for x in names]
     elif isinstance(n, int) and n >= 1:
@@ -1007,14 +1013,14 @@ def restore(
         raise MachinenError(f"n must be a positive integer, got {n!r}", code="FORK_COUNT_INVALID")
     if ports:
         raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
-    return _Boot(lambda: _restore_siblings(bundle_path, chosen, image, accel, boot_timeout, detached, progress))
+    return _Boot(lambda: _restore_siblings(bundle_path, chosen, image, accel, boot_timeout, detached, progress, trust))
 
 
 async def _restore_plan(
-    bundle_dir: Path, image: str | os.PathLike | None, accel: str | None, report: Callable[[str], None]
+    bundle_dir: Path, image: str | os.PathLike | None, accel: str | None, report: Callable[[str], None], trust: bool
 ) -> tuple[bundle.Manifest, dict[str, Any]]:
     """Verify a bundle and find what it runs on: (manifest, the machine fields of its VMs' configs)."""
-    manifest = await anyio.to_thread.run_sync(bundle.verify, bundle_dir)
+    manifest = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
     machine = manifest.machine
     chosen_accel = qemu.choose_accelerator(accel)
     if machine.get("type") != qemu.MACHINE_TYPE or machine.get("accel") != chosen_accel:
@@ -1100,13 +1106,13 @@ async def _restore(
     detached: bool,
     ports: Sequence[PortSpec] | None,
     progress: Callable[[str], None] | None,
+    trust: bool,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
     forwards = parse_port_forwards(ports)
     bundle_dir = bundle_dir.expanduser().resolve()
-    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None))
+    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None), trust)
     registry.ensure_free(name)
-    in_bundle = {key: str(bundle_dir / key) for key in (bundle.STATE, bundle.MEM, bundle.DISK)}
     config = SupervisorConfig(
         name=name,
         ram_dir=_new_ram_dir(name),
@@ -1114,12 +1120,10 @@ async def _restore(
         detached=detached,
         ports=forwards,
         incoming={
-            "state": in_bundle[bundle.STATE],
-            "mem": None if manifest.ram_in_state else in_bundle[bundle.MEM],
-            "mem_mode": "copy",
+            "bundle": str(bundle_dir),
+            "files": manifest.data["files"],
             "ram_in_state": manifest.ram_in_state,
             "chain": [[fields["image"], "raw"]],
-            "import_disk": in_bundle[bundle.DISK],
             "disk_size": manifest.machine["disk_size"],
             "holds": [],
             "source": manifest.data.get("source"),
@@ -1137,6 +1141,7 @@ async def _restore_siblings(
     boot_timeout: float,
     detached: bool,
     progress: Callable[[str], None] | None,
+    trust: bool,
 ) -> Forks:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -1145,7 +1150,7 @@ async def _restore_siblings(
     template privately and writes its own layer on top.
     """
     bundle_dir = bundle_dir.expanduser().resolve()
-    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None))
+    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None), trust)
     if manifest.ram_in_state:
         raise SnapshotError(
             "this bundle carries its RAM inside the device state (a snapshot of a fork): restore it once, "
@@ -1161,11 +1166,12 @@ async def _restore_siblings(
         for source, target in (
             (bundle.MEM, template.mem), (bundle.STATE, template.state), (bundle.DISK, layer.disk)
         ):  # fmt: skip
-            await check_call(["cp", "--sparse=always", str(bundle_dir / source), str(target)], what="copy the bundle")
+            await anyio.to_thread.run_sync(
+                bundle.copy_verified, bundle_dir / source, target, manifest.data["files"][source]
+            )
         incoming = {
             "state": str(template.state),
             "mem": str(template.mem),
-            "mem_mode": "map",
             "ram_in_state": False,
             "chain": [[str(layer.disk), "qcow2"], [fields["image"], "raw"]],
             "disk_size": manifest.machine["disk_size"],

@@ -1,4 +1,6 @@
-"""A hostile guest agent: malformed frames, credit overruns, allocation bombs (issue 11, items 2 and 3).
+"""Attacks from a hostile guest agent and from hostile bundles (issue 11).
+
+Guest (items 2 and 3): malformed frames, credit overruns, allocation bombs.
 
 The guest runs untrusted code and may replace the agent, so every frame from
 it is bounded and validated before it costs host memory, and a bad one fails
@@ -6,11 +8,15 @@ only its call, or the channel, with a typed error.  The attacker here is the
 fake agent's ``raw`` method (fake_agent.py), in front of the SDK channel alone
 and in front of a real supervisor relay (its agent side and client side, as
 the supervisor process runs them, minus QEMU).
+
+Bundles (items 1 and 7): a disk header naming host files, a rewritten or
+unsigned manifest, files that do not match it.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,13 +24,18 @@ from types import SimpleNamespace
 
 import anyio
 import anyio.abc
+import cbor2
 import msgpack
 import pytest
+from conftest import machinen, qemu_processes
 from fake_agent import FakeAgent, fake_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from machinen_async import VM, AgentUnavailableError, ExecError, MachinenError
+from machinen_async import VM, AgentUnavailableError, ExecError, MachinenError, SnapshotError, restore
+from machinen_async.vmm import bundle as bundle_format
+from machinen_async.vmm import qcow2
+from machinen_async.vmm.assets import sha256_file
 from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
 from machinen_async.vsock import wire
 from machinen_async.vsock.mux import Channel
@@ -266,3 +277,160 @@ async def test_the_supervisor_drops_output_after_eof(tmp_path):
     async with relayed_vm(tmp_path) as (vm, agents):
         assert await _outcome(vm, {"frames": frames, "then_result": True}) is None
         assert len(agents) == 1 and (await vm.exec(["short", "after"])).stdout == b"after"
+
+
+# --- hostile bundles (items 1 and 7) ----------------------------------------------------------------------
+# A bundle is data from wherever it was copied from: its manifest can be rewritten by whoever wrote
+# the files, and its disk header can name other host files for QEMU to open with our rights.
+
+
+@pytest.fixture(scope="module")
+def shared_bundle(shared_vm, tmp_path_factory) -> Path:
+    """A real bundle of the shared VM; tests copy it before changing anything."""
+    path = tmp_path_factory.mktemp("bundles") / "shared.snap"
+    machinen("snapshot", shared_vm, str(path))
+    return path
+
+
+def _copy_bundle(source: Path, target: Path) -> Path:
+    subprocess.run(["cp", "-r", "--sparse=always", str(source), str(target)], check=True)
+    return target
+
+
+def _reseal(bundle_dir: Path) -> None:
+    """What an attacker holding a signed bundle cannot do, and what a user does with trust=True: a new
+    manifest (and, here, a valid MAC) for files that were swapped."""
+    manifest = cbor2.loads((bundle_dir / bundle_format.MANIFEST).read_bytes())
+    bundle_format.seal(bundle_dir, {k: v for k, v in manifest.items() if k not in ("format", "files")})
+
+
+def _qcow2(path: Path, *options: str) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *options, str(path), "1M"], check=True)
+    return path
+
+
+def _poke(path: Path, offset: int, data: bytes) -> Path:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return path
+
+
+def test_qcow2_headers_that_open_other_files_are_refused(tmp_path):
+    secret = tmp_path / "secret"
+    plain = _qcow2(tmp_path / "plain.qcow2")
+    stolen = _qcow2(tmp_path / "stolen.qcow2", "-o", f"data_file={secret},data_file_raw=on")
+    secret.write_bytes(b"host secret\n")  # a file that exists on the victim's host
+    backed = _qcow2(tmp_path / "backed.qcow2", "-u", "-F", "raw", "-b", str(secret))
+    # The attack is real: QEMU reads the file the header names as the guest's disk.
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(stolen), str(tmp_path / "leak")], check=True)
+    assert (tmp_path / "leak").read_bytes().startswith(b"host secret")
+
+    qcow2.check_image(plain)
+    qcow2.check_image(backed)  # backing names are never used: chain_blockdev spells the chain out
+    refused = {
+        "uses an external data file": stolen,
+        # The data-file name alone, with its feature bit cleared, still names a file.
+        "names an external data file": _poke(
+            _qcow2(tmp_path / "ext-only.qcow2", "-o", f"data_file={tmp_path / 'other'}"), 79, b"\0"
+        ),
+        "marked corrupt": _poke(_copy(plain, tmp_path / "corrupt.qcow2"), 79, b"\x02"),
+        "incompatible features 0x80": _poke(_copy(plain, tmp_path / "future.qcow2"), 79, b"\x80"),
+        "autoclear features 0x2": _poke(_copy(plain, tmp_path / "raw-data.qcow2"), 95, b"\x02"),
+        "encrypted": _poke(_copy(plain, tmp_path / "encrypted.qcow2"), 35, b"\x01"),
+        "qcow2 version 4": _poke(_copy(plain, tmp_path / "v4.qcow2"), 7, b"\x04"),
+        "not a qcow2 image": secret,
+        "unknown header extension 0x12345678": _poke(_copy(plain, tmp_path / "ext.qcow2"), 112, b"\x12\x34\x56\x78"),
+        "run past the first cluster": _poke(_copy(plain, tmp_path / "long.qcow2"), 116, b"\x00\x01\x00\x00"),
+    }
+    for why, path in refused.items():
+        with pytest.raises(SnapshotError, match=why) as error:
+            qcow2.check_image(path)
+        assert error.value.code == "SNAPSHOT_DISK_UNSAFE"
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+@pytest.mark.anyio
+async def test_a_bundle_disk_naming_a_host_file_is_refused_before_qemu(shared_bundle, tmp_path):
+    secret = tmp_path / "secret"
+    evil = _copy_bundle(shared_bundle, tmp_path / "evil.snap")
+    (evil / bundle_format.DISK).unlink()
+    _qcow2(evil / bundle_format.DISK, "-o", f"data_file={secret},data_file_raw=on")
+    _reseal(evil)  # even a bundle the user vouches for
+    before = len(qemu_processes())
+    for trust in (False, True):
+        with pytest.raises(SnapshotError) as refused:
+            async with restore(evil, trust=trust):
+                pass
+        assert refused.value.code == "SNAPSHOT_DISK_UNSAFE"
+    with pytest.raises(SnapshotError) as refused_siblings:
+        async with restore(evil, n=2):
+            pass
+    assert refused_siblings.value.code == "SNAPSHOT_DISK_UNSAFE"
+    assert len(qemu_processes()) == before
+    # The check also runs on the copy QEMU opens (a disk swapped after the first look).
+    with pytest.raises(SnapshotError) as copied:
+        bundle_format.copy_verified(
+            evil / bundle_format.DISK, tmp_path / "copy.qcow2",
+            cbor2.loads((evil / bundle_format.MANIFEST).read_bytes())["files"][bundle_format.DISK],
+        )  # fmt: skip
+    assert copied.value.code == "SNAPSHOT_DISK_UNSAFE" and not (tmp_path / "copy.qcow2").exists()
+
+
+@pytest.mark.anyio
+async def test_a_bundle_this_user_did_not_sign_needs_trust(shared_bundle, tmp_path, anyio_backend):
+    before = len(qemu_processes())
+    rewritten = _copy_bundle(shared_bundle, tmp_path / "rewritten.snap")
+    manifest = cbor2.loads((rewritten / bundle_format.MANIFEST).read_bytes())
+    (rewritten / bundle_format.MANIFEST).write_bytes(cbor2.dumps({**manifest, "source": "me"}, canonical=True))
+    unsigned = _copy_bundle(shared_bundle, tmp_path / "unsigned.snap")
+    (unsigned / bundle_format.MAC).unlink()
+    for untrusted in (rewritten, unsigned):
+        for launch in (restore(untrusted), restore(untrusted, n=2)):
+            with pytest.raises(SnapshotError) as refused:
+                async with launch:
+                    pass
+            assert refused.value.code == "SNAPSHOT_UNTRUSTED"
+    assert len(qemu_processes()) == before
+    refused_cli = machinen("restore", str(unsigned), check=False)
+    assert refused_cli.returncode != 0 and b"SNAPSHOT_UNTRUSTED" in refused_cli.stderr
+    # Vouched for explicitly, it is an ordinary bundle (hashes still checked as it is copied).
+    async with restore(unsigned, name=f"trusted-{anyio_backend}", trust=True) as vm:
+        assert (await vm.exec(["echo", "ok"])).stdout == b"ok\n"
+
+
+def test_restore_reads_each_bundle_file_once_into_a_checked_private_copy(tmp_path):
+    source = tmp_path / "mem"
+    with open(source, "wb") as f:  # sparse: 64 MiB with two islands of data
+        f.write(b"head")
+        f.seek(40 << 20)
+        f.write(b"island")
+        f.truncate(64 << 20)
+    expected = {"sha256": sha256_file(source), "size": source.stat().st_size}
+    bundle_format.copy_verified(source, tmp_path / "copy", expected)
+    copy = tmp_path / "copy"
+    assert copy.read_bytes() == source.read_bytes()
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert copy.stat().st_blocks * 512 < 1 << 20  # holes stayed holes
+    for wrong in ({**expected, "sha256": "0" * 64}, {**expected, "size": 1}):
+        with pytest.raises(SnapshotError) as mismatch:
+            bundle_format.copy_verified(source, tmp_path / "wrong", wrong)
+        assert mismatch.value.code == "SNAPSHOT_CORRUPT" and not (tmp_path / "wrong").exists()
+
+
+def test_the_bundle_key_must_be_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("MACHINEN_HOME", str(tmp_path / "home"))
+    bundle_dir = tmp_path / "b"
+    bundle_dir.mkdir()
+    bundle_format.sign(bundle_dir, b"manifest")
+    key = tmp_path / "home" / "keys" / "bundle"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    assert bundle_format.is_signed(bundle_dir, b"manifest") and not bundle_format.is_signed(bundle_dir, b"other")
+    key.chmod(0o644)
+    with pytest.raises(MachinenError) as exposed:
+        bundle_format.is_signed(bundle_dir, b"manifest")
+    assert exposed.value.code == "PATH_NOT_PRIVATE"

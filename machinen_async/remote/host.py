@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
@@ -443,16 +444,21 @@ class SSHHost(Host):
         if problems:
             raise HostError(f"{self.name} cannot run this VM: " + "; ".join(problems), code="HOST_INCOMPATIBLE")
 
-    async def push(self, bundle_dir: str | os.PathLike, *, progress: Progress | None = None) -> TransferReport:
+    async def push(
+        self, bundle_dir: str | os.PathLike, *, progress: Progress | None = None, trust: bool = False
+    ) -> TransferReport:
         """Copy a snapshot bundle to this host, sending only the chunks it lacks.
 
         The kernel, initrd and image go along if the host lacks them.  Chunks
         that arrived stay there, so a push cut by a dropped connection resumes
         where it stopped when called again.  Everything is verified by sha256
-        on arrival.  ``progress`` is called from a worker thread.
+        on arrival, and the host then vouches for the bundle under its own key
+        (so it restores without ``trust``): a bundle this user's machinen did
+        not write is therefore pushed only with ``trust=True``.  ``progress`` is
+        called from a worker thread.
         """
         path = Path(bundle_dir).expanduser().resolve()
-        manifest = await anyio.to_thread.run_sync(bundle.verify, path)
+        manifest = await anyio.to_thread.run_sync(functools.partial(bundle.verify, path, trust=trust))
         await self.check_compatible(manifest.data)
         link = await self._ready_link()
         return await self._in_loop(link.push, path, progress or (lambda message: None))

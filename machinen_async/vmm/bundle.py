@@ -5,26 +5,44 @@
     <bundle>/disk.qcow2     every disk change above the base image, flattened
     <bundle>/manifest.cbor  canonical CBOR: format, QEMU version, machine, accelerator,
                             kernel/initrd/image identities, sha256 and size of every file
+    <bundle>/manifest.mac   HMAC-SHA256 of the manifest under this user's bundle key
 
 The file names are fixed here: nothing read from a manifest is ever used as a
-path.  Directories are 0700 and files 0600.  ``verify`` checks every hash
-before anything is started from a bundle.
+path.  Directories are 0700 and files 0600.
+
+The hashes detect corruption, not tampering: whoever can write a bundle can
+rewrite its manifest.  The MAC says "machinen, as this user, wrote this" (or
+received it over an authenticated push and checked it); a bundle without a
+valid one is restored only with an explicit ``trust``, because its device
+state is parsed by QEMU's migration loader, which is not hardened against
+hostile input.  A restore reads each file once, copying it into a private
+place while hashing exactly the bytes it writes, so what QEMU opens is what
+was checked, whatever happens to the bundle directory meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import hmac
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cbor2
 
-from ..errors import BootError, SnapshotError
+from .. import paths
+from ..errors import BootError, MachinenError, SnapshotError
+from . import qcow2
 from .assets import is_hex_digest, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.cbor"
+MAC = "manifest.mac"
+MAC_CONTEXT = b"machinen bundle manifest v1\0"
+COPY_BLOCK = 1 << 20
 STATE, MEM, DISK = "state", "mem", "disk.qcow2"
 DATA_FILES = (STATE, MEM, DISK)
 
@@ -51,11 +69,71 @@ def seal(bundle: Path, fields: dict[str, Any]) -> Manifest:
             path.chmod(0o600)
             files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     data = {"format": FORMAT_VERSION, **fields, "files": files}
+    raw = cbor2.dumps(data, canonical=True)
+    sign(bundle, raw)
     partial = bundle / f".{MANIFEST}.partial"
-    partial.write_bytes(cbor2.dumps(data, canonical=True))
+    partial.write_bytes(raw)
     partial.chmod(0o600)
     partial.rename(bundle / MANIFEST)
     return Manifest(data)
+
+
+def _signing_key() -> bytes:
+    """This user's bundle key (32 random bytes, 0600), created on first use."""
+    keys = paths.private_dir(paths.home() / "keys")
+    path = keys / "bundle"
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    partial = keys / f".bundle.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(partial, path)  # atomic and never replaces: a racing creator's key wins, whole
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink()
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise MachinenError(f"{path} must be a 0600 file of this user's", code="PATH_NOT_PRIVATE")
+        key = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(key) != 32:
+        raise MachinenError(f"{path} is not a bundle key (remove it to make a new one)", code="PATH_NOT_PRIVATE")
+    return key
+
+
+def _mac(raw_manifest: bytes) -> str:
+    return hmac.new(_signing_key(), MAC_CONTEXT + raw_manifest, hashlib.sha256).hexdigest()
+
+
+def sign(bundle: Path, raw_manifest: bytes) -> None:
+    """Vouch for a manifest (written here, or received and verified) under this user's key."""
+    partial = bundle / f".{MAC}.partial"
+    partial.write_text(_mac(raw_manifest))
+    partial.chmod(0o600)
+    partial.rename(bundle / MAC)
+
+
+def is_signed(bundle: Path, raw_manifest: bytes) -> bool:
+    try:
+        recorded = (bundle / MAC).read_text()[:64]
+    except (FileNotFoundError, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(recorded, _mac(raw_manifest))
 
 
 def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
@@ -89,18 +167,89 @@ def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
     return data
 
 
-def verify(bundle: Path) -> Manifest:
-    """Read and check a bundle; raises typed errors, starts nothing."""
+def inspect(bundle: Path, *, trust: bool = False) -> Manifest:
+    """Everything about a bundle that is cheap to check: its manifest (and, unless
+    ``trust``, that this user's key signed it), its files' presence and sizes and
+    its disk's header.  The contents are hashed by ``copy_verified`` as they are used."""
     if not (bundle / MANIFEST).is_file():
         raise BootError(f"no snapshot bundle at {bundle}", code="BOOT_SNAPSHOT_NOT_FOUND")
-    data = parse_manifest((bundle / MANIFEST).read_bytes(), bundle)
+    raw = (bundle / MANIFEST).read_bytes()
+    data = parse_manifest(raw, bundle)
+    if not trust and not is_signed(bundle, raw):
+        raise SnapshotError(
+            f"{bundle} was not written by machinen as this user (nor received by `machinen push`), or was "
+            "modified since: restoring it lets its author feed QEMU device state; pass trust=True "
+            "(--trust) only for a bundle from a source you trust",
+            code="SNAPSHOT_UNTRUSTED",
+        )
     for name, expected in data["files"].items():
         path = bundle / name
         if path.is_symlink() or not path.is_file():
             raise SnapshotError(f"{name} is missing from {bundle}", code="SNAPSHOT_CORRUPT")
-        if path.stat().st_size != expected.get("size") or sha256_file(path) != expected.get("sha256"):
-            raise SnapshotError(f"{name} in {bundle} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
+        if path.stat().st_size != expected.get("size"):
+            raise SnapshotError(f"{name} in {bundle} does not match its manifest size", code="SNAPSHOT_CORRUPT")
+    qcow2.check_image(bundle / DISK)
     return Manifest(data)
+
+
+def verify(bundle: Path, *, trust: bool = False) -> Manifest:
+    """``inspect`` and hash every file: for bundles checked without being used (push, receive)."""
+    manifest = inspect(bundle, trust=trust)
+    for name, expected in manifest.data["files"].items():
+        if sha256_file(bundle / name) != expected.get("sha256"):
+            raise SnapshotError(f"{name} in {bundle} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
+    return manifest
+
+
+def copy_verified(source: Path, target: Path, expected: dict[str, Any]) -> None:
+    """Copy a bundle file to ``target`` (new, 0600), holes as holes, checking the size
+    and sha256 of exactly the bytes written; a disk's header is checked on the copy.
+
+    On a mismatch ``target`` is removed and SNAPSHOT_CORRUPT raised."""
+    digest = hashlib.sha256()
+    zeros = bytes(COPY_BLOCK)
+    try:
+        with open(source, "rb") as src, open(target, "xb", opener=_private_opener) as dst:
+            size = os.fstat(src.fileno()).st_size
+            if size != expected.get("size"):
+                raise SnapshotError(f"{source.name} does not match its manifest size", code="SNAPSHOT_CORRUPT")
+            offset = 0
+            while offset < size:
+                data_at = _next_data(src.fileno(), offset, size)
+                while offset < data_at:  # a hole: zeros to hash, nothing to write
+                    step = min(COPY_BLOCK, data_at - offset)
+                    digest.update(zeros[:step])
+                    offset += step
+                hole_at = min(os.lseek(src.fileno(), offset, os.SEEK_HOLE), size) if offset < size else size
+                while offset < hole_at:
+                    block = os.pread(src.fileno(), min(COPY_BLOCK, hole_at - offset), offset)
+                    if not block:
+                        raise SnapshotError(f"{source.name} shrank while it was read", code="SNAPSHOT_CORRUPT")
+                    digest.update(block)
+                    if block != zeros[: len(block)]:
+                        os.pwrite(dst.fileno(), block, offset)
+                    offset += len(block)
+            dst.truncate(size)
+        if digest.hexdigest() != expected.get("sha256"):
+            raise SnapshotError(f"{source.name} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
+        if source.name == DISK:
+            qcow2.check_image(target)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _next_data(fd: int, offset: int, size: int) -> int:
+    try:
+        return min(os.lseek(fd, offset, os.SEEK_DATA), size)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # only a hole from here on
+            return size
+        raise
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def create_dir(bundle: Path) -> Path:
@@ -119,7 +268,7 @@ def create_dir(bundle: Path) -> Path:
 
 def remove_partial(bundle: Path) -> None:
     """Undo a failed snapshot: only the files we write, then the directory if empty."""
-    for name in (*DATA_FILES, MANIFEST, f".{MANIFEST}.partial"):
+    for name in (*DATA_FILES, MANIFEST, f".{MANIFEST}.partial", MAC, f".{MAC}.partial"):
         (bundle / name).unlink(missing_ok=True)
     try:
         os.rmdir(bundle)

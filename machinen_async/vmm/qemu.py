@@ -151,13 +151,13 @@ def command_line(
     ram_shared: bool,
     incoming: bool,
     disk_chain: list[list[str]],
-    console_log: Path,
     agent_socket: Path,
     qmp_socket: Path,
 ) -> list[str]:
     """The QEMU argv.  ``ram_shared``: a booted VM's own RAM file, mappable by
     other processes (fork); otherwise a template mapped copy-on-write.
-    ``incoming``: wait for device state over QMP instead of booting."""
+    ``incoming``: wait for device state over QMP instead of booting.  The serial
+    console is QEMU's stdout (the supervisor copies it into a capped log)."""
     accel = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if machine.accel == "tcg" else "kvm"
     share = "on" if ram_shared else "off"
     return [
@@ -172,7 +172,7 @@ def command_line(
         "-kernel", str(machine.kernel),
         "-initrd", str(machine.initrd),
         "-append", machine.kernel_cmdline(),
-        "-serial", f"file:{console_log}",
+        "-serial", "stdio",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",

@@ -40,7 +40,7 @@ from .. import paths, registry
 from ..errors import BootError, BootTimeoutError, MachinenError, SnapshotError, error_from_code, plain_errors
 from ..vsock import wire
 from ..vsock.framed import FrameStream
-from . import bundle, qemu, storage
+from . import bundle, capped_log, qemu, storage
 from .assets import immutable_file_digest
 
 log = structlog.get_logger("machinen.supervisor")
@@ -80,7 +80,8 @@ class SupervisorConfig:
     # The long-running command: {"cmd", "env", "cwd"}; None runs the image's default cmd, if any.
     workload: dict[str, Any] | None = None
     # Start from saved state instead of booting (fork sibling or restore):
-    # {state, mem, mem_mode: "map"|"copy", ram_in_state, chain, disk_size, holds, import_disk?, source}
+    # a fork template: {state, mem, ram_in_state, chain, disk_size, holds, source};
+    # a bundle: {bundle, files (the manifest's, to check the copies against), ram_in_state, chain, ...}
     incoming: dict[str, Any] | None = None
 
     def to_json(self) -> str:
@@ -177,6 +178,7 @@ class Supervisor:
         self.disk_node = "disk0"
         self.ram_file: Path | None = None
         self.ram_shared = True
+        self.state_file: Path | None = None  # device state to load (restore, fork sibling)
         self.task_group: anyio.abc.TaskGroup | None = None
         self.paused_for: ClientConnection | None = None  # the client whose handoff holds the VM paused
 
@@ -629,11 +631,11 @@ class Supervisor:
                 ram_shared=True,
                 incoming=True,
                 disk_chain=[[str(scratch.disk), "qcow2"], *chain],
-                console_log=Path(os.devnull),
                 agent_socket=scratch.path / "agent.sock",
                 qmp_socket=scratch.path / "qmp.sock",
             )
-            process = await _spawn_qemu([*argv, "-S"], subprocess.DEVNULL)  # -S: never run the guest
+            # -S: never run the guest (so it prints nothing)
+            process = await _spawn_qemu([*argv, "-S"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await _connect_qmp(qmp, scratch.path / "qmp.sock")
             await _migrate(qmp, "migrate-incoming", {"uri": _exec_uri(f"cat {full_state}")}, ignore_shared=False)
             await _migrate(qmp, "migrate", {"uri": _exec_uri(f"cat > {template.state}")}, ignore_shared=True)
@@ -748,22 +750,27 @@ class Supervisor:
             except FileNotFoundError:
                 raise BootError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
             self.chain, self.disk_size = incoming["chain"], incoming["disk_size"]
-            if incoming.get("import_disk"):  # a bundle's disk: copied, so the bundle stays untouched
-                imported, ref = storage.new_layer()
-                self.layer_refs.append(ref)
-                await check_call(["cp", "--sparse=always", incoming["import_disk"], str(imported.disk)],
-                                  what="import the bundle's disk")  # fmt: skip
-                self.chain = [[str(imported.disk), "qcow2"], *self.chain]
+        self.ram_file, self.ram_shared = ram_dir / "mem", True
+        if incoming is not None and incoming.get("bundle"):
+            # Restored from a bundle: each file is copied (so the bundle stays untouched) and
+            # hashed as it is copied; QEMU opens only the copies.
+            source, expected = Path(incoming["bundle"]), incoming["files"]
+            imported, ref = storage.new_layer()
+            self.layer_refs.append(ref)
+            copies = [(bundle.DISK, imported.disk), (bundle.STATE, ram_dir / bundle.STATE)]
+            if bundle.MEM in expected:
+                copies.append((bundle.MEM, self.ram_file))
+            for name, target in copies:
+                await anyio.to_thread.run_sync(bundle.copy_verified, source / name, target, expected[name])
+            self.chain = [[str(imported.disk), "qcow2"], *self.chain]
+            self.state_file = ram_dir / bundle.STATE
+        elif incoming is not None:  # a fork sibling: the template's RAM, mapped copy-on-write
+            self.state_file = Path(incoming["state"])
+            self.ram_file, self.ram_shared = Path(incoming["mem"]), False
         layer, ref = storage.new_layer()
         self.layer_refs.append(ref)
         await _create_overlay(layer.disk, self.chain[0], self.disk_size)
         self.chain = [[str(layer.disk), "qcow2"], *self.chain]
-        if incoming is not None and incoming.get("mem_mode") == "map" and incoming.get("mem"):
-            self.ram_file, self.ram_shared = Path(incoming["mem"]), False
-        else:
-            self.ram_file, self.ram_shared = ram_dir / "mem", True
-            if incoming is not None and incoming.get("mem"):
-                await check_call(["cp", "--sparse=always", incoming["mem"], str(self.ram_file)], what="load RAM")
 
     async def _bring_up(self, entry: registry.VmDir) -> None:
         """Until the agent answers: boot, or load saved state and resume."""
@@ -777,9 +784,11 @@ class Supervisor:
             state_loaded = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(functools.partial(self.connect_agent, resume=state_loaded))
-                uri = _exec_uri(f"cat {shlex.quote(incoming['state'])}")
+                uri = _exec_uri(f"cat {shlex.quote(str(self.state_file))}")
                 await _migrate(self.qmp, "migrate-incoming", {"uri": uri}, ignore_shared=not incoming["ram_in_state"])
                 state_loaded.set()
+                if incoming.get("bundle"):
+                    self.state_file.unlink()  # our checked copy, loaded (a template's stays for its siblings)
                 if (await self.qmp.execute("query-status"))["status"] != "running":
                     await self.qmp.execute("cont")
         if incoming is None:
@@ -801,13 +810,27 @@ class Supervisor:
             ram_shared=self.ram_shared,
             incoming=config.incoming is not None,
             disk_chain=self.chain,
-            console_log=entry.console_log,
             agent_socket=entry.agent_socket,
             qmp_socket=entry.qmp_socket,
         )
-        with open(entry.qemu_log, "wb") as qemu_log:
-            process = await _spawn_qemu(argv, qemu_log)
+        process = await _spawn_qemu(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         log.info("qemu started", pid=process.pid, accel=config.accel, memory_mib=config.memory_mib)
+        # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs for as
+        # long as QEMU runs: a pipe nobody reads would block QEMU, even while it is asked to quit.
+        async with anyio.create_task_group() as log_copies:
+            logs_copied = [anyio.Event(), anyio.Event()]
+            for stream, path, limit, copied in zip(
+                (process.stdout, process.stderr), (entry.console_log, entry.qemu_log),
+                (capped_log.CONSOLE_LOG_LIMIT, capped_log.QEMU_LOG_LIMIT), logs_copied, strict=True,
+            ):  # fmt: skip
+                log_copies.start_soon(_copy_log, stream, path, limit, copied)
+            await self._supervise(process, logs_copied, started, report_ready)
+
+    async def _supervise(
+        self, process: anyio.abc.Process, logs_copied: list[anyio.Event], started: float, report_ready
+    ) -> None:
+        """From QEMU's start until the VM stops (or fails to come up)."""
+        config, entry = self.config, self.entry
         try:
             async with anyio.create_task_group() as tg:
                 self.task_group = tg
@@ -815,6 +838,9 @@ class Supervisor:
 
                 async def watch_qemu() -> None:
                     await process.wait()
+                    with anyio.move_on_after(1):  # its last words, for the error below
+                        for copied in logs_copied:
+                            await copied.wait()
                     qemu_exited.set()
                     tg.cancel_scope.cancel()
 
@@ -877,11 +903,16 @@ async def check_call(argv: list[str], *, what: str) -> None:
         raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
 
 
-async def _spawn_qemu(argv: list[str], output) -> anyio.abc.Process:
+async def _spawn_qemu(argv: list[str], *, stdout: int, stderr: int) -> anyio.abc.Process:
     # setpriv --pdeathsig: QEMU dies with its supervisor, even on SIGKILL.
     return await anyio.open_process(
-        ["setpriv", "--pdeathsig", "KILL", "--", *argv], stdin=subprocess.DEVNULL, stdout=output, stderr=output
+        ["setpriv", "--pdeathsig", "KILL", "--", *argv], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
     )
+
+
+async def _copy_log(stream: anyio.abc.ByteReceiveStream, path: Path, limit: int, copied: anyio.Event) -> None:
+    await capped_log.copy_into(stream, path, limit)
+    copied.set()
 
 
 async def _create_overlay(path: Path, backing: list[str], size: int) -> None:

@@ -1,0 +1,54 @@
+"""Log files fed by what a guest controls (its serial console, QEMU's warnings about it), bounded on disk.
+
+A guest can print to its console forever; ``-serial file:`` would grow the
+file until the disk is full.  Instead QEMU writes to a pipe and the supervisor
+copies it here: when the file reaches ``limit`` bytes it becomes ``<name>.1``
+(replacing the previous one) and a new file starts, so at most twice
+``limit`` is ever kept and the newest output is always there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio.abc
+
+CONSOLE_LOG_LIMIT = 1 << 20
+QEMU_LOG_LIMIT = 256 << 10
+
+
+class CappedLog:
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path, self.limit = path, limit
+        self.previous = path.with_name(path.name + ".1")
+        self.fd = self._open()
+        self.size = 0
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+
+    def write(self, data: bytes) -> None:
+        while data:
+            room = self.limit - self.size
+            if room <= 0:
+                os.close(self.fd)
+                os.replace(self.path, self.previous)
+                self.fd, self.size = self._open(), 0
+                room = self.limit
+            written = os.write(self.fd, data[:room])
+            self.size += written
+            data = data[written:]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def copy_into(stream: anyio.abc.ByteReceiveStream, path: Path, limit: int) -> None:
+    """Copy ``stream`` into a capped log at ``path`` until it ends."""
+    log = CappedLog(path, limit)
+    try:
+        async for chunk in stream:
+            log.write(chunk)
+    finally:
+        log.close()
