@@ -16,12 +16,15 @@ from pathlib import Path
 
 import anyio
 
-from .errors import ExecError, MachinenError
+from .errors import ExecError, MachinenError, plain_errors
 from .guest_agent.agent import IMAGE_CONFIG
 from .vm import VM, Command, _argv, boot
 from .vmm import assets
 
 DEFAULT_TIMEOUT_S = 600.0
+# The export is a stream the guest writes: without a bound, a guest could fill the host's disk.
+DEFAULT_MAX_SIZE = 16 << 30
+ERROR_TAIL_BYTES = 64 << 10
 # Mount points stay (as empty directories); their contents and the agent (re-added per image) do not.
 EXPORT_EXCLUDES = ("./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", "./usr/lib/machinen")
 
@@ -40,6 +43,7 @@ async def provision(
     base: str | os.PathLike | None = None,
     memory_mib: int = 512,
     timeout: float = DEFAULT_TIMEOUT_S,
+    max_size: int = DEFAULT_MAX_SIZE,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a rootfs tarball (``.tar`` or gzip ``.tar.gz``/``.tgz``) to ``out``.
@@ -47,7 +51,9 @@ async def provision(
     ``install(vm)`` runs in a VM booted from ``base`` (default: the Debian
     base image) with outbound network, so ``apt-get install``/``pip install``
     work.  If it fails, PROVISION_INSTALL_HOOK_FAILED carries the failing
-    command's output and no tarball is written.
+    command's output and no tarball is written.  A root filesystem whose
+    (uncompressed) tar stream exceeds ``max_size`` bytes (default 16 GiB)
+    fails with PROVISION_TOO_LARGE, also without a tarball.
     """
     target = Path(out).expanduser().resolve()
     if not target.parent.is_dir():
@@ -63,7 +69,7 @@ async def provision(
             await vm.write_file(IMAGE_CONFIG, json.dumps(config).encode(), parents=True)
             await vm.exec(["sh", "-c", "apt-get clean 2>/dev/null; sync"], check=True, timeout=timeout)
             report(f"saving the root filesystem to {target.name}")
-            await _export_rootfs(vm, partial, timeout)
+            await _export_rootfs(vm, partial, timeout, max_size)
         partial.rename(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -112,7 +118,7 @@ async def _run_install(install: Callable[[VM], Awaitable[object]], vm: VM, timeo
         raise ProvisionError(f"the install hook raised {exc!r}", code="PROVISION_INSTALL_HOOK_FAILED") from exc
 
 
-async def _export_rootfs(vm: VM, partial: Path, timeout: float) -> None:
+async def _export_rootfs(vm: VM, partial: Path, timeout: float, max_size: int) -> None:
     argv = ["tar", "-C", "/", "-c", "-f", "-", "--one-file-system", "--numeric-owner"]
     argv += [f"--exclude={pattern}" for pattern in EXPORT_EXCLUDES] + ["."]
     opener = gzip.open if partial.name.endswith((".tar.gz.partial", ".tgz.partial")) else open
@@ -124,11 +130,20 @@ async def _export_rootfs(vm: VM, partial: Path, timeout: float) -> None:
             async def collect_errors() -> None:
                 async for chunk in tar.stderr:
                     errors.extend(chunk)
+                    del errors[:-ERROR_TAIL_BYTES]
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(collect_errors)
-                async for chunk in tar.stdout:
-                    await anyio.to_thread.run_sync(out.write, chunk)
+            size = 0
+            with plain_errors():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(collect_errors)
+                    async for chunk in tar.stdout:
+                        size += len(chunk)
+                        if size > max_size:
+                            raise ProvisionError(
+                                f"the root filesystem is larger than max_size ({max_size} bytes)",
+                                code="PROVISION_TOO_LARGE",
+                            )
+                        await anyio.to_thread.run_sync(out.write, chunk)
             code = await tar.wait()
     if code not in (0, 1):  # 1: a file changed while being read, harmless here
         raise ProvisionError(

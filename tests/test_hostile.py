@@ -27,14 +27,16 @@ import anyio.abc
 import cbor2
 import msgpack
 import pytest
+import structlog.testing
 from conftest import machinen, qemu_processes
 from fake_agent import FakeAgent, fake_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from machinen_async import VM, AgentUnavailableError, ExecError, MachinenError, SnapshotError, restore
+from machinen_async import VM, AgentUnavailableError, ExecError, MachinenError, SnapshotError, boot, registry, restore
 from machinen_async.vmm import bundle as bundle_format
-from machinen_async.vmm import qcow2
+from machinen_async.vmm import capped_log, qcow2
+from machinen_async.vmm import supervisor as supervisor_module
 from machinen_async.vmm.assets import sha256_file
 from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
 from machinen_async.vsock import wire
@@ -434,3 +436,37 @@ def test_the_bundle_key_must_be_private(tmp_path, monkeypatch):
     with pytest.raises(MachinenError) as exposed:
         bundle_format.is_signed(bundle_dir, b"manifest")
     assert exposed.value.code == "PATH_NOT_PRIVATE"
+
+
+# --- disk filling (item 8) ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_guest_flooding_its_console_fills_at_most_two_capped_logs(anyio_backend):
+    name = f"flood-{anyio_backend}"
+    async with boot(name=name, network=False) as vm:
+        entry = registry.vm_dir(name)
+        # 2.5 MiB through the emulated UART (the guest's kernel console), then a marker.
+        await vm.exec(["sh", "-c", "head -c 2621440 /dev/zero | tr '\\0' x > /dev/ttyS0; echo END-OF-FLOOD > /dev/ttyS0"],
+                      check=True, timeout=120)  # fmt: skip
+        with anyio.fail_after(HANG_S):
+            while b"END-OF-FLOOD" not in entry.console_log.read_bytes():
+                await anyio.sleep(0.1)
+        sizes = [entry.console_log.stat().st_size, (entry.path / "console.log.1").stat().st_size]
+        assert max(sizes) <= capped_log.CONSOLE_LOG_LIMIT and sum(sizes) > 0
+        assert (await vm.exec(["echo", "still here"])).stdout == b"still here\n"
+
+
+@pytest.mark.anyio
+async def test_a_guest_resetting_its_channel_in_a_loop_is_slowed_and_not_logged_each_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "RESET_BACKOFF_S", 0.05)
+    resets = supervisor_module.RESETS_PER_WINDOW + 4
+    async with relayed_vm(tmp_path) as (vm, agents):
+        with structlog.testing.capture_logs() as logs:
+            for attempt in range(resets):
+                assert isinstance(await _outcome(vm, {"bytes": [b"\0" * 100]}), AgentUnavailableError)
+                await _exec_when_reconnected(vm, f"after-{attempt}")
+        assert len(agents) == resets + 1
+    events = [entry["event"] for entry in logs]
+    assert events.count("agent channel reset") == supervisor_module.RESETS_PER_WINDOW
+    assert sum("keeps resetting" in event for event in events) == 1

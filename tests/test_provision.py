@@ -90,3 +90,10 @@ def test_quickstart_example():
     forked = next(line for line in lines if line.startswith("4. forked"))
     n = second + 2
     assert forked == f"4. forked: counter -> {n}, counter-b -> {n}, counter-b -> {n + 1}, counter -> {n + 1}"
+
+
+async def test_an_export_larger_than_max_size_writes_no_tarball(tmp_path):
+    with pytest.raises(ProvisionError) as too_large:
+        await provision(out=tmp_path / "big.tar", max_size=1 << 20)
+    assert too_large.value.code == "PROVISION_TOO_LARGE"
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ loop its clients use.  Startup result is one JSON line on stdout:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -52,6 +53,9 @@ TEMPLATE_HANDOVER_S = 120.0
 MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes/s: effectively unlimited, to a local file
 MIGRATION_DOWNTIME_MS = 50
 AGENT_RECONNECT_TIMEOUT_S = 10.0
+# A guest that breaks its channel over and over costs at most this many log lines and
+# reconnects per window; beyond them each reconnect waits RESET_BACKOFF_S, logged once a window.
+RESETS_PER_WINDOW, RESET_WINDOW_S, RESET_BACKOFF_S = 5, 60.0, 1.0
 _CHANNEL_DOWN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 QEMU_QUIT_GRACE_S = 2.0
 CONSOLE_TAIL_BYTES = 3000
@@ -270,15 +274,25 @@ class Supervisor:
         Calls in flight fail with EXEC_AGENT_UNAVAILABLE (retryable); their
         guest processes keep running, orphaned, as after a restore.
         """
+        resets: collections.deque[float] = collections.deque()
         while True:
             try:
                 frame = await self.agent.receive()
             except (*_CHANNEL_DOWN, anyio.EndOfStream, wire.ProtocolError) as exc:
-                log.warning("agent channel reset", error=repr(exc))
+                now = time.monotonic()
+                while resets and resets[0] < now - RESET_WINDOW_S:
+                    resets.popleft()
+                resets.append(now)
+                if len(resets) <= RESETS_PER_WINDOW:
+                    log.warning("agent channel reset", error=repr(exc))
+                elif len(resets) == RESETS_PER_WINDOW + 1:
+                    log.warning("agent channel keeps resetting: reconnects slowed, not logged", window_s=RESET_WINDOW_S)
                 self.agent_up = False
                 self.fail_all_calls("the guest agent channel was reset")
                 with contextlib.suppress(*_CHANNEL_DOWN):
                     await self.agent.aclose()
+                if len(resets) > RESETS_PER_WINDOW:
+                    await anyio.sleep(RESET_BACKOFF_S)
                 try:
                     with anyio.fail_after(AGENT_RECONNECT_TIMEOUT_S):
                         await self.connect_agent()
