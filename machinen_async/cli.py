@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -49,7 +50,7 @@ def _run(main: Callable[[], Awaitable[int | None]]) -> None:
                     with plain_errors():
                         outcome.append(await main() or 0)
                 except MachinenError as exc:
-                    click.echo(f"error [{exc.code}]: {exc.message}", err=True)
+                    click.echo(f"error [{exc.code}]: {terminal_safe(exc.message)}", err=True)
                     outcome.append(1)
                 tg.cancel_scope.cancel()
 
@@ -58,6 +59,16 @@ def _run(main: Callable[[], Awaitable[int | None]]) -> None:
         return outcome[0] if outcome else 1
 
     sys.exit(anyio.run(wrapper))
+
+
+# C0 and C1 control characters but newline and tab: a guest's text (its console, its stderr in an
+# error message) must not drive the terminal (move the cursor, retitle the window, paste...).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\x1b``) instead of acted on."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _progress(message: str) -> None:
@@ -486,11 +497,11 @@ def stop_command(name: str, force: bool, as_json: bool) -> None:
     async def run() -> None:
         host, vm_name = _split_address(name)
         if host is None:
-            await stop_vm(vm_name, force=force)
+            outcome = await stop_vm(vm_name, force=force)
         else:
             async with host:
-                await host.stop(vm_name, force=force)
-        click.echo(json.dumps({"name": name, "stopped": True}) if as_json else f"{name} stopped")
+                outcome = await host.stop(vm_name, force=force)
+        click.echo(json.dumps({"name": name, "stopped": True, "how": outcome}) if as_json else f"{name} {outcome}")
 
     _run(run)
 
@@ -512,7 +523,8 @@ def logs(name: str, lines: int, workload: bool) -> None:
                     text = ""
         else:
             text = entry.console_log.read_text(errors="replace") if entry.console_log.exists() else ""
-        click.echo("\n".join(text.splitlines()[-lines:]))
+        tail = "\n".join(text.splitlines()[-lines:])
+        click.echo(terminal_safe(tail) if sys.stdout.isatty() else tail)
 
     _run(run)
 

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -225,6 +226,45 @@ def collect_stale(*, dry_run: bool = False) -> list[Path]:
         if not dry_run:
             shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def name_holder(entry: VmDir) -> int | None:
+    """The pid of the process holding ``entry``'s name (its supervisor), from /proc/locks.
+
+    A pid in ``meta.json`` may have been reused since it was written; the
+    kernel's lock table names the process that holds the lock now."""
+    try:
+        info = os.stat(entry.lock)
+        with open("/proc/locks") as table:
+            lines = table.readlines()
+    except OSError:
+        return None
+    file_id = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in lines:
+        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == file_id:
+            return int(fields[4])
+    return None
+
+
+def kill_holder(entry: VmDir) -> bool:
+    """SIGKILL the process holding ``entry``'s name (QEMU dies with it: pdeathsig); False if none did."""
+    pid = name_holder(entry)
+    if pid is None:
+        return False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if name_holder(entry) != pid:  # exited between the two looks: the fd may name another process
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
 
 
 async def wait_until_gone(entry: VmDir, timeout: float) -> bool:

@@ -39,7 +39,7 @@ from .errors import (
 )
 from .ports import PortSpec, parse_port_forwards
 from .vmm import assets, bundle, qemu, storage
-from .vmm.supervisor import DETACH, SupervisorConfig, check_call
+from .vmm.supervisor import DETACH, SupervisorConfig
 from .vsock import wire
 from .vsock.mux import Call, Channel
 
@@ -52,6 +52,7 @@ MIN_MEMORY_MIB = 64
 # Host-side backstop beyond the agent's own timeout, for a guest that froze.
 AGENT_TIMEOUT_SLACK_S = 10.0
 SUPERVISOR_STOP_GRACE_S = 10.0
+SUPERVISOR_KILL_GRACE_S = 10.0
 # Fork back-pressure estimate per sibling: QEMU's own memory (TCG translation
 # cache capped at 64 MiB, heap) plus the share of guest RAM a busy sibling
 # typically dirties; refuse when that exceeds this share of MemAvailable.
@@ -405,22 +406,24 @@ class VM:
         """
         return await self._channel.call("vm.reset_agent_channel")
 
-    async def stop(self) -> None:
-        """Stop the VM (QEMU, supervisor, files) and wait until it is gone."""
+    async def stop(self) -> str:
+        """Stop the VM (QEMU, supervisor, files) and wait until it is gone.
+
+        Returns "stopped", or "killed" if its supervisor did not finish a clean
+        stop in time and was SIGKILLed; STOP_FAILED if even that failed."""
         if self._owner is not None:
             await self.aclose()
-            return
+            return "stopped"
         if self.host is not None:
             await self._channel.aclose()
-            await self.host.stop(self.name)
-            return
-        entry = registry.vm_dir(self.name)
+            return await self.host.stop(self.name)
         try:
-            await self._channel.call("vm.stop")
-        except MachinenError:
-            pass  # it may already be on its way down
+            with anyio.fail_after(SUPERVISOR_STOP_GRACE_S):
+                await self._channel.call("vm.stop")
+        except (MachinenError, TimeoutError):
+            pass  # on its way down, or not answering: either way, waited for or killed below
         await self._channel.aclose()
-        await registry.wait_until_gone(entry, SUPERVISOR_STOP_GRACE_S + 5)
+        return await _stop_or_kill(registry.vm_dir(self.name))
 
     async def aclose(self) -> None:
         """Disconnect; a VM this handle booted is also stopped."""
@@ -1185,23 +1188,32 @@ async def _restore_siblings(
     return Forks(siblings)
 
 
-async def stop_vm(name: str, *, force: bool = False) -> None:
-    """Stop VM ``name`` of this host, whoever started it; ``force`` SIGKILLs it."""
+async def stop_vm(name: str, *, force: bool = False) -> str:
+    """Stop VM ``name`` of this host, whoever started it; ``force`` SIGKILLs it.
+
+    Returns how it went: "stopped", or "killed" when it had to be SIGKILLed
+    (forced, or its supervisor did not finish a clean stop in time); raises
+    STOP_FAILED if it is still there after that."""
     entry = registry.find(name)
     if not force:
         async with connect(name) as vm:
-            await vm.stop()
-        return
-    meta = entry.read_meta() or {}
-    for pid in (meta.get("supervisor_pid"), meta.get("qemu_pid")):
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    if not await registry.wait_until_gone(entry, 10):
+            return await vm.stop()
+    registry.kill_holder(entry)
+    if not await registry.wait_until_gone(entry, SUPERVISOR_KILL_GRACE_S):
         raise MachinenError(f"{name}'s supervisor survived SIGKILL", code="STOP_FAILED")
     registry.clear_leftovers(entry)
+    return "killed"
+
+
+async def _stop_or_kill(entry: registry.VmDir) -> str:
+    """Wait for a supervisor asked to stop; SIGKILL it if it does not finish in time."""
+    if await registry.wait_until_gone(entry, SUPERVISOR_STOP_GRACE_S + 5):
+        return "stopped"
+    registry.kill_holder(entry)
+    if not await registry.wait_until_gone(entry, SUPERVISOR_KILL_GRACE_S):
+        raise MachinenError(f"{entry.name}'s supervisor survived SIGKILL", code="STOP_FAILED")
+    registry.clear_leftovers(entry)
+    return "killed"
 
 
 @asynccontextmanager

@@ -60,7 +60,7 @@ def test_detached_lifecycle_stop(cli):
     cli("boot", "--name", "cli-detached", "--detach")
     assert "cli-detached" in {row["name"] for row in ls_json()}
     stopped = cli("stop", "cli-detached", "--json")
-    assert stopped.stdout.strip() == b'{"name": "cli-detached", "stopped": true}'
+    assert json.loads(stopped.stdout) == {"name": "cli-detached", "stopped": True, "how": "stopped"}
     assert "cli-detached" not in {row["name"] for row in ls_json()}
     assert cli("stop", "cli-detached", check=False).returncode == 1
 
@@ -129,7 +129,7 @@ def test_stop_force_and_aliases(cli):
     assert "cli-force" in {row["name"] for row in json.loads(cli("ps", "--json").stdout)}
     assert b"cli-force" in cli("list").stdout
     stopped = cli("stop", "cli-force", "--force", "--json")
-    assert json.loads(stopped.stdout) == {"name": "cli-force", "stopped": True}
+    assert json.loads(stopped.stdout) == {"name": "cli-force", "stopped": True, "how": "killed"}
     assert not [p for p in qemu_processes() if "/vms/cli-force/" in p]
     assert not [d for d in runtime_leftovers() if d.startswith("cli-force-")]
 

@@ -15,8 +15,10 @@ unsigned manifest, files that do not match it.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,7 +35,20 @@ from fake_agent import FakeAgent, fake_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from machinen_async import VM, AgentUnavailableError, ExecError, MachinenError, SnapshotError, boot, registry, restore
+from machinen_async import (
+    VM,
+    AgentUnavailableError,
+    ExecError,
+    MachinenError,
+    SnapshotError,
+    TransferError,
+    boot,
+    registry,
+    restore,
+)
+from machinen_async.cli import terminal_safe
+from machinen_async.remote import chunks, peer
+from machinen_async.vm import AGENT_TIMEOUT_SLACK_S, stop_vm
 from machinen_async.vmm import bundle as bundle_format
 from machinen_async.vmm import capped_log, qcow2
 from machinen_async.vmm import supervisor as supervisor_module
@@ -83,12 +98,13 @@ async def _outcome(vm: VM, params: dict) -> BaseException | None:
             await call.cancel()
 
 
-async def _exec_when_reconnected(vm: VM, tag: str):
-    """``short TAG``, retried while the supervisor re-establishes the agent channel (a retryable error)."""
-    with anyio.fail_after(HANG_S):
+async def _exec_when_reconnected(vm: VM, tag: str, *, argv: list[str] | None = None, within: float = HANG_S):
+    """``short TAG`` (or ``argv``), retried while the supervisor re-establishes the agent channel
+    (a retryable error)."""
+    with anyio.fail_after(within):
         while True:
             try:
-                return await vm.exec(["short", tag])
+                return await vm.exec(argv or ["short", tag])
             except AgentUnavailableError:
                 await anyio.sleep(0.02)
 
@@ -470,3 +486,127 @@ async def test_a_guest_resetting_its_channel_in_a_loop_is_slowed_and_not_logged_
     events = [entry["event"] for entry in logs]
     assert events.count("agent channel reset") == supervisor_module.RESETS_PER_WINDOW
     assert sum("keeps resetting" in event for event in events) == 1
+
+
+# --- deadlines (item 5) ---------------------------------------------------------------------------
+
+# Run as root in the guest: every thread of the agent's server (PID 1's forked child, same command
+# line) stops in a ptrace-stop, so it reads nothing from its port, until this process exits and the
+# kernel detaches them.
+FREEZE_AGENT = """
+import ctypes, os, sys, time
+time.sleep(1)  # the exec that started us returns first
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+init = open("/proc/1/cmdline", "rb").read()
+servers = [p for p in os.listdir("/proc") if p.isdigit() and p != "1" and open(f"/proc/{p}/cmdline", "rb").read() == init]
+for pid in servers:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if libc.ptrace(0x4206, int(tid), None, None) != 0:  # PTRACE_SEIZE
+            sys.exit(os.strerror(ctypes.get_errno()))
+        libc.ptrace(0x4207, int(tid), None, None)  # PTRACE_INTERRUPT
+time.sleep(float(sys.argv[1]))
+"""
+
+
+async def _freeze_agent(vm: VM, seconds: float) -> None:
+    await vm.write_file("/tmp/freeze.py", FREEZE_AGENT.encode())
+    await vm.exec(["sh", "-c", f"setsid python3 /tmp/freeze.py {seconds} </dev/null >/dev/null 2>&1 &"], check=True)
+    await anyio.sleep(2)
+
+
+@pytest.mark.anyio
+async def test_a_guest_that_stops_reading_its_port_stalls_nothing(anyio_backend, tmp_path):
+    name = f"frozen-{anyio_backend}"
+    async with boot(name=name, network=False) as vm:
+        await _freeze_agent(vm, 25)
+        started = anyio.current_time()
+
+        async def upload() -> None:
+            with pytest.raises(ExecError) as failed:
+                await vm.exec(["cat"], input=b"x" * (1 << 20), timeout=2)
+            # The agent's own timeout cannot fire: the supervisor's stall limit or the host's backstop does.
+            assert failed.value.code in ("EXEC_AGENT_UNAVAILABLE", "EXEC_AGENT_TIMEOUT")
+
+        # 12 MiB of stdin (a credit window per call) nobody reads: more than the guest's virtio
+        # buffers and the socket hold, so the supervisor's writer stalls.
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(upload)
+        assert anyio.current_time() - started < 2 + AGENT_TIMEOUT_SLACK_S + 3  # was: blocked past 60 s
+        await vm.snapshot(tmp_path / "frozen.snap")  # the supervisor works meanwhile, without the agent
+        # Past the stall limit the channel is reset: calls fail at once, retryably, instead of hanging.
+        with anyio.fail_after(supervisor_module.AGENT_SEND_STALL_S + HANG_S):
+            while True:
+                try:
+                    await vm.exec(["true"], timeout=1)
+                except AgentUnavailableError as unavailable:
+                    assert unavailable.retryable
+                    break
+                except ExecError as other:
+                    assert other.code == "EXEC_AGENT_TIMEOUT"
+        # Once the guest reads again, the supervisor's reconnect attempts get through.
+        assert (await _exec_when_reconnected(vm, "unused", argv=["echo", "back"], within=60)).stdout == b"back\n"
+        frozen_again = anyio.current_time()
+        await _freeze_agent(vm, 60)
+        # A stop does not depend on the guest: it finishes, and says how.
+        assert await stop_vm(name) == "stopped"
+        assert anyio.current_time() - frozen_again < HANG_S + 5
+    assert not [line for line in qemu_processes() if name in line]
+
+
+# --- the low ones ---------------------------------------------------------------------------------
+
+
+def test_a_pushed_chunk_cannot_decompress_into_a_bomb():
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in ~64 KiB
+    with pytest.raises(TransferError) as refused:
+        peer._inflate_chunk(bomb)
+    assert refused.value.code == "TRANSFER_CORRUPT"
+    with pytest.raises(TransferError):
+        peer._inflate_chunk(b"not zlib")
+    assert peer._inflate_chunk(zlib.compress(b"x" * chunks.CHUNK_SIZE)) == b"x" * chunks.CHUNK_SIZE
+
+
+def test_manifests_hold_plain_bounded_data_only():
+    def manifest(**changes) -> bytes:
+        digest = "0" * 64
+        data = {"format": 1, "files": {"state": {"sha256": digest, "size": 1}, "disk.qcow2": {"sha256": digest, "size": 1}},
+                "kernel": {"sha256": digest}, "initrd": {"sha256": digest}, "image": {"key": "0" * 24},
+                "machine": {"type": "microvm", "memory_mib": 256, "cpus": 1, "accel": "tcg", "tsc_khz": None,
+                            "network": True, "disk_size": 1 << 30}}  # fmt: skip
+        data.update(changes)
+        return cbor2.dumps(data)
+
+    bundle_format.parse_manifest(manifest())
+    machine = cbor2.loads(manifest())["machine"]
+    hostile = {
+        "a date (CBOR tag 1)": manifest(created=cbor2.CBORTag(1, 0)),
+        "a set (tag 258)": manifest(extra=cbor2.CBORTag(258, [1, 2])),
+        "a shared reference cycle (tags 28/29)": bytes.fromhex("a1") + cbor2.dumps("x") + bytes.fromhex("d81c81d81d00"),
+        "memory as text": manifest(machine={**machine, "memory_mib": "256"}),
+        "a billion CPUs": manifest(machine={**machine, "cpus": 10**9}),
+        "a negative disk": manifest(machine={**machine, "disk_size": -1}),
+        "an unknown accelerator": manifest(machine={**machine, "accel": "hvf"}),
+        "a file size as a float": manifest(
+            files={"state": {"sha256": "0" * 64, "size": 1.5}, "disk.qcow2": {"sha256": "0" * 64, "size": 1}}
+        ),
+        "an oversized manifest": manifest(padding=b"\0" * (2 << 20)),
+    }
+    for what, raw in hostile.items():
+        with pytest.raises(SnapshotError) as refused:
+            bundle_format.parse_manifest(raw)
+        assert refused.value.code == "SNAPSHOT_CORRUPT", what
+
+
+def test_guest_text_cannot_drive_the_terminal():
+    hostile = "done\x1b]0;owned\x07\x1b[2J\r\x9b31m\x00"
+    assert terminal_safe(hostile) == "done\\x1b]0;owned\\x07\\x1b[2J\\x0d\\x9b31m\\x00"
+    assert terminal_safe("line one\n\tline two") == "line one\n\tline two"
+
+
+def test_commas_in_machinen_paths_reach_qemu_intact(tmp_path):
+    odd = tmp_path / "a,b"
+    env = {**os.environ, "MACHINEN_HOME": str(odd / "home"), "MACHINEN_RUNTIME_DIR": str(odd / "run,time")}
+    ran = machinen("boot", "--name", "comma", "--", "echo", "ok", env=env, check=False)
+    assert ran.returncode == 0 and ran.stdout == b"ok\n", ran.stderr[-2000:]

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import ls_json, machinen
-from machinen_async import Host, HostError, MachinenError, TransferError, boot, connect, restore
+from machinen_async import HandoffError, Host, HostError, MachinenError, TransferError, boot, connect, restore
+from machinen_async.remote import handoff as handoff_module
 from machinen_async.remote.spread import place
 from net import free_port
 from test_fork import COUNTER, copied_ram_mib, poke
@@ -98,6 +99,18 @@ async def test_second_transfer_sends_only_what_changed(remote_host, tmp_path):
     # explicitly (pushed back, it would be signed here on arrival).
     async with restore(tmp_path / "from-b", name="back-home", trust=True) as back:
         assert (await back.exec(["wc", "-c", "/root/blob"])).stdout.split()[0] == b"3000000"
+
+
+async def test_a_handoff_that_takes_too_long_resumes_the_source(remote_host, anyio_backend, monkeypatch):
+    monkeypatch.setattr(handoff_module, "PAUSE_LIMIT_S", 0.3)  # the destination cannot take over this fast
+    async with Host.from_spec(remote_host.alias) as hostb, boot(name=f"slow-move-{anyio_backend}") as vm:
+        await vm.exec(["sh", "-c", COUNTER], check=True)
+        assert await poke(vm) == 1
+        with pytest.raises(HandoffError) as too_slow:
+            await vm.handoff(hostb, precopy=False)
+        assert too_slow.value.code == "HANDOFF_TIMEOUT" and too_slow.value.retryable
+        assert await poke(vm) == 2  # runs on here, where it was
+        assert vm.name not in await remote_names(hostb)
 
 
 async def test_fork_across_two_hosts(remote_host, anyio_backend):

@@ -5,11 +5,13 @@
 2. snapshot again leaving the VM paused; push: only chunks that changed;
 3. the host assembles the bundle, checks every sha256, restores it;
 4. only then the source stops.  Any failure in 2-3 resumes the source,
-   so there is never a moment where both or neither run.
+   so there is never a moment where both or neither run; so does a pause
+   longer than ``PAUSE_LIMIT_S`` (HANDOFF_TIMEOUT).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +25,10 @@ from ..ports import PortSpec
 from ..vm import VM
 from . import chunks
 from .host import SSHHost, TransferReport
+
+# The source stays paused while the final state moves and starts there; past this it resumes.
+PAUSE_LIMIT_S = 120.0
+STOP_DESTINATION_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -65,17 +71,34 @@ async def handoff(
         report("pausing for the final state")
         paused_at = time.monotonic()
         await vm._snapshot_paused(workdir / "final")
+        target_name = name or vm.name
+        restoring = False
         try:
-            final = await host.push(workdir / "final", progress=report)
-            moved = await host.restore(
-                final.remote_bundle,
-                name=name or vm.name,
-                ports=ports,
-                detached=(not owned) if detached is None else detached,
+            with anyio.fail_after(PAUSE_LIMIT_S):
+                final = await host.push(workdir / "final", progress=report)
+                restoring = True
+                moved = await host.restore(
+                    final.remote_bundle,
+                    name=target_name,
+                    ports=ports,
+                    detached=(not owned) if detached is None else detached,
+                )
+        except BaseException as exc:
+            # A restore that was interrupted (rather than refused) may have started the VM there
+            # after all: stop it, so that the source resuming never makes two of it.
+            undecided = isinstance(exc, (TimeoutError, anyio.get_cancelled_exc_class())) or (
+                isinstance(exc, MachinenError) and exc.code == "HOST_TIMEOUT"
             )
-        except BaseException:
             with anyio.CancelScope(shield=True):
+                if restoring and undecided:
+                    with anyio.move_on_after(STOP_DESTINATION_S), contextlib.suppress(MachinenError):
+                        await host.stop(target_name, force=True)
                 await vm._resume()
+            if isinstance(exc, TimeoutError):
+                raise HandoffError(
+                    f"the destination did not take over within {PAUSE_LIMIT_S:g} s; {vm.name} runs on here",
+                    code="HANDOFF_TIMEOUT", retryable=True,
+                ) from None
             raise
         paused_ms = round((time.monotonic() - paused_at) * 1000, 1)
         # The destination runs: now, and only now, the source goes.

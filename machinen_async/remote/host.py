@@ -45,6 +45,10 @@ from . import chunks
 from .peer import PEER_PROTOCOL, host_facts
 
 PUTS_IN_FLIGHT = 8
+KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 15.0, 4
+# No peer request takes this long when the host works (the longest assemble and hash a bundle,
+# or boot a VM); past it the call fails and its reply, if it ever comes, is dropped.
+REMOTE_CALL_DEADLINE_S = 600.0
 MISSING_BATCH = 4096
 
 
@@ -96,7 +100,11 @@ class Host:
         or ``machinen``).  Use it as ``async with Host.ssh(...) as hostb``.
         """
         extra_config = os.environ.get("MACHINEN_SSH_CONFIG")
-        settings: dict[str, Any] = {"known_hosts": known_hosts, "connect_timeout": connect_timeout, **options}
+        # Keepalives: a host that vanished (no FIN: power, network) fails calls within a minute
+        # instead of leaving them waiting for TCP's own timeout, which is hours.
+        settings: dict[str, Any] = {"known_hosts": known_hosts, "connect_timeout": connect_timeout,
+                                    "keepalive_interval": KEEPALIVE_INTERVAL_S, "keepalive_count_max": KEEPALIVE_COUNT,
+                                    **options}  # fmt: skip
         if port is not None:
             settings["port"] = port
         if username is not None:
@@ -179,7 +187,7 @@ class _Link:
     async def open(self) -> None:
         try:
             self.connection = await asyncssh.connect(self.destination, **self.settings)
-        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncssh.Error) as exc:
             raise HostError(f"cannot reach {self.destination}: {exc}", code="HOST_UNREACHABLE") from None
         self.process = await self.connection.create_process(f"{self.command} _peer", encoding=None)
         self.frames = FrameStream(_ProcessStream(self.process))
@@ -231,9 +239,14 @@ class _Link:
         self.pending[request_id] = future
         try:
             await self.frames.send([request_id, method, params or {}])
-            reply = await future
+            reply = await asyncio.wait_for(future, REMOTE_CALL_DEADLINE_S)
         except (OSError, asyncssh.Error, anyio.BrokenResourceError):
             raise self._lost_error() from None
+        except TimeoutError:
+            raise HostError(
+                f"{self.destination} did not answer {method} within {REMOTE_CALL_DEADLINE_S:g} s",
+                code="HOST_TIMEOUT", retryable=True,
+            ) from None
         finally:
             self.pending.pop(request_id, None)
         if reply[1] is True:
@@ -521,8 +534,9 @@ class SSHHost(Host):
     async def list(self) -> list[dict[str, Any]]:
         return await self.call("list")
 
-    async def stop(self, name: str, *, force: bool = False) -> None:
-        await self.call("stop", {"name": name, "force": force})
+    async def stop(self, name: str, *, force: bool = False) -> str:
+        """Stop VM ``name`` there: "stopped", or "killed" (forced, or it did not stop cleanly in time)."""
+        return (await self.call("stop", {"name": name, "force": force}))["how"]
 
     async def remove_bundle(self, remote_bundle: str) -> None:
         await self.call("remove_bundle", {"bundle": remote_bundle})

@@ -80,6 +80,18 @@ def _install_verified(recipe: chunks.Recipe, digest: str, target: Path, mode: in
         partial.unlink(missing_ok=True)
 
 
+def _inflate_chunk(packed: bytes) -> bytes:
+    """Decompress a chunk, refusing to expand past a chunk's size (a zlib bomb costs nothing)."""
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(packed, chunks.CHUNK_SIZE)
+    except zlib.error as exc:
+        raise TransferError(f"a chunk does not decompress: {exc}", code="TRANSFER_CORRUPT") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise TransferError("a chunk decompresses beyond a chunk's size", code="TRANSFER_CORRUPT", retryable=False)
+    return data
+
+
 def assemble_bundle(params: dict[str, Any]) -> str:
     """Build a received bundle (and any boot file or image it lacked) from stored chunks."""
     manifest_bytes: bytes = params["manifest"]
@@ -148,7 +160,7 @@ class Peer:
         if method == "missing":
             return await run(chunks.missing, params["digests"])
         if method == "put":
-            data = zlib.decompress(params["data"]) if params.get("compressed") else params["data"]
+            data = _inflate_chunk(params["data"]) if params.get("compressed") else params["data"]
             return await run(chunks.put, params["digest"], data)
         if method == "lacking":
             return await run(lacking, params)
@@ -167,9 +179,10 @@ class Peer:
             owned = self.owned.pop(params["name"], None)
             if owned is not None:
                 await owned.aclose()
+                how = "stopped"
             else:
-                await stop_vm(params["name"], force=bool(params.get("force")))
-            return {"name": params["name"], "stopped": True}
+                how = await stop_vm(params["name"], force=bool(params.get("force")))
+            return {"name": params["name"], "stopped": True, "how": how}
         raise MachinenError(f"unknown peer method {method!r}", code="HOST_PROTOCOL")
 
     async def restore(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -139,10 +139,13 @@ def is_signed(bundle: Path, raw_manifest: bytes) -> bool:
 def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
     """Decode and check a manifest's shape; its files are checked by ``verify``."""
     try:
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{len(raw)} bytes")
         data = cbor2.loads(raw)
+        _check_plain(data, MAX_MANIFEST_DEPTH)
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
             raise ValueError("not a manifest map")
-    except (ValueError, cbor2.CBORDecodeError) as exc:
+    except (ValueError, RecursionError, cbor2.CBORDecodeError) as exc:
         raise SnapshotError(f"unreadable manifest in {where}: {exc}", code="SNAPSHOT_CORRUPT") from None
     if data.get("format") != FORMAT_VERSION:
         raise SnapshotError(
@@ -164,7 +167,53 @@ def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
         value = entry.get(field) if isinstance(entry, dict) else None
         if not is_hex_digest(value, length):
             raise SnapshotError(f"manifest has a malformed {field} {value!r}", code="SNAPSHOT_CORRUPT")
+    machine = data.get("machine")
+    for field, valid in MACHINE_FIELDS.items():
+        value = machine.get(field) if isinstance(machine, dict) else None
+        if not valid(value):
+            raise SnapshotError(f"manifest has a malformed machine {field} {value!r:.80}", code="SNAPSHOT_CORRUPT")
+    for name, entry in data["files"].items():
+        if not (
+            isinstance(entry, dict) and _is_count(entry.get("size"), 1 << 50) and is_hex_digest(entry.get("sha256"), 64)
+        ):
+            raise SnapshotError(f"manifest has a malformed entry for {name}", code="SNAPSHOT_CORRUPT")
     return data
+
+
+def _is_count(value: object, limit: int, low: int = 0) -> bool:
+    return type(value) is int and low <= value <= limit
+
+
+# What a restore takes from a manifest's machine, and what is plausible there.
+MACHINE_FIELDS = {
+    "type": lambda v: isinstance(v, str) and len(v) <= 32,
+    "memory_mib": lambda v: _is_count(v, 1 << 20, 16),
+    "cpus": lambda v: _is_count(v, 1024, 1),
+    "accel": lambda v: v in ("kvm", "tcg"),
+    "tsc_khz": lambda v: v is None or _is_count(v, 100_000_000, 1),
+    "network": lambda v: type(v) is bool,
+    "disk_size": lambda v: _is_count(v, 1 << 50, 1),
+}
+MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH = 1 << 20, 8
+
+
+def _check_plain(value: object, depth: int) -> None:
+    """Only what ``seal`` writes: maps, lists, text, bytes, numbers, booleans, null.  CBOR tags
+    (dates, bignums, sets, shared references that build cycles...) decode to other types: refused."""
+    if depth < 0:
+        raise ValueError("nested too deeply")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"a {type(key).__name__} key")
+            _check_plain(item, depth - 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_plain(item, depth - 1)
+    elif not (value is None or type(value) in (str, bytes, int, float, bool)) or (
+        type(value) is int and not -(2**64) < value < 2**64
+    ):
+        raise ValueError(f"a {type(value).__name__} value (a CBOR tag?)")
 
 
 def inspect(bundle: Path, *, trust: bool = False) -> Manifest:
@@ -173,7 +222,8 @@ def inspect(bundle: Path, *, trust: bool = False) -> Manifest:
     its disk's header.  The contents are hashed by ``copy_verified`` as they are used."""
     if not (bundle / MANIFEST).is_file():
         raise BootError(f"no snapshot bundle at {bundle}", code="BOOT_SNAPSHOT_NOT_FOUND")
-    raw = (bundle / MANIFEST).read_bytes()
+    with open(bundle / MANIFEST, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)  # a bigger one is refused unread
     data = parse_manifest(raw, bundle)
     if not trust and not is_signed(bundle, raw):
         raise SnapshotError(

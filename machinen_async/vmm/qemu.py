@@ -10,8 +10,8 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +144,11 @@ def chain_blockdev(chain: list[list[str]], *, writable: bool = True) -> dict:
     return node
 
 
+def option_value(path: Path) -> str:
+    """A path inside a QEMU ``key=value,...`` option: a comma there would start the next key."""
+    return str(path).replace(",", ",,")
+
+
 def command_line(
     machine: MachineConfig,
     *,
@@ -167,18 +172,19 @@ def command_line(
         "-cpu", "max" if machine.accel == "tcg" else "host",
         "-smp", str(machine.cpus),
         "-m", f"{machine.memory_mib}M",
-        "-object", f"memory-backend-file,id=ram0,size={machine.memory_mib}M,mem-path={ram_file},share={share}",
+        "-object", f"memory-backend-file,id=ram0,size={machine.memory_mib}M,mem-path={option_value(ram_file)},share={share}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(machine.kernel),
         "-initrd", str(machine.initrd),
         "-append", machine.kernel_cmdline(),
         "-serial", "stdio",
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={option_value(agent_socket)},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-blockdev", json.dumps(chain_blockdev(disk_chain)),
         "-device", "virtio-blk-device,drive=disk0,id=vblk0",
-        "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={option_value(qmp_socket)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         *(["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"] if machine.network else []),
         *(["-incoming", "defer"] if incoming else []),
     ]  # fmt: skip

@@ -52,7 +52,12 @@ HELLO_RETRY_S = 0.2
 TEMPLATE_HANDOVER_S = 120.0
 MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes/s: effectively unlimited, to a local file
 MIGRATION_DOWNTIME_MS = 50
+# A guest that dirties RAM faster than it streams would keep a live migration going for ever:
+# past MIGRATE_CONVERGE_S it is stopped for the rest (the capture resumes it, as after any
+# live migration); past MIGRATE_DEADLINE_S any migration is cancelled and fails.
+MIGRATE_CONVERGE_S, MIGRATE_DEADLINE_S = 15.0, 180.0
 AGENT_RECONNECT_TIMEOUT_S = 10.0
+AGENT_SEND_STALL_S = 10.0
 # A guest that breaks its channel over and over costs at most this many log lines and
 # reconnects per window; beyond them each reconnect waits RESET_BACKOFF_S, logged once a window.
 RESETS_PER_WINDOW, RESET_WINDOW_S, RESET_BACKOFF_S = 5, 60.0, 1.0
@@ -203,16 +208,33 @@ class Supervisor:
                 break
             except OSError:
                 await anyio.sleep(0.01)
-        self.agent = FrameStream(stream, resync=True, max_frame=wire.MAX_GUEST_FRAME, check=wire.validate)
+        # A guest that stops reading its port must not hold our writer (and everything queued
+        # behind it) forever: past the stall limit the channel counts as broken and is reset.
+        self.agent = FrameStream(
+            stream,
+            resync=True,
+            max_frame=wire.MAX_GUEST_FRAME,
+            check=wire.validate,
+            send_stall_limit=AGENT_SEND_STALL_S,
+        )
+        try:
+            await self._hello(resume)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.agent.aclose()
+            raise
+
+    async def _hello(self, resume: anyio.Event | None) -> None:
         nonce = secrets.token_bytes(8)
 
         async def send_hellos() -> None:
             if resume is not None:
                 await resume.wait()
-            while True:
-                params = {"resume": self._identity()} if resume is not None else {}
-                await self.agent.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, params])
-                await anyio.sleep(HELLO_RETRY_S)
+            with contextlib.suppress(*_CHANNEL_DOWN):  # broken: the receive below says so
+                while True:
+                    params = {"resume": self._identity()} if resume is not None else {}
+                    await self.agent.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, params])
+                    await anyio.sleep(HELLO_RETRY_S)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(send_hellos)
@@ -262,6 +284,21 @@ class Supervisor:
             with contextlib.suppress(*_CHANNEL_DOWN):  # the read loop sees the reset and reconnects
                 await self.agent.send(frame)
 
+    async def _reconnect_agent(self) -> None:
+        """Until the agent answers a HELLO again.  A guest whose agent stays silent keeps
+        running (and can be stopped, snapshotted, reset); its calls fail as unavailable."""
+        attempts, connected = 0, False
+        while not connected:
+            attempts += 1
+            try:
+                with anyio.fail_after(AGENT_RECONNECT_TIMEOUT_S):
+                    await self.connect_agent()
+                connected = True
+            except* (TimeoutError, *_CHANNEL_DOWN, anyio.EndOfStream, wire.ProtocolError):
+                if attempts == 1:
+                    log.error("guest agent does not answer after a channel reset; still trying")
+        log.info("agent channel re-established", attempts=attempts)
+
     def fail_all_calls(self, message: str) -> None:
         for route in self.routes.values():
             route.client.agent_sids.pop(route.client_sid, None)
@@ -293,14 +330,7 @@ class Supervisor:
                     await self.agent.aclose()
                 if len(resets) > RESETS_PER_WINDOW:
                     await anyio.sleep(RESET_BACKOFF_S)
-                try:
-                    with anyio.fail_after(AGENT_RECONNECT_TIMEOUT_S):
-                        await self.connect_agent()
-                except TimeoutError:
-                    log.error("guest agent unreachable after a channel reset")
-                    self.stop_requested.set()
-                    return
-                log.info("agent channel re-established")
+                await self._reconnect_agent()
                 continue
             agent_sid = frame[1]
             route = self.routes.get(agent_sid)
@@ -956,16 +986,28 @@ async def _migrate(qmp: QMPClient, command: str, arguments: dict, *, ignore_shar
             "migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH, "downtime-limit": MIGRATION_DOWNTIME_MS}
         )
     await qmp.execute(command, arguments)
-    while True:
-        info = await qmp.execute("query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return info
-        if status in ("failed", "cancelled"):
-            raise MachinenError(
-                f"{command} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
-            )
-        await anyio.sleep(0.002)
+    started = time.monotonic()
+    forced = False
+    with anyio.move_on_after(MIGRATE_DEADLINE_S) as deadline:
+        while True:
+            info = await qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise MachinenError(
+                    f"{command} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
+                )
+            if command == "migrate" and not forced and time.monotonic() - started > MIGRATE_CONVERGE_S:
+                forced = True
+                log.warning("live migration does not converge: stopping the guest for the rest")
+                await qmp.execute("stop")
+            await anyio.sleep(0.002)
+    assert deadline.cancelled_caught
+    if command == "migrate":
+        with contextlib.suppress(Exception):
+            await qmp.execute("migrate_cancel")
+    raise MachinenError(f"{command} did not finish within {MIGRATE_DEADLINE_S:g} s", code="SNAPSHOT_DUMP_FAILED")
 
 
 def _port_holder(host_port: int) -> str:
