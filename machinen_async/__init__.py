@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from .remote import host
 
         return getattr(host, name)
+    if name == "NetworkPolicy":
+        from .network import NetworkPolicy
+
+        return NetworkPolicy
     if name == "HandoffReport":
         from .remote import handoff
 
@@ -63,6 +67,7 @@ __all__ = [
     "Host",
     "HostError",
     "MachinenError",
+    "NetworkPolicy",
     "Process",
     "ProvisionError",
     "RegistryError",

@@ -26,6 +26,7 @@ import click
 from . import __version__, registry
 from .errors import GuestFileError, MachinenError, plain_errors
 from .guest_agent.agent import WORKLOAD_LOG
+from .network import NetworkPolicy
 from .vm import VM, boot, connect, restore, stop_vm
 from .vmm import assets, storage
 
@@ -208,6 +209,24 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+allow_options = [
+    click.option("--allow", "allow_rules", multiple=True, metavar="ADDR[/PREFIX][:PORT]",
+                 help="Let the guest reach a destination the network policy closes; repeatable."),
+    click.option("--allow-host", "allow_host_ports", multiple=True, type=int, metavar="PORT",
+                 help="Let the guest reach this host's loopback service on PORT (as 10.0.2.2:PORT); repeatable."),
+]  # fmt: skip
+
+
+def allow_option(command):
+    for option in reversed(allow_options):
+        command = option(command)
+    return command
+
+
+def _network_policy(allow_rules: tuple[str, ...], allow_host_ports: tuple[int, ...]) -> NetworkPolicy:
+    return NetworkPolicy.host_ports(*allow_host_ports, allow=allow_rules)
+
+
 trust_option = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
@@ -253,15 +272,19 @@ def install(refresh: bool) -> None:
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Default: $MACHINEN_ACCEL or auto.")
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Environment for the command.")
-@click.option("--no-network", is_flag=True, help="Boot with no network device (default: outbound NAT).")
+@click.option(
+    "--no-network", is_flag=True, help="Boot with no network device (default: outbound NAT, the host closed)."
+)
+@allow_option
 @click.option("--tty", "-t", "use_tty", is_flag=True, help="Run the foreground CMD on a pseudo-terminal.")
 @publish_option
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
-    args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, use_tty, ports, detach, as_json
-) -> None:
+    args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
+    ports, detach, as_json,
+) -> None:  # fmt: skip
     """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
 
     The image's default cmd (see `provision`) runs as the VM's workload.  With
@@ -275,7 +298,8 @@ def boot_command(
     async def run() -> int:
         launch = boot(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
-            detached=detach, ports=ports, network=not no_network, progress=_progress,
+            detached=detach, ports=ports, progress=_progress,
+            network=False if no_network else _network_policy(allow_rules, allow_host_ports),
             cmd=cmd if detach and cmd else None, env=env,
         )  # fmt: skip
         async with launch as vm:
@@ -403,15 +427,19 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
     "--host", "host_spec", metavar="[USER@]HOST", help="Push the bundle to HOST over SSH and restore it there."
 )
 @trust_option
+@allow_option
 @click.option("--json", "as_json", is_flag=True)
-def restore_command(directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, as_json) -> None:
+def restore_command(
+    directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports, as_json
+) -> None:
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
     async def run() -> None:
         async with contextlib.AsyncExitStack() as stack:
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
-                                 detached=detach, ports=ports, trust=trust)  # fmt: skip
+                                 detached=detach, ports=ports, trust=trust,
+                                 network=_network_policy(allow_rules, allow_host_ports))  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")

@@ -37,6 +37,7 @@ from .errors import (
     error_from_code,
     plain_errors,
 )
+from .network import NetworkPolicy, network_settings
 from .ports import PortSpec, parse_port_forwards
 from .vmm import assets, bundle, qemu, storage
 from .vmm.supervisor import DETACH, SupervisorConfig
@@ -789,12 +790,13 @@ async def _launch(
     boot_timeout: float,
     detached: bool,
     ports: Sequence[PortSpec] | None,
-    network: bool,
+    network: bool | NetworkPolicy,
     workload: dict[str, Any] | None,
     progress: Callable[[str], None] | None,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
     forwards = parse_port_forwards(ports)
+    has_network, network_allow = network_settings(network)
     memory_mib = _validate_memory(memory_mib)
     chosen_accel = qemu.choose_accelerator(accel)
     qemu.qemu_binary()
@@ -822,7 +824,8 @@ async def _launch(
         boot_timeout=boot_timeout,
         detached=detached,
         ports=forwards,
-        network=network,
+        network=has_network,
+        network_allow=network_allow,
         workload=workload,
     )
     return await _start_supervisor(config)
@@ -933,7 +936,7 @@ def boot(
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
     detached: bool = False,
     ports: Sequence[PortSpec] | None = None,
-    network: bool = True,
+    network: bool | NetworkPolicy = True,
     cmd: Command | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
@@ -950,8 +953,10 @@ def boot(
     ``ports``: host -> guest TCP forwards, ``["3000:3000", "0.0.0.0:8080:80",
     (5432, 5432)]`` (loopback unless an address is given); they tunnel through
     the guest agent, so they need no guest network.  ``network``: outbound
-    access (QEMU user-mode NAT, DNS included, nothing inbound); False boots
-    with no network device at all.
+    access (QEMU user-mode NAT, DNS included, nothing inbound) with the host
+    closed (its loopback, its addresses, link-local: see ``NetworkPolicy``,
+    which reopens chosen destinations); False boots with no network device
+    at all.  Fork siblings keep their source's policy.
     """
     return _Boot(
         lambda: _launch(
@@ -983,10 +988,13 @@ def restore(
     ports: Sequence[PortSpec] | None = None,
     progress: Callable[[str], None] | None = None,
     trust: bool = False,
+    network: NetworkPolicy | None = None,
 ) -> _Boot:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
-    Port forwards are not part of a bundle: pass ``ports`` again.
+    Port forwards and the network policy are not part of a bundle: pass
+    ``ports`` and ``network`` (a ``NetworkPolicy``; default: the host closed)
+    again.  Whether the VM has a network device at all is the bundle's.
 
     Only bundles this user's machinen wrote or received with ``push`` are
     restored (their manifest carries a MAC under this user's key); another
@@ -1005,8 +1013,11 @@ def restore(
     ``Forks``.
     """
     bundle_path = Path(bundle_dir)
+    allow = list(network.allow) if network is not None else []
     if n is None and names is None:
-        return _Boot(lambda: _restore(bundle_path, name, image, accel, boot_timeout, detached, ports, progress, trust))
+        return _Boot(
+            lambda: _restore(bundle_path, name, image, accel, boot_timeout, detached, ports, progress, trust, allow)
+        )
     if names is not None:
         chosen = [registry.validate_name(x) for x in names]
     elif isinstance(n, int) and n >= 1:
@@ -1016,11 +1027,18 @@ def restore(
         raise MachinenError(f"n must be a positive integer, got {n!r}", code="FORK_COUNT_INVALID")
     if ports:
         raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
-    return _Boot(lambda: _restore_siblings(bundle_path, chosen, image, accel, boot_timeout, detached, progress, trust))
+    return _Boot(
+        lambda: _restore_siblings(bundle_path, chosen, image, accel, boot_timeout, detached, progress, trust, allow)
+    )
 
 
 async def _restore_plan(
-    bundle_dir: Path, image: str | os.PathLike | None, accel: str | None, report: Callable[[str], None], trust: bool
+    bundle_dir: Path,
+    image: str | os.PathLike | None,
+    accel: str | None,
+    report: Callable[[str], None],
+    trust: bool,
+    network_allow: list[str],
 ) -> tuple[bundle.Manifest, dict[str, Any]]:
     """Verify a bundle and find what it runs on: (manifest, the machine fields of its VMs' configs)."""
     manifest = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
@@ -1096,6 +1114,7 @@ async def _restore_plan(
         "image_key": manifest.data["image"]["key"],
         "tsc_khz": machine["tsc_khz"],
         "network": machine["network"],
+        "network_allow": network_allow,
     }
     return manifest, fields
 
@@ -1110,11 +1129,14 @@ async def _restore(
     ports: Sequence[PortSpec] | None,
     progress: Callable[[str], None] | None,
     trust: bool,
+    network_allow: list[str],
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
     forwards = parse_port_forwards(ports)
     bundle_dir = bundle_dir.expanduser().resolve()
-    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None), trust)
+    manifest, fields = await _restore_plan(
+        bundle_dir, image, accel, progress or (lambda message: None), trust, network_allow
+    )
     registry.ensure_free(name)
     config = SupervisorConfig(
         name=name,
@@ -1145,6 +1167,7 @@ async def _restore_siblings(
     detached: bool,
     progress: Callable[[str], None] | None,
     trust: bool,
+    network_allow: list[str],
 ) -> Forks:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -1153,7 +1176,9 @@ async def _restore_siblings(
     template privately and writes its own layer on top.
     """
     bundle_dir = bundle_dir.expanduser().resolve()
-    manifest, fields = await _restore_plan(bundle_dir, image, accel, progress or (lambda message: None), trust)
+    manifest, fields = await _restore_plan(
+        bundle_dir, image, accel, progress or (lambda message: None), trust, network_allow
+    )
     if manifest.ram_in_state:
         raise SnapshotError(
             "this bundle carries its RAM inside the device state (a snapshot of a fork): restore it once, "

@@ -15,7 +15,9 @@ unsigned manifest, files that do not match it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 import subprocess
 import zlib
@@ -40,6 +42,7 @@ from machinen_async import (
     AgentUnavailableError,
     ExecError,
     MachinenError,
+    NetworkPolicy,
     SnapshotError,
     TransferError,
     boot,
@@ -50,7 +53,7 @@ from machinen_async.cli import terminal_safe
 from machinen_async.remote import chunks, peer
 from machinen_async.vm import AGENT_TIMEOUT_SLACK_S, stop_vm
 from machinen_async.vmm import bundle as bundle_format
-from machinen_async.vmm import capped_log, qcow2
+from machinen_async.vmm import capped_log, netguard, qcow2
 from machinen_async.vmm import supervisor as supervisor_module
 from machinen_async.vmm.assets import sha256_file
 from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
@@ -610,3 +613,108 @@ def test_commas_in_machinen_paths_reach_qemu_intact(tmp_path):
     env = {**os.environ, "MACHINEN_HOME": str(odd / "home"), "MACHINEN_RUNTIME_DIR": str(odd / "run,time")}
     ran = machinen("boot", "--name", "comma", "--", "echo", "ok", env=env, check=False)
     assert ran.returncode == 0 and ran.stdout == b"ok\n", ran.stderr[-2000:]
+
+
+# --- confinement (item 9) -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_qemu_runs_under_its_seccomp_sandbox(anyio_backend, tmp_path):
+    """A guest that took over QEMU through a device bug could not spawn programs or gain privileges;
+    saving and loading state (fork, snapshot, restore) go through descriptors, not exec:."""
+    async with boot(name=f"confined-{anyio_backend}", network=False) as vm:
+        status = Path(f"/proc/{(await vm.describe())['qemu_pid']}/status").read_text()
+        assert re.search(r"^Seccomp:\s+2$", status, re.MULTILINE), status  # a filter is installed
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.MULTILINE)
+        await vm.exec(["sh", "-c", "echo kept > /root/mark"], check=True)
+        async with vm.fork() as child:
+            assert (await child.exec(["cat", "/root/mark"])).stdout == b"kept\n"
+            await child.snapshot(tmp_path / "child.snap")  # RAM inside the state: a live migration
+    async with restore(tmp_path / "child.snap") as again:
+        assert (await again.exec(["cat", "/root/mark"])).stdout == b"kept\n"
+
+
+# --- the network (item 4) -------------------------------------------------------------------------
+
+PROBE = """
+import errno, socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            print(target, "open", s.recv(16).decode())
+    except OSError as e:
+        print(target, errno.errorcode.get(e.errno, "timeout"))
+"""
+
+
+async def _probe(vm: VM, *targets: str) -> dict[str, str]:
+    await vm.write_file("/tmp/probe.py", PROBE.encode())
+    out = (await vm.exec(["python3", "/tmp/probe.py", *targets], check=True, timeout=60)).stdout.decode()
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in out.splitlines()}
+
+
+@asynccontextmanager
+async def _host_service(address: str) -> AsyncIterator[int]:
+    """A TCP service on this host that greets whoever connects; yields its port."""
+
+    async def greet(client: anyio.abc.SocketStream) -> None:
+        async with client:
+            await client.send(b"hello")
+
+    async with (
+        await anyio.create_tcp_listener(local_host=address, local_port=0) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(listener.serve, greet)
+        yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+def test_the_network_policy_closes_the_host_and_link_local():
+    policy = netguard.Policy(
+        allow=(netguard.parse_rule("127.0.0.1:11434"), netguard.parse_rule("10.9.0.0/16")),
+        host=frozenset({ipaddress.ip_address("192.168.7.2")}),
+        dns=frozenset({ipaddress.ip_address("127.0.0.53")}),
+    )
+    verdicts = {
+        ("127.0.0.1", 5432): False,  # what the guest's 10.0.2.2:5432 becomes
+        ("127.0.0.1", 11434): True,  # allowed
+        ("127.0.0.53", 53): True,  # the host's resolver, which slirp forwards DNS to
+        ("127.0.0.53", 80): False,
+        ("::1", 22): False,
+        ("::ffff:127.0.0.1", 22): False,  # v4-mapped
+        ("169.254.169.254", 80): False,  # cloud metadata
+        ("fe80::1", 80): False,
+        ("192.168.7.2", 22): False,  # the host's own LAN address
+        ("192.168.7.3", 22): True,  # another machine of the LAN
+        ("10.9.4.4", 1): True,
+        ("151.101.2.132", 443): True,  # the internet
+        ("224.0.0.251", 5353): False,
+    }
+    for (address, port), allowed in verdicts.items():
+        assert policy.permits(ipaddress.ip_address(address), port) is allowed, (address, port)
+    for rule in ("[::1]:22", "10.0.0.0/8", "127.0.0.1", "2001:db8::/32"):
+        netguard.parse_rule(rule)
+    for bad in ("localhost:80", "127.0.0.1:0", "127.0.0.1:99999", "1.2.3.4/40", "", "[::1]:x"):
+        with pytest.raises(MachinenError) as refused:
+            NetworkPolicy(allow=(bad,))
+        assert refused.value.code == "BOOT_NETWORK_RULE_INVALID", bad
+
+
+@pytest.mark.anyio
+async def test_a_guest_cannot_reach_the_hosts_loopback_or_link_local_unless_allowed(anyio_backend):
+    host_ip = next((str(a) for a in netguard.host_addresses() if a.version == 4 and not a.is_loopback), None)
+    async with _host_service("127.0.0.1") as private, _host_service("0.0.0.0") as everywhere:
+        targets = [f"10.0.2.2:{private}", f"10.0.2.2:{everywhere}", "169.254.169.254:80"]
+        if host_ip is not None:
+            targets.append(f"{host_ip}:{everywhere}")
+        async with boot(name=f"closed-{anyio_backend}") as vm:
+            seen = await _probe(vm, *targets)
+            assert seen == dict.fromkeys(targets, "ECONNREFUSED"), seen  # refused at once, not timed out
+            async with vm.fork() as sibling:  # siblings keep the policy
+                assert (await _probe(sibling, targets[0]))[targets[0]] == "ECONNREFUSED"
+        async with boot(name=f"opened-{anyio_backend}", network=NetworkPolicy.host_ports(private)) as vm:
+            seen = await _probe(vm, f"10.0.2.2:{private}", f"10.0.2.2:{everywhere}")
+            assert seen == {f"10.0.2.2:{private}": "open hello", f"10.0.2.2:{everywhere}": "ECONNREFUSED"}
+            assert (await vm.describe())["network_allow"] == [f"127.0.0.1:{private}"]

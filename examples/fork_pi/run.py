@@ -25,11 +25,12 @@ import argparse
 import json
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import anyio
 
-from machinen_async import VM, boot, debian_rootfs
+from machinen_async import VM, NetworkPolicy, boot, debian_rootfs
 
 HERE = Path(__file__).resolve().parent
 OFFLINE_AGENT = "/opt/agent/offline_agent.py"
@@ -62,6 +63,7 @@ class OfflineAgent:
         return ["python3", OFFLINE_AGENT, *prompt.split()]
 
     env: dict[str, str] = {}
+    network = NetworkPolicy()  # it needs none; the default: outbound only, the host closed
 
 
 class PiAgent:
@@ -69,6 +71,14 @@ class PiAgent:
 
     def __init__(self, base_url: str | None, model: str | None) -> None:
         self.base_url, self.model = base_url, model
+        # The host's loopback is closed to guests by default; a model server on it (the guest's
+        # 10.0.2.2) is opened on its port only.
+        url = urllib.parse.urlsplit(base_url or "")
+        self.network = (
+            NetworkPolicy.host_ports(url.port or (443 if url.scheme == "https" else 80))
+            if url.hostname == "10.0.2.2"
+            else NetworkPolicy()
+        )
         keys = [name for name in API_KEY_VARS if os.environ.get(name)]
         source = f"OpenAI-compatible server {base_url}" if base_url else f"key from {', '.join(keys)}"
         self.title = f"pi coding agent {PI_PACKAGE.rsplit('@', 1)[1]} ({source})"
@@ -124,7 +134,11 @@ async def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     image = await agent.image(lambda message: print(f"  {message}"))
     async with boot(
-        image, name="fork-pi-template", memory_mib=args.mib or agent.memory_mib, progress=lambda m: print(f"  {m}")
+        image,
+        name="fork-pi-template",
+        memory_mib=args.mib or agent.memory_mib,
+        network=agent.network,  # the siblings keep it
+        progress=lambda m: print(f"  {m}"),
     ) as vm:
         await agent.install(vm)
         print(f"template booted and warmed in {time.perf_counter() - started:.1f} s ({vm.info['accel']})")

@@ -9,13 +9,37 @@ copies it here: when the file reaches ``limit`` bytes it becomes ``<name>.1``
 
 from __future__ import annotations
 
+import collections
 import os
+import time
 from pathlib import Path
 
 import anyio.abc
 
 CONSOLE_LOG_LIMIT = 1 << 20
 QEMU_LOG_LIMIT = 256 << 10
+BUDGET_WINDOW_S = 60.0
+
+
+class Budget:
+    """At most ``per_window`` events in any ``window_s`` seconds: for log lines (and retries)
+    that a guest can trigger at will, so what it costs the host is bounded."""
+
+    def __init__(self, per_window: int, window_s: float) -> None:
+        self.per_window, self.window_s = per_window, window_s
+        self.spent: collections.deque[float] = collections.deque()
+        self.just_exhausted = False  # the last spend() was the first one refused
+
+    def spend(self) -> bool:
+        now = time.monotonic()
+        while self.spent and self.spent[0] < now - self.window_s:
+            self.spent.popleft()
+        if len(self.spent) > self.per_window:
+            self.just_exhausted = False
+            return False
+        self.spent.append(now)
+        self.just_exhausted = len(self.spent) > self.per_window
+        return not self.just_exhausted
 
 
 class CappedLog:

@@ -25,6 +25,15 @@ AGENT_PORT_NAME = "org.machinen.agent"
 # of growing with every guest code path, with no measurable slowdown
 # (tb-size=16 was 3x slower).  Irrelevant under KVM.
 TCG_TB_SIZE_MIB = 64
+# QEMU's seccomp filter: a guest that takes over QEMU (a device emulation bug) cannot spawn
+# programs, gain privileges (setuid, capabilities), or use obsolete/resource-control syscalls.
+# It is why migration state moves through descriptors we open (``fd:``), never ``exec:``.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def sandbox_options() -> list[str]:
+    """``-sandbox`` unless $MACHINEN_QEMU_SANDBOX is "off" (to measure its cost, or to debug QEMU)."""
+    return [] if os.environ.get("MACHINEN_QEMU_SANDBOX", "on").lower() == "off" else ["-sandbox", SANDBOX]
 
 
 def kvm_usable() -> bool:
@@ -174,6 +183,7 @@ def command_line(
         "-m", f"{machine.memory_mib}M",
         "-object", f"memory-backend-file,id=ram0,size={machine.memory_mib}M,mem-path={option_value(ram_file)},share={share}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        *sandbox_options(),
         "-kernel", str(machine.kernel),
         "-initrd", str(machine.initrd),
         "-append", machine.kernel_cmdline(),

@@ -14,7 +14,6 @@ loop its clients use.  Startup result is one JSON line on stdout:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import json
@@ -22,9 +21,9 @@ import logging
 import math
 import os
 import secrets
-import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from .. import paths, registry
 from ..errors import BootError, BootTimeoutError, MachinenError, SnapshotError, error_from_code, plain_errors
 from ..vsock import wire
 from ..vsock.framed import FrameStream
-from . import bundle, capped_log, qemu, storage
+from . import bundle, capped_log, netguard, qemu, storage
 from .assets import immutable_file_digest
 
 log = structlog.get_logger("machinen.supervisor")
@@ -59,8 +58,9 @@ MIGRATE_CONVERGE_S, MIGRATE_DEADLINE_S = 15.0, 180.0
 AGENT_RECONNECT_TIMEOUT_S = 10.0
 AGENT_SEND_STALL_S = 10.0
 # A guest that breaks its channel over and over costs at most this many log lines and
-# reconnects per window; beyond them each reconnect waits RESET_BACKOFF_S, logged once a window.
-RESETS_PER_WINDOW, RESET_WINDOW_S, RESET_BACKOFF_S = 5, 60.0, 1.0
+# reconnects a minute; beyond them each reconnect waits RESET_BACKOFF_S, logged once.
+RESETS_PER_WINDOW, RESET_BACKOFF_S = 5, 1.0
+REFUSALS_PER_WINDOW = 20  # refused guest connections logged a minute
 _CHANNEL_DOWN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 QEMU_QUIT_GRACE_S = 2.0
 CONSOLE_TAIL_BYTES = 3000
@@ -83,6 +83,8 @@ class SupervisorConfig:
     boot_timeout: float
     detached: bool
     network: bool = True
+    # Destinations the guest may reach although netguard closes them ("127.0.0.1:11434", ...).
+    network_allow: list[str] = field(default_factory=list)
     image_source: str = ""  # the rootfs tarball the image was built from, for people reading a manifest
     image_key: str = ""  # the image's content key (its file may be named by sha256 when received)
     ports: list[list] = field(default_factory=list)  # [[host address, host port, guest port], ...]
@@ -311,24 +313,21 @@ class Supervisor:
         Calls in flight fail with EXEC_AGENT_UNAVAILABLE (retryable); their
         guest processes keep running, orphaned, as after a restore.
         """
-        resets: collections.deque[float] = collections.deque()
+        resets = capped_log.Budget(RESETS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
         while True:
             try:
                 frame = await self.agent.receive()
             except (*_CHANNEL_DOWN, anyio.EndOfStream, wire.ProtocolError) as exc:
-                now = time.monotonic()
-                while resets and resets[0] < now - RESET_WINDOW_S:
-                    resets.popleft()
-                resets.append(now)
-                if len(resets) <= RESETS_PER_WINDOW:
+                within_budget = resets.spend()
+                if within_budget:
                     log.warning("agent channel reset", error=repr(exc))
-                elif len(resets) == RESETS_PER_WINDOW + 1:
-                    log.warning("agent channel keeps resetting: reconnects slowed, not logged", window_s=RESET_WINDOW_S)
+                elif resets.just_exhausted:
+                    log.warning("agent channel keeps resetting: reconnects slowed, not logged for a while")
                 self.agent_up = False
                 self.fail_all_calls("the guest agent channel was reset")
                 with contextlib.suppress(*_CHANNEL_DOWN):
                     await self.agent.aclose()
-                if len(resets) > RESETS_PER_WINDOW:
+                if not within_budget:
                     await anyio.sleep(RESET_BACKOFF_S)
                 await self._reconnect_agent()
                 continue
@@ -551,7 +550,6 @@ class Supervisor:
           while most of it streams and stops only for the last dirty pages.
         """
         layer, layer_ref = storage.new_layer()
-        uri = _exec_uri(f"cat > {shlex.quote(str(state))}")
         steps: dict[str, float] = {}
         clock = time.monotonic()
 
@@ -568,13 +566,16 @@ class Supervisor:
                 step("stop")
                 frozen = await self._freeze_disk(layer, layer_ref)
                 step("freeze_disk")
-                await _migrate(self.qmp, "migrate", {"uri": uri}, ignore_shared=True)
+                await _migrate(
+                    self.qmp, "migrate", await _migration_file(self.qmp, state, write=True), ignore_shared=True
+                )
                 step("save_state")
                 if mem is not None:
                     await check_call(["cp", "--sparse=always", str(self.ram_file), str(mem)], what="copy RAM")
                     step("copy_ram")
             else:
-                final = await _migrate(self.qmp, "migrate", {"uri": uri}, ignore_shared=False)
+                uri = await _migration_file(self.qmp, state, write=True)
+                final = await _migrate(self.qmp, "migrate", uri, ignore_shared=False)
                 step("stream_ram_live")
                 steps["stopped_for_last_pages"] = float(final.get("downtime", 0))
                 frozen = await self._freeze_disk(layer, layer_ref)  # the guest is stopped (postmigrate)
@@ -605,7 +606,7 @@ class Supervisor:
 
     def _machine(self) -> dict[str, Any]:
         keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "image_key", "tsc_khz",
-                "network")  # fmt: skip
+                "network", "network_allow")  # fmt: skip
         return {k: getattr(self.config, k) for k in keys}
 
     async def freeze_template(self, bundle_dir: str | None = None) -> dict[str, Any]:
@@ -681,8 +682,8 @@ class Supervisor:
             # -S: never run the guest (so it prints nothing)
             process = await _spawn_qemu([*argv, "-S"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await _connect_qmp(qmp, scratch.path / "qmp.sock")
-            await _migrate(qmp, "migrate-incoming", {"uri": _exec_uri(f"cat {full_state}")}, ignore_shared=False)
-            await _migrate(qmp, "migrate", {"uri": _exec_uri(f"cat > {template.state}")}, ignore_shared=True)
+            await _migrate(qmp, "migrate-incoming", await _migration_file(qmp, full_state), ignore_shared=False)
+            await _migrate(qmp, "migrate", await _migration_file(qmp, template.state, write=True), ignore_shared=True)
         finally:
             with anyio.CancelScope(shield=True):
                 if process is not None:
@@ -828,8 +829,8 @@ class Supervisor:
             state_loaded = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(functools.partial(self.connect_agent, resume=state_loaded))
-                uri = _exec_uri(f"cat {shlex.quote(str(self.state_file))}")
-                await _migrate(self.qmp, "migrate-incoming", {"uri": uri}, ignore_shared=not incoming["ram_in_state"])
+                uri = await _migration_file(self.qmp, self.state_file)
+                await _migrate(self.qmp, "migrate-incoming", uri, ignore_shared=not incoming["ram_in_state"])
                 state_loaded.set()
                 if incoming.get("bundle"):
                     self.state_file.unlink()  # our checked copy, loaded (a template's stays for its siblings)
@@ -857,11 +858,18 @@ class Supervisor:
             agent_socket=entry.agent_socket,
             qmp_socket=entry.qmp_socket,
         )
-        process = await _spawn_qemu(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        guard = None
+        if config.network:
+            process, guard = await _spawn_guarded_qemu(argv, netguard.Policy.current(config.network_allow))
+        else:
+            process = await _spawn_qemu(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         log.info("qemu started", pid=process.pid, accel=config.accel, memory_mib=config.memory_mib)
-        # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs for as
-        # long as QEMU runs: a pipe nobody reads would block QEMU, even while it is asked to quit.
+        # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs, and
+        # QEMU's connections checked, for as long as QEMU runs: a pipe nobody reads, or a
+        # connection nobody answers, would block QEMU, even while it is asked to quit.
         async with anyio.create_task_group() as log_copies:
+            if guard is not None:
+                log_copies.start_soon(_run_guard, guard)
             logs_copied = [anyio.Event(), anyio.Event()]
             for stream, path, limit, copied in zip(
                 (process.stdout, process.stderr), (entry.console_log, entry.qemu_log),
@@ -910,6 +918,7 @@ class Supervisor:
                     "detached": config.detached,
                     "forked_from": (config.incoming or {}).get("source"),
                     "network": config.network,
+                    "network_allow": config.network_allow,
                     "ports": config.ports,
                     "started_at": time.time(),
                     "boot_s": round(boot_s, 3),
@@ -954,6 +963,40 @@ async def _spawn_qemu(argv: list[str], *, stdout: int, stderr: int) -> anyio.abc
     )
 
 
+async def _spawn_guarded_qemu(argv: list[str], policy: netguard.Policy) -> tuple[anyio.abc.Process, netguard.Guard]:
+    """QEMU under netguard's filter, and the guard answering for it."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        try:
+            process = await anyio.open_process(
+                netguard.guarded_argv(["setpriv", "--pdeathsig", "KILL", "--", *argv], theirs.fileno()),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=[theirs.fileno()],
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.settimeout(30)
+        try:
+            listener = await anyio.to_thread.run_sync(netguard.receive_listener, ours)
+        except BaseException:
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+            raise
+    refusals = capped_log.Budget(REFUSALS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
+
+    def log_refused(address, port: int) -> None:
+        if refusals.spend():
+            log.info("guest connection refused", destination=str(address), port=port)
+        elif refusals.just_exhausted:
+            log.info("guest connections keep being refused: not logged for a while")
+
+    return process, netguard.Guard(listener, policy, log_refused)
+
+
+async def _run_guard(guard: netguard.Guard) -> None:
+    await anyio.to_thread.run_sync(guard.serve)  # returns once QEMU is gone
+
+
 async def _copy_log(stream: anyio.abc.ByteReceiveStream, path: Path, limit: int, copied: anyio.Event) -> None:
     await capped_log.copy_into(stream, path, limit)
     copied.set()
@@ -969,9 +1012,19 @@ async def _create_overlay(path: Path, backing: list[str], size: int) -> None:
     )  # fmt: skip
 
 
-def _exec_uri(shell_command: str) -> str:
-    # QEMU 7.2 has no file: migration URI; exec: runs the command with /bin/sh.
-    return f"exec:{shell_command}"
+async def _migration_file(qmp: QMPClient, path: Path, *, write: bool = False) -> dict[str, str]:
+    """Migration arguments that save to (or load from) ``path`` through a file descriptor we open
+    and pass over QMP: QEMU 7.2 has no file: URI, and a sandboxed QEMU may not spawn the shell an
+    exec: URI needs (nor open files of its own choosing)."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    name = f"migration-{secrets.token_hex(4)}"
+    try:
+        qmp.send_fd_scm(fd)
+        await qmp.execute("getfd", {"fdname": name})
+    finally:
+        os.close(fd)  # QEMU holds its own copy now
+    return {"uri": f"fd:{name}"}
 
 
 async def _migrate(qmp: QMPClient, command: str, arguments: dict, *, ignore_shared: bool) -> dict:
