@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST_PACKAGES := qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs util-linux python3-venv \
+HOST_PACKAGES := qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs util-linux python3-venv bubblewrap \
 	debian-archive-keyring  # upgraded too: newer suites (trixie, for the pi image) need their keys
 # The multi-host tests run real sshd servers on loopback.
 TEST_PACKAGES := openssh-server openssh-client

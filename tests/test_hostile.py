@@ -619,13 +619,21 @@ def test_commas_in_machinen_paths_reach_qemu_intact(tmp_path):
 
 
 @pytest.mark.anyio
-async def test_qemu_runs_under_its_seccomp_sandbox(anyio_backend, tmp_path):
-    """A guest that took over QEMU through a device bug could not spawn programs or gain privileges;
-    saving and loading state (fork, snapshot, restore) go through descriptors, not exec:."""
+async def test_qemu_runs_sandboxed_in_namespaces_of_its_own(anyio_backend, tmp_path):
+    """A guest that took over QEMU through a device bug could not spawn programs, gain privileges
+    or read the user's files; saving and loading state (fork, snapshot, restore) still work."""
+    secret = tmp_path / "secret"
+    secret.write_text("the user's own file")
     async with boot(name=f"confined-{anyio_backend}", network=False) as vm:
-        status = Path(f"/proc/{(await vm.describe())['qemu_pid']}/status").read_text()
+        qemu_pid = (await vm.describe())["qemu_pid"]
+        status = Path(f"/proc/{qemu_pid}/status").read_text()
         assert re.search(r"^Seccomp:\s+2$", status, re.MULTILINE), status  # a filter is installed
         assert re.search(r"^NoNewPrivs:\s+1$", status, re.MULTILINE)
+        # Its own namespaces, and a root with only what the VM needs: not the user's files.
+        assert os.readlink(f"/proc/{qemu_pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        seen_by_qemu = Path(f"/proc/{qemu_pid}/root")
+        assert (seen_by_qemu / "usr/bin").is_dir() and not (seen_by_qemu / str(secret).lstrip("/")).exists()
+        assert not (seen_by_qemu / str(Path.home()).lstrip("/") / ".ssh").exists()
         await vm.exec(["sh", "-c", "echo kept > /root/mark"], check=True)
         async with vm.fork() as child:
             assert (await child.exec(["cat", "/root/mark"])).stdout == b"kept\n"

@@ -40,7 +40,7 @@ from .. import paths, registry
 from ..errors import BootError, BootTimeoutError, MachinenError, SnapshotError, error_from_code, plain_errors
 from ..vsock import wire
 from ..vsock.framed import FrameStream
-from . import bundle, capped_log, netguard, qemu, storage
+from . import bundle, capped_log, confine, netguard, qemu, storage
 from .assets import immutable_file_digest
 
 log = structlog.get_logger("machinen.supervisor")
@@ -604,6 +604,13 @@ class Supervisor:
         self.layer_refs.append(layer_ref)
         return frozen
 
+    def _visible_to_qemu(self) -> tuple[list[Path], list[Path]]:
+        """What a confined QEMU of this VM sees: (read-only, writable) paths."""
+        config = self.config
+        stores = [paths.private_dir(storage.layers_dir()), paths.private_dir(storage.templates_dir())]
+        read_only = [Path(config.kernel), Path(config.initrd), Path(config.image)]
+        return read_only, [self.entry.path, Path(config.ram_dir), *stores]
+
     def _machine(self) -> dict[str, Any]:
         keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "image_key", "tsc_khz",
                 "network", "network_allow")  # fmt: skip
@@ -679,8 +686,11 @@ class Supervisor:
                 agent_socket=scratch.path / "agent.sock",
                 qmp_socket=scratch.path / "qmp.sock",
             )
-            # -S: never run the guest (so it prints nothing)
-            process = await _spawn_qemu([*argv, "-S"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # -S: never run the guest (so it prints nothing, and needs no network guard)
+            process, _, _ = await _start_qemu(
+                [*argv, "-S"], self._visible_to_qemu(), kvm=self.config.accel == "kvm", policy=None,
+                output=subprocess.DEVNULL,
+            )  # fmt: skip
             await _connect_qmp(qmp, scratch.path / "qmp.sock")
             await _migrate(qmp, "migrate-incoming", await _migration_file(qmp, full_state), ignore_shared=False)
             await _migrate(qmp, "migrate", await _migration_file(qmp, template.state, write=True), ignore_shared=True)
@@ -858,12 +868,14 @@ class Supervisor:
             agent_socket=entry.agent_socket,
             qmp_socket=entry.qmp_socket,
         )
-        guard = None
-        if config.network:
-            process, guard = await _spawn_guarded_qemu(argv, netguard.Policy.current(config.network_allow))
-        else:
-            process = await _spawn_qemu(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        log.info("qemu started", pid=process.pid, accel=config.accel, memory_mib=config.memory_mib)
+        process, qemu_pid, guard = await _start_qemu(
+            argv,
+            self._visible_to_qemu(),
+            kvm=config.accel == "kvm",
+            policy=netguard.Policy.current(config.network_allow) if config.network else None,
+            output=subprocess.PIPE,
+        )
+        log.info("qemu started", pid=qemu_pid, accel=config.accel, memory_mib=config.memory_mib)
         # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs, and
         # QEMU's connections checked, for as long as QEMU runs: a pipe nobody reads, or a
         # connection nobody answers, would block QEMU, even while it is asked to quit.
@@ -876,10 +888,10 @@ class Supervisor:
                 (capped_log.CONSOLE_LOG_LIMIT, capped_log.QEMU_LOG_LIMIT), logs_copied, strict=True,
             ):  # fmt: skip
                 log_copies.start_soon(_copy_log, stream, path, limit, copied)
-            await self._supervise(process, logs_copied, started, report_ready)
+            await self._supervise(process, qemu_pid, logs_copied, started, report_ready)
 
     async def _supervise(
-        self, process: anyio.abc.Process, logs_copied: list[anyio.Event], started: float, report_ready
+        self, process: anyio.abc.Process, qemu_pid: int, logs_copied: list[anyio.Event], started: float, report_ready
     ) -> None:
         """From QEMU's start until the VM stops (or fails to come up)."""
         config, entry = self.config, self.entry
@@ -909,7 +921,7 @@ class Supervisor:
                 self.meta = {
                     "name": config.name,
                     "supervisor_pid": os.getpid(),
-                    "qemu_pid": process.pid,
+                    "qemu_pid": qemu_pid,
                     "accel": config.accel,
                     "memory_mib": config.memory_mib,
                     "cpus": config.cpus,
@@ -956,32 +968,46 @@ async def check_call(argv: list[str], *, what: str) -> None:
         raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
 
 
-async def _spawn_qemu(argv: list[str], *, stdout: int, stderr: int) -> anyio.abc.Process:
-    # setpriv --pdeathsig: QEMU dies with its supervisor, even on SIGKILL.
-    return await anyio.open_process(
-        ["setpriv", "--pdeathsig", "KILL", "--", *argv], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
-    )
-
-
-async def _spawn_guarded_qemu(argv: list[str], policy: netguard.Policy) -> tuple[anyio.abc.Process, netguard.Guard]:
-    """QEMU under netguard's filter, and the guard answering for it."""
-    ours, theirs = socket.socketpair()
-    with ours:
+async def _start_qemu(
+    argv: list[str],
+    visible: tuple[list[Path], list[Path]],
+    *,
+    kvm: bool,
+    policy: netguard.Policy | None,
+    output: int,
+) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:
+    """QEMU confined (``confine``: its own namespaces, only ``visible`` = (read-only, writable)
+    paths) and, with a ``policy``, under netguard's filter: (process, QEMU's pid, guard)."""
+    # setpriv --pdeathsig: QEMU dies with its parent (us, or bwrap), even on SIGKILL.
+    inner = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+    read_only, writable = visible
+    info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
+    ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
+    with os.fdopen(info_read, "rb") as info, ours:
         try:
+            confined = confine.confined(inner, read_only=read_only, writable=writable, kvm=kvm, info_fd=info_write)
+            full = confined or inner
+            if policy is not None:
+                full = netguard.guarded_argv(full, theirs.fileno())
             process = await anyio.open_process(
-                netguard.guarded_argv(["setpriv", "--pdeathsig", "KILL", "--", *argv], theirs.fileno()),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=[theirs.fileno()],
+                full, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                pass_fds=[theirs.fileno(), *([info_write] if confined else [])],
             )  # fmt: skip
         finally:
             theirs.close()
-        ours.settimeout(30)
+            os.close(info_write)
         try:
-            listener = await anyio.to_thread.run_sync(netguard.receive_listener, ours)
+            ours.settimeout(30)
+            listener = await anyio.to_thread.run_sync(netguard.receive_listener, ours) if policy else None
+            reported = await anyio.to_thread.run_sync(info.read) if confined else b""
+            qemu_pid = json.loads(reported)["child-pid"] if reported else process.pid
         except BaseException:
             process.kill()
             with anyio.CancelScope(shield=True):
                 await process.wait()
             raise
+    if listener is None:
+        return process, qemu_pid, None
     refusals = capped_log.Budget(REFUSALS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
 
     def log_refused(address, port: int) -> None:
@@ -990,7 +1016,7 @@ async def _spawn_guarded_qemu(argv: list[str], policy: netguard.Policy) -> tuple
         elif refusals.just_exhausted:
             log.info("guest connections keep being refused: not logged for a while")
 
-    return process, netguard.Guard(listener, policy, log_refused)
+    return process, qemu_pid, netguard.Guard(listener, policy, log_refused)
 
 
 async def _run_guard(guard: netguard.Guard) -> None:

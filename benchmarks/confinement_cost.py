@@ -1,12 +1,13 @@
-"""What QEMU's seccomp sandbox costs, compared inside one run (this machine is noisy).
+"""What confining QEMU costs, compared inside one run (this machine is noisy).
 
-    python benchmarks/sandbox_cost.py [--rounds 3] [--siblings 2]
+    python benchmarks/confinement_cost.py [--rounds 3] [--siblings 2]
 
-Alternates rounds with the sandbox off and on ($MACHINEN_QEMU_SANDBOX, read by each supervisor
-as it starts QEMU). Per round: a cold boot (boot() -> first exec answered), a fork of
+Alternates rounds over three settings, read by each supervisor as it starts QEMU: "none"
+($MACHINEN_QEMU_SANDBOX=off, $MACHINEN_QEMU_NAMESPACES=off), "seccomp" (the sandbox only) and
+"seccomp+namespaces" (the default: the sandbox, and bubblewrap's namespaces). Per round: a cold boot (boot() -> first exec answered), a fork of
 ``--siblings`` siblings (fork() -> all answered; the source's pause), and a snapshot + restore
-(which move state through file descriptors either way). Prints one JSON object with the medians
-per setting and the on/off ratios.
+(which move state through file descriptors in every setting). Prints one JSON object with the
+medians per setting and their ratios to "none".
 """
 
 from __future__ import annotations
@@ -44,20 +45,30 @@ async def one_round(siblings: int, workdir: Path) -> dict[str, float]:
             "snapshot_pause_ms": snapshot.pause_ms, "restore_s": restore_s}  # fmt: skip
 
 
+SETTINGS = {
+    "none": {"MACHINEN_QEMU_SANDBOX": "off", "MACHINEN_QEMU_NAMESPACES": "off"},
+    "seccomp": {"MACHINEN_QEMU_SANDBOX": "on", "MACHINEN_QEMU_NAMESPACES": "off"},
+    "seccomp+namespaces": {"MACHINEN_QEMU_SANDBOX": "on", "MACHINEN_QEMU_NAMESPACES": "on"},
+}
+
+
 async def main(rounds: int, siblings: int) -> dict:
-    samples: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    samples: dict[str, list[dict[str, float]]] = {setting: [] for setting in SETTINGS}
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(rounds):
-            for setting in ("off", "on"):
-                os.environ["MACHINEN_QEMU_SANDBOX"] = setting
+            for setting, env in SETTINGS.items():
+                os.environ.update(env)
                 samples[setting].append(await one_round(siblings, Path(workdir)))
     medians = {
         setting: {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
         for setting, runs in samples.items()
     }
-    ratios = {key: round(medians["on"][key] / medians["off"][key], 2) for key in medians["on"] if medians["off"][key]}
-    return {"rounds": rounds, "siblings": siblings, "sandbox_off": medians["off"], "sandbox_on": medians["on"],
-            "on_over_off": ratios}  # fmt: skip
+    ratios = {
+        setting: {key: round(values[key] / medians["none"][key], 2) for key in values if medians["none"][key]}
+        for setting, values in medians.items()
+        if setting != "none"
+    }
+    return {"rounds": rounds, "siblings": siblings, "medians": medians, "over_none": ratios}
 
 
 if __name__ == "__main__":
