@@ -38,9 +38,14 @@ def machinen(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> 
 
 
 def qemu_processes() -> list[str]:
-    """QEMU processes started by this test session (their paths contain our home)."""
-    out = subprocess.run(["pgrep", "-a", "qemu-system"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if str(_HOME) in line and "<defunct>" not in line]
+    """QEMU processes started by this test session (their paths contain our home), and
+    whatever started them for a supervisor (setpriv, the network guard's shim, bwrap)."""
+    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
+    return [
+        line
+        for line in out.splitlines()
+        if str(_HOME) in line and "<defunct>" not in line and "machinen_async.vmm.supervisor" not in line
+    ]
 
 
 def runtime_leftovers(runtime: Path | None = None) -> list[str]:

@@ -978,19 +978,21 @@ async def _start_qemu(
 ) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:
     """QEMU confined (``confine``: its own namespaces, only ``visible`` = (read-only, writable)
     paths) and, with a ``policy``, under netguard's filter: (process, QEMU's pid, guard)."""
-    # setpriv --pdeathsig: QEMU dies with its parent (us, or bwrap), even on SIGKILL.
-    inner = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
     read_only, writable = visible
     info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
     ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
     with os.fdopen(info_read, "rb") as info, ours:
         try:
-            confined = confine.confined(inner, read_only=read_only, writable=writable, kvm=kvm, info_fd=info_write)
-            full = confined or inner
+            confined = confine.confined(argv, read_only=read_only, writable=writable, kvm=kvm, info_fd=info_write)
+            chain = confined or argv
             if policy is not None:
-                full = netguard.guarded_argv(full, theirs.fileno())
+                chain = netguard.guarded_argv(chain, theirs.fileno())
+            # setpriv --pdeathsig: the chain dies with us, even on SIGKILL (the shim and bwrap
+            # exec the next step, which keeps the signal; bwrap --die-with-parent passes it on
+            # to the sandboxed QEMU).  A session of its own, killed whole by _kill_chain.
             process = await anyio.open_process(
-                full, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                ["setpriv", "--pdeathsig", "KILL", "--", *chain],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
                 pass_fds=[theirs.fileno(), *([info_write] if confined else [])],
             )  # fmt: skip
         finally:
@@ -1002,7 +1004,7 @@ async def _start_qemu(
             reported = await anyio.to_thread.run_sync(info.read) if confined else b""
             qemu_pid = json.loads(reported)["child-pid"] if reported else process.pid
         except BaseException:
-            process.kill()
+            _kill_chain(process)
             with anyio.CancelScope(shield=True):
                 await process.wait()
             raise
@@ -1131,10 +1133,17 @@ async def _stop_qemu(process: anyio.abc.Process, qmp: QMPClient) -> None:
         with anyio.move_on_after(QEMU_QUIT_GRACE_S):
             await process.wait()
         if process.returncode is None:
-            process.kill()
+            _kill_chain(process)
             await process.wait()
     with contextlib.suppress(Exception), anyio.move_on_after(1):
         await qmp.disconnect()
+
+
+def _kill_chain(process: anyio.abc.Process) -> None:
+    """SIGKILL every process of QEMU's session: killing only the first would leave a bwrap
+    killed while it set the sandbox up with a child blocked for ever, waiting for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 async def _owner_lets_go() -> bool:
