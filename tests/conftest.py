@@ -40,7 +40,7 @@ def machinen(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> 
 def qemu_processes() -> list[str]:
     """QEMU processes started by this test session (their paths contain our home), and
     whatever started them for a supervisor (setpriv, the network guard's shim, bwrap)."""
-    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True, check=False).stdout
     return [
         line
         for line in out.splitlines()
