@@ -25,7 +25,7 @@ import click
 
 from . import __version__, registry
 from .errors import GuestFileError, MachinenError, plain_errors
-from .guest_agent.agent import WORKLOAD_LOG
+from .protocol.guest_abi import WORKLOAD_LOG
 from .network import NetworkPolicy
 from .vm import VM, boot, connect, restore, stop_vm
 from .vmm import assets, storage

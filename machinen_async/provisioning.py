@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 
 from .errors import ExecError, MachinenError, plain_errors
-from .guest_agent.agent import IMAGE_CONFIG
+from .protocol.guest_abi import IMAGE_CONFIG
 from .vm import VM, Command, _argv, boot
 from .vmm import assets
 

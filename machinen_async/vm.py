@@ -2,7 +2,7 @@
 ``fork()`` and ``snapshot()``), ``Forks`` and ``Process``.
 
 A ``VM`` talks to its per-VM supervisor over one unix socket, multiplexing
-any number of concurrent calls (see ``vsock.mux``).  ``boot()`` starts a
+any number of concurrent calls (see ``protocol.mux``).  ``boot()`` starts a
 supervisor and owns it: leaving the ``async with`` (normally, on error or on
 cancellation) stops QEMU and removes every file the VM had.
 """
@@ -41,8 +41,8 @@ from .network import NetworkPolicy, network_settings
 from .ports import PortSpec, parse_port_forwards
 from .vmm import assets, bundle, qemu, storage
 from .vmm.supervisor import DETACH, SupervisorConfig
-from .vsock import wire
-from .vsock.mux import Call, Channel
+from .protocol import wire
+from .protocol.mux import Call, Channel
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 # What exec() keeps of each output stream and read_file() of a file, in host

@@ -1,6 +1,6 @@
-"""An in-process stand-in for the guest agent, speaking ``vsock/wire`` over a socketpair.
+"""An in-process stand-in for the guest agent, speaking ``protocol/wire`` over a socketpair.
 
-For fast tests of the host side of the protocol (``vsock/mux`` under ``VM``):
+For fast tests of the host side of the protocol (``protocol/mux`` under ``VM``):
 interleavings, cancellation, a peer that dies.  Tests that claim a VM feature
 works use the real agent in a real VM instead.
 
@@ -32,9 +32,9 @@ import anyio.abc
 import msgpack
 
 from machinen_async import VM
-from machinen_async.vsock import wire
-from machinen_async.vsock.framed import FrameStream
-from machinen_async.vsock.mux import Channel
+from machinen_async.protocol import wire
+from machinen_async.protocol.framing import FrameStream
+from machinen_async.protocol.mux import Channel
 
 
 def chunk(tag: str, index: int) -> bytes:

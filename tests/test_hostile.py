@@ -57,8 +57,8 @@ from machinen_async.vmm import capped_log, netguard, qcow2
 from machinen_async.vmm import supervisor as supervisor_module
 from machinen_async.vmm.assets import sha256_file
 from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
-from machinen_async.vsock import wire
-from machinen_async.vsock.mux import Channel
+from machinen_async.protocol import wire
+from machinen_async.protocol.mux import Channel
 
 HANG_S = 10.0
 CHUNK_OF_X = b"x" * wire.CHUNK

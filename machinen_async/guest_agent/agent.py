@@ -32,10 +32,10 @@ import threading
 import time
 from collections import deque
 
-from ..vsock import wire
+from ..protocol import wire
+from ..protocol.guest_abi import AGENT_PORT_NAME, DNS_IP, GATEWAY_IP, GUEST_IP, IMAGE_CONFIG, WORKLOAD_LOG
 
 AGENT_VERSION = "0.2.0"
-PORT_NAME = "org.machinen.agent"
 # While no host is connected, read() on the port returns b"" at once (and
 # poll() reports HUP): sleep between tries instead of spinning.  A supervisor
 # keeps the port connected for the VM's whole life, so this only runs in the
@@ -44,7 +44,6 @@ DISCONNECTED_POLL_S = 0.02
 # A command that left a background child holding its stdout/stderr open is
 # reported finished once no output arrived for this long after it exited.
 OUTPUT_GRACE_AFTER_EXIT_S = 0.25
-GUEST_IP, GATEWAY_IP, DNS_IP = "10.0.2.15", "10.0.2.2", "10.0.2.3"  # QEMU user-mode networking
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -517,8 +516,6 @@ def agent_info(params: dict | None = None) -> dict:
     }
 
 
-IMAGE_CONFIG = "/etc/machinen/image.json"
-WORKLOAD_LOG = "/var/log/machinen/workload.log"
 WORKLOAD_MAX_BACKOFF_S = 10.0
 
 
@@ -693,12 +690,12 @@ def find_port() -> str:
         for entry in os.listdir(base) if os.path.isdir(base) else ():
             try:
                 with open(os.path.join(base, entry, "name")) as f:
-                    if f.read().strip() == PORT_NAME:
+                    if f.read().strip() == AGENT_PORT_NAME:
                         return f"/dev/{entry}"
             except OSError:
                 continue
         time.sleep(0.01)
-    raise SystemExit(f"virtio port {PORT_NAME} not found")
+    raise SystemExit(f"virtio port {AGENT_PORT_NAME} not found")
 
 
 def _mount(source: str, target: str, fstype: str, options: str = "") -> None:

@@ -39,8 +39,8 @@ from ..errors import HostError, MachinenError, SnapshotError, TransferError, err
 from ..ports import PortSpec, parse_port_forwards
 from ..vm import DEFAULT_BOOT_TIMEOUT_S, VM, Forks, _Boot, _close_all, _open_channel
 from ..vmm import assets, bundle
-from ..vsock import wire
-from ..vsock.framed import FrameStream
+from ..protocol import wire
+from ..protocol.framing import FrameStream
 from . import chunks
 from .peer import PEER_PROTOCOL, host_facts
 

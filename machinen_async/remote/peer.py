@@ -1,7 +1,7 @@
 """The far end of an SSH link: ``machinen _peer``, serving one client on stdin/stdout.
 
 Requests are frames ``[id, method, params]``; replies ``[id, True, result]``
-or ``[id, False, code, message]`` (the framing of ``vsock/wire.py``).
+or ``[id, False, code, message]`` (the framing of ``protocol/wire.py``).
 Requests are served concurrently, so a client can keep several chunk uploads
 in flight.  VMs restored for the client without ``detached`` belong to this
 process: when the SSH connection goes (stdin reaches EOF) they are stopped,
@@ -28,8 +28,8 @@ from .. import __version__, paths, registry
 from ..errors import MachinenError, SnapshotError, TransferError
 from ..vm import VM, restore, stop_vm
 from ..vmm import assets, bundle, qemu
-from ..vsock import wire
-from ..vsock.framed import FrameStream
+from ..protocol import wire
+from ..protocol.framing import FrameStream
 from . import chunks
 
 PEER_PROTOCOL = 1

@@ -18,6 +18,7 @@ These functions block (subprocesses, hashing): call them from a worker thread.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import hashlib
@@ -45,6 +46,8 @@ INITRD_MODULES = (
 )  # fmt: skip
 MIN_IMAGE_GIB = 2  # sparse; the qcow2 overlay only stores what a VM writes
 GUEST_LIB = "usr/lib/machinen"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+GUEST_PACKAGE = "guest_agent"  # copied into every image whole, with what it imports
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 GUEST_ENTRY = f"/{GUEST_LIB}/agent_main.py"
 ASSETS_FORMAT = 1
@@ -62,7 +65,7 @@ exec switch_root /newroot /usr/bin/python3 -I {GUEST_ENTRY}
 
 AGENT_ENTRY = f"""import sys
 sys.path.insert(0, "/{GUEST_LIB}")
-from machinen_async.guest_agent.agent import main
+from machinen_async.{GUEST_PACKAGE}.agent import main
 main()
 """
 
@@ -306,17 +309,52 @@ def ensure_base(report: Report = lambda message: None, *, refresh: bool = False)
         return base
 
 
+def package_imports(module: Path) -> set[Path]:
+    """The files of this package that ``module`` (a file in it) imports, at any depth in the file."""
+    package = module.relative_to(PACKAGE_DIR).parent.parts
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(module.read_bytes())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = [*package[: len(package) - node.level + 1], *(node.module or "").split(".")]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE_DIR.name:
+            base = node.module.split(".")[1:]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE_DIR.name:
+                    found |= _existing_module(alias.name.split(".")[1:])
+            continue
+        else:
+            continue
+        base = [part for part in base if part]
+        found |= _existing_module(base)
+        for alias in node.names:  # ``from ..protocol import wire`` imports a submodule
+            found |= _existing_module([*base, alias.name])
+    return found
+
+
+def _existing_module(parts: list[str]) -> set[Path]:
+    as_file = PACKAGE_DIR.joinpath(*parts).with_suffix(".py") if parts else None
+    as_package = PACKAGE_DIR.joinpath(*parts, "__init__.py")
+    return {path for path in (as_file, as_package) if path is not None and path.is_file()}
+
+
 def _agent_sources() -> dict[str, bytes]:
-    """Guest-side files: the agent and the wire module it shares with the host."""
-    package = Path(__file__).resolve().parent.parent
-    return {
-        "machinen_async/__init__.py": b"",
-        "machinen_async/vsock/__init__.py": b"",
-        "machinen_async/vsock/wire.py": (package / "vsock" / "wire.py").read_bytes(),
-        "machinen_async/guest_agent/__init__.py": b"",
-        "machinen_async/guest_agent/agent.py": (package / "guest_agent" / "agent.py").read_bytes(),
-        "agent_main.py": AGENT_ENTRY.encode(),
-    }
+    """Guest-side files: the whole guest package and what it imports from this package
+    (found by reading its imports: ``protocol``'s wire and guest ABI today).  Every
+    ``__init__.py`` is written empty: the host's would import host modules."""
+    sources = {"agent_main.py": AGENT_ENTRY.encode()}
+    pending = sorted((PACKAGE_DIR / GUEST_PACKAGE).glob("*.py"))
+    while pending:
+        module = pending.pop()
+        relative = module.relative_to(PACKAGE_DIR)
+        packages = [PACKAGE_DIR.name, *relative.parent.parts]
+        for depth in range(1, len(packages) + 1):
+            sources["/".join([*packages[:depth], "__init__.py"])] = b""
+        name = f"{PACKAGE_DIR.name}/{relative.as_posix()}"
+        if module.name != "__init__.py" and name not in sources:
+            sources[name] = module.read_bytes()
+            pending += sorted(package_imports(module) - {module})
+    return sources
 
 
 def _digest_memo(path: Path) -> Path:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BootError
+from ..protocol.guest_abi import AGENT_PORT_NAME
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE_TYPE = "microvm"
-AGENT_PORT_NAME = "org.machinen.agent"
 # A capped TCG translation cache keeps QEMU's own memory near 100 MiB instead
 # of growing with every guest code path, with no measurable slowdown
 # (tb-size=16 was 3x slower).  Irrelevant under KVM.

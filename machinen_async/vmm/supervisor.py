@@ -38,8 +38,8 @@ from qemu.qmp import QMPClient
 
 from .. import paths, registry
 from ..errors import BootError, BootTimeoutError, MachinenError, SnapshotError, error_from_code, plain_errors
-from ..vsock import wire
-from ..vsock.framed import FrameStream
+from ..protocol import wire
+from ..protocol.framing import FrameStream
 from . import bundle, capped_log, confine, netguard, qemu, storage
 from .assets import immutable_file_digest
 

@@ -24,7 +24,7 @@ import anyio.abc
 
 from ..errors import AgentUnavailableError, ExecError, MachinenError, error_from_code
 from . import wire
-from .framed import FrameStream
+from .framing import FrameStream
 
 # A supervisor reads its clients all the time; one that takes this long to
 # take a frame is wedged, and the connection is dropped.
