@@ -28,7 +28,8 @@ from pathlib import Path
 import anyio
 
 from machinen_async import VM, boot, restore
-from machinen_async.vmm import qemu, storage
+from machinen_async.store import layers
+from machinen_async.vmm import qemu
 
 
 def available_mib() -> float:
@@ -41,7 +42,7 @@ def available_mib() -> float:
 
 def sibling_memory(qemu_pid: int) -> tuple[float, float]:
     """(private MiB of the template RAM mapping, PSS MiB of the whole process)."""
-    templates = str(storage.templates_dir())
+    templates = str(layers.templates_dir())
     private_kib, pss_kib, inside = 0, 0, False
     with open(f"/proc/{qemu_pid}/smaps") as smaps:
         for line in smaps:

@@ -23,12 +23,12 @@ from typing import Any
 import anyio
 import click
 
-from . import __version__, registry
+from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
-from .protocol.guest_abi import WORKLOAD_LOG
 from .network import NetworkPolicy
+from .protocol.guest_abi import WORKLOAD_LOG
+from .store import assets, layers, registry
 from .vm import VM, boot, connect, restore, stop_vm
-from .vmm import assets, storage
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
@@ -467,13 +467,13 @@ def restore_command(
 def gc_command(dry_run: bool, as_json: bool) -> None:
     """Remove what no running VM uses: fork templates, disk layers, leftovers of killed VMs,
     and transfer chunks and received bundles unused for 7 days."""
-    from .remote import chunks
+    from .store import chunks
 
     removed = [
         str(p)
         for p in (
             *registry.collect_stale(dry_run=dry_run),
-            *storage.collect_garbage(dry_run=dry_run),
+            *layers.collect_garbage(dry_run=dry_run),
             *chunks.collect_unused(dry_run=dry_run),
         )
     ]

@@ -18,8 +18,8 @@ import anyio
 
 from .errors import ExecError, MachinenError, plain_errors
 from .protocol.guest_abi import IMAGE_CONFIG
+from .store import assets
 from .vm import VM, Command, _argv, boot
-from .vmm import assets
 
 DEFAULT_TIMEOUT_S = 600.0
 # The export is a stream the guest writes: without a bound, a guest could fill the host's disk.

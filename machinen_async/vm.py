@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
-from . import paths, registry
 from .errors import (
     BootError,
     ExecError,
@@ -39,10 +38,11 @@ from .errors import (
 )
 from .network import NetworkPolicy, network_settings
 from .ports import PortSpec, parse_port_forwards
-from .vmm import assets, bundle, qemu, storage
-from .vmm.supervisor import DETACH, SupervisorConfig
 from .protocol import wire
 from .protocol.mux import Call, Channel
+from .store import assets, bundle, layers, paths, registry
+from .vmm import qemu
+from .vmm.supervisor import DETACH, SupervisorConfig
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 # What exec() keeps of each output stream and read_file() of a file, in host
@@ -520,7 +520,7 @@ async def _fork(
     fork_info = await source._channel.call("vm.fork_template", {"bundle": str(bundle_dir)} if bundle_dir else {})
     if not names:
         return [], fork_info
-    template = storage.Shared(Path(fork_info["holds"][0]))
+    template = layers.Shared(Path(fork_info["holds"][0]))
     reference = template.hold()  # ours until every sibling holds its own
     incoming = {
         key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")
@@ -528,7 +528,7 @@ async def _fork(
     try:
         siblings = await _start_siblings(names, fork_info["machine"], incoming, boot_timeout, detached, ports)
     finally:
-        storage.close_quietly(reference)
+        layers.close_quietly(reference)
     return siblings, fork_info
 
 
@@ -1188,8 +1188,8 @@ async def _restore_siblings(
     for name in names:
         registry.ensure_free(name)
     _check_fork_memory(len(names), fields)
-    template, template_ref = storage.new_template()
-    layer, layer_ref = storage.new_layer()
+    template, template_ref = layers.new_template()
+    layer, layer_ref = layers.new_layer()
     try:
         for source, target in (
             (bundle.MEM, template.mem), (bundle.STATE, template.state), (bundle.DISK, layer.disk)
@@ -1208,8 +1208,8 @@ async def _restore_siblings(
         }
         siblings = await _start_siblings(names, fields, incoming, boot_timeout, detached, [])
     finally:
-        storage.close_quietly(template_ref)
-        storage.close_quietly(layer_ref)
+        layers.close_quietly(template_ref)
+        layers.close_quietly(layer_ref)
     return Forks(siblings)
 
 

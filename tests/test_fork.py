@@ -8,10 +8,10 @@ import time
 
 import anyio
 import pytest
-
 from conftest import qemu_processes, runtime_leftovers
-from machinen_async import MachinenError, VM, boot
-from machinen_async.vmm import storage
+
+from machinen_async import VM, MachinenError, boot
+from machinen_async.store import layers
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +75,7 @@ async def test_siblings_diverge_from_one_instant(anyio_backend):
             assert all(abs(s["clock"] - time.time()) < 5 for s in states)
             assert {vm.info["forked_from"] for vm in forks} == {f"fsrc-{anyio_backend}"}
     assert not _qemu_of(f"fsib-{anyio_backend}-0")
-    assert not storage.collect_garbage(dry_run=True), "layers or templates outlived every VM using them"
+    assert not layers.collect_garbage(dry_run=True), "layers or templates outlived every VM using them"
 
 
 async def test_memory_is_shared_copy_on_write():
@@ -120,7 +120,7 @@ async def test_cancelling_a_fork_of_16_leaves_nothing(cancel_after_s):
         assert not [d for d in runtime_leftovers() if d.startswith("fcan-sib")]
         assert (await source.exec(["true"])).exit_code == 0
     assert not [d for d in runtime_leftovers() if d.startswith("fcan")]
-    assert not storage.collect_garbage(dry_run=True), "a template or layer leaked"
+    assert not layers.collect_garbage(dry_run=True), "a template or layer leaked"
 
 
 async def test_fork_errors():
@@ -149,4 +149,4 @@ async def test_fork_of_a_fork(anyio_backend):
                 async with grandchildren[1].fork(name=f"fff-great-{anyio_backend}") as great:
                     assert await poke(great) == 4
             assert await poke(source) == 2
-    assert not storage.collect_garbage(dry_run=True)
+    assert not layers.collect_garbage(dry_run=True)

@@ -46,19 +46,19 @@ from machinen_async import (
     SnapshotError,
     TransferError,
     boot,
-    registry,
     restore,
 )
 from machinen_async.cli import terminal_safe
-from machinen_async.remote import chunks, peer
-from machinen_async.vm import AGENT_TIMEOUT_SLACK_S, stop_vm
-from machinen_async.vmm import bundle as bundle_format
-from machinen_async.vmm import capped_log, netguard, qcow2
-from machinen_async.vmm import supervisor as supervisor_module
-from machinen_async.vmm.assets import sha256_file
-from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
 from machinen_async.protocol import wire
 from machinen_async.protocol.mux import Channel
+from machinen_async.remote import peer
+from machinen_async.store import bundle as bundle_format
+from machinen_async.store import chunks, qcow2, registry
+from machinen_async.store.assets import sha256_file
+from machinen_async.vm import AGENT_TIMEOUT_SLACK_S, stop_vm
+from machinen_async.vmm import capped_log, netguard
+from machinen_async.vmm import supervisor as supervisor_module
+from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
 
 HANG_S = 10.0
 CHUNK_OF_X = b"x" * wire.CHUNK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from machinen_async.vmm.assets import GUEST_PACKAGE, PACKAGE_DIR, package_imports
+from machinen_async.store.assets import GUEST_PACKAGE, PACKAGE_DIR, package_imports
 
 GUEST = PACKAGE_DIR / GUEST_PACKAGE
 PROTOCOL = PACKAGE_DIR / "protocol"

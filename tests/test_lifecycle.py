@@ -7,10 +7,10 @@ import signal
 
 import anyio
 import pytest
-
 from conftest import SHARED_VM, qemu_processes, runtime_leftovers
+
 from machinen_async import AgentUnavailableError, BootError, MachinenError, RegistryError, boot, connect
-from machinen_async import paths
+from machinen_async.store import paths
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,8 @@ import stat
 import pytest
 from conftest import qemu_processes
 
-from machinen_async import MachinenError, boot, paths, registry
+from machinen_async import MachinenError, boot
+from machinen_async.store import paths, registry
 
 NOBODY = 65534
 

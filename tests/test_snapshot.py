@@ -7,12 +7,12 @@ from pathlib import Path
 
 import cbor2
 import pytest
-
 from conftest import qemu_processes
-from machinen_async import BootError, SnapshotError, boot, connect, restore
-from machinen_async.vmm import assets
-from machinen_async.vmm import bundle as bundle_format
 from test_fork import COUNTER, copied_ram_mib, poke
+
+from machinen_async import BootError, SnapshotError, boot, connect, restore
+from machinen_async.store import assets
+from machinen_async.store import bundle as bundle_format
 
 pytestmark = pytest.mark.anyio
 

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import anyio
 
-from .. import paths
 from ..errors import HandoffError, MachinenError
 from ..ports import PortSpec
+from ..store import chunks, paths
 from ..vm import VM
-from . import chunks
 from .host import SSHHost, TransferReport
 
 # The source stays paused while the final state moves and starts there; past this it resumes.

@@ -37,11 +37,10 @@ import asyncssh
 from .. import __version__
 from ..errors import HostError, MachinenError, SnapshotError, TransferError, error_from_code, plain_errors
 from ..ports import PortSpec, parse_port_forwards
-from ..vm import DEFAULT_BOOT_TIMEOUT_S, VM, Forks, _Boot, _close_all, _open_channel
-from ..vmm import assets, bundle
 from ..protocol import wire
 from ..protocol.framing import FrameStream
-from . import chunks
+from ..store import assets, bundle, chunks
+from ..vm import DEFAULT_BOOT_TIMEOUT_S, VM, Forks, _Boot, _close_all, _open_channel
 from .peer import PEER_PROTOCOL, host_facts
 
 PUTS_IN_FLIGHT = 8

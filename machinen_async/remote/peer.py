@@ -24,13 +24,13 @@ import anyio.abc
 from anyio.streams.file import FileReadStream, FileWriteStream
 from anyio.streams.stapled import StapledByteStream
 
-from .. import __version__, paths, registry
+from .. import __version__
 from ..errors import MachinenError, SnapshotError, TransferError
-from ..vm import VM, restore, stop_vm
-from ..vmm import assets, bundle, qemu
 from ..protocol import wire
 from ..protocol.framing import FrameStream
-from . import chunks
+from ..store import assets, bundle, chunks, paths, registry
+from ..vm import VM, restore, stop_vm
+from ..vmm import qemu
 
 PEER_PROTOCOL = 1
 

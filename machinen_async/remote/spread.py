@@ -22,8 +22,8 @@ from typing import Any
 import anyio
 
 from ..errors import ForkError, MachinenError, plain_errors
+from ..store import chunks
 from ..vm import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE, VM, _close_all, _fork
-from . import chunks
 from .host import Host, SSHHost
 
 

@@ -36,12 +36,12 @@ import anyio.abc
 import structlog
 from qemu.qmp import QMPClient
 
-from .. import paths, registry
 from ..errors import BootError, BootTimeoutError, MachinenError, SnapshotError, error_from_code, plain_errors
 from ..protocol import wire
 from ..protocol.framing import FrameStream
-from . import bundle, capped_log, confine, netguard, qemu, storage
-from .assets import immutable_file_digest
+from ..store import bundle, layers, paths, registry, sparse
+from ..store.assets import immutable_file_digest
+from . import capped_log, confine, netguard, qemu
 
 log = structlog.get_logger("machinen.supervisor")
 
@@ -549,7 +549,7 @@ class Supervisor:
           goes into ``state`` by live (pre-copy) migration, so the guest runs
           while most of it streams and stops only for the last dirty pages.
         """
-        layer, layer_ref = storage.new_layer()
+        layer, layer_ref = layers.new_layer()
         steps: dict[str, float] = {}
         clock = time.monotonic()
 
@@ -571,7 +571,7 @@ class Supervisor:
                 )
                 step("save_state")
                 if mem is not None:
-                    await check_call(["cp", "--sparse=always", str(self.ram_file), str(mem)], what="copy RAM")
+                    await anyio.to_thread.run_sync(sparse.copy, self.ram_file, mem)
                     step("copy_ram")
             else:
                 uri = await _migration_file(self.qmp, state, write=True)
@@ -582,7 +582,7 @@ class Supervisor:
                 step("freeze_disk")
         finally:
             if frozen is None:
-                storage.close_quietly(layer_ref)
+                layers.close_quietly(layer_ref)
             if frozen is None or not stay_paused:
                 await self.qmp.execute("cont")
         step("resume")
@@ -590,7 +590,7 @@ class Supervisor:
         steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
         return frozen, steps
 
-    async def _freeze_disk(self, layer: storage.Layer, layer_ref: int) -> list[list[str]]:
+    async def _freeze_disk(self, layer: layers.Layer, layer_ref: int) -> list[list[str]]:
         """Put a fresh qcow2 layer on top of the disk; return the now-frozen chain."""
         node = f"disk{len(self.layer_refs)}"
         await self.qmp.execute(
@@ -607,7 +607,7 @@ class Supervisor:
     def _visible_to_qemu(self) -> tuple[list[Path], list[Path]]:
         """What a confined QEMU of this VM sees: (read-only, writable) paths."""
         config = self.config
-        stores = [paths.private_dir(storage.layers_dir()), paths.private_dir(storage.templates_dir())]
+        stores = [paths.private_dir(layers.layers_dir()), paths.private_dir(layers.templates_dir())]
         read_only = [Path(config.kernel), Path(config.initrd), Path(config.image)]
         return read_only, [self.entry.path, Path(config.ram_dir), *stores]
 
@@ -624,7 +624,7 @@ class Supervisor:
         async with self.capture_lock:
             if self.paused_for is not None:
                 raise MachinenError("the VM is paused for a handoff", code="FORK_VM_PAUSED")
-            template, template_ref = storage.new_template()
+            template, template_ref = layers.new_template()
             try:
                 chain, steps = await self._capture(template.state, template.mem)
                 if not self.ram_shared:
@@ -632,18 +632,18 @@ class Supervisor:
                     await self._unpack_ram(template, chain)
                     steps["unpack_ram_after_resume"] = round((time.monotonic() - started) * 1000, 2)
             except BaseException:
-                storage.close_quietly(template_ref)
+                layers.close_quietly(template_ref)
                 raise
         if bundle_dir is not None:
             target = bundle.create_dir(Path(bundle_dir))
             try:
                 for source, name in ((template.state, bundle.STATE), (template.mem, bundle.MEM)):
-                    await check_call(["cp", "--sparse=always", str(source), str(target / name)], what="copy state")
+                    await anyio.to_thread.run_sync(sparse.copy, source, target / name)
                 await self._seal_bundle(target, chain)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     bundle.remove_partial(target)
-                    storage.close_quietly(template_ref)
+                    layers.close_quietly(template_ref)
                 raise
         # Our reference only bridges the gap until the caller takes its own.
         self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
@@ -661,7 +661,7 @@ class Supervisor:
             "machine": self._machine(),
         }
 
-    async def _unpack_ram(self, template: storage.Template, chain: list[list[str]]) -> None:
+    async def _unpack_ram(self, template: layers.Template, chain: list[list[str]]) -> None:
         """Turn a RAM-carrying state into a RAM file plus device state.
 
         A fork sibling's RAM arrives inside ``state``.  Loaded by every one of
@@ -672,7 +672,7 @@ class Supervisor:
         """
         full_state = template.path / "state.full"
         template.state.rename(full_state)
-        scratch, scratch_ref = storage.new_layer()  # the helper's disk top, never written
+        scratch, scratch_ref = layers.new_layer()  # the helper's disk top, never written
         qmp = QMPClient(f"{self.config.name}-template")
         process = None
         try:
@@ -699,7 +699,7 @@ class Supervisor:
                 if process is not None:
                     await _stop_qemu(process, qmp)
                 full_state.unlink(missing_ok=True)
-                storage.close_quietly(scratch_ref)
+                layers.close_quietly(scratch_ref)
 
     def _machine_config(self) -> qemu.MachineConfig:
         config = self.config
@@ -785,9 +785,9 @@ class Supervisor:
                 for forward in self.forwards:
                     await forward.aclose()
             for ref in self.layer_refs:
-                storage.close_quietly(ref)
+                layers.close_quietly(ref)
             shutil.rmtree(ram_dir, ignore_errors=True)
-            storage.collect_garbage()
+            layers.collect_garbage()
 
     async def _prepare_disk_and_ram(self, ram_dir: Path) -> None:
         """Create this VM's writable layer and decide where its RAM lives.
@@ -801,7 +801,7 @@ class Supervisor:
             self.disk_size = os.stat(config.image).st_size
         else:
             try:
-                self.layer_refs += [storage.Shared(Path(p)).hold() for p in incoming["holds"]]
+                self.layer_refs += [layers.Shared(Path(p)).hold() for p in incoming["holds"]]
             except FileNotFoundError:
                 raise BootError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
             self.chain, self.disk_size = incoming["chain"], incoming["disk_size"]
@@ -810,7 +810,7 @@ class Supervisor:
             # Restored from a bundle: each file is copied (so the bundle stays untouched) and
             # hashed as it is copied; QEMU opens only the copies.
             source, expected = Path(incoming["bundle"]), incoming["files"]
-            imported, ref = storage.new_layer()
+            imported, ref = layers.new_layer()
             self.layer_refs.append(ref)
             copies = [(bundle.DISK, imported.disk), (bundle.STATE, ram_dir / bundle.STATE)]
             if bundle.MEM in expected:
@@ -822,7 +822,7 @@ class Supervisor:
         elif incoming is not None:  # a fork sibling: the template's RAM, mapped copy-on-write
             self.state_file = Path(incoming["state"])
             self.ram_file, self.ram_shared = Path(incoming["mem"]), False
-        layer, ref = storage.new_layer()
+        layer, ref = layers.new_layer()
         self.layer_refs.append(ref)
         await _create_overlay(layer.disk, self.chain[0], self.disk_size)
         self.chain = [[str(layer.disk), "qcow2"], *self.chain]
@@ -1102,7 +1102,7 @@ def _port_holder(host_port: int) -> str:
 
 def _layer_dirs(chain: list[list[str]]) -> list[str]:
     """The shared layer directories a disk chain runs through."""
-    root = storage.layers_dir()
+    root = layers.layers_dir()
     return [str(Path(path).parent) for path, _ in chain if Path(path).parent.parent == root]
 
 
@@ -1114,7 +1114,7 @@ async def _release_later(ref: int, delay: float) -> None:
     try:
         await anyio.sleep(delay)
     finally:
-        storage.close_quietly(ref)
+        layers.close_quietly(ref)
 
 
 async def _connect_qmp(qmp: QMPClient, socket_path: Path) -> None:

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import paths
+from . import paths
 
 
 @dataclass(frozen=True)

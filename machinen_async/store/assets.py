@@ -21,19 +21,21 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import paths
 from ..errors import AssetsError, BootError
+from . import paths
 
 Report = Callable[[str], None]
 
@@ -338,10 +340,20 @@ def _existing_module(parts: list[str]) -> set[Path]:
     return {path for path in (as_file, as_package) if path is not None and path.is_file()}
 
 
+_agent_sources_lock = threading.Lock()  # CPython 3.11's ast.parse is not safe in parallel threads
+
+
 def _agent_sources() -> dict[str, bytes]:
     """Guest-side files: the whole guest package and what it imports from this package
     (found by reading its imports: ``protocol``'s wire and guest ABI today).  Every
-    ``__init__.py`` is written empty: the host's would import host modules."""
+    ``__init__.py`` is written empty: the host's would import host modules.  Read once
+    per process (boots call it from worker threads, concurrently)."""
+    with _agent_sources_lock:
+        return dict(_read_agent_sources())
+
+
+@functools.cache
+def _read_agent_sources() -> dict[str, bytes]:
     sources = {"agent_main.py": AGENT_ENTRY.encode()}
     pending = sorted((PACKAGE_DIR / GUEST_PACKAGE).glob("*.py"))
     while pending:

@@ -20,7 +20,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import MachinenError
+from ..errors import MachinenError
 
 
 def private_dir(path: Path) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from . import paths
-from .errors import RegistryError
+from ..errors import RegistryError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 

@@ -12,7 +12,6 @@ These functions block (file I/O, hashing): call them from a worker thread.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -20,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import paths
 from ..errors import TransferError
+from . import paths, sparse
 
 CHUNK_SIZE = 256 * 1024
 # Chunks and received bundles not used for this long are collected by `machinen gc`,
@@ -32,22 +31,6 @@ PARTIAL_KEEP_S = 3600
 Recipe = dict[str, Any]  # {"size": int, "chunks": [bytes | None, ...]}, digests raw (32 bytes)
 
 
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """(start, end) of the regions of a file that hold data; holes are skipped."""
-    ranges, offset = [], 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        ranges.append((start, end))
-        offset = end
-    return ranges
-
-
 def recipe(path: Path) -> Recipe:
     """Size and chunk digests of ``path``; chunks without data are ``None``."""
     with open(path, "rb") as file:
@@ -55,7 +38,7 @@ def recipe(path: Path) -> Recipe:
         size = os.fstat(fd).st_size
         count = -(-size // CHUNK_SIZE)
         with_data = set()
-        for start, end in _data_ranges(fd, size):
+        for start, end in sparse.data_regions(fd, size):
             with_data.update(range(start // CHUNK_SIZE, -(-end // CHUNK_SIZE)))
         chunks: list[bytes | None] = [None] * count
         for index in sorted(with_data):

@@ -22,7 +22,6 @@ was checked, whatever happens to the bundle directory meanwhile.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
 import os
@@ -33,9 +32,8 @@ from typing import Any
 
 import cbor2
 
-from .. import paths
 from ..errors import BootError, MachinenError, SnapshotError
-from . import qcow2
+from . import paths, qcow2, sparse
 from .assets import is_hex_digest, sha256_file
 
 FORMAT_VERSION = 1
@@ -258,27 +256,31 @@ def copy_verified(source: Path, target: Path, expected: dict[str, Any]) -> None:
     On a mismatch ``target`` is removed and SNAPSHOT_CORRUPT raised."""
     digest = hashlib.sha256()
     zeros = bytes(COPY_BLOCK)
+
+    def hash_zeros(count: int) -> None:  # a hole: zeros to hash, nothing to write
+        for _ in range(count // COPY_BLOCK):
+            digest.update(zeros)
+        digest.update(zeros[: count % COPY_BLOCK])
+
     try:
-        with open(source, "rb") as src, open(target, "xb", opener=_private_opener) as dst:
+        with open(source, "rb") as src, open(target, "xb", opener=sparse.private_opener) as dst:
             size = os.fstat(src.fileno()).st_size
             if size != expected.get("size"):
                 raise SnapshotError(f"{source.name} does not match its manifest size", code="SNAPSHOT_CORRUPT")
-            offset = 0
-            while offset < size:
-                data_at = _next_data(src.fileno(), offset, size)
-                while offset < data_at:  # a hole: zeros to hash, nothing to write
-                    step = min(COPY_BLOCK, data_at - offset)
-                    digest.update(zeros[:step])
-                    offset += step
-                hole_at = min(os.lseek(src.fileno(), offset, os.SEEK_HOLE), size) if offset < size else size
-                while offset < hole_at:
-                    block = os.pread(src.fileno(), min(COPY_BLOCK, hole_at - offset), offset)
+            hashed = 0
+            for start, end in sparse.data_regions(src.fileno(), size):
+                hash_zeros(start - hashed)
+                offset = start
+                while offset < end:
+                    block = os.pread(src.fileno(), min(COPY_BLOCK, end - offset), offset)
                     if not block:
                         raise SnapshotError(f"{source.name} shrank while it was read", code="SNAPSHOT_CORRUPT")
                     digest.update(block)
                     if block != zeros[: len(block)]:
                         os.pwrite(dst.fileno(), block, offset)
                     offset += len(block)
+                hashed = end
+            hash_zeros(size - hashed)
             dst.truncate(size)
         if digest.hexdigest() != expected.get("sha256"):
             raise SnapshotError(f"{source.name} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
@@ -287,19 +289,6 @@ def copy_verified(source: Path, target: Path, expected: dict[str, Any]) -> None:
     except BaseException:
         target.unlink(missing_ok=True)
         raise
-
-
-def _next_data(fd: int, offset: int, size: int) -> int:
-    try:
-        return min(os.lseek(fd, offset, os.SEEK_DATA), size)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # only a hole from here on
-            return size
-        raise
-
-
-def _private_opener(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
 
 
 def create_dir(bundle: Path) -> Path:
