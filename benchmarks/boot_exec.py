@@ -25,7 +25,7 @@ import time
 import anyio
 
 from machinen_async import boot
-from machinen_async.vmm import qemu
+from machinen_async.vmm import backend
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,7 +108,7 @@ async def main(args: argparse.Namespace) -> None:
                 "benchmark": "boot_exec",
                 "date": time.strftime("%Y-%m-%d"),
                 "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-                "accel": qemu.choose_accelerator(),
+                "accel": backend.default().choose_accelerator(None),
                 "backend": args.backend,
                 "cold_boot_s": [round(s, 3) for s in cold_boots],
                 "cold_boot_s_median": round(statistics.median(cold_boots), 3),

@@ -29,7 +29,7 @@ import anyio
 
 from machinen_async import VM, boot, restore
 from machinen_async.store import layers
-from machinen_async.vmm import qemu
+from machinen_async.vmm import backend
 
 
 def available_mib() -> float:
@@ -158,7 +158,7 @@ async def main(args: argparse.Namespace) -> None:
             {
                 "benchmark": "fork_fanout",
                 "date": time.strftime("%Y-%m-%d"),
-                "accel": qemu.choose_accelerator(),
+                "accel": backend.default().choose_accelerator(None),
                 "backend": args.backend,
                 "results": results,
                 "snapshot_restore": snapshot_restore,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import BootError
-from .vmm.netguard import parse_rule
+from .vmm.qemu.netguard import parse_rule
 
 
 @dataclass(frozen=True)

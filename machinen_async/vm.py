@@ -41,7 +41,7 @@ from .ports import PortSpec, parse_port_forwards
 from .protocol import wire
 from .protocol.mux import Call, Channel
 from .store import assets, bundle, layers, paths, registry
-from .vmm import qemu
+from .vmm import backend
 from .vmm.supervisor import DETACH, SupervisorConfig
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
@@ -798,8 +798,9 @@ async def _launch(
     forwards = parse_port_forwards(ports)
     has_network, network_allow = network_settings(network)
     memory_mib = _validate_memory(memory_mib)
-    chosen_accel = qemu.choose_accelerator(accel)
-    qemu.qemu_binary()
+    vmm = backend.default()
+    chosen_accel = vmm.choose_accelerator(accel)
+    vmm.check_installed()
     report = progress or (lambda message: None)
 
     def prepare() -> tuple[assets.BaseAssets, Path, Path]:
@@ -820,7 +821,7 @@ async def _launch(
         image_source=str(tarball),
         image_key=disk_image.stem,
         ram_dir=_new_ram_dir(name),
-        tsc_khz=qemu.host_tsc_khz() if chosen_accel == "tcg" else None,
+        tsc_khz=vmm.host_tsc_khz() if chosen_accel == "tcg" else None,
         boot_timeout=boot_timeout,
         detached=detached,
         ports=forwards,
@@ -1043,14 +1044,15 @@ async def _restore_plan(
     """Verify a bundle and find what it runs on: (manifest, the machine fields of its VMs' configs)."""
     manifest = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
     machine = manifest.machine
-    chosen_accel = qemu.choose_accelerator(accel)
-    if machine.get("type") != qemu.MACHINE_TYPE or machine.get("accel") != chosen_accel:
+    vmm = backend.default()
+    chosen_accel = vmm.choose_accelerator(accel)
+    if machine.get("type") != vmm.machine_type or machine.get("accel") != chosen_accel:
         raise SnapshotError(
             f"bundle is for {machine.get('type')}/{machine.get('accel')}, "
-            f"this host runs {qemu.MACHINE_TYPE}/{chosen_accel}",
+            f"this host runs {vmm.machine_type}/{chosen_accel}",
             code="SNAPSHOT_INCOMPATIBLE",
         )
-    local_qemu = qemu.qemu_version()
+    local_qemu = vmm.installed_version()
     if manifest.data.get("qemu_version") != local_qemu:
         raise SnapshotError(
             f"bundle was taken with QEMU {manifest.data.get('qemu_version')}, this host has {local_qemu}",

@@ -56,8 +56,9 @@ from machinen_async.store import bundle as bundle_format
 from machinen_async.store import chunks, qcow2, registry
 from machinen_async.store.assets import sha256_file
 from machinen_async.vm import AGENT_TIMEOUT_SLACK_S, stop_vm
-from machinen_async.vmm import capped_log, netguard
+from machinen_async.vmm import capped_log
 from machinen_async.vmm import supervisor as supervisor_module
+from machinen_async.vmm.qemu import netguard
 from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
 
 HANG_S = 10.0

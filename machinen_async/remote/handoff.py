@@ -96,7 +96,8 @@ async def handoff(
             if isinstance(exc, TimeoutError):
                 raise HandoffError(
                     f"the destination did not take over within {PAUSE_LIMIT_S:g} s; {vm.name} runs on here",
-                    code="HANDOFF_TIMEOUT", retryable=True,
+                    code="HANDOFF_TIMEOUT",
+                    retryable=True,
                 ) from None
             raise
         paused_ms = round((time.monotonic() - paused_at) * 1000, 1)

@@ -244,7 +244,8 @@ class _Link:
         except TimeoutError:
             raise HostError(
                 f"{self.destination} did not answer {method} within {REMOTE_CALL_DEADLINE_S:g} s",
-                code="HOST_TIMEOUT", retryable=True,
+                code="HOST_TIMEOUT",
+                retryable=True,
             ) from None
         finally:
             self.pending.pop(request_id, None)

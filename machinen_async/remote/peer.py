@@ -30,7 +30,7 @@ from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..store import assets, bundle, chunks, paths, registry
 from ..vm import VM, restore, stop_vm
-from ..vmm import qemu
+from ..vmm import backend
 
 PEER_PROTOCOL = 1
 
@@ -47,8 +47,8 @@ def host_facts() -> dict[str, Any]:
         "version": __version__,
         "protocol": PEER_PROTOCOL,
         "arch": platform.machine(),
-        "qemu_version": qemu.qemu_version(),
-        "accel": qemu.choose_accelerator(None),
+        "qemu_version": backend.default().installed_version(),
+        "accel": backend.default().choose_accelerator(None),
         "cpus": os.cpu_count() or 1,
         "load_1m": os.getloadavg()[0],
         "mem_available_mib": int(meminfo["MemAvailable"].split()[0]) // 1024,

@@ -23,8 +23,8 @@ from typing import Any
 
 import anyio
 
-from . import paths
 from ..errors import RegistryError
+from . import paths
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 

@@ -23,8 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,14 +32,13 @@ from typing import Any
 import anyio
 import anyio.abc
 import structlog
-from qemu.qmp import QMPClient
 
 from ..errors import BootError, BootTimeoutError, MachinenError, SnapshotError, error_from_code, plain_errors
 from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..store import bundle, layers, paths, registry, sparse
 from ..store.assets import immutable_file_digest
-from . import capped_log, confine, netguard, qemu
+from . import backend, capped_log
 
 log = structlog.get_logger("machinen.supervisor")
 
@@ -49,20 +46,12 @@ HELLO_RETRY_S = 0.2
 # A fork template stays referenced by its source this long after the fork
 # call returned, so the caller can take its own reference first.
 TEMPLATE_HANDOVER_S = 120.0
-MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes/s: effectively unlimited, to a local file
-MIGRATION_DOWNTIME_MS = 50
-# A guest that dirties RAM faster than it streams would keep a live migration going for ever:
-# past MIGRATE_CONVERGE_S it is stopped for the rest (the capture resumes it, as after any
-# live migration); past MIGRATE_DEADLINE_S any migration is cancelled and fails.
-MIGRATE_CONVERGE_S, MIGRATE_DEADLINE_S = 15.0, 180.0
 AGENT_RECONNECT_TIMEOUT_S = 10.0
 AGENT_SEND_STALL_S = 10.0
 # A guest that breaks its channel over and over costs at most this many log lines and
 # reconnects a minute; beyond them each reconnect waits RESET_BACKOFF_S, logged once.
 RESETS_PER_WINDOW, RESET_BACKOFF_S = 5, 1.0
-REFUSALS_PER_WINDOW = 20  # refused guest connections logged a minute
 _CHANNEL_DOWN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
-QEMU_QUIT_GRACE_S = 2.0
 CONSOLE_TAIL_BYTES = 3000
 # The launcher writes this byte on our stdin to let the VM outlive it; EOF
 # without it means "my owner is gone": stop.
@@ -180,13 +169,13 @@ class Supervisor:
         self.next_agent_sid = 1
         self.stop_requested = anyio.Event()
         self.meta: dict[str, Any] = {}
-        self.qmp = QMPClient(config.name)
+        self.backend = backend.default()
+        self.machine: backend.Machine | None = None  # while the VMM runs
         self.forwards: list[anyio.abc.SocketListener] = []
         self.capture_lock = anyio.Lock()
         self.chain: list[list[str]] = []  # disk chain, top (writable) first: [path, format]
         self.disk_size = 0
         self.layer_refs: list[int] = []  # flock references on every layer and template we use
-        self.disk_node = "disk0"
         self.ram_file: Path | None = None
         self.ram_shared = True
         self.state_file: Path | None = None  # device state to load (restore, fork sibling)
@@ -562,29 +551,26 @@ class Supervisor:
         frozen: list[list[str]] | None = None
         try:
             if self.ram_shared:
-                await self.qmp.execute("stop")
+                await self.machine.pause()
                 step("stop")
                 frozen = await self._freeze_disk(layer, layer_ref)
                 step("freeze_disk")
-                await _migrate(
-                    self.qmp, "migrate", await _migration_file(self.qmp, state, write=True), ignore_shared=True
-                )
+                await self.machine.save_state(state, ram=False)
                 step("save_state")
                 if mem is not None:
                     await anyio.to_thread.run_sync(sparse.copy, self.ram_file, mem)
                     step("copy_ram")
             else:
-                uri = await _migration_file(self.qmp, state, write=True)
-                final = await _migrate(self.qmp, "migrate", uri, ignore_shared=False)
+                stopped_ms = await self.machine.save_state(state, ram=True)
                 step("stream_ram_live")
-                steps["stopped_for_last_pages"] = float(final.get("downtime", 0))
+                steps["stopped_for_last_pages"] = stopped_ms
                 frozen = await self._freeze_disk(layer, layer_ref)  # the guest is stopped (postmigrate)
                 step("freeze_disk")
         finally:
             if frozen is None:
                 layers.close_quietly(layer_ref)
             if frozen is None or not stay_paused:
-                await self.qmp.execute("cont")
+                await self.machine.resume()
         step("resume")
         paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_for_last_pages", "resume")
         steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
@@ -592,20 +578,14 @@ class Supervisor:
 
     async def _freeze_disk(self, layer: layers.Layer, layer_ref: int) -> list[list[str]]:
         """Put a fresh qcow2 layer on top of the disk; return the now-frozen chain."""
-        node = f"disk{len(self.layer_refs)}"
-        await self.qmp.execute(
-            "blockdev-snapshot-sync",
-            {"node-name": self.disk_node, "snapshot-file": str(layer.disk),
-             "snapshot-node-name": node, "format": "qcow2"},
-        )  # fmt: skip
+        await self.machine.freeze_disk(layer.disk)
         frozen = list(self.chain)
         self.chain = [[str(layer.disk), "qcow2"], *frozen]
-        self.disk_node = node
         self.layer_refs.append(layer_ref)
         return frozen
 
-    def _visible_to_qemu(self) -> tuple[list[Path], list[Path]]:
-        """What a confined QEMU of this VM sees: (read-only, writable) paths."""
+    def _visible_to_vmm(self) -> tuple[list[Path], list[Path]]:
+        """What a confined VMM of this VM sees: (read-only, writable) paths."""
         config = self.config
         stores = [paths.private_dir(layers.layers_dir()), paths.private_dir(layers.templates_dir())]
         read_only = [Path(config.kernel), Path(config.initrd), Path(config.image)]
@@ -673,37 +653,25 @@ class Supervisor:
         full_state = template.path / "state.full"
         template.state.rename(full_state)
         scratch, scratch_ref = layers.new_layer()  # the helper's disk top, never written
-        qmp = QMPClient(f"{self.config.name}-template")
-        process = None
         try:
-            await _create_overlay(scratch.disk, chain[0], self.disk_size)
-            argv = qemu.command_line(
-                self._machine_config(),
-                ram_file=template.mem,
-                ram_shared=True,
-                incoming=True,
+            await self.backend.create_overlay(scratch.disk, chain[0], self.disk_size)
+            helper = self._launch(
+                ram_file=template.mem, ram_shared=True, incoming=True, never_run=True,
                 disk_chain=[[str(scratch.disk), "qcow2"], *chain],
-                agent_socket=scratch.path / "agent.sock",
-                qmp_socket=scratch.path / "qmp.sock",
-            )
-            # -S: never run the guest (so it prints nothing, and needs no network guard)
-            process, _, _ = await _start_qemu(
-                [*argv, "-S"], self._visible_to_qemu(), kvm=self.config.accel == "kvm", policy=None,
-                output=subprocess.DEVNULL,
+                agent_socket=scratch.path / "agent.sock", control_socket=scratch.path / "qmp.sock",
             )  # fmt: skip
-            await _connect_qmp(qmp, scratch.path / "qmp.sock")
-            await _migrate(qmp, "migrate-incoming", await _migration_file(qmp, full_state), ignore_shared=False)
-            await _migrate(qmp, "migrate", await _migration_file(qmp, template.state, write=True), ignore_shared=True)
+            async with self.backend.start(helper) as machine:
+                await machine.connect()
+                await machine.load_state(full_state, ram=True)
+                await machine.save_state(template.state, ram=False)
         finally:
-            with anyio.CancelScope(shield=True):
-                if process is not None:
-                    await _stop_qemu(process, qmp)
-                full_state.unlink(missing_ok=True)
-                layers.close_quietly(scratch_ref)
+            full_state.unlink(missing_ok=True)
+            layers.close_quietly(scratch_ref)
 
-    def _machine_config(self) -> qemu.MachineConfig:
+    def _launch(self, **where: Any) -> backend.Launch:
+        """A VMM launch of this VM's machine; ``where``: its RAM, disk and sockets."""
         config = self.config
-        return qemu.MachineConfig(
+        spec = backend.MachineSpec(
             memory_mib=config.memory_mib,
             cpus=config.cpus,
             accel=config.accel,
@@ -713,6 +681,9 @@ class Supervisor:
             tsc_khz=config.tsc_khz,
             network=config.network,
         )
+        read_only, writable = self._visible_to_vmm()
+        return backend.Launch(spec=spec, read_only=read_only, writable=writable,
+                              network_allow=tuple(config.network_allow), **where)  # fmt: skip
 
     async def snapshot(self, directory: str, *, paused_for: ClientConnection | None = None) -> dict[str, Any]:
         """Write a bundle of this running VM to ``directory``; the VM keeps running,
@@ -745,17 +716,13 @@ class Supervisor:
         # Flatten everything above the base image into one file: the bundle
         # must not depend on this host's layer files.
         base = chain[-1][0]
-        await check_call(
-            ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
-             "json:" + json.dumps(qemu.chain_blockdev(chain, writable=False)), str(target / bundle.DISK)],
-            what="write the bundle's disk",
-        )  # fmt: skip
+        await self.backend.flatten_disk(chain, target / bundle.DISK)
         machine = self._machine()
         fields = {
             "created": time.time(),
             "source": self.config.name,
-            "qemu_version": _version_string((await self.qmp.execute("query-version"))["qemu"]),
-            "machine": {"type": qemu.MACHINE_TYPE, "disk_size": self.disk_size,
+            "qemu_version": await self.machine.version(),
+            "machine": {"type": self.backend.machine_type, "disk_size": self.disk_size,
                         **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
             "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["kernel"]))},
             "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["initrd"]))},
@@ -769,7 +736,7 @@ class Supervisor:
         if self.paused_for is not client:
             return False
         self.paused_for = None
-        await self.qmp.execute("cont")
+        await self.machine.resume()
         return True
 
     # --- lifecycle ----------------------------------------------------------------
@@ -824,12 +791,12 @@ class Supervisor:
             self.ram_file, self.ram_shared = Path(incoming["mem"]), False
         layer, ref = layers.new_layer()
         self.layer_refs.append(ref)
-        await _create_overlay(layer.disk, self.chain[0], self.disk_size)
+        await self.backend.create_overlay(layer.disk, self.chain[0], self.disk_size)
         self.chain = [[str(layer.disk), "qcow2"], *self.chain]
 
     async def _bring_up(self, entry: registry.VmDir) -> None:
         """Until the agent answers: boot, or load saved state and resume."""
-        await _connect_qmp(self.qmp, entry.qmp_socket)
+        await self.machine.connect()
         incoming = self.config.incoming
         if incoming is None:
             await self.connect_agent()
@@ -839,13 +806,12 @@ class Supervisor:
             state_loaded = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(functools.partial(self.connect_agent, resume=state_loaded))
-                uri = await _migration_file(self.qmp, self.state_file)
-                await _migrate(self.qmp, "migrate-incoming", uri, ignore_shared=not incoming["ram_in_state"])
+                await self.machine.load_state(self.state_file, ram=incoming["ram_in_state"])
                 state_loaded.set()
                 if incoming.get("bundle"):
                     self.state_file.unlink()  # our checked copy, loaded (a template's stays for its siblings)
-                if (await self.qmp.execute("query-status"))["status"] != "running":
-                    await self.qmp.execute("cont")
+                if not await self.machine.is_running():
+                    await self.machine.resume()
         if incoming is None:
             workload = await self.call_agent("workload_start", self.config.workload or {"from_image": True})
             if not workload["running"] and workload["exit_code"] == 127:
@@ -859,236 +825,77 @@ class Supervisor:
         started = time.monotonic()
         self.forwards = await self.bind_forwards()
         await self._prepare_disk_and_ram(ram_dir)
-        argv = qemu.command_line(
-            self._machine_config(),
-            ram_file=self.ram_file,
-            ram_shared=self.ram_shared,
-            incoming=config.incoming is not None,
-            disk_chain=self.chain,
-            agent_socket=entry.agent_socket,
-            qmp_socket=entry.qmp_socket,
-        )
-        process, qemu_pid, guard = await _start_qemu(
-            argv,
-            self._visible_to_qemu(),
-            kvm=config.accel == "kvm",
-            policy=netguard.Policy.current(config.network_allow) if config.network else None,
-            output=subprocess.PIPE,
-        )
-        log.info("qemu started", pid=qemu_pid, accel=config.accel, memory_mib=config.memory_mib)
-        # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs, and
-        # QEMU's connections checked, for as long as QEMU runs: a pipe nobody reads, or a
-        # connection nobody answers, would block QEMU, even while it is asked to quit.
-        async with anyio.create_task_group() as log_copies:
-            if guard is not None:
-                log_copies.start_soon(_run_guard, guard)
-            logs_copied = [anyio.Event(), anyio.Event()]
-            for stream, path, limit, copied in zip(
-                (process.stdout, process.stderr), (entry.console_log, entry.qemu_log),
-                (capped_log.CONSOLE_LOG_LIMIT, capped_log.QEMU_LOG_LIMIT), logs_copied, strict=True,
-            ):  # fmt: skip
-                log_copies.start_soon(_copy_log, stream, path, limit, copied)
-            await self._supervise(process, qemu_pid, logs_copied, started, report_ready)
+        launch = self._launch(
+            ram_file=self.ram_file, ram_shared=self.ram_shared, incoming=config.incoming is not None,
+            disk_chain=self.chain, agent_socket=entry.agent_socket, control_socket=entry.qmp_socket,
+            logs=(entry.console_log, entry.qemu_log),
+        )  # fmt: skip
+        async with self.backend.start(launch) as machine:
+            self.machine = machine
+            try:
+                await self._supervise(started, report_ready)
+            finally:
+                self.machine = None
 
-    async def _supervise(
-        self, process: anyio.abc.Process, qemu_pid: int, logs_copied: list[anyio.Event], started: float, report_ready
-    ) -> None:
+    async def _supervise(self, started: float, report_ready) -> None:
         """From QEMU's start until the VM stops (or fails to come up)."""
         config, entry = self.config, self.entry
-        try:
-            async with anyio.create_task_group() as tg:
-                self.task_group = tg
-                qemu_exited = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            self.task_group = tg
+            exit_status: list[int] = []
 
-                async def watch_qemu() -> None:
-                    await process.wait()
-                    with anyio.move_on_after(1):  # its last words, for the error below
-                        for copied in logs_copied:
-                            await copied.wait()
-                    qemu_exited.set()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch_qemu)
-                try:
-                    with anyio.fail_after(config.boot_timeout):
-                        await self._bring_up(entry)
-                except TimeoutError:
-                    raise BootTimeoutError(
-                        f"the guest agent did not answer within {config.boot_timeout:g} s; console tail:\n"
-                        + console_tail(entry.console_log),
-                    ) from None
-                boot_s = time.monotonic() - started
-                self.meta = {
-                    "name": config.name,
-                    "supervisor_pid": os.getpid(),
-                    "qemu_pid": qemu_pid,
-                    "accel": config.accel,
-                    "memory_mib": config.memory_mib,
-                    "cpus": config.cpus,
-                    "image": config.image,
-                    "ram_dir": config.ram_dir,
-                    "detached": config.detached,
-                    "forked_from": (config.incoming or {}).get("source"),
-                    "network": config.network,
-                    "network_allow": config.network_allow,
-                    "ports": config.ports,
-                    "started_at": time.time(),
-                    "boot_s": round(boot_s, 3),
-                    "socket": str(entry.supervisor_socket),
-                }
-                listener = await anyio.create_unix_listener(str(entry.supervisor_socket))
-                entry.supervisor_socket.chmod(0o600)
-                entry.write_meta(self.meta)
-                tg.start_soon(self.agent_read_loop)
-                tg.start_soon(self.agent_write_loop)
-                tg.start_soon(listener.serve, self.serve_client)
-                for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
-                    tg.start_soon(forward.serve, functools.partial(self.serve_forward, guest_port))
-                report_ready(self.meta)
-                log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.agent_info.get("uptime_s"))
-                await self.stop_requested.wait()
-                log.info("stop requested")
+            async def watch_qemu() -> None:
+                exit_status.append(await self.machine.exited())
                 tg.cancel_scope.cancel()
-            if qemu_exited.is_set():
-                raise BootError(
-                    f"QEMU exited with status {process.returncode}: "
-                    + entry.qemu_log.read_text(errors="replace")[-CONSOLE_TAIL_BYTES:]
-                    + "\nconsole tail:\n"
-                    + console_tail(entry.console_log)
-                )
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _stop_qemu(process, self.qmp)
 
-
-async def check_call(argv: list[str], *, what: str) -> None:
-    """Run a helper program; its failure is a BootError quoting its stderr."""
-    result = await anyio.run_process(argv, check=False)
-    if result.returncode != 0:
-        raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
-
-
-async def _start_qemu(
-    argv: list[str],
-    visible: tuple[list[Path], list[Path]],
-    *,
-    kvm: bool,
-    policy: netguard.Policy | None,
-    output: int,
-) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:
-    """QEMU confined (``confine``: its own namespaces, only ``visible`` = (read-only, writable)
-    paths) and, with a ``policy``, under netguard's filter: (process, QEMU's pid, guard)."""
-    read_only, writable = visible
-    info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
-    ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
-    with os.fdopen(info_read, "rb") as info, ours:
-        try:
-            confined = confine.confined(argv, read_only=read_only, writable=writable, kvm=kvm, info_fd=info_write)
-            chain = confined or argv
-            if policy is not None:
-                chain = netguard.guarded_argv(chain, theirs.fileno())
-            # setpriv --pdeathsig: the chain dies with us, even on SIGKILL (the shim and bwrap
-            # exec the next step, which keeps the signal; bwrap --die-with-parent passes it on
-            # to the sandboxed QEMU).  A session of its own, killed whole by _kill_chain.
-            process = await anyio.open_process(
-                ["setpriv", "--pdeathsig", "KILL", "--", *chain],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
-                pass_fds=[theirs.fileno(), *([info_write] if confined else [])],
-            )  # fmt: skip
-        finally:
-            theirs.close()
-            os.close(info_write)
-        try:
-            ours.settimeout(30)
-            listener = await anyio.to_thread.run_sync(netguard.receive_listener, ours) if policy else None
-            reported = await anyio.to_thread.run_sync(info.read) if confined else b""
-            qemu_pid = json.loads(reported)["child-pid"] if reported else process.pid
-        except BaseException:
-            _kill_chain(process)
-            with anyio.CancelScope(shield=True):
-                await process.wait()
-            raise
-    if listener is None:
-        return process, qemu_pid, None
-    refusals = capped_log.Budget(REFUSALS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
-
-    def log_refused(address, port: int) -> None:
-        if refusals.spend():
-            log.info("guest connection refused", destination=str(address), port=port)
-        elif refusals.just_exhausted:
-            log.info("guest connections keep being refused: not logged for a while")
-
-    return process, qemu_pid, netguard.Guard(listener, policy, log_refused)
-
-
-async def _run_guard(guard: netguard.Guard) -> None:
-    await anyio.to_thread.run_sync(guard.serve)  # returns once QEMU is gone
-
-
-async def _copy_log(stream: anyio.abc.ByteReceiveStream, path: Path, limit: int, copied: anyio.Event) -> None:
-    await capped_log.copy_into(stream, path, limit)
-    copied.set()
-
-
-async def _create_overlay(path: Path, backing: list[str], size: int) -> None:
-    """A new empty qcow2 on top of ``backing`` ([path, format]); -u: do not open the backing."""
-    backing_path, backing_format = backing
-    await check_call(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing_path,
-         str(path), str(size)],
-        what="create a disk layer",
-    )  # fmt: skip
-
-
-async def _migration_file(qmp: QMPClient, path: Path, *, write: bool = False) -> dict[str, str]:
-    """Migration arguments that save to (or load from) ``path`` through a file descriptor we open
-    and pass over QMP: QEMU 7.2 has no file: URI, and a sandboxed QEMU may not spawn the shell an
-    exec: URI needs (nor open files of its own choosing)."""
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
-    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-    name = f"migration-{secrets.token_hex(4)}"
-    try:
-        qmp.send_fd_scm(fd)
-        await qmp.execute("getfd", {"fdname": name})
-    finally:
-        os.close(fd)  # QEMU holds its own copy now
-    return {"uri": f"fd:{name}"}
-
-
-async def _migrate(qmp: QMPClient, command: str, arguments: dict, *, ignore_shared: bool) -> dict:
-    """Save or load VM state and wait for it; ``ignore_shared`` leaves RAM in
-    shared files out of the stream (both ends must agree).  Returns QEMU's
-    final migration report."""
-    await qmp.execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]}
-    )
-    if command == "migrate":  # QEMU's defaults (32 MiB/s, 300 ms) are for networks, not tmpfs
-        await qmp.execute(
-            "migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH, "downtime-limit": MIGRATION_DOWNTIME_MS}
-        )
-    await qmp.execute(command, arguments)
-    started = time.monotonic()
-    forced = False
-    with anyio.move_on_after(MIGRATE_DEADLINE_S) as deadline:
-        while True:
-            info = await qmp.execute("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                return info
-            if status in ("failed", "cancelled"):
-                raise MachinenError(
-                    f"{command} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
-                )
-            if command == "migrate" and not forced and time.monotonic() - started > MIGRATE_CONVERGE_S:
-                forced = True
-                log.warning("live migration does not converge: stopping the guest for the rest")
-                await qmp.execute("stop")
-            await anyio.sleep(0.002)
-    assert deadline.cancelled_caught
-    if command == "migrate":
-        with contextlib.suppress(Exception):
-            await qmp.execute("migrate_cancel")
-    raise MachinenError(f"{command} did not finish within {MIGRATE_DEADLINE_S:g} s", code="SNAPSHOT_DUMP_FAILED")
+            tg.start_soon(watch_qemu)
+            try:
+                with anyio.fail_after(config.boot_timeout):
+                    await self._bring_up(entry)
+            except TimeoutError:
+                raise BootTimeoutError(
+                    f"the guest agent did not answer within {config.boot_timeout:g} s; console tail:\n"
+                    + console_tail(entry.console_log),
+                ) from None
+            boot_s = time.monotonic() - started
+            self.meta = {
+                "name": config.name,
+                "supervisor_pid": os.getpid(),
+                "qemu_pid": self.machine.pid,
+                "accel": config.accel,
+                "memory_mib": config.memory_mib,
+                "cpus": config.cpus,
+                "image": config.image,
+                "ram_dir": config.ram_dir,
+                "detached": config.detached,
+                "forked_from": (config.incoming or {}).get("source"),
+                "network": config.network,
+                "network_allow": config.network_allow,
+                "ports": config.ports,
+                "started_at": time.time(),
+                "boot_s": round(boot_s, 3),
+                "socket": str(entry.supervisor_socket),
+            }
+            listener = await anyio.create_unix_listener(str(entry.supervisor_socket))
+            entry.supervisor_socket.chmod(0o600)
+            entry.write_meta(self.meta)
+            tg.start_soon(self.agent_read_loop)
+            tg.start_soon(self.agent_write_loop)
+            tg.start_soon(listener.serve, self.serve_client)
+            for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
+                tg.start_soon(forward.serve, functools.partial(self.serve_forward, guest_port))
+            report_ready(self.meta)
+            log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.agent_info.get("uptime_s"))
+            await self.stop_requested.wait()
+            log.info("stop requested")
+            tg.cancel_scope.cancel()
+        if exit_status:
+            raise BootError(
+                f"QEMU exited with status {exit_status[0]}: "
+                + entry.qemu_log.read_text(errors="replace")[-CONSOLE_TAIL_BYTES:]
+                + "\nconsole tail:\n"
+                + console_tail(entry.console_log)
+            )
 
 
 def _port_holder(host_port: int) -> str:
@@ -1106,44 +913,11 @@ def _layer_dirs(chain: list[list[str]]) -> list[str]:
     return [str(Path(path).parent) for path, _ in chain if Path(path).parent.parent == root]
 
 
-def _version_string(version: dict[str, int]) -> str:
-    return f"{version['major']}.{version['minor']}.{version['micro']}"
-
-
 async def _release_later(ref: int, delay: float) -> None:
     try:
         await anyio.sleep(delay)
     finally:
         layers.close_quietly(ref)
-
-
-async def _connect_qmp(qmp: QMPClient, socket_path: Path) -> None:
-    while True:
-        try:
-            await qmp.connect(str(socket_path))
-            return
-        except Exception:  # qemu.qmp raises ConnectError wrapping OSError while QEMU starts
-            await anyio.sleep(0.01)
-
-
-async def _stop_qemu(process: anyio.abc.Process, qmp: QMPClient) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(Exception), anyio.move_on_after(0.5):
-            await qmp.execute("quit")
-        with anyio.move_on_after(QEMU_QUIT_GRACE_S):
-            await process.wait()
-        if process.returncode is None:
-            _kill_chain(process)
-            await process.wait()
-    with contextlib.suppress(Exception), anyio.move_on_after(1):
-        await qmp.disconnect()
-
-
-def _kill_chain(process: anyio.abc.Process) -> None:
-    """SIGKILL every process of QEMU's session: killing only the first would leave a bwrap
-    killed while it set the sandbox up with a child blocked for ever, waiting for it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 async def _owner_lets_go() -> bool:

@@ -1,4 +1,4 @@
-"""QEMU ``microvm`` command line and accelerator choice."""
+"""QEMU ``microvm``: its command line, the accelerator choice, the installed version."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import shutil
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BootError
-from ..protocol.guest_abi import AGENT_PORT_NAME
+from ...errors import BootError
+from ...protocol.guest_abi import AGENT_PORT_NAME
+from ..backend import Launch, MachineSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE_TYPE = "microvm"
@@ -113,24 +113,11 @@ def qemu_version() -> str:
     return match.group(1)
 
 
-@dataclass(frozen=True)
-class MachineConfig:
-    """Everything that shapes the virtual hardware; a restore must match it."""
-
-    memory_mib: int
-    cpus: int
-    accel: str
-    kernel: Path
-    initrd: Path
-    hostname: str
-    tsc_khz: int | None = None
-    network: bool = True  # outbound only, user-mode NAT: guest 10.0.2.15, gateway .2, DNS .3
-
-    def kernel_cmdline(self) -> str:
-        args = f"console=ttyS0 quiet panic=-1 machinen.hostname={self.hostname}"
-        if self.tsc_khz:
-            args += f" tsc_early_khz={self.tsc_khz}"
-        return args
+def kernel_cmdline(spec: MachineSpec) -> str:
+    args = f"console=ttyS0 quiet panic=-1 machinen.hostname={spec.hostname}"
+    if spec.tsc_khz:
+        args += f" tsc_early_khz={spec.tsc_khz}"
+    return args
 
 
 def chain_blockdev(chain: list[list[str]], *, writable: bool = True) -> dict:
@@ -158,22 +145,12 @@ def option_value(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
-def command_line(
-    machine: MachineConfig,
-    *,
-    ram_file: Path,
-    ram_shared: bool,
-    incoming: bool,
-    disk_chain: list[list[str]],
-    agent_socket: Path,
-    qmp_socket: Path,
-) -> list[str]:
-    """The QEMU argv.  ``ram_shared``: a booted VM's own RAM file, mappable by
-    other processes (fork); otherwise a template mapped copy-on-write.
-    ``incoming``: wait for device state over QMP instead of booting.  The serial
-    console is QEMU's stdout (the supervisor copies it into a capped log)."""
+def command_line(launch: Launch) -> list[str]:
+    """The QEMU argv.  The serial console is QEMU's stdout (copied into a capped log)."""
+    machine = launch.spec
     accel = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if machine.accel == "tcg" else "kvm"
-    share = "on" if ram_shared else "off"
+    share = "on" if launch.ram_shared else "off"
+    ram_file = option_value(launch.ram_file)
     return [
         qemu_binary(),
         "-M", f"{MACHINE_TYPE},memory-backend=ram0",
@@ -181,20 +158,21 @@ def command_line(
         "-cpu", "max" if machine.accel == "tcg" else "host",
         "-smp", str(machine.cpus),
         "-m", f"{machine.memory_mib}M",
-        "-object", f"memory-backend-file,id=ram0,size={machine.memory_mib}M,mem-path={option_value(ram_file)},share={share}",
+        "-object", f"memory-backend-file,id=ram0,size={machine.memory_mib}M,mem-path={ram_file},share={share}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         *sandbox_options(),
         "-kernel", str(machine.kernel),
         "-initrd", str(machine.initrd),
-        "-append", machine.kernel_cmdline(),
+        "-append", kernel_cmdline(machine),
         "-serial", "stdio",
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={option_value(agent_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={option_value(launch.agent_socket)},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-        "-blockdev", json.dumps(chain_blockdev(disk_chain)),
+        "-blockdev", json.dumps(chain_blockdev(launch.disk_chain)),
         "-device", "virtio-blk-device,drive=disk0,id=vblk0",
-        "-chardev", f"socket,id=qmp,path={option_value(qmp_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={option_value(launch.control_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         *(["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"] if machine.network else []),
-        *(["-incoming", "defer"] if incoming else []),
+        *(["-incoming", "defer"] if launch.incoming else []),
+        *(["-S"] if launch.never_run else []),
     ]  # fmt: skip

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import structlog
 
-from ..errors import BootError
+from ...errors import BootError
 
 log = structlog.get_logger("machinen.confine")
 

@@ -1,0 +1,118 @@
+"""The VMM backend seam: what the supervisor and the SDK need from a virtual machine monitor.
+
+QEMU (``vmm/qemu/``) is the one implementation today.  A second backend
+(Firecracker or cloud-hypervisor where KVM is real) would be a sibling folder
+implementing these two protocols, chosen by ``$MACHINEN_VMM``; nothing above
+this layer names QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import BootError
+
+# A disk chain: [path, format] per layer, top (writable) first, the base image last.
+DiskChain = list[list[str]]
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that shapes the virtual hardware; a restore must match it."""
+
+    memory_mib: int
+    cpus: int
+    accel: str
+    kernel: Path
+    initrd: Path
+    hostname: str
+    tsc_khz: int | None = None
+    network: bool = True  # outbound only, user-mode NAT (addresses: protocol/guest_abi.py)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One VMM process: the machine, where its RAM and disk are, how it is reached and confined."""
+
+    spec: MachineSpec
+    ram_file: Path
+    ram_shared: bool  # the VM's own RAM file (forkable); else a template's, mapped copy-on-write
+    disk_chain: DiskChain
+    agent_socket: Path
+    control_socket: Path
+    incoming: bool = False  # wait for load_state instead of booting
+    never_run: bool = False  # only load and save state (a helper): the guest never runs
+    read_only: Sequence[Path] = ()  # what a confined VMM may see, besides its own system files
+    writable: Sequence[Path] = ()
+    network_allow: Sequence[str] = ()  # destinations opened beyond the default policy (NetworkPolicy)
+    logs: tuple[Path, Path] | None = None  # (console, VMM messages), capped; None: discarded
+
+
+class Machine(Protocol):
+    """A running VMM process (from ``Backend.start``)."""
+
+    pid: int  # the VMM's own process
+
+    async def connect(self) -> None:
+        """Until its control channel answers."""
+
+    async def exited(self) -> int:
+        """Wait until the VMM process is gone (and its last output logged); its status."""
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def is_running(self) -> bool: ...
+
+    async def freeze_disk(self, new_top: Path) -> None:
+        """Put a new empty layer file ``new_top`` on top of the disk: what was the top is
+        immutable from now on.  Call while paused for a consistent instant."""
+
+    async def save_state(self, path: Path, *, ram: bool) -> float:
+        """Write device state (and with ``ram``, the RAM: live, the guest runs meanwhile and
+        is stopped for the last pages) to ``path``; returns the ms the guest was stopped for."""
+
+    async def load_state(self, path: Path, *, ram: bool) -> None:
+        """Load what ``save_state`` wrote (``ram`` must match) into an ``incoming`` machine."""
+
+    async def version(self) -> str: ...
+
+
+class Backend(Protocol):
+    name: str
+    machine_type: str  # part of what a saved state needs to load
+
+    def check_installed(self) -> None: ...
+
+    def installed_version(self) -> str:
+        """Device state only loads into the same version."""
+
+    def choose_accelerator(self, requested: str | None) -> str: ...
+
+    def host_tsc_khz(self) -> int | None: ...
+
+    def start(self, launch: Launch) -> AbstractAsyncContextManager[Machine]:
+        """The VMM running for the duration of the context; stopped (gracefully, then by force,
+        with every process it started) on exit, error or cancellation."""
+
+    async def create_overlay(self, path: Path, backing: list[str], size: int) -> None:
+        """A new empty layer file on top of ``backing`` ([path, format])."""
+
+    async def flatten_disk(self, chain: DiskChain, target: Path) -> None:
+        """Everything above the base image (``chain[-1]``) as one layer file ``target``."""
+
+
+def default() -> Backend:
+    """The backend of this host: ``$MACHINEN_VMM``, ``qemu`` by default (the only one today)."""
+    name = os.environ.get("MACHINEN_VMM", "qemu")
+    if name == "qemu":
+        from .qemu import backend
+
+        return backend.QEMU
+    raise BootError(f"unknown VMM backend {name!r} (this build has: qemu)", code="BOOT_VMM_UNKNOWN")

@@ -1,0 +1,290 @@
+"""The QEMU backend: a confined QEMU process per VM, driven over QMP (``qemu.qmp``).
+
+``QEMU.start`` runs ``setpriv --pdeathsig -> [network guard shim] -> bwrap -> qemu``, each
+exec'ing the next, in a session of its own; the context's exit quits QEMU and kills that
+whole session.  Device state always moves through descriptors the supervisor opens and
+passes over QMP (``fd:`` migration): QEMU 7.2 has no ``file:`` URI, and a sandboxed QEMU
+may neither spawn the shell ``exec:`` needs nor open files of its own choosing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import structlog
+from qemu.qmp import QMPClient
+
+from ...errors import BootError, MachinenError
+from .. import capped_log
+from ..backend import DiskChain, Launch
+from . import command, confine, netguard
+
+log = structlog.get_logger("machinen.qemu")
+
+MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes/s: effectively unlimited, to a local file
+MIGRATION_DOWNTIME_MS = 50
+# A guest that dirties RAM faster than it streams would keep a live migration going for ever:
+# past MIGRATE_CONVERGE_S it is stopped for the rest (the caller resumes it, as after any
+# live migration); past MIGRATE_DEADLINE_S any migration is cancelled and fails.
+MIGRATE_CONVERGE_S, MIGRATE_DEADLINE_S = 15.0, 180.0
+QUIT_GRACE_S = 2.0
+REFUSALS_PER_WINDOW = 20  # refused guest connections logged a minute
+
+
+class QemuMachine:
+    def __init__(self, process: anyio.abc.Process, pid: int, launch: Launch) -> None:
+        self.process = process
+        self.pid = pid
+        self.launch = launch
+        self.qmp = QMPClient(launch.spec.hostname)
+        self.disk_node = "disk0"  # the top of the disk chain (command.chain_blockdev names it)
+        self.layers_added = 0
+        self.logs_copied = [anyio.Event(), anyio.Event()] if launch.logs else []
+
+    async def connect(self) -> None:
+        while True:
+            try:
+                await self.qmp.connect(str(self.launch.control_socket))
+                return
+            except Exception:  # noqa: BLE001  qemu.qmp raises ConnectError wrapping OSError while QEMU starts
+                await anyio.sleep(0.01)
+
+    async def exited(self) -> int:
+        status = await self.process.wait()
+        with anyio.move_on_after(1):  # its last words, for whoever reports the exit
+            for copied in self.logs_copied:
+                await copied.wait()
+        return status
+
+    async def pause(self) -> None:
+        await self.qmp.execute("stop")
+
+    async def resume(self) -> None:
+        await self.qmp.execute("cont")
+
+    async def is_running(self) -> bool:
+        return (await self.qmp.execute("query-status"))["status"] == "running"
+
+    async def freeze_disk(self, new_top: Path) -> None:
+        self.layers_added += 1
+        node = f"layer{self.layers_added}"
+        await self.qmp.execute(
+            "blockdev-snapshot-sync",
+            {"node-name": self.disk_node, "snapshot-file": str(new_top), "snapshot-node-name": node,
+             "format": "qcow2"},
+        )  # fmt: skip
+        self.disk_node = node
+
+    async def save_state(self, path: Path, *, ram: bool) -> float:
+        final = await self._migrate("migrate", await self._migration_fd(path, write=True), ram=ram)
+        return float(final.get("downtime", 0)) if ram else 0.0
+
+    async def load_state(self, path: Path, *, ram: bool) -> None:
+        await self._migrate("migrate-incoming", await self._migration_fd(path), ram=ram)
+
+    async def version(self) -> str:
+        version = (await self.qmp.execute("query-version"))["qemu"]
+        return f"{version['major']}.{version['minor']}.{version['micro']}"
+
+    async def _migration_fd(self, path: Path, *, write: bool = False) -> dict[str, str]:
+        """Migration arguments naming a descriptor on ``path`` that we open and pass over QMP."""
+        flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        name = f"migration-{secrets.token_hex(4)}"
+        try:
+            self.qmp.send_fd_scm(fd)
+            await self.qmp.execute("getfd", {"fdname": name})
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
+        return {"uri": f"fd:{name}"}
+
+    async def _migrate(self, command_name: str, arguments: dict, *, ram: bool) -> dict:
+        """Save or load state and wait for it.  Without ``ram``, RAM in shared files stays out
+        of the stream (x-ignore-shared; both ends must agree).  QEMU's final report."""
+        qmp = self.qmp
+        await qmp.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": not ram}]}
+        )
+        if command_name == "migrate":  # QEMU's defaults (32 MiB/s, 300 ms) are for networks, not tmpfs
+            await qmp.execute(
+                "migrate-set-parameters",
+                {"max-bandwidth": MIGRATION_BANDWIDTH, "downtime-limit": MIGRATION_DOWNTIME_MS},
+            )
+        await qmp.execute(command_name, arguments)
+        started = time.monotonic()
+        forced = False
+        with anyio.move_on_after(MIGRATE_DEADLINE_S) as deadline:
+            while True:
+                info = await qmp.execute("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    return info
+                if status in ("failed", "cancelled"):
+                    raise MachinenError(
+                        f"{command_name} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
+                    )
+                if command_name == "migrate" and not forced and time.monotonic() - started > MIGRATE_CONVERGE_S:
+                    forced = True
+                    log.warning("live migration does not converge: stopping the guest for the rest")
+                    await qmp.execute("stop")
+                await anyio.sleep(0.002)
+        assert deadline.cancelled_caught
+        if command_name == "migrate":
+            with contextlib.suppress(Exception):
+                await qmp.execute("migrate_cancel")
+        raise MachinenError(
+            f"{command_name} did not finish within {MIGRATE_DEADLINE_S:g} s", code="SNAPSHOT_DUMP_FAILED"
+        )
+
+    async def _stop(self) -> None:
+        process = self.process
+        if process.returncode is None:
+            with contextlib.suppress(Exception), anyio.move_on_after(0.5):
+                await self.qmp.execute("quit")
+            with anyio.move_on_after(QUIT_GRACE_S):
+                await process.wait()
+            if process.returncode is None:
+                _kill_chain(process)
+                await process.wait()
+        with contextlib.suppress(Exception), anyio.move_on_after(1):
+            await self.qmp.disconnect()
+
+
+class QemuBackend:
+    name = "qemu"
+    machine_type = command.MACHINE_TYPE
+
+    def check_installed(self) -> None:
+        command.qemu_binary()
+
+    def installed_version(self) -> str:
+        return command.qemu_version()
+
+    def choose_accelerator(self, requested: str | None) -> str:
+        return command.choose_accelerator(requested)
+
+    def host_tsc_khz(self) -> int | None:
+        return command.host_tsc_khz()
+
+    @contextlib.asynccontextmanager
+    async def start(self, launch: Launch) -> AsyncIterator[QemuMachine]:
+        process, pid, guard = await _start_chain(launch)
+        machine = QemuMachine(process, pid, launch)
+        log.info("qemu started", pid=pid, accel=launch.spec.accel, memory_mib=launch.spec.memory_mib)
+        # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs, and
+        # QEMU's connections checked, for as long as QEMU runs: a pipe nobody reads, or a
+        # connection nobody answers, would block QEMU, even while it is asked to quit.
+        async with anyio.create_task_group() as helpers:
+            if guard is not None:
+                helpers.start_soon(anyio.to_thread.run_sync, guard.serve)  # returns once QEMU is gone
+            if launch.logs:
+                limits = (capped_log.CONSOLE_LOG_LIMIT, capped_log.QEMU_LOG_LIMIT)
+                for stream, path, limit, copied in zip(
+                    (process.stdout, process.stderr), launch.logs, limits, machine.logs_copied, strict=True
+                ):
+                    helpers.start_soon(_copy_log, stream, path, limit, copied)
+            try:
+                yield machine
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await machine._stop()
+
+    async def create_overlay(self, path: Path, backing: list[str], size: int) -> None:
+        backing_path, backing_format = backing
+        await _check_call(  # -u: do not open the backing file
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing_path,
+             str(path), str(size)],
+            what="create a disk layer",
+        )  # fmt: skip
+
+    async def flatten_disk(self, chain: DiskChain, target: Path) -> None:
+        base = chain[-1][0]
+        await _check_call(
+            ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
+             "json:" + json.dumps(command.chain_blockdev(chain, writable=False)), str(target)],
+            what="write the bundle's disk",
+        )  # fmt: skip
+
+
+QEMU = QemuBackend()
+
+
+async def _start_chain(launch: Launch) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:
+    """QEMU confined (``confine``: its own namespaces, only the launch's paths visible) and,
+    with a network, under netguard's filter: (process, QEMU's pid, guard)."""
+    argv = command.command_line(launch)
+    guarded = launch.spec.network and not launch.never_run  # a guest that never runs opens nothing
+    output = subprocess.PIPE if launch.logs else subprocess.DEVNULL
+    info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
+    ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
+    with os.fdopen(info_read, "rb") as info, ours:
+        try:
+            confined = confine.confined(
+                argv, read_only=launch.read_only, writable=launch.writable, kvm=launch.spec.accel == "kvm",
+                info_fd=info_write,
+            )  # fmt: skip
+            chain = confined or argv
+            if guarded:
+                chain = netguard.guarded_argv(chain, theirs.fileno())
+            # setpriv --pdeathsig: the chain dies with us, even on SIGKILL (the shim and bwrap
+            # exec the next step, which keeps the signal; bwrap --die-with-parent passes it on
+            # to the sandboxed QEMU).  A session of its own, killed whole by _kill_chain.
+            process = await anyio.open_process(
+                ["setpriv", "--pdeathsig", "KILL", "--", *chain],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+                pass_fds=[theirs.fileno(), *([info_write] if confined else [])],
+            )  # fmt: skip
+        finally:
+            theirs.close()
+            os.close(info_write)
+        try:
+            ours.settimeout(30)
+            listener = await anyio.to_thread.run_sync(netguard.receive_listener, ours) if guarded else None
+            reported = await anyio.to_thread.run_sync(info.read) if confined else b""
+            pid = json.loads(reported)["child-pid"] if reported else process.pid
+        except BaseException:
+            _kill_chain(process)
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+            raise
+    if listener is None:
+        return process, pid, None
+    refusals = capped_log.Budget(REFUSALS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
+
+    def log_refused(address, port: int) -> None:
+        if refusals.spend():
+            log.info("guest connection refused", destination=str(address), port=port)
+        elif refusals.just_exhausted:
+            log.info("guest connections keep being refused: not logged for a while")
+
+    return process, pid, netguard.Guard(listener, netguard.Policy.current(launch.network_allow), log_refused)
+
+
+def _kill_chain(process: anyio.abc.Process) -> None:
+    """SIGKILL every process of QEMU's session: killing only the first would leave a bwrap
+    killed while it set the sandbox up with a child blocked for ever, waiting for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+async def _copy_log(stream: anyio.abc.ByteReceiveStream, path: Path, limit: int, copied: anyio.Event) -> None:
+    await capped_log.copy_into(stream, path, limit)
+    copied.set()
+
+
+async def _check_call(argv: list[str], *, what: str) -> None:
+    """Run a helper program; its failure is a BootError quoting its stderr."""
+    result = await anyio.run_process(argv, check=False)
+    if result.returncode != 0:
+        raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")
