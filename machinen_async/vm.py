@@ -41,8 +41,8 @@ from .ports import PortSpec, parse_port_forwards
 from .protocol import wire
 from .protocol.mux import Call, Channel
 from .store import assets, bundle, layers, paths, registry
+from .supervisor.config import DETACH, SupervisorConfig
 from .vmm import backend
-from .vmm.supervisor import DETACH, SupervisorConfig
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 # What exec() keeps of each output stream and read_file() of a file, in host
@@ -838,7 +838,7 @@ def _new_ram_dir(name: str) -> str:
 
 async def _start_supervisor(config: SupervisorConfig) -> VM:
     """Spawn a supervisor for ``config`` and connect once it reports ready."""
-    argv = [sys.executable, "-m", "machinen_async.vmm.supervisor", config.to_json()]
+    argv = [sys.executable, "-m", "machinen_async.supervisor", config.to_json()]
     if config.detached:
         # setsid --fork: the supervisor is nobody's child here, so it never lingers as our zombie.
         argv = ["setsid", "--fork", *argv]
@@ -865,7 +865,7 @@ async def _start_supervisors(configs: list[SupervisorConfig]) -> list[_Owner]:
         # up after themselves only once they notice their lifeline closed, after we returned.
         with anyio.CancelScope(shield=True):
             zygote = await anyio.run_process(
-                [sys.executable, "-m", "machinen_async.vmm.zygote"],
+                [sys.executable, "-m", "machinen_async.supervisor.zygote"],
                 input=json.dumps(jobs).encode(),
                 pass_fds=[fd for p in pipes for fd in (p[0], p[3], p[5])],
             )

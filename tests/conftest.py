@@ -44,7 +44,7 @@ def qemu_processes() -> list[str]:
     return [
         line
         for line in out.splitlines()
-        if str(_HOME) in line and "<defunct>" not in line and "machinen_async.vmm.supervisor" not in line
+        if str(_HOME) in line and "<defunct>" not in line and "machinen_async.supervisor" not in line
     ]
 
 

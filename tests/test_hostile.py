@@ -55,11 +55,12 @@ from machinen_async.remote import peer
 from machinen_async.store import bundle as bundle_format
 from machinen_async.store import chunks, qcow2, registry
 from machinen_async.store.assets import sha256_file
+from machinen_async.supervisor import relay
+from machinen_async.supervisor.config import SupervisorConfig
+from machinen_async.supervisor.server import Supervisor
 from machinen_async.vm import AGENT_TIMEOUT_SLACK_S, stop_vm
 from machinen_async.vmm import capped_log
-from machinen_async.vmm import supervisor as supervisor_module
 from machinen_async.vmm.qemu import netguard
-from machinen_async.vmm.supervisor import Supervisor, SupervisorConfig
 
 HANG_S = 10.0
 CHUNK_OF_X = b"x" * wire.CHUNK
@@ -131,10 +132,10 @@ async def relayed_vm(tmp_path: Path) -> AsyncIterator[tuple[VM, list[FakeAgent]]
     supervisor = Supervisor(config, SimpleNamespace(agent_socket=agent_socket))
     async with await anyio.create_unix_listener(agent_socket) as listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, serve_agent)
-        await supervisor.connect_agent()
-        supervisor.task_group = tg
-        tg.start_soon(supervisor.agent_read_loop)
-        tg.start_soon(supervisor.agent_write_loop)
+        await supervisor.relay.connect()
+        supervisor.capture.task_group = tg
+        tg.start_soon(supervisor.relay.read_loop)
+        tg.start_soon(supervisor.relay.write_loop)
         client_end, supervisor_end = socket.socketpair()
         tg.start_soon(supervisor.serve_client, await anyio.abc.UNIXSocketStream.from_socket(supervisor_end))
         channel = Channel.over(await anyio.abc.UNIXSocketStream.from_socket(client_end))
@@ -479,8 +480,8 @@ async def test_a_guest_flooding_its_console_fills_at_most_two_capped_logs(anyio_
 
 @pytest.mark.anyio
 async def test_a_guest_resetting_its_channel_in_a_loop_is_slowed_and_not_logged_each_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(supervisor_module, "RESET_BACKOFF_S", 0.05)
-    resets = supervisor_module.RESETS_PER_WINDOW + 4
+    monkeypatch.setattr(relay, "RESET_BACKOFF_S", 0.05)
+    resets = relay.RESETS_PER_WINDOW + 4
     async with relayed_vm(tmp_path) as (vm, agents):
         with structlog.testing.capture_logs() as logs:
             for attempt in range(resets):
@@ -488,7 +489,7 @@ async def test_a_guest_resetting_its_channel_in_a_loop_is_slowed_and_not_logged_
                 await _exec_when_reconnected(vm, f"after-{attempt}")
         assert len(agents) == resets + 1
     events = [entry["event"] for entry in logs]
-    assert events.count("agent channel reset") == supervisor_module.RESETS_PER_WINDOW
+    assert events.count("agent channel reset") == relay.RESETS_PER_WINDOW
     assert sum("keeps resetting" in event for event in events) == 1
 
 
@@ -540,7 +541,7 @@ async def test_a_guest_that_stops_reading_its_port_stalls_nothing(anyio_backend,
         assert anyio.current_time() - started < 2 + AGENT_TIMEOUT_SLACK_S + 3  # was: blocked past 60 s
         await vm.snapshot(tmp_path / "frozen.snap")  # the supervisor works meanwhile, without the agent
         # Past the stall limit the channel is reset: calls fail at once, retryably, instead of hanging.
-        with anyio.fail_after(supervisor_module.AGENT_SEND_STALL_S + HANG_S):
+        with anyio.fail_after(relay.AGENT_SEND_STALL_S + HANG_S):
             while True:
                 try:
                     await vm.exec(["true"], timeout=1)

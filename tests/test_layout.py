@@ -8,6 +8,7 @@ from machinen_async.store.assets import GUEST_PACKAGE, PACKAGE_DIR, package_impo
 
 GUEST = PACKAGE_DIR / GUEST_PACKAGE
 PROTOCOL = PACKAGE_DIR / "protocol"
+SUPERVISOR = PACKAGE_DIR / "supervisor"
 
 
 def _modules() -> list[Path]:
@@ -40,3 +41,24 @@ def test_the_guest_imports_only_the_protocol():
         if GUEST in module.parents
     }
     assert {module: found for module, found in offenders.items() if found} == {}
+
+
+def test_the_supervisor_sits_above_the_vmm_and_the_store_and_below_the_sdk():
+    """A supervisor process must not need the SDK, CLI or remote code; nothing below it needs it."""
+    below = [PACKAGE_DIR / "vmm", PACKAGE_DIR / "store", PROTOCOL]
+
+    def allowed(imported: Path) -> bool:
+        return imported == PACKAGE_DIR / "errors.py" or any(d in imported.parents for d in [*below, SUPERVISOR])
+
+    upward = {
+        _name(module): sorted(_name(imported) for imported in package_imports(module) if not allowed(imported))
+        for module in _modules()
+        if SUPERVISOR in module.parents
+    }
+    assert {module: found for module, found in upward.items() if found} == {}
+    downward = {
+        _name(module): sorted(_name(imported) for imported in package_imports(module) if SUPERVISOR in imported.parents)
+        for module in _modules()
+        if any(d in module.parents for d in below)
+    }
+    assert {module: found for module, found in downward.items() if found} == {}

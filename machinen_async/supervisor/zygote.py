@@ -1,4 +1,4 @@
-"""``python -m machinen_async.vmm.zygote``: start many supervisors from one warm interpreter.
+"""``python -m machinen_async.supervisor.zygote``: start many supervisors from one warm interpreter.
 
 A fork of N siblings would otherwise start N Python interpreters that each
 import the same modules (~0.1 s of CPU apiece, a quarter of a sibling's
@@ -8,7 +8,7 @@ child per sibling -- safe here: no threads and no event loop exist yet.
 Stdin: a JSON list of ``[config_json, lifeline_fd, status_fd, stderr_fd]``
 (the fds inherited from the launcher).  Each child becomes a session leader
 with those fds as its stdin/stdout/stderr, exactly as if the launcher had
-spawned ``python -m machinen_async.vmm.supervisor``.  Stdout: a JSON list of
+spawned ``python -m machinen_async.supervisor``.  Stdout: a JSON list of
 the children's pids.
 """
 
@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from . import supervisor
+from .main import run
 
 
 def _become_supervisor(config_json: str, lifeline: int, status: int, stderr: int) -> None:
@@ -28,7 +28,7 @@ def _become_supervisor(config_json: str, lifeline: int, status: int, stderr: int
         for fd, target in ((lifeline, 0), (status, 1), (stderr, 2)):
             os.dup2(fd, target)
         os.closerange(3, 1 << 16)
-        code = supervisor.run(config_json)
+        code = run(config_json)
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:

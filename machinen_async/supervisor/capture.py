@@ -1,0 +1,340 @@
+"""This VM's disk chain, RAM and VMM, and capturing them: fork templates and snapshot bundles."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from ..errors import BootError, MachinenError, SnapshotError
+from ..store import bundle, layers, paths, registry, sparse
+from ..store.assets import immutable_file_digest
+from ..vmm import backend
+from .config import SupervisorConfig
+from .relay import ClientConnection
+
+log = structlog.get_logger("machinen.supervisor")
+
+# A fork template stays referenced by its source this long after the fork
+# call returned, so the caller can take its own reference first.
+TEMPLATE_HANDOVER_S = 120.0
+
+
+class Capture:
+    def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
+        self.config = config
+        self.entry = entry
+        self.backend = backend.default()
+        self.machine: backend.Machine | None = None  # while the VMM runs
+        self.lock = anyio.Lock()
+        self.chain: list[list[str]] = []  # disk chain, top (writable) first: [path, format]
+        self.disk_size = 0
+        self.layer_refs: list[int] = []  # flock references on every layer and template we use
+        self.ram_file: Path | None = None
+        self.ram_shared = True
+        self.state_file: Path | None = None  # device state to load (restore, fork sibling)
+        self.task_group: anyio.abc.TaskGroup | None = None  # holds templates' references until handed over
+        self.paused_for: ClientConnection | None = None  # the client whose handoff holds the VM paused
+
+    # --- the machine -----------------------------------------------------------------
+
+    async def prepare_disk_and_ram(self, ram_dir: Path) -> None:
+        """Create this VM's writable layer and decide where its RAM lives.
+
+        Booted and restored VMs own a shared RAM file (so they fork cheaply);
+        fork siblings map their template's RAM privately (copy-on-write).
+        """
+        config, incoming = self.config, self.config.incoming
+        if incoming is None:
+            self.chain = [[config.image, "raw"]]
+            self.disk_size = os.stat(config.image).st_size
+        else:
+            try:
+                self.layer_refs += [layers.Shared(Path(p)).hold() for p in incoming["holds"]]
+            except FileNotFoundError:
+                raise BootError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
+            self.chain, self.disk_size = incoming["chain"], incoming["disk_size"]
+        self.ram_file, self.ram_shared = ram_dir / "mem", True
+        if incoming is not None and incoming.get("bundle"):
+            # Restored from a bundle: each file is copied (so the bundle stays untouched) and
+            # hashed as it is copied; QEMU opens only the copies.
+            source, expected = Path(incoming["bundle"]), incoming["files"]
+            imported, ref = layers.new_layer()
+            self.layer_refs.append(ref)
+            copies = [(bundle.DISK, imported.disk), (bundle.STATE, ram_dir / bundle.STATE)]
+            if bundle.MEM in expected:
+                copies.append((bundle.MEM, self.ram_file))
+            for name, target in copies:
+                await anyio.to_thread.run_sync(bundle.copy_verified, source / name, target, expected[name])
+            self.chain = [[str(imported.disk), "qcow2"], *self.chain]
+            self.state_file = ram_dir / bundle.STATE
+        elif incoming is not None:  # a fork sibling: the template's RAM, mapped copy-on-write
+            self.state_file = Path(incoming["state"])
+            self.ram_file, self.ram_shared = Path(incoming["mem"]), False
+        layer, ref = layers.new_layer()
+        self.layer_refs.append(ref)
+        await self.backend.create_overlay(layer.disk, self.chain[0], self.disk_size)
+        self.chain = [[str(layer.disk), "qcow2"], *self.chain]
+
+    def release_layers(self) -> None:
+        for ref in self.layer_refs:
+            layers.close_quietly(ref)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[backend.Machine]:
+        """The VMM of this VM, on the disk and RAM prepared; stopped on leaving."""
+        entry = self.entry
+        launch = self._launch(
+            ram_file=self.ram_file, ram_shared=self.ram_shared, incoming=self.config.incoming is not None,
+            disk_chain=self.chain, agent_socket=entry.agent_socket, control_socket=entry.qmp_socket,
+            logs=(entry.console_log, entry.qemu_log),
+        )  # fmt: skip
+        async with self.backend.start(launch) as machine:
+            self.machine = machine
+            try:
+                yield machine
+            finally:
+                self.machine = None
+
+    def _launch(self, **where: Any) -> backend.Launch:
+        """A VMM launch of this VM's machine; ``where``: its RAM, disk and sockets."""
+        config = self.config
+        spec = backend.MachineSpec(
+            memory_mib=config.memory_mib,
+            cpus=config.cpus,
+            accel=config.accel,
+            kernel=Path(config.kernel),
+            initrd=Path(config.initrd),
+            hostname=config.name,
+            tsc_khz=config.tsc_khz,
+            network=config.network,
+        )
+        read_only, writable = self._visible_to_vmm()
+        return backend.Launch(spec=spec, read_only=read_only, writable=writable,
+                              network_allow=tuple(config.network_allow), **where)  # fmt: skip
+
+    def _visible_to_vmm(self) -> tuple[list[Path], list[Path]]:
+        """What a confined VMM of this VM sees: (read-only, writable) paths."""
+        config = self.config
+        stores = [paths.private_dir(layers.layers_dir()), paths.private_dir(layers.templates_dir())]
+        read_only = [Path(config.kernel), Path(config.initrd), Path(config.image)]
+        return read_only, [self.entry.path, Path(config.ram_dir), *stores]
+
+    def _machine(self) -> dict[str, Any]:
+        keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "image_key", "tsc_khz",
+                "network", "network_allow")  # fmt: skip
+        return {k: getattr(self.config, k) for k in keys}
+
+    # --- capture: fork templates and snapshots -------------------------------------
+
+    async def _capture(
+        self, state: Path, mem: Path | None, *, stay_paused: bool = False
+    ) -> tuple[list[list[str]], dict[str, float]]:
+        """Save this VM's state while it keeps running; return (frozen disk chain, timings).
+
+        With ``stay_paused`` the guest is left stopped after a successful
+        capture (a handoff: the state must stay the last one).
+
+        The disk freeze gives the VM a fresh qcow2 layer on top, so the
+        returned chain (top first) is immutable from now on; it happens while
+        the guest is stopped, at the same instant as the saved state.
+
+        - A VM on its own shared RAM file: stop, freeze the disk, save device
+          state with RAM skipped (x-ignore-shared), copy the touched RAM to
+          ``mem``, continue.  The copy lets the VM run on its own file while
+          others use the frozen one.
+        - A VM whose RAM privately maps a template (a fork sibling): its RAM
+          goes into ``state`` by live (pre-copy) migration, so the guest runs
+          while most of it streams and stops only for the last dirty pages.
+        """
+        layer, layer_ref = layers.new_layer()
+        steps: dict[str, float] = {}
+        clock = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            steps[name] = round((now - clock) * 1000, 2)
+            clock = now
+
+        frozen: list[list[str]] | None = None
+        try:
+            if self.ram_shared:
+                await self.machine.pause()
+                step("stop")
+                frozen = await self._freeze_disk(layer, layer_ref)
+                step("freeze_disk")
+                await self.machine.save_state(state, ram=False)
+                step("save_state")
+                if mem is not None:
+                    await anyio.to_thread.run_sync(sparse.copy, self.ram_file, mem)
+                    step("copy_ram")
+            else:
+                stopped_ms = await self.machine.save_state(state, ram=True)
+                step("stream_ram_live")
+                steps["stopped_for_last_pages"] = stopped_ms
+                frozen = await self._freeze_disk(layer, layer_ref)  # the guest is stopped (postmigrate)
+                step("freeze_disk")
+        finally:
+            if frozen is None:
+                layers.close_quietly(layer_ref)
+            if frozen is None or not stay_paused:
+                await self.machine.resume()
+        step("resume")
+        paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_for_last_pages", "resume")
+        steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
+        return frozen, steps
+
+    async def _freeze_disk(self, layer: layers.Layer, layer_ref: int) -> list[list[str]]:
+        """Put a fresh qcow2 layer on top of the disk; return the now-frozen chain."""
+        await self.machine.freeze_disk(layer.disk)
+        frozen = list(self.chain)
+        self.chain = [[str(layer.disk), "qcow2"], *frozen]
+        self.layer_refs.append(layer_ref)
+        return frozen
+
+    async def freeze_template(self, bundle_dir: str | None = None) -> dict[str, Any]:
+        """Capture this running VM as a template that fork siblings start from.
+
+        With ``bundle_dir``, also write a snapshot bundle of that same instant
+        (after the VM continues): siblings on other hosts start from it."""
+        async with self.lock:
+            if self.paused_for is not None:
+                raise MachinenError("the VM is paused for a handoff", code="FORK_VM_PAUSED")
+            template, template_ref = layers.new_template()
+            try:
+                chain, steps = await self._capture(template.state, template.mem)
+                if not self.ram_shared:
+                    started = time.monotonic()
+                    await self._unpack_ram(template, chain)
+                    steps["unpack_ram_after_resume"] = round((time.monotonic() - started) * 1000, 2)
+            except BaseException:
+                layers.close_quietly(template_ref)
+                raise
+        if bundle_dir is not None:
+            target = bundle.create_dir(Path(bundle_dir))
+            try:
+                for source, name in ((template.state, bundle.STATE), (template.mem, bundle.MEM)):
+                    await anyio.to_thread.run_sync(sparse.copy, source, target / name)
+                await self._seal_bundle(target, chain)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    bundle.remove_partial(target)
+                    layers.close_quietly(template_ref)
+                raise
+        # Our reference only bridges the gap until the caller takes its own.
+        self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
+        log.info("fork template", template=template.id, pause_ms=steps["total"])
+        return {
+            "state": str(template.state),
+            "mem": str(template.mem),
+            "ram_in_state": False,
+            "chain": chain,
+            "disk_size": self.disk_size,
+            "holds": [str(template.path), *_layer_dirs(chain)],
+            "source": self.config.name,
+            "pause_ms": steps["total"],
+            "pause_steps_ms": steps,
+            "machine": self._machine(),
+        }
+
+    async def _unpack_ram(self, template: layers.Template, chain: list[list[str]]) -> None:
+        """Turn a RAM-carrying state into a RAM file plus device state.
+
+        A fork sibling's RAM arrives inside ``state``.  Loaded by every one of
+        its own siblings, each would hold a full private copy; instead a
+        paused helper QEMU loads it once into the template's shared RAM file
+        and saves device state without RAM, so they all map one file
+        copy-on-write.  This VM is already running again meanwhile.
+        """
+        full_state = template.path / "state.full"
+        template.state.rename(full_state)
+        scratch, scratch_ref = layers.new_layer()  # the helper's disk top, never written
+        try:
+            await self.backend.create_overlay(scratch.disk, chain[0], self.disk_size)
+            helper = self._launch(
+                ram_file=template.mem, ram_shared=True, incoming=True, never_run=True,
+                disk_chain=[[str(scratch.disk), "qcow2"], *chain],
+                agent_socket=scratch.path / "agent.sock", control_socket=scratch.path / "qmp.sock",
+            )  # fmt: skip
+            async with self.backend.start(helper) as machine:
+                await machine.connect()
+                await machine.load_state(full_state, ram=True)
+                await machine.save_state(template.state, ram=False)
+        finally:
+            full_state.unlink(missing_ok=True)
+            layers.close_quietly(scratch_ref)
+
+    async def snapshot(self, directory: str, *, paused_for: ClientConnection | None = None) -> dict[str, Any]:
+        """Write a bundle of this running VM to ``directory``; the VM keeps running,
+        unless ``paused_for`` a client: then it stays paused until that client
+        resumes it or goes away (a handoff in progress)."""
+        target = bundle.create_dir(Path(directory))
+        try:
+            async with self.lock:
+                if self.paused_for is not None:
+                    raise SnapshotError("the VM is paused for a handoff", code="SNAPSHOT_VM_PAUSED")
+                chain, steps = await self._capture(
+                    target / bundle.STATE, target / bundle.MEM, stay_paused=paused_for is not None
+                )
+                self.paused_for = paused_for
+            started = time.monotonic()
+            manifest = await self._seal_bundle(target, chain)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                bundle.remove_partial(target)
+                if paused_for is not None:
+                    await self.resume(paused_for)
+            raise
+        write_ms = round((time.monotonic() - started) * 1000, 2)
+        log.info("snapshot", bundle=str(target), pause_ms=steps["total"], write_ms=write_ms)
+        return {"bundle": str(target), "pause_ms": steps["total"], "pause_steps_ms": steps,
+                "write_ms": write_ms, "files": manifest.data["files"]}  # fmt: skip
+
+    async def _seal_bundle(self, target: Path, chain: list[list[str]]) -> bundle.Manifest:
+        """Finish a bundle whose state (and RAM) are in place: its disk, then the manifest."""
+        # Flatten everything above the base image into one file: the bundle
+        # must not depend on this host's layer files.
+        base = chain[-1][0]
+        await self.backend.flatten_disk(chain, target / bundle.DISK)
+        machine = self._machine()
+        fields = {
+            "created": time.time(),
+            "source": self.config.name,
+            "qemu_version": await self.machine.version(),
+            "machine": {"type": self.backend.machine_type, "disk_size": self.disk_size,
+                        **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
+            "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["kernel"]))},
+            "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["initrd"]))},
+            "image": {"key": self.config.image_key or Path(base).stem, "tarball": self.config.image_source,
+                      "sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(base))},
+        }  # fmt: skip
+        return await anyio.to_thread.run_sync(bundle.seal, target, fields)
+
+    async def resume(self, client: ClientConnection) -> bool:
+        """Continue a VM that ``client`` paused; False if it was not paused by it."""
+        if self.paused_for is not client:
+            return False
+        self.paused_for = None
+        await self.machine.resume()
+        return True
+
+
+def _layer_dirs(chain: list[list[str]]) -> list[str]:
+    """The shared layer directories a disk chain runs through."""
+    root = layers.layers_dir()
+    return [str(Path(path).parent) for path, _ in chain if Path(path).parent.parent == root]
+
+
+async def _release_later(ref: int, delay: float) -> None:
+    try:
+        await anyio.sleep(delay)
+    finally:
+        layers.close_quietly(ref)

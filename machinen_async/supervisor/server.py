@@ -1,0 +1,251 @@
+"""``Supervisor``: brings one VM up, serves its clients until asked to stop, takes it down.
+
+It composes the agent relay, the capture of disk and RAM, and the port
+forwards; the calls named ``vm.*`` are answered here, from ``local_calls``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from ..errors import BootError, BootTimeoutError, MachinenError
+from ..protocol import wire
+from ..protocol.framing import FrameStream
+from ..store import layers, paths, registry
+from ..vmm import backend
+from . import forwards
+from .capture import Capture
+from .config import SupervisorConfig
+from .relay import AgentRelay, ClientConnection
+
+log = structlog.get_logger("machinen.supervisor")
+
+CONSOLE_TAIL_BYTES = 3000
+
+LocalCall = Callable[[ClientConnection, dict], Awaitable[Any]]
+
+
+def console_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - CONSOLE_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
+        self.config = config
+        self.entry = entry
+        self.relay = AgentRelay(entry.agent_socket, config.name)
+        self.capture = Capture(config, entry)
+        self.forwards: list[anyio.abc.SocketListener] = []
+        self.stop_requested = anyio.Event()
+        self.meta: dict[str, Any] = {}
+        self.local_calls: dict[str, LocalCall] = {
+            "vm.info": self._info,
+            "vm.reset_agent_channel": self._reset_agent_channel,
+            "vm.fork_template": self._fork_template,
+            "vm.snapshot": self._snapshot,
+            "vm.resume": self._resume,
+            "vm.stop": self._stop,
+        }
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, report_ready) -> None:
+        ram_dir = Path(self.config.ram_dir)
+        paths.private_dir(ram_dir.parent)
+        paths.private_dir(ram_dir)
+        try:
+            await self._run(ram_dir, report_ready)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for forward in self.forwards:
+                    await forward.aclose()
+            self.capture.release_layers()
+            shutil.rmtree(ram_dir, ignore_errors=True)
+            layers.collect_garbage()
+
+    async def _run(self, ram_dir: Path, report_ready) -> None:
+        started = time.monotonic()
+        self.forwards = await forwards.bind_forwards(self.config.ports)
+        await self.capture.prepare_disk_and_ram(ram_dir)
+        async with self.capture.running() as machine:
+            await self._supervise(machine, started, report_ready)
+
+    async def _bring_up(self, machine: backend.Machine) -> None:
+        """Until the agent answers: boot, or load saved state and resume."""
+        await machine.connect()
+        incoming = self.config.incoming
+        if incoming is None:
+            await self.relay.connect()
+        else:
+            # Our HELLO (with the sibling's identity) waits in the socket when the guest
+            # continues, so the resumed agent answers at once instead of polling for a host.
+            state_file = self.capture.state_file
+            state_loaded = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(self.relay.connect, resume=state_loaded))
+                await machine.load_state(state_file, ram=incoming["ram_in_state"])
+                state_loaded.set()
+                if incoming.get("bundle"):
+                    state_file.unlink()  # our checked copy, loaded (a template's stays for its siblings)
+                if not await machine.is_running():
+                    await machine.resume()
+        if incoming is None:
+            workload = await self.relay.call("workload_start", self.config.workload or {"from_image": True})
+            if not workload["running"] and workload["exit_code"] == 127:
+                raise BootError(f"cannot start the workload {workload['argv']!r}", code="BOOT_CMD_NOT_FOUND")
+        elif self.relay.agent_info.get("hostname") != self.config.name:
+            await self.relay.send_identity()
+
+    async def _supervise(self, machine: backend.Machine, started: float, report_ready) -> None:
+        """From QEMU's start until the VM stops (or fails to come up)."""
+        config, entry = self.config, self.entry
+        async with anyio.create_task_group() as tg:
+            self.capture.task_group = tg
+            exit_status: list[int] = []
+
+            async def watch_qemu() -> None:
+                exit_status.append(await machine.exited())
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_qemu)
+            try:
+                with anyio.fail_after(config.boot_timeout):
+                    await self._bring_up(machine)
+            except TimeoutError:
+                raise BootTimeoutError(
+                    f"the guest agent did not answer within {config.boot_timeout:g} s; console tail:\n"
+                    + console_tail(entry.console_log),
+                ) from None
+            boot_s = time.monotonic() - started
+            self.meta = {
+                "name": config.name,
+                "supervisor_pid": os.getpid(),
+                "qemu_pid": machine.pid,
+                "accel": config.accel,
+                "memory_mib": config.memory_mib,
+                "cpus": config.cpus,
+                "image": config.image,
+                "ram_dir": config.ram_dir,
+                "detached": config.detached,
+                "forked_from": (config.incoming or {}).get("source"),
+                "network": config.network,
+                "network_allow": config.network_allow,
+                "ports": config.ports,
+                "started_at": time.time(),
+                "boot_s": round(boot_s, 3),
+                "socket": str(entry.supervisor_socket),
+            }
+            listener = await anyio.create_unix_listener(str(entry.supervisor_socket))
+            entry.supervisor_socket.chmod(0o600)
+            entry.write_meta(self.meta)
+            tg.start_soon(self.relay.read_loop)
+            tg.start_soon(self.relay.write_loop)
+            tg.start_soon(listener.serve, self.serve_client)
+            for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
+                tg.start_soon(forward.serve, functools.partial(forwards.serve_forward, self.relay, guest_port))
+            report_ready(self.meta)
+            log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.relay.agent_info.get("uptime_s"))
+            await self.stop_requested.wait()
+            log.info("stop requested")
+            tg.cancel_scope.cancel()
+        if exit_status:
+            raise BootError(
+                f"QEMU exited with status {exit_status[0]}: "
+                + entry.qemu_log.read_text(errors="replace")[-CONSOLE_TAIL_BYTES:]
+                + "\nconsole tail:\n"
+                + console_tail(entry.console_log)
+            )
+
+    # --- the client side ----------------------------------------------------------
+
+    async def serve_client(self, stream: anyio.abc.ByteStream) -> None:
+        client = ClientConnection(FrameStream(stream, check=wire.validate))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.write_loop)
+                while True:
+                    try:
+                        frame = await client.frames.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, wire.ProtocolError, OSError):
+                        break
+                    self.on_client_frame(client, frame, tg)
+                tg.cancel_scope.cancel()
+        finally:
+            # A caller that went away abandons its calls: stop their processes.
+            for agent_sid in list(client.agent_sids.values()):
+                self.relay.cancel(agent_sid)
+            with anyio.CancelScope(shield=True):
+                await self.capture.resume(client)  # a handoff whose client vanished: carry on here
+                await client.frames.aclose()
+
+    def on_client_frame(self, client: ClientConnection, frame: list, tg: anyio.abc.TaskGroup) -> None:
+        """Route one client frame without waiting for anything, so the next one is read at once."""
+        kind, sid = frame[0], frame[1]
+        if kind == wire.HELLO:
+            client.outbox_send.send_nowait([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, self.meta])
+        elif kind == wire.OPEN and frame[2].startswith("vm."):
+            tg.start_soon(self.handle_local_call, client, sid, frame[2], frame[3])
+        elif kind == wire.OPEN:
+            self.relay.open_call(client, sid, frame[2], frame[3])
+        else:
+            agent_sid = client.agent_sids.get(sid)
+            if agent_sid is None:
+                return
+            if kind == wire.CANCEL:
+                del client.agent_sids[sid]
+                self.relay.cancel(agent_sid)
+                return
+            frame[1] = agent_sid
+            self.relay.send(frame)
+
+    async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> None:
+        try:
+            call = self.local_calls.get(method)
+            if call is None:
+                raise MachinenError(f"unknown method {method!r}", code="EXEC_PROTOCOL")
+            result = await call(client, params)
+        except MachinenError as exc:
+            client.outbox_send.send_nowait([wire.ERROR, sid, exc.code, exc.message])
+            return
+        except Exception as exc:  # a QMP or OS failure fails this call, not the VM
+            log.exception("call failed", method=method)
+            client.outbox_send.send_nowait(
+                [wire.ERROR, sid, "VM_CALL_FAILED", f"{method}: {type(exc).__name__}: {exc}"]
+            )
+            return
+        client.outbox_send.send_nowait([wire.RESULT, sid, result])
+
+    async def _info(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+        return self.meta
+
+    async def _reset_agent_channel(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+        return {"agent": await self.relay.reset()}
+
+    async def _fork_template(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+        return await self.capture.freeze_template(params.get("bundle"))
+
+    async def _snapshot(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+        return await self.capture.snapshot(params["dir"], paused_for=client if params.get("stay_paused") else None)
+
+    async def _resume(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+        return {"resumed": await self.capture.resume(client)}
+
+    async def _stop(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+        self.stop_requested.set()
+        return {"stopping": True}
