@@ -49,7 +49,7 @@ INITRD_MODULES = (
 MIN_IMAGE_GIB = 2  # sparse; the qcow2 overlay only stores what a VM writes
 GUEST_LIB = "usr/lib/machinen"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-GUEST_PACKAGE = "guest_agent"  # copied into every image whole, with what it imports
+GUEST_PACKAGE = "guest"  # copied into every image whole, with what it imports
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 GUEST_ENTRY = f"/{GUEST_LIB}/agent_main.py"
 ASSETS_FORMAT = 1
@@ -67,7 +67,7 @@ exec switch_root /newroot /usr/bin/python3 -I {GUEST_ENTRY}
 
 AGENT_ENTRY = f"""import sys
 sys.path.insert(0, "/{GUEST_LIB}")
-from machinen_async.{GUEST_PACKAGE}.agent import main
+from machinen_async.{GUEST_PACKAGE}.init import main
 main()
 """
 

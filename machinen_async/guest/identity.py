@@ -1,0 +1,53 @@
+"""Who this guest is: what it reports (``info``), and the new identity a restored or forked guest takes on."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import socket
+import struct
+import time
+
+from ..protocol import wire
+from .workload import WORKLOAD
+
+AGENT_VERSION = "0.2.0"
+
+
+def agent_info(params: dict | None = None) -> dict:
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return {
+        "agent_version": AGENT_VERSION,
+        "protocol": wire.PROTOCOL_VERSION,
+        "hostname": socket.gethostname(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uptime_s": uptime,
+        "time": time.time(),
+        "pid": os.getpid(),
+        "workload": WORKLOAD.status(),
+    }
+
+
+RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
+
+
+def take_on(params: dict) -> dict:
+    """Called by the host right after this VM was restored or forked.
+
+    Siblings start with identical kernel RNG state, hostname and a clock
+    that stopped while the template was frozen: give each its own identity,
+    fresh entropy (credited, then an immediate reseed) and the host's time.
+    """
+    if params.get("hostname"):
+        socket.sethostname(params["hostname"])
+    if params.get("time_ns"):
+        time.clock_settime_ns(time.CLOCK_REALTIME, params["time_ns"])
+    entropy = params.get("entropy") or b""
+    if entropy:
+        with open("/dev/urandom", "wb") as random_device:
+            fcntl.ioctl(random_device, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+            fcntl.ioctl(random_device, RNDRESEEDCRNG)
+    return agent_info()

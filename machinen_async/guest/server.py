@@ -1,0 +1,114 @@
+"""The agent's server: reads the port, dispatches each frame to its call, writes frames back."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from ..protocol import wire
+from ..protocol.guest_abi import AGENT_PORT_NAME
+from .exec import ExecTask
+from .files import ReadFileTask, WriteFileTask
+from .identity import agent_info, take_on
+from .task import Task, UnaryTask, start_thread
+from .tunnel import TunnelTask
+from .workload import WORKLOAD
+
+# While no host is connected, read() on the port returns b"" at once (and
+# poll() reports HUP): sleep between tries instead of spinning.  A supervisor
+# keeps the port connected for the VM's whole life, so this only runs in the
+# short gaps around a restore.
+DISCONNECTED_POLL_S = 0.02
+
+
+class Agent:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.write_lock = threading.Lock()
+        self.session: bytes | None = None
+        self.tasks: dict[int, Task] = {}
+        self.unary = {
+            "ping": lambda p: {"pong": True, "time": time.time()},
+            "info": agent_info,
+            "resumed": take_on,
+            "workload_start": WORKLOAD.start,
+            "workload_status": WORKLOAD.status,
+        }
+        self.streaming = {
+            "exec": ExecTask,
+            "read_file": ReadFileTask,
+            "write_file": WriteFileTask,
+            "tunnel": TunnelTask,
+        }
+
+    def send(self, frame: list) -> None:
+        data = wire.encode(frame)
+        with self.write_lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(self.fd, view) :]
+                except InterruptedError:
+                    continue
+
+    def serve(self) -> None:
+        decoder = wire.FrameDecoder(resync=True)
+        while True:
+            try:
+                data = os.read(self.fd, 256 * 1024)
+            except InterruptedError:
+                continue
+            if not data:
+                decoder.reset()
+                time.sleep(DISCONNECTED_POLL_S)
+                continue
+            for frame in decoder.feed(data):
+                self.dispatch(frame)
+
+    def dispatch(self, frame: list) -> None:
+        kind, sid = frame[0], frame[1]
+        if kind == wire.HELLO:
+            if frame[2] != self.session:
+                self.session = frame[2]
+                for task in list(self.tasks.values()):
+                    task.on_session_change()
+                self.tasks.clear()
+                hello = frame[4] if len(frame) > 4 and isinstance(frame[4], dict) else {}
+                if hello.get("resume"):  # restored or forked: take the new identity first
+                    try:
+                        take_on(hello["resume"])
+                    except OSError as exc:
+                        print(f"agent: applying the new identity failed: {exc}", file=sys.stderr)
+            self.send([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, agent_info()])
+        elif kind == wire.OPEN:
+            method, params = frame[2], frame[3]
+            if method in self.streaming:
+                task = self.streaming[method](self, sid)
+                self.tasks[sid] = task
+                start_thread(task.begin, params)
+            elif method in self.unary:
+                task = UnaryTask(self, sid)
+                self.tasks[sid] = task
+                start_thread(task.begin, params, self.unary[method])
+            else:
+                self.send([wire.ERROR, sid, "EXEC_PROTOCOL", f"unknown method {method!r}"])
+        else:
+            task = self.tasks.get(sid)
+            if task is not None:
+                task.deliver(frame)
+
+
+def find_port() -> str:
+    base = "/sys/class/virtio-ports"
+    for _ in range(500):
+        for entry in os.listdir(base) if os.path.isdir(base) else ():
+            try:
+                with open(os.path.join(base, entry, "name")) as f:
+                    if f.read().strip() == AGENT_PORT_NAME:
+                        return f"/dev/{entry}"
+            except OSError:
+                continue
+        time.sleep(0.01)
+    raise SystemExit(f"virtio port {AGENT_PORT_NAME} not found")

@@ -1,0 +1,178 @@
+"""A call's server side (``Task``) and what every kind of call shares: the output credit
+window, the input pump, its threads, the environment guest processes start with."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+
+from ..protocol import wire
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
+if TYPE_CHECKING:
+    from .server import Agent
+
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "xterm",
+}
+
+
+def start_thread(target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+class Task:
+    """Server side of one call; output obeys the host's credit window."""
+
+    def __init__(self, agent: Agent, sid: int) -> None:
+        self.agent = agent
+        self.sid = sid
+        self.session = agent.session
+        self.cond = threading.Condition()
+        self.credit = {wire.STDOUT: wire.INITIAL_WINDOW, wire.STDERR: wire.INITIAL_WINDOW}
+        self.finished = False
+        self.cancelled = False
+        self.input: InputPump | None = None
+        # Frames that arrive while the call is still starting wait here, in order.
+        self.dispatch_lock = threading.Lock()
+        self.early: list[list] | None = []
+
+    def begin(self, *args) -> None:
+        """Start the call (on its own thread), then take the frames that came meanwhile."""
+        try:
+            self.start(*args)
+        except Exception as exc:  # malformed params: fail the call, never the agent
+            self.fail("EXEC_PROTOCOL", f"cannot start the call: {type(exc).__name__}: {exc}")
+        finally:
+            with self.dispatch_lock:
+                early, self.early = self.early, None
+                for frame in early:
+                    self.on_frame(frame)
+
+    def deliver(self, frame: list) -> None:
+        """From the port reader: never blocks (``on_frame`` only queues and notifies)."""
+        with self.dispatch_lock:
+            if self.early is not None:
+                self.early.append(frame)
+                return
+            self.on_frame(frame)
+
+    @property
+    def orphaned(self) -> bool:
+        """The host session that opened this call is gone: keep working, drop output."""
+        return self.session != self.agent.session
+
+    def send(self, frame: list) -> None:
+        with self.cond:
+            if self.finished or self.cancelled or self.orphaned:
+                return
+        self.agent.send(frame)
+
+    def take_credit(self, fd: int) -> int:
+        """Block until output may be sent on ``fd``; return how many bytes."""
+        with self.cond:
+            while self.credit[fd] <= 0 and not (self.cancelled or self.orphaned):
+                self.cond.wait(1.0)
+            if self.cancelled or self.orphaned:
+                return wire.CHUNK
+            return min(self.credit[fd], wire.CHUNK)
+
+    def spend_credit(self, fd: int, size: int) -> None:
+        with self.cond:
+            self.credit[fd] -= size
+
+    def on_frame(self, frame: list) -> None:
+        kind = frame[0]
+        if kind == wire.CREDIT:
+            with self.cond:
+                self.credit[frame[2]] = self.credit.get(frame[2], 0) + frame[3]
+                self.cond.notify_all()
+        elif kind in (wire.DATA, wire.EOF) and self.input is not None:
+            self.input.put(frame[3] if kind == wire.DATA else None)
+        elif kind == wire.CANCEL:
+            with self.cond:
+                self.cancelled = True
+                self.cond.notify_all()
+            self.on_cancel()
+        elif kind == wire.CONTROL:
+            self.on_control(frame[2])
+
+    def on_session_change(self) -> None:
+        """Processes outlive the session that started them (forks keep them);
+        their stdin is closed and their output dropped."""
+        with self.cond:
+            self.cond.notify_all()
+        if self.input is not None:
+            self.input.put(None)
+
+    def on_cancel(self) -> None:
+        self.agent.tasks.pop(self.sid, None)
+        if self.input is not None:
+            self.input.put(None)
+
+    def on_control(self, payload: dict) -> None:
+        pass
+
+    def finish(self, value) -> None:
+        self.send([wire.RESULT, self.sid, value])
+        self._close()
+
+    def fail(self, code: str, message: str) -> None:
+        self.send([wire.ERROR, self.sid, code, message])
+        self._close()
+
+    def _close(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+        self.agent.tasks.pop(self.sid, None)
+
+
+class InputPump:
+    """Writes the host's DATA frames to an fd on its own thread, returning credit."""
+
+    def __init__(self, task: Task, fd: int, on_eof) -> None:
+        self.task = task
+        self.fd = fd
+        self.on_eof = on_eof
+        self.queue: deque[bytes | None] = deque()
+        self.cond = threading.Condition()
+        self.thread = start_thread(self._run)
+
+    def put(self, data: bytes | None) -> None:
+        with self.cond:
+            self.queue.append(data)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        broken = False
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                data = self.queue.popleft()
+            if data is None:
+                break
+            if not broken:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self.fd, view) :]
+                except OSError:
+                    broken = True  # reader went away: swallow the rest, keep the host flowing
+            self.task.send([wire.CREDIT, self.task.sid, wire.STDIN, len(data)])
+        self.on_eof(broken)
+
+
+class UnaryTask(Task):
+    def start(self, params: dict, handler) -> None:
+        try:
+            self.finish(handler(params))
+        except Exception as exc:  # report, never kill the agent
+            self.fail("EXEC_PROTOCOL", f"{type(exc).__name__}: {exc}")

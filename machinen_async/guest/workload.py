@@ -1,0 +1,82 @@
+"""The VM's workload: one supervised long-running command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+from ..protocol.guest_abi import IMAGE_CONFIG, WORKLOAD_LOG
+from .task import BASE_ENV, start_thread
+
+WORKLOAD_MAX_BACKOFF_S = 10.0
+
+
+class Workload:
+    """The VM's long-running command (an image's default cmd, or boot(cmd=...)).
+
+    Supervised: output goes to WORKLOAD_LOG; a non-zero exit restarts it
+    after a growing pause; a zero exit ends it.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state: dict = {"running": False, "argv": None, "pid": None, "exit_code": None, "restarts": 0}
+
+    def start(self, params: dict) -> dict:
+        spec = params
+        if params.get("from_image"):
+            try:
+                with open(IMAGE_CONFIG) as f:
+                    spec = json.load(f)
+            except FileNotFoundError:
+                return self.status()
+        if not spec.get("cmd"):
+            return self.status()
+        with self.lock:
+            if self.state["argv"] is not None:
+                raise RuntimeError("a workload is already running")
+            self.state["argv"] = list(spec["cmd"])
+        env = dict(BASE_ENV)
+        env.update(spec.get("env") or {})
+        os.makedirs(os.path.dirname(WORKLOAD_LOG), exist_ok=True)
+        started = threading.Event()
+        start_thread(self._supervise, spec["cmd"], env, spec.get("cwd") or "/", started)
+        started.wait(5)
+        return self.status()
+
+    def _supervise(self, argv: list, env: dict, cwd: str, started: threading.Event) -> None:
+        backoff = 0.5
+        while True:
+            with open(WORKLOAD_LOG, "ab") as log:
+                try:
+                    proc = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        cwd=cwd, env=env, start_new_session=True,
+                    )  # fmt: skip
+                except OSError as exc:
+                    log.write(f"machinen: cannot start {argv!r}: {exc}\n".encode())
+                    with self.lock:
+                        self.state.update(running=False, exit_code=127)
+                    started.set()
+                    return
+            with self.lock:
+                self.state.update(running=True, pid=proc.pid)
+            started.set()
+            returncode = proc.wait()
+            with self.lock:
+                self.state.update(running=False, exit_code=128 - returncode if returncode < 0 else returncode)
+                if returncode == 0:
+                    return
+                self.state["restarts"] += 1
+            time.sleep(backoff)
+            backoff = min(backoff * 2, WORKLOAD_MAX_BACKOFF_S)
+
+    def status(self, params: dict | None = None) -> dict:
+        with self.lock:
+            return dict(self.state)
+
+
+WORKLOAD = Workload()
