@@ -4,6 +4,8 @@ async with boot() as vm:
     result = await vm.exec(["uname", "-a"])
 """
 
+import importlib
+
 from .errors import (
     AgentUnavailableError,
     AssetsError,
@@ -19,35 +21,30 @@ from .errors import (
     SnapshotError,
     TransferError,
 )
+from .version import __version__
 
-__version__ = "0.1.0"
-
-_FROM_VM = {"VM", "ExecResult", "Forks", "Process", "SnapshotInfo", "boot", "connect", "restore"}
+# Where each public name lives: imported on first use, because the per-VM
+# supervisor imports this package's submodules and should not pay for the SDK
+# (one supervisor starts per fork sibling).
+_FROM_SDK = {
+    "VM": "vm", "SnapshotInfo": "vm",
+    "ExecResult": "process", "Process": "process",
+    "Forks": "forks",
+    "boot": "boot", "connect": "boot", "restore": "boot",
+    "Host": "host",
+    "HandoffReport": "handoff",
+    "NetworkPolicy": "network",
+    "provision": "provisioning", "ProvisionError": "provisioning", "debian_rootfs": "provisioning",
+}  # fmt: skip
 
 
 def __getattr__(name: str):
-    # Lazy: the per-VM supervisor imports this package's submodules and
-    # should not pay for the SDK (one supervisor starts per fork sibling).
-    if name in _FROM_VM:
-        from . import vm
+    if name == "TransferReport":
+        from .hosts.base import TransferReport
 
-        return getattr(vm, name)
-    if name in ("Host", "TransferReport"):
-        from .remote import host
-
-        return getattr(host, name)
-    if name == "NetworkPolicy":
-        from .network import NetworkPolicy
-
-        return NetworkPolicy
-    if name == "HandoffReport":
-        from .remote import handoff
-
-        return handoff.HandoffReport
-    if name in ("provision", "ProvisionError", "debian_rootfs"):
-        from . import provisioning
-
-        return getattr(provisioning, name)
+        return TransferReport
+    if name in _FROM_SDK:
+        return getattr(importlib.import_module(f"{__name__}.sdk.{_FROM_SDK[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -75,6 +72,7 @@ __all__ = [
     "SnapshotInfo",
     "TransferError",
     "TransferReport",
+    "__version__",
     "boot",
     "connect",
     "debian_rootfs",

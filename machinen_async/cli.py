@@ -25,10 +25,11 @@ import click
 
 from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
-from .network import NetworkPolicy
 from .protocol.guest_abi import WORKLOAD_LOG
+from .sdk.boot import boot, connect, restore, stop_vm
+from .sdk.network import NetworkPolicy
+from .sdk.vm import VM
 from .store import assets, layers, registry
-from .vm import VM, boot, connect, restore, stop_vm
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
@@ -180,13 +181,13 @@ def _split_address(address: str) -> tuple[Any, str]:
     """(SSH host or None, VM name); asyncssh is imported only for a ``host:name``."""
     if ":" not in address:
         return None, address
-    from .remote.host import split_vm_address
+    from .sdk.host import split_vm_address
 
     return split_vm_address(address)
 
 
 def _ssh_host(spec: str) -> Any:
-    from .remote.host import Host
+    from .sdk.host import Host
 
     return Host.from_spec(spec)
 
@@ -372,7 +373,7 @@ def fork_command(name: str, new_name: str | None, count: int | None, ports, deta
         async with contextlib.AsyncExitStack() as stack:
             hosts = None
             if host_specs:
-                from .remote.host import Host
+                from .sdk.host import Host
 
                 hosts = [
                     Host.local() if spec == "local" else await stack.enter_async_context(Host.from_spec(spec))
@@ -383,12 +384,11 @@ def fork_command(name: str, new_name: str | None, count: int | None, ports, deta
                 source.fork(count, name=new_name, detached=detach, ports=ports, hosts=hosts)
             )
             siblings = [result] if isinstance(result, VM) else list(result)
-            where = {vm.name: f"{vm.host.name}:" if vm.host is not None else "" for vm in siblings}
             if as_json:
-                click.echo(json.dumps([{**vm.info, "name": where[vm.name] + vm.name} for vm in siblings]))
+                click.echo(json.dumps([{**vm.info, "name": vm.host.address(vm.name)} for vm in siblings]))
             else:
                 for vm in siblings:
-                    click.echo(f"{where[vm.name]}{vm.name} forked from {name} in {vm.info['boot_s']:.2f} s", err=True)
+                    click.echo(f"{vm.host.address(vm.name)} forked from {name} in {vm.info['boot_s']:.2f} s", err=True)
                 if not detach:
                     click.echo("running; Ctrl-C stops the siblings", err=True)
                     await anyio.sleep_forever()
@@ -615,7 +615,7 @@ def handoff_command(name, host_spec, new_name, ports, no_precopy, as_json) -> No
 @main.command(name="_peer", hidden=True)
 def peer_command() -> None:
     """The remote end of an SSH link (started by another host's machinen)."""
-    from .remote.peer import amain
+    from .hosts.peer import amain
 
     anyio.run(amain)
 

@@ -31,7 +31,8 @@ import anyio
 import anyio.abc
 import msgpack
 
-from machinen_async import VM
+from machinen_async import VM, Host
+from machinen_async.hosts.base import Connection
 from machinen_async.protocol import wire
 from machinen_async.protocol.framing import FrameStream
 from machinen_async.protocol.mux import Channel
@@ -189,7 +190,7 @@ async def fake_vm() -> AsyncIterator[tuple[VM, FakeAgent]]:
         tg.start_soon(agent.serve)
         channel = Channel.over(host_stream)
         await channel.hello()
-        vm = VM(channel, {"name": "fake"})
+        vm = Host.local().vm(Connection(channel, {"name": "fake"}))
         try:
             yield vm, agent
         finally:

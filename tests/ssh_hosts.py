@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,9 @@ class SSHHosts:
         public_key = _keygen(base / "host_key")
         port = free_port()
         host = FakeHost(alias, port, base / "home", Path(f"{self.runtime_prefix}-{alias}"), base / "cache")
-        env = " ".join(f"{k}={v}" for k, v in {**host.env(), **(extra_env or {})}.items())
+        # The far end runs the machinen under test, also when that is a checkout on PYTHONPATH.
+        passed_on = {key: os.environ[key] for key in ("PYTHONPATH",) if key in os.environ}
+        env = " ".join(f"{k}={v}" for k, v in {**host.env(), **passed_on, **(extra_env or {})}.items())
         (base / "sshd_config").write_text(
             f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base / 'host_key'}\n"
             f"AuthorizedKeysFile {self.authorized}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_VM, ls_json, qemu_processes, runtime_leftovers
 from llm_stub import MODEL as STUB_MODEL
 from llm_stub import StubServer

@@ -41,6 +41,7 @@ from machinen_async import (
     VM,
     AgentUnavailableError,
     ExecError,
+    Host,
     MachinenError,
     NetworkPolicy,
     SnapshotError,
@@ -49,16 +50,18 @@ from machinen_async import (
     restore,
 )
 from machinen_async.cli import terminal_safe
+from machinen_async.hosts import transfer
+from machinen_async.hosts.base import Connection
 from machinen_async.protocol import wire
 from machinen_async.protocol.mux import Channel
-from machinen_async.remote import peer
+from machinen_async.sdk.boot import stop_vm
+from machinen_async.sdk.vm import AGENT_TIMEOUT_SLACK_S
 from machinen_async.store import bundle as bundle_format
 from machinen_async.store import chunks, qcow2, registry
 from machinen_async.store.assets import sha256_file
 from machinen_async.supervisor import relay
 from machinen_async.supervisor.config import SupervisorConfig
 from machinen_async.supervisor.server import Supervisor
-from machinen_async.vm import AGENT_TIMEOUT_SLACK_S, stop_vm
 from machinen_async.vmm import capped_log
 from machinen_async.vmm.qemu import netguard
 
@@ -140,7 +143,7 @@ async def relayed_vm(tmp_path: Path) -> AsyncIterator[tuple[VM, list[FakeAgent]]
         tg.start_soon(supervisor.serve_client, await anyio.abc.UNIXSocketStream.from_socket(supervisor_end))
         channel = Channel.over(await anyio.abc.UNIXSocketStream.from_socket(client_end))
         await channel.hello()
-        vm = VM(channel, {"name": "relay"})
+        vm = Host.local().vm(Connection(channel, {"name": "relay"}))
         try:
             yield vm, agents
         finally:
@@ -566,11 +569,11 @@ async def test_a_guest_that_stops_reading_its_port_stalls_nothing(anyio_backend,
 def test_a_pushed_chunk_cannot_decompress_into_a_bomb():
     bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in ~64 KiB
     with pytest.raises(TransferError) as refused:
-        peer._inflate_chunk(bomb)
+        transfer._inflate_chunk(bomb)
     assert refused.value.code == "TRANSFER_CORRUPT"
     with pytest.raises(TransferError):
-        peer._inflate_chunk(b"not zlib")
-    assert peer._inflate_chunk(zlib.compress(b"x" * chunks.CHUNK_SIZE)) == b"x" * chunks.CHUNK_SIZE
+        transfer._inflate_chunk(b"not zlib")
+    assert transfer._inflate_chunk(zlib.compress(b"x" * chunks.CHUNK_SIZE)) == b"x" * chunks.CHUNK_SIZE
 
 
 def test_manifests_hold_plain_bounded_data_only():

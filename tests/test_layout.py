@@ -8,7 +8,6 @@ from machinen_async.store.assets import GUEST_PACKAGE, PACKAGE_DIR, package_impo
 
 GUEST = PACKAGE_DIR / GUEST_PACKAGE
 PROTOCOL = PACKAGE_DIR / "protocol"
-SUPERVISOR = PACKAGE_DIR / "supervisor"
 
 
 def _modules() -> list[Path]:
@@ -43,22 +42,53 @@ def test_the_guest_imports_only_the_protocol():
     assert {module: found for module, found in offenders.items() if found} == {}
 
 
-def test_the_supervisor_sits_above_the_vmm_and_the_store_and_below_the_sdk():
-    """A supervisor process must not need the SDK, CLI or remote code; nothing below it needs it."""
-    below = [PACKAGE_DIR / "vmm", PACKAGE_DIR / "store", PROTOCOL]
+# Bottom to top: a module may import its own layer and the ones below it, never above.
+LAYERS = (
+    {"errors.py", "version.py", "protocol"},
+    {"store", "vmm"},
+    {"supervisor"},
+    {"hosts"},
+    {"sdk"},
+    {"cli.py", "__init__.py", "__main__.py"},
+)
 
-    def allowed(imported: Path) -> bool:
-        return imported == PACKAGE_DIR / "errors.py" or any(d in imported.parents for d in [*below, SUPERVISOR])
 
-    upward = {
-        _name(module): sorted(_name(imported) for imported in package_imports(module) if not allowed(imported))
-        for module in _modules()
-        if SUPERVISOR in module.parents
+def _layer(module: Path) -> int:
+    top = module.relative_to(PACKAGE_DIR).parts[0]
+    for rank, members in enumerate(LAYERS):
+        if top in members:
+            return rank
+    raise AssertionError(f"{_name(module)} is in no layer: add its folder to LAYERS (and to docs/architecture.md)")
+
+
+def _host_modules() -> list[Path]:
+    return [module for module in _modules() if GUEST not in module.parents]
+
+
+def test_imports_only_go_downward():
+    offenders = {
+        _name(module): sorted(
+            _name(imported)
+            for imported in package_imports(module)
+            if GUEST not in imported.parents and _layer(imported) > _layer(module)
+        )
+        for module in _host_modules()
     }
-    assert {module: found for module, found in upward.items() if found} == {}
-    downward = {
-        _name(module): sorted(_name(imported) for imported in package_imports(module) if SUPERVISOR in imported.parents)
-        for module in _modules()
-        if any(d in module.parents for d in below)
-    }
-    assert {module: found for module, found in downward.items() if found} == {}
+    assert {module: found for module, found in offenders.items() if found} == {}
+
+
+def test_no_import_loops():
+    """Any import counts, also one inside a function: a loop there is still two modules that need each other."""
+    graph = {module: package_imports(module) - {module} for module in _modules()}
+    loops = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            module, path = stack.pop()
+            for imported in graph.get(module, ()):
+                if imported == start:
+                    loops.append(" -> ".join(_name(m) for m in [*path, start]))
+                elif imported not in seen:
+                    seen.add(imported)
+                    stack.append((imported, [*path, imported]))
+    assert sorted(set(loops)) == []

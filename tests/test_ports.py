@@ -12,7 +12,7 @@ import pytest
 from net import free_port
 
 from machinen_async import VM, MachinenError, boot, connect, restore
-from machinen_async.ports import parse_port_forwards
+from machinen_async.protocol.ports import parse_port_forwards
 
 pytestmark = pytest.mark.anyio
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_ports import free_port
 
 from machinen_async import BootError, ProvisionError, boot, provision
-from test_ports import free_port
 
 pytestmark = pytest.mark.anyio
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -8,14 +8,14 @@ import signal
 import sys
 
 import pytest
-
 from conftest import ls_json, machinen
-from machinen_async import HandoffError, Host, HostError, MachinenError, TransferError, boot, connect, restore
-from machinen_async.remote import handoff as handoff_module
-from machinen_async.remote.spread import place
 from net import free_port
 from test_fork import COUNTER, copied_ram_mib, poke
 from test_ports import http_get, serve_http
+
+from machinen_async import HandoffError, Host, HostError, MachinenError, TransferError, boot, connect, restore
+from machinen_async.sdk import handoff as handoff_module
+from machinen_async.sdk.spread import place
 
 pytestmark = pytest.mark.anyio
 
@@ -159,7 +159,7 @@ async def test_host_errors_are_typed(ssh_hosts, shared_vm, anyio_backend):
     assert missing.value.code == "HOST_MACHINEN_NOT_FOUND"
 
     other_version = (
-        f'{sys.executable} -c \'import machinen_async; machinen_async.__version__ = "9.9.9"; '
+        f'{sys.executable} -c \'import machinen_async.version; machinen_async.version.__version__ = "9.9.9"; '
         "from machinen_async.cli import main; main()'"
     )
     with pytest.raises(HostError) as mismatch:

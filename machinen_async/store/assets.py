@@ -311,11 +311,21 @@ def ensure_base(report: Report = lambda message: None, *, refresh: bool = False)
         return base
 
 
+def _runtime_nodes(node: ast.AST) -> Iterator[ast.AST]:
+    """Every node below ``node`` but those under ``if TYPE_CHECKING:`` (never imported when it runs)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            yield from (grandchild for branch in child.orelse for grandchild in (branch, *_runtime_nodes(branch)))
+            continue
+        yield child
+        yield from _runtime_nodes(child)
+
+
 def package_imports(module: Path) -> set[Path]:
-    """The files of this package that ``module`` (a file in it) imports, at any depth in the file."""
+    """The files of this package that ``module`` (a file in it) imports when it runs, at any depth in the file."""
     package = module.relative_to(PACKAGE_DIR).parent.parts
     found: set[Path] = set()
-    for node in ast.walk(ast.parse(module.read_bytes())):
+    for node in _runtime_nodes(ast.parse(module.read_bytes())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = [*package[: len(package) - node.level + 1], *(node.module or "").split(".")]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE_DIR.name:

@@ -8,6 +8,7 @@ this layer names QEMU.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -108,11 +109,19 @@ class Backend(Protocol):
         """Everything above the base image (``chain[-1]``) as one layer file ``target``."""
 
 
-def default() -> Backend:
-    """The backend of this host: ``$MACHINEN_VMM``, ``qemu`` by default (the only one today)."""
-    name = os.environ.get("MACHINEN_VMM", "qemu")
-    if name == "qemu":
-        from .qemu import backend
+def available() -> list[str]:
+    """The backends of this build: each is a folder here with a ``backend.py`` defining ``BACKEND``."""
+    return sorted(module.parent.name for module in Path(__file__).parent.glob("*/backend.py"))
 
-        return backend.QEMU
-    raise BootError(f"unknown VMM backend {name!r} (this build has: qemu)", code="BOOT_VMM_UNKNOWN")
+
+def default() -> Backend:
+    """The backend of this host: ``$MACHINEN_VMM``, ``qemu`` by default (the only one today).
+
+    Found by folder name, so this seam names no implementation and a new one
+    needs nothing but its folder."""
+    name = os.environ.get("MACHINEN_VMM", "qemu")
+    if name not in available():
+        raise BootError(
+            f"unknown VMM backend {name!r} (this build has: {', '.join(available())})", code="BOOT_VMM_UNKNOWN"
+        )
+    return importlib.import_module(f"{__package__}.{name}.backend").BACKEND

@@ -217,7 +217,7 @@ class QemuBackend:
         )  # fmt: skip
 
 
-QEMU = QemuBackend()
+BACKEND = QemuBackend()  # what vmm/backend.py's default() looks for in each backend folder
 
 
 async def _start_chain(launch: Launch) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import ForkError, MachinenError, plain_errors
+from ..errors import MachinenError, plain_errors
+from ..hosts.local import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE
 from ..store import chunks
-from ..vm import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE, VM, _close_all, _fork
-from .host import Host, SSHHost
+from .forks import close_all
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .vm import VM
 
 
 def sibling_cost_mib(facts: dict[str, Any], memory_mib: int) -> float:
@@ -57,8 +61,6 @@ def place(count: int, facts: Sequence[dict[str, Any]], memory_mib: int) -> list[
 async def fork_across(
     source: VM, names: list[str], hosts: Sequence[Host], boot_timeout: float, detached: bool
 ) -> tuple[list[VM], dict[str, Any]]:
-    if source.host is not None:
-        raise ForkError("fork a remote VM on the host it runs on", code="FORK_REMOTE_SOURCE")
     facts: list[dict[str, Any]] = [{}] * len(hosts)
 
     async def learn(index: int) -> None:
@@ -69,21 +71,23 @@ async def fork_across(
             for index in range(len(hosts)):
                 tg.start_soon(learn, index)
     placement = place(len(names), facts, source.info["memory_mib"])
-    local_names = [n for n, i in zip(names, placement, strict=True) if hosts[i].is_local]
-    remote: dict[int, list[str]] = {}
+    # Siblings on the source's host map its fork template; the others start from a bundle of it.
+    here = [name for name, i in zip(names, placement, strict=True) if hosts[i] == source.host]
+    elsewhere: dict[int, list[str]] = {}
     for name, index in zip(names, placement, strict=True):
-        if not hosts[index].is_local:
-            remote.setdefault(index, []).append(name)
+        if hosts[index] != source.host:
+            elsewhere.setdefault(index, []).append(name)
 
     started: dict[str, VM] = {}
     workdir = chunks.work_path(f"fork-{source.name}")
     try:
-        siblings, fork_info = await _fork(
-            source, local_names, boot_timeout, detached, [], bundle_dir=workdir if remote else None
-        )
-        started.update(zip(local_names, siblings, strict=True))
+        siblings, fork_info = await source.host.fork_here(
+            source, here, boot_timeout=boot_timeout, detached=detached, ports=[],
+            bundle_dir=workdir if elsewhere else None,
+        )  # fmt: skip
+        started.update(zip(here, siblings, strict=True))
 
-        async def start_remote(host: SSHHost, host_names: list[str]) -> None:
+        async def start_there(host: Host, host_names: list[str]) -> None:
             pushed = await host.push(workdir)
             try:
                 siblings = await host.restore(
@@ -96,10 +100,10 @@ async def fork_across(
 
         with plain_errors():
             async with anyio.create_task_group() as tg:
-                for index, host_names in remote.items():
-                    tg.start_soon(start_remote, hosts[index], host_names)
+                for index, host_names in elsewhere.items():
+                    tg.start_soon(start_there, hosts[index], host_names)
     except BaseException:
-        await _close_all(list(started.values()))
+        await close_all(list(started.values()))
         raise
     finally:
         with anyio.CancelScope(shield=True):

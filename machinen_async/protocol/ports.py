@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from ipaddress import ip_address
 
-from .errors import MachinenError
+from ..errors import MachinenError
 
 DEFAULT_ADDRESS = "127.0.0.1"
 PortSpec = str | tuple[int, int] | tuple[str, int, int]

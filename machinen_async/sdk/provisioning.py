@@ -16,10 +16,12 @@ from pathlib import Path
 
 import anyio
 
-from .errors import ExecError, MachinenError, plain_errors
-from .protocol.guest_abi import IMAGE_CONFIG
-from .store import assets
-from .vm import VM, Command, _argv, boot
+from ..errors import ExecError, MachinenError, plain_errors
+from ..protocol.guest_abi import IMAGE_CONFIG
+from ..store import assets
+from .boot import boot
+from .process import Command, argv_of
+from .vm import VM
 
 DEFAULT_TIMEOUT_S = 600.0
 # The export is a stream the guest writes: without a bound, a guest could fill the host's disk.
@@ -65,7 +67,7 @@ async def provision(
             if install is not None:
                 report("running the install hook")
                 await _run_install(install, vm, timeout)
-            config = {"cmd": _argv(cmd) if cmd is not None else None, "env": dict(env or {}), "cwd": cwd or "/"}
+            config = {"cmd": argv_of(cmd) if cmd is not None else None, "env": dict(env or {}), "cwd": cwd or "/"}
             await vm.write_file(IMAGE_CONFIG, json.dumps(config).encode(), parents=True)
             await vm.exec(["sh", "-c", "apt-get clean 2>/dev/null; sync"], check=True, timeout=timeout)
             report(f"saving the root filesystem to {target.name}")

@@ -16,14 +16,19 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ..errors import HandoffError, MachinenError
-from ..ports import PortSpec
+from ..hosts.base import TransferReport
+from ..hosts.local import LocalDriver
+from ..protocol.ports import PortSpec
 from ..store import chunks, paths
-from ..vm import VM
-from .host import SSHHost, TransferReport
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .vm import VM
 
 # The source stays paused while the final state moves and starts there; past this it resumes.
 PAUSE_LIMIT_S = 120.0
@@ -43,7 +48,7 @@ class HandoffReport:
 
 async def handoff(
     vm: VM,
-    host: SSHHost,
+    host: Host,
     *,
     name: str | None,
     ports: Sequence[PortSpec] | None,
@@ -51,12 +56,12 @@ async def handoff(
     precopy: bool,
     progress: Callable[[str], None] | None,
 ) -> VM:
-    if vm.host is not None:
+    if vm.host.driver != LocalDriver():
         raise HandoffError("hand a VM off from the host it runs on", code="HANDOFF_REMOTE_SOURCE")
-    if getattr(host, "is_local", True):
+    if host == vm.host:
         raise HandoffError("the destination is this host", code="HANDOFF_SAME_HOST")
     report = progress or (lambda message: None)
-    owned = vm._owner is not None
+    owned = vm.owned
     started = time.monotonic()
     await host.open()
     workdir = paths.private_dir(chunks.work_path(vm.name))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import BootError
-from .vmm.qemu.netguard import parse_rule
+from ..errors import BootError
+from ..vmm.qemu.netguard import parse_rule
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,401 @@
+"""This machine as a host: start VMs from configs, bundles and fork templates; find and stop them.
+
+The peer process (``machinen _peer``) serves this same driver to other
+hosts, so a VM restored here over SSH starts exactly as a local one does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..version import __version__
+from ..errors import BootError, MachinenError, SnapshotError, plain_errors
+from ..store import assets, bundle, layers, registry
+from ..vmm import backend
+from ..supervisor.config import SupervisorConfig
+from . import transfer
+from .base import PEER_PROTOCOL, Connection, HostDriver, Progress, TransferReport, close_connections, open_connection
+from .supervisors import (
+    SUPERVISOR_KILL_GRACE_S,
+    SUPERVISOR_STOP_GRACE_S,
+    await_supervisor,
+    new_ram_dir,
+    start_supervisor,
+    start_supervisors,
+)
+
+# Fork back-pressure estimate per sibling: QEMU's own memory (TCG translation
+# cache capped at 64 MiB, heap) plus the share of guest RAM a busy sibling
+# typically dirties; refuse when that exceeds this share of MemAvailable.
+FORK_OVERHEAD_MIB = {"tcg": 160, "kvm": 48}
+FORK_PRIVATE_SHARE = 0.25
+FORK_MEMORY_HEADROOM = 0.9
+
+
+def available_memory_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def host_facts() -> dict[str, Any]:
+    """What a client needs to decide whether and how much to place here."""
+    return {
+        "version": __version__,
+        "protocol": PEER_PROTOCOL,
+        "arch": platform.machine(),
+        "qemu_version": backend.default().installed_version(),
+        "accel": backend.default().choose_accelerator(None),
+        "cpus": os.cpu_count() or 1,
+        "load_1m": os.getloadavg()[0],
+        "mem_available_mib": available_memory_mib(),
+        "vms": len(registry.live_vms()),
+        "pid": os.getpid(),
+    }
+
+
+def check_fork_memory(count: int, machine: dict[str, Any]) -> None:
+    """Refuse a fork the host cannot hold rather than let the OOM killer pick."""
+    per_sibling = FORK_OVERHEAD_MIB[machine["accel"]] + machine["memory_mib"] * FORK_PRIVATE_SHARE
+    needed = count * per_sibling + machine["memory_mib"]  # + the template's RAM copy
+    available = available_memory_mib()
+    if needed > available * FORK_MEMORY_HEADROOM:
+        raise MachinenError(
+            f"forking {count} siblings needs about {needed:.0f} MiB but {available} MiB is available",
+            code="FORK_MEMORY_BACKPRESSURE",
+            retryable=True,
+        )
+
+
+async def _start_siblings(
+    names: list[str],
+    machine: dict[str, Any],
+    incoming: dict[str, Any],
+    boot_timeout: float,
+    detached: bool,
+    ports: list[list],
+) -> list[Connection]:
+    """One VM per name, all resumed from the same ``incoming`` state, started at once."""
+    siblings: list[Connection | None] = [None] * len(names)
+    try:
+        configs = [
+            SupervisorConfig(
+                name=name,
+                ram_dir=new_ram_dir(name),
+                boot_timeout=boot_timeout,
+                detached=detached,
+                ports=ports,
+                incoming=incoming,
+                **machine,
+            )
+            for name in names
+        ]
+        owners = await start_supervisors(configs)
+
+        async def start(index: int) -> None:
+            siblings[index] = await await_supervisor(configs[index], owners[index])
+
+        try:
+            with plain_errors():
+                async with anyio.create_task_group() as tg:
+                    for index in range(len(configs)):
+                        tg.start_soon(start, index)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # the ones that never became VMs
+                async with anyio.create_task_group() as tg:
+                    for owner, sibling in zip(owners, siblings, strict=True):
+                        if sibling is None:
+                            tg.start_soon(owner.shutdown)
+            raise
+    except BaseException:
+        await close_connections(siblings)
+        raise
+    return siblings  # type: ignore[return-value]  # all set once the task group ends
+
+
+async def _restore_plan(
+    bundle_dir: Path,
+    image: str | os.PathLike | None,
+    accel: str | None,
+    report: Callable[[str], None],
+    trust: bool,
+    network_allow: list[str],
+) -> tuple[bundle.Manifest, dict[str, Any]]:
+    """Verify a bundle and find what it runs on: (manifest, the machine fields of its VMs' configs)."""
+    manifest = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
+    machine = manifest.machine
+    vmm = backend.default()
+    chosen_accel = vmm.choose_accelerator(accel)
+    if machine.get("type") != vmm.machine_type or machine.get("accel") != chosen_accel:
+        raise SnapshotError(
+            f"bundle is for {machine.get('type')}/{machine.get('accel')}, "
+            f"this host runs {vmm.machine_type}/{chosen_accel}",
+            code="SNAPSHOT_INCOMPATIBLE",
+        )
+    local_qemu = vmm.installed_version()
+    if manifest.data.get("qemu_version") != local_qemu:
+        raise SnapshotError(
+            f"bundle was taken with QEMU {manifest.data.get('qemu_version')}, this host has {local_qemu}",
+            code="SNAPSHOT_INCOMPATIBLE",
+        )
+
+    def locate_assets() -> tuple[Path, Path, Path]:
+        """Kernel, initrd and image of the bundle, found by content (a path from the
+        manifest is only ever quoted in an error): received ones first, then this
+        host's own build."""
+
+        def boot_files() -> dict[str, Path | None]:
+            return {key: assets.find_boot_file(manifest.data[key]["sha256"]) for key in ("kernel", "initrd")}
+
+        found_boot_files = boot_files()
+        base = None
+        if None in found_boot_files.values():
+            base = assets.ensure_base(report)  # build this host's own, then look again
+            found_boot_files = boot_files()
+        for key, path in found_boot_files.items():
+            if path is None:
+                raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
+        wanted, digest = manifest.data["image"]["key"], manifest.data["image"].get("sha256")
+        if image is not None:
+            tarball = Path(image).expanduser().resolve()
+            if assets.image_key(tarball) != wanted:
+                raise SnapshotError(
+                    f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE"
+                )
+            built = assets.image_for(tarball, report)
+            if digest is not None and assets.immutable_file_digest(built) != digest:
+                raise SnapshotError(
+                    f"the image built here from {tarball} is not byte-identical to the one the bundle was taken "
+                    "on (every ext4 build differs) and its disk only fits that one: move bundles between hosts "
+                    "with `machinen push` or `handoff`, which send the image",
+                    code="SNAPSHOT_INCOMPATIBLE",
+                )
+            return found_boot_files["kernel"], found_boot_files["initrd"], built
+        found = assets.find_image(wanted, digest)
+        if found is None and digest is None:
+            base = base or assets.ensure_base(report)
+            if assets.image_key(base.rootfs_tarball) == wanted:
+                found = assets.image_for(base.rootfs_tarball, report)
+        if found is None:
+            raise BootError(
+                f"the image this bundle was taken on ({manifest.data['image'].get('tarball', 'unknown')}) is not "
+                "here: restore it on the host it was taken on, or send it along with `machinen push`",
+                code="BOOT_IMAGE_NOT_FOUND",
+            )
+        return found_boot_files["kernel"], found_boot_files["initrd"], found
+
+    kernel, initrd, disk_image = await anyio.to_thread.run_sync(locate_assets)
+    fields = {
+        "memory_mib": machine["memory_mib"],
+        "cpus": machine["cpus"],
+        "accel": chosen_accel,
+        "kernel": str(kernel),
+        "initrd": str(initrd),
+        "image": str(disk_image),
+        "image_source": manifest.data["image"].get("tarball", ""),
+        "image_key": manifest.data["image"]["key"],
+        "tsc_khz": machine["tsc_khz"],
+        "network": machine["network"],
+        "network_allow": network_allow,
+    }
+    return manifest, fields
+
+
+async def _restore_one(
+    bundle_dir: Path, manifest: bundle.Manifest, fields: dict[str, Any], name: str, ports: list[list], detached: bool,
+    boot_timeout: float,
+) -> Connection:  # fmt: skip
+    registry.ensure_free(name)
+    config = SupervisorConfig(
+        name=name,
+        ram_dir=new_ram_dir(name),
+        boot_timeout=boot_timeout,
+        detached=detached,
+        ports=ports,
+        incoming={
+            "bundle": str(bundle_dir),
+            "files": manifest.data["files"],
+            "ram_in_state": manifest.ram_in_state,
+            "chain": [[fields["image"], "raw"]],
+            "disk_size": manifest.machine["disk_size"],
+            "holds": [],
+            "source": manifest.data.get("source"),
+        },
+        **fields,
+    )
+    return await start_supervisor(config)
+
+
+async def _restore_siblings(
+    bundle_dir: Path,
+    manifest: bundle.Manifest,
+    fields: dict[str, Any],
+    names: Sequence[str],
+    boot_timeout: float,
+    detached: bool,
+) -> list[Connection]:
+    """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
+
+    The bundle's RAM and disk are copied once into a fork template and a
+    frozen layer (the bundle stays untouched); every sibling maps the
+    template privately and writes its own layer on top.
+    """
+    if manifest.ram_in_state:
+        raise SnapshotError(
+            "this bundle carries its RAM inside the device state (a snapshot of a fork): restore it once, "
+            "then fork that VM",
+            code="SNAPSHOT_RAM_IN_STATE",
+        )
+    for name in names:
+        registry.ensure_free(name)
+    check_fork_memory(len(names), fields)
+    template, template_ref = layers.new_template()
+    layer, layer_ref = layers.new_layer()
+    try:
+        for source, target in (
+            (bundle.MEM, template.mem), (bundle.STATE, template.state), (bundle.DISK, layer.disk)
+        ):  # fmt: skip
+            await anyio.to_thread.run_sync(
+                bundle.copy_verified, bundle_dir / source, target, manifest.data["files"][source]
+            )
+        incoming = {
+            "state": str(template.state),
+            "mem": str(template.mem),
+            "ram_in_state": False,
+            "chain": [[str(layer.disk), "qcow2"], [fields["image"], "raw"]],
+            "disk_size": manifest.machine["disk_size"],
+            "holds": [str(template.path), str(layer.path)],
+            "source": manifest.data.get("source"),
+        }
+        siblings = await _start_siblings(names, fields, incoming, boot_timeout, detached, [])
+    finally:
+        layers.close_quietly(template_ref)
+        layers.close_quietly(layer_ref)
+    return siblings
+
+
+async def stop_or_kill(entry: registry.VmDir) -> str:
+    """Wait for a supervisor asked to stop; SIGKILL it if it does not finish in time."""
+    if await registry.wait_until_gone(entry, SUPERVISOR_STOP_GRACE_S + 5):
+        return "stopped"
+    registry.kill_holder(entry)
+    if not await registry.wait_until_gone(entry, SUPERVISOR_KILL_GRACE_S):
+        raise MachinenError(f"{entry.name}'s supervisor survived SIGKILL", code="STOP_FAILED")
+    registry.clear_leftovers(entry)
+    return "killed"
+
+
+class LocalDriver(HostDriver):
+    """This machine."""
+
+    name = "local"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalDriver)  # there is one of this machine
+
+    def __hash__(self) -> int:
+        return hash(LocalDriver)
+
+    async def info(self) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(host_facts)
+
+    async def push(self, bundle_dir: Path, *, progress: Progress | None = None, trust: bool = False) -> TransferReport:
+        """Nothing moves: a bundle on this machine restores where it is (once verified)."""
+        await anyio.to_thread.run_sync(functools.partial(bundle.verify, bundle_dir, trust=trust))
+        return TransferReport(str(bundle_dir), bytes_total=0, bytes_sent=0, chunks_total=0, chunks_sent=0, seconds=0.0)
+
+    async def remove_bundle(self, bundle: str) -> None:
+        if Path(bundle).parent == transfer.bundles_dir():
+            await anyio.to_thread.run_sync(transfer.remove_bundle, bundle)
+
+    async def boot(self, config: SupervisorConfig) -> Connection:
+        return await start_supervisor(config)
+
+    async def restore(
+        self,
+        bundle: str,
+        names: Sequence[str],
+        *,
+        siblings: bool,
+        ports: list[list],
+        detached: bool,
+        boot_timeout: float,
+        image: str | os.PathLike | None = None,
+        accel: str | None = None,
+        progress: Callable[[str], None] | None = None,
+        trust: bool = False,
+        network_allow: Sequence[str] = (),
+    ) -> list[Connection]:
+        bundle_dir = Path(bundle).expanduser().resolve()
+        manifest, fields = await _restore_plan(
+            bundle_dir, image, accel, progress or (lambda message: None), trust, list(network_allow)
+        )
+        if siblings:
+            return await _restore_siblings(bundle_dir, manifest, fields, names, boot_timeout, detached)
+        (name,) = names
+        return [await _restore_one(bundle_dir, manifest, fields, name, ports, detached, boot_timeout)]
+
+    async def fork(
+        self,
+        source: Connection,
+        names: Sequence[str],
+        *,
+        ports: list[list],
+        detached: bool,
+        boot_timeout: float,
+        bundle_dir: Path | None = None,
+    ) -> tuple[list[Connection], dict[str, Any]]:
+        for name in names:
+            registry.ensure_free(name)
+        if names:
+            check_fork_memory(len(names), source.info)
+        fork_info = await source.channel.call("vm.fork_template", {"bundle": str(bundle_dir)} if bundle_dir else {})
+        if not names:
+            return [], fork_info
+        template = layers.Shared(Path(fork_info["holds"][0]))
+        reference = template.hold()  # ours until every sibling holds its own
+        incoming = {
+            key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")
+        }
+        try:
+            siblings = await _start_siblings(list(names), fork_info["machine"], incoming, boot_timeout, detached, ports)
+        finally:
+            layers.close_quietly(reference)
+        return siblings, fork_info
+
+    async def connect(self, name: str) -> Connection:
+        entry = registry.find(name)
+        try:
+            return await open_connection(entry.supervisor_socket)
+        except OSError:
+            raise MachinenError(f"VM {name!r} is not accepting connections", code="REGISTRY_VM_NOT_FOUND") from None
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await anyio.to_thread.run_sync(registry.list_rows)
+
+    async def stop(self, name: str, *, force: bool = False) -> str:
+        entry = registry.find(name)
+        if force:
+            registry.kill_holder(entry)
+            if not await registry.wait_until_gone(entry, SUPERVISOR_KILL_GRACE_S):
+                raise MachinenError(f"{name}'s supervisor survived SIGKILL", code="STOP_FAILED")
+            registry.clear_leftovers(entry)
+            return "killed"
+        connection = await self.connect(name)
+        try:
+            with anyio.move_on_after(SUPERVISOR_STOP_GRACE_S):
+                await connection.channel.call("vm.stop")
+        except MachinenError:
+            pass  # on its way down, or not answering: either way, waited for or killed below
+        finally:
+            await connection.channel.aclose()
+        return await stop_or_kill(entry)

@@ -1,0 +1,212 @@
+"""Starting VMs on this machine: ``boot()``, ``restore()``; finding them: ``connect()``, ``stop_vm()``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..errors import BootError
+from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S
+from ..hosts.local import LocalDriver, available_memory_mib
+from ..hosts.supervisors import new_ram_dir
+from ..protocol.ports import PortSpec, parse_port_forwards
+from ..store import assets, registry
+from ..vmm import backend
+from ..supervisor.config import SupervisorConfig
+from .forks import Forks
+from .host import Host, Launch, restore_names
+from .network import NetworkPolicy, network_settings
+from .process import Command, argv_of
+from .vm import VM
+
+MIN_MEMORY_MIB = 64
+
+
+def _validate_memory(memory_mib: Any) -> int:
+    if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < MIN_MEMORY_MIB:
+        raise BootError(
+            f"memory must be an integer >= {MIN_MEMORY_MIB} MiB, got {memory_mib!r}", code="BOOT_MEMORY_INVALID"
+        )
+    available = available_memory_mib()
+    if memory_mib > available:
+        raise BootError(
+            f"{memory_mib} MiB of guest memory requested but only {available} MiB is available on this host",
+            code="BOOT_MEMORY_INVALID",
+        )
+    return memory_mib
+
+
+async def _launch(
+    image: str | os.PathLike | None,
+    *,
+    name: str | None,
+    memory_mib: int,
+    cpus: int,
+    accel: str | None,
+    boot_timeout: float,
+    detached: bool,
+    ports: Sequence[PortSpec] | None,
+    network: bool | NetworkPolicy,
+    workload: dict[str, Any] | None,
+    progress: Callable[[str], None] | None,
+) -> VM:
+    name = registry.validate_name(name) if name is not None else registry.new_name()
+    forwards = parse_port_forwards(ports)
+    has_network, network_allow = network_settings(network)
+    memory_mib = _validate_memory(memory_mib)
+    vmm = backend.default()
+    chosen_accel = vmm.choose_accelerator(accel)
+    vmm.check_installed()
+    report = progress or (lambda message: None)
+
+    def prepare() -> tuple[assets.BaseAssets, Path, Path]:
+        base = assets.ensure_base(report)
+        tarball = Path(image).expanduser().resolve() if image is not None else base.rootfs_tarball
+        return base, tarball, assets.image_for(tarball, report)
+
+    base, tarball, disk_image = await anyio.to_thread.run_sync(prepare)
+    registry.ensure_free(name)  # fail fast; the supervisor's claim is the real check
+    config = SupervisorConfig(
+        name=name,
+        memory_mib=memory_mib,
+        cpus=cpus,
+        accel=chosen_accel,
+        kernel=str(base.kernel),
+        initrd=str(base.initrd),
+        image=str(disk_image),
+        image_source=str(tarball),
+        image_key=disk_image.stem,
+        ram_dir=new_ram_dir(name),
+        tsc_khz=vmm.host_tsc_khz() if chosen_accel == "tcg" else None,
+        boot_timeout=boot_timeout,
+        detached=detached,
+        ports=forwards,
+        network=has_network,
+        network_allow=network_allow,
+        workload=workload,
+    )
+    local = Host.local()
+    return local.vm(await LocalDriver().boot(config))
+
+
+def boot(
+    image: str | os.PathLike | None = None,
+    *,
+    name: str | None = None,
+    memory_mib: int = 256,
+    cpus: int = 1,
+    accel: str | None = None,
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+    detached: bool = False,
+    ports: Sequence[PortSpec] | None = None,
+    network: bool | NetworkPolicy = True,
+    cmd: Command | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Launch:
+    """Boot a microVM from ``image`` (a rootfs tarball; default: the Debian base).
+
+    The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
+    as its supervised workload: output in /var/log/machinen/workload.log,
+    restarted after a non-zero exit.
+
+    ``accel``: "kvm", "tcg" or "auto" (default, also $MACHINEN_ACCEL).  With
+    ``detached`` the VM outlives this process; reach it with ``connect(name)``.
+    ``ports``: host -> guest TCP forwards, ``["3000:3000", "0.0.0.0:8080:80",
+    (5432, 5432)]`` (loopback unless an address is given); they tunnel through
+    the guest agent, so they need no guest network.  ``network``: outbound
+    access (QEMU user-mode NAT, DNS included, nothing inbound) with the host
+    closed (its loopback, its addresses, link-local: see ``NetworkPolicy``,
+    which reopens chosen destinations); False boots with no network device
+    at all.  Fork siblings keep their source's policy.
+    """
+    return Launch(
+        lambda: _launch(
+            image,
+            name=name,
+            memory_mib=memory_mib,
+            cpus=cpus,
+            accel=accel,
+            boot_timeout=boot_timeout,
+            detached=detached,
+            ports=ports,
+            network=network,
+            workload=None if cmd is None else {"cmd": argv_of(cmd), "env": dict(env or {}), "cwd": cwd},
+            progress=progress,
+        )
+    )
+
+
+def restore(
+    bundle_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    n: int | None = None,
+    names: Sequence[str] | None = None,
+    image: str | os.PathLike | None = None,
+    accel: str | None = None,
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+    detached: bool = False,
+    ports: Sequence[PortSpec] | None = None,
+    progress: Callable[[str], None] | None = None,
+    trust: bool = False,
+    network: NetworkPolicy | None = None,
+) -> Launch:
+    """Start a VM from a snapshot bundle, continuing exactly where it was.
+
+    Port forwards and the network policy are not part of a bundle: pass
+    ``ports`` and ``network`` (a ``NetworkPolicy``; default: the host closed)
+    again.  Whether the VM has a network device at all is the bundle's.
+
+    Only bundles this user's machinen wrote or received with ``push`` are
+    restored (their manifest carries a MAC under this user's key); another
+    one needs ``trust=True``, since QEMU parses its device state
+    (SNAPSHOT_UNTRUSTED).  Every file is copied to a private place and checked
+    against the manifest's sha256 as it is copied, before QEMU starts, and a
+    disk whose header names other files is refused (SNAPSHOT_DISK_UNSAFE);
+    a bundle from another QEMU version or accelerator is refused
+    (SNAPSHOT_INCOMPATIBLE).  It runs on the exact image it was taken on,
+    found by sha256; ``image`` (the rootfs tarball) helps only where building
+    it gives that same file (the cached one: every ext4 build differs).  The
+    bundle is never modified, so it can be restored any number of times.
+
+    With ``n`` (or ``names``) several siblings start from the bundle at once,
+    like ``vm.fork(n=...)``, and share its RAM copy-on-write: the result is
+    ``Forks``.
+    """
+    forwards = parse_port_forwards(ports)
+    chosen, siblings = restore_names(name, n, names, forwards)
+    local = Host.local()
+
+    async def start() -> VM | Forks:
+        started = await local.driver.restore(
+            str(bundle_dir), chosen, siblings=siblings, ports=forwards, detached=detached, boot_timeout=boot_timeout,
+            image=image, accel=accel, progress=progress, trust=trust,
+            network_allow=list(network.allow) if network is not None else [],
+        )  # fmt: skip
+        vms = [local.vm(connection) for connection in started]
+        return Forks(vms) if siblings else vms[0]
+
+    return Launch(start)
+
+
+async def stop_vm(name: str, *, force: bool = False) -> str:
+    """Stop VM ``name`` of this host, whoever started it; ``force`` SIGKILLs it.
+
+    Returns how it went: "stopped", or "killed" when it had to be SIGKILLed
+    (forced, or its supervisor did not finish a clean stop in time); raises
+    STOP_FAILED if it is still there after that."""
+    return await LocalDriver().stop(name, force=force)
+
+
+@asynccontextmanager
+async def connect(name: str) -> AsyncIterator[VM]:
+    """Attach to a running VM by name; leaving the block only disconnects."""
+    async with Host.local().connect(name) as vm:
+        yield vm

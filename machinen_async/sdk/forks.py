@@ -1,0 +1,92 @@
+"""Siblings of one fork event: ``Forks``, and the launch ``vm.fork()`` returns (awaitable, or ``async with``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+
+from ..errors import plain_errors
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+T = TypeVar("T")
+
+
+class Forks(Sequence["VM"]):
+    """Siblings of one fork event, in order; ``async with`` closes them all."""
+
+    def __init__(self, vms: list[VM], fork_info: dict[str, Any] | None = None) -> None:
+        """``fork_info`` describes the source's pause; siblings restored from a bundle have none."""
+        fork_info = fork_info or {"pause_ms": 0.0, "pause_steps_ms": {}}
+        self._vms = vms
+        self.source_pause_ms: float = fork_info["pause_ms"]
+        self.source_pause_steps_ms: dict[str, float] = fork_info["pause_steps_ms"]
+        self.placement: dict[str, str] = fork_info.get("placement", {})  # sibling -> host, with hosts=
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._vms[index]
+
+    def __len__(self) -> int:
+        return len(self._vms)
+
+    async def map(
+        self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: bool = False
+    ) -> list[T | BaseException]:
+        """Run ``fn(sibling, index)`` for every sibling concurrently; results in order.
+
+        The first failure cancels the others and is raised, unless
+        ``return_exceptions`` is set: then each failure is returned in its slot.
+        """
+        results: list[Any] = [None] * len(self._vms)
+
+        async def run(index: int, vm: VM) -> None:
+            try:
+                results[index] = await fn(vm, index)
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                results[index] = exc
+
+        with plain_errors():
+            async with anyio.create_task_group() as tg:
+                for index, vm in enumerate(self._vms):
+                    tg.start_soon(run, index, vm)
+        return results
+
+    async def aclose(self) -> None:
+        await close_all(self._vms)
+
+
+async def close_all(vms: Sequence[VM | None]) -> None:
+    with anyio.CancelScope(shield=True):
+        async with anyio.create_task_group() as tg:
+            for vm in vms:
+                if vm is not None:
+                    tg.start_soon(vm.aclose)
+
+
+class ForkLaunch:
+    """``await vm.fork()`` -> VM (or ``Forks`` with ``n``); ``async with`` closes them on exit."""
+
+    def __init__(self, start: Callable[[], Awaitable[tuple[list[VM], dict[str, Any]]]], single: bool) -> None:
+        self._start_siblings = start
+        self._single = single
+        self._result: VM | Forks | None = None
+
+    async def _start(self) -> VM | Forks:
+        siblings, fork_info = await self._start_siblings()
+        return siblings[0] if self._single else Forks(siblings, fork_info)
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def __aenter__(self) -> VM | Forks:
+        self._result = await self._start()
+        return self._result
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._result is not None
+        await self._result.aclose()

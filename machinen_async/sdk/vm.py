@@ -1,0 +1,306 @@
+"""``VM``: the handle to one running VM -- exec, processes, files, fork, snapshot, handoff, stop.
+
+A ``VM`` talks to its per-VM supervisor over one unix socket, multiplexing
+any number of concurrent calls (see ``protocol.mux``).  What depends on
+where the VM runs (forking it, moving it, stopping it) goes to its ``Host``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError, plain_errors
+from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
+from ..protocol import wire
+from ..protocol.ports import PortSpec, parse_port_forwards
+from ..store import registry
+from .process import Command, ExecResult, Process, ProcessOutput, argv_of
+
+if TYPE_CHECKING:
+    from .forks import ForkLaunch
+    from .host import Host
+
+DEFAULT_EXEC_TIMEOUT_S = 300.0
+# What exec() keeps of each output stream and read_file() of a file, in host
+# memory; beyond it the call fails (the guest decides how much it writes).
+DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024
+# Host-side backstop beyond the agent's own timeout, for a guest that froze.
+AGENT_TIMEOUT_SLACK_S = 10.0
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    pause_ms: float
+    write_ms: float
+    size_bytes: int
+
+
+class VM:
+    """A running VM.  Get one from ``boot()`` or ``connect()``."""
+
+    def __init__(self, connection: Connection, host: Host) -> None:
+        self.connection = connection
+        self._channel = connection.channel
+        self.info = connection.info
+        self.name: str = connection.name
+        self.host = host
+        self.handoff_report: Any = None  # set on the VM a handoff() returned
+
+    @property
+    def owned(self) -> bool:
+        """Whether closing this handle stops the VM (it was started through it)."""
+        return self.connection.owner is not None
+
+    def __repr__(self) -> str:
+        where = "" if self.host.name == "local" else f" on {self.host.name}"
+        return f"<VM {self.name}{where} accel={self.info.get('accel')} memory={self.info.get('memory_mib')}MiB>"
+
+    @asynccontextmanager
+    async def process(
+        self,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = True,
+        timeout: float | None = None,
+        tty: bool = False,
+        size: tuple[int, int] = (24, 80),
+    ) -> AsyncIterator[Process]:
+        """Start a guest process and stream its stdin/stdout/stderr.
+
+        With ``tty`` it runs on a pseudo-terminal of ``size`` (rows, cols) as
+        its controlling terminal: all output arrives on stdout, and
+        ``Process.resize`` changes the size.  Leaving the block while it still
+        runs kills it (and its process group).
+        """
+        argv = argv_of(cmd)
+        params = {"argv": argv, "env": dict(env or {}), "cwd": cwd, "stdin": stdin, "timeout": timeout}
+        if tty:
+            params.update(tty=True, rows=size[0], cols=size[1])
+        call = await self._channel.open("exec", params)
+        try:
+            yield Process(call, argv)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await call.cancel()
+
+    async def exec(
+        self,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | None = None,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
+        check: bool = False,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv list, or a string for ``/bin/sh -c``) to completion.
+
+        ``timeout`` kills the guest process group and raises
+        ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT); ``check`` raises
+        ``ExecError`` (EXEC_NONZERO_EXIT) on a non-zero exit.  A stdout or
+        stderr longer than ``max_output`` bytes (None: no limit) kills the
+        process and raises ``ExecError`` (EXEC_OUTPUT_TOO_LARGE); stream
+        bigger outputs with ``process()``.
+        """
+        stdout, stderr = bytearray(), bytearray()
+        backstop = None if timeout is None else timeout + AGENT_TIMEOUT_SLACK_S
+        with anyio.move_on_after(backstop) as scope, plain_errors():
+            async with self.process(cmd, env=env, cwd=cwd, stdin=input is not None, timeout=timeout) as proc:
+
+                async def collect(stream: ProcessOutput, into: bytearray) -> None:
+                    async for chunk in stream:
+                        if max_output is not None and len(into) + len(chunk) > max_output:
+                            raise ExecError(
+                                f"{cmd!r} wrote more than max_output={max_output} bytes", code="EXEC_OUTPUT_TOO_LARGE"
+                            )
+                        into += chunk
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(collect, proc.stdout, stdout)
+                    tg.start_soon(collect, proc.stderr, stderr)
+                    if input is not None:
+                        await proc.stdin.send(input)
+                        await proc.stdin.aclose()
+                exit_code = await proc.wait()
+        if scope.cancelled_caught:
+            raise ExecTimeoutError(f"the guest agent did not finish {cmd!r} within {backstop:g} s")
+        result = ExecResult(exit_code, bytes(stdout), bytes(stderr), proc.signal)
+        if proc.timed_out:
+            raise ExecTimeoutError(f"{cmd!r} timed out after {timeout:g} s and was killed", result=result)
+        if check and exit_code != 0:
+            raise ExecError(
+                f"{cmd!r} exited with {exit_code}: {result.stderr[-500:].decode(errors='replace')}",
+                code="EXEC_NONZERO_EXIT",
+                result=result,
+            )
+        return result
+
+    async def read_file(self, path: str, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        """The file's bytes; one longer than ``max_output`` (None: no limit) raises
+        ``GuestFileError`` (FILE_TOO_LARGE)."""
+        call = await self._channel.open("read_file", {"path": path})
+        chunks = []
+        size = 0
+        try:
+            while True:
+                try:
+                    chunks.append(await call.receive(wire.STDOUT))
+                except anyio.EndOfStream:
+                    break
+                size += len(chunks[-1])
+                if max_output is not None and size > max_output:
+                    raise GuestFileError(f"{path} is larger than max_output={max_output} bytes", code="FILE_TOO_LARGE")
+            await call.result()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await call.cancel()
+        return b"".join(chunks)
+
+    async def write_file(
+        self, path: str, data: bytes, *, mode: int = 0o644, append: bool = False, parents: bool = False
+    ) -> None:
+        """Write ``data`` to ``path`` in the guest; replaced atomically unless ``append``."""
+        call = await self._channel.open(
+            "write_file", {"path": path, "mode": mode, "append": append, "parents": parents}
+        )
+        try:
+            await call.send(data)
+            await call.send_eof()
+            await call.result()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await call.cancel()
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._channel.call("ping")
+
+    async def describe(self) -> dict[str, Any]:
+        """Supervisor metadata, plus the guest agent's live info under ``"agent"``."""
+        info = await self._channel.call("vm.info")
+        info["agent"] = await self._channel.call("info")
+        return info
+
+    def fork(
+        self,
+        n: int | None = None,
+        *,
+        name: str | None = None,
+        names: Sequence[str] | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+        detached: bool = False,
+        ports: Sequence[PortSpec] | None = None,
+        hosts: Sequence[Host] | None = None,
+    ) -> ForkLaunch:
+        """Siblings of this running VM, started concurrently from one instant.
+
+        ``child = await vm.fork(name="b")`` gives one VM (close it with
+        ``await child.aclose()``); ``async with vm.fork(n=8) as forks`` gives
+        ``Forks`` and closes them on exit.  This VM pauses only for the fork
+        window and keeps running; memory is shared copy-on-write and every
+        sibling writes its own qcow2 layer over the frozen disk.  Siblings get
+        their own name, hostname, fresh guest entropy and the current time, and
+        never inherit port forwards: ``ports`` gives a single sibling its own.
+        ``detached`` siblings outlive this process (closing their handles only
+        disconnects).  ``hosts`` (``Host.local()``, ``Host.ssh(...)``) spreads the
+        siblings over several hosts by free memory and CPU; remote siblings
+        start from a snapshot pushed there (see docs/scale-out.md).
+        """
+        count = 1 if n is None else n
+        if not isinstance(count, int) or count < 1:
+            raise MachinenError(f"n must be a positive integer, got {n!r}", code="FORK_COUNT_INVALID")
+        if names is not None:
+            chosen = [registry.validate_name(x) for x in names]
+            if len(chosen) != count and n is not None:
+                raise MachinenError(f"{len(chosen)} names for {count} siblings", code="FORK_COUNT_INVALID")
+        elif name is not None:
+            chosen = [registry.validate_name(name if n is None else f"{name}-{i}") for i in range(count)]
+        else:
+            chosen = [f"{self.name[:40]}-{os.urandom(3).hex()}" for _ in range(count)]
+        forwards = parse_port_forwards(ports)
+        if forwards and len(chosen) > 1:
+            raise MachinenError("ports can be given to a single sibling only", code="PARSE_PORT_INVALID")
+        if hosts is not None and (forwards or not hosts):
+            raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
+        return self.host.fork_siblings(
+            self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
+            ports=forwards, hosts=hosts,
+        )  # fmt: skip
+
+    async def snapshot(self, bundle_dir: str | os.PathLike) -> SnapshotInfo:
+        """Write a restorable bundle of this VM to ``bundle_dir`` (new or empty).
+
+        Non-destructive: the VM pauses only to capture state and keeps running.
+        """
+        target = Path(bundle_dir).expanduser().resolve()
+        result = await self._channel.call("vm.snapshot", {"dir": str(target)})
+        return SnapshotInfo(
+            path=Path(result["bundle"]),
+            pause_ms=result["pause_ms"],
+            write_ms=result["write_ms"],
+            size_bytes=sum(f["size"] for f in result["files"].values()),
+        )
+
+    async def handoff(
+        self,
+        host: Host,
+        *,
+        name: str | None = None,
+        ports: Sequence[PortSpec] | None = None,
+        detached: bool | None = None,
+        precopy: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> VM:
+        """Move this running VM to ``host`` (a ``Host.ssh(...)``); returns the VM there.
+
+        The VM pauses, its final state goes to the host (only the chunks the
+        host lacks; with ``precopy`` a first snapshot taken while it still
+        runs has already sent most of them) and is verified there, the VM
+        starts there, and only then does this one stop.  On any failure this
+        VM simply continues.  Ports are not carried over: pass ``ports``.
+        The moved VM is owned like this one was (``detached`` overrides);
+        ``moved.handoff_report`` tells bytes moved and the pause.
+        """
+        return await self.host.handoff(
+            self, host, name=name, ports=ports, detached=detached, precopy=precopy, progress=progress
+        )
+
+    async def _snapshot_paused(self, bundle_dir: Path) -> None:
+        """Snapshot and stay paused until ``_resume`` or until this handle disconnects."""
+        await self._channel.call("vm.snapshot", {"dir": str(bundle_dir), "stay_paused": True})
+
+    async def _resume(self) -> None:
+        await self._channel.call("vm.resume")
+
+    async def reset_agent_channel(self) -> dict[str, Any]:
+        """Drop and re-establish the supervisor's channel to the guest agent.
+
+        Calls in flight fail with EXEC_AGENT_UNAVAILABLE; their guest processes
+        keep running (as after a restore).  A recovery tool for a wedged channel.
+        """
+        return await self._channel.call("vm.reset_agent_channel")
+
+    async def stop(self) -> str:
+        """Stop the VM (QEMU, supervisor, files) and wait until it is gone.
+
+        Returns "stopped", or "killed" if its supervisor did not finish a clean
+        stop in time and was SIGKILLed; STOP_FAILED if even that failed."""
+        if self.owned:
+            await self.aclose()
+            return "stopped"
+        await self._channel.aclose()
+        return await self.host.stop(self.name)
+
+    async def aclose(self) -> None:
+        """Disconnect; a VM this handle booted is also stopped."""
+        await close_connections([self.connection])
