@@ -33,6 +33,10 @@ async def test_handoff_carries_a_running_process_on(remote_host, anyio_backend):
             assert moved.host is hostb and moved.name == vm.name
             assert await poke(moved) == 3  # the same process, its memory intact
             assert (await moved.exec(["cat", "/root/state"])).stdout == b"41\n"
+            async with moved.fork(n=2) as forks:  # on the host it runs on, from its template there
+                assert [sibling.host for sibling in forks] == [hostb, hostb]
+                assert [await poke(sibling) for sibling in forks] == [4, 4]
+                assert await remote_names(hostb) == sorted([vm.name, *(sibling.name for sibling in forks)])
             assert vm.name not in [row["name"] for row in ls_json()]  # the source stopped here
             assert await remote_names(hostb) == [vm.name]
             report = moved.handoff_report
