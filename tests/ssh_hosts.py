@@ -9,9 +9,9 @@ first push.  Clients find the hosts by alias through an ssh config file
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
-import os
 import subprocess
 import time
 from dataclasses import dataclass, field

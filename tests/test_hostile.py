@@ -53,6 +53,7 @@ from machinen_async.cli import terminal_safe
 from machinen_async.hosts import transfer
 from machinen_async.hosts.base import Connection
 from machinen_async.protocol import wire
+from machinen_async.protocol.messages import MachineSpec
 from machinen_async.protocol.mux import Channel
 from machinen_async.sdk.boot import stop_vm
 from machinen_async.sdk.vm import AGENT_TIMEOUT_SLACK_S
@@ -130,8 +131,8 @@ async def relayed_vm(tmp_path: Path) -> AsyncIterator[tuple[VM, list[FakeAgent]]
         agents.append(FakeAgent(stream))
         await agents[-1].serve()
 
-    config = SupervisorConfig(name="relay", memory_mib=256, cpus=1, accel="tcg", kernel="", initrd="", image="",
-                              ram_dir="", tsc_khz=None, boot_timeout=10, detached=False)  # fmt: skip
+    machine = MachineSpec(memory_mib=256, cpus=1, accel="tcg", kernel="", initrd="", image="")
+    config = SupervisorConfig(name="relay", machine=machine, ram_dir="", boot_timeout=10, detached=False)
     supervisor = Supervisor(config, SimpleNamespace(agent_socket=agent_socket))
     async with await anyio.create_unix_listener(agent_socket) as listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, serve_agent)

@@ -13,6 +13,7 @@ import termios
 import threading
 
 from ..protocol import wire
+from ..protocol.guest_abi import ExecRequest
 from .task import BASE_ENV, InputPump, Task, start_thread
 
 # A command that left a background child holding its stdout/stderr open is
@@ -43,29 +44,31 @@ def _set_window_size(fd: int, rows: int, cols: int) -> None:
 
 class ExecTask(Task):
     def start(self, params: dict) -> None:
+        try:
+            request = ExecRequest.from_wire(params)
+        except ValueError as exc:
+            return self.fail("EXEC_PROTOCOL", f"malformed exec request: {exc}")
         env = dict(BASE_ENV)
-        env.update(params.get("env") or {})
+        env.update(request.env)
         self.master = None
-        if params.get("tty"):
+        if request.tty:
             # One pseudo-terminal for stdin/stdout/stderr, as the controlling tty of a new session.
             self.master, slave = pty.openpty()
-            _set_window_size(slave, params.get("rows") or 24, params.get("cols") or 80)
+            _set_window_size(slave, request.rows, request.cols)
             stdio = {"stdin": slave, "stdout": slave, "stderr": slave, "preexec_fn": _take_controlling_tty}
         else:
-            stdin = subprocess.PIPE if params.get("stdin") else subprocess.DEVNULL
+            stdin = subprocess.PIPE if request.stdin else subprocess.DEVNULL
             stdio = {"stdin": stdin, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
         try:
-            self.proc = subprocess.Popen(
-                params["argv"], cwd=params.get("cwd") or "/", env=env, start_new_session=True, **stdio
-            )
+            self.proc = subprocess.Popen(request.argv, cwd=request.cwd or "/", env=env, start_new_session=True, **stdio)
         except FileNotFoundError as exc:
-            if params.get("cwd") and exc.filename == params.get("cwd"):
+            if request.cwd and exc.filename == request.cwd:
                 return self.fail("EXEC_CWD_NOT_FOUND", f"working directory not found: {exc.filename}")
-            return self.fail("EXEC_COMMAND_NOT_FOUND", f"command not found: {params['argv'][0]}")
+            return self.fail("EXEC_COMMAND_NOT_FOUND", f"command not found: {request.argv[0]}")
         except (PermissionError, NotADirectoryError) as exc:
             return self.fail("EXEC_PERMISSION_DENIED", f"{exc.strerror}: {exc.filename}")
         except (OSError, ValueError, TypeError) as exc:
-            return self.fail("EXEC_SPAWN_FAILED", f"cannot start {params['argv']!r}: {exc}")
+            return self.fail("EXEC_SPAWN_FAILED", f"cannot start {request.argv!r}: {exc}")
         finally:
             if self.master is not None:
                 os.close(slave)
@@ -74,8 +77,7 @@ class ExecTask(Task):
         self.output_lock = threading.Lock()  # DATA before EOF, and one EOF per fd, whoever sends them
         self.output_closed: set[int] = set()
         self.bytes_read = 0
-        timeout = params.get("timeout")
-        self.timer = threading.Timer(timeout, self._on_timeout) if timeout else None
+        self.timer = threading.Timer(request.timeout, self._on_timeout) if request.timeout else None
         if self.timer:
             self.timer.daemon = True
             self.timer.start()

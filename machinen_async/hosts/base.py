@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from ..protocol.messages import ForkTemplate
 from ..protocol.mux import Channel
 
 DEFAULT_BOOT_TIMEOUT_S = 60.0
@@ -130,9 +131,9 @@ class HostDriver(abc.ABC):
         detached: bool,
         boot_timeout: float,
         bundle_dir: Path | None = None,
-    ) -> tuple[list[Connection], dict[str, Any]]:
-        """Siblings of ``source`` (a VM of this host) from one instant, and that instant's pause
-        (``fork_info``); ``bundle_dir`` also gets a bundle of the same instant."""
+    ) -> tuple[list[Connection], ForkTemplate]:
+        """Siblings of ``source`` (a VM of this host) from one instant, and the template of that
+        instant (its pause included); ``bundle_dir`` also gets a bundle of the same instant."""
 
     @abc.abstractmethod
     async def connect(self, name: str) -> Connection:

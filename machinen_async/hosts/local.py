@@ -15,11 +15,12 @@ from typing import Any
 
 import anyio
 
-from ..version import __version__
 from ..errors import BootError, MachinenError, SnapshotError, plain_errors
+from ..protocol.messages import ForkTemplate, IncomingState, MachineSpec
 from ..store import assets, bundle, layers, registry
-from ..vmm import backend
 from ..supervisor.config import SupervisorConfig
+from ..version import __version__
+from ..vmm import backend
 from . import transfer
 from .base import PEER_PROTOCOL, Connection, HostDriver, Progress, TransferReport, close_connections, open_connection
 from .supervisors import (
@@ -63,10 +64,10 @@ def host_facts() -> dict[str, Any]:
     }
 
 
-def check_fork_memory(count: int, machine: dict[str, Any]) -> None:
+def check_fork_memory(count: int, accel: str, memory_mib: int) -> None:
     """Refuse a fork the host cannot hold rather than let the OOM killer pick."""
-    per_sibling = FORK_OVERHEAD_MIB[machine["accel"]] + machine["memory_mib"] * FORK_PRIVATE_SHARE
-    needed = count * per_sibling + machine["memory_mib"]  # + the template's RAM copy
+    per_sibling = FORK_OVERHEAD_MIB[accel] + memory_mib * FORK_PRIVATE_SHARE
+    needed = count * per_sibling + memory_mib  # + the template's RAM copy
     available = available_memory_mib()
     if needed > available * FORK_MEMORY_HEADROOM:
         raise MachinenError(
@@ -78,8 +79,8 @@ def check_fork_memory(count: int, machine: dict[str, Any]) -> None:
 
 async def _start_siblings(
     names: list[str],
-    machine: dict[str, Any],
-    incoming: dict[str, Any],
+    machine: MachineSpec,
+    incoming: IncomingState,
     boot_timeout: float,
     detached: bool,
     ports: list[list],
@@ -95,7 +96,7 @@ async def _start_siblings(
                 detached=detached,
                 ports=ports,
                 incoming=incoming,
-                **machine,
+                machine=machine,
             )
             for name in names
         ]
@@ -130,7 +131,7 @@ async def _restore_plan(
     trust: bool,
     network_allow: list[str],
 ) -> tuple[bundle.Manifest, dict[str, Any]]:
-    """Verify a bundle and find what it runs on: (manifest, the machine fields of its VMs' configs)."""
+    """Verify a bundle and find what it runs on: (manifest, the machine of the VMs restored from it)."""
     manifest = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
     machine = manifest.machine
     vmm = backend.default()
@@ -194,24 +195,24 @@ async def _restore_plan(
         return found_boot_files["kernel"], found_boot_files["initrd"], found
 
     kernel, initrd, disk_image = await anyio.to_thread.run_sync(locate_assets)
-    fields = {
-        "memory_mib": machine["memory_mib"],
-        "cpus": machine["cpus"],
-        "accel": chosen_accel,
-        "kernel": str(kernel),
-        "initrd": str(initrd),
-        "image": str(disk_image),
-        "image_source": manifest.data["image"].get("tarball", ""),
-        "image_key": manifest.data["image"]["key"],
-        "tsc_khz": machine["tsc_khz"],
-        "network": machine["network"],
-        "network_allow": network_allow,
-    }
-    return manifest, fields
+    spec = MachineSpec(
+        memory_mib=machine["memory_mib"],
+        cpus=machine["cpus"],
+        accel=chosen_accel,
+        kernel=str(kernel),
+        initrd=str(initrd),
+        image=str(disk_image),
+        image_source=manifest.data["image"].get("tarball", ""),
+        image_key=manifest.data["image"]["key"],
+        tsc_khz=machine["tsc_khz"],
+        network=machine["network"],
+        network_allow=tuple(network_allow),
+    )
+    return manifest, spec
 
 
 async def _restore_one(
-    bundle_dir: Path, manifest: bundle.Manifest, fields: dict[str, Any], name: str, ports: list[list], detached: bool,
+    bundle_dir: Path, manifest: bundle.Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
     boot_timeout: float,
 ) -> Connection:  # fmt: skip
     registry.ensure_free(name)
@@ -221,16 +222,16 @@ async def _restore_one(
         boot_timeout=boot_timeout,
         detached=detached,
         ports=ports,
-        incoming={
-            "bundle": str(bundle_dir),
-            "files": manifest.data["files"],
-            "ram_in_state": manifest.ram_in_state,
-            "chain": [[fields["image"], "raw"]],
-            "disk_size": manifest.machine["disk_size"],
-            "holds": [],
-            "source": manifest.data.get("source"),
-        },
-        **fields,
+        incoming=IncomingState(
+            chain=[[machine.image, "raw"]],
+            disk_size=manifest.machine["disk_size"],
+            holds=[],
+            ram_in_state=manifest.ram_in_state,
+            source=manifest.data.get("source"),
+            bundle=str(bundle_dir),
+            files=manifest.data["files"],
+        ),
+        machine=machine,
     )
     return await start_supervisor(config)
 
@@ -238,7 +239,7 @@ async def _restore_one(
 async def _restore_siblings(
     bundle_dir: Path,
     manifest: bundle.Manifest,
-    fields: dict[str, Any],
+    machine: MachineSpec,
     names: Sequence[str],
     boot_timeout: float,
     detached: bool,
@@ -257,7 +258,7 @@ async def _restore_siblings(
         )
     for name in names:
         registry.ensure_free(name)
-    check_fork_memory(len(names), fields)
+    check_fork_memory(len(names), machine.accel, machine.memory_mib)
     template, template_ref = layers.new_template()
     layer, layer_ref = layers.new_layer()
     try:
@@ -267,16 +268,16 @@ async def _restore_siblings(
             await anyio.to_thread.run_sync(
                 bundle.copy_verified, bundle_dir / source, target, manifest.data["files"][source]
             )
-        incoming = {
-            "state": str(template.state),
-            "mem": str(template.mem),
-            "ram_in_state": False,
-            "chain": [[str(layer.disk), "qcow2"], [fields["image"], "raw"]],
-            "disk_size": manifest.machine["disk_size"],
-            "holds": [str(template.path), str(layer.path)],
-            "source": manifest.data.get("source"),
-        }
-        siblings = await _start_siblings(names, fields, incoming, boot_timeout, detached, [])
+        incoming = IncomingState(
+            chain=[[str(layer.disk), "qcow2"], [machine.image, "raw"]],
+            disk_size=manifest.machine["disk_size"],
+            holds=[str(template.path), str(layer.path)],
+            ram_in_state=False,
+            source=manifest.data.get("source"),
+            state=str(template.state),
+            mem=str(template.mem),
+        )
+        siblings = await _start_siblings(list(names), machine, incoming, boot_timeout, detached, [])
     finally:
         layers.close_quietly(template_ref)
         layers.close_quietly(layer_ref)
@@ -336,13 +337,13 @@ class LocalDriver(HostDriver):
         network_allow: Sequence[str] = (),
     ) -> list[Connection]:
         bundle_dir = Path(bundle).expanduser().resolve()
-        manifest, fields = await _restore_plan(
+        manifest, machine = await _restore_plan(
             bundle_dir, image, accel, progress or (lambda message: None), trust, list(network_allow)
         )
         if siblings:
-            return await _restore_siblings(bundle_dir, manifest, fields, names, boot_timeout, detached)
+            return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached)
         (name,) = names
-        return [await _restore_one(bundle_dir, manifest, fields, name, ports, detached, boot_timeout)]
+        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout)]
 
     async def fork(
         self,
@@ -353,24 +354,23 @@ class LocalDriver(HostDriver):
         detached: bool,
         boot_timeout: float,
         bundle_dir: Path | None = None,
-    ) -> tuple[list[Connection], dict[str, Any]]:
+    ) -> tuple[list[Connection], ForkTemplate]:
         for name in names:
             registry.ensure_free(name)
         if names:
-            check_fork_memory(len(names), source.info)
-        fork_info = await source.channel.call("vm.fork_template", {"bundle": str(bundle_dir)} if bundle_dir else {})
+            check_fork_memory(len(names), source.info["accel"], source.info["memory_mib"])
+        reply = await source.channel.call("vm.fork_template", {"bundle": str(bundle_dir)} if bundle_dir else {})
+        template = ForkTemplate.from_wire(reply)
         if not names:
-            return [], fork_info
-        template = layers.Shared(Path(fork_info["holds"][0]))
-        reference = template.hold()  # ours until every sibling holds its own
-        incoming = {
-            key: fork_info[key] for key in ("state", "mem", "ram_in_state", "chain", "disk_size", "holds", "source")
-        }
+            return [], template
+        reference = layers.Shared(Path(template.incoming.holds[0])).hold()  # ours until every sibling holds its own
         try:
-            siblings = await _start_siblings(list(names), fork_info["machine"], incoming, boot_timeout, detached, ports)
+            siblings = await _start_siblings(
+                list(names), template.machine, template.incoming, boot_timeout, detached, ports
+            )
         finally:
             layers.close_quietly(reference)
-        return siblings, fork_info
+        return siblings, template
 
     async def connect(self, name: str) -> Connection:
         entry = registry.find(name)

@@ -94,7 +94,7 @@ class Peer:
         detached = bool(params.get("detached"))
         source = await self.driver.connect(params["source"])
         try:
-            started, fork_info = await self.driver.fork(
+            started, template = await self.driver.fork(
                 source,
                 names,
                 ports=parse_port_forwards(params.get("ports")),
@@ -103,7 +103,7 @@ class Peer:
             )
         finally:
             await source.channel.aclose()
-        return {"vms": await self._keep(started, detached), "fork_info": fork_info}
+        return {"vms": await self._keep(started, detached), "template": template.to_wire()}
 
     async def locate(self, params: dict[str, Any]) -> dict[str, Any]:
         entry = registry.find(params["name"])

@@ -26,10 +26,11 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
-from ..version import __version__
 from ..errors import ForkError, HostError, MachinenError
 from ..protocol.framing import FrameStream
+from ..protocol.messages import ForkTemplate
 from ..store import bundle
+from ..version import __version__
 from . import transfer
 from .base import PEER_PROTOCOL, Connection, HostDriver, Progress, TransferReport, close_connections, open_connection
 from .client import PeerClient
@@ -228,13 +229,14 @@ class SSHDriver(HostDriver):
         detached: bool,
         boot_timeout: float,
         bundle_dir: Path | None = None,
-    ) -> tuple[list[Connection], dict[str, Any]]:
+    ) -> tuple[list[Connection], ForkTemplate]:
         if bundle_dir is not None:
             raise ForkError("spread the forks of a remote VM from the host it runs on", code="FORK_REMOTE_SOURCE")
         params = {"source": source.name, "names": list(names), "ports": ports, "detached": detached,
                   "boot_timeout": boot_timeout}  # fmt: skip
         result = await self.call("fork", params)
-        return await self._attach_started(result["vms"], detached=detached), result["fork_info"]
+        template = ForkTemplate.from_wire(result["template"])
+        return await self._attach_started(result["vms"], detached=detached), template
 
     async def connect(self, name: str) -> Connection:
         located = await self.call("locate", {"name": name})

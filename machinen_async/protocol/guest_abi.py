@@ -12,3 +12,56 @@ IMAGE_CONFIG = "/etc/machinen/image.json"
 WORKLOAD_LOG = "/var/log/machinen/workload.log"
 # QEMU user-mode networking: the guest, its gateway (the host, whose loopback it reaches), DNS.
 GUEST_IP, GATEWAY_IP, DNS_IP = "10.0.2.15", "10.0.2.2", "10.0.2.3"
+
+
+class ExecRequest:
+    """The params of an ``exec`` call (host → guest), checked on arrival.
+
+    A plain class, not a dataclass: PID 1 would pay for importing ``dataclasses``
+    (~10 ms natively, many times that under TCG) at every boot.
+    """
+
+    __slots__ = ("argv", "cols", "cwd", "env", "rows", "stdin", "timeout", "tty")
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> None:
+        self.argv, self.env, self.cwd, self.stdin, self.timeout = argv, dict(env or {}), cwd, stdin, timeout
+        self.tty, self.rows, self.cols = tty, rows, cols
+
+    def to_wire(self) -> dict:
+        wire = {"argv": self.argv, "env": self.env, "cwd": self.cwd, "stdin": self.stdin, "timeout": self.timeout}
+        if self.tty:
+            wire.update(tty=True, rows=self.rows, cols=self.cols)
+        return wire
+
+    @classmethod
+    def from_wire(cls, params: object) -> ExecRequest:
+        """The request ``params`` describes; ValueError naming the first field that is wrong."""
+        if not isinstance(params, dict) or not set(params) <= set(cls.__slots__):
+            raise ValueError(f"exec params must be a map of {sorted(cls.__slots__)}")
+        argv, env = params.get("argv"), params.get("env") or {}
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("env must map strings to strings")
+        cwd, timeout = params.get("cwd"), params.get("timeout")
+        if cwd is not None and not isinstance(cwd, str):
+            raise ValueError("cwd must be a string")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError("timeout must be a number of seconds (0: none)")
+        flags = {key: params.get(key, default) for key, default in (("stdin", False), ("tty", False))}
+        if not all(isinstance(value, bool) for value in flags.values()):
+            raise ValueError("stdin and tty must be booleans")
+        size = {key: params.get(key) or default for key, default in (("rows", 24), ("cols", 80))}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in size.values()):
+            raise ValueError("rows and cols must be integers in 1..65535")
+        return cls(argv, env, cwd, timeout=timeout, **flags, **size)

@@ -14,10 +14,11 @@ from ..errors import BootError
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S
 from ..hosts.local import LocalDriver, available_memory_mib
 from ..hosts.supervisors import new_ram_dir
+from ..protocol.messages import MachineSpec
 from ..protocol.ports import PortSpec, parse_port_forwards
 from ..store import assets, registry
-from ..vmm import backend
 from ..supervisor.config import SupervisorConfig
+from ..vmm import backend
 from .forks import Forks
 from .host import Host, Launch, restore_names
 from .network import NetworkPolicy, network_settings
@@ -71,8 +72,7 @@ async def _launch(
 
     base, tarball, disk_image = await anyio.to_thread.run_sync(prepare)
     registry.ensure_free(name)  # fail fast; the supervisor's claim is the real check
-    config = SupervisorConfig(
-        name=name,
+    machine = MachineSpec(
         memory_mib=memory_mib,
         cpus=cpus,
         accel=chosen_accel,
@@ -81,13 +81,17 @@ async def _launch(
         image=str(disk_image),
         image_source=str(tarball),
         image_key=disk_image.stem,
-        ram_dir=new_ram_dir(name),
         tsc_khz=vmm.host_tsc_khz() if chosen_accel == "tcg" else None,
+        network=has_network,
+        network_allow=tuple(network_allow),
+    )
+    config = SupervisorConfig(
+        name=name,
+        machine=machine,
+        ram_dir=new_ram_dir(name),
         boot_timeout=boot_timeout,
         detached=detached,
         ports=forwards,
-        network=has_network,
-        network_allow=network_allow,
         workload=workload,
     )
     local = Host.local()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from ..errors import plain_errors
+from ..protocol.messages import ForkTemplate
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -18,13 +19,15 @@ T = TypeVar("T")
 class Forks(Sequence["VM"]):
     """Siblings of one fork event, in order; ``async with`` closes them all."""
 
-    def __init__(self, vms: list[VM], fork_info: dict[str, Any] | None = None) -> None:
-        """``fork_info`` describes the source's pause; siblings restored from a bundle have none."""
-        fork_info = fork_info or {"pause_ms": 0.0, "pause_steps_ms": {}}
+    def __init__(
+        self, vms: list[VM], template: ForkTemplate | None = None, placement: dict[str, str] | None = None
+    ) -> None:
+        """``template``: the fork instant, with the source's pause (siblings restored from a bundle have none)."""
         self._vms = vms
-        self.source_pause_ms: float = fork_info["pause_ms"]
-        self.source_pause_steps_ms: dict[str, float] = fork_info["pause_steps_ms"]
-        self.placement: dict[str, str] = fork_info.get("placement", {})  # sibling -> host, with hosts=
+        self._template = template  # spread.py builds the Forks of a spread fork from the local one
+        self.source_pause_ms: float = template.pause_ms if template else 0.0
+        self.source_pause_steps_ms: dict[str, float] = template.pause_steps_ms if template else {}
+        self.placement: dict[str, str] = placement or {}  # sibling -> host, with hosts=
 
     def __getitem__(self, index):  # type: ignore[override]
         return self._vms[index]
@@ -71,14 +74,14 @@ async def close_all(vms: Sequence[VM | None]) -> None:
 class ForkLaunch:
     """``await vm.fork()`` -> VM (or ``Forks`` with ``n``); ``async with`` closes them on exit."""
 
-    def __init__(self, start: Callable[[], Awaitable[tuple[list[VM], dict[str, Any]]]], single: bool) -> None:
+    def __init__(self, start: Callable[[], Awaitable[Forks]], single: bool) -> None:
         self._start_siblings = start
         self._single = single
         self._result: VM | Forks | None = None
 
     async def _start(self) -> VM | Forks:
-        siblings, fork_info = await self._start_siblings()
-        return siblings[0] if self._single else Forks(siblings, fork_info)
+        forks = await self._start_siblings()
+        return forks[0] if self._single else forks
 
     def __await__(self):
         return self._start().__await__()

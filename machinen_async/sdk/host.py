@@ -193,7 +193,7 @@ class Host:
     ) -> ForkLaunch:
         """``source.fork()``: siblings here, or spread over ``hosts``."""
 
-        async def start() -> tuple[list[VM], dict[str, Any]]:
+        async def start() -> Forks:
             if hosts is not None:
                 return await fork_across(source, names, hosts, boot_timeout, detached)
             return await self.fork_here(source, names, boot_timeout=boot_timeout, detached=detached, ports=ports)
@@ -209,11 +209,11 @@ class Host:
         detached: bool,
         ports: list[list],
         bundle_dir: Path | None = None,
-    ) -> tuple[list[VM], dict[str, Any]]:
-        started, fork_info = await self.driver.fork(
+    ) -> Forks:
+        started, template = await self.driver.fork(
             source.connection, names, ports=ports, detached=detached, boot_timeout=boot_timeout, bundle_dir=bundle_dir
         )
-        return [self.vm(connection) for connection in started], fork_info
+        return Forks([self.vm(connection) for connection in started], template)
 
     async def handoff(self, vm: VM, destination: Host, **options: Any) -> VM:
         return await handoff(vm, destination, **options)

@@ -24,7 +24,7 @@ import anyio
 from ..errors import MachinenError, plain_errors
 from ..hosts.local import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE
 from ..store import chunks
-from .forks import close_all
+from .forks import Forks, close_all
 
 if TYPE_CHECKING:
     from .host import Host
@@ -60,7 +60,7 @@ def place(count: int, facts: Sequence[dict[str, Any]], memory_mib: int) -> list[
 
 async def fork_across(
     source: VM, names: list[str], hosts: Sequence[Host], boot_timeout: float, detached: bool
-) -> tuple[list[VM], dict[str, Any]]:
+) -> Forks:
     facts: list[dict[str, Any]] = [{}] * len(hosts)
 
     async def learn(index: int) -> None:
@@ -81,11 +81,11 @@ async def fork_across(
     started: dict[str, VM] = {}
     workdir = chunks.work_path(f"fork-{source.name}")
     try:
-        siblings, fork_info = await source.host.fork_here(
+        forks_here = await source.host.fork_here(
             source, here, boot_timeout=boot_timeout, detached=detached, ports=[],
             bundle_dir=workdir if elsewhere else None,
         )  # fmt: skip
-        started.update(zip(here, siblings, strict=True))
+        started.update(zip(here, forks_here, strict=True))
 
         async def start_there(host: Host, host_names: list[str]) -> None:
             pushed = await host.push(workdir)
@@ -108,5 +108,8 @@ async def fork_across(
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
-    fork_info["placement"] = {name: hosts[i].name for name, i in zip(names, placement, strict=True)}
-    return [started[name] for name in names], fork_info
+    return Forks(
+        [started[name] for name in names],
+        forks_here._template,
+        placement={name: hosts[i].name for name, i in zip(names, placement, strict=True)},
+    )

@@ -19,6 +19,7 @@ import anyio
 from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError, plain_errors
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
 from ..protocol import wire
+from ..protocol.guest_abi import ExecRequest
 from ..protocol.ports import PortSpec, parse_port_forwards
 from ..store import registry
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
@@ -83,10 +84,8 @@ class VM:
         runs kills it (and its process group).
         """
         argv = argv_of(cmd)
-        params = {"argv": argv, "env": dict(env or {}), "cwd": cwd, "stdin": stdin, "timeout": timeout}
-        if tty:
-            params.update(tty=True, rows=size[0], cols=size[1])
-        call = await self._channel.open("exec", params)
+        request = ExecRequest(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, tty=tty, rows=size[0], cols=size[1])
+        call = await self._channel.open("exec", request.to_wire())
         try:
             yield Process(call, argv)
         finally:

@@ -14,6 +14,7 @@ import anyio.abc
 import structlog
 
 from ..errors import BootError, MachinenError, SnapshotError
+from ..protocol.messages import ForkTemplate, IncomingState
 from ..store import bundle, layers, paths, registry, sparse
 from ..store.assets import immutable_file_digest
 from ..vmm import backend
@@ -53,19 +54,19 @@ class Capture:
         """
         config, incoming = self.config, self.config.incoming
         if incoming is None:
-            self.chain = [[config.image, "raw"]]
-            self.disk_size = os.stat(config.image).st_size
+            self.chain = [[config.machine.image, "raw"]]
+            self.disk_size = os.stat(config.machine.image).st_size
         else:
             try:
-                self.layer_refs += [layers.Shared(Path(p)).hold() for p in incoming["holds"]]
+                self.layer_refs += [layers.Shared(Path(p)).hold() for p in incoming.holds]
             except FileNotFoundError:
                 raise BootError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
-            self.chain, self.disk_size = incoming["chain"], incoming["disk_size"]
+            self.chain, self.disk_size = incoming.chain, incoming.disk_size
         self.ram_file, self.ram_shared = ram_dir / "mem", True
-        if incoming is not None and incoming.get("bundle"):
+        if incoming is not None and incoming.bundle:
             # Restored from a bundle: each file is copied (so the bundle stays untouched) and
             # hashed as it is copied; QEMU opens only the copies.
-            source, expected = Path(incoming["bundle"]), incoming["files"]
+            source, expected = Path(incoming.bundle), incoming.files
             imported, ref = layers.new_layer()
             self.layer_refs.append(ref)
             copies = [(bundle.DISK, imported.disk), (bundle.STATE, ram_dir / bundle.STATE)]
@@ -76,8 +77,8 @@ class Capture:
             self.chain = [[str(imported.disk), "qcow2"], *self.chain]
             self.state_file = ram_dir / bundle.STATE
         elif incoming is not None:  # a fork sibling: the template's RAM, mapped copy-on-write
-            self.state_file = Path(incoming["state"])
-            self.ram_file, self.ram_shared = Path(incoming["mem"]), False
+            self.state_file = Path(incoming.state)
+            self.ram_file, self.ram_shared = Path(incoming.mem), False
         layer, ref = layers.new_layer()
         self.layer_refs.append(ref)
         await self.backend.create_overlay(layer.disk, self.chain[0], self.disk_size)
@@ -105,32 +106,27 @@ class Capture:
 
     def _launch(self, **where: Any) -> backend.Launch:
         """A VMM launch of this VM's machine; ``where``: its RAM, disk and sockets."""
-        config = self.config
-        spec = backend.MachineSpec(
-            memory_mib=config.memory_mib,
-            cpus=config.cpus,
-            accel=config.accel,
-            kernel=Path(config.kernel),
-            initrd=Path(config.initrd),
-            hostname=config.name,
-            tsc_khz=config.tsc_khz,
-            network=config.network,
+        machine = self.config.machine
+        hardware = backend.Hardware(
+            memory_mib=machine.memory_mib,
+            cpus=machine.cpus,
+            accel=machine.accel,
+            kernel=Path(machine.kernel),
+            initrd=Path(machine.initrd),
+            hostname=self.config.name,
+            tsc_khz=machine.tsc_khz,
+            network=machine.network,
         )
         read_only, writable = self._visible_to_vmm()
-        return backend.Launch(spec=spec, read_only=read_only, writable=writable,
-                              network_allow=tuple(config.network_allow), **where)  # fmt: skip
+        return backend.Launch(hardware=hardware, read_only=read_only, writable=writable,
+                              network_allow=machine.network_allow, **where)  # fmt: skip
 
     def _visible_to_vmm(self) -> tuple[list[Path], list[Path]]:
         """What a confined VMM of this VM sees: (read-only, writable) paths."""
-        config = self.config
+        machine = self.config.machine
         stores = [paths.private_dir(layers.layers_dir()), paths.private_dir(layers.templates_dir())]
-        read_only = [Path(config.kernel), Path(config.initrd), Path(config.image)]
-        return read_only, [self.entry.path, Path(config.ram_dir), *stores]
-
-    def _machine(self) -> dict[str, Any]:
-        keys = ("memory_mib", "cpus", "accel", "kernel", "initrd", "image", "image_source", "image_key", "tsc_khz",
-                "network", "network_allow")  # fmt: skip
-        return {k: getattr(self.config, k) for k in keys}
+        read_only = [Path(machine.kernel), Path(machine.initrd), Path(machine.image)]
+        return read_only, [self.entry.path, Path(self.config.ram_dir), *stores]
 
     # --- capture: fork templates and snapshots -------------------------------------
 
@@ -200,7 +196,7 @@ class Capture:
         self.layer_refs.append(layer_ref)
         return frozen
 
-    async def freeze_template(self, bundle_dir: str | None = None) -> dict[str, Any]:
+    async def freeze_template(self, bundle_dir: str | None = None) -> ForkTemplate:
         """Capture this running VM as a template that fork siblings start from.
 
         With ``bundle_dir``, also write a snapshot bundle of that same instant
@@ -232,18 +228,16 @@ class Capture:
         # Our reference only bridges the gap until the caller takes its own.
         self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
         log.info("fork template", template=template.id, pause_ms=steps["total"])
-        return {
-            "state": str(template.state),
-            "mem": str(template.mem),
-            "ram_in_state": False,
-            "chain": chain,
-            "disk_size": self.disk_size,
-            "holds": [str(template.path), *_layer_dirs(chain)],
-            "source": self.config.name,
-            "pause_ms": steps["total"],
-            "pause_steps_ms": steps,
-            "machine": self._machine(),
-        }
+        incoming = IncomingState(
+            chain=chain,
+            disk_size=self.disk_size,
+            holds=[str(template.path), *_layer_dirs(chain)],
+            ram_in_state=False,
+            source=self.config.name,
+            state=str(template.state),
+            mem=str(template.mem),
+        )
+        return ForkTemplate(incoming, self.config.machine, pause_ms=steps["total"], pause_steps_ms=steps)
 
     async def _unpack_ram(self, template: layers.Template, chain: list[list[str]]) -> None:
         """Turn a RAM-carrying state into a RAM file plus device state.
@@ -304,16 +298,17 @@ class Capture:
         # must not depend on this host's layer files.
         base = chain[-1][0]
         await self.backend.flatten_disk(chain, target / bundle.DISK)
-        machine = self._machine()
+        machine = self.config.machine
         fields = {
             "created": time.time(),
             "source": self.config.name,
             "qemu_version": await self.machine.version(),
-            "machine": {"type": self.backend.machine_type, "disk_size": self.disk_size,
-                        **{k: machine[k] for k in ("memory_mib", "cpus", "accel", "tsc_khz", "network")}},
-            "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["kernel"]))},
-            "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine["initrd"]))},
-            "image": {"key": self.config.image_key or Path(base).stem, "tarball": self.config.image_source,
+            "machine": {"type": self.backend.machine_type, "disk_size": self.disk_size, "memory_mib": machine.memory_mib,
+                        "cpus": machine.cpus, "accel": machine.accel, "tsc_khz": machine.tsc_khz,
+                        "network": machine.network},
+            "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine.kernel))},
+            "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine.initrd))},
+            "image": {"key": machine.image_key or Path(base).stem, "tarball": machine.image_source,
                       "sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(base))},
         }  # fmt: skip
         return await anyio.to_thread.run_sync(bundle.seal, target, fields)

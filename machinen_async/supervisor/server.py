@@ -99,9 +99,9 @@ class Supervisor:
             state_loaded = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(functools.partial(self.relay.connect, resume=state_loaded))
-                await machine.load_state(state_file, ram=incoming["ram_in_state"])
+                await machine.load_state(state_file, ram=incoming.ram_in_state)
                 state_loaded.set()
-                if incoming.get("bundle"):
+                if incoming.bundle:
                     state_file.unlink()  # our checked copy, loaded (a template's stays for its siblings)
                 if not await machine.is_running():
                     await machine.resume()
@@ -137,15 +137,15 @@ class Supervisor:
                 "name": config.name,
                 "supervisor_pid": os.getpid(),
                 "qemu_pid": machine.pid,
-                "accel": config.accel,
-                "memory_mib": config.memory_mib,
-                "cpus": config.cpus,
-                "image": config.image,
+                "accel": config.machine.accel,
+                "memory_mib": config.machine.memory_mib,
+                "cpus": config.machine.cpus,
+                "image": config.machine.image,
                 "ram_dir": config.ram_dir,
                 "detached": config.detached,
-                "forked_from": (config.incoming or {}).get("source"),
-                "network": config.network,
-                "network_allow": config.network_allow,
+                "forked_from": config.incoming.source if config.incoming else None,
+                "network": config.machine.network,
+                "network_allow": list(config.machine.network_allow),
                 "ports": config.ports,
                 "started_at": time.time(),
                 "boot_s": round(boot_s, 3),
@@ -238,7 +238,7 @@ class Supervisor:
         return {"agent": await self.relay.reset()}
 
     async def _fork_template(self, client: ClientConnection, params: dict) -> dict[str, Any]:
-        return await self.capture.freeze_template(params.get("bundle"))
+        return (await self.capture.freeze_template(params.get("bundle"))).to_wire()
 
     async def _snapshot(self, client: ClientConnection, params: dict) -> dict[str, Any]:
         return await self.capture.snapshot(params["dir"], paused_for=client if params.get("stay_paused") else None)

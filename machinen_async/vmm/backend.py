@@ -23,7 +23,7 @@ DiskChain = list[list[str]]
 
 
 @dataclass(frozen=True)
-class MachineSpec:
+class Hardware:
     """Everything that shapes the virtual hardware; a restore must match it."""
 
     memory_mib: int
@@ -40,7 +40,7 @@ class MachineSpec:
 class Launch:
     """One VMM process: the machine, where its RAM and disk are, how it is reached and confined."""
 
-    spec: MachineSpec
+    hardware: Hardware
     ram_file: Path
     ram_shared: bool  # the VM's own RAM file (forkable); else a template's, mapped copy-on-write
     disk_chain: DiskChain

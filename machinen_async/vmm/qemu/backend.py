@@ -47,7 +47,7 @@ class QemuMachine:
         self.process = process
         self.pid = pid
         self.launch = launch
-        self.qmp = QMPClient(launch.spec.hostname)
+        self.qmp = QMPClient(launch.hardware.hostname)
         self.disk_node = "disk0"  # the top of the disk chain (command.chain_blockdev names it)
         self.layers_added = 0
         self.logs_copied = [anyio.Event(), anyio.Event()] if launch.logs else []
@@ -181,7 +181,7 @@ class QemuBackend:
     async def start(self, launch: Launch) -> AsyncIterator[QemuMachine]:
         process, pid, guard = await _start_chain(launch)
         machine = QemuMachine(process, pid, launch)
-        log.info("qemu started", pid=pid, accel=launch.spec.accel, memory_mib=launch.spec.memory_mib)
+        log.info("qemu started", pid=pid, accel=launch.hardware.accel, memory_mib=launch.hardware.memory_mib)
         # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs, and
         # QEMU's connections checked, for as long as QEMU runs: a pipe nobody reads, or a
         # connection nobody answers, would block QEMU, even while it is asked to quit.
@@ -224,14 +224,14 @@ async def _start_chain(launch: Launch) -> tuple[anyio.abc.Process, int, netguard
     """QEMU confined (``confine``: its own namespaces, only the launch's paths visible) and,
     with a network, under netguard's filter: (process, QEMU's pid, guard)."""
     argv = command.command_line(launch)
-    guarded = launch.spec.network and not launch.never_run  # a guest that never runs opens nothing
+    guarded = launch.hardware.network and not launch.never_run  # a guest that never runs opens nothing
     output = subprocess.PIPE if launch.logs else subprocess.DEVNULL
     info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
     ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
     with os.fdopen(info_read, "rb") as info, ours:
         try:
             confined = confine.confined(
-                argv, read_only=launch.read_only, writable=launch.writable, kvm=launch.spec.accel == "kvm",
+                argv, read_only=launch.read_only, writable=launch.writable, kvm=launch.hardware.accel == "kvm",
                 info_fd=info_write,
             )  # fmt: skip
             chain = confined or argv

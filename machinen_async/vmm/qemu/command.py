@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...errors import BootError
 from ...protocol.guest_abi import AGENT_PORT_NAME
-from ..backend import Launch, MachineSpec
+from ..backend import Hardware, Launch
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE_TYPE = "microvm"
@@ -113,7 +113,7 @@ def qemu_version() -> str:
     return match.group(1)
 
 
-def kernel_cmdline(spec: MachineSpec) -> str:
+def kernel_cmdline(spec: Hardware) -> str:
     args = f"console=ttyS0 quiet panic=-1 machinen.hostname={spec.hostname}"
     if spec.tsc_khz:
         args += f" tsc_early_khz={spec.tsc_khz}"
@@ -147,7 +147,7 @@ def option_value(path: Path) -> str:
 
 def command_line(launch: Launch) -> list[str]:
     """The QEMU argv.  The serial console is QEMU's stdout (copied into a capped log)."""
-    machine = launch.spec
+    machine = launch.hardware
     accel = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if machine.accel == "tcg" else "kvm"
     share = "on" if launch.ram_shared else "off"
     ram_file = option_value(launch.ram_file)
