@@ -40,9 +40,9 @@ class Call:
         self.sid = sid
         self.method = method
         self._inbox: dict[int, deque[bytes]] = {wire.STDOUT: deque(), wire.STDERR: deque()}
-        self._eof: set[int] = set()
+        self._rules = wire.ReplyRules()  # what the peer may still send: it may be a hostile guest
+        self._eof = self._rules.closed
         self._unacknowledged = {wire.STDOUT: 0, wire.STDERR: 0}  # consumed, credit not yet returned
-        self._unreturned = {wire.STDOUT: 0, wire.STDERR: 0}  # received, credit not yet returned: <= a window
         self._send_credit = wire.INITIAL_WINDOW
         self._outcome: tuple[bool, Any] | None = None
 
@@ -52,25 +52,19 @@ class Call:
 
     def _on_frame(self, frame: list) -> None:
         """Take one (validated) frame; ``ProtocolError`` if the peer broke the protocol."""
+        problem = self._rules.refuse(frame)
+        if problem is not None:
+            raise wire.ProtocolError(f"stream {self.sid}: {problem}")
         kind = frame[0]
-        if kind in (wire.DATA, wire.EOF) and (frame[2] not in self._inbox or frame[2] in self._eof):
-            raise wire.ProtocolError(f"stream {self.sid}: output on fd {frame[2]} that is not open")
         if kind == wire.DATA:
-            fd, data = frame[2], frame[3]
-            self._unreturned[fd] += len(data)
-            if self._unreturned[fd] > wire.INITIAL_WINDOW:
-                raise wire.ProtocolError(f"stream {self.sid}: fd {fd} sent beyond its credit window")
-            self._inbox[fd].append(data)
-        elif kind == wire.EOF:
-            self._eof.add(frame[2])
-        elif kind == wire.CREDIT and frame[2] == wire.STDIN:
+            self._inbox[frame[2]].append(frame[3])
+        elif kind == wire.CREDIT:
             self._send_credit += frame[3]
         elif kind == wire.RESULT:
             self._outcome = (True, frame[2])
         elif kind == wire.ERROR:
             self._outcome = (False, error_from_code(frame[2], frame[3][: wire.MAX_MESSAGE_LEN]))
-        else:
-            raise wire.ProtocolError(f"stream {self.sid}: unexpected frame of kind {kind}")
+        # An EOF needs nothing more: the rules closed its fd.
 
     def _fail(self, error: MachinenError) -> None:
         if self._outcome is None:
@@ -108,7 +102,7 @@ class Call:
         self._unacknowledged[fd] += len(data)
         if self._unacknowledged[fd] >= wire.INITIAL_WINDOW // 2 and not self.done:
             credit, self._unacknowledged[fd] = self._unacknowledged[fd], 0
-            self._unreturned[fd] -= credit
+            self._rules.grant(fd, credit)
             with anyio.CancelScope(shield=True):  # a cancellation here would lose ``data``
                 await self._channel.send([wire.CREDIT, self.sid, fd, credit])
         return data

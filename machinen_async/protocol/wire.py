@@ -78,6 +78,42 @@ def validate(frame: list) -> None:
         raise ProtocolError(f"malformed frame of kind {kind}")
 
 
+class ReplyRules:
+    """What the side answering one call may still send on it: output only on an open fd
+    (stdout, stderr) and within the credit its caller granted, CREDIT only for stdin, then
+    an outcome.  Each caller of the protocol (the SDK's ``mux.Call``, the supervisor's
+    routes to the agent) holds one per call, because the answering side may be a hostile
+    guest: this is what keeps its output within the memory the caller agreed to hold."""
+
+    __slots__ = ("closed", "window")
+
+    def __init__(self) -> None:
+        self.window = {STDOUT: INITIAL_WINDOW, STDERR: INITIAL_WINDOW}
+        self.closed: set[int] = set()
+
+    def grant(self, fd: int, amount: int) -> None:
+        """The caller returned ``amount`` bytes of credit on ``fd``."""
+        if fd in self.window:
+            self.window[fd] += amount
+
+    def refuse(self, frame: list) -> str | None:
+        """Why the answering side may not send ``frame`` (validated) now; None if it may (and
+        then the frame counts: its output against the window, its EOF closes the fd)."""
+        kind = frame[0]
+        if kind in (DATA, EOF):
+            fd = frame[2]
+            if fd not in self.window or fd in self.closed:
+                return f"output on fd {fd}, which is not open"
+            if kind == EOF:
+                self.closed.add(fd)
+                return None
+            self.window[fd] -= len(frame[3])
+            return f"more output on fd {fd} than its credit" if self.window[fd] < 0 else None
+        if kind == CREDIT:
+            return None if frame[2] == STDIN else f"credit for fd {frame[2]}"
+        return None if kind in FINAL_KINDS else f"a frame of kind {kind}"
+
+
 def _fd(value) -> bool:
     return type(value) is int and value in (STDIN, STDOUT, STDERR)
 

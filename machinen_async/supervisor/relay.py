@@ -61,31 +61,12 @@ class Route:
 
     client: ClientConnection
     client_sid: int
-    window: dict[int, int] = field(
-        default_factory=lambda: {wire.STDOUT: wire.INITIAL_WINDOW, wire.STDERR: wire.INITIAL_WINDOW}
-    )
-    closed: set[int] = field(default_factory=set)  # fds whose EOF was relayed
+    rules: wire.ReplyRules = field(default_factory=wire.ReplyRules)
 
     def late(self, frame: list) -> bool:
         """Output on an fd after its EOF: dropped, not relayed (agents before 0.2 could race
         a detached pump's last frames against its EOF; it costs nothing here)."""
-        return frame[0] in (wire.DATA, wire.EOF) and frame[2] in self.closed
-
-    def refuse(self, frame: list) -> str | None:
-        """Why the agent may not send ``frame`` (validated) on this call; None if it may."""
-        kind = frame[0]
-        if kind in (wire.DATA, wire.EOF):
-            fd = frame[2]
-            if fd not in self.window:
-                return f"output on fd {fd}, which is not open"
-            if kind == wire.EOF:
-                self.closed.add(fd)
-                return None
-            self.window[fd] -= len(frame[3])
-            return f"more output on fd {fd} than the client's credit" if self.window[fd] < 0 else None
-        if kind == wire.CREDIT:
-            return None if frame[2] == wire.STDIN else f"credit for fd {frame[2]}"
-        return None if kind in wire.FINAL_KINDS else f"a frame of kind {kind}"
+        return frame[0] in (wire.DATA, wire.EOF) and frame[2] in self.rules.closed
 
 
 class AgentRelay:
@@ -185,8 +166,8 @@ class AgentRelay:
         nor other clients.  The queue is bounded by the credit windows."""
         if self.agent is None or not self.agent_up:
             return False
-        if frame[0] == wire.CREDIT and (route := self.routes.get(frame[1])) and frame[2] in route.window:
-            route.window[frame[2]] += frame[3]
+        if frame[0] == wire.CREDIT and (route := self.routes.get(frame[1])):
+            route.rules.grant(frame[2], frame[3])
         self.to_agent_send.send_nowait((self.agent_session, frame))
         return True
 
@@ -278,7 +259,7 @@ class AgentRelay:
                 continue  # late output of a call whose client left (or a stray HELLO)
             if route.late(frame):
                 continue
-            problem = route.refuse(frame)
+            problem = route.rules.refuse(frame)
             if problem is not None:
                 log.warning("guest agent broke the protocol", call=agent_sid, problem=problem)
                 frame = [wire.ERROR, agent_sid, "EXEC_PROTOCOL", f"the guest agent broke the protocol: {problem}"]
