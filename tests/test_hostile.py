@@ -52,7 +52,7 @@ from machinen_async import (
 from machinen_async.cli import terminal_safe
 from machinen_async.hosts import transfer
 from machinen_async.hosts.base import Connection
-from machinen_async.protocol import wire
+from machinen_async.protocol import netpolicy, wire
 from machinen_async.protocol.messages import MachineSpec
 from machinen_async.protocol.mux import Channel
 from machinen_async.sdk.boot import stop_vm
@@ -687,7 +687,7 @@ async def _host_service(address: str) -> AsyncIterator[int]:
 
 def test_the_network_policy_closes_the_host_and_link_local():
     policy = netguard.Policy(
-        allow=(netguard.parse_rule("127.0.0.1:11434"), netguard.parse_rule("10.9.0.0/16")),
+        allow=(netpolicy.parse_rule("127.0.0.1:11434"), netpolicy.parse_rule("10.9.0.0/16")),
         host=frozenset({ipaddress.ip_address("192.168.7.2")}),
         dns=frozenset({ipaddress.ip_address("127.0.0.53")}),
     )
@@ -709,7 +709,7 @@ def test_the_network_policy_closes_the_host_and_link_local():
     for (address, port), allowed in verdicts.items():
         assert policy.permits(ipaddress.ip_address(address), port) is allowed, (address, port)
     for rule in ("[::1]:22", "10.0.0.0/8", "127.0.0.1", "2001:db8::/32"):
-        netguard.parse_rule(rule)
+        netpolicy.parse_rule(rule)
     for bad in ("localhost:80", "127.0.0.1:0", "127.0.0.1:99999", "1.2.3.4/40", "", "[::1]:x"):
         with pytest.raises(MachinenError) as refused:
             NetworkPolicy(allow=(bad,))

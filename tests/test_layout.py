@@ -92,3 +92,14 @@ def test_no_import_loops():
                     seen.add(imported)
                     stack.append((imported, [*path, imported]))
     assert sorted(set(loops)) == []
+
+
+def test_only_the_qemu_backend_names_qemu():
+    """A second VMM backend must need nothing but its folder: nothing outside vmm/qemu/ imports it."""
+    qemu = PACKAGE_DIR / "vmm" / "qemu"
+    offenders = {
+        _name(module): sorted(_name(imported) for imported in package_imports(module) if qemu in imported.parents)
+        for module in _host_modules()
+        if qemu not in module.parents
+    }
+    assert {module: found for module, found in offenders.items() if found} == {}

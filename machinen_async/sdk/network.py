@@ -1,11 +1,11 @@
-"""What a guest may reach over its network; ``vmm/netguard.py`` enforces it on QEMU's system calls."""
+"""What a guest may reach over its network; the VMM backend enforces it (``vmm/qemu/netguard.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import BootError
-from ..vmm.qemu.netguard import parse_rule
+from ..protocol.netpolicy import parse_rule
 
 
 @dataclass(frozen=True)
