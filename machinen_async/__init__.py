@@ -34,6 +34,7 @@ _FROM_SDK = {
     "Host": "host",
     "HandoffReport": "handoff",
     "NetworkPolicy": "network",
+    "Mount": "mounts",
     "provision": "provisioning", "ProvisionError": "provisioning", "debian_rootfs": "provisioning",
 }  # fmt: skip
 
@@ -64,6 +65,7 @@ __all__ = [
     "Host",
     "HostError",
     "MachinenError",
+    "Mount",
     "NetworkPolicy",
     "Process",
     "ProvisionError",

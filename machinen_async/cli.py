@@ -27,6 +27,7 @@ from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
 from .protocol.guest_abi import WORKLOAD_LOG
 from .sdk.boot import boot, connect, restore, stop_vm
+from .sdk.mounts import Mount
 from .sdk.network import NetworkPolicy
 from .sdk.vm import VM
 from .store import assets, layers, registry
@@ -228,6 +229,28 @@ def _network_policy(allow_rules: tuple[str, ...], allow_host_ports: tuple[int, .
     return NetworkPolicy.host_ports(*allow_host_ports, allow=allow_rules)
 
 
+def mount_option(copied: bool):
+    """``--mount-live`` (and for boot ``--mount``): host directories in the guest."""
+
+    def options(command):
+        command = click.option(
+            "--mount-live", "live_mounts", multiple=True, metavar="HOST:GUEST[:ro|rw]",
+            help="A host directory live in the guest (both ways, kept by forks and restores); repeatable.",
+        )(command)  # fmt: skip
+        if copied:
+            command = click.option(
+                "--mount", "copied_mounts", multiple=True, metavar="HOST:GUEST[:ro|rw]",
+                help="Copy a host directory into the guest at boot; repeatable.",
+            )(command)  # fmt: skip
+        return command
+
+    return options
+
+
+def _mounts(live: tuple[str, ...], copied: tuple[str, ...] = ()) -> list[Mount]:
+    return [*(Mount.parse(spec, live=True) for spec in live), *(Mount.parse(spec) for spec in copied)]
+
+
 trust_option = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
@@ -279,12 +302,13 @@ def install(refresh: bool) -> None:
 @allow_option
 @click.option("--tty", "-t", "use_tty", is_flag=True, help="Run the foreground CMD on a pseudo-terminal.")
 @publish_option
+@mount_option(copied=True)
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, detach, as_json,
+    ports, live_mounts, copied_mounts, detach, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
 
@@ -301,7 +325,7 @@ def boot_command(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
             detached=detach, ports=ports, progress=_progress,
             network=False if no_network else _network_policy(allow_rules, allow_host_ports),
-            cmd=cmd if detach and cmd else None, env=env,
+            cmd=cmd if detach and cmd else None, env=env, mounts=_mounts(live_mounts, copied_mounts),
         )  # fmt: skip
         async with launch as vm:
             if as_json:
@@ -428,17 +452,19 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 )
 @trust_option
 @allow_option
+@mount_option(copied=False)
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
-    directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports, as_json
-) -> None:
+    directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports,
+    live_mounts, as_json,
+) -> None:  # fmt: skip
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
     async def run() -> None:
         async with contextlib.AsyncExitStack() as stack:
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
-                                 detached=detach, ports=ports, trust=trust,
+                                 detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
                                  network=_network_policy(allow_rules, allow_host_ports))  # fmt: skip
             else:
                 if image is not None:

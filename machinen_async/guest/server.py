@@ -12,6 +12,7 @@ from ..protocol.guest_abi import AGENT_PORT_NAME
 from .exec import ExecTask
 from .files import ReadFileTask, WriteFileTask
 from .identity import agent_info, take_on
+from .mounts import MountTask, prepare_mount
 from .task import Task, UnaryTask, start_thread
 from .tunnel import TunnelTask
 from .workload import WORKLOAD
@@ -35,12 +36,14 @@ class Agent:
             "resumed": take_on,
             "workload_start": WORKLOAD.start,
             "workload_status": WORKLOAD.status,
+            "mount_prepare": prepare_mount,
         }
         self.streaming = {
             "exec": ExecTask,
             "read_file": ReadFileTask,
             "write_file": WriteFileTask,
             "tunnel": TunnelTask,
+            "mount": MountTask,
         }
 
     def send(self, frame: list) -> None:

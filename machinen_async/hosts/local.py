@@ -84,6 +84,7 @@ async def _start_siblings(
     boot_timeout: float,
     detached: bool,
     ports: list[list],
+    mounts: list[list],
 ) -> list[Connection]:
     """One VM per name, all resumed from the same ``incoming`` state, started at once."""
     siblings: list[Connection | None] = [None] * len(names)
@@ -97,6 +98,7 @@ async def _start_siblings(
                 ports=ports,
                 incoming=incoming,
                 machine=machine,
+                mounts=mounts,
             )
             for name in names
         ]
@@ -211,9 +213,34 @@ async def _restore_plan(
     return manifest, spec
 
 
+def rebound_mounts(manifest: bundle.Manifest, given: Sequence[Sequence]) -> list[list]:
+    """The live mounts of a restored VM: each of the bundle's at the directory ``given`` for its guest
+    path, else where it was when the bundle was taken on this machine; plus new ones ``given``."""
+    by_guest = {guest: [host, guest, read_only] for host, guest, read_only in given}
+    bound = []
+    for host, guest, read_only in manifest.mounts:
+        chosen = by_guest.pop(guest, None)
+        if chosen is None:
+            if not manifest.taken_here:
+                raise BootError(
+                    f"the VM had a live mount at {guest}, from a directory of the host it was taken on: "
+                    f"pass mounts=[Mount(DIR, {guest!r}, live=True)] to bind it here",
+                    code="MOUNT_SOURCE_NOT_FOUND",
+                )
+            chosen = [host, guest, read_only]
+        if not Path(chosen[0]).is_dir():
+            raise BootError(
+                f"the directory of the live mount at {guest} is not there: {chosen[0]} "
+                "(pass mounts= to bind another one)",
+                code="MOUNT_SOURCE_NOT_FOUND",
+            )
+        bound.append(chosen)
+    return bound + list(by_guest.values())
+
+
 async def _restore_one(
     bundle_dir: Path, manifest: bundle.Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
-    boot_timeout: float,
+    boot_timeout: float, mounts: list[list],
 ) -> Connection:  # fmt: skip
     registry.ensure_free(name)
     config = SupervisorConfig(
@@ -232,6 +259,7 @@ async def _restore_one(
             files=manifest.data["files"],
         ),
         machine=machine,
+        mounts=mounts,
     )
     return await start_supervisor(config)
 
@@ -243,6 +271,7 @@ async def _restore_siblings(
     names: Sequence[str],
     boot_timeout: float,
     detached: bool,
+    mounts: list[list],
 ) -> list[Connection]:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -277,7 +306,7 @@ async def _restore_siblings(
             state=str(template.state),
             mem=str(template.mem),
         )
-        siblings = await _start_siblings(list(names), machine, incoming, boot_timeout, detached, [])
+        siblings = await _start_siblings(list(names), machine, incoming, boot_timeout, detached, [], mounts)
     finally:
         layers.close_quietly(template_ref)
         layers.close_quietly(layer_ref)
@@ -335,15 +364,17 @@ class LocalDriver(HostDriver):
         progress: Callable[[str], None] | None = None,
         trust: bool = False,
         network_allow: Sequence[str] = (),
+        mounts: Sequence[Sequence] = (),
     ) -> list[Connection]:
         bundle_dir = Path(bundle).expanduser().resolve()
         manifest, machine = await _restore_plan(
             bundle_dir, image, accel, progress or (lambda message: None), trust, list(network_allow)
         )
+        bound = rebound_mounts(manifest, mounts)
         if siblings:
-            return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached)
+            return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached, bound)
         (name,) = names
-        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout)]
+        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout, bound)]
 
     async def fork(
         self,
@@ -366,7 +397,7 @@ class LocalDriver(HostDriver):
         reference = layers.Shared(Path(template.incoming.holds[0])).hold()  # ours until every sibling holds its own
         try:
             siblings = await _start_siblings(
-                list(names), template.machine, template.incoming, boot_timeout, detached, ports
+                list(names), template.machine, template.incoming, boot_timeout, detached, ports, template.mounts
             )
         finally:
             layers.close_quietly(reference)

@@ -88,6 +88,7 @@ class ForkTemplate:
     machine: MachineSpec
     pause_ms: float
     pause_steps_ms: dict[str, float]
+    mounts: list[list] = field(default_factory=list)  # the source's live mounts, which siblings serve too
 
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "incoming": self.incoming.to_wire(), "machine": self.machine.to_wire()}
@@ -100,4 +101,5 @@ class ForkTemplate:
             machine=MachineSpec.from_wire(data["machine"]),
             pause_ms=data["pause_ms"],
             pause_steps_ms=data["pause_steps_ms"],
+            mounts=data.get("mounts", []),
         )

@@ -21,6 +21,7 @@ from ..supervisor.config import SupervisorConfig
 from ..vmm import backend
 from .forks import Forks
 from .host import Host, Launch, restore_names
+from .mounts import Mount, checked_mounts, copy_in, live_mounts
 from .network import NetworkPolicy, network_settings
 from .process import Command, argv_of
 from .vm import VM
@@ -54,10 +55,12 @@ async def _launch(
     ports: Sequence[PortSpec] | None,
     network: bool | NetworkPolicy,
     workload: dict[str, Any] | None,
+    mounts: Sequence[str | Mount] | None,
     progress: Callable[[str], None] | None,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
     forwards = parse_port_forwards(ports)
+    chosen_mounts = checked_mounts(mounts)
     has_network, network_allow = network_settings(network)
     memory_mib = _validate_memory(memory_mib)
     vmm = backend.default()
@@ -93,9 +96,17 @@ async def _launch(
         detached=detached,
         ports=forwards,
         workload=workload,
+        mounts=live_mounts(chosen_mounts),
     )
-    local = Host.local()
-    return local.vm(await LocalDriver().boot(config))
+    vm = Host.local().vm(await LocalDriver().boot(config))
+    try:
+        for mount in chosen_mounts:
+            if not mount.live:
+                await copy_in(vm, mount)
+    except BaseException:
+        await vm.aclose()
+        raise
+    return vm
 
 
 def boot(
@@ -112,6 +123,7 @@ def boot(
     cmd: Command | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    mounts: Sequence[str | Mount] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Launch:
     """Boot a microVM from ``image`` (a rootfs tarball; default: the Debian base).
@@ -128,7 +140,10 @@ def boot(
     access (QEMU user-mode NAT, DNS included, nothing inbound) with the host
     closed (its loopback, its addresses, link-local: see ``NetworkPolicy``,
     which reopens chosen destinations); False boots with no network device
-    at all.  Fork siblings keep their source's policy.
+    at all.  Fork siblings keep their source's policy.  ``mounts``: host
+    directories in the guest, ``Mount(host, guest, live=True)`` or
+    ``"HOST:GUEST[:ro|rw]"`` (copied in at boot); live ones are the host's
+    files themselves, both ways, and fork siblings keep them (see ``Mount``).
     """
     return Launch(
         lambda: _launch(
@@ -142,6 +157,7 @@ def boot(
             ports=ports,
             network=network,
             workload=None if cmd is None else {"cmd": argv_of(cmd), "env": dict(env or {}), "cwd": cwd},
+            mounts=mounts,
             progress=progress,
         )
     )
@@ -161,6 +177,7 @@ def restore(
     progress: Callable[[str], None] | None = None,
     trust: bool = False,
     network: NetworkPolicy | None = None,
+    mounts: Sequence[str | Mount] | None = None,
 ) -> Launch:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
@@ -183,8 +200,16 @@ def restore(
     With ``n`` (or ``names``) several siblings start from the bundle at once,
     like ``vm.fork(n=...)``, and share its RAM copy-on-write: the result is
     ``Forks``.
+
+    Live mounts come back bound to the directories ``mounts`` gives for
+    their guest paths, else to the ones they had (when the bundle was taken
+    on this machine); a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
+    ``mounts`` may also add live mounts.
     """
     forwards = parse_port_forwards(ports)
+    chosen_mounts = checked_mounts(mounts)
+    if any(not mount.live for mount in chosen_mounts):
+        raise BootError("a restore takes live mounts only (it copies nothing in)", code="MOUNT_SPEC_INVALID")
     chosen, siblings = restore_names(name, n, names, forwards)
     local = Host.local()
 
@@ -192,7 +217,7 @@ def restore(
         started = await local.driver.restore(
             str(bundle_dir), chosen, siblings=siblings, ports=forwards, detached=detached, boot_timeout=boot_timeout,
             image=image, accel=accel, progress=progress, trust=trust,
-            network_allow=list(network.allow) if network is not None else [],
+            network_allow=list(network.allow) if network is not None else [], mounts=live_mounts(chosen_mounts),
         )  # fmt: skip
         vms = [local.vm(connection) for connection in started]
         return Forks(vms) if siblings else vms[0]

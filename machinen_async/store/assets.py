@@ -45,6 +45,7 @@ ROOTFS_PACKAGES = ("python3-minimal", "python3-msgpack")
 # Dependency order: each module only needs the ones before it.
 INITRD_MODULES = (
     "virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "failover", "net_failover", "virtio_net",
+    "fuse",  # live mounts (guest/mounts.py)
 )  # fmt: skip
 MIN_IMAGE_GIB = 2  # sparse; the qcow2 overlay only stores what a VM writes
 GUEST_LIB = "usr/lib/machinen"

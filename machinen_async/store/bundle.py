@@ -57,6 +57,16 @@ class Manifest:
     def ram_in_state(self) -> bool:
         return MEM not in self.data["files"]
 
+    @property
+    def mounts(self) -> list[list]:
+        """The live mounts the guest had: [[host directory, guest path, read only], ...]."""
+        return self.data.get("mounts", [])
+
+    @property
+    def taken_here(self) -> bool:
+        """Whether this machine's user wrote it (its host directories mean something here)."""
+        return self.data.get("origin") == origin()
+
 
 def seal(bundle: Path, fields: dict[str, Any]) -> Manifest:
     """Hash the data files and write the manifest last (its presence means complete)."""
@@ -170,12 +180,37 @@ def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
         value = machine.get(field) if isinstance(machine, dict) else None
         if not valid(value):
             raise SnapshotError(f"manifest has a malformed machine {field} {value!r:.80}", code="SNAPSHOT_CORRUPT")
+    mounts = data.get("mounts", [])
+    if not (isinstance(mounts, list) and len(mounts) <= MAX_MOUNTS and all(map(_is_mount, mounts))):
+        raise SnapshotError("manifest has malformed mounts", code="SNAPSHOT_CORRUPT")
     for name, entry in data["files"].items():
         if not (
             isinstance(entry, dict) and _is_count(entry.get("size"), 1 << 50) and is_hex_digest(entry.get("sha256"), 64)
         ):
             raise SnapshotError(f"manifest has a malformed entry for {name}", code="SNAPSHOT_CORRUPT")
     return data
+
+
+def _is_mount(value: object) -> bool:
+    def absolute(path: object) -> bool:
+        return isinstance(path, str) and path.startswith("/") and "\0" not in path and len(path) <= 4096
+
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and absolute(value[0])
+        and absolute(value[1])
+        and (type(value[2]) is bool)
+    )
+
+
+def origin() -> str:
+    """Who writes a bundle here: this machine and user, as a digest (a bundle names no host)."""
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine = os.uname().nodename
+    return hashlib.sha256(f"{machine}:{os.getuid()}".encode()).hexdigest()[:32]
 
 
 def _is_count(value: object, limit: int, low: int = 0) -> bool:
@@ -193,6 +228,7 @@ MACHINE_FIELDS = {
     "disk_size": lambda v: _is_count(v, 1 << 50, 1),
 }
 MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH = 1 << 20, 8
+MAX_MOUNTS = 64
 
 
 def _check_plain(value: object, depth: int) -> None:

@@ -237,7 +237,9 @@ class Capture:
             state=str(template.state),
             mem=str(template.mem),
         )
-        return ForkTemplate(incoming, self.config.machine, pause_ms=steps["total"], pause_steps_ms=steps)
+        return ForkTemplate(
+            incoming, self.config.machine, pause_ms=steps["total"], pause_steps_ms=steps, mounts=self.config.mounts
+        )
 
     async def _unpack_ram(self, template: layers.Template, chain: list[list[str]]) -> None:
         """Turn a RAM-carrying state into a RAM file plus device state.
@@ -302,6 +304,8 @@ class Capture:
         fields = {
             "created": time.time(),
             "source": self.config.name,
+            "origin": bundle.origin(),
+            "mounts": self.config.mounts,
             "qemu_version": await self.machine.version(),
             "machine": {"type": self.backend.machine_type, "disk_size": self.disk_size, "memory_mib": machine.memory_mib,
                         "cpus": machine.cpus, "accel": machine.accel, "tsc_khz": machine.tsc_khz,

@@ -24,6 +24,7 @@ class SupervisorConfig:
     # The long-running command: {"cmd", "env", "cwd"}; None runs the image's default cmd, if any.
     workload: dict[str, Any] | None = None
     incoming: IncomingState | None = None  # start from saved state instead of booting
+    mounts: list[list] = field(default_factory=list)  # live mounts: [[host directory, guest path, read only], ...]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

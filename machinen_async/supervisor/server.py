@@ -23,7 +23,7 @@ from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..store import layers, paths, registry
 from ..vmm import backend
-from . import forwards
+from . import forwards, mounts
 from .capture import Capture
 from .config import SupervisorConfig
 from .relay import AgentRelay, ClientConnection
@@ -52,6 +52,7 @@ class Supervisor:
         self.relay = AgentRelay(entry.agent_socket, config.name)
         self.capture = Capture(config, entry)
         self.forwards: list[anyio.abc.SocketListener] = []
+        self.mounts: list[mounts.HostDirectory] = []
         self.stop_requested = anyio.Event()
         self.meta: dict[str, Any] = {}
         self.local_calls: dict[str, LocalCall] = {
@@ -75,6 +76,8 @@ class Supervisor:
             with anyio.CancelScope(shield=True):
                 for forward in self.forwards:
                     await forward.aclose()
+                for directory in self.mounts:
+                    directory.close()
             self.capture.release_layers()
             shutil.rmtree(ram_dir, ignore_errors=True)
             layers.collect_garbage()
@@ -82,6 +85,8 @@ class Supervisor:
     async def _run(self, ram_dir: Path, report_ready) -> None:
         started = time.monotonic()
         self.forwards = await forwards.bind_forwards(self.config.ports)
+        for source, _, read_only in self.config.mounts:
+            self.mounts.append(mounts.HostDirectory(source, read_only))
         await self.capture.prepare_disk_and_ram(ram_dir)
         async with self.capture.running() as machine:
             await self._supervise(machine, started, report_ready)
@@ -106,6 +111,8 @@ class Supervisor:
                 if not await machine.is_running():
                     await machine.resume()
         if incoming is None:
+            for _, target, read_only in self.config.mounts:  # there before the workload starts
+                await self.relay.call("mount_prepare", {"target": target, "read_only": read_only})
             workload = await self.relay.call("workload_start", self.config.workload or {"from_image": True})
             if not workload["running"] and workload["exit_code"] == 127:
                 raise BootError(f"cannot start the workload {workload['argv']!r}", code="BOOT_CMD_NOT_FOUND")
@@ -159,6 +166,8 @@ class Supervisor:
             tg.start_soon(listener.serve, self.serve_client)
             for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
                 tg.start_soon(forward.serve, functools.partial(forwards.serve_forward, self.relay, guest_port))
+            for directory, (_, target, _) in zip(self.mounts, config.mounts, strict=True):
+                tg.start_soon(mounts.serve_mount, self.relay, directory, target)
             report_ready(self.meta)
             log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.relay.agent_info.get("uptime_s"))
             await self.stop_requested.wait()

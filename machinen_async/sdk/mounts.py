@@ -1,0 +1,91 @@
+"""``Mount``: a host directory in the guest -- live (served on every access) or copied in at boot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..errors import BootError
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+# Guest paths a mount may not cover: the system, and the agent's own files.
+RESERVED_PREFIX = "/usr/lib/machinen"
+RESERVED = ("/", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/boot")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """``host`` (a directory) at ``guest`` (an absolute path).  ``live``: the guest works on the host's
+    files themselves, both ways, at once; else they are copied in at boot.  ``read_only`` is enforced
+    on the host side."""
+
+    host: str
+    guest: str
+    live: bool = False
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, spec: str | Mount, *, live: bool = False) -> Mount:
+        """``HOST:GUEST[:ro|rw]`` (or a ``Mount``, returned as it is)."""
+        if isinstance(spec, Mount):
+            return spec
+        if not isinstance(spec, str):
+            raise BootError(f"a mount is HOST:GUEST[:ro|rw] or a Mount, not {spec!r:.100}", code="MOUNT_SPEC_INVALID")
+        parts = spec.split(":")
+        mode = parts.pop() if len(parts) == 3 and parts[-1] in ("ro", "rw") else "rw"
+        if len(parts) != 2 or not all(parts):
+            raise BootError(f"not a mount: {spec!r} (expected HOST:GUEST[:ro|rw])", code="MOUNT_SPEC_INVALID")
+        return cls(parts[0], parts[1], live=live, read_only=mode == "ro")
+
+    def checked(self) -> Mount:
+        """This mount with its host directory made absolute; a typed error if it cannot be."""
+        guest = os.path.normpath(self.guest)
+        if not self.guest.startswith("/") or "\0" in guest or guest in RESERVED or guest.startswith(RESERVED_PREFIX):
+            raise BootError(f"cannot mount over {self.guest!r} in the guest", code="MOUNT_SPEC_INVALID")
+        host = Path(os.path.expanduser(self.host)).resolve()
+        if not host.is_dir():
+            raise BootError(f"the directory to mount is not there: {host}", code="MOUNT_SOURCE_NOT_FOUND")
+        return Mount(str(host), guest, self.live, self.read_only)
+
+
+def checked_mounts(mounts: Sequence[str | Mount] | None) -> list[Mount]:
+    """Each mount parsed and checked (its host directory made absolute); one per guest path."""
+    checked = [Mount.parse(mount).checked() for mount in mounts or ()]
+    targets = [mount.guest for mount in checked]
+    if len(set(targets)) != len(targets):
+        raise BootError("two mounts at one guest path", code="MOUNT_SPEC_INVALID")
+    return checked
+
+
+def live_mounts(mounts: Sequence[Mount]) -> list[list]:
+    """The supervisor's form of the live ones: [[host directory, guest path, read only], ...]."""
+    return [[mount.host, mount.guest, mount.read_only] for mount in mounts if mount.live]
+
+
+async def copy_in(vm: VM, mount: Mount) -> None:
+    """Copy a host directory into the guest (``tar`` on both sides, streamed: bounded memory)."""
+    async with await anyio.open_process(["tar", "-C", mount.host, "-cf", "-", "."], stderr=subprocess.PIPE) as packer:
+        script = f"mkdir -p '{mount.guest}' && tar -x -C '{mount.guest}' -f -" + (
+            f" && chmod -R a-w '{mount.guest}'" if mount.read_only else ""
+        )
+        async with vm.process(["sh", "-c", script]) as unpacker:
+            async for data in packer.stdout:
+                await unpacker.stdin.send(data)
+            await unpacker.stdin.aclose()
+            if await unpacker.wait() != 0:
+                error = b"".join([chunk async for chunk in unpacker.stderr])
+                raise BootError(f"copying {mount.host} into {mount.guest} failed: {error[-500:].decode(errors='replace')}",
+                                code="MOUNT_COPY_FAILED")  # fmt: skip
+        if await packer.wait() != 0:
+            error = await packer.stderr.receive() if packer.stderr else b""
+            raise BootError(
+                f"reading {mount.host} failed: {error[-500:].decode(errors='replace')}", code="MOUNT_COPY_FAILED"
+            )
