@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from net import free_port
 
-from machinen_async import MachinenError, boot, debian_rootfs, restore
+from machinen_async import Host, MachinenError, boot, debian_rootfs, restore
 from machinen_async.sdk.mounts import Mount
 from machinen_async.supervisor.mounts import HostDirectory
 
@@ -212,3 +212,19 @@ async def test_git_and_an_editable_pip_install_work_on_a_live_mount(tmp_path, an
         assert await sh(vm, "cd / && python3 -c 'import hello; print(hello.GREETING)'") == "edited on the host\n"
         (package / "hello.py").write_text("GREETING = 'and again'\n")
         assert await sh(vm, "cd / && python3 -c 'import hello; print(hello.GREETING)'") == "and again\n"
+
+
+async def test_fork_and_handoff_rebind_the_mount(tmp_path, remote_host, anyio_backend):
+    first, second, third = (tmp_path / name for name in ("first", "second", "third"))
+    for directory in (first, second, third):
+        directory.mkdir()
+        (directory / directory.name).write_text(f"{directory.name}\n")
+    async with boot(mounts=[Mount(str(first), "/work", live=True)]) as vm:
+        async with vm.fork(mounts=[Mount(str(second), "/work", live=True)]) as sibling:
+            assert await sh(sibling, "ls /work") == "second\n"
+        assert await sh(vm, "ls /work") == "first\n"
+        async with Host.from_spec(remote_host.alias) as hostb:
+            moved = await vm.handoff(hostb, mounts=[Mount(str(third), "/work", live=True)])
+            assert await sh(moved, "ls /work; echo moved > /work/out") == "third\n"
+            assert (third / "out").read_text() == "moved\n"
+            assert await moved.stop() == "stopped"  # waits until it is gone there (nothing left for the fixture)

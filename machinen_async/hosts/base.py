@@ -118,8 +118,10 @@ class HostDriver(abc.ABC):
         ports: list[list],
         detached: bool,
         boot_timeout: float,
+        mounts: Sequence[Sequence] = (),
     ) -> list[Connection]:
-        """One VM per name from ``bundle``; ``siblings`` share its RAM copy-on-write."""
+        """One VM per name from ``bundle``; ``siblings`` share its RAM copy-on-write.  ``mounts``
+        ([host directory, guest path, read only]) re-bind the bundle's live mounts or add some."""
 
     @abc.abstractmethod
     async def fork(
@@ -131,9 +133,11 @@ class HostDriver(abc.ABC):
         detached: bool,
         boot_timeout: float,
         bundle_dir: Path | None = None,
+        mounts: Sequence[Sequence] = (),
     ) -> tuple[list[Connection], ForkTemplate]:
         """Siblings of ``source`` (a VM of this host) from one instant, and the template of that
-        instant (its pause included); ``bundle_dir`` also gets a bundle of the same instant."""
+        instant (its pause included); ``bundle_dir`` also gets a bundle of the same instant.
+        ``mounts`` re-bind the source's live mounts for the siblings, or add some."""
 
     @abc.abstractmethod
     async def connect(self, name: str) -> Connection:

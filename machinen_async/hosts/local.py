@@ -213,15 +213,16 @@ async def _restore_plan(
     return manifest, spec
 
 
-def rebound_mounts(manifest: bundle.Manifest, given: Sequence[Sequence]) -> list[list]:
-    """The live mounts of a restored VM: each of the bundle's at the directory ``given`` for its guest
-    path, else where it was when the bundle was taken on this machine; plus new ones ``given``."""
+def rebind(recorded: Sequence[Sequence], given: Sequence[Sequence], *, recorded_here: bool) -> list[list]:
+    """The live mounts of a VM resumed from saved state: each of the ``recorded`` ones at the directory
+    ``given`` for its guest path, else where it was (if ``recorded_here``: its path means something on
+    this machine); plus new ones ``given``.  A directory that is not there is MOUNT_SOURCE_NOT_FOUND."""
     by_guest = {guest: [host, guest, read_only] for host, guest, read_only in given}
     bound = []
-    for host, guest, read_only in manifest.mounts:
+    for host, guest, read_only in recorded:
         chosen = by_guest.pop(guest, None)
         if chosen is None:
-            if not manifest.taken_here:
+            if not recorded_here:
                 raise BootError(
                     f"the VM had a live mount at {guest}, from a directory of the host it was taken on: "
                     f"pass mounts=[Mount(DIR, {guest!r}, live=True)] to bind it here",
@@ -370,7 +371,7 @@ class LocalDriver(HostDriver):
         manifest, machine = await _restore_plan(
             bundle_dir, image, accel, progress or (lambda message: None), trust, list(network_allow)
         )
-        bound = rebound_mounts(manifest, mounts)
+        bound = rebind(manifest.mounts, mounts, recorded_here=manifest.taken_here)
         if siblings:
             return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached, bound)
         (name,) = names
@@ -385,6 +386,7 @@ class LocalDriver(HostDriver):
         detached: bool,
         boot_timeout: float,
         bundle_dir: Path | None = None,
+        mounts: Sequence[Sequence] = (),
     ) -> tuple[list[Connection], ForkTemplate]:
         for name in names:
             registry.ensure_free(name)
@@ -394,10 +396,11 @@ class LocalDriver(HostDriver):
         template = ForkTemplate.from_wire(reply)
         if not names:
             return [], template
+        bound = rebind(template.mounts, mounts, recorded_here=True)
         reference = layers.Shared(Path(template.incoming.holds[0])).hold()  # ours until every sibling holds its own
         try:
             siblings = await _start_siblings(
-                list(names), template.machine, template.incoming, boot_timeout, detached, ports, template.mounts
+                list(names), template.machine, template.incoming, boot_timeout, detached, ports, bound
             )
         finally:
             layers.close_quietly(reference)

@@ -24,6 +24,7 @@ from anyio.streams.stapled import StapledByteStream
 from ..errors import MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
+from ..protocol.mounts import is_mount_entry
 from ..protocol.ports import parse_port_forwards
 from ..store import chunks, registry
 from . import transfer
@@ -85,6 +86,7 @@ class Peer:
             ports=parse_port_forwards(params.get("ports")),
             detached=detached,
             boot_timeout=float(params.get("boot_timeout", 60.0)),
+            mounts=_mounts(params),
         )
         return {"vms": await self._keep(started, detached)}
 
@@ -100,6 +102,7 @@ class Peer:
                 ports=parse_port_forwards(params.get("ports")),
                 detached=detached,
                 boot_timeout=float(params.get("boot_timeout", 60.0)),
+                mounts=_mounts(params),
             )
         finally:
             await source.channel.aclose()
@@ -130,6 +133,14 @@ class Peer:
                 tg.cancel_scope.cancel()
         finally:
             await close_connections(list(self.owned.values()))
+
+
+def _mounts(params: dict[str, Any]) -> list[list]:
+    """The live mounts a client asks for: directories of this host, as the user names them."""
+    mounts = params.get("mounts") or []
+    if not isinstance(mounts, list) or not all(map(is_mount_entry, mounts)):
+        raise MachinenError("mounts are [[host directory, guest path, read only], ...]", code="MOUNT_SPEC_INVALID")
+    return mounts
 
 
 async def amain() -> None:

@@ -214,9 +214,10 @@ class SSHDriver(HostDriver):
         ports: list[list],
         detached: bool,
         boot_timeout: float,
+        mounts: Sequence[Sequence] = (),
     ) -> list[Connection]:
         params = {"bundle": bundle, "names": list(names), "siblings": siblings, "ports": ports, "detached": detached,
-                  "boot_timeout": boot_timeout}  # fmt: skip
+                  "boot_timeout": boot_timeout, "mounts": [list(m) for m in mounts]}  # fmt: skip
         started = (await self.call("restore", params))["vms"]
         return await self._attach_started(started, detached=detached)
 
@@ -229,11 +230,12 @@ class SSHDriver(HostDriver):
         detached: bool,
         boot_timeout: float,
         bundle_dir: Path | None = None,
+        mounts: Sequence[Sequence] = (),
     ) -> tuple[list[Connection], ForkTemplate]:
         if bundle_dir is not None:
             raise ForkError("spread the forks of a remote VM from the host it runs on", code="FORK_REMOTE_SOURCE")
         params = {"source": source.name, "names": list(names), "ports": ports, "detached": detached,
-                  "boot_timeout": boot_timeout}  # fmt: skip
+                  "boot_timeout": boot_timeout, "mounts": [list(m) for m in mounts]}  # fmt: skip
         result = await self.call("fork", params)
         template = ForkTemplate.from_wire(result["template"])
         return await self._attach_started(result["vms"], detached=detached), template

@@ -93,3 +93,19 @@ def check_path(path: object) -> str:
     if any(part in ("", ".", "..") or len(part.encode()) > MAX_NAME for part in parts):
         raise MountProtocolError(f"not a path inside the mount: {path[:200]!r}")
     return path
+
+
+def is_mount_entry(value: object) -> bool:
+    """``[host directory, guest path, read only]``, both paths absolute: how a live mount is recorded
+    (supervisor config, fork template, bundle manifest) and asked for over the peer link."""
+
+    def absolute(path: object) -> bool:
+        return isinstance(path, str) and path.startswith("/") and "\0" not in path and len(path) <= MAX_PATH
+
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and absolute(value[0])
+        and absolute(value[1])
+        and (type(value[2]) is bool)
+    )

@@ -21,7 +21,7 @@ from ..supervisor.config import SupervisorConfig
 from ..vmm import backend
 from .forks import Forks
 from .host import Host, Launch, restore_names
-from .mounts import Mount, checked_mounts, copy_in, live_mounts
+from .mounts import Mount, checked_mounts, copy_in, live_mounts, rebinding
 from .network import NetworkPolicy, network_settings
 from .process import Command, argv_of
 from .vm import VM
@@ -207,9 +207,7 @@ def restore(
     ``mounts`` may also add live mounts.
     """
     forwards = parse_port_forwards(ports)
-    chosen_mounts = checked_mounts(mounts)
-    if any(not mount.live for mount in chosen_mounts):
-        raise BootError("a restore takes live mounts only (it copies nothing in)", code="MOUNT_SPEC_INVALID")
+    bound = rebinding(mounts)
     chosen, siblings = restore_names(name, n, names, forwards)
     local = Host.local()
 
@@ -217,7 +215,7 @@ def restore(
         started = await local.driver.restore(
             str(bundle_dir), chosen, siblings=siblings, ports=forwards, detached=detached, boot_timeout=boot_timeout,
             image=image, accel=accel, progress=progress, trust=trust,
-            network_allow=list(network.allow) if network is not None else [], mounts=live_mounts(chosen_mounts),
+            network_allow=list(network.allow) if network is not None else [], mounts=bound,
         )  # fmt: skip
         vms = [local.vm(connection) for connection in started]
         return Forks(vms) if siblings else vms[0]

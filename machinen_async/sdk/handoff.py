@@ -28,6 +28,7 @@ from ..store import chunks, paths
 
 if TYPE_CHECKING:
     from .host import Host
+    from .mounts import Mount
     from .vm import VM
 
 # The source stays paused while the final state moves and starts there; past this it resumes.
@@ -55,6 +56,7 @@ async def handoff(
     detached: bool | None,
     precopy: bool,
     progress: Callable[[str], None] | None,
+    mounts: Sequence[str | Mount] | None = None,
 ) -> VM:
     if vm.host.driver != LocalDriver():
         raise HandoffError("hand a VM off from the host it runs on", code="HANDOFF_REMOTE_SOURCE")
@@ -86,6 +88,7 @@ async def handoff(
                     name=target_name,
                     ports=ports,
                     detached=(not owned) if detached is None else detached,
+                    mounts=mounts,
                 )
         except BaseException as exc:
             # A restore that was interrupted (rather than refused) may have started the VM there

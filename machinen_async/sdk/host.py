@@ -21,6 +21,7 @@ from ..protocol.ports import PortSpec, parse_port_forwards
 from ..store import registry
 from .forks import ForkLaunch, Forks
 from .handoff import handoff
+from .mounts import Mount, rebinding
 from .spread import fork_across
 from .vm import VM
 
@@ -142,20 +143,24 @@ class Host:
         ports: Sequence[PortSpec] | None = None,
         detached: bool = False,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+        mounts: Sequence[str | Mount] | None = None,
     ) -> Launch:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
         with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
         ``restore()`` names them (then ``Forks``).
 
         Without ``detached`` the VMs live until their handles are closed or this
-        connection ends."""
+        connection ends.  ``mounts``: live mounts from directories of that host (absolute paths),
+        re-binding the bundle's or adding some."""
         forwards = parse_port_forwards(ports)
         chosen, siblings = restore_names(name, n, names, forwards)
+        bound = rebinding(mounts, here=self.driver == LocalDriver())
 
         async def start() -> VM | Forks:
             started = await self.driver.restore(
-                remote_bundle, chosen, siblings=siblings, ports=forwards, detached=detached, boot_timeout=boot_timeout
-            )
+                remote_bundle, chosen, siblings=siblings, ports=forwards, detached=detached, boot_timeout=boot_timeout,
+                mounts=bound,
+            )  # fmt: skip
             vms = [self.vm(connection) for connection in started]
             return Forks(vms) if siblings else vms[0]
 
@@ -190,13 +195,17 @@ class Host:
         detached: bool,
         ports: list[list],
         hosts: Sequence[Host] | None,
+        mounts: Sequence[str | Mount] | None,
     ) -> ForkLaunch:
         """``source.fork()``: siblings here, or spread over ``hosts``."""
+        bound = rebinding(mounts, here=self.driver == LocalDriver())
 
         async def start() -> Forks:
             if hosts is not None:
                 return await fork_across(source, names, hosts, boot_timeout, detached)
-            return await self.fork_here(source, names, boot_timeout=boot_timeout, detached=detached, ports=ports)
+            return await self.fork_here(
+                source, names, boot_timeout=boot_timeout, detached=detached, ports=ports, mounts=bound
+            )
 
         return ForkLaunch(start, single)
 
@@ -209,10 +218,12 @@ class Host:
         detached: bool,
         ports: list[list],
         bundle_dir: Path | None = None,
+        mounts: Sequence[Sequence] = (),
     ) -> Forks:
         started, template = await self.driver.fork(
-            source.connection, names, ports=ports, detached=detached, boot_timeout=boot_timeout, bundle_dir=bundle_dir
-        )
+            source.connection, names, ports=ports, detached=detached, boot_timeout=boot_timeout, bundle_dir=bundle_dir,
+            mounts=mounts,
+        )  # fmt: skip
         return Forks([self.vm(connection) for connection in started], template)
 
     async def handoff(self, vm: VM, destination: Host, **options: Any) -> VM:

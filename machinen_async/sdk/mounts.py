@@ -45,24 +45,41 @@ class Mount:
             raise BootError(f"not a mount: {spec!r} (expected HOST:GUEST[:ro|rw])", code="MOUNT_SPEC_INVALID")
         return cls(parts[0], parts[1], live=live, read_only=mode == "ro")
 
-    def checked(self) -> Mount:
-        """This mount with its host directory made absolute; a typed error if it cannot be."""
+    def checked(self, *, here: bool = True) -> Mount:
+        """This mount with its host directory made absolute (``here``: and there), or a typed error;
+        for another host, the directory must be an absolute path of that host."""
         guest = os.path.normpath(self.guest)
         if not self.guest.startswith("/") or "\0" in guest or guest in RESERVED or guest.startswith(RESERVED_PREFIX):
             raise BootError(f"cannot mount over {self.guest!r} in the guest", code="MOUNT_SPEC_INVALID")
+        if not here:
+            if not self.host.startswith("/"):
+                raise BootError(
+                    f"a directory of another host is an absolute path: {self.host!r}", code="MOUNT_SPEC_INVALID"
+                )
+            return Mount(os.path.normpath(self.host), guest, self.live, self.read_only)
         host = Path(os.path.expanduser(self.host)).resolve()
         if not host.is_dir():
             raise BootError(f"the directory to mount is not there: {host}", code="MOUNT_SOURCE_NOT_FOUND")
         return Mount(str(host), guest, self.live, self.read_only)
 
 
-def checked_mounts(mounts: Sequence[str | Mount] | None) -> list[Mount]:
+def checked_mounts(mounts: Sequence[str | Mount] | None, *, here: bool = True) -> list[Mount]:
     """Each mount parsed and checked (its host directory made absolute); one per guest path."""
-    checked = [Mount.parse(mount).checked() for mount in mounts or ()]
+    checked = [Mount.parse(mount).checked(here=here) for mount in mounts or ()]
     targets = [mount.guest for mount in checked]
     if len(set(targets)) != len(targets):
         raise BootError("two mounts at one guest path", code="MOUNT_SPEC_INVALID")
     return checked
+
+
+def rebinding(mounts: Sequence[str | Mount] | None, *, here: bool = True) -> list[list]:
+    """Live mounts that re-bind (or add to) those of a VM resumed from saved state (fork, restore, handoff)."""
+    chosen = checked_mounts(mounts, here=here)
+    if any(not mount.live for mount in chosen):
+        raise BootError(
+            "only live mounts are re-bound (nothing is copied into a running guest)", code="MOUNT_SPEC_INVALID"
+        )
+    return live_mounts(chosen)
 
 
 def live_mounts(mounts: Sequence[Mount]) -> list[list]:

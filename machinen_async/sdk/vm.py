@@ -27,6 +27,7 @@ from .process import Command, ExecResult, Process, ProcessOutput, argv_of
 if TYPE_CHECKING:
     from .forks import ForkLaunch
     from .host import Host
+    from .mounts import Mount
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 # What exec() keeps of each output stream and read_file() of a file, in host
@@ -200,6 +201,7 @@ class VM:
         detached: bool = False,
         ports: Sequence[PortSpec] | None = None,
         hosts: Sequence[Host] | None = None,
+        mounts: Sequence[str | Mount] | None = None,
     ) -> ForkLaunch:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -213,7 +215,9 @@ class VM:
         ``detached`` siblings outlive this process (closing their handles only
         disconnects).  ``hosts`` (``Host.local()``, ``Host.ssh(...)``) spreads the
         siblings over several hosts by free memory and CPU; remote siblings
-        start from a snapshot pushed there (see docs/scale-out.md).
+        start from a snapshot pushed there (see docs/scale-out.md).  Siblings
+        keep this VM's live mounts; ``mounts`` re-binds them (by guest path) to
+        other directories, or adds live mounts.
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -233,7 +237,7 @@ class VM:
             raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
         return self.host.fork_siblings(
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
-            ports=forwards, hosts=hosts,
+            ports=forwards, hosts=hosts, mounts=mounts,
         )  # fmt: skip
 
     async def snapshot(self, bundle_dir: str | os.PathLike) -> SnapshotInfo:
@@ -258,6 +262,7 @@ class VM:
         ports: Sequence[PortSpec] | None = None,
         detached: bool | None = None,
         precopy: bool = True,
+        mounts: Sequence[str | Mount] | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> VM:
         """Move this running VM to ``host`` (a ``Host.ssh(...)``); returns the VM there.
@@ -268,10 +273,11 @@ class VM:
         starts there, and only then does this one stop.  On any failure this
         VM simply continues.  Ports are not carried over: pass ``ports``.
         The moved VM is owned like this one was (``detached`` overrides);
-        ``moved.handoff_report`` tells bytes moved and the pause.
+        ``moved.handoff_report`` tells bytes moved and the pause.  Live mounts
+        need ``mounts``: directories of that host (absolute paths) to bind.
         """
         return await self.host.handoff(
-            self, host, name=name, ports=ports, detached=detached, precopy=precopy, progress=progress
+            self, host, name=name, ports=ports, detached=detached, precopy=precopy, progress=progress, mounts=mounts
         )
 
     async def _snapshot_paused(self, bundle_dir: Path) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import cbor2
 
 from ..errors import BootError, MachinenError, SnapshotError
+from ..protocol.mounts import is_mount_entry
 from . import paths, qcow2, sparse
 from .assets import is_hex_digest, sha256_file
 
@@ -181,7 +182,7 @@ def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
         if not valid(value):
             raise SnapshotError(f"manifest has a malformed machine {field} {value!r:.80}", code="SNAPSHOT_CORRUPT")
     mounts = data.get("mounts", [])
-    if not (isinstance(mounts, list) and len(mounts) <= MAX_MOUNTS and all(map(_is_mount, mounts))):
+    if not (isinstance(mounts, list) and len(mounts) <= MAX_MOUNTS and all(map(is_mount_entry, mounts))):
         raise SnapshotError("manifest has malformed mounts", code="SNAPSHOT_CORRUPT")
     for name, entry in data["files"].items():
         if not (
@@ -189,19 +190,6 @@ def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
         ):
             raise SnapshotError(f"manifest has a malformed entry for {name}", code="SNAPSHOT_CORRUPT")
     return data
-
-
-def _is_mount(value: object) -> bool:
-    def absolute(path: object) -> bool:
-        return isinstance(path, str) and path.startswith("/") and "\0" not in path and len(path) <= 4096
-
-    return (
-        isinstance(value, list)
-        and len(value) == 3
-        and absolute(value[0])
-        and absolute(value[1])
-        and (type(value[2]) is bool)
-    )
 
 
 def origin() -> str:
