@@ -384,8 +384,11 @@ def attach(name: str, shell: str) -> None:
     "--host", "host_specs", multiple=True, metavar="[USER@]HOST",
     help="Spread the siblings over these hosts (repeatable; `local` is this one).",
 )  # fmt: skip
+@mount_option(copied=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
-def fork_command(name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, as_json) -> None:
+def fork_command(
+    name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, as_json
+) -> None:
     """Fork running VM NAME into siblings that continue from this instant.
 
     NAME keeps running; each sibling has NAME's memory, processes and disk as
@@ -405,7 +408,9 @@ def fork_command(name: str, new_name: str | None, count: int | None, ports, deta
                 ]
             source = await stack.enter_async_context(connect(name))
             result = await stack.enter_async_context(
-                source.fork(count, name=new_name, detached=detach, ports=ports, hosts=hosts)
+                source.fork(
+                    count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts)
+                )
             )
             siblings = [result] if isinstance(result, VM) else list(result)
             if as_json:
