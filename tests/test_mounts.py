@@ -223,6 +223,9 @@ async def test_fork_and_handoff_rebind_the_mount(tmp_path, remote_host, anyio_ba
         async with vm.fork(mounts=[Mount(str(second), "/work", live=True)]) as sibling:
             assert await sh(sibling, "ls /work") == "second\n"
         assert await sh(vm, "ls /work") == "first\n"
+        async with vm.fork(mounts=[Mount.drop("/work")]) as sibling:
+            assert await sh(sibling, "grep -c fuse.machinen /proc/mounts || true; ls /work") == "0\n"
+        assert await sh(vm, "ls /work") == "first\n"
         async with Host.from_spec(remote_host.alias) as hostb:
             moved = await vm.handoff(hostb, mounts=[Mount(str(third), "/work", live=True)])
             assert await sh(moved, "ls /work; echo moved > /work/out") == "third\n"

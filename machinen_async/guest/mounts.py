@@ -81,6 +81,7 @@ FATTR_MODE, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME, FATTR_ATIME_NOW, FATTR_MTIME_N
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 RENAME_NOREPLACE = 1
 MS_NOSUID, MS_NODEV, MS_RDONLY = 2, 4, 1
+MNT_DETACH = 2
 
 
 def _name(body: bytes) -> str:
@@ -106,6 +107,7 @@ class FuseMount:
         self.pending: dict[int, list] = {}  # request id -> [message, reply, link it went to]
         self.next_request = 1
         self.link: MountTask | None = None
+        self.dropped = False
         os.makedirs(target, exist_ok=True)
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         options = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={protocol.MAX_IO}"
@@ -119,6 +121,19 @@ class FuseMount:
             start_thread(self._serve)
 
     # --- the host link -------------------------------------------------------------
+
+    def drop(self) -> None:
+        """No host serves this mount any more: fail what waits and what comes, and unmount it."""
+        with self.cond:
+            self.dropped = True
+            for entry in self.pending.values():
+                if entry[1] is None:
+                    entry[1] = (errno.ENOTCONN, None)
+            self.cond.notify_all()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(self.target.encode(), MNT_DETACH) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"unmount {self.target}: {os.strerror(code)}")
 
     def attach(self, link: MountTask) -> None:
         """``link`` serves from now on; what no live link answered goes to it."""
@@ -145,6 +160,8 @@ class FuseMount:
     def ask(self, op: str, *args):
         """The host's answer to one request; OSError with the host's errno if it failed."""
         with self.cond:
+            if self.dropped:
+                raise OSError(errno.ENOTCONN, "the mount was dropped")
             request_id = self.next_request
             self.next_request += 1
             entry = self.pending[request_id] = [protocol.encode([request_id, op, list(args)]), None, self.link]
@@ -389,6 +406,15 @@ def mounted(target: object, read_only: bool) -> FuseMount:
         if mount is None:
             mount = MOUNTS[target] = FuseMount(target, read_only)
         return mount
+
+
+def drop_mount(params: dict) -> dict:
+    """``mount_drop``: a mount the saved state had and this VM does not keep; what is open on it fails."""
+    with _MOUNTS_LOCK:
+        mount = MOUNTS.pop(params["target"], None)
+    if mount is not None:
+        mount.drop()
+    return {"dropped": mount is not None}
 
 
 def prepare_mount(params: dict) -> dict:

@@ -12,7 +12,7 @@ from ..protocol.guest_abi import AGENT_PORT_NAME
 from .exec import ExecTask
 from .files import ReadFileTask, WriteFileTask
 from .identity import agent_info, take_on
-from .mounts import MountTask, prepare_mount
+from .mounts import MountTask, drop_mount, prepare_mount
 from .task import Task, UnaryTask, start_thread
 from .tunnel import TunnelTask
 from .workload import WORKLOAD
@@ -37,6 +37,7 @@ class Agent:
             "workload_start": WORKLOAD.start,
             "workload_status": WORKLOAD.status,
             "mount_prepare": prepare_mount,
+            "mount_drop": drop_mount,
         }
         self.streaming = {
             "exec": ExecTask,

@@ -84,9 +84,10 @@ async def _start_siblings(
     boot_timeout: float,
     detached: bool,
     ports: list[list],
-    mounts: list[list],
+    mounts: tuple[list[list], list[str]],
 ) -> list[Connection]:
-    """One VM per name, all resumed from the same ``incoming`` state, started at once."""
+    """One VM per name, all resumed from the same ``incoming`` state, started at once, with ``mounts``
+    (live mounts, and the guest paths of the state's mounts to drop)."""
     siblings: list[Connection | None] = [None] * len(names)
     try:
         configs = [
@@ -98,7 +99,8 @@ async def _start_siblings(
                 ports=ports,
                 incoming=incoming,
                 machine=machine,
-                mounts=mounts,
+                mounts=mounts[0],
+                unmounts=mounts[1],
             )
             for name in names
         ]
@@ -213,14 +215,20 @@ async def _restore_plan(
     return manifest, spec
 
 
-def rebind(recorded: Sequence[Sequence], given: Sequence[Sequence], *, recorded_here: bool) -> list[list]:
-    """The live mounts of a VM resumed from saved state: each of the ``recorded`` ones at the directory
-    ``given`` for its guest path, else where it was (if ``recorded_here``: its path means something on
-    this machine); plus new ones ``given``.  A directory that is not there is MOUNT_SOURCE_NOT_FOUND."""
+def rebind(
+    recorded: Sequence[Sequence], given: Sequence[Sequence], *, recorded_here: bool
+) -> tuple[list[list], list[str]]:
+    """The live mounts of a VM resumed from saved state, and the guest paths to unmount in it: each of
+    the ``recorded`` mounts at the directory ``given`` for its guest path (``""``: dropped), else where
+    it was (if ``recorded_here``: its path means something on this machine); plus new ones ``given``.
+    A directory that is not there is MOUNT_SOURCE_NOT_FOUND."""
     by_guest = {guest: [host, guest, read_only] for host, guest, read_only in given}
-    bound = []
+    bound, dropped = [], []
     for host, guest, read_only in recorded:
         chosen = by_guest.pop(guest, None)
+        if chosen is not None and not chosen[0]:
+            dropped.append(guest)
+            continue
         if chosen is None:
             if not recorded_here:
                 raise BootError(
@@ -236,12 +244,12 @@ def rebind(recorded: Sequence[Sequence], given: Sequence[Sequence], *, recorded_
                 code="MOUNT_SOURCE_NOT_FOUND",
             )
         bound.append(chosen)
-    return bound + list(by_guest.values())
+    return bound + [mount for mount in by_guest.values() if mount[0]], dropped
 
 
 async def _restore_one(
     bundle_dir: Path, manifest: bundle.Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
-    boot_timeout: float, mounts: list[list],
+    boot_timeout: float, mounts: list[list], unmounts: list[str],
 ) -> Connection:  # fmt: skip
     registry.ensure_free(name)
     config = SupervisorConfig(
@@ -261,6 +269,7 @@ async def _restore_one(
         ),
         machine=machine,
         mounts=mounts,
+        unmounts=unmounts,
     )
     return await start_supervisor(config)
 
@@ -272,7 +281,7 @@ async def _restore_siblings(
     names: Sequence[str],
     boot_timeout: float,
     detached: bool,
-    mounts: list[list],
+    mounts: tuple[list[list], list[str]],
 ) -> list[Connection]:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -375,7 +384,7 @@ class LocalDriver(HostDriver):
         if siblings:
             return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached, bound)
         (name,) = names
-        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout, bound)]
+        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout, *bound)]
 
     async def fork(
         self,

@@ -138,7 +138,7 @@ class Peer:
 def _mounts(params: dict[str, Any]) -> list[list]:
     """The live mounts a client asks for: directories of this host, as the user names them."""
     mounts = params.get("mounts") or []
-    if not isinstance(mounts, list) or not all(map(is_mount_entry, mounts)):
+    if not isinstance(mounts, list) or not all(is_mount_entry(mount, drop=True) for mount in mounts):
         raise MachinenError("mounts are [[host directory, guest path, read only], ...]", code="MOUNT_SPEC_INVALID")
     return mounts
 

@@ -95,9 +95,10 @@ def check_path(path: object) -> str:
     return path
 
 
-def is_mount_entry(value: object) -> bool:
+def is_mount_entry(value: object, *, drop: bool = False) -> bool:
     """``[host directory, guest path, read only]``, both paths absolute: how a live mount is recorded
-    (supervisor config, fork template, bundle manifest) and asked for over the peer link."""
+    (supervisor config, fork template, bundle manifest) and asked for over the peer link, where
+    (``drop``) a host directory ``""`` asks for it to be unmounted."""
 
     def absolute(path: object) -> bool:
         return isinstance(path, str) and path.startswith("/") and "\0" not in path and len(path) <= MAX_PATH
@@ -105,7 +106,7 @@ def is_mount_entry(value: object) -> bool:
     return (
         isinstance(value, list)
         and len(value) == 3
-        and absolute(value[0])
+        and (absolute(value[0]) or (drop and value[0] == ""))
         and absolute(value[1])
         and (type(value[2]) is bool)
     )

@@ -33,6 +33,12 @@ class Mount:
     read_only: bool = False
 
     @classmethod
+    def drop(cls, guest: str) -> Mount:
+        """For ``fork``/``restore``/``handoff``: unmount the live mount at ``guest`` in the new VM
+        (what is open there then fails with ENOTCONN instead of waiting)."""
+        return cls("", guest, live=True)
+
+    @classmethod
     def parse(cls, spec: str | Mount, *, live: bool = False) -> Mount:
         """``HOST:GUEST[:ro|rw]`` (or a ``Mount``, returned as it is)."""
         if isinstance(spec, Mount):
@@ -51,6 +57,8 @@ class Mount:
         guest = os.path.normpath(self.guest)
         if not self.guest.startswith("/") or "\0" in guest or guest in RESERVED or guest.startswith(RESERVED_PREFIX):
             raise BootError(f"cannot mount over {self.guest!r} in the guest", code="MOUNT_SPEC_INVALID")
+        if not self.host:  # a drop
+            return Mount("", guest, live=True)
         if not here:
             if not self.host.startswith("/"):
                 raise BootError(
@@ -63,9 +71,11 @@ class Mount:
         return Mount(str(host), guest, self.live, self.read_only)
 
 
-def checked_mounts(mounts: Sequence[str | Mount] | None, *, here: bool = True) -> list[Mount]:
+def checked_mounts(mounts: Sequence[str | Mount] | None, *, here: bool = True, resuming: bool = False) -> list[Mount]:
     """Each mount parsed and checked (its host directory made absolute); one per guest path."""
     checked = [Mount.parse(mount).checked(here=here) for mount in mounts or ()]
+    if any(not mount.host for mount in checked) and not resuming:
+        raise BootError("Mount.drop() is for fork, restore and handoff", code="MOUNT_SPEC_INVALID")
     targets = [mount.guest for mount in checked]
     if len(set(targets)) != len(targets):
         raise BootError("two mounts at one guest path", code="MOUNT_SPEC_INVALID")
@@ -74,7 +84,7 @@ def checked_mounts(mounts: Sequence[str | Mount] | None, *, here: bool = True) -
 
 def rebinding(mounts: Sequence[str | Mount] | None, *, here: bool = True) -> list[list]:
     """Live mounts that re-bind (or add to) those of a VM resumed from saved state (fork, restore, handoff)."""
-    chosen = checked_mounts(mounts, here=here)
+    chosen = checked_mounts(mounts, here=here, resuming=True)  # a drop is the guest path with host ""
     if any(not mount.live for mount in chosen):
         raise BootError(
             "only live mounts are re-bound (nothing is copied into a running guest)", code="MOUNT_SPEC_INVALID"

@@ -25,6 +25,7 @@ class SupervisorConfig:
     workload: dict[str, Any] | None = None
     incoming: IncomingState | None = None  # start from saved state instead of booting
     mounts: list[list] = field(default_factory=list)  # live mounts: [[host directory, guest path, read only], ...]
+    unmounts: list[str] = field(default_factory=list)  # live mounts of the saved state to drop (guest paths)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

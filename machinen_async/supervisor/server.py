@@ -118,6 +118,8 @@ class Supervisor:
                 raise BootError(f"cannot start the workload {workload['argv']!r}", code="BOOT_CMD_NOT_FOUND")
         elif self.relay.agent_info.get("hostname") != self.config.name:
             await self.relay.send_identity()
+        for target in self.config.unmounts:
+            await self.relay.call("mount_drop", {"target": target})
 
     async def _supervise(self, machine: backend.Machine, started: float, report_ready) -> None:
         """From QEMU's start until the VM stops (or fails to come up)."""
