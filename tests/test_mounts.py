@@ -35,8 +35,11 @@ async def test_a_live_mount_works_both_ways_and_stays_inside(tmp_path, anyio_bac
     outside.mkdir()
     (outside / "secret").write_text("host secret\n")
     (shared / "from-host").write_text("hello\n")
-    async with boot(mounts=[Mount(str(shared), "/work", live=True), f"{shared}:/copied"]) as vm:
+    workload = ["sh", "-c", "cat /copied/from-host > /root/workload-saw"]  # it starts once the copy is in
+    async with boot(mounts=[Mount(str(shared), "/work", live=True), f"{shared}:/copied"], cmd=workload) as vm:
         assert await sh(vm, "cat /work/from-host /copied/from-host") == "hello\nhello\n"
+        wait = "for i in $(seq 600); do [ -s /root/workload-saw ] && break; sleep 0.1; done"
+        assert await sh(vm, f"{wait}; cat /root/workload-saw") == "hello\n"
         (shared / "later").write_text("seen at once\n")
         assert await sh(vm, "cat /work/later") == "seen at once\n"
         (shared / "later").write_text("changed\n")

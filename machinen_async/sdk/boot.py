@@ -17,7 +17,7 @@ from ..hosts.supervisors import new_ram_dir
 from ..protocol.messages import MachineSpec
 from ..protocol.ports import PortSpec, parse_port_forwards
 from ..store import assets, registry
-from ..supervisor.config import SupervisorConfig
+from ..supervisor.config import SupervisorConfig, check_workload_started
 from ..vmm import backend
 from .forks import Forks
 from .host import Host, Launch, restore_names
@@ -61,6 +61,7 @@ async def _launch(
     name = registry.validate_name(name) if name is not None else registry.new_name()
     forwards = parse_port_forwards(ports)
     chosen_mounts = checked_mounts(mounts)
+    copies = [mount for mount in chosen_mounts if not mount.live]
     has_network, network_allow = network_settings(network)
     memory_mib = _validate_memory(memory_mib)
     vmm = backend.default()
@@ -97,12 +98,14 @@ async def _launch(
         ports=forwards,
         workload=workload,
         mounts=live_mounts(chosen_mounts),
+        start_workload=not copies,
     )
     vm = Host.local().vm(await LocalDriver().boot(config))
     try:
-        for mount in chosen_mounts:
-            if not mount.live:
+        if not config.start_workload:  # the copies first, so the workload finds them
+            for mount in copies:
                 await copy_in(vm, mount)
+            check_workload_started(await vm.connection.channel.call("workload_start", workload or {"from_image": True}))
     except BaseException:
         await vm.aclose()
         raise

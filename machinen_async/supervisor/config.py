@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import BootError
 from ..protocol.messages import IncomingState, MachineSpec
 
 # The launcher writes this byte on our stdin to let the VM outlive it; EOF
@@ -23,6 +24,7 @@ class SupervisorConfig:
     ports: list[list] = field(default_factory=list)  # [[host address, host port, guest port], ...]
     # The long-running command: {"cmd", "env", "cwd"}; None runs the image's default cmd, if any.
     workload: dict[str, Any] | None = None
+    start_workload: bool = True  # False: the launcher starts it (after copying directories in)
     incoming: IncomingState | None = None  # start from saved state instead of booting
     mounts: list[list] = field(default_factory=list)  # live mounts: [[host directory, guest path, read only], ...]
     unmounts: list[str] = field(default_factory=list)  # live mounts of the saved state to drop (guest paths)
@@ -38,3 +40,9 @@ class SupervisorConfig:
             **{**data, "machine": MachineSpec.from_wire(data["machine"])},
             incoming=None if incoming is None else IncomingState.from_wire(incoming),
         )
+
+
+def check_workload_started(started: dict[str, Any]) -> None:
+    """The agent's answer to ``workload_start``: a command that is not there fails the boot."""
+    if not started["running"] and started["exit_code"] == 127:
+        raise BootError(f"cannot start the workload {started['argv']!r}", code="BOOT_CMD_NOT_FOUND")

@@ -25,7 +25,7 @@ from ..store import layers, paths, registry
 from ..vmm import backend
 from . import forwards, mounts
 from .capture import Capture
-from .config import SupervisorConfig
+from .config import SupervisorConfig, check_workload_started
 from .relay import AgentRelay, ClientConnection
 
 log = structlog.get_logger("machinen.supervisor")
@@ -113,9 +113,9 @@ class Supervisor:
         if incoming is None:
             for _, target, read_only in self.config.mounts:  # there before the workload starts
                 await self.relay.call("mount_prepare", {"target": target, "read_only": read_only})
-            workload = await self.relay.call("workload_start", self.config.workload or {"from_image": True})
-            if not workload["running"] and workload["exit_code"] == 127:
-                raise BootError(f"cannot start the workload {workload['argv']!r}", code="BOOT_CMD_NOT_FOUND")
+            if self.config.start_workload:
+                workload = await self.relay.call("workload_start", self.config.workload or {"from_image": True})
+                check_workload_started(workload)
         elif self.relay.agent_info.get("hostname") != self.config.name:
             await self.relay.send_identity()
         for target in self.config.unmounts:
