@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from net import free_port
 
 from machinen_async import Host, MachinenError, boot, debian_rootfs, restore
+from machinen_async.protocol import mounts as protocol
 from machinen_async.sdk.mounts import Mount
 from machinen_async.supervisor.mounts import HostDirectory
 
@@ -234,3 +235,25 @@ async def test_fork_and_handoff_rebind_the_mount(tmp_path, remote_host, anyio_ba
             assert await sh(moved, "ls /work; echo moved > /work/out") == "third\n"
             assert (third / "out").read_text() == "moved\n"
             assert await moved.stop() == "stopped"  # waits until it is gone there (nothing left for the fixture)
+
+
+@given(
+    st.sampled_from([*protocol.OPS, "nope"]),
+    st.lists(st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=20), st.binary(max_size=20)), max_size=4),
+)  # fmt: skip
+def test_any_request_gets_an_answer_never_an_exception(tmp_path_factory, op, args):
+    directory = HostDirectory(str(tmp_path_factory.mktemp("any")), read_only=False)
+    try:
+        error, _ = directory.serve(op, args)
+        assert isinstance(error, int)
+    finally:
+        directory.close()
+
+
+def test_a_message_reader_bounds_what_it_buffers():
+    reader = protocol.MessageReader(limit=1024)
+    with pytest.raises(protocol.MountProtocolError):
+        reader.feed((1 << 20).to_bytes(4, "big"))
+    with pytest.raises(protocol.MountProtocolError):
+        protocol.MessageReader().feed(protocol.encode({"not": "a list"}))
+    assert protocol.MessageReader().feed(protocol.encode([1, 0, None]) * 2) == [[1, 0, None], [1, 0, None]]

@@ -19,10 +19,12 @@ import errno
 import os
 import posixpath
 import stat
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import structlog
 
 from ..errors import BootError
@@ -37,7 +39,8 @@ RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
 AT_SYMLINK_NOFOLLOW = 0x100
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 RENAME_NOREPLACE = 1
-REQUESTS_IN_FLIGHT = 8  # worker threads per mount; the guest's credit window bounds what waits
+REQUESTS_IN_FLIGHT = 8  # worker threads per mount
+REQUESTS_WAITING = 64  # decoded and not yet answered, per mount call
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -259,16 +262,21 @@ async def serve_mount(relay: AgentRelay, directory: HostDirectory, target: str) 
 async def _serve_link(relay: AgentRelay, directory: HostDirectory, target: str, limiter: anyio.CapacityLimiter) -> bool:
     """Serve one ``mount`` call until it ends; whether to open another.
 
-    A request's credit goes back to the guest only once it is answered, so
-    what waits here is bounded by the call's window."""
+    Host memory stays bounded whatever the guest sends: a request's credit goes
+    back to the guest only once it is answered, at most ``REQUESTS_WAITING``
+    requests are decoded at a time (the rest wait as bytes, within the call's
+    window), and a message that breaks the protocol ends this call."""
     link = ClientConnection(None)
     agent_sid = relay.open_call(link, 1, "mount", {"target": target, "read_only": directory.read_only})
     if agent_sid is None:
         return True
     window = {"credit": wire.INITIAL_WINDOW, "granted": anyio.Event()}
     send_lock = anyio.Lock()
+    received: deque[bytes] = deque()  # DATA not decoded yet; its credit is not returned yet
+    reader = protocol.MessageReader()
+    state = {"answering": 0, "broken": False}
 
-    async def answer(request: list, size: int) -> None:
+    async def answer(request: list, size: int, tg: anyio.abc.TaskGroup) -> None:
         request_id, op, args = request
         async with limiter:
             error, result = await anyio.to_thread.run_sync(directory.serve, op, args)
@@ -284,23 +292,34 @@ async def _serve_link(relay: AgentRelay, directory: HostDirectory, target: str, 
                 view = view[piece:]
         if size:
             relay.send([wire.CREDIT, agent_sid, wire.STDOUT, size])
+        state["answering"] -= 1
+        decode(tg)
 
-    reader = protocol.MessageReader()
+    def decode(tg: anyio.abc.TaskGroup) -> None:
+        """Start answering what has arrived, as far as the limit allows."""
+        while received and state["answering"] < REQUESTS_WAITING and not state["broken"]:
+            data = received.popleft()
+            try:
+                requests = reader.feed(data)
+            except protocol.MountProtocolError as exc:
+                log.warning("guest broke the mount protocol", target=target, problem=str(exc))
+                state["broken"] = True
+                tg.cancel_scope.cancel()  # the next call starts clean
+                return
+            if not requests:  # part of a request: its bytes wait in the reader, bounded by MAX_MESSAGE
+                relay.send([wire.CREDIT, agent_sid, wire.STDOUT, len(data)])
+            for index, request in enumerate(requests):  # the frame's credit returns with its last answer
+                state["answering"] += 1
+                tg.start_soon(answer, request, len(data) if index == len(requests) - 1 else 0, tg)
+
     finished = False
     try:
         async with anyio.create_task_group() as tg:
             async for frame in link.outbox:
                 kind = frame[0]
                 if kind == wire.DATA:
-                    try:
-                        requests = reader.feed(frame[3])
-                    except protocol.MountProtocolError as exc:
-                        log.warning("guest broke the mount protocol", target=target, problem=str(exc))
-                        return True  # cancelled below; the next call starts clean
-                    if not requests:  # part of a request: its bytes wait in the reader, bounded by MAX_MESSAGE
-                        relay.send([wire.CREDIT, agent_sid, wire.STDOUT, len(frame[3])])
-                    for index, request in enumerate(requests):  # the frame's credit returns with its last answer
-                        tg.start_soon(answer, request, len(frame[3]) if index == len(requests) - 1 else 0)
+                    received.append(frame[3])
+                    decode(tg)
                 elif kind == wire.CREDIT:
                     window["credit"] += frame[3]
                     window["granted"].set()
