@@ -319,7 +319,9 @@ class FuseMount:
             (flags,) = struct.unpack_from("<I", body)
             child = _join(path, _name(body[16:]))
             entry = self._entry(child, self.ask("create", child, stat.S_IMODE(mode), bool(flags & os.O_EXCL)))
-            return entry + OPEN_OUT.pack(self._handle(struct.unpack_from("<Q", entry)[0]), 0, 0)
+            with self.cond:
+                node = self.nodes[child]
+            return entry + OPEN_OUT.pack(self._handle(node), 0, 0)
         if opcode == MKDIR:
             (mode,) = struct.unpack_from("<I", body)
             child = _join(path, _name(body[8:]))

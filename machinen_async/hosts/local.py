@@ -84,10 +84,11 @@ async def _start_siblings(
     boot_timeout: float,
     detached: bool,
     ports: list[list],
-    mounts: tuple[list[list], list[str]],
+    mounts: list[list],
+    unmounts: list[str],
 ) -> list[Connection]:
-    """One VM per name, all resumed from the same ``incoming`` state, started at once, with ``mounts``
-    (live mounts, and the guest paths of the state's mounts to drop)."""
+    """One VM per name, all resumed from the same ``incoming`` state, started at once, with live
+    ``mounts`` and the guest paths of the state's mounts to drop (``unmounts``)."""
     siblings: list[Connection | None] = [None] * len(names)
     try:
         configs = [
@@ -99,8 +100,8 @@ async def _start_siblings(
                 ports=ports,
                 incoming=incoming,
                 machine=machine,
-                mounts=mounts[0],
-                unmounts=mounts[1],
+                mounts=mounts,
+                unmounts=unmounts,
             )
             for name in names
         ]
@@ -281,7 +282,8 @@ async def _restore_siblings(
     names: Sequence[str],
     boot_timeout: float,
     detached: bool,
-    mounts: tuple[list[list], list[str]],
+    mounts: list[list],
+    unmounts: list[str],
 ) -> list[Connection]:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -316,7 +318,7 @@ async def _restore_siblings(
             state=str(template.state),
             mem=str(template.mem),
         )
-        siblings = await _start_siblings(list(names), machine, incoming, boot_timeout, detached, [], mounts)
+        siblings = await _start_siblings(list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts)
     finally:
         layers.close_quietly(template_ref)
         layers.close_quietly(layer_ref)
@@ -327,6 +329,11 @@ async def stop_or_kill(entry: registry.VmDir) -> str:
     """Wait for a supervisor asked to stop; SIGKILL it if it does not finish in time."""
     if await registry.wait_until_gone(entry, SUPERVISOR_STOP_GRACE_S + 5):
         return "stopped"
+    return await _kill(entry)
+
+
+async def _kill(entry: registry.VmDir) -> str:
+    """SIGKILL a VM's supervisor (QEMU follows it) and clear what it left."""
     registry.kill_holder(entry)
     if not await registry.wait_until_gone(entry, SUPERVISOR_KILL_GRACE_S):
         raise MachinenError(f"{entry.name}'s supervisor survived SIGKILL", code="STOP_FAILED")
@@ -380,11 +387,11 @@ class LocalDriver(HostDriver):
         manifest, machine = await _restore_plan(
             bundle_dir, image, accel, progress or (lambda message: None), trust, list(network_allow)
         )
-        bound = rebind(manifest.mounts, mounts, recorded_here=manifest.taken_here)
+        bound, dropped = rebind(manifest.mounts, mounts, recorded_here=manifest.taken_here)
         if siblings:
-            return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached, bound)
+            return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached, bound, dropped)
         (name,) = names
-        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout, *bound)]
+        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout, bound, dropped)]
 
     async def fork(
         self,
@@ -405,11 +412,11 @@ class LocalDriver(HostDriver):
         template = ForkTemplate.from_wire(reply)
         if not names:
             return [], template
-        bound = rebind(template.mounts, mounts, recorded_here=True)
+        bound, dropped = rebind(template.mounts, mounts, recorded_here=True)
         reference = layers.Shared(Path(template.incoming.holds[0])).hold()  # ours until every sibling holds its own
         try:
             siblings = await _start_siblings(
-                list(names), template.machine, template.incoming, boot_timeout, detached, ports, bound
+                list(names), template.machine, template.incoming, boot_timeout, detached, ports, bound, dropped
             )
         finally:
             layers.close_quietly(reference)
@@ -428,11 +435,7 @@ class LocalDriver(HostDriver):
     async def stop(self, name: str, *, force: bool = False) -> str:
         entry = registry.find(name)
         if force:
-            registry.kill_holder(entry)
-            if not await registry.wait_until_gone(entry, SUPERVISOR_KILL_GRACE_S):
-                raise MachinenError(f"{name}'s supervisor survived SIGKILL", code="STOP_FAILED")
-            registry.clear_leftovers(entry)
-            return "killed"
+            return await _kill(entry)
         connection = await self.connect(name)
         try:
             with anyio.move_on_after(SUPERVISOR_STOP_GRACE_S):

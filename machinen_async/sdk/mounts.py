@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 
 from ..errors import BootError
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from .vm import VM
 
 # Guest paths a mount may not cover: the system, and the agent's own files.
+ERROR_TAIL_BYTES = 2000
 RESERVED_PREFIX = "/usr/lib/machinen"
 RESERVED = ("/", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/boot")
 
@@ -99,20 +101,28 @@ def live_mounts(mounts: Sequence[Mount]) -> list[list]:
 
 async def copy_in(vm: VM, mount: Mount) -> None:
     """Copy a host directory into the guest (``tar`` on both sides, streamed: bounded memory)."""
+    # The guest path is an argument, not part of the script: no quoting to get wrong.
+    script = 'mkdir -p "$1" && tar -x -C "$1" -f -' + (' && chmod -R a-w "$1"' if mount.read_only else "")
     async with await anyio.open_process(["tar", "-C", mount.host, "-cf", "-", "."], stderr=subprocess.PIPE) as packer:
-        script = f"mkdir -p '{mount.guest}' && tar -x -C '{mount.guest}' -f -" + (
-            f" && chmod -R a-w '{mount.guest}'" if mount.read_only else ""
-        )
-        async with vm.process(["sh", "-c", script]) as unpacker:
-            async for data in packer.stdout:
-                await unpacker.stdin.send(data)
-            await unpacker.stdin.aclose()
+        packer_errors = bytearray()
+        async with vm.process(["sh", "-c", script, "sh", mount.guest]) as unpacker:
+            errors = bytearray()
+
+            async def keep_tail(stream: anyio.abc.ByteReceiveStream, into: bytearray) -> None:
+                async for chunk in stream:  # drained as it comes, only its end kept: whatever is printed
+                    into += chunk
+                    del into[:-ERROR_TAIL_BYTES]
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep_tail, unpacker.stderr, errors)
+                tg.start_soon(keep_tail, packer.stderr, packer_errors)
+                async for data in packer.stdout:
+                    await unpacker.stdin.send(data)
+                await unpacker.stdin.aclose()
             if await unpacker.wait() != 0:
-                error = b"".join([chunk async for chunk in unpacker.stderr])
-                raise BootError(f"copying {mount.host} into {mount.guest} failed: {error[-500:].decode(errors='replace')}",
+                raise BootError(f"copying {mount.host} into {mount.guest} failed: {errors.decode(errors='replace')}",
                                 code="MOUNT_COPY_FAILED")  # fmt: skip
         if await packer.wait() != 0:
-            error = await packer.stderr.receive() if packer.stderr else b""
             raise BootError(
-                f"reading {mount.host} failed: {error[-500:].decode(errors='replace')}", code="MOUNT_COPY_FAILED"
+                f"reading {mount.host} failed: {packer_errors.decode(errors='replace')}", code="MOUNT_COPY_FAILED"
             )

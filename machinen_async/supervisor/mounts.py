@@ -111,7 +111,8 @@ class HostDirectory:
     def _file(self, path: Any, flags: int, mode: int = 0):
         fd = self._beneath(path, flags, mode)
         try:
-            if not stat.S_ISDIR(os.fstat(fd).st_mode) and os.fstat(fd).st_nlink > 1:
+            facts = os.fstat(fd)
+            if not stat.S_ISDIR(facts.st_mode) and facts.st_nlink > 1:
                 raise OSError(errno.EPERM, "a file with other hard links (they may be outside the mount)")
             yield fd
         finally:
