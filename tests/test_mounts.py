@@ -257,3 +257,32 @@ def test_a_message_reader_bounds_what_it_buffers():
     with pytest.raises(protocol.MountProtocolError):
         protocol.MessageReader().feed(protocol.encode({"not": "a list"}))
     assert protocol.MessageReader().feed(protocol.encode([1, 0, None]) * 2) == [[1, 0, None], [1, 0, None]]
+
+
+async def test_a_spread_fork_binds_the_mount_on_every_host(tmp_path, remote_host, anyio_backend):
+    source, spread = tmp_path / "source", tmp_path / "spread"
+    source.mkdir()
+    spread.mkdir()
+    async with boot(mounts=[Mount(str(source), "/work", live=True)]) as vm, Host.from_spec(remote_host.alias) as hostb:
+        # The source's directory is a path of this host: a remote sibling needs one of its own.
+        with pytest.raises(MachinenError) as refused:
+            await vm.fork(n=3, hosts=[Host.local(), hostb])
+        assert refused.value.code == "MOUNT_SOURCE_NOT_FOUND"
+        async with vm.fork(n=3, hosts=[Host.local(), hostb], mounts=[Mount(str(spread), "/work", live=True)]) as forks:
+            assert set(forks.placement.values()) == {"local", remote_host.alias}
+            for sibling in forks:
+                await sh(sibling, f"echo {sibling.name} > /work/{sibling.name}")
+            assert sorted(p.name for p in spread.iterdir()) == sorted(sibling.name for sibling in forks)
+        assert await sh(vm, "ls /work") == ""
+
+
+async def test_a_fork_checks_the_directories_before_the_source_pauses(tmp_path, anyio_backend):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    async with boot(mounts=[Mount(str(gone), "/work", live=True)]) as vm:
+        gone.rmdir()
+        with pytest.raises(MachinenError) as refused:
+            await vm.fork()
+        assert refused.value.code == "MOUNT_SOURCE_NOT_FOUND"
+        assert str(gone) in str(refused.value)
+        assert await sh(vm, "echo still running") == "still running\n"

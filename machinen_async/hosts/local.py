@@ -408,11 +408,12 @@ class LocalDriver(HostDriver):
             registry.ensure_free(name)
         if names:
             check_fork_memory(len(names), source.info["accel"], source.info["memory_mib"])
+        # Checked before the source pauses: a missing directory costs nothing.
+        bound, dropped = rebind(source.info["mounts"], mounts, recorded_here=True) if names else ([], [])
         reply = await source.channel.call("vm.fork_template", {"bundle": str(bundle_dir)} if bundle_dir else {})
         template = ForkTemplate.from_wire(reply)
         if not names:
             return [], template
-        bound, dropped = rebind(template.mounts, mounts, recorded_here=True)
         reference = layers.Shared(Path(template.incoming.holds[0])).hold()  # ours until every sibling holds its own
         try:
             siblings = await _start_siblings(

@@ -104,7 +104,7 @@ async def _launch(
     try:
         if not config.start_workload:  # the copies first, so the workload finds them
             for mount in copies:
-                await copy_in(vm, mount)
+                await copy_in(vm, mount, stall_timeout=boot_timeout)
             check_workload_started(await vm.connection.channel.call("workload_start", workload or {"from_image": True}))
     except BaseException:
         await vm.aclose()

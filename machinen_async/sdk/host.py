@@ -198,11 +198,12 @@ class Host:
         mounts: Sequence[str | Mount] | None,
     ) -> ForkLaunch:
         """``source.fork()``: siblings here, or spread over ``hosts``."""
-        bound = rebinding(mounts, here=self.driver == LocalDriver())
+        # A spread's mounts bind on every host that gets siblings: absolute directories of each.
+        bound = rebinding(mounts, here=self.driver == LocalDriver() and hosts is None)
 
         async def start() -> Forks:
             if hosts is not None:
-                return await fork_across(source, names, hosts, boot_timeout, detached)
+                return await fork_across(source, names, hosts, boot_timeout, detached, mounts, bound)
             return await self.fork_here(
                 source, names, boot_timeout=boot_timeout, detached=detached, ports=ports, mounts=bound
             )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,13 +13,13 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
-from ..errors import BootError
+from ..errors import BootError, plain_errors
 
 if TYPE_CHECKING:
     from .vm import VM
 
-# Guest paths a mount may not cover: the system, and the agent's own files.
 ERROR_TAIL_BYTES = 2000
+# Guest paths a mount may not cover: the system, and the agent's own files.
 RESERVED_PREFIX = "/usr/lib/machinen"
 RESERVED = ("/", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/boot")
 
@@ -99,8 +100,20 @@ def live_mounts(mounts: Sequence[Mount]) -> list[list]:
     return [[mount.host, mount.guest, mount.read_only] for mount in mounts if mount.live]
 
 
-async def copy_in(vm: VM, mount: Mount) -> None:
-    """Copy a host directory into the guest (``tar`` on both sides, streamed: bounded memory)."""
+@contextlib.contextmanager
+def _stall_guard(mount: Mount, seconds: float) -> Iterator[None]:
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except TimeoutError:
+        raise BootError(
+            f"the guest stalled copying {mount.host} for {seconds:g} s", code="MOUNT_COPY_STALLED"
+        ) from None
+
+
+async def copy_in(vm: VM, mount: Mount, *, stall_timeout: float) -> None:
+    """Copy a host directory into the guest (``tar`` on both sides, streamed: bounded memory).
+    A guest that takes nothing for ``stall_timeout`` seconds fails the copy (MOUNT_COPY_STALLED)."""
     # The guest path is an argument, not part of the script: no quoting to get wrong.
     script = 'mkdir -p "$1" && tar -x -C "$1" -f -' + (' && chmod -R a-w "$1"' if mount.read_only else "")
     async with await anyio.open_process(["tar", "-C", mount.host, "-cf", "-", "."], stderr=subprocess.PIPE) as packer:
@@ -113,13 +126,17 @@ async def copy_in(vm: VM, mount: Mount) -> None:
                     into += chunk
                     del into[:-ERROR_TAIL_BYTES]
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(keep_tail, unpacker.stderr, errors)
-                tg.start_soon(keep_tail, packer.stderr, packer_errors)
-                async for data in packer.stdout:
-                    await unpacker.stdin.send(data)
-                await unpacker.stdin.aclose()
-            if await unpacker.wait() != 0:
+            with plain_errors():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(keep_tail, unpacker.stderr, errors)
+                    tg.start_soon(keep_tail, packer.stderr, packer_errors)
+                    async for data in packer.stdout:
+                        with _stall_guard(mount, stall_timeout):
+                            await unpacker.stdin.send(data)
+                    await unpacker.stdin.aclose()
+            with _stall_guard(mount, stall_timeout):
+                status = await unpacker.wait()
+            if status != 0:
                 raise BootError(f"copying {mount.host} into {mount.guest} failed: {errors.decode(errors='replace')}",
                                 code="MOUNT_COPY_FAILED")  # fmt: skip
         if await packer.wait() != 0:

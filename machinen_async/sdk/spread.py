@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import MachinenError, plain_errors
+from ..errors import BootError, MachinenError, plain_errors
 from ..hosts.local import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE
 from ..store import chunks
 from .forks import Forks, close_all
 
 if TYPE_CHECKING:
     from .host import Host
+    from .mounts import Mount
     from .vm import VM
 
 
@@ -59,8 +60,15 @@ def place(count: int, facts: Sequence[dict[str, Any]], memory_mib: int) -> list[
 
 
 async def fork_across(
-    source: VM, names: list[str], hosts: Sequence[Host], boot_timeout: float, detached: bool
+    source: VM,
+    names: list[str],
+    hosts: Sequence[Host],
+    boot_timeout: float,
+    detached: bool,
+    mounts: Sequence[str | Mount] | None,
+    bound: list[list],
 ) -> Forks:
+    """``mounts`` as the user gave them (for each remote host to check there), ``bound`` as checked here."""
     facts: list[dict[str, Any]] = [{}] * len(hosts)
 
     async def learn(index: int) -> None:
@@ -77,13 +85,21 @@ async def fork_across(
     for name, index in zip(names, placement, strict=True):
         if hosts[index] != source.host:
             elsewhere.setdefault(index, []).append(name)
+    unbound = [guest for _, guest, _ in source.info["mounts"] if guest not in {mount[1] for mount in bound}]
+    if elsewhere and unbound:  # the source's directory is a path of its own host
+        raise BootError(
+            f"siblings on other hosts cannot serve the live mount at {unbound[0]} from this host's directory: "
+            f"pass mounts=[Mount(DIR, {unbound[0]!r}, live=True)] (DIR an absolute path on every host) "
+            f"or Mount.drop({unbound[0]!r})",
+            code="MOUNT_SOURCE_NOT_FOUND",
+        )
 
     started: dict[str, VM] = {}
     workdir = chunks.work_path(f"fork-{source.name}")
     try:
         forks_here = await source.host.fork_here(
             source, here, boot_timeout=boot_timeout, detached=detached, ports=[],
-            bundle_dir=workdir if elsewhere else None,
+            bundle_dir=workdir if elsewhere else None, mounts=bound,
         )  # fmt: skip
         started.update(zip(here, forks_here, strict=True))
 
@@ -91,7 +107,11 @@ async def fork_across(
             pushed = await host.push(workdir)
             try:
                 siblings = await host.restore(
-                    pushed.remote_bundle, names=host_names, detached=detached, boot_timeout=boot_timeout
+                    pushed.remote_bundle,
+                    names=host_names,
+                    detached=detached,
+                    boot_timeout=boot_timeout,
+                    mounts=mounts,
                 )
                 started.update(zip(host_names, siblings, strict=True))
             finally:

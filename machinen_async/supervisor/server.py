@@ -156,6 +156,7 @@ class Supervisor:
                 "network": config.machine.network,
                 "network_allow": list(config.machine.network_allow),
                 "ports": config.ports,
+                "mounts": config.mounts,
                 "started_at": time.time(),
                 "boot_s": round(boot_s, 3),
                 "socket": str(entry.supervisor_socket),
