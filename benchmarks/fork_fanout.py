@@ -1,6 +1,7 @@
 """Fork fan-out vs cold boots, measured in one run (this machine is noisy).
 
     python benchmarks/fork_fanout.py [--n 1 4 16] [--mib 256] [--backend asyncio|trio]
+    python benchmarks/fork_fanout.py --pause-matrix [--matrix-mib 256 1024 4096] [--touched 0.1 0.9]
 
 For each n: fork a warmed-up VM into n siblings and time until every sibling
 answered an exec; then cold-boot n fresh VMs concurrently to their first exec.
@@ -14,12 +15,19 @@ qemu_pss_mib_per_sibling is the whole QEMU process
 (proportional set size: shared pages divided among sharers), which under TCG
 is dominated by QEMU's translation cache, not by guest RAM.  Also measured:
 snapshot and restore of the source, and a fork of a fork (n=4).
+
+--pause-matrix: for each guest RAM size and share of it touched (written once by the
+guest, as an interpreter or a model's weights would), the source pause of one fork with
+each capture (MACHINEN_FORK_CAPTURE=copy, auto, then stream; in that order, since a stream
+reads, and so allocates, every page of the source's RAM file), and what "auto" chose.
+touched_mib is measured on the host: the allocated part of the source's RAM file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -144,7 +152,47 @@ async def measure_fork_of_fork(source: VM, n: int) -> dict:
     }
 
 
+# Written once and dropped: the guest frees it, the host keeps the touched pages in the RAM file.
+TOUCH = "import sys; b = bytearray(b'Z') * int(sys.argv[1])"
+
+
+async def touched_mib(vm: VM) -> float:
+    return os.stat(Path((await vm.describe())["ram_dir"]) / "mem").st_blocks * 512 / 2**20
+
+
+async def measure_pause_matrix(sizes: list[int], shares: list[float]) -> list[dict]:
+    rows = []
+    for mib in sizes:
+        for share in shares:
+            async with boot(name=f"bench-pause-{mib}", memory_mib=mib, boot_timeout=300) as source:
+                free = await source.exec(["sh", "-c", "grep MemAvailable /proc/meminfo"], check=True)
+                room = int(free.stdout.split()[1]) // 1024 - 48  # MiB the guest can hold at once
+                touch = max(0, min(int(mib * share) - (await touched_mib(source)), room))
+                await source.exec(["python3", "-c", TOUCH, str(touch * 2**20)], check=True, timeout=600)
+                row: dict = {
+                    "guest_ram_mib": mib,
+                    "touched_share": share,
+                    "touched_mib": round(await touched_mib(source)),
+                }
+                for capture in ("copy", "auto", "stream"):
+                    os.environ["MACHINEN_FORK_CAPTURE"] = capture
+                    started = time.perf_counter()
+                    async with source.fork(n=1, boot_timeout=300) as forks:
+                        await forks[0].exec(["true"])
+                        wall = time.perf_counter() - started
+                    row[capture] = {"fork_wall_s": round(wall, 3), "pause_steps_ms": forks.source_pause_steps_ms}
+                os.environ.pop("MACHINEN_FORK_CAPTURE")
+                rows.append(row)
+    return rows
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.pause_matrix:
+        print(json.dumps({"benchmark": "fork_pause_matrix", "date": time.strftime("%Y-%m-%d"),
+                          "accel": backend.default().choose_accelerator(None),
+                          "qemu": backend.default().installed_version(),
+                          "results": await measure_pause_matrix(args.matrix_mib, args.touched)}, indent=2))  # fmt: skip
+        return
     results = []
     async with boot(name="bench-fork-source", memory_mib=args.mib) as source:
         # Warm the source: a Python interpreter and some page cache, like an agent would.
@@ -175,5 +223,8 @@ if __name__ == "__main__":
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--skip-cold", action="store_true", help="Skip the cold-boot comparison (for large n).")
+    parser.add_argument("--pause-matrix", action="store_true", help="Source pause by RAM size, touched share, capture.")
+    parser.add_argument("--matrix-mib", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--touched", type=float, nargs="+", default=[0.1, 0.9])
     arguments = parser.parse_args()
     anyio.run(main, arguments, backend=arguments.backend)

@@ -52,6 +52,31 @@ def copied_ram_mib(qemu_pid: int) -> float:
     return private_kib / 1024
 
 
+# Rewrites a buffer in guest RAM page by page, generation after generation, until its hostname
+# changes (in a fork sibling); then checks the buffer against where the loop was: pages before
+# the loop's position hold this generation, the rest the one before.  A sibling whose RAM was
+# taken at more than one instant fails that.
+REWRITER = """
+import mmap, os, socket
+PAGE, PAGES = 4096, 2048
+buffer = mmap.mmap(-1, PAGE * PAGES)
+me = socket.gethostname()
+generation = 0
+open("/tmp/rewriting", "w").close()
+while True:
+    generation += 1
+    stamp = generation.to_bytes(8, "little")
+    for page in range(PAGES):
+        if os.uname().nodename != me:
+            want = [generation if p < page else generation - 1 for p in range(PAGES)]
+            seen = [int.from_bytes(buffer[p * PAGE:p * PAGE + 8], "little") for p in range(PAGES)]
+            torn = sum(a != b for a, b in zip(want, seen))
+            open("/tmp/verdict", "w").write(f"torn {torn} at generation {generation}" if torn else "consistent")
+            raise SystemExit
+        buffer[page * PAGE:page * PAGE + 8] = stamp
+"""
+
+
 async def test_siblings_diverge_from_one_instant(anyio_backend):
     async with boot(name=f"fsrc-{anyio_backend}") as source:
         await source.exec(["sh", "-c", f"echo 41 > /root/state; {COUNTER}"], check=True)
@@ -140,8 +165,7 @@ async def test_fork_of_a_fork(anyio_backend):
         async with source.fork(name=f"fff-child-{anyio_backend}") as child:
             assert await poke(child) == 2
             async with child.fork(n=2, name=f"fff-grand-{anyio_backend}") as grandchildren:
-                # the child's RAM is private: it streams live, the child barely pauses
-                assert "stream_ram_live" in grandchildren.source_pause_steps_ms
+                assert "stream_ram" in grandchildren.source_pause_steps_ms  # the child's RAM is private
                 assert await grandchildren.map(lambda vm, i: poke(vm)) == [3, 3]
                 assert await poke(child) == 3
                 assert await poke(grandchildren[0]) == 4
@@ -150,3 +174,30 @@ async def test_fork_of_a_fork(anyio_backend):
                     assert await poke(great) == 4
             assert await poke(source) == 2
     assert not layers.collect_garbage(dry_run=True)
+
+
+async def rewrite_and_check_forks(source: VM) -> dict[str, float]:
+    """Fork ``source`` while the guest rewrites memory: each sibling must find one instant."""
+    await source.exec(["sh", "-c", 'nohup python3 -c "$0" >/dev/null 2>&1 &', REWRITER], check=True)
+    await source.exec(["sh", "-c", "while [ ! -e /tmp/rewriting ]; do sleep 0.1; done"], check=True, timeout=60)
+    async with source.fork(n=2) as forks:
+        verdicts = await forks.map(lambda vm, i: vm.exec(
+            ["sh", "-c", "while [ ! -s /tmp/verdict ]; do sleep 0.1; done; cat /tmp/verdict"], timeout=60
+        ))  # fmt: skip
+        assert [v.stdout.decode() for v in verdicts] == ["consistent", "consistent"]
+        steps = forks.source_pause_steps_ms
+    assert (await source.exec(["test", "-e", "/tmp/verdict"])).exit_code == 1  # the source goes on rewriting
+    return steps
+
+
+@pytest.mark.parametrize("capture", ["copy", "stream"])
+async def test_a_guest_rewriting_memory_forks_at_one_instant(capture, monkeypatch):
+    monkeypatch.setenv("MACHINEN_FORK_CAPTURE", capture)
+    async with boot(name=f"rewrite-{capture}") as source:
+        steps = await rewrite_and_check_forks(source)
+        assert ("stream_ram" if capture == "stream" else "copy_ram") in steps
+
+
+async def test_a_sibling_rewriting_memory_forks_at_one_instant():
+    async with boot(name="rewrite-parent") as parent, parent.fork(name="rewrite-child") as child:
+        assert "stream_ram" in await rewrite_and_check_forks(child)  # a sibling's RAM is private: it streams

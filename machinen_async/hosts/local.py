@@ -410,7 +410,10 @@ class LocalDriver(HostDriver):
             check_fork_memory(len(names), source.info["accel"], source.info["memory_mib"])
         # Checked before the source pauses: a missing directory costs nothing.
         bound, dropped = rebind(source.info["mounts"], mounts, recorded_here=True) if names else ([], [])
-        reply = await source.channel.call("vm.fork_template", {"bundle": str(bundle_dir)} if bundle_dir else {})
+        params = {"capture": os.environ.get("MACHINEN_FORK_CAPTURE", "auto")}
+        if bundle_dir:
+            params["bundle"] = str(bundle_dir)
+        reply = await source.channel.call("vm.fork_template", params)
         template = ForkTemplate.from_wire(reply)
         if not names:
             return [], template

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ..errors import BootError, MachinenError, SnapshotError
+from ..errors import BootError, MachinenError, SnapshotError, plain_errors
 from ..protocol.messages import ForkTemplate, IncomingState
 from ..store import bundle, layers, paths, registry, sparse
 from ..store.assets import immutable_file_digest
@@ -26,6 +28,10 @@ log = structlog.get_logger("machinen.supervisor")
 # A fork template stays referenced by its source this long after the fork
 # call returned, so the caller can take its own reference first.
 TEMPLATE_HANDOVER_S = 120.0
+CAPTURE_MODES = ("auto", "copy", "stream")
+# ``auto`` streams a VM's own RAM file from this much touched, and this share of its RAM.
+STREAM_MIN_TOUCHED = 128 * 2**20
+STREAM_MIN_TOUCHED_SHARE = 0.5
 
 
 class Capture:
@@ -174,8 +180,8 @@ class Capture:
                     step("copy_ram")
             else:
                 stopped_ms = await self.machine.save_state(state, ram=True)
-                step("stream_ram_live")
-                steps["stopped_for_last_pages"] = stopped_ms
+                step("stream_ram")
+                steps["stopped_while_streaming"] = stopped_ms
                 frozen = await self._freeze_disk(layer, layer_ref)  # the guest is stopped (postmigrate)
                 step("freeze_disk")
         finally:
@@ -184,7 +190,7 @@ class Capture:
             if frozen is None or not stay_paused:
                 await self.machine.resume()
         step("resume")
-        paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_for_last_pages", "resume")
+        paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_while_streaming", "resume")
         steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
         return frozen, steps
 
@@ -196,21 +202,24 @@ class Capture:
         self.layer_refs.append(layer_ref)
         return frozen
 
-    async def freeze_template(self, bundle_dir: str | None = None) -> ForkTemplate:
+    async def freeze_template(self, bundle_dir: str | None = None, capture: str = "auto") -> ForkTemplate:
         """Capture this running VM as a template that fork siblings start from.
 
-        With ``bundle_dir``, also write a snapshot bundle of that same instant
-        (after the VM continues): siblings on other hosts start from it."""
+        ``capture``: ``copy`` (stop, copy the touched RAM), ``stream`` (live, into a helper),
+        or ``auto`` (see ``_streams``).  With ``bundle_dir``, also write a snapshot bundle of
+        that same instant (after the VM continues): siblings on other hosts start from it."""
+        if capture not in CAPTURE_MODES:
+            raise MachinenError(f"capture is one of {', '.join(CAPTURE_MODES)}, not {capture!r:.40}",
+                                code="FORK_CAPTURE_INVALID")  # fmt: skip
         async with self.lock:
             if self.paused_for is not None:
                 raise MachinenError("the VM is paused for a handoff", code="FORK_VM_PAUSED")
             template, template_ref = layers.new_template()
             try:
-                chain, steps = await self._capture(template.state, template.mem)
-                if not self.ram_shared:
-                    started = time.monotonic()
-                    await self._unpack_ram(template, chain)
-                    steps["unpack_ram_after_resume"] = round((time.monotonic() - started) * 1000, 2)
+                if await self._streams(capture):
+                    chain, steps = await self._stream_into(template)
+                else:
+                    chain, steps = await self._capture(template.state, template.mem)
             except BaseException:
                 layers.close_quietly(template_ref)
                 raise
@@ -227,7 +236,7 @@ class Capture:
                 raise
         # Our reference only bridges the gap until the caller takes its own.
         self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
-        log.info("fork template", template=template.id, pause_ms=steps["total"])
+        log.info("fork template", template=template.id, pause_ms=steps["total"], steps=steps)
         incoming = IncomingState(
             chain=chain,
             disk_size=self.disk_size,
@@ -241,32 +250,76 @@ class Capture:
             incoming, self.config.machine, pause_ms=steps["total"], pause_steps_ms=steps, mounts=self.config.mounts
         )
 
-    async def _unpack_ram(self, template: layers.Template, chain: list[list[str]]) -> None:
-        """Turn a RAM-carrying state into a RAM file plus device state.
+    async def _streams(self, capture: str) -> bool:
+        """Whether a fork template streams live (``_stream_into``) rather than copies while stopped.
 
-        A fork sibling's RAM arrives inside ``state``.  Loaded by every one of
-        its own siblings, each would hold a full private copy; instead a
-        paused helper QEMU loads it once into the template's shared RAM file
-        and saves device state without RAM, so they all map one file
-        copy-on-write.  This VM is already running again meanwhile.
-        """
-        full_state = template.path / "state.full"
-        template.state.rename(full_state)
+        A fork sibling's RAM is private to its VMM: only a stream reaches it.  A VM on its own
+        RAM file can be copied, in a pause that grows with the RAM it has touched; a stream
+        pauses it only for the last dirty pages, but reads every page, and reading a page the
+        guest never touched puts a zero page into the file (tmpfs): (RAM - touched) more host
+        memory, in the VM's file and the template.  ``auto`` streams when that is at most what
+        is touched and the copy would be long, and the VMM streams live (else the guest stops
+        for the whole stream, longer than for a copy)."""
+        if not self.ram_shared or capture == "stream":
+            return True
+        if capture == "copy" or not await self.machine.saves_live():
+            return False
+        touched = os.stat(self.ram_file).st_blocks * 512
+        ram = self.config.machine.memory_mib * 2**20
+        return touched >= STREAM_MIN_TOUCHED and touched >= ram * STREAM_MIN_TOUCHED_SHARE
+
+    async def _stream_into(self, template: layers.Template) -> tuple[list[list[str]], dict[str, float]]:
+        """Capture into ``template`` by live migration into a paused helper VMM whose RAM is the
+        template's file: the guest runs while its RAM streams and stops only for the last dirty
+        pages (then the disk freezes, as in ``_capture``), whatever it has touched.  The helper
+        then saves device state without RAM, so siblings map that one file copy-on-write; it
+        loads as the stream arrives, so nothing is written twice."""
+        steps: dict[str, float] = {}
+        clock = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            steps[name] = round((now - clock) * 1000, 2)
+            clock = now
+
+        layer, layer_ref = layers.new_layer()
         scratch, scratch_ref = layers.new_layer()  # the helper's disk top, never written
+        frozen: list[list[str]] | None = None
         try:
-            await self.backend.create_overlay(scratch.disk, chain[0], self.disk_size)
+            # The disk's contents never reach a saved state: the helper's is a blank layer on the base.
+            base = self.chain[-1]
+            await self.backend.create_overlay(scratch.disk, base, self.disk_size)
             helper = self._launch(
                 ram_file=template.mem, ram_shared=True, incoming=True, never_run=True,
-                disk_chain=[[str(scratch.disk), "qcow2"], *chain],
+                disk_chain=[[str(scratch.disk), "qcow2"], base],
                 agent_socket=scratch.path / "agent.sock", control_socket=scratch.path / "qmp.sock",
             )  # fmt: skip
             async with self.backend.start(helper) as machine:
                 await machine.connect()
-                await machine.load_state(full_state, ram=True)
+                step("start_helper")
+                sending, receiving = socket.socketpair()
+                with sending, receiving, plain_errors():
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(functools.partial(machine.load_state, receiving, ram=True))
+                        try:
+                            steps["stopped_while_streaming"] = await self.machine.save_state(sending, ram=True)
+                            step("stream_ram")
+                            frozen = await self._freeze_disk(layer, layer_ref)  # stopped (postmigrate)
+                            step("freeze_disk")
+                        finally:
+                            await self.machine.resume()
+                            step("resume")
+                    step("helper_loaded")
                 await machine.save_state(template.state, ram=False)
+                step("helper_saved_state")
         finally:
-            full_state.unlink(missing_ok=True)
+            if frozen is None:
+                layers.close_quietly(layer_ref)
             layers.close_quietly(scratch_ref)
+        paused = ("stopped_while_streaming", "freeze_disk", "resume")
+        steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
+        return frozen, steps
 
     async def snapshot(self, directory: str, *, paused_for: ClientConnection | None = None) -> dict[str, Any]:
         """Write a bundle of this running VM to ``directory``; the VM keeps running,

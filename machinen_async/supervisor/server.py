@@ -250,7 +250,8 @@ class Supervisor:
         return {"agent": await self.relay.reset()}
 
     async def _fork_template(self, client: ClientConnection, params: dict) -> dict[str, Any]:
-        return (await self.capture.freeze_template(params.get("bundle"))).to_wire()
+        template = await self.capture.freeze_template(params.get("bundle"), params.get("capture", "auto"))
+        return template.to_wire()
 
     async def _snapshot(self, client: ClientConnection, params: dict) -> dict[str, Any]:
         return await self.capture.snapshot(params["dir"], paused_for=client if params.get("stay_paused") else None)

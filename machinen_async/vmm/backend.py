@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -75,12 +76,18 @@ class Machine(Protocol):
         """Put a new empty layer file ``new_top`` on top of the disk: what was the top is
         immutable from now on.  Call while paused for a consistent instant."""
 
-    async def save_state(self, path: Path, *, ram: bool) -> float:
-        """Write device state (and with ``ram``, the RAM: live, the guest runs meanwhile and
-        is stopped for the last pages) to ``path``; returns the ms the guest was stopped for."""
+    async def save_state(self, into: Path | socket.socket, *, ram: bool) -> float:
+        """Write device state (and with ``ram``, the RAM: live where ``saves_live``, the guest
+        runs meanwhile and is stopped for the last pages) to a file or a stream socket; returns
+        the ms the guest was stopped for.  The caller resumes the guest."""
 
-    async def load_state(self, path: Path, *, ram: bool) -> None:
-        """Load what ``save_state`` wrote (``ram`` must match) into an ``incoming`` machine."""
+    async def saves_live(self) -> bool:
+        """Whether ``save_state(ram=True)`` keeps the guest running while RAM streams (else it
+        stops the guest for the whole stream: a consistent instant comes first)."""
+
+    async def load_state(self, source: Path | socket.socket, *, ram: bool) -> None:
+        """Load what ``save_state`` wrote (``ram`` must match) into an ``incoming`` machine, from
+        a file or while it is written into a socket."""
 
     async def version(self) -> str: ...
 
