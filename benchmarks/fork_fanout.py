@@ -167,7 +167,7 @@ async def measure_pause_matrix(sizes: list[int], shares: list[float]) -> list[di
             async with boot(name=f"bench-pause-{mib}", memory_mib=mib, boot_timeout=300) as source:
                 free = await source.exec(["sh", "-c", "grep MemAvailable /proc/meminfo"], check=True)
                 room = int(free.stdout.split()[1]) // 1024 - 48  # MiB the guest can hold at once
-                touch = max(0, min(int(mib * share) - (await touched_mib(source)), room))
+                touch = int(max(0, min(mib * share - await touched_mib(source), room)))
                 await source.exec(["python3", "-c", TOUCH, str(touch * 2**20)], check=True, timeout=600)
                 row: dict = {
                     "guest_ram_mib": mib,
