@@ -180,13 +180,18 @@ async def rewrite_and_check_forks(source: VM) -> dict[str, float]:
     """Fork ``source`` while the guest rewrites memory: each sibling must find one instant."""
     await source.exec(["sh", "-c", 'nohup python3 -c "$0" >/dev/null 2>&1 &', REWRITER], check=True)
     await source.exec(["sh", "-c", "while [ ! -e /tmp/rewriting ]; do sleep 0.1; done"], check=True, timeout=60)
+    await source.exec(["sh", "-c", "echo before > /root/disk; sync"], check=True)
     async with source.fork(n=2) as forks:
         verdicts = await forks.map(lambda vm, i: vm.exec(
             ["sh", "-c", "while [ ! -s /tmp/verdict ]; do sleep 0.1; done; cat /tmp/verdict"], timeout=60
         ))  # fmt: skip
         assert [v.stdout.decode() for v in verdicts] == ["consistent", "consistent"]
+        await forks.map(lambda vm, i: vm.exec(["sh", "-c", f"echo {i} >> /root/disk; sync"], check=True))
+        disks = await forks.map(lambda vm, i: vm.exec(["cat", "/root/disk"], check=True))
+        assert [d.stdout for d in disks] == [b"before\n0\n", b"before\n1\n"]  # each its own layer
         steps = forks.source_pause_steps_ms
     assert (await source.exec(["test", "-e", "/tmp/verdict"])).exit_code == 1  # the source goes on rewriting
+    assert (await source.exec(["cat", "/root/disk"], check=True)).stdout == b"before\n"
     return steps
 
 
@@ -201,3 +206,20 @@ async def test_a_guest_rewriting_memory_forks_at_one_instant(capture, monkeypatc
 async def test_a_sibling_rewriting_memory_forks_at_one_instant():
     async with boot(name="rewrite-parent") as parent, parent.fork(name="rewrite-child") as child:
         assert "stream_ram" in await rewrite_and_check_forks(child)  # a sibling's RAM is private: it streams
+
+
+@pytest.mark.parametrize("cancel_after_s", [0.05, 0.25, 0.6])
+async def test_cancelling_a_streamed_capture_leaves_nothing_and_the_source_running(cancel_after_s, monkeypatch):
+    # Starting the helper, streaming (the guest stopped for it under QEMU 7.2 TCG), loading.
+    monkeypatch.setenv("MACHINEN_FORK_CAPTURE", "stream")
+    async with boot(name="scan") as source:
+        with anyio.move_on_after(cancel_after_s) as scope:
+            async with source.fork(n=2, name="scan-sib"):
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+        assert (await source.exec(["true"], timeout=30)).exit_code == 0  # not left stopped
+        assert not [p for p in qemu_processes() if "scan-sib" in p]
+        async with source.fork(name="scan-again") as sibling:  # the capture lock and QMP still work
+            assert (await sibling.exec(["true"])).exit_code == 0
+    assert not [d for d in runtime_leftovers() if d.startswith("scan")]
+    assert not layers.collect_garbage(dry_run=True), "a template or layer leaked"

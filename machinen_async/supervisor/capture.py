@@ -188,7 +188,8 @@ class Capture:
             if frozen is None:
                 layers.close_quietly(layer_ref)
             if frozen is None or not stay_paused:
-                await self.machine.resume()
+                with anyio.CancelScope(shield=True):  # never left stopped, even when cancelled
+                    await self.machine.resume()
         step("resume")
         paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_while_streaming", "resume")
         steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
@@ -308,7 +309,8 @@ class Capture:
                             frozen = await self._freeze_disk(layer, layer_ref)  # stopped (postmigrate)
                             step("freeze_disk")
                         finally:
-                            await self.machine.resume()
+                            with anyio.CancelScope(shield=True):  # never left stopped, even when cancelled
+                                await self.machine.resume()
                             step("resume")
                     step("helper_loaded")
                 await machine.save_state(template.state, ram=False)

@@ -143,28 +143,33 @@ class QemuMachine:
         await qmp.execute(command_name, arguments)
         started = time.monotonic()
         forced = False
-        with anyio.move_on_after(MIGRATE_DEADLINE_S) as deadline:
-            while True:
-                info = await qmp.execute("query-migrate")
-                status = info.get("status")
-                if status == "completed":
-                    return info
-                if status in ("failed", "cancelled"):
-                    raise MachinenError(
-                        f"{command_name} {status}: {info.get('error-desc', 'no detail')}", code="SNAPSHOT_DUMP_FAILED"
-                    )
-                if command_name == "migrate" and not forced and time.monotonic() - started > MIGRATE_CONVERGE_S:
-                    forced = True
-                    log.warning("live migration does not converge: stopping the guest for the rest")
-                    await qmp.execute("stop")
-                await anyio.sleep(0.002)
-        assert deadline.cancelled_caught
-        if command_name == "migrate":
-            with contextlib.suppress(Exception):
-                await qmp.execute("migrate_cancel")
-        raise MachinenError(
-            f"{command_name} did not finish within {MIGRATE_DEADLINE_S:g} s", code="SNAPSHOT_DUMP_FAILED"
-        )
+        try:
+            with anyio.move_on_after(MIGRATE_DEADLINE_S):
+                while True:
+                    info = await qmp.execute("query-migrate")
+                    status = info.get("status")
+                    if status == "completed":
+                        return info
+                    if status in ("failed", "cancelled"):
+                        raise MachinenError(
+                            f"{command_name} {status}: {info.get('error-desc', 'no detail')}",
+                            code="SNAPSHOT_DUMP_FAILED",
+                        )
+                    if command_name == "migrate" and not forced and time.monotonic() - started > MIGRATE_CONVERGE_S:
+                        forced = True
+                        log.warning("live migration does not converge: stopping the guest for the rest")
+                        await qmp.execute("stop")
+                    await anyio.sleep(0.002)
+            raise MachinenError(
+                f"{command_name} did not finish within {MIGRATE_DEADLINE_S:g} s", code="SNAPSHOT_DUMP_FAILED"
+            )
+        except BaseException:
+            # Failed, too slow or cancelled: an outgoing migration must not go on (and complete,
+            # stopping the guest) behind the caller's back.
+            if command_name == "migrate":
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await qmp.execute("migrate_cancel")
+            raise
 
     async def _stop(self) -> None:
         process = self.process
