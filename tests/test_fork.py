@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import anyio
@@ -223,3 +225,21 @@ async def test_cancelling_a_streamed_capture_leaves_nothing_and_the_source_runni
             assert (await sibling.exec(["true"])).exit_code == 0
     assert not [d for d in runtime_leftovers() if d.startswith("scan")]
     assert not layers.collect_garbage(dry_run=True), "a template or layer leaked"
+
+
+def test_a_large_fork_raises_the_open_file_limit_or_says_why():
+    script = """
+import resource
+from machinen_async.errors import MachinenError
+from machinen_async.hosts.local import ensure_descriptors_for
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))
+ensure_descriptors_for(100)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+assert 800 <= soft <= hard == 4096, soft
+try:
+    ensure_descriptors_for(1000)
+except MachinenError as error:
+    print(error.code)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout == "FORK_FILE_LIMIT\n", result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import resource
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,16 @@ from .supervisors import (
     start_supervisors,
 )
 
-# Fork back-pressure estimate per sibling: QEMU's own memory (TCG translation
-# cache capped at 64 MiB, heap) plus the share of guest RAM a busy sibling
-# typically dirties; refuse when that exceeds this share of MemAvailable.
-FORK_OVERHEAD_MIB = {"tcg": 160, "kvm": 48}
+# Fork back-pressure estimate per sibling: QEMU's own memory (under TCG its translation
+# cache, capped at 64 MiB, and ~30 MiB of heap: an idle sibling measures 57-70 MiB PSS)
+# plus the share of guest RAM a busy sibling typically dirties; refuse when that exceeds
+# this share of MemAvailable.
+FORK_OVERHEAD_MIB = {"tcg": 96, "kvm": 48}
 FORK_PRIVATE_SHARE = 0.25
 FORK_MEMORY_HEADROOM = 0.9
+# What this process holds per VM it starts and owns (three pipes while it starts, then the
+# lifeline, status and stderr pipes, a pidfd and the supervisor connection), with room to spare.
+DESCRIPTORS_PER_VM = 8
 
 
 def available_memory_mib() -> int:
@@ -77,6 +82,21 @@ def check_fork_memory(count: int, accel: str, memory_mib: int) -> None:
         )
 
 
+def ensure_descriptors_for(count: int) -> None:
+    """Make room in this process's open-file limit for ``count`` more VMs, raising the soft limit
+    toward the hard one if needed (distributions default to a soft 1024: ~200 siblings)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = len(os.listdir("/proc/self/fd")) + count * DESCRIPTORS_PER_VM
+    if needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise MachinenError(
+            f"{count} more VMs need about {needed} open files here but the limit is {hard} (ulimit -Hn)",
+            code="FORK_FILE_LIMIT",
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 async def _start_siblings(
     names: list[str],
     machine: MachineSpec,
@@ -89,6 +109,7 @@ async def _start_siblings(
 ) -> list[Connection]:
     """One VM per name, all resumed from the same ``incoming`` state, started at once, with live
     ``mounts`` and the guest paths of the state's mounts to drop (``unmounts``)."""
+    ensure_descriptors_for(len(names))
     siblings: list[Connection | None] = [None] * len(names)
     try:
         configs = [

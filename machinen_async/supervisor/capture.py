@@ -19,7 +19,7 @@ from ..errors import BootError, MachinenError, SnapshotError, plain_errors
 from ..protocol.messages import ForkTemplate, IncomingState
 from ..store import bundle, layers, paths, registry, sparse
 from ..store.assets import immutable_file_digest
-from ..vmm import backend
+from ..vmm import backend, capped_log
 from .config import SupervisorConfig
 from .relay import ClientConnection
 
@@ -291,30 +291,38 @@ class Capture:
             # The disk's contents never reach a saved state: the helper's is a blank layer on the base.
             base = self.chain[-1]
             await self.backend.create_overlay(scratch.disk, base, self.disk_size)
+            helper_logs = (scratch.path / "console.log", scratch.path / "qemu.log")
             helper = self._launch(
                 ram_file=template.mem, ram_shared=True, incoming=True, never_run=True,
-                disk_chain=[[str(scratch.disk), "qcow2"], base],
+                disk_chain=[[str(scratch.disk), "qcow2"], base], logs=helper_logs,
                 agent_socket=scratch.path / "agent.sock", control_socket=scratch.path / "qmp.sock",
             )  # fmt: skip
-            async with self.backend.start(helper) as machine:
-                await machine.connect()
-                step("start_helper")
-                sending, receiving = socket.socketpair()
-                with sending, receiving, plain_errors():
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(functools.partial(machine.load_state, receiving, ram=True))
-                        try:
-                            steps["stopped_while_streaming"] = await self.machine.save_state(sending, ram=True)
-                            step("stream_ram")
-                            frozen = await self._freeze_disk(layer, layer_ref)  # stopped (postmigrate)
-                            step("freeze_disk")
-                        finally:
-                            with anyio.CancelScope(shield=True):  # never left stopped, even when cancelled
-                                await self.machine.resume()
-                            step("resume")
-                    step("helper_loaded")
-                await machine.save_state(template.state, ram=False)
-                step("helper_saved_state")
+            try:
+                async with self.backend.start(helper) as machine:
+                    await machine.connect()
+                    step("start_helper")
+                    sending, receiving = socket.socketpair()
+                    with sending, receiving, plain_errors():
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(functools.partial(machine.load_state, receiving, ram=True))
+                            try:
+                                steps["stopped_while_streaming"] = await self.machine.save_state(sending, ram=True)
+                                step("stream_ram")
+                                frozen = await self._freeze_disk(layer, layer_ref)  # stopped (postmigrate)
+                                step("freeze_disk")
+                            finally:
+                                with anyio.CancelScope(shield=True):  # never left stopped, even when cancelled
+                                    await self.machine.resume()
+                                step("resume")
+                        step("helper_loaded")
+                    await machine.save_state(template.state, ram=False)
+                    step("helper_saved_state")
+            except MachinenError as error:
+                raise MachinenError(
+                    f"streaming the fork template failed: {error}; the helper QEMU said: "
+                    + capped_log.tail(helper_logs[1]),
+                    code=error.code,
+                ) from None
         finally:
             if frozen is None:
                 layers.close_quietly(layer_ref)

@@ -22,7 +22,7 @@ from ..errors import BootError, BootTimeoutError, MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..store import layers, paths, registry
-from ..vmm import backend
+from ..vmm import backend, capped_log
 from . import forwards, mounts
 from .capture import Capture
 from .config import SupervisorConfig, check_workload_started
@@ -30,19 +30,8 @@ from .relay import AgentRelay, ClientConnection
 
 log = structlog.get_logger("machinen.supervisor")
 
-CONSOLE_TAIL_BYTES = 3000
 
 LocalCall = Callable[[ClientConnection, dict], Awaitable[Any]]
-
-
-def console_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - CONSOLE_TAIL_BYTES))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class Supervisor:
@@ -139,7 +128,7 @@ class Supervisor:
             except TimeoutError:
                 raise BootTimeoutError(
                     f"the guest agent did not answer within {config.boot_timeout:g} s; console tail:\n"
-                    + console_tail(entry.console_log),
+                    + capped_log.tail(entry.console_log),
                 ) from None
             boot_s = time.monotonic() - started
             self.meta = {
@@ -179,9 +168,9 @@ class Supervisor:
         if exit_status:
             raise BootError(
                 f"QEMU exited with status {exit_status[0]}: "
-                + entry.qemu_log.read_text(errors="replace")[-CONSOLE_TAIL_BYTES:]
+                + capped_log.tail(entry.qemu_log)
                 + "\nconsole tail:\n"
-                + console_tail(entry.console_log)
+                + capped_log.tail(entry.console_log)
             )
 
     # --- the client side ----------------------------------------------------------

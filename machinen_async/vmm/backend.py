@@ -78,8 +78,8 @@ class Machine(Protocol):
 
     async def save_state(self, into: Path | socket.socket, *, ram: bool) -> float:
         """Write device state (and with ``ram``, the RAM: live where ``saves_live``, the guest
-        runs meanwhile and is stopped for the last pages) to a file or a stream socket; returns
-        the ms the guest was stopped for.  The caller resumes the guest."""
+        runs meanwhile and is stopped for the last pages) to a file or a stream socket (handed
+        over to the VMM); returns the ms the guest was stopped for.  The caller resumes the guest."""
 
     async def saves_live(self) -> bool:
         """Whether ``save_state(ram=True)`` keeps the guest running while RAM streams (else it
@@ -87,7 +87,7 @@ class Machine(Protocol):
 
     async def load_state(self, source: Path | socket.socket, *, ram: bool) -> None:
         """Load what ``save_state`` wrote (``ram`` must match) into an ``incoming`` machine, from
-        a file or while it is written into a socket."""
+        a file or while it is written into a socket (handed over to the VMM)."""
 
     async def version(self) -> str: ...
 

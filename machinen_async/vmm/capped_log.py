@@ -19,6 +19,18 @@ import anyio.abc
 CONSOLE_LOG_LIMIT = 1 << 20
 QEMU_LOG_LIMIT = 256 << 10
 BUDGET_WINDOW_S = 60.0
+TAIL_BYTES = 3000  # of a log, quoted in an error
+
+
+def tail(path: Path) -> str:
+    """The end of a log file, for an error message ("" if there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class Budget:

@@ -59,6 +59,8 @@ class QemuMachine:
                 await self.qmp.connect(str(self.launch.control_socket))
                 return
             except Exception:  # noqa: BLE001  qemu.qmp raises ConnectError wrapping OSError while QEMU starts
+                if self.process.returncode is not None:
+                    raise BootError(f"QEMU exited ({self.process.returncode}) before it answered", code="BOOT_FAILED")
                 await anyio.sleep(0.01)
 
     async def exited(self) -> int:
@@ -114,9 +116,10 @@ class QemuMachine:
         return f"{version['major']}.{version['minor']}.{version['micro']}"
 
     async def _migration_fd(self, where: Path | socket.socket, *, write: bool = False) -> dict[str, str]:
-        """Migration arguments naming a descriptor passed over QMP: a socket's, or one we open on a path."""
+        """Migration arguments naming a descriptor passed over QMP: a socket's (handed over: it is
+        closed here, so the stream ends when QEMU's end does), or one we open on a path."""
         if isinstance(where, socket.socket):
-            fd = os.dup(where.fileno())
+            fd = where.detach()
         else:
             flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
             fd = os.open(where, flags | os.O_CLOEXEC, 0o600)
