@@ -34,6 +34,19 @@ STREAM_MIN_TOUCHED = 128 * 2**20
 STREAM_MIN_TOUCHED_SHARE = 0.5
 
 
+class StepTimer:
+    """Milliseconds per named step, each timed from the end of the one before."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._clock = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = round((now - self._clock) * 1000, 2)
+        self._clock = now
+
+
 class Capture:
     def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
         self.config = config
@@ -153,18 +166,12 @@ class Capture:
           ``mem``, continue.  The copy lets the VM run on its own file while
           others use the frozen one.
         - A VM whose RAM privately maps a template (a fork sibling): its RAM
-          goes into ``state`` by live (pre-copy) migration, so the guest runs
-          while most of it streams and stops only for the last dirty pages.
+          goes into ``state`` by migration, live where the VMM allows it
+          (``saves_live``): the guest stops only for the last dirty pages.
         """
         layer, layer_ref = layers.new_layer()
-        steps: dict[str, float] = {}
-        clock = time.monotonic()
-
-        def step(name: str) -> None:
-            nonlocal clock
-            now = time.monotonic()
-            steps[name] = round((now - clock) * 1000, 2)
-            clock = now
+        step = StepTimer()
+        steps = step.ms
 
         frozen: list[list[str]] | None = None
         try:
@@ -275,14 +282,8 @@ class Capture:
         pages (then the disk freezes, as in ``_capture``), whatever it has touched.  The helper
         then saves device state without RAM, so siblings map that one file copy-on-write; it
         loads as the stream arrives, so nothing is written twice."""
-        steps: dict[str, float] = {}
-        clock = time.monotonic()
-
-        def step(name: str) -> None:
-            nonlocal clock
-            now = time.monotonic()
-            steps[name] = round((now - clock) * 1000, 2)
-            clock = now
+        step = StepTimer()
+        steps = step.ms
 
         layer, layer_ref = layers.new_layer()
         scratch, scratch_ref = layers.new_layer()  # the helper's disk top, never written
