@@ -299,8 +299,7 @@ class Capture:
                 agent_socket=scratch.path / "agent.sock", control_socket=scratch.path / "qmp.sock",
             )  # fmt: skip
             try:
-                async with self.backend.start(helper) as machine:
-                    await machine.connect()
+                async with self._helper(helper) as machine:
                     step("start_helper")
                     sending, receiving = socket.socketpair()
                     with sending, receiving, plain_errors():
@@ -331,6 +330,23 @@ class Capture:
         paused = ("stopped_while_streaming", "freeze_disk", "resume")
         steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
         return frozen, steps
+
+    @contextlib.asynccontextmanager
+    async def _helper(self, launch: backend.Launch) -> AsyncIterator[backend.Machine]:
+        """A helper VMM, answering on its control socket.  One that exits before it answers has
+        touched nothing yet: it is started once more (the reason is logged) before giving up."""
+        for attempt in (1, 2):
+            async with self.backend.start(launch) as machine:
+                try:
+                    await machine.connect()
+                except BootError:
+                    if attempt == 2:
+                        raise
+                    log.warning("helper VMM exited before it answered: starting it again",
+                                said=capped_log.tail(launch.logs[1]) if launch.logs else "")  # fmt: skip
+                    continue
+                yield machine
+                return
 
     async def snapshot(self, directory: str, *, paused_for: ClientConnection | None = None) -> dict[str, Any]:
         """Write a bundle of this running VM to ``directory``; the VM keeps running,
