@@ -120,11 +120,14 @@ _CLASS_BY_PREFIX: dict[str, type[MachinenError]] = {
 }
 
 
-def error_from_code(code: str, message: str, **details: Any) -> MachinenError:
-    """Rebuild a typed error received from another process."""
+def error_from_code(
+    code: str, message: str, *, unknown: type[MachinenError] = MachinenError, **details: Any
+) -> MachinenError:
+    """Rebuild a typed error received from another process; a code of none of our kinds is an
+    ``unknown`` (a hostile guest may send any string)."""
     cls = _CLASS_BY_CODE.get(code)
     if cls is None:
-        cls = next((c for p, c in _CLASS_BY_PREFIX.items() if code.startswith(p)), MachinenError)
+        cls = next((c for p, c in _CLASS_BY_PREFIX.items() if code.startswith(p)), unknown)
     return cls(message, code=code, **details)
 
 

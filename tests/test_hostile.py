@@ -34,7 +34,7 @@ import pytest
 import structlog.testing
 from conftest import machinen, qemu_processes
 from fake_agent import FakeAgent, fake_vm
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from machinen_async import (
@@ -274,6 +274,7 @@ async def _fuzz_relay(frames: list, junk: bytes, tmp_path: Path) -> None:
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 @FUZZ
 @given(frames=hostile_frames, junk=junks)
+@example(frames=[[wire.ERROR, "SID", "0", "no"]], junk=b"")  # a code of none of our kinds
 def test_fuzz_the_sdk_channel(backend, frames, junk):
     anyio.run(_fuzz_channel, _encodable(frames), junk, backend=backend)
 

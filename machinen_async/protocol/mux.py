@@ -63,7 +63,9 @@ class Call:
         elif kind == wire.RESULT:
             self._outcome = (True, frame[2])
         elif kind == wire.ERROR:
-            self._outcome = (False, error_from_code(frame[2], frame[3][: wire.MAX_MESSAGE_LEN]))
+            # A call's peer is a guest agent, or a supervisor relaying one: a code we do not know
+            # is a failed guest call.
+            self._outcome = (False, error_from_code(frame[2], frame[3][: wire.MAX_MESSAGE_LEN], unknown=ExecError))
         # An EOF needs nothing more: the rules closed its fd.
 
     def _fail(self, error: MachinenError) -> None:
