@@ -2,8 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST_PACKAGES := qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs util-linux python3-venv bubblewrap \
+HOST_PACKAGES := busybox-static mmdebstrap e2fsprogs util-linux python3-venv bubblewrap \
 	debian-archive-keyring  # upgraded too: newer suites (trixie, for the pi image) need their keys
+# QEMU >= 9.0 migrates a running TCG guest without losing its writes, which a fork's live capture
+# needs (docs/architecture.md "Capture"); bookworm's own QEMU is 7.2, so there it comes from
+# bookworm-backports (10.0). Other releases use their own.
+QEMU_PACKAGES := qemu-system-x86 qemu-utils
+RELEASE := $(shell . /etc/os-release 2>/dev/null && echo $$VERSION_CODENAME)
+BACKPORTS := $(if $(filter bookworm,$(RELEASE)),bookworm-backports)
+BACKPORTS_SOURCE := /etc/apt/sources.list.d/machinen-bookworm-backports.sources
 # The multi-host tests run real sshd servers on loopback.
 TEST_PACKAGES := openssh-server openssh-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -11,8 +18,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: deps host-deps test-deps demo test bench clean
 
 host-deps:
+ifneq ($(BACKPORTS),)
+	grep -rqs '$(BACKPORTS)' /etc/apt/sources.list /etc/apt/sources.list.d/ || printf '%s\n' \
+		'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: $(BACKPORTS)' 'Components: main' \
+		'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' | $(SUDO) tee $(BACKPORTS_SOURCE) >/dev/null
+endif
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(HOST_PACKAGES)
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+		$(if $(BACKPORTS),-t $(BACKPORTS)) $(QEMU_PACKAGES)
 
 test-deps:
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(TEST_PACKAGES)
