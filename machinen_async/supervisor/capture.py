@@ -29,22 +29,34 @@ log = structlog.get_logger("machinen.supervisor")
 # call returned, so the caller can take its own reference first.
 TEMPLATE_HANDOVER_S = 120.0
 CAPTURE_MODES = ("auto", "copy", "stream")
-# ``auto`` streams a VM's own RAM file from this much touched, and this share of its RAM.
-STREAM_MIN_TOUCHED = 128 * 2**20
+# ``auto`` streams a VM's own RAM file from this much touched, and this share of its RAM.  Copying
+# 384 MiB while stopped takes ~100 ms here (tmpfs, ~4 GB/s), as long as the rest of the pause; a
+# smaller copy is cheaper than a stream, which reads all of the RAM (+0.3 s of fork wall per 256 MiB).
+STREAM_MIN_TOUCHED = 384 * 2**20
 STREAM_MIN_TOUCHED_SHARE = 0.5
 
 
 class StepTimer:
-    """Milliseconds per named step, each timed from the end of the one before."""
+    """Milliseconds per named step, each timed from the end of the one before; the steps the
+    guest spent stopped add up to its pause (``"total"`` in ``result``)."""
 
     def __init__(self) -> None:
         self.ms: dict[str, float] = {}
+        self._paused_ms = 0.0
         self._clock = time.monotonic()
 
-    def __call__(self, name: str) -> None:
+    def __call__(self, name: str, *, paused: bool) -> None:
         now = time.monotonic()
-        self.ms[name] = round((now - self._clock) * 1000, 2)
+        self.record(name, (now - self._clock) * 1000, paused=paused)
         self._clock = now
+
+    def record(self, name: str, ms: float, *, paused: bool) -> None:
+        self.ms[name] = round(ms, 2)
+        if paused:
+            self._paused_ms += ms
+
+    def result(self) -> dict[str, float]:
+        return {**self.ms, "total": round(self._paused_ms, 2)}
 
 
 class Capture:
@@ -168,39 +180,37 @@ class Capture:
         - A VM whose RAM privately maps a template (a fork sibling): its RAM
           goes into ``state`` by migration, live where the VMM allows it
           (``saves_live``): the guest stops only for the last dirty pages.
+          Only a snapshot takes this way: a sibling's fork template streams
+          into a helper (``_stream_into``).
         """
         layer, layer_ref = layers.new_layer()
         step = StepTimer()
-        steps = step.ms
-
         frozen: list[list[str]] | None = None
         try:
             if self.ram_shared:
                 await self.machine.pause()
-                step("stop")
+                step("stop", paused=True)
                 frozen = await self._freeze_disk(layer, layer_ref)
-                step("freeze_disk")
+                step("freeze_disk", paused=True)
                 await self.machine.save_state(state, ram=False)
-                step("save_state")
+                step("save_state", paused=True)
                 if mem is not None:
                     await anyio.to_thread.run_sync(sparse.copy, self.ram_file, mem)
-                    step("copy_ram")
+                    step("copy_ram", paused=True)
             else:
                 stopped_ms = await self.machine.save_state(state, ram=True)
-                step("stream_ram")
-                steps["stopped_while_streaming"] = stopped_ms
+                step("stream_ram", paused=False)
+                step.record("stopped_while_streaming", stopped_ms, paused=True)
                 frozen = await self._freeze_disk(layer, layer_ref)  # the guest is stopped (postmigrate)
-                step("freeze_disk")
+                step("freeze_disk", paused=True)
         finally:
             if frozen is None:
                 layers.close_quietly(layer_ref)
             if frozen is None or not stay_paused:
                 with anyio.CancelScope(shield=True):  # never left stopped, even when cancelled
                     await self.machine.resume()
-        step("resume")
-        paused = ("stop", "freeze_disk", "save_state", "copy_ram", "stopped_while_streaming", "resume")
-        steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
-        return frozen, steps
+        step("resume", paused=True)
+        return frozen, step.result()
 
     async def _freeze_disk(self, layer: layers.Layer, layer_ref: int) -> list[list[str]]:
         """Put a fresh qcow2 layer on top of the disk; return the now-frozen chain."""
@@ -238,9 +248,8 @@ class Capture:
                     await anyio.to_thread.run_sync(sparse.copy, source, target / name)
                 await self._seal_bundle(target, chain)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    bundle.remove_partial(target)
-                    layers.close_quietly(template_ref)
+                bundle.remove_partial(target)
+                layers.close_quietly(template_ref)
                 raise
         # Our reference only bridges the gap until the caller takes its own.
         self.task_group.start_soon(_release_later, template_ref, TEMPLATE_HANDOVER_S)
@@ -283,8 +292,6 @@ class Capture:
         then saves device state without RAM, so siblings map that one file copy-on-write; it
         loads as the stream arrives, so nothing is written twice."""
         step = StepTimer()
-        steps = step.ms
-
         layer, layer_ref = layers.new_layer()
         scratch, scratch_ref = layers.new_layer()  # the helper's disk top, never written
         frozen: list[list[str]] | None = None
@@ -300,23 +307,24 @@ class Capture:
             )  # fmt: skip
             try:
                 async with self._helper(helper) as machine:
-                    step("start_helper")
+                    step("start_helper", paused=False)
                     sending, receiving = socket.socketpair()
                     with sending, receiving, plain_errors():
                         async with anyio.create_task_group() as tg:
                             tg.start_soon(functools.partial(machine.load_state, receiving, ram=True))
                             try:
-                                steps["stopped_while_streaming"] = await self.machine.save_state(sending, ram=True)
-                                step("stream_ram")
+                                stopped_ms = await self.machine.save_state(sending, ram=True)
+                                step("stream_ram", paused=False)
+                                step.record("stopped_while_streaming", stopped_ms, paused=True)
                                 frozen = await self._freeze_disk(layer, layer_ref)  # stopped (postmigrate)
-                                step("freeze_disk")
+                                step("freeze_disk", paused=True)
                             finally:
                                 with anyio.CancelScope(shield=True):  # never left stopped, even when cancelled
                                     await self.machine.resume()
-                                step("resume")
-                        step("helper_loaded")
+                                step("resume", paused=True)
+                        step("helper_loaded", paused=False)
                     await machine.save_state(template.state, ram=False)
-                    step("helper_saved_state")
+                    step("helper_saved_state", paused=False)
             except MachinenError as error:
                 raise MachinenError(
                     f"streaming the fork template failed: {error}; the helper QEMU said: "
@@ -327,9 +335,7 @@ class Capture:
             if frozen is None:
                 layers.close_quietly(layer_ref)
             layers.close_quietly(scratch_ref)
-        paused = ("stopped_while_streaming", "freeze_disk", "resume")
-        steps["total"] = round(sum(steps.get(name, 0.0) for name in paused), 2)
-        return frozen, steps
+        return frozen, step.result()
 
     @contextlib.asynccontextmanager
     async def _helper(self, launch: backend.Launch) -> AsyncIterator[backend.Machine]:
