@@ -1,7 +1,7 @@
 """The caller's side of the peer protocol: requests ``[id, method, params]``, replies
 ``[id, True, result]`` or ``[id, False, code, message]``, any number in flight.
 
-Runs in one asyncio loop (the SSH driver's portal).  A reply that comes after
+Runs in one asyncio loop (the remote driver's portal).  A reply that comes after
 its call gave up is dropped; when the stream ends, every waiting call fails
 with the reason the transport gives.
 """
@@ -42,7 +42,7 @@ class PeerClient:
                 future = self.pending.pop(reply[0], None)
                 if future is not None and not future.done():
                     future.set_result(reply)
-        except (anyio.EndOfStream, wire.ProtocolError, OSError, asyncssh.Error):
+        except (anyio.EndOfStream, anyio.BrokenResourceError, wire.ProtocolError, OSError, asyncssh.Error):
             pass
         self.lost = await self._why_lost()
         for future in self.pending.values():

@@ -20,10 +20,16 @@ class Forks(Sequence["VM"]):
     """Siblings of one fork event, in order; ``async with`` closes them all."""
 
     def __init__(
-        self, vms: list[VM], template: ForkTemplate | None = None, placement: dict[str, str] | None = None
+        self,
+        vms: list[VM],
+        template: ForkTemplate | None = None,
+        placement: dict[str, str] | None = None,
+        release: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """``template``: the fork instant, with the source's pause (siblings restored from a bundle have none)."""
+        """``template``: the fork instant, with the source's pause (siblings restored from a bundle have none);
+        ``release``: called once the siblings are closed (a host pool's reservation for them)."""
         self._vms = vms
+        self._release = release
         self._template = template  # spread.py builds the Forks of a spread fork from the local one
         self.source_pause_ms: float = template.pause_ms if template else 0.0
         self.source_pause_steps_ms: dict[str, float] = template.pause_steps_ms if template else {}
@@ -61,6 +67,10 @@ class Forks(Sequence["VM"]):
 
     async def aclose(self) -> None:
         await close_all(self._vms)
+        release, self._release = self._release, None
+        if release is not None:
+            with anyio.CancelScope(shield=True):
+                await release()
 
 
 async def close_all(vms: Sequence[VM | None]) -> None:

@@ -22,7 +22,7 @@ from ..store import registry
 from .forks import ForkLaunch, Forks
 from .handoff import handoff
 from .mounts import Mount, rebinding
-from .spread import fork_across
+from .spread import HostPool, fork_across
 from .vm import VM
 
 Progress = Callable[[str], None]
@@ -194,7 +194,7 @@ class Host:
         boot_timeout: float,
         detached: bool,
         ports: list[list],
-        hosts: Sequence[Host] | None,
+        hosts: Sequence[Host] | HostPool | None,
         mounts: Sequence[str | Mount] | None,
     ) -> ForkLaunch:
         """``source.fork()``: siblings here, or spread over ``hosts``."""

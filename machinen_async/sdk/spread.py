@@ -6,18 +6,20 @@ bundle written from the same template (the source running again) is pushed
 to every remote host (only the chunks it lacks), whose siblings start from
 it sharing its RAM copy-on-write in turn (``restore(bundle, names=...)``).
 
-Placement (``place``) is greedy and deterministic: each sibling goes to
-the host with the fewest VMs per CPU among those whose free memory can
-still hold one more (after one template copy of the guest RAM per host);
-if none can, the fork is refused (FORK_MEMORY_BACKPRESSURE) rather than
-overloading a host.
+Placement over a list of hosts (``place``) is greedy and deterministic: each
+sibling goes to the host with the fewest VMs per CPU among those whose free
+memory can still hold one more (after one template copy of the guest RAM per
+host); if none can, the fork is refused (FORK_MEMORY_BACKPRESSURE) rather than
+overloading a host.  A ``HostPool`` (a Ray cluster: sdk/ray_pool.py) places
+siblings itself and holds what it reserved for them until the ``Forks`` close.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -59,16 +61,22 @@ def place(count: int, facts: Sequence[dict[str, Any]], memory_mib: int) -> list[
     return placement
 
 
-async def fork_across(
-    source: VM,
-    names: list[str],
-    hosts: Sequence[Host],
-    boot_timeout: float,
-    detached: bool,
-    mounts: Sequence[str | Mount] | None,
-    bound: list[list],
-) -> Forks:
-    """``mounts`` as the user gave them (for each remote host to check there), ``bound`` as checked here."""
+@dataclass
+class Reservation:
+    """The host of each sibling, and what to call once they are all gone (``None``: nothing)."""
+
+    hosts: list[Host]
+    release: Callable[[], Awaitable[None]] | None = None
+
+
+class HostPool(Protocol):
+    """Hosts that place siblings themselves."""
+
+    async def reserve(self, count: int, memory_mib: int, accel: str) -> Reservation: ...
+
+
+async def place_on(hosts: Sequence[Host], count: int, memory_mib: int) -> Reservation:
+    """``place`` over what each host says of itself now."""
     facts: list[dict[str, Any]] = [{}] * len(hosts)
 
     async def learn(index: int) -> None:
@@ -78,13 +86,50 @@ async def fork_across(
         async with anyio.create_task_group() as tg:
             for index in range(len(hosts)):
                 tg.start_soon(learn, index)
-    placement = place(len(names), facts, source.info["memory_mib"])
+    return Reservation([hosts[i] for i in place(count, facts, memory_mib)])
+
+
+async def fork_across(
+    source: VM,
+    names: list[str],
+    hosts: Sequence[Host] | HostPool,
+    boot_timeout: float,
+    detached: bool,
+    mounts: Sequence[str | Mount] | None,
+    bound: list[list],
+) -> Forks:
+    """``mounts`` as the user gave them (for each remote host to check there), ``bound`` as checked here."""
+    memory_mib = source.info["memory_mib"]
+    if isinstance(hosts, Sequence):
+        reservation = await place_on(hosts, len(names), memory_mib)
+    else:
+        reservation = await hosts.reserve(len(names), memory_mib, source.info["accel"])
+    try:
+        return await _start_across(source, names, reservation.hosts, boot_timeout, detached, mounts, bound,
+                                   reservation.release)  # fmt: skip
+    except BaseException:
+        if reservation.release is not None:
+            with anyio.CancelScope(shield=True):
+                await reservation.release()
+        raise
+
+
+async def _start_across(
+    source: VM,
+    names: list[str],
+    placement: list[Host],
+    boot_timeout: float,
+    detached: bool,
+    mounts: Sequence[str | Mount] | None,
+    bound: list[list],
+    release: Callable[[], Awaitable[None]] | None,
+) -> Forks:
     # Siblings on the source's host map its fork template; the others start from a bundle of it.
-    here = [name for name, i in zip(names, placement, strict=True) if hosts[i] == source.host]
-    elsewhere: dict[int, list[str]] = {}
-    for name, index in zip(names, placement, strict=True):
-        if hosts[index] != source.host:
-            elsewhere.setdefault(index, []).append(name)
+    here = [name for name, host in zip(names, placement, strict=True) if host == source.host]
+    elsewhere: dict[Host, list[str]] = {}
+    for name, host in zip(names, placement, strict=True):
+        if host != source.host:
+            elsewhere.setdefault(host, []).append(name)
     unbound = [guest for _, guest, _ in source.info["mounts"] if guest not in {mount[1] for mount in bound}]
     if elsewhere and unbound:  # the source's directory is a path of its own host
         raise BootError(
@@ -120,8 +165,8 @@ async def fork_across(
 
         with plain_errors():
             async with anyio.create_task_group() as tg:
-                for index, host_names in elsewhere.items():
-                    tg.start_soon(start_there, hosts[index], host_names)
+                for host, host_names in elsewhere.items():
+                    tg.start_soon(start_there, host, host_names)
     except BaseException:
         await close_all(list(started.values()))
         raise
@@ -131,5 +176,6 @@ async def fork_across(
     return Forks(
         [started[name] for name in names],
         forks_here._template,
-        placement={name: hosts[i].name for name, i in zip(names, placement, strict=True)},
+        placement={name: host.name for name, host in zip(names, placement, strict=True)},
+        release=release,
     )

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .forks import ForkLaunch
     from .host import Host
     from .mounts import Mount
+    from .spread import HostPool
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 # What exec() keeps of each output stream and read_file() of a file, in host
@@ -200,7 +201,7 @@ class VM:
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
         detached: bool = False,
         ports: Sequence[PortSpec] | None = None,
-        hosts: Sequence[Host] | None = None,
+        hosts: Sequence[Host] | HostPool | None = None,
         mounts: Sequence[str | Mount] | None = None,
     ) -> ForkLaunch:
         """Siblings of this running VM, started concurrently from one instant.
@@ -214,7 +215,8 @@ class VM:
         never inherit port forwards: ``ports`` gives a single sibling its own.
         ``detached`` siblings outlive this process (closing their handles only
         disconnects).  ``hosts`` (``Host.local()``, ``Host.ssh(...)``) spreads the
-        siblings over several hosts by free memory and CPU; remote siblings
+        siblings over several hosts by free memory and CPU, or a ``RayHosts`` pool
+        lets Ray's scheduler place them; remote siblings
         start from a snapshot pushed there (see docs/scale-out.md).  Siblings
         keep this VM's live mounts; ``mounts`` re-binds them (by guest path) to
         other directories, or adds live mounts.

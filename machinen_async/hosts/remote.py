@@ -1,0 +1,254 @@
+"""A host whose ``machinen _peer`` is reached over a byte-stream transport: SSH (hosts/ssh.py)
+or a Ray actor (hosts/ray.py).
+
+The transport's own library may be asyncio-only (asyncssh, Ray's awaitables) while
+callers may run trio: the link lives in a private asyncio loop on a thread (an anyio
+blocking portal) and callers await it from any backend.  On the far side runs the
+same ``machinen``, as ``machinen _peer`` (hosts/peer.py: that machine's
+``LocalDriver``, served), one process per link.
+
+A remote VM is driven exactly like a local one: the transport forwards its
+supervisor socket to a local unix socket, so ``exec``/``process``/files speak
+the usual frames, flow control included.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import functools
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+
+from ..errors import ForkError, HostError, MachinenError
+from ..protocol.framing import FrameStream
+from ..protocol.messages import ForkTemplate
+from ..store import bundle
+from ..version import __version__
+from . import transfer
+from .base import PEER_PROTOCOL, Connection, HostDriver, Progress, TransferReport, close_connections, open_connection
+from .client import PeerClient
+
+
+class Transport(Protocol):
+    """One link to a host, used in the driver's asyncio loop."""
+
+    async def open(self) -> anyio.abc.ByteStream:
+        """Start ``machinen _peer`` there; its stdin/stdout as a stream."""
+
+    async def why_lost(self) -> MachinenError:
+        """The error for calls once the peer's stream ended."""
+
+    async def forward(self, remote_socket: str, local_dir: Path) -> str:
+        """A local unix socket (in ``local_dir``) that reaches ``remote_socket`` there."""
+
+    async def close(self) -> None: ...
+
+
+class _RemoteOwner:
+    """A VM the peer process holds for us: stopping it is asking the peer."""
+
+    def __init__(self, driver: RemoteDriver, name: str) -> None:
+        self.driver = driver
+        self.name = name
+
+    async def shutdown(self) -> None:
+        if self.driver.closed:
+            return  # the peer, and with it the VM, went with the connection
+        with anyio.CancelScope(shield=True), contextlib.suppress(MachinenError):
+            await self.driver.call("stop", {"name": self.name})
+
+
+class _Link:
+    """A transport and the peer client over it."""
+
+    def __init__(self, transport: Transport, client: PeerClient) -> None:
+        self.transport = transport
+        self.client = client
+
+    @classmethod
+    async def open(cls, destination: str, transport: Transport) -> _Link:
+        stream = await transport.open()
+        return cls(transport, PeerClient(destination, FrameStream(stream), transport.why_lost))
+
+    async def close(self) -> None:
+        await self.transport.close()
+        self.client.close()
+
+
+class RemoteDriver(HostDriver):
+    """A host reached through a ``Transport`` that ``new_transport`` makes for each link."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._portal_cm: contextlib.AbstractContextManager | None = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._link: _Link | None = None
+        self._sockets_dir: Path | None = None
+        self._open_lock = anyio.Lock()
+        self.closed = False
+
+    def address(self, vm_name: str) -> str:
+        return f"{self.name}:{vm_name}"
+
+    @abc.abstractmethod
+    def new_transport(self) -> Transport:
+        """A transport for a new link (made in the portal's loop)."""
+
+    async def _in_loop(self, function, *args: Any) -> Any:
+        """Run ``function(*args)`` in the portal loop and await it from any backend."""
+        future = self._portal.start_task_soon(function, *args)
+        try:
+            return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        except BaseException:
+            future.cancel()
+            raise
+
+    async def _ready_link(self) -> _Link:
+        if self.closed:
+            raise HostError(f"the connection to {self.name} was closed", code="HOST_CLOSED")
+        async with self._open_lock:
+            if self._portal is None:
+                self._portal_cm = anyio.from_thread.start_blocking_portal("asyncio")
+                self._portal = await anyio.to_thread.run_sync(self._portal_cm.__enter__)
+                self._sockets_dir = Path(tempfile.mkdtemp(prefix="machinen-link-"))
+            if self._link is None or self._link.client.lost is not None:
+                if self._link is not None:
+                    await self._in_loop(self._link.close)
+                    self._link = None
+                link = await self._in_loop(_Link.open, self.name, self.new_transport())
+                try:
+                    facts = await self._in_loop(link.client.call, "hello", {"version": __version__})
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._in_loop(link.close)
+                    raise
+                if facts.get("version") != __version__ or facts.get("protocol") != PEER_PROTOCOL:
+                    await self._in_loop(link.close)
+                    raise HostError(
+                        f"{self.name} runs machinen {facts.get('version')} (peer protocol {facts.get('protocol')}), "
+                        f"this is {__version__} (protocol {PEER_PROTOCOL}); install the same version on both",
+                        code="HOST_VERSION_MISMATCH",
+                    )
+                self._link = link
+            return self._link
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        link = await self._ready_link()
+        return await self._in_loop(link.client.call, method, params)
+
+    async def open(self) -> None:
+        await self._ready_link()
+
+    async def info(self) -> dict[str, Any]:
+        return await self.call("hello", {"version": __version__})
+
+    async def _check_compatible(self, manifest: dict[str, Any]) -> None:
+        """Refuse, before moving anything, a host that could not run this bundle."""
+        facts = await self.info()
+        problems = []
+        if facts["arch"] != platform.machine():
+            problems.append(f"architecture {facts['arch']} (here {platform.machine()})")
+        if facts["qemu_version"] != manifest.get("qemu_version"):
+            problems.append(f"QEMU {facts['qemu_version']} (the bundle needs {manifest.get('qemu_version')})")
+        if facts["accel"] != manifest["machine"]["accel"]:
+            problems.append(f"accelerator {facts['accel']} (the bundle needs {manifest['machine']['accel']})")
+        if problems:
+            raise HostError(f"{self.name} cannot run this VM: " + "; ".join(problems), code="HOST_INCOMPATIBLE")
+
+    async def push(self, bundle_dir: Path, *, progress: Progress | None = None, trust: bool = False) -> TransferReport:
+        manifest = await anyio.to_thread.run_sync(functools.partial(bundle.verify, bundle_dir, trust=trust))
+        await self._check_compatible(manifest.data)
+        link = await self._ready_link()
+        return await self._in_loop(
+            transfer.send_bundle, link.client.call, self.name, bundle_dir, progress or (lambda message: None)
+        )
+
+    async def remove_bundle(self, bundle: str) -> None:
+        await self.call("remove_bundle", {"bundle": bundle})
+
+    async def _attach(self, name: str, remote_socket: str, *, owned: bool) -> Connection:
+        link = await self._ready_link()
+        local_socket = await self._in_loop(link.transport.forward, remote_socket, self._sockets_dir)
+        return await open_connection(Path(local_socket), _RemoteOwner(self, name) if owned else None)
+
+    async def _attach_started(self, started: list[dict[str, Any]], *, detached: bool) -> list[Connection]:
+        """Connections to VMs the peer just started; if one cannot be reached, none stay."""
+        connections: list[Connection] = []
+        try:
+            for entry in started:
+                connections.append(await self._attach(entry["name"], entry["socket"], owned=not detached))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await close_connections(connections)
+                for entry in started[len(connections) :]:
+                    await _RemoteOwner(self, entry["name"]).shutdown()
+            raise
+        return connections
+
+    async def restore(
+        self,
+        bundle: str,
+        names: Sequence[str],
+        *,
+        siblings: bool,
+        ports: list[list],
+        detached: bool,
+        boot_timeout: float,
+        mounts: Sequence[Sequence] = (),
+    ) -> list[Connection]:
+        params = {"bundle": bundle, "names": list(names), "siblings": siblings, "ports": ports, "detached": detached,
+                  "boot_timeout": boot_timeout, "mounts": [list(m) for m in mounts]}  # fmt: skip
+        started = (await self.call("restore", params))["vms"]
+        return await self._attach_started(started, detached=detached)
+
+    async def fork(
+        self,
+        source: Connection,
+        names: Sequence[str],
+        *,
+        ports: list[list],
+        detached: bool,
+        boot_timeout: float,
+        bundle_dir: Path | None = None,
+        mounts: Sequence[Sequence] = (),
+    ) -> tuple[list[Connection], ForkTemplate]:
+        if bundle_dir is not None:
+            raise ForkError("spread the forks of a remote VM from the host it runs on", code="FORK_REMOTE_SOURCE")
+        params = {"source": source.name, "names": list(names), "ports": ports, "detached": detached,
+                  "boot_timeout": boot_timeout, "mounts": [list(m) for m in mounts]}  # fmt: skip
+        result = await self.call("fork", params)
+        template = ForkTemplate.from_wire(result["template"])
+        return await self._attach_started(result["vms"], detached=detached), template
+
+    async def connect(self, name: str) -> Connection:
+        located = await self.call("locate", {"name": name})
+        return await self._attach(name, located["socket"], owned=False)
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self.call("list")
+
+    async def stop(self, name: str, *, force: bool = False) -> str:
+        return (await self.call("stop", {"name": name, "force": force}))["how"]
+
+    async def aclose(self) -> None:
+        """Close the connection; VMs started through it without ``detached`` stop."""
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            if self._portal is not None:
+                if self._link is not None:
+                    await self._in_loop(self._link.close)
+                    self._link = None
+                await anyio.to_thread.run_sync(self._portal_cm.__exit__, None, None, None)
+                self._portal = self._portal_cm = None
+            if self._sockets_dir is not None:
+                shutil.rmtree(self._sockets_dir, ignore_errors=True)
+                self._sockets_dir = None

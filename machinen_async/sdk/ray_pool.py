@@ -1,0 +1,191 @@
+"""A Ray cluster as a pool of hosts: ``async with RayHosts() as pool`` then
+``vm.fork(n=64, hosts=pool)``; Ray's scheduler places the siblings.
+
+Each node that offers the ``machinen_slots`` custom resource (``ray start
+--resources='{"machinen_slots": 8}'``) is a ``Host``, driven through one
+``NodeAgent`` actor of this pool on that node (hosts/ray_node.py).  A spread
+fork asks Ray for a placement group of one bundle per sibling, each a slot and
+the host memory a sibling costs (``spread.sibling_cost_mib``), so Ray decides
+which node takes which sibling (``strategy``: Ray's placement strategies); the
+group is held until the ``Forks`` close.  The siblings of one node start from
+one pushed bundle and share its RAM copy-on-write.
+
+Ray's API is blocking or asyncio-only: blocking calls run in worker threads,
+and each node's link runs in an asyncio portal, so callers use any anyio
+backend.  VMs live as long as the pool's actors: leaving the ``async with``,
+or the end of the driver process (Ray ends the actors of a finished job), or
+the loss of a node stops them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+
+from ..errors import HostError, MachinenError
+from .host import Host
+from .spread import Reservation, sibling_cost_mib
+
+SLOT_RESOURCE = "machinen_slots"
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise HostError(
+            "a Ray host pool needs Ray: pip install 'machinen_async[ray]'", code="HOST_RAY_MISSING"
+        ) from None
+    return ray
+
+
+class RayHosts:
+    """The nodes of a Ray cluster as hosts that place siblings through Ray."""
+
+    def __init__(
+        self,
+        address: str | None = "auto",
+        *,
+        strategy: str = "SPREAD",
+        reserve_timeout: float = 60.0,
+        namespace: str = "machinen",
+        **init_options: Any,
+    ) -> None:
+        """``address`` as ``ray.init`` takes it ("auto", "ray://head:10001", ...); a process that
+        already called ``ray.init`` keeps its connection.  ``strategy``: how Ray spreads one fork's
+        siblings; ``reserve_timeout``: how long a fork waits for Ray to find room for them."""
+        if strategy not in STRATEGIES:
+            raise MachinenError(f"strategy must be one of {', '.join(STRATEGIES)}", code="FORK_HOSTS_INVALID")
+        self.address = address
+        self.strategy = strategy
+        self.reserve_timeout = reserve_timeout
+        self._init_options = {"namespace": namespace, **init_options}
+        self._hosts: dict[str, Host] = {}
+        self._lock = threading.Lock()  # hosts are added from worker threads
+        self._initialized_ray = False
+        self._agent_class: Any = None
+
+    async def __aenter__(self) -> RayHosts:
+        try:
+            await anyio.to_thread.run_sync(self._start)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _start(self) -> None:
+        ray = _import_ray()
+        from ..hosts.ray_node import NodeAgent
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, log_to_driver=False, **self._init_options)
+            except ConnectionError as exc:
+                raise HostError(
+                    f"cannot reach the Ray cluster at {self.address}: {exc}", code="HOST_UNREACHABLE"
+                ) from None
+            self._initialized_ray = True
+        # The actor needs no CPU of Ray's: its VMs' QEMUs are what the slots account for.
+        self._agent_class = ray.remote(num_cpus=0, max_restarts=0)(NodeAgent)
+        for node in ray.nodes():
+            if node["Alive"] and node["Resources"].get(SLOT_RESOURCE):
+                self._host_for(node["NodeID"])
+        if not self._hosts:
+            raise HostError(
+                f"no node of the Ray cluster offers the {SLOT_RESOURCE!r} resource: start nodes with "
+                f"ray start --resources='{{\"{SLOT_RESOURCE}\": N}}' (N siblings each)",
+                code="HOST_RAY_NO_NODES",
+            )
+
+    def _host_for(self, node_id: str) -> Host:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from ..hosts.ray_node import RayNodeDriver
+
+        with self._lock:
+            host = self._hosts.get(node_id)
+            if host is None:
+                strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+                actor = self._agent_class.options(scheduling_strategy=strategy).remote()
+                host = self._hosts[node_id] = Host(RayNodeDriver(node_id, actor))
+            return host
+
+    @property
+    def hosts(self) -> list[Host]:
+        """One ``Host`` per node (named by its Ray node ID)."""
+        return list(self._hosts.values())
+
+    def host(self, node_id: str) -> Host:
+        """The node with this Ray node ID, e.g. for ``vm.handoff(pool.host(node_id))``."""
+        try:
+            return self._hosts[node_id]
+        except KeyError:
+            raise HostError(f"no machinen node {node_id} in this Ray pool", code="HOST_SPEC_INVALID") from None
+
+    async def reserve(self, count: int, memory_mib: int, accel: str) -> Reservation:
+        """Ray's placement of ``count`` siblings of ``memory_mib`` MiB, held until released."""
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+        ray = _import_ray()
+        bundle = {SLOT_RESOURCE: 1, "memory": int(sibling_cost_mib({"accel": accel}, memory_mib) * 2**20)}
+
+        def place() -> tuple[Any, list[Host]]:
+            group = placement_group([bundle] * count, strategy=self.strategy)
+            try:
+                ray.get(group.ready(), timeout=self.reserve_timeout)
+                nodes = placement_group_table(group)["bundles_to_node_id"]
+                return group, [self._host_for(nodes[index]) for index in range(count)]
+            except BaseException as exc:
+                remove_placement_group(group)
+                if isinstance(exc, ray.exceptions.GetTimeoutError):
+                    raise MachinenError(
+                        f"the Ray cluster found no room for {count} siblings of {memory_mib} MiB within "
+                        f"{self.reserve_timeout:g} s (each takes one {SLOT_RESOURCE!r} and "
+                        f"{bundle['memory'] / 2**20:.0f} MiB of a node's Ray memory)",
+                        code="FORK_MEMORY_BACKPRESSURE",
+                        retryable=True,
+                    ) from None
+                raise
+
+        group, hosts = await anyio.to_thread.run_sync(place)
+
+        async def release() -> None:
+            await anyio.to_thread.run_sync(remove_placement_group, group)
+
+        return Reservation(hosts, release)
+
+    async def list(self) -> list[dict[str, Any]]:
+        """The VMs of every node, each row with its ``node``."""
+        rows: list[dict[str, Any]] = []
+
+        async def list_node(host: Host) -> None:
+            rows.extend({**row, "node": host.name} for row in await host.list())
+
+        async with anyio.create_task_group() as tg:
+            for host in self.hosts:
+                tg.start_soon(list_node, host)
+        return rows
+
+    async def aclose(self) -> None:
+        """Stop this pool's VMs (those not ``detached``) and its actors."""
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for host in self.hosts:
+                    tg.start_soon(host.aclose)
+            if self._hosts or self._initialized_ray:
+                await anyio.to_thread.run_sync(self._stop)
+
+    def _stop(self) -> None:
+        ray = _import_ray()
+        for host in self._hosts.values():
+            ray.kill(host.driver.actor)  # its peer has its EOF already, and stops its VMs
+        self._hosts.clear()
+        if self._initialized_ray:
+            ray.shutdown()
+            self._initialized_ray = False
