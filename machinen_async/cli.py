@@ -517,10 +517,14 @@ def gc_command(dry_run: bool, as_json: bool) -> None:
 
 @main.command(name="ls")
 @click.option("--host", "host_specs", multiple=True, metavar="[USER@]HOST", help="List the VMs of HOST (repeatable).")
+@click.option(
+    "--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+    help="List the VMs of every machinen node of a Ray cluster (default address: auto).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
-def ls_command(host_specs: tuple[str, ...], as_json: bool) -> None:
-    """List running VMs (here, or on each --host)."""
-    if not host_specs:
+def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bool) -> None:
+    """List running VMs (here, on each --host, or on the nodes of a Ray cluster)."""
+    if not host_specs and ray_address is None:
         _print_rows(registry.list_rows(), as_json)
         return
 
@@ -529,6 +533,11 @@ def ls_command(host_specs: tuple[str, ...], as_json: bool) -> None:
         for spec in host_specs:
             async with _ssh_host(spec) as host:
                 rows += [{**row, "name": f"{spec}:{row['name']}"} for row in await host.list()]
+        if ray_address is not None:
+            from .sdk.ray_pool import RayHosts
+
+            async with RayHosts(ray_address) as pool:
+                rows += [{**row, "name": f"{row['node']}:{row['name']}"} for row in await pool.list()]
         _print_rows(rows, as_json)
 
     _run(run)

@@ -29,7 +29,9 @@ def test_round_trips_through_json_and_msgpack_shapes():
     assert SupervisorConfig.from_json(booted.to_json()) == booted
     request = ExecRequest(["sh", "-c", "true"], env={"A": "1"}, cwd="/tmp", stdin=True, timeout=5, tty=True, rows=40)
     again = ExecRequest.from_wire(request.to_wire())
-    assert [getattr(again, key) for key in ExecRequest.__slots__] == [getattr(request, k) for k in ExecRequest.__slots__]
+    assert [getattr(again, key) for key in ExecRequest.__slots__] == [
+        getattr(request, k) for k in ExecRequest.__slots__
+    ]
 
 
 @pytest.mark.parametrize(
