@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import anyio.abc
 from ray.exceptions import RayError
 
 from ..errors import MachinenError, TransferError
-from .remote import RemoteDriver
+from .remote import RemoteDriver, forward_path
 
 # What one actor call carries at most; a stream's reader asks for this much.
 RELAY_CHUNK = 1024 * 1024
@@ -174,8 +173,7 @@ class RayTransport:
         """A local unix socket whose every connection is relayed to ``remote_socket`` on the node."""
         if remote_socket in self.forwards:
             return self.forwards[remote_socket][0]
-        local = local_dir / f"{hashlib.sha256(remote_socket.encode()).hexdigest()[:16]}.sock"
-        local.unlink(missing_ok=True)
+        local = forward_path(local_dir, remote_socket)
         listener = await anyio.create_unix_listener(local, mode=0o600)
         self.forwards[remote_socket] = (str(local), asyncio.create_task(listener.serve(self._relayer(remote_socket))))
         return str(local)

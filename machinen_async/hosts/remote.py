@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import hashlib
 import platform
 import shutil
 import tempfile
@@ -51,6 +52,13 @@ class Transport(Protocol):
         """A local unix socket (in ``local_dir``) that reaches ``remote_socket`` there."""
 
     async def close(self) -> None: ...
+
+
+def forward_path(local_dir: Path, remote_socket: str) -> Path:
+    """Where a transport's local end of ``remote_socket`` goes (cleared of one an earlier link left)."""
+    local = local_dir / f"{hashlib.sha256(remote_socket.encode()).hexdigest()[:16]}.sock"
+    local.unlink(missing_ok=True)
+    return local
 
 
 class _RemoteOwner:

@@ -4,7 +4,6 @@ socket forwards to supervisors there.  Lives in the asyncio loop of the driver's
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import anyio.abc
 import asyncssh
 
 from ..errors import HostError, MachinenError, TransferError
+from .remote import forward_path
 
 
 class _ProcessStream(anyio.abc.ByteStream):
@@ -81,8 +81,7 @@ class SSHTransport:
         """A local unix socket that reaches ``remote_socket`` on the host."""
         if remote_socket in self.forwards:
             return self.forwards[remote_socket][0]
-        local = str(local_dir / f"{hashlib.sha256(remote_socket.encode()).hexdigest()[:16]}.sock")
-        Path(local).unlink(missing_ok=True)  # left by an earlier connection
+        local = str(forward_path(local_dir, remote_socket))
         listener = await self.connection.forward_local_path(local, remote_socket)
         os.chmod(local, 0o600)
         self.forwards[remote_socket] = (local, listener)
