@@ -20,7 +20,7 @@ the loss of a node stops them.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Self
 
 import anyio
 
@@ -65,10 +65,13 @@ class RayHosts:
         self._init_options = {"namespace": namespace, **init_options}
         self._hosts: dict[str, Host] = {}
         self._lock = threading.Lock()  # hosts are added from worker threads
+        # Placement groups held for running siblings: a single sibling's (``await vm.fork(hosts=pool)``)
+        # has no ``Forks`` to release it, so whatever is left goes with the pool.
+        self._groups: set[Any] = set()
         self._initialized_ray = False
         self._agent_class: Any = None
 
-    async def __aenter__(self) -> RayHosts:
+    async def __aenter__(self) -> Self:
         try:
             await anyio.to_thread.run_sync(self._start)
         except BaseException:
@@ -154,9 +157,12 @@ class RayHosts:
                 raise
 
         group, hosts = await anyio.to_thread.run_sync(place)
+        self._groups.add(group)
 
         async def release() -> None:
-            await anyio.to_thread.run_sync(remove_placement_group, group)
+            if group in self._groups:
+                self._groups.discard(group)
+                await anyio.to_thread.run_sync(remove_placement_group, group)
 
         return Reservation(hosts, release)
 
@@ -178,11 +184,16 @@ class RayHosts:
             async with anyio.create_task_group() as tg:
                 for host in self.hosts:
                     tg.start_soon(host.aclose)
-            if self._hosts or self._initialized_ray:
+            if self._hosts or self._groups or self._initialized_ray:
                 await anyio.to_thread.run_sync(self._stop)
 
     def _stop(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
         ray = _import_ray()
+        for group in self._groups:
+            remove_placement_group(group)
+        self._groups.clear()
         for host in self._hosts.values():
             ray.kill(host.driver.actor)  # its peer has its EOF already, and stops its VMs
         self._hosts.clear()
