@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 from ray.exceptions import RayError
 
-from ..errors import MachinenError, TransferError
+from ..errors import HostError, MachinenError, TransferError
 from .remote import RemoteDriver, forward_path
 
 # What one actor call carries at most; a stream's reader asks for this much.
@@ -155,7 +155,7 @@ class RayTransport:
         try:
             self.peer = await self.actor.start_peer.remote()
         except RayError as exc:
-            raise MachinenError(
+            raise HostError(
                 f"Ray node {self.node} cannot start machinen: {exc}", code="HOST_UNREACHABLE", retryable=True
             ) from None
         return _ActorStream(self.actor, self.peer, self.node)
