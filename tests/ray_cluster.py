@@ -6,11 +6,17 @@ really travel to each node on a first push.
 
 Every process of the cluster has the cluster's own temp directory in its command line, which
 is how ``stop`` finds them (``ray stop`` would stop every Ray on the machine).
+
+The cluster uses Ray's token authentication with a token of its own, set in this process's
+environment too (the driver's): Ray >= 2.59 turns tokens on by itself for some local
+clusters and reads ``~/.ray/auth_token`` when there is one, and nodes that disagree on the
+mode cannot join.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -45,6 +51,12 @@ class RayCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[RayNode] = []
+        token = root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        self._saved_env = {name: os.environ.get(name) for name in self.auth}
+        os.environ.update(self.auth)
 
     def add(self, label: str) -> RayNode:
         """Start one more node (the first is the head)."""
@@ -60,7 +72,9 @@ class RayCluster:
         else:
             args = ["start", f"--address={self.address}", *common]
         env = {**os.environ, **node.env(), "RAY_USAGE_STATS_ENABLED": "0"}
-        subprocess.run([RAY, *args], env=env, check=True, capture_output=True, timeout=120)
+        started = subprocess.run([RAY, *args], check=False, env=env, capture_output=True, text=True, timeout=120)
+        if started.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}")
         self.nodes.append(node)
         return node
 
@@ -76,6 +90,11 @@ class RayCluster:
         raise LookupError(f"no raylet for node {node_id}")
 
     def stop(self) -> None:
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         for _ in range(20):
             pids = [int(line.split(" ", 1)[0]) for line in _processes(str(self.temp_dir))]
             if not pids:

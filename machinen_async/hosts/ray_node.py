@@ -32,6 +32,10 @@ from .remote import RemoteDriver, forward_path
 
 # What one actor call carries at most; a stream's reader asks for this much.
 RELAY_CHUNK = 1024 * 1024
+# Bytes a stream queues for its actor before a send waits.
+SEND_WINDOW = 4 * RELAY_CHUNK
+# How long closing a stream waits for its queued bytes to reach the actor.
+CLOSE_DRAIN_S = 10.0
 PEER_LOG_TAIL = 4000
 
 
@@ -99,15 +103,23 @@ def _lost(node: str) -> anyio.BrokenResourceError:
 class _ActorStream(anyio.abc.ByteStream):
     """One stream of the actor as an anyio byte stream (in the driver's asyncio loop).
 
-    Sends wait for the actor to take each piece before the next goes: Ray does not
-    keep an async actor's calls in order, and the bytes of a stream must stay so.
+    Writes go behind: ``send`` queues the bytes and returns while the queue holds less
+    than ``SEND_WINDOW``, and one flusher hands the actor everything queued in a single
+    call.  One call at a time, because Ray does not keep an async actor's calls in
+    order; everything at once, because a call costs ~3.5 ms here whatever it carries
+    (256 KiB chunk frames one call each gave ~90 MB/s, coalesced ~1 GB/s).  A failed
+    call breaks the stream: later sends raise, and the reader sees the actor gone.
     """
 
     def __init__(self, actor: Any, stream_id: int, node: str) -> None:
         self._actor = actor
         self._id = stream_id
         self._node = node
-        self._send_lock = asyncio.Lock()
+        self._outbox = bytearray()
+        self._in_flight = False
+        self._failure: anyio.BrokenResourceError | None = None
+        self._changed = asyncio.Condition()
+        self._flusher: asyncio.Task | None = None
 
     async def _call(self, method: Any, *args: Any) -> Any:
         try:
@@ -121,15 +133,51 @@ class _ActorStream(anyio.abc.ByteStream):
             raise anyio.EndOfStream
         return data
 
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise anyio.BrokenResourceError(*self._failure.args)
+
     async def send(self, item: bytes) -> None:
-        async with self._send_lock:
-            await self._call(self._actor.send, item)
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self._outbox) < SEND_WINDOW or self._failure)
+            self._raise_failure()
+            self._outbox += item
+            self._changed.notify_all()
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._outbox)
+                data = bytes(self._outbox)
+                self._outbox.clear()
+                self._in_flight = True
+                self._changed.notify_all()  # room again for senders
+            try:
+                await self._call(self._actor.send, data)
+            except anyio.BrokenResourceError as exc:
+                self._failure = exc
+                return
+            finally:
+                async with self._changed:
+                    self._in_flight = False
+                    self._changed.notify_all()
+
+    async def _drained(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not (self._outbox or self._in_flight) or self._failure)
+        self._raise_failure()
 
     async def send_eof(self) -> None:
-        async with self._send_lock:
-            await self._call(self._actor.send_eof)
+        await self._drained()
+        await self._call(self._actor.send_eof)
 
     async def aclose(self) -> None:
+        with anyio.move_on_after(CLOSE_DRAIN_S), contextlib.suppress(anyio.BrokenResourceError):
+            await self._drained()
+        if self._flusher is not None:
+            self._flusher.cancel()
         with contextlib.suppress(anyio.BrokenResourceError):
             await self._call(self._actor.close)
 
@@ -149,6 +197,7 @@ class RayTransport:
         self.actor = actor
         self.node = node
         self.peer: int | None = None
+        self.peer_stream: _ActorStream | None = None
         self.forwards: dict[str, tuple[str, asyncio.Task]] = {}
 
     async def open(self) -> anyio.abc.ByteStream:
@@ -158,7 +207,8 @@ class RayTransport:
             raise HostError(
                 f"Ray node {self.node} cannot start machinen: {exc}", code="HOST_UNREACHABLE", retryable=True
             ) from None
-        return _ActorStream(self.actor, self.peer, self.node)
+        self.peer_stream = _ActorStream(self.actor, self.peer, self.node)
+        return self.peer_stream
 
     async def why_lost(self) -> MachinenError:
         tail = ""
@@ -206,9 +256,8 @@ class RayTransport:
         for _, task in self.forwards.values():
             task.cancel()
         self.forwards.clear()
-        if self.peer is not None:
-            with contextlib.suppress(anyio.BrokenResourceError):
-                await _ActorStream(self.actor, self.peer, self.node).aclose()
+        if self.peer_stream is not None:
+            await self.peer_stream.aclose()
 
 
 class RayNodeDriver(RemoteDriver):
