@@ -16,12 +16,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from ray_cluster import use_own_auth_token
 from ssh_hosts import FakeHost, SSHHosts
 
 # Short paths: unix socket paths are limited to 108 bytes.
 _HOME = Path(tempfile.mkdtemp(prefix="mn-", dir="/tmp"))
 os.environ["MACHINEN_HOME"] = str(_HOME)
 os.environ.setdefault("MACHINEN_RUNTIME_DIR", f"/dev/shm/machinen-test-{os.getpid()}")
+use_own_auth_token(_HOME)  # before any test module imports Ray, which reads it then
 
 SHARED_VM = "shared"
 

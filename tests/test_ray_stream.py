@@ -9,9 +9,11 @@ under asyncio.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 
 import anyio
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray.exceptions import RayError
@@ -22,12 +24,22 @@ HANG_S = 10
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+class _Call:
+    """What ``.remote()`` gives, as far as ``_ActorStream`` uses it: ``future()``."""
+
+    def __init__(self, coroutine) -> None:
+        self._coroutine = coroutine
+
+    def future(self):
+        return asyncio.run_coroutine_threadsafe(self._coroutine, asyncio.get_running_loop())
+
+
 class _Method:
     def __init__(self, function) -> None:
         self._function = function
 
     def remote(self, *args):
-        return self._function(*args)
+        return _Call(self._function(*args))
 
 
 class FakeActor:
@@ -137,5 +149,28 @@ def test_queued_writes_wait_for_room():
             await stream.send_eof()
         assert actor.received == b"a" + b"b" * ray_node.SEND_WINDOW + b"c"
         await stream.aclose()
+
+    anyio.run(main, backend="asyncio")
+
+
+def test_a_cancelled_wait_leaves_the_call_to_finish():
+    """Ray Client sets a call's future when the answer comes, even one cancelled meanwhile (and
+    logs a traceback for it): a caller that stops waiting must not cancel it."""
+
+    async def main() -> None:
+        answered = concurrent.futures.Future()
+
+        class Call:
+            def future(self):
+                return answered
+
+        waiting = asyncio.ensure_future(ray_node._result(Call()))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not answered.cancelled()
+        answered.set_result(b"late")  # what Ray does later; nobody is waiting, nothing breaks
+        await asyncio.sleep(0.01)
 
     anyio.run(main, backend="asyncio")

@@ -96,6 +96,34 @@ class NodeAgent:
             stream[1].close()
 
 
+async def _result(call: Any) -> Any:
+    """Await an actor call (a Ray ``ObjectRef``) without ever cancelling the call's own future: a
+    cancelled caller only stops waiting.  Ray Client (``ray://``) sets that future when the answer
+    comes, cancelled or not, and logs a traceback for each one it finds cancelled; awaiting the
+    ref itself would cancel it, and so would the end of the loop of a task still awaiting it."""
+    answered = call.future()  # a concurrent.futures.Future, settled from Ray's threads
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def settle(_: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_copy_outcome, answered, waiter)
+
+    answered.add_done_callback(settle)
+    return await waiter
+
+
+def _copy_outcome(answered: Any, waiter: asyncio.Future) -> None:
+    if waiter.done():
+        return
+    if answered.cancelled():
+        waiter.cancel()
+    elif (error := answered.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(answered.result())
+
+
 def _lost(node: str) -> anyio.BrokenResourceError:
     return anyio.BrokenResourceError(f"the Ray actor of node {node} is gone")
 
@@ -123,7 +151,7 @@ class _ActorStream(anyio.abc.ByteStream):
 
     async def _call(self, method: Any, *args: Any) -> Any:
         try:
-            return await method.remote(self._id, *args)
+            return await _result(method.remote(self._id, *args))
         except RayError:
             raise _lost(self._node) from None
 
@@ -202,7 +230,7 @@ class RayTransport:
 
     async def open(self) -> anyio.abc.ByteStream:
         try:
-            self.peer = await self.actor.start_peer.remote()
+            self.peer = await _result(self.actor.start_peer.remote())
         except RayError as exc:
             raise HostError(
                 f"Ray node {self.node} cannot start machinen: {exc}", code="HOST_UNREACHABLE", retryable=True
@@ -213,7 +241,7 @@ class RayTransport:
     async def why_lost(self) -> MachinenError:
         tail = ""
         with contextlib.suppress(RayError):
-            tail = (await self.actor.peer_log.remote(self.peer)).decode(errors="replace").strip()[-500:]
+            tail = (await _result(self.actor.peer_log.remote(self.peer))).decode(errors="replace").strip()[-500:]
         return TransferError(
             f"the link to Ray node {self.node} was lost" + (f": {tail}" if tail else " (its actor or node is gone)"),
             code="HOST_CONNECTION_LOST",
@@ -232,7 +260,8 @@ class RayTransport:
         async def relay(local: anyio.abc.ByteStream) -> None:
             async with local:
                 try:
-                    remote = _ActorStream(self.actor, await self.actor.open_socket.remote(remote_socket), self.node)
+                    stream_id = await _result(self.actor.open_socket.remote(remote_socket))
+                    remote = _ActorStream(self.actor, stream_id, self.node)
                 except RayError:
                     return  # the caller sees the connection end, as when a VM is gone
                 try:

@@ -20,6 +20,7 @@ the loss of a node stops them.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Self
 
 import anyio
@@ -87,6 +88,8 @@ class RayHosts:
         from ..hosts.ray_node import NodeAgent
 
         if not ray.is_initialized():
+            # Ray Client advises against sending much data through it; bundles are meant to go.
+            warnings.filterwarnings("ignore", message="More than 10MB of messages have been created", module="ray")
             try:
                 ray.init(address=self.address, log_to_driver=False, **self._init_options)
             except ConnectionError as exc:
