@@ -61,26 +61,38 @@ class MessageReader:
         self.limit = limit
         self.buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[list]:
+    def add(self, data: bytes) -> None:
         self.buffer += data
+
+    def feed(self, data: bytes) -> list[list]:
+        """Take ``data``; every message now complete."""
+        self.add(data)
         messages = []
-        while len(self.buffer) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self.buffer)
-            if length > self.limit:
-                raise MountProtocolError(f"a message of {length} bytes (at most {self.limit})")
-            if len(self.buffer) < _LENGTH.size + length:
-                break
-            body = bytes(self.buffer[_LENGTH.size : _LENGTH.size + length])
-            del self.buffer[: _LENGTH.size + length]
-            try:
-                message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE,
-                                          max_str_len=MAX_PATH * 2, max_array_len=1 << 16, max_map_len=16)  # fmt: skip
-            except Exception as exc:
-                raise MountProtocolError(f"undecodable message: {type(exc).__name__}") from None
-            if not isinstance(message, list) or len(message) != 3 or type(message[0]) is not int:
-                raise MountProtocolError("a message is [request_id, op or errno, args or result]")
-            messages.append(message)
+        while (message := self.next_message()) is not None:
+            messages.append(message[0])
         return messages
+
+    def next_message(self) -> tuple[list, int] | None:
+        """The next complete message in what was fed and the bytes it took, or None.  A host
+        takes them one at a time, so what it has decoded and not answered stays bounded."""
+        if len(self.buffer) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(self.buffer)
+        if length > self.limit:
+            raise MountProtocolError(f"a message of {length} bytes (at most {self.limit})")
+        size = _LENGTH.size + length
+        if len(self.buffer) < size:
+            return None
+        body = bytes(self.buffer[_LENGTH.size : size])
+        del self.buffer[:size]
+        try:
+            message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE,
+                                      max_str_len=MAX_PATH * 2, max_array_len=1 << 16, max_map_len=16)  # fmt: skip
+        except Exception as exc:
+            raise MountProtocolError(f"undecodable message: {type(exc).__name__}") from None
+        if not isinstance(message, list) or len(message) != 3 or type(message[0]) is not int:
+            raise MountProtocolError("a message is [request_id, op or errno, args or result]")
+        return message, size
 
 
 def check_path(path: object) -> str:

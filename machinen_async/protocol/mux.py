@@ -86,6 +86,7 @@ class Call:
                 raise ExecError("the call finished; it takes no more input", code="EXEC_STDIN_CLOSED")
             size = min(len(view), self._send_credit, wire.CHUNK)
             self._send_credit -= size
+            self._rules.sent(size)
             await self._channel.send([wire.DATA, self.sid, wire.STDIN, bytes(view[:size])])
             view = view[size:]
 

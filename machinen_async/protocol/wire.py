@@ -83,18 +83,25 @@ class ReplyRules:
     (stdout, stderr) and within the credit its caller granted, CREDIT only for stdin, then
     an outcome.  Each caller of the protocol (the SDK's ``mux.Call``, the supervisor's
     routes to the agent) holds one per call, because the answering side may be a hostile
-    guest: this is what keeps its output within the memory the caller agreed to hold."""
+    guest: this is what keeps its output within the memory the caller agreed to hold.
+    Stdin CREDIT returns bytes the caller sent: more than were sent (or none at all) would
+    let a guest open the caller's window past one and queue frames without end."""
 
-    __slots__ = ("closed", "window")
+    __slots__ = ("closed", "stdin_unreturned", "window")
 
     def __init__(self) -> None:
         self.window = {STDOUT: INITIAL_WINDOW, STDERR: INITIAL_WINDOW}
         self.closed: set[int] = set()
+        self.stdin_unreturned = 0  # stdin bytes sent that the answering side has not credited back
 
     def grant(self, fd: int, amount: int) -> None:
         """The caller returned ``amount`` bytes of credit on ``fd``."""
         if fd in self.window:
             self.window[fd] += amount
+
+    def sent(self, size: int) -> None:
+        """The caller sent ``size`` bytes of stdin DATA."""
+        self.stdin_unreturned += size
 
     def refuse(self, frame: list) -> str | None:
         """Why the answering side may not send ``frame`` (validated) now; None if it may (and
@@ -110,7 +117,12 @@ class ReplyRules:
             self.window[fd] -= len(frame[3])
             return f"more output on fd {fd} than its credit" if self.window[fd] < 0 else None
         if kind == CREDIT:
-            return None if frame[2] == STDIN else f"credit for fd {frame[2]}"
+            if frame[2] != STDIN:
+                return f"credit for fd {frame[2]}"
+            if not 0 < frame[3] <= self.stdin_unreturned:
+                return f"credit of {frame[3]} bytes for {self.stdin_unreturned} bytes of stdin sent"
+            self.stdin_unreturned -= frame[3]
+            return None
         return None if kind in FINAL_KINDS else f"a frame of kind {kind}"
 
 

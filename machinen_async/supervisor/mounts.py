@@ -3,44 +3,60 @@
 Everything the guest names is a path below the mount's root, resolved by the
 kernel with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` from a
 descriptor of the root: ``..``, absolute paths, symlinks (also ones swapped in
-while a request runs) and magic links never lead outside.  Symlinks the guest
-creates must stay inside the tree by their text (no absolute targets, no
-climbing above the root); files with more than one hard link are refused
-(the other link may be anywhere on the host); ``read_only`` is enforced here,
-whatever the guest's mount says.  Requests are stateless, so any supervisor
-serving the same directory answers a forked or restored guest's mount.
+while a request runs) and magic links never lead outside.
+
+What the guest leaves behind must not lead outside either, for the host's own
+tools, which follow links.  A symlink the guest makes is relative and climbs
+only first (``../../lib/x``, never ``a/../..``, where ``a`` may be a link) and
+no higher than its own directory's depth; a rename that would move a link, or
+a directory holding links, to where it climbs out is refused.  Then every
+link resolves inside: its climb ends inside, and each name after it is a real
+directory or another such link.  Only regular files and directories are
+opened (non-blocking: a FIFO cannot wedge a worker), first as ``O_PATH`` and
+checked, then reopened through that descriptor: a file with more than one hard
+link is refused before anything changes it (the other link may be anywhere on
+the host).  Modes lose set-uid, set-gid and sticky bits; ``read_only`` is
+enforced here, whatever the guest's mount says.  Requests are stateless, so any
+supervisor serving the same directory answers a forked or restored guest's mount.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import errno
 import os
-import posixpath
 import stat
-from collections import deque
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.abc
 import structlog
 
 from ..errors import BootError
 from ..protocol import mounts as protocol
 from ..protocol import wire
+from ..vmm import capped_log
 from .relay import AgentRelay, ClientConnection
 
 log = structlog.get_logger("machinen.supervisor")
 
 SYS_OPENAT2 = 437
 RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
-AT_SYMLINK_NOFOLLOW = 0x100
+AT_FDCWD, AT_SYMLINK_NOFOLLOW = -100, 0x100
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 RENAME_NOREPLACE = 1
-REQUESTS_IN_FLIGHT = 8  # worker threads per mount
+MODE_BITS = 0o777  # no set-uid, set-gid or sticky bit on a host file the guest made
+# A rename that moves a directory up is refused with EXDEV past this many entries (the
+# links in it would have to be checked): ``mv`` then copies, making each link anew.
+RENAME_CHECK_ENTRIES = 10_000
+REQUESTS_IN_FLIGHT = 8  # answers being built or sent at once, per mount (on threads of its own)
 REQUESTS_WAITING = 64  # decoded and not yet answered, per mount call
+# A guest that breaks the mount protocol over and over costs at most this many log lines a
+# minute; beyond them each new call waits BREAK_BACKOFF_S.
+BREAKS_PER_WINDOW, BREAK_BACKOFF_S = 5, 1.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -68,6 +84,7 @@ class HostDirectory:
         except OSError as exc:
             raise BootError(f"cannot mount {root}: {exc.strerror}", code="MOUNT_SOURCE_NOT_FOUND") from None
         self.read_only = read_only
+        self.shape_lock = threading.Lock()  # symlink and rename: a check and what it checked stay together
         self.ops: dict[str, Callable[..., Any]] = {name: getattr(self, f"_{name}") for name in protocol.OPS}
 
     def close(self) -> None:
@@ -108,12 +125,29 @@ class HostDirectory:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _file(self, path: Any, flags: int, mode: int = 0):
-        fd = self._beneath(path, flags, mode)
+    def _checked(self, path: Any, *, directory: bool):
+        """An ``O_PATH`` descriptor of a regular file with no other hard link (or, with
+        ``directory``, of a directory): nothing else is ever opened or changed."""
+        fd = self._beneath(path, os.O_PATH)
         try:
             facts = os.fstat(fd)
-            if not stat.S_ISDIR(facts.st_mode) and facts.st_nlink > 1:
+            if stat.S_ISDIR(facts.st_mode):
+                if not directory:
+                    raise OSError(errno.EISDIR, "a directory")
+            elif not stat.S_ISREG(facts.st_mode):
+                raise OSError(errno.EPERM, "neither a regular file nor a directory")
+            elif facts.st_nlink > 1:
                 raise OSError(errno.EPERM, "a file with other hard links (they may be outside the mount)")
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _file(self, path: Any, flags: int, *, directory: bool = False):
+        """``path`` opened with ``flags`` once checked (``_checked``), through the checked descriptor."""
+        with self._checked(path, directory=directory) as checked:
+            fd = os.open(f"/proc/self/fd/{checked}", flags | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
             yield fd
         finally:
             os.close(fd)
@@ -128,7 +162,7 @@ class HostDirectory:
     # --- reading ----------------------------------------------------------------
 
     def _list(self, path: Any) -> list:
-        fd = self._beneath(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = self._beneath(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
         try:
             with os.scandir(fd) as entries:
                 return [[entry.name, entry.inode(), _kind(entry)] for entry in entries]
@@ -151,9 +185,9 @@ class HostDirectory:
     def _open(self, path: Any, writable: bool, truncate: bool) -> None:
         if self.read_only and (writable or truncate):
             raise OSError(errno.EROFS, "read-only mount")
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_TRUNC if truncate else 0)
-        with self._file(path, flags):
-            pass
+        with self._file(path, os.O_RDWR if writable else os.O_RDONLY) as fd:
+            if truncate:
+                os.ftruncate(fd, 0)
 
     # --- writing ----------------------------------------------------------------
 
@@ -173,7 +207,7 @@ class HostDirectory:
                 pass  # there already: opened as it is, as open(O_CREAT) would
         else:
             try:
-                os.fchmod(fd, mode & 0o7777)  # the guest applied its umask; ours must not apply too
+                os.fchmod(fd, mode & MODE_BITS)  # the guest applied its umask; ours must not apply too
             finally:
                 os.close(fd)
         return self._lstat(path)
@@ -192,10 +226,9 @@ class HostDirectory:
         path = protocol.check_path(path)
         if not isinstance(target, str) or not target or "\0" in target or len(target) > protocol.MAX_PATH:
             raise OSError(errno.EINVAL, "not a symlink target")
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-        if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+        if not _stays_inside(target, _depth(path)):
             raise OSError(errno.EPERM, "a symlink on a live mount stays inside it")
-        with self._parent(path) as (fd, name):
+        with self.shape_lock, self._parent(path) as (fd, name):
             os.symlink(target, name, dir_fd=fd)
         return self._lstat(path)
 
@@ -208,28 +241,89 @@ class HostDirectory:
             os.rmdir(name, dir_fd=fd)
 
     def _rename(self, old: Any, new: Any, noreplace: bool) -> None:
-        with self._parent(old) as (old_fd, old_name), self._parent(new) as (new_fd, new_name):
+        with (
+            self.shape_lock,
+            self._parent(old) as (old_fd, old_name),
+            self._parent(new) as (new_fd, new_name),
+        ):
+            facts = os.stat(old_name, dir_fd=old_fd, follow_symlinks=False)
+            if stat.S_ISLNK(facts.st_mode):
+                if not _stays_inside(os.readlink(old_name, dir_fd=old_fd), _depth(new), moved=True):
+                    raise OSError(errno.EPERM, "the symlink would lead outside the mount from there")
+            elif stat.S_ISDIR(facts.st_mode) and _depth(new) < _depth(old):
+                _check_links_moving_up(old_fd, old_name, _depth(new) + 1)
             _check(_libc.renameat2(old_fd, old_name.encode(), new_fd, new_name.encode(),
                                    RENAME_NOREPLACE if noreplace else 0))  # fmt: skip
 
     def _chmod(self, path: Any, mode: int) -> None:
-        fd = self._beneath(path, os.O_PATH)  # refuses a symlink: chmod would follow it
-        try:
-            os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
-        finally:
-            os.close(fd)
+        with self._checked(path, directory=True) as fd:  # O_PATH refuses a symlink: chmod would follow it
+            os.chmod(f"/proc/self/fd/{fd}", mode & MODE_BITS)
 
     def _utimens(self, path: Any, atime_ns: int, mtime_ns: int) -> None:
         def spec(ns: int) -> _Timespec:
             return _Timespec(0, ns) if ns in (UTIME_NOW, UTIME_OMIT) else _Timespec(*divmod(ns, 1_000_000_000))
 
         times = (_Timespec * 2)(spec(atime_ns), spec(mtime_ns))
-        with self._parent(path) as (fd, name):
-            _check(_libc.utimensat(fd, name.encode(), times, AT_SYMLINK_NOFOLLOW))
+        try:
+            with self._checked(path, directory=True) as fd:
+                _check(_libc.utimensat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), times, 0))
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            with self._parent(path) as (fd, name):  # a symlink's own times (``touch -h``)
+                _check(_libc.utimensat(fd, name.encode(), times, AT_SYMLINK_NOFOLLOW))
 
     def _fsync(self, path: Any) -> None:
-        with self._file(path, os.O_RDONLY) as fd:
+        with self._file(path, os.O_RDONLY, directory=True) as fd:
             os.fsync(fd)
+
+
+def _depth(path: str) -> int:
+    """How many directories below the root the entry at ``path`` (checked) sits in."""
+    return path.count("/")
+
+
+def _stays_inside(target: str, depth: int, *, moved: bool = False) -> bool:
+    """Whether a symlink to ``target`` in a directory ``depth`` levels below the root resolves
+    inside: relative, climbing only before it names anything, and no higher than ``depth``
+    (where it climbs from is then a real directory, not a link).  A link being ``moved``
+    may be absolute (one of the host's own: it leads where it led before)."""
+    if target.startswith("/"):
+        return moved
+    parts = [part for part in target.split("/") if part not in ("", ".")]
+    climb = 0
+    while climb < len(parts) and parts[climb] == "..":
+        climb += 1
+    return ".." not in parts[climb:] and climb <= depth
+
+
+def _check_links_moving_up(parent_fd: int, name: str, depth: int) -> None:
+    """Refuse (EPERM) moving the directory ``name`` up to where its entries sit ``depth``
+    levels below the root if a symlink in it would then lead outside; EXDEV past
+    ``RENAME_CHECK_ENTRIES`` entries."""
+    seen = 0
+    pending = [(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                        dir_fd=parent_fd), depth)]  # fmt: skip
+    try:
+        while pending:
+            fd, level = pending.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        seen += 1
+                        if seen > RENAME_CHECK_ENTRIES:
+                            raise OSError(errno.EXDEV, "too many entries to check: copy instead")
+                        if entry.is_symlink():
+                            if not _stays_inside(os.readlink(entry.name, dir_fd=fd), level, moved=True):
+                                raise OSError(errno.EPERM, "a symlink in it would lead outside the mount")
+                        elif entry.is_dir(follow_symlinks=False):
+                            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                            pending.append((os.open(entry.name, flags, dir_fd=fd), level + 1))
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in pending:
+            os.close(fd)
 
 
 def _attrs(facts: os.stat_result) -> list:
@@ -249,89 +343,112 @@ async def serve_mount(relay: AgentRelay, directory: HostDirectory, target: str) 
     """Keep the guest's mount at ``target`` answered for the VM's whole life.
 
     One ``mount`` call at a time; when the agent channel resets it is opened
-    again once the agent answers (a guest that fails the call for good ends it).
+    again once the agent answers (a guest that fails the call for good ends it;
+    one that breaks the protocol gets a new call, logged and slowed within a budget).
     """
-    limiter = anyio.CapacityLimiter(REQUESTS_IN_FLIGHT)
+    threads = anyio.CapacityLimiter(REQUESTS_IN_FLIGHT)  # the mount's own: a slow one starves no other
+    breaks = capped_log.Budget(BREAKS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
     while True:
         while not relay.agent_up:
             await anyio.sleep(0.05)
-        if not await _serve_link(relay, directory, target, limiter):
+        outcome = await _serve_link(relay, directory, target, threads)
+        if outcome is _Outcome.FAILED:
             return
+        if outcome is _Outcome.BROKEN:
+            if breaks.spend():
+                log.warning("guest broke the mount protocol", target=target)
+            else:
+                if breaks.just_exhausted:
+                    log.warning("guest keeps breaking the mount protocol: not logged for a while", target=target)
+                await anyio.sleep(BREAK_BACKOFF_S)
         await anyio.sleep(0.05)
 
 
-async def _serve_link(relay: AgentRelay, directory: HostDirectory, target: str, limiter: anyio.CapacityLimiter) -> bool:
-    """Serve one ``mount`` call until it ends; whether to open another.
+class _Outcome(enum.Enum):
+    ENDED = "ended"  # the call ended with the agent channel: open it again
+    BROKEN = "broken"  # the guest broke the protocol: open it again, within a budget
+    FAILED = "failed"  # the guest failed the call: the mount is gone
 
-    Host memory stays bounded whatever the guest sends: a request's credit goes
-    back to the guest only once it is answered, at most ``REQUESTS_WAITING``
-    requests are decoded at a time (the rest wait as bytes, within the call's
-    window), and a message that breaks the protocol ends this call."""
+
+async def _serve_link(
+    relay: AgentRelay, directory: HostDirectory, target: str, threads: anyio.CapacityLimiter
+) -> _Outcome:
+    """Serve one ``mount`` call until it ends.
+
+    Host memory stays bounded whatever the guest sends: requests are decoded one
+    at a time, at most ``REQUESTS_WAITING`` of them decoded and not answered; at
+    most ``REQUESTS_IN_FLIGHT`` answers exist at once, each built and sent within
+    its slot and within the guest's credit (a guest crediting more than it was
+    sent breaks the protocol: the relay's route rules fail the call); a request's
+    bytes go back to the guest as credit only once it is answered, so what waits
+    undecoded stays within one window."""
     link = ClientConnection(None)
     agent_sid = relay.open_call(link, 1, "mount", {"target": target, "read_only": directory.read_only})
     if agent_sid is None:
-        return True
-    window = {"credit": wire.INITIAL_WINDOW, "granted": anyio.Event()}
+        return _Outcome.ENDED
+    send_credit = wire.INITIAL_WINDOW
+    credit_granted = anyio.Event()
     send_lock = anyio.Lock()
-    received: deque[bytes] = deque()  # DATA not decoded yet; its credit is not returned yet
+    answer_slots = anyio.Semaphore(REQUESTS_IN_FLIGHT)
     reader = protocol.MessageReader()
-    state = {"answering": 0, "broken": False}
+    waiting = 0  # decoded, not yet answered
+    outcome: _Outcome | None = None
 
-    async def answer(request: list, size: int, tg: anyio.abc.TaskGroup) -> None:
+    async def answer(request: list, size: int) -> None:
+        nonlocal send_credit, credit_granted, waiting
         request_id, op, args = request
-        async with limiter:
-            error, result = await anyio.to_thread.run_sync(directory.serve, op, args)
-        view = memoryview(protocol.encode([request_id, error, result]))
-        async with send_lock:
-            while view:
-                while window["credit"] <= 0:
-                    window["granted"] = anyio.Event()
-                    await window["granted"].wait()
-                piece = min(window["credit"], wire.CHUNK, len(view))
-                window["credit"] -= piece
-                relay.send([wire.DATA, agent_sid, wire.STDIN, bytes(view[:piece])])
-                view = view[piece:]
-        if size:
-            relay.send([wire.CREDIT, agent_sid, wire.STDOUT, size])
-        state["answering"] -= 1
-        decode(tg)
+        async with answer_slots:
+            error, result = await anyio.to_thread.run_sync(directory.serve, op, args, limiter=threads)
+            view = memoryview(protocol.encode([request_id, error, result]))
+            async with send_lock:
+                while view:
+                    while send_credit <= 0:
+                        credit_granted = anyio.Event()
+                        await credit_granted.wait()
+                    piece = min(send_credit, wire.CHUNK, len(view))
+                    send_credit -= piece
+                    relay.send([wire.DATA, agent_sid, wire.STDIN, bytes(view[:piece])])
+                    view = view[piece:]
+        relay.send([wire.CREDIT, agent_sid, wire.STDOUT, size])
+        waiting -= 1
+        start_answers()
 
-    def decode(tg: anyio.abc.TaskGroup) -> None:
-        """Start answering what has arrived, as far as the limit allows."""
-        while received and state["answering"] < REQUESTS_WAITING and not state["broken"]:
-            data = received.popleft()
+    def start_answers() -> None:
+        """Decode and start answering what has arrived, as far as the limit allows."""
+        nonlocal waiting, outcome
+        while waiting < REQUESTS_WAITING and outcome is None:
             try:
-                requests = reader.feed(data)
+                message = reader.next_message()
             except protocol.MountProtocolError as exc:
-                log.warning("guest broke the mount protocol", target=target, problem=str(exc))
-                state["broken"] = True
+                log.debug("mount message refused", target=target, problem=str(exc))
+                outcome = _Outcome.BROKEN
                 tg.cancel_scope.cancel()  # the next call starts clean
                 return
-            if not requests:  # part of a request: its bytes wait in the reader, bounded by MAX_MESSAGE
-                relay.send([wire.CREDIT, agent_sid, wire.STDOUT, len(data)])
-            for index, request in enumerate(requests):  # the frame's credit returns with its last answer
-                state["answering"] += 1
-                tg.start_soon(answer, request, len(data) if index == len(requests) - 1 else 0, tg)
+            if message is None:
+                return
+            waiting += 1
+            tg.start_soon(answer, *message)
 
-    finished = False
     try:
         async with anyio.create_task_group() as tg:
             async for frame in link.outbox:
                 kind = frame[0]
                 if kind == wire.DATA:
-                    received.append(frame[3])
-                    decode(tg)
+                    reader.add(frame[3])  # within the window: its credit returns as its requests are answered
+                    start_answers()
                 elif kind == wire.CREDIT:
-                    window["credit"] += frame[3]
-                    window["granted"].set()
+                    send_credit += frame[3]
+                    credit_granted.set()
                 elif kind in wire.FINAL_KINDS:
-                    finished = True
-                    if kind == wire.ERROR and frame[2] != "EXEC_AGENT_UNAVAILABLE":
+                    outcome = _Outcome.ENDED
+                    if kind == wire.ERROR and frame[2] == "EXEC_PROTOCOL":
+                        outcome = _Outcome.BROKEN
+                    elif kind == wire.ERROR and frame[2] != "EXEC_AGENT_UNAVAILABLE":
                         log.warning("guest mount failed", target=target, code=frame[2], message=frame[3])
-                        return False
-                    return True
-            tg.cancel_scope.cancel()
+                        outcome = _Outcome.FAILED
+                    break
+            tg.cancel_scope.cancel()  # answers still waiting for credit belong to the call that ended
     finally:
-        if not finished:
+        if outcome in (None, _Outcome.BROKEN):
             relay.cancel(agent_sid)
-    return True
+    return outcome or _Outcome.ENDED

@@ -11,6 +11,7 @@ import contextlib
 import math
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +35,77 @@ RESETS_PER_WINDOW, RESET_BACKOFF_S = 5, 1.0
 CHANNEL_DOWN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
-class ClientConnection:
-    """One caller: a socket client, or (``frames`` None) a port-forward tunnel of our own.
+class Outbox:
+    """Frames waiting for one caller, never waiting to be queued (the agent relay must not wait
+    for a caller that is not reading) and bounded in bytes, whatever the guest sends.
 
-    Frames for it wait in ``outbox`` (their number is bounded by the credit
-    windows) so the agent relay never waits for a client that is not reading.
-    """
+    The credit windows bound the *bytes* of output a guest may have queued per call; a
+    frame costs far more than its bytes, though, and a guest may send output a byte per
+    frame.  So output queued for a (call, fd) that is still waiting grows that frame (up to
+    ``wire.CHUNK``) instead of adding one, and a CREDIT adds to one still waiting: what a
+    call can hold here is its windows' bytes in about window / CHUNK frames.  Output may
+    then arrive earlier relative to another fd's, never reordered within an fd."""
+
+    def __init__(self) -> None:
+        self._frames: deque[list] = deque()
+        self._growing: dict[tuple[int, int, int], list] = {}  # (sid, kind, fd) -> frame still queued
+        self._changed = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: list) -> None:
+        kind = frame[0]
+        if kind in (wire.DATA, wire.CREDIT):
+            key = (frame[1], kind, frame[2])
+            waiting = self._growing.get(key)
+            if waiting is not None:
+                if kind == wire.CREDIT:
+                    waiting[3] += frame[3]
+                    return
+                if len(waiting[3]) + len(frame[3]) <= wire.CHUNK:
+                    if type(waiting[3]) is bytes:
+                        waiting[3] = bytearray(waiting[3])  # grows in place from here: no quadratic copying
+                    waiting[3] += frame[3]
+                    return
+            self._growing[key] = frame
+        elif kind in wire.FINAL_KINDS or kind == wire.EOF:
+            # Nothing may join output queued before the call's end or an fd's EOF.
+            for key in [key for key in self._growing if key[0] == frame[1]]:
+                del self._growing[key]
+        self._frames.append(frame)
+        self._changed.set()
+
+    async def get(self) -> list:
+        while not self._frames:
+            self._changed = anyio.Event()
+            await self._changed.wait()
+        frame = self._frames.popleft()
+        if frame[0] in (wire.DATA, wire.CREDIT):
+            key = (frame[1], frame[0], frame[2])
+            if self._growing.get(key) is frame:
+                del self._growing[key]
+            if frame[0] == wire.DATA and type(frame[3]) is bytearray:
+                frame[3] = bytes(frame[3])
+        return frame
+
+    def __aiter__(self) -> Outbox:
+        return self
+
+    async def __anext__(self) -> list:
+        return await self.get()
+
+
+class ClientConnection:
+    """One caller: a socket client, or (``frames`` None) a port-forward tunnel or live mount of our own.
+
+    Frames for it wait in its ``Outbox``, so the agent relay never waits for a
+    client that is not reading."""
 
     def __init__(self, frames: FrameStream | None) -> None:
         self.frames = frames
         self.agent_sids: dict[int, int] = {}  # client sid -> agent sid
-        self.outbox_send, self.outbox = anyio.create_memory_object_stream[list](math.inf)
+        self.outbox = Outbox()
 
     async def write_loop(self) -> None:
         with contextlib.suppress(*CHANNEL_DOWN):  # gone: its read side ends the connection
@@ -166,8 +227,11 @@ class AgentRelay:
         nor other clients.  The queue is bounded by the credit windows."""
         if self.agent is None or not self.agent_up:
             return False
-        if frame[0] == wire.CREDIT and (route := self.routes.get(frame[1])):
-            route.rules.grant(frame[2], frame[3])
+        if (route := self.routes.get(frame[1])) is not None:
+            if frame[0] == wire.CREDIT:
+                route.rules.grant(frame[2], frame[3])
+            elif frame[0] == wire.DATA and frame[2] == wire.STDIN:
+                route.rules.sent(len(frame[3]))
         self.to_agent_send.send_nowait((self.agent_session, frame))
         return True
 
@@ -181,7 +245,7 @@ class AgentRelay:
             return agent_sid
         self.routes.pop(agent_sid, None)
         client.agent_sids.pop(sid, None)
-        client.outbox_send.send_nowait(
+        client.outbox.put(
             [wire.ERROR, sid, "EXEC_AGENT_UNAVAILABLE", "the guest agent channel is being re-established"]
         )
         return None
@@ -226,7 +290,7 @@ class AgentRelay:
     def fail_all_calls(self, message: str) -> None:
         for route in self.routes.values():
             route.client.agent_sids.pop(route.client_sid, None)
-            route.client.outbox_send.send_nowait([wire.ERROR, route.client_sid, "EXEC_AGENT_UNAVAILABLE", message])
+            route.client.outbox.put([wire.ERROR, route.client_sid, "EXEC_AGENT_UNAVAILABLE", message])
         self.routes.clear()
 
     async def read_loop(self) -> None:
@@ -268,4 +332,4 @@ class AgentRelay:
                 del self.routes[agent_sid]
                 route.client.agent_sids.pop(route.client_sid, None)
             frame[1] = route.client_sid
-            route.client.outbox_send.send_nowait(frame)
+            route.client.outbox.put(frame)

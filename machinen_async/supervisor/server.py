@@ -7,6 +7,7 @@ forwards; the calls named ``vm.*`` are answered here, from ``local_calls``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ..errors import BootError, BootTimeoutError, MachinenError
+from ..errors import BootError, BootTimeoutError, ExecTimeoutError, MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..store import layers, paths, registry
@@ -30,6 +31,8 @@ from .relay import AgentRelay, ClientConnection
 
 log = structlog.get_logger("machinen.supervisor")
 
+# vm.reset_agent_channel without a timeout of its own: how long the agent has to answer the new session.
+RESET_TIMEOUT_S = 30.0
 
 LocalCall = Callable[[ClientConnection, dict], Awaitable[Any]]
 
@@ -199,7 +202,7 @@ class Supervisor:
         """Route one client frame without waiting for anything, so the next one is read at once."""
         kind, sid = frame[0], frame[1]
         if kind == wire.HELLO:
-            client.outbox_send.send_nowait([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, self.meta])
+            client.outbox.put([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, self.meta])
         elif kind == wire.OPEN and frame[2].startswith("vm."):
             tg.start_soon(self.handle_local_call, client, sid, frame[2], frame[3])
         elif kind == wire.OPEN:
@@ -222,21 +225,27 @@ class Supervisor:
                 raise MachinenError(f"unknown method {method!r}", code="EXEC_PROTOCOL")
             result = await call(client, params)
         except MachinenError as exc:
-            client.outbox_send.send_nowait([wire.ERROR, sid, exc.code, exc.message])
+            client.outbox.put([wire.ERROR, sid, exc.code, exc.message])
             return
         except Exception as exc:  # a QMP or OS failure fails this call, not the VM
             log.exception("call failed", method=method)
-            client.outbox_send.send_nowait(
-                [wire.ERROR, sid, "VM_CALL_FAILED", f"{method}: {type(exc).__name__}: {exc}"]
-            )
+            client.outbox.put([wire.ERROR, sid, "VM_CALL_FAILED", f"{method}: {type(exc).__name__}: {exc}"])
             return
-        client.outbox_send.send_nowait([wire.RESULT, sid, result])
+        client.outbox.put([wire.RESULT, sid, result])
 
     async def _info(self, client: ClientConnection, params: dict) -> dict[str, Any]:
         return self.meta
 
     async def _reset_agent_channel(self, client: ClientConnection, params: dict) -> dict[str, Any]:
-        return {"agent": await self.relay.reset()}
+        """Past the deadline the caller gets EXEC_AGENT_TIMEOUT; the read loop keeps reconnecting."""
+        timeout = params.get("timeout")
+        if type(timeout) not in (int, float) or not 0 < timeout < math.inf:
+            timeout = RESET_TIMEOUT_S
+        with anyio.move_on_after(timeout):
+            return {"agent": await self.relay.reset()}
+        raise ExecTimeoutError(
+            f"the guest agent did not answer a new session within {timeout:g} s; the supervisor keeps trying"
+        )
 
     async def _fork_template(self, client: ClientConnection, params: dict) -> dict[str, Any]:
         template = await self.capture.freeze_template(params.get("bundle"), params.get("capture", "auto"))
