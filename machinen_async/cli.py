@@ -74,6 +74,21 @@ def terminal_safe(text: str) -> str:
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
+def _cell(value: Any) -> str:
+    """A table cell from a value a peer (or a VM's meta) sent, whatever its shape: on one line,
+    control characters escaped (newlines and tabs too: they would forge rows), "-" when empty."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    try:
+        if isinstance(value, list | tuple):
+            text = ",".join(item if isinstance(item, str) else repr(item) for item in value)
+        else:
+            text = value if isinstance(value, str) else repr(value)
+    except (RecursionError, ValueError):  # nested too deep to show
+        text = f"<{type(value).__name__}>"
+    return terminal_safe(text).replace("\n", "\\x0a").replace("\t", "\\x09")
+
+
 def _progress(message: str) -> None:
     click.echo(f"machinen: {message}", err=True)
 
@@ -532,26 +547,40 @@ def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bo
         rows = []
         for spec in host_specs:
             async with _ssh_host(spec) as host:
-                rows += [{**row, "name": f"{spec}:{row['name']}"} for row in await host.list()]
+                rows += [_row_of(row, spec) for row in _listed(await host.list())]
         if ray_address is not None:
             from .sdk.ray_pool import RayHosts
 
             async with RayHosts(ray_address) as pool:
-                rows += [{**row, "name": f"{row['node']}:{row['name']}"} for row in await pool.list()]
+                rows += [_row_of(row, _cell(row.get("node"))) for row in _listed(await pool.list())]
         _print_rows(rows, as_json)
 
     _run(run)
 
 
+def _listed(rows: Any) -> list[dict[str, Any]]:
+    """A host's VM list as rows, whatever shape the peer sent: a list of maps."""
+    if not isinstance(rows, list):
+        raise MachinenError(f"a host sent a VM list that is a {type(rows).__name__}", code="HOST_PROTOCOL")
+    return [row if isinstance(row, dict) else {"name": row} for row in rows]
+
+
+def _row_of(row: dict[str, Any], where: str) -> dict[str, Any]:
+    return {**row, "name": f"{where}:{_cell(row.get('name'))}"}
+
+
 def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(rows))
+        click.echo(json.dumps(rows, default=repr, skipkeys=True))  # what a peer sent: any shape
         return
     click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  {'FORKED-FROM':<24} PORTS")
     for row in rows:
+        uptime, memory = row.get("uptime_s"), row.get("memory_mib")
+        up = f"{uptime:>8.0f}s" if type(uptime) in (int, float) else f"{_cell(uptime):>9}"
+        mib = f"{memory:>5}Mi" if type(memory) is int else f"{_cell(memory):>7}"
         click.echo(
-            f"{row['name']:<24} {row['pid']:>8} {row['uptime_s']:>8.0f}s {row['accel']:<5} "
-            f"{row['memory_mib']:>5}Mi  {row['forked_from'] or '-':<24} {','.join(row['ports']) or '-'}"
+            f"{_cell(row.get('name')):<24} {_cell(row.get('pid')):>8} {up} {_cell(row.get('accel')):<5} "
+            f"{mib}  {_cell(row.get('forked_from')):<24} {_cell(row.get('ports'))}"
         )
 
 

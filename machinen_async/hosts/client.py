@@ -36,15 +36,21 @@ class PeerClient:
         self.reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     async def _read_replies(self) -> None:
+        broken: MachinenError | None = None
         try:
             while True:
                 reply = await self.frames.receive()
+                if not isinstance(reply, list) or not reply or type(reply[0]) is not int:
+                    # Not for any call: the peer is not speaking the protocol, so no reply can be trusted.
+                    what = f"a {type(reply).__name__}" + (f" of {len(reply)} items" if isinstance(reply, list) else "")
+                    broken = HostError(f"{self.destination} sent {what} as a reply", code="HOST_PROTOCOL")
+                    break
                 future = self.pending.pop(reply[0], None)
                 if future is not None and not future.done():
                     future.set_result(reply)
         except (anyio.EndOfStream, anyio.BrokenResourceError, wire.ProtocolError, OSError, asyncssh.Error):
             pass
-        self.lost = await self._why_lost()
+        self.lost = broken or await self._why_lost()
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(self._lost_error())
@@ -75,9 +81,13 @@ class PeerClient:
             ) from None
         finally:
             self.pending.pop(request_id, None)
-        if reply[1] is True:
-            return reply[2]
-        raise error_from_code(reply[2], f"{self.destination}: {reply[3]}")
+        match reply:
+            case [_, True, result, *_]:
+                return result
+            case [_, False, str() as code, str() as message, *_]:
+                raise error_from_code(code, f"{self.destination}: {message}")
+        raise HostError(f"{self.destination} sent a malformed reply to {method} ({len(reply)} items)",
+                        code="HOST_PROTOCOL")  # fmt: skip
 
     def close(self) -> None:
         self.reader.cancel()

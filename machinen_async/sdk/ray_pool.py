@@ -19,18 +19,23 @@ the loss of a node stops them.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import warnings
 from typing import Any, Self
 
 import anyio
 
-from ..errors import HostError, MachinenError
+from ..errors import HostError, MachinenError, plain_errors
 from .host import Host
 from .spread import Reservation, sibling_cost_mib
 
 SLOT_RESOURCE = "machinen_slots"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+log = logging.getLogger(__name__)
+_warned_insecure = False  # the warning below, once a process
 
 
 def _import_ray() -> Any:
@@ -41,6 +46,35 @@ def _import_ray() -> Any:
             "a Ray host pool needs Ray: pip install 'machinen_async[ray]'", code="HOST_RAY_MISSING"
         ) from None
     return ray
+
+
+def _ray_token_auth() -> bool:
+    """Whether this driver uses Ray's token authentication (``RAY_AUTH_MODE=token``, or Ray turned
+    it on by itself for a local cluster)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return True
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        return bool(is_token_auth_enabled())
+    except Exception:  # a Ray without it (private API)
+        return False
+
+
+def _warn_if_insecure(address: str | None, *, token_auth: bool) -> None:
+    """Once a process: a cluster reached without TLS or token authentication (README, Security model)."""
+    global _warned_insecure
+    missing = []
+    if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):  # as Ray reads it
+        missing.append("without TLS (RAY_USE_TLS=1): bundles and guest I/O cross the network in plaintext")
+    if not token_auth:
+        missing.append(
+            "without token authentication (RAY_AUTH_MODE=token): whoever reaches it runs code on its nodes, "
+            "with their VMs and bundle keys"
+        )
+    if missing and not _warned_insecure:
+        _warned_insecure = True
+        log.warning("machinen: the Ray cluster at %s is used %s", address or "auto", "; and ".join(missing))
 
 
 class RayHosts:
@@ -97,6 +131,7 @@ class RayHosts:
                     f"cannot reach the Ray cluster at {self.address}: {exc}", code="HOST_UNREACHABLE"
                 ) from None
             self._initialized_ray = True
+        _warn_if_insecure(self.address, token_auth=_ray_token_auth())
         # The actor needs no CPU of Ray's: its VMs' QEMUs are what the slots account for.
         self._agent_class = ray.remote(num_cpus=0, max_restarts=0)(NodeAgent)
         for node in ray.nodes():
@@ -174,11 +209,15 @@ class RayHosts:
         rows: list[dict[str, Any]] = []
 
         async def list_node(host: Host) -> None:
-            rows.extend({**row, "node": host.name} for row in await host.list())
+            listed = await host.list()  # what the node's peer sent: any shape
+            if not isinstance(listed, list):
+                raise HostError(f"node {host.name} sent a {type(listed).__name__} as its VM list", code="HOST_PROTOCOL")
+            rows.extend({**(row if isinstance(row, dict) else {"name": row}), "node": host.name} for row in listed)
 
-        async with anyio.create_task_group() as tg:
-            for host in self.hosts:
-                tg.start_soon(list_node, host)
+        with plain_errors():
+            async with anyio.create_task_group() as tg:
+                for host in self.hosts:
+                    tg.start_soon(list_node, host)
         return rows
 
     async def aclose(self) -> None:

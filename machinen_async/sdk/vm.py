@@ -8,8 +8,8 @@ where the VM runs (forking it, moving it, stopping it) goes to its ``Host``.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,23 @@ DEFAULT_EXEC_TIMEOUT_S = 300.0
 DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024
 # Host-side backstop beyond the agent's own timeout, for a guest that froze.
 AGENT_TIMEOUT_SLACK_S = 10.0
+# ping() and describe(): an agent answers them at once; one that does not in this long is stuck.
+DEFAULT_CALL_TIMEOUT_S = 10.0
+# read_file() and write_file() fail after this long without progress (no chunk moved, no outcome),
+# however large the file.
+DEFAULT_FILE_STALL_S = 30.0
+# reset_agent_channel(): the agent must answer the new session's HELLO within this.
+DEFAULT_RESET_TIMEOUT_S = 30.0
+
+
+@contextmanager
+def _deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Fail with ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT) when the block has not finished within
+    ``seconds`` (None: no limit); ``what`` completes "the guest agent did not ..."."""
+    with anyio.move_on_after(seconds) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise ExecTimeoutError(f"the guest agent did not {what} within {seconds:g} s")
 
 
 @dataclass(frozen=True)
@@ -147,50 +164,74 @@ class VM:
             )
         return result
 
-    async def read_file(self, path: str, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+    async def read_file(
+        self, path: str, *, max_output: int | None = DEFAULT_MAX_OUTPUT, timeout: float | None = DEFAULT_FILE_STALL_S
+    ) -> bytes:
         """The file's bytes; one longer than ``max_output`` (None: no limit) raises
-        ``GuestFileError`` (FILE_TOO_LARGE)."""
+        ``GuestFileError`` (FILE_TOO_LARGE).  ``timeout`` is a stall limit, not a total: no
+        data (or outcome) for that many seconds raises ``ExecTimeoutError``
+        (EXEC_AGENT_TIMEOUT), however large the file (None: wait for ever)."""
         call = await self._channel.open("read_file", {"path": path})
         chunks = []
         size = 0
         try:
             while True:
-                try:
-                    chunks.append(await call.receive(wire.STDOUT))
-                except anyio.EndOfStream:
-                    break
+                with _deadline(timeout, f"send more of {path}"):
+                    try:
+                        chunks.append(await call.receive(wire.STDOUT))
+                    except anyio.EndOfStream:
+                        break
                 size += len(chunks[-1])
                 if max_output is not None and size > max_output:
                     raise GuestFileError(f"{path} is larger than max_output={max_output} bytes", code="FILE_TOO_LARGE")
-            await call.result()
+            with _deadline(timeout, f"finish reading {path}"):
+                await call.result()
         finally:
             with anyio.CancelScope(shield=True):
                 await call.cancel()
         return b"".join(chunks)
 
     async def write_file(
-        self, path: str, data: bytes, *, mode: int = 0o644, append: bool = False, parents: bool = False
+        self,
+        path: str,
+        data: bytes,
+        *,
+        mode: int = 0o644,
+        append: bool = False,
+        parents: bool = False,
+        timeout: float | None = DEFAULT_FILE_STALL_S,
     ) -> None:
-        """Write ``data`` to ``path`` in the guest; replaced atomically unless ``append``."""
+        """Write ``data`` to ``path`` in the guest; replaced atomically unless ``append``.
+        ``timeout`` is a stall limit, not a total: the guest taking no data (or not
+        finishing) for that many seconds raises ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT),
+        however large the file (None: wait for ever)."""
+        view = memoryview(data)
         call = await self._channel.open(
             "write_file", {"path": path, "mode": mode, "append": append, "parents": parents}
         )
         try:
-            await call.send(data)
-            await call.send_eof()
-            await call.result()
+            for start in range(0, len(view), wire.CHUNK):
+                with _deadline(timeout, f"take more of {path}"):
+                    await call.send(view[start : start + wire.CHUNK])
+            with _deadline(timeout, f"finish writing {path}"):
+                await call.send_eof()
+                await call.result()
         finally:
             with anyio.CancelScope(shield=True):
                 await call.cancel()
 
-    async def ping(self) -> dict[str, Any]:
-        return await self._channel.call("ping")
+    async def ping(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> dict[str, Any]:
+        """The agent's answer; none within ``timeout`` s raises ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT)."""
+        with _deadline(timeout, "answer ping"):
+            return await self._channel.call("ping")
 
-    async def describe(self) -> dict[str, Any]:
-        """Supervisor metadata, plus the guest agent's live info under ``"agent"``."""
-        info = await self._channel.call("vm.info")
-        info["agent"] = await self._channel.call("info")
-        return info
+    async def describe(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> dict[str, Any]:
+        """Supervisor metadata, plus the guest agent's live info under ``"agent"``; no answer
+        within ``timeout`` s raises ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT)."""
+        with _deadline(timeout, "answer describe"):
+            info = await self._channel.call("vm.info")
+            info["agent"] = await self._channel.call("info")
+            return info
 
     def fork(
         self,
@@ -289,13 +330,16 @@ class VM:
     async def _resume(self) -> None:
         await self._channel.call("vm.resume")
 
-    async def reset_agent_channel(self) -> dict[str, Any]:
+    async def reset_agent_channel(self, *, timeout: float = DEFAULT_RESET_TIMEOUT_S) -> dict[str, Any]:
         """Drop and re-establish the supervisor's channel to the guest agent.
 
         Calls in flight fail with EXEC_AGENT_UNAVAILABLE; their guest processes
         keep running (as after a restore).  A recovery tool for a wedged channel.
+        An agent that does not answer the new session within ``timeout`` s raises
+        ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT); the supervisor keeps reconnecting.
         """
-        return await self._channel.call("vm.reset_agent_channel")
+        with _deadline(timeout + AGENT_TIMEOUT_SLACK_S, "answer a new session"):  # the supervisor's, or this
+            return await self._channel.call("vm.reset_agent_channel", {"timeout": timeout})
 
     async def stop(self) -> str:
         """Stop the VM (QEMU, supervisor, files) and wait until it is gone.

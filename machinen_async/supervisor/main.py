@@ -18,6 +18,7 @@ import structlog
 
 from ..errors import BootError, MachinenError, plain_errors
 from ..store import registry
+from ..vmm import capped_log
 from .config import DETACH, SupervisorConfig
 from .server import Supervisor
 
@@ -40,11 +41,10 @@ async def amain(config: SupervisorConfig) -> int:
 
     def report_ready(meta: dict) -> None:
         report({"ready": meta})
-        # From here on nobody reads our stdout/stderr: log to the entry instead.
-        log_fd = os.open(entry.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
+        # From here on nobody reads our stdout/stderr: log to the entry instead, capped (a guest can
+        # provoke log lines) and rotated once, as QEMU's console is.
+        capped = capped_log.ProcessLog(entry.supervisor_log, capped_log.SUPERVISOR_LOG_LIMIT)
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(capped))
 
     try:
         with plain_errors(), registry.claim(config.name) as entry:

@@ -402,7 +402,7 @@ async def _serve_link(
             view = memoryview(protocol.encode([request_id, error, result]))
             async with send_lock:
                 while view:
-                    while send_credit <= 0:
+                    while send_credit < min(len(view), wire.CHUNK):  # whole pieces: no window split into slivers
                         credit_granted = anyio.Event()
                         await credit_granted.wait()
                     piece = min(send_credit, wire.CHUNK, len(view))

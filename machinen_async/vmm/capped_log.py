@@ -18,6 +18,7 @@ import anyio.abc
 
 CONSOLE_LOG_LIMIT = 1 << 20
 QEMU_LOG_LIMIT = 256 << 10
+SUPERVISOR_LOG_LIMIT = 1 << 20  # a guest can provoke its lines (refused connections, protocol breaks)
 BUDGET_WINDOW_S = 60.0
 TAIL_BYTES = 3000  # of a log, quoted in an error
 
@@ -55,14 +56,17 @@ class Budget:
 
 
 class CappedLog:
+    keep_existing = False  # append to a file already there (counting it) rather than empty it
+
     def __init__(self, path: Path, limit: int) -> None:
         self.path, self.limit = path, limit
         self.previous = path.with_name(path.name + ".1")
         self.fd = self._open()
-        self.size = 0
+        self.size = os.fstat(self.fd).st_size
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        truncate = 0 if self.keep_existing else os.O_TRUNC
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | truncate | os.O_APPEND, 0o600)
 
     def write(self, data: bytes) -> None:
         while data:
@@ -78,6 +82,26 @@ class CappedLog:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class ProcessLog(CappedLog):
+    """This process's own log as a capped log: its stdout and stderr follow the current file
+    (a traceback, a child's message land there too, uncounted), and ``write`` takes the text a
+    ``structlog.PrintLogger`` prints (nothing is buffered: ``flush`` has nothing to do)."""
+
+    keep_existing = True
+
+    def _open(self) -> int:
+        fd = super()._open()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        return fd
+
+    def write(self, data: str | bytes) -> None:  # type: ignore[override]
+        super().write(data.encode(errors="replace") if isinstance(data, str) else data)
+
+    def flush(self) -> None:
+        pass
 
 
 async def copy_into(stream: anyio.abc.ByteReceiveStream, path: Path, limit: int) -> None:
