@@ -195,6 +195,45 @@ def test_no_sequence_of_mount_operations_leaves_a_link_leading_out(tmp_path_fact
         directory.close()
 
 
+@pytest.mark.anyio
+async def test_a_guest_cannot_plant_an_escape_in_a_live_mount(tmp_path, anyio_backend):
+    """The same attacks from inside a real VM, by the tools a guest has; the host then checks what
+    its own tools (which follow links) would see."""
+    root, victim = tmp_path / "root", tmp_path / "victim"
+    root.mkdir()
+    (tmp_path / "secret.txt").write_text("host secret\n")
+    victim.write_text("precious\n")
+    os.link(victim, root / "linked")
+    os.mkfifo(root / "fifo")
+    (root / "plain").write_text("still served\n")
+
+    async def guest(script: str) -> tuple[int, str]:
+        result = await vm.exec(["sh", "-c", f"cd /work && {script}"], timeout=60)
+        return result.exit_code, (result.stdout + result.stderr).decode(errors="replace")
+
+    async with boot(mounts=[Mount(str(root), "/work", live=True)], network=False) as vm:
+        assert (await guest("mkdir -p a/b && ln -s ../../secret.txt a/b/s"))[0] == 0
+        code, said = await guest("mv a/b/s s")
+        assert code != 0 and "not permitted" in said, said
+        assert (await guest("mv a/b b"))[0] != 0
+        assert (await guest("mkdir c && ln -s .. c/up"))[0] == 0
+        assert (await guest("ln -s c/up/c/up/../../secret.txt esc"))[0] != 0
+        assert (await guest(": > linked"))[0] != 0
+        assert (await guest("chmod 644 linked; touch linked; truncate -s 0 linked"))[0] != 0
+        assert (await guest("echo '#!/bin/sh' > tool && chmod 4755 tool && mkdir -m 2775 shared"))[0] == 0
+        # The guest's kernel opens a FIFO as a pipe of its own (only a guest speaking the protocol
+        # itself makes the host open it: test_a_fifo_in_the_mount_wedges_no_worker); readers
+        # block in the guest, and the mount keeps being served.
+        await guest("for i in 1 2 3 4 5 6 7 8 9; do timeout 5 cat fifo & done; wait")
+        assert (await guest("cat plain"))[1] == "still served\n"
+        assert (await guest("mkdir -p x/node_modules/.bin && ln -s ../pkg/cli.js x/node_modules/.bin/pkg"))[0] == 0
+    assert escaping_links(root) == []
+    assert victim.read_text() == "precious\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert stat.S_IMODE((root / "tool").stat().st_mode) == 0o755
+    assert stat.S_IMODE((root / "shared").stat().st_mode) == 0o775
+    assert os.readlink(root / "x/node_modules/.bin/pkg") == "../pkg/cli.js"  # relative links a package manager makes
+
+
 # --- floods: a fake guest against a real supervisor relay ---------------------------------------
 
 
