@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import anyio
 import anyio.abc
 
@@ -52,7 +50,11 @@ async def serve_forward(relay: AgentRelay, guest_port: int, connection: anyio.ab
     tunnel = ClientConnection(None)
     upload_credit = wire.INITIAL_WINDOW  # how much more the agent lets us send
     credit_granted = anyio.Event()
-    to_host_send, to_host = anyio.create_memory_object_stream[bytes](math.inf)  # bounded by the agent's credit
+    # Guest bytes for the TCP client, within the agent's credit; kept as bytes, not one object
+    # per frame (a guest may send a byte per frame).
+    to_host = bytearray()
+    to_host_changed = anyio.Event()
+    guest_done = False  # its EOF, or the call's end: nothing more joins ``to_host``
     delivered = anyio.Event()  # everything the guest sent reached the TCP client
     async with connection:
         agent_sid = relay.open_call(tunnel, 1, "tunnel", {"port": guest_port})
@@ -77,8 +79,15 @@ async def serve_forward(relay: AgentRelay, guest_port: int, connection: anyio.ab
                     relay.send([wire.EOF, agent_sid, wire.STDIN])
 
                 async def guest_to_host() -> None:
+                    nonlocal to_host_changed
                     try:
-                        async for data in to_host:
+                        while to_host or not guest_done:
+                            if not to_host:
+                                to_host_changed = anyio.Event()
+                                await to_host_changed.wait()
+                                continue
+                            data = bytes(to_host)
+                            to_host.clear()
                             await connection.send(data)
                             relay.send([wire.CREDIT, agent_sid, wire.STDOUT, len(data)])
                         await connection.send_eof()
@@ -92,16 +101,18 @@ async def serve_forward(relay: AgentRelay, guest_port: int, connection: anyio.ab
                 async for frame in tunnel.outbox:
                     kind = frame[0]
                     if kind == wire.DATA:
-                        to_host_send.send_nowait(frame[3])
+                        to_host += frame[3]
                     elif kind == wire.EOF:
-                        to_host_send.close()
+                        guest_done = True
                     elif kind == wire.CREDIT:
                         upload_credit += frame[3]
                         credit_granted.set()
                     else:
                         finished = True
                         break
-                to_host_send.close()
+                    to_host_changed.set()
+                guest_done = True
+                to_host_changed.set()
                 await delivered.wait()
                 tg.cancel_scope.cancel()
         finally:
