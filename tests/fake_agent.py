@@ -1,6 +1,7 @@
 """An in-process stand-in for the guest agent, speaking ``protocol/wire`` over a socketpair.
 
-For fast tests of the host side of the protocol (``protocol/mux`` under ``VM``):
+For fast tests of the host side of the protocol (``protocol/mux`` under ``VM``, directly
+(``fake_vm``) or through a real supervisor relay (``relayed_vm``)):
 interleavings, cancellation, a peer that dies.  Tests that claim a VM feature
 works use the real agent in a real VM instead.
 
@@ -23,9 +24,11 @@ empty maps, which decoded without limits builds ~300 MiB of dicts; it finishes
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import anyio.abc
@@ -35,7 +38,10 @@ from machinen_async import VM, Host
 from machinen_async.hosts.base import Connection
 from machinen_async.protocol import wire
 from machinen_async.protocol.framing import FrameStream
+from machinen_async.protocol.messages import MachineSpec
 from machinen_async.protocol.mux import Channel
+from machinen_async.supervisor.config import SupervisorConfig
+from machinen_async.supervisor.server import Supervisor
 
 
 def chunk(tag: str, index: int) -> bytes:
@@ -195,3 +201,39 @@ async def fake_vm() -> AsyncIterator[tuple[VM, FakeAgent]]:
             yield vm, agent
         finally:
             await vm.aclose()  # the agent reads EOF and ends its calls
+
+
+@asynccontextmanager
+async def relayed_vm(
+    tmp_path: Path, make_agent: Callable[[anyio.abc.ByteStream], FakeAgent] = FakeAgent
+) -> AsyncIterator[tuple[VM, list[FakeAgent]]]:
+    """A ``VM`` whose frames go through a real supervisor relay to fake agents (``make_agent``).
+
+    The fake agents listen where QEMU's agent socket would be; the supervisor
+    connects (and after a channel reset, reconnects) as it does to a VM."""
+    agent_socket = tmp_path / "agent.sock"
+    agents: list[FakeAgent] = []
+
+    async def serve_agent(stream: anyio.abc.ByteStream) -> None:
+        agents.append(make_agent(stream))
+        await agents[-1].serve()
+
+    machine = MachineSpec(memory_mib=256, cpus=1, accel="tcg", kernel="", initrd="", image="")
+    config = SupervisorConfig(name="relay", machine=machine, ram_dir="", boot_timeout=10, detached=False)
+    supervisor = Supervisor(config, SimpleNamespace(agent_socket=agent_socket))
+    async with await anyio.create_unix_listener(agent_socket) as listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve_agent)
+        await supervisor.relay.connect()
+        supervisor.capture.task_group = tg
+        tg.start_soon(supervisor.relay.read_loop)
+        tg.start_soon(supervisor.relay.write_loop)
+        client_end, supervisor_end = socket.socketpair()
+        tg.start_soon(supervisor.serve_client, await anyio.abc.UNIXSocketStream.from_socket(supervisor_end))
+        channel = Channel.over(await anyio.abc.UNIXSocketStream.from_socket(client_end))
+        await channel.hello()
+        vm = Host.local().vm(Connection(channel, {"name": "relay"}))
+        try:
+            yield vm, agents
+        finally:
+            await vm.aclose()
+            tg.cancel_scope.cancel()  # a supervisor task that had crashed would have raised before here

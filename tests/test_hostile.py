@@ -18,13 +18,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import socket
 import subprocess
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import anyio
 import anyio.abc
@@ -33,7 +31,7 @@ import msgpack
 import pytest
 import structlog.testing
 from conftest import machinen, qemu_processes
-from fake_agent import FakeAgent, fake_vm
+from fake_agent import fake_vm, relayed_vm
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +39,6 @@ from machinen_async import (
     VM,
     AgentUnavailableError,
     ExecError,
-    Host,
     MachinenError,
     NetworkPolicy,
     SnapshotError,
@@ -51,18 +48,13 @@ from machinen_async import (
 )
 from machinen_async.cli import terminal_safe
 from machinen_async.hosts import transfer
-from machinen_async.hosts.base import Connection
 from machinen_async.protocol import netpolicy, wire
-from machinen_async.protocol.messages import MachineSpec
-from machinen_async.protocol.mux import Channel
 from machinen_async.sdk.boot import stop_vm
 from machinen_async.sdk.vm import AGENT_TIMEOUT_SLACK_S
 from machinen_async.store import bundle as bundle_format
 from machinen_async.store import chunks, qcow2, registry
 from machinen_async.store.assets import sha256_file
 from machinen_async.supervisor import relay
-from machinen_async.supervisor.config import SupervisorConfig
-from machinen_async.supervisor.server import Supervisor
 from machinen_async.vmm import capped_log
 from machinen_async.vmm.qemu import netguard
 
@@ -116,40 +108,6 @@ async def _exec_when_reconnected(vm: VM, tag: str, *, argv: list[str] | None = N
                 return await vm.exec(argv or ["short", tag])
             except AgentUnavailableError:
                 await anyio.sleep(0.02)
-
-
-@asynccontextmanager
-async def relayed_vm(tmp_path: Path) -> AsyncIterator[tuple[VM, list[FakeAgent]]]:
-    """A ``VM`` whose frames go through a real supervisor relay to fake agents.
-
-    The fake agents listen where QEMU's agent socket would be; the supervisor
-    connects (and after a channel reset, reconnects) as it does to a VM."""
-    agent_socket = tmp_path / "agent.sock"
-    agents: list[FakeAgent] = []
-
-    async def serve_agent(stream: anyio.abc.ByteStream) -> None:
-        agents.append(FakeAgent(stream))
-        await agents[-1].serve()
-
-    machine = MachineSpec(memory_mib=256, cpus=1, accel="tcg", kernel="", initrd="", image="")
-    config = SupervisorConfig(name="relay", machine=machine, ram_dir="", boot_timeout=10, detached=False)
-    supervisor = Supervisor(config, SimpleNamespace(agent_socket=agent_socket))
-    async with await anyio.create_unix_listener(agent_socket) as listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve_agent)
-        await supervisor.relay.connect()
-        supervisor.capture.task_group = tg
-        tg.start_soon(supervisor.relay.read_loop)
-        tg.start_soon(supervisor.relay.write_loop)
-        client_end, supervisor_end = socket.socketpair()
-        tg.start_soon(supervisor.serve_client, await anyio.abc.UNIXSocketStream.from_socket(supervisor_end))
-        channel = Channel.over(await anyio.abc.UNIXSocketStream.from_socket(client_end))
-        await channel.hello()
-        vm = Host.local().vm(Connection(channel, {"name": "relay"}))
-        try:
-            yield vm, agents
-        finally:
-            await vm.aclose()
-            tg.cancel_scope.cancel()  # a supervisor task that had crashed would have raised before here
 
 
 # --- the SDK channel, facing a hostile peer directly --------------------------------

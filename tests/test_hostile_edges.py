@@ -14,28 +14,22 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import anyio
 import anyio.abc
 import pytest
 from click.testing import CliRunner
-from fake_agent import FakeAgent, _Call, chunk
+from fake_agent import FakeAgent, _Call, chunk, relayed_vm
 
-from machinen_async import VM, Host, MachinenError
+from machinen_async import VM, MachinenError
 from machinen_async.errors import ExecTimeoutError, HostError
-from machinen_async.hosts.base import Connection
 from machinen_async.hosts.client import PeerClient
 from machinen_async.protocol import wire
 from machinen_async.protocol.framing import FrameStream
-from machinen_async.protocol.messages import MachineSpec
-from machinen_async.protocol.mux import Channel
 from machinen_async.sdk import ray_pool
 from machinen_async.store import registry
 from machinen_async.supervisor import relay
-from machinen_async.supervisor.config import SupervisorConfig
-from machinen_async.supervisor.server import Supervisor
 from machinen_async.vmm import capped_log
 
 HANG_S = 10.0  # a guard against hanging, never a measurement
@@ -82,38 +76,6 @@ class StubbornAgent(FakeAgent):
                 return
 
 
-@asynccontextmanager
-async def relayed_vm(tmp_path: Path, behaviour: Behaviour) -> AsyncIterator[tuple[VM, list[StubbornAgent]]]:
-    """A ``VM`` whose frames go through a real supervisor relay to stubborn fake agents (as
-    tests/test_hostile.py's ``relayed_vm``: they listen where QEMU's agent socket would be)."""
-    agent_socket = tmp_path / "agent.sock"
-    agents: list[StubbornAgent] = []
-
-    async def serve_agent(stream: anyio.abc.ByteStream) -> None:
-        agents.append(StubbornAgent(stream, behaviour))
-        await agents[-1].serve()
-
-    machine = MachineSpec(memory_mib=256, cpus=1, accel="tcg", kernel="", initrd="", image="")
-    config = SupervisorConfig(name="edges", machine=machine, ram_dir="", boot_timeout=10, detached=False)
-    supervisor = Supervisor(config, SimpleNamespace(agent_socket=agent_socket))
-    async with await anyio.create_unix_listener(agent_socket) as listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve_agent)
-        await supervisor.relay.connect()
-        supervisor.capture.task_group = tg
-        tg.start_soon(supervisor.relay.read_loop)
-        tg.start_soon(supervisor.relay.write_loop)
-        client_end, supervisor_end = socket.socketpair()
-        tg.start_soon(supervisor.serve_client, await anyio.abc.UNIXSocketStream.from_socket(supervisor_end))
-        channel = Channel.over(await anyio.abc.UNIXSocketStream.from_socket(client_end))
-        await channel.hello()
-        vm = Host.local().vm(Connection(channel, {"name": "edges"}))
-        try:
-            yield vm, agents
-        finally:
-            await vm.aclose()
-            tg.cancel_scope.cancel()
-
-
 async def _still_serves(vm: VM, agent: StubbornAgent) -> None:
     """The timed-out call was cancelled in the guest, and the VM's other calls go on."""
     with anyio.fail_after(HANG_S):
@@ -136,7 +98,7 @@ SILENT_CALLS = {
 @pytest.mark.anyio
 @pytest.mark.parametrize("what", SILENT_CALLS)
 async def test_a_call_the_agent_never_answers_fails_typed(what, anyio_backend, tmp_path):
-    async with relayed_vm(tmp_path, Behaviour()) as (vm, agents):
+    async with relayed_vm(tmp_path, lambda stream: StubbornAgent(stream, Behaviour())) as (vm, agents):
         with anyio.fail_after(HANG_S), pytest.raises(ExecTimeoutError) as failed:
             await SILENT_CALLS[what](vm)
         assert failed.value.code == "EXEC_AGENT_TIMEOUT"
@@ -147,7 +109,7 @@ async def test_a_call_the_agent_never_answers_fails_typed(what, anyio_backend, t
 async def test_a_read_that_stalls_half_way_fails_typed(anyio_backend, tmp_path):
     behaviour = Behaviour()
     behaviour.read_chunks = 3
-    async with relayed_vm(tmp_path, behaviour) as (vm, agents):
+    async with relayed_vm(tmp_path, lambda stream: StubbornAgent(stream, behaviour)) as (vm, agents):
         with anyio.fail_after(HANG_S), pytest.raises(ExecTimeoutError) as failed:
             await vm.read_file("/big", timeout=SHORT)
         assert failed.value.code == "EXEC_AGENT_TIMEOUT" and "/big" in failed.value.message
@@ -158,7 +120,7 @@ async def test_a_read_that_stalls_half_way_fails_typed(anyio_backend, tmp_path):
 async def test_the_file_deadline_is_a_stall_limit_not_a_total(anyio_backend, tmp_path):
     behaviour = Behaviour()
     behaviour.read_chunks, behaviour.read_gap, behaviour.finish_read = 20, 0.05, True  # ~1 s in all
-    async with relayed_vm(tmp_path, behaviour) as (vm, _):
+    async with relayed_vm(tmp_path, lambda stream: StubbornAgent(stream, behaviour)) as (vm, _):
         with anyio.fail_after(HANG_S):
             data = await vm.read_file("/slow", timeout=0.5)
     assert data == b"".join(chunk("file", index) for index in range(20))
@@ -168,7 +130,7 @@ async def test_the_file_deadline_is_a_stall_limit_not_a_total(anyio_backend, tmp
 async def test_a_reset_the_agent_never_answers_fails_typed_and_recovers(anyio_backend, tmp_path, monkeypatch):
     monkeypatch.setattr(relay, "AGENT_RECONNECT_TIMEOUT_S", 0.2)  # the supervisor's retries, quicker
     behaviour = Behaviour()
-    async with relayed_vm(tmp_path, behaviour) as (vm, agents):
+    async with relayed_vm(tmp_path, lambda stream: StubbornAgent(stream, behaviour)) as (vm, agents):
         behaviour.answer_hello = False
         with anyio.fail_after(HANG_S), pytest.raises(ExecTimeoutError) as failed:
             await vm.reset_agent_channel(timeout=SHORT)  # the supervisor's deadline

@@ -93,7 +93,7 @@ def test_a_link_moved_shallower_or_chained_through_a_link_cannot_lead_out(mount)
 
 
 def test_moving_a_large_directory_up_asks_for_a_copy(mount, monkeypatch):
-    directory, root = mount
+    directory, _root = mount
     monkeypatch.setattr(host_mounts, "RENAME_CHECK_ENTRIES", 20)
     ok(directory, "mkdir", "a", 0o755)
     ok(directory, "mkdir", "a/big", 0o755)
@@ -156,13 +156,14 @@ def test_a_fifo_in_the_mount_wedges_no_worker(mount):
     assert all(error != 0 for error in outcomes.values()), outcomes
 
 
+CLIMBING_TARGETS = ["..", "../..", "../../..", "../secret.txt", "../../secret.txt", "a", "a/up/..", "up/up/../..",
+                    "a/b", "./..", "b/../..", "/etc/passwd", "."]  # fmt: skip
 operations = st.lists(
     st.tuples(
         st.sampled_from(["mkdir", "symlink", "rename", "create", "open", "chmod", "unlink"]),
         st.sampled_from(["a", "b", "a/b", "a/b/c", "b/c", "c", "a/up", "up", "a/b/s", "s"]),
         st.sampled_from(["a", "b", "a/b", "c", "up", "s", "a/b/s", "b/s"]),
-        st.sampled_from(["..", "../..", "../../..", "../secret.txt", "../../secret.txt", "a", "a/up/..",
-                         "up/up/../..", "a/b", "./..", "b/../..", "/etc/passwd", "."]),  # fmt: skip
+        st.sampled_from(CLIMBING_TARGETS),
     ),
     max_size=25,
 )
@@ -389,14 +390,12 @@ async def test_a_guest_granting_itself_credit_breaks_its_mount_call(tmp_path, an
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("how", ["credit-flood", "drip"])
-async def test_a_call_flooding_frames_toward_a_client_that_is_not_reading_queues_little(
-    tmp_path, how, anyio_backend
-):
+async def test_a_call_flooding_frames_toward_a_client_that_is_not_reading_queues_little(tmp_path, how, anyio_backend):
     """Was: 2,000,000 stdin CREDIT frames queued for the client (+200 MiB).  Now the first credit
     for stdin never sent fails the call; a window of output sent a byte per frame waits as
     a few frames of up to a CHUNK each."""
     rss_before = _rss_mib()
-    async with flooded_relay(tmp_path, credits=2_000_000, mount=False) as (relay, guests):
+    async with flooded_relay(tmp_path, credits=2_000_000, mount=False) as (relay, _guests):
         client = ClientConnection(None)  # a client that reads nothing until the flood is over
         relay.open_call(client, 7, "exec", {"argv": [how]})
         with anyio.fail_after(60):
