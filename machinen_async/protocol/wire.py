@@ -33,6 +33,7 @@ with a ``ProtocolError`` instead of an exception somewhere else.
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -154,11 +155,32 @@ def encode(frame: list) -> bytes:
     return HEADER.pack(MAGIC, len(body)) + body
 
 
+# A resyncing decoder that has lost the frame boundaries looks only for the frame it waits
+# for, a HELLO, and only for one of at most MAX_RESYNC_FRAME bytes: an agent's HELLO is ~300
+# bytes of facts plus its workload's argv, which nothing bounds (a few KiB would refuse a long
+# inline script), so 64 KiB leaves that ample room while bounding what a candidate that is no
+# frame can hold back (the bytes it claims are awaited) and then skip.
+MAX_RESYNC_FRAME = 0xFFFF
+# Where such a HELLO may start: MAGIC, a length whose two high bytes are zero (so at most
+# MAX_RESYNC_FRAME), then msgpack's fixarray of 5, kind 0 and stream 0 (how any encoder writes
+# ``[0, 0, ...]``).  Found by the regex engine, not by a Python loop over every MAGIC.
+_HELLO_CANDIDATE = re.compile(re.escape(MAGIC) + rb"\x00\x00..\x95\x00\x00", re.DOTALL)
+_CANDIDATE_TAIL = HEADER.size + 2  # the most bytes of a candidate's 9-byte start that can end the buffer
+
+
 class FrameDecoder:
     """Incremental decoder: ``feed`` bytes, get whole frames back.
 
-    With ``resync`` set, bytes before the next valid frame header are skipped
-    instead of raising; a host uses that until its HELLO is acknowledged.
+    With ``resync`` set, garbage is skipped instead of raising; a host uses that
+    until its HELLO is acknowledged.  A frame whose header is acceptable but
+    whose body does not decode is skipped whole; a header that is not (wrong
+    magic, too long) means the frame boundaries are lost, and then only a HELLO
+    (see ``_HELLO_CANDIDATE``) is looked for, all before it skipped.  Either way
+    msgpack sees each byte at most once, and garbage that cannot start a
+    candidate is not kept: a hostile peer's garbage costs time linear in its
+    size and bounded memory.  (A HELLO among the bytes a failed frame claimed
+    goes with them: skipping only that frame's magic instead would hand msgpack
+    those bytes again at every candidate inside them.)
     ``max_frame`` refuses longer frames before buffering them; ``check``
     (``validate``, for this module's frames) vets each decoded frame.
     """
@@ -168,9 +190,11 @@ class FrameDecoder:
         self.resync = resync
         self._max_frame = max_frame
         self._check = check
+        self._lost = False  # resync lost the frame boundaries: only a HELLO can restore them
 
     def reset(self) -> None:
         self._buffer.clear()
+        self._lost = False
 
     def feed(self, data: bytes) -> list[list]:
         self._buffer += data
@@ -184,28 +208,39 @@ class FrameDecoder:
     def _next_frame(self) -> list | None:
         buffer = self._buffer
         while True:
+            if self._lost and self.resync:
+                candidate = _HELLO_CANDIDATE.search(buffer)
+                if candidate is None:
+                    del buffer[: max(0, len(buffer) - _CANDIDATE_TAIL)]
+                    return None
+                del buffer[: candidate.start()]
             if len(buffer) < HEADER.size:
                 return None
             magic, length = HEADER.unpack_from(buffer)
             if magic != MAGIC or length > self._max_frame:
                 if not self.resync:
                     raise ProtocolError(f"bad frame header {bytes(buffer[: HEADER.size])!r}")
-                next_magic = buffer.find(MAGIC, 1)
-                del buffer[: next_magic if next_magic > 0 else len(buffer) - 1]
+                self._lost = True
+                del buffer[:1]
                 continue
             end = HEADER.size + length
             if len(buffer) < end:
                 return None
+            # An item takes a byte at least: no longer list is preallocated for a claimed count.
+            items = min(length, MAX_CONTAINER_ITEMS)
             try:
-                frame = msgpack.unpackb(
-                    bytes(buffer[HEADER.size : end]),
-                    raw=False,
-                    max_bin_len=length,
-                    max_str_len=length,
-                    max_array_len=MAX_CONTAINER_ITEMS,
-                    max_map_len=MAX_CONTAINER_ITEMS,
-                    max_ext_len=0,
-                )
+                # No copy.  Released on the way out even if a traceback still holds the view,
+                # as the buffer cannot shrink while it is exported.
+                with memoryview(buffer)[HEADER.size : end] as body:
+                    frame = msgpack.unpackb(
+                        body,
+                        raw=False,
+                        max_bin_len=length,
+                        max_str_len=length,
+                        max_array_len=items,
+                        max_map_len=items,
+                        max_ext_len=0,
+                    )
                 if not isinstance(frame, list) or len(frame) < 2 or not isinstance(frame[0], int):
                     raise ValueError("not a frame array")
                 if self._check is not None:
@@ -213,8 +248,8 @@ class FrameDecoder:
             except Exception as exc:  # msgpack raises several unrelated types
                 if not self.resync:
                     raise ProtocolError(f"undecodable frame: {exc}"[:300]) from None
-                next_magic = buffer.find(MAGIC, 1)  # not a frame after all: on to the next header
-                del buffer[: next_magic if next_magic > 0 else len(buffer) - 1]
+                del buffer[:end]  # not a frame after all: skipped whole, so no byte is decoded twice
                 continue
             del buffer[:end]
+            self._lost = False
             return frame
