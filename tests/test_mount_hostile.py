@@ -27,7 +27,8 @@ from machinen_async.protocol import wire
 from machinen_async.sdk.mounts import Mount
 from machinen_async.supervisor import mounts as host_mounts
 from machinen_async.supervisor.mounts import HostDirectory, serve_mount
-from machinen_async.supervisor.relay import AgentRelay, ClientConnection, Outbox
+from machinen_async.supervisor import relay as supervisor_relay
+from machinen_async.supervisor.relay import AgentRelay, ClientConnection
 
 HANG_S = 10.0
 
@@ -417,7 +418,7 @@ async def test_a_call_flooding_frames_toward_a_client_that_is_not_reading_queues
 
 @pytest.mark.anyio
 async def test_the_outbox_grows_waiting_frames_and_keeps_each_fds_order(anyio_backend):
-    outbox = Outbox()
+    outbox = supervisor_relay.Outbox()
     for index in range(1000):
         outbox.put([wire.DATA, 1, wire.STDOUT, b"o%d," % index])
         outbox.put([wire.DATA, 1, wire.STDERR, b"e%d," % index])
