@@ -238,13 +238,27 @@ async def _restore_plan(
 
 
 def rebind(
-    recorded: Sequence[Sequence], given: Sequence[Sequence], *, recorded_here: bool
+    recorded: Sequence[Sequence],
+    given: Sequence[Sequence],
+    *,
+    recorded_here: bool,
+    elsewhere: str = "they are directories of the host it was taken on",
 ) -> tuple[list[list], list[str]]:
     """The live mounts of a VM resumed from saved state, and the guest paths to unmount in it: each of
     the ``recorded`` mounts at the directory ``given`` for its guest path (``""``: dropped), else where
     it was (if ``recorded_here``: its path means something on this machine); plus new ones ``given``.
-    A directory that is not there is MOUNT_SOURCE_NOT_FOUND."""
+    A recorded mount neither given nor ``recorded_here`` (``elsewhere`` says why not), or a directory
+    that is not there, is MOUNT_SOURCE_NOT_FOUND."""
     by_guest = {guest: [host, guest, read_only] for host, guest, read_only in given}
+    unbound = [(host, guest) for host, guest, _ in recorded if guest not in by_guest]
+    if unbound and not recorded_here:
+        raise BootError(
+            "the VM had live mounts that are not bound here: "
+            + ", ".join(f"{guest} (recorded from {host})" for host, guest in unbound)
+            + f"; {elsewhere}: pass mounts= naming each guest path, Mount(DIR, {unbound[0][1]!r}, live=True) "
+            f"to bind a directory of this host or Mount.drop({unbound[0][1]!r}) to unmount it",
+            code="MOUNT_SOURCE_NOT_FOUND",
+        )
     bound, dropped = [], []
     for host, guest, read_only in recorded:
         chosen = by_guest.pop(guest, None)
@@ -252,12 +266,6 @@ def rebind(
             dropped.append(guest)
             continue
         if chosen is None:
-            if not recorded_here:
-                raise BootError(
-                    f"the VM had a live mount at {guest}, from a directory of the host it was taken on: "
-                    f"pass mounts=[Mount(DIR, {guest!r}, live=True)] to bind it here",
-                    code="MOUNT_SOURCE_NOT_FOUND",
-                )
             chosen = [host, guest, read_only]
         if not Path(chosen[0]).is_dir():
             raise BootError(
@@ -408,7 +416,14 @@ class LocalDriver(HostDriver):
         manifest, machine = await _restore_plan(
             bundle_dir, image, accel, progress or (lambda message: None), trust, list(network_allow)
         )
-        bound, dropped = rebind(manifest.mounts, mounts, recorded_here=manifest.taken_here)
+        # A manifest's host directories are bound only if this user's machinen sealed it here: its
+        # origin alone is a digest of public facts, and a bundle accepted with trust=True (or received
+        # by a push, perhaps of one so accepted) may record any directory of this host.
+        bound, dropped = rebind(manifest.mounts, mounts, recorded_here=manifest.taken_here, elsewhere={
+            "sealed": "they are directories of the host it was taken on",
+            "received": "it was received by a push, so the host directories it records are not bound",
+        }.get(manifest.signature, "this user's machinen did not write it (it was accepted with trust=True), "
+                                  "so the host directories it records are not bound"))  # fmt: skip
         if siblings:
             return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached, bound, dropped)
         (name,) = names

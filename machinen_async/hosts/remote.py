@@ -173,11 +173,19 @@ class RemoteDriver(HostDriver):
             raise HostError(f"{self.name} cannot run this VM: " + "; ".join(problems), code="HOST_INCOMPATIBLE")
 
     async def push(self, bundle_dir: Path, *, progress: Progress | None = None, trust: bool = False) -> TransferReport:
-        manifest = await anyio.to_thread.run_sync(functools.partial(bundle.verify, bundle_dir, trust=trust))
-        await self._check_compatible(manifest.data)
-        link = await self._ready_link()
+        # The manifest is read once and its MAC checked on those bytes, each file opened once and
+        # hashed: what is sent below is exactly that, whatever happens to the directory meanwhile.
+        opened = await anyio.to_thread.run_sync(functools.partial(bundle.open_checked, bundle_dir, trust=trust))
+        try:
+            recipes = await anyio.to_thread.run_sync(transfer.checked_recipes, opened)
+            await self._check_compatible(opened.manifest.data)
+            link = await self._ready_link()
+        except BaseException:
+            opened.close()
+            raise
+        # send_bundle owns ``opened`` from here (it closes it once its reads are over, also when cancelled).
         return await self._in_loop(
-            transfer.send_bundle, link.client.call, self.name, bundle_dir, progress or (lambda message: None)
+            transfer.send_bundle, link.client.call, self.name, opened, progress or (lambda message: None), recipes
         )
 
     async def remove_bundle(self, bundle: str) -> None:

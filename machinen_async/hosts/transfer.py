@@ -1,9 +1,12 @@
 """Moving a bundle to a host as content-addressed chunks: the sending half (``send_bundle``,
 over any ``call``) and the receiving half the peer serves (``lacking``, ``put``, ``assemble_bundle``).
 
-Only chunks the host lacks cross the wire (zlib level 1 when it helps); the
-host checks each chunk's sha256 on arrival and every file's sha256 when it
-assembles them, and then vouches for the bundle under its own key.
+Only chunks the host lacks cross the wire (zlib level 1 when it helps).  The
+sender sends the manifest bytes whose MAC it checked, from files it opened once
+and hashed as it read them (``bundle.open_checked``), so a bundle directory
+swapped meanwhile sends nothing it did not verify; the host checks each chunk's
+sha256 on arrival and every file's sha256 against those manifest bytes when it
+assembles them, and then vouches for the bundle under its own key, as received.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 
 from ..errors import SnapshotError, TransferError, plain_errors
-from ..store import assets, bundle, chunks, paths
+from ..store import assets, bundle, chunks, paths, sparse
 from .base import Progress, TransferReport
 
 PUTS_IN_FLIGHT = 8
@@ -29,53 +32,73 @@ MISSING_BATCH = 4096
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
-async def send_bundle(call: Call, destination: str, bundle_dir: Path, report: Progress) -> TransferReport:
-    """Send a bundle (and any kernel, initrd or image the host lacks) as the chunks it lacks."""
-    started = time.monotonic()
-    raw_manifest = (bundle_dir / bundle.MANIFEST).read_bytes()
-    manifest = bundle.parse_manifest(raw_manifest, bundle_dir)
-    lacking = await call(
-        "lacking",
-        {"kernel": manifest["kernel"]["sha256"], "initrd": manifest["initrd"]["sha256"],
-         "image_key": manifest["image"]["key"], "image_sha256": manifest["image"].get("sha256")},
-    )  # fmt: skip
-    sources = {name: bundle_dir / name for name in manifest["files"]}
-    extras = {key: _local_asset(key, manifest) for key in ("kernel", "initrd", "image") if lacking[key]}
-    recipes: dict[str, chunks.Recipe] = {}
-    where: dict[bytes, tuple[Path, int]] = {}
-    for key, path in {**sources, **extras}.items():
-        recipes[key] = await anyio.to_thread.run_sync(chunks.recipe, path)
-        for index, digest in enumerate(recipes[key]["chunks"]):
-            if digest is not None:
-                where.setdefault(digest, (path, index))
-    unique = list(where)
-    wanted: list[bytes] = []
-    for start in range(0, len(unique), MISSING_BATCH):
-        wanted += await call("missing", {"digests": unique[start : start + MISSING_BATCH]})
-    total_bytes = len(unique) * chunks.CHUNK_SIZE
-    sent = {"bytes": 0, "chunks": 0}
-    report(f"sending {len(wanted)} of {len(unique)} chunks to {destination}")
-    limiter = anyio.CapacityLimiter(PUTS_IN_FLIGHT)
+async def send_bundle(
+    call: Call,
+    destination: str,
+    opened: bundle.Opened,
+    report: Progress,
+    recipes: dict[str, chunks.Recipe] | None = None,
+) -> TransferReport:
+    """Send a bundle ``bundle.open_checked`` opened (and any kernel, initrd or image the host lacks)
+    as the chunks the host lacks: the manifest bytes it verified, and what its open files hold, hashed
+    as they are read (``recipes``: those of ``checked_recipes``, if the caller made them already).
+    Closes ``opened`` whatever happens."""
+    files: dict[str, BinaryIO] = {}
+    try:
+        started = time.monotonic()
+        manifest = opened.manifest.data
+        if recipes is None:
+            recipes = await anyio.to_thread.run_sync(checked_recipes, opened)
+        recipes = dict(recipes)
+        lacking = await call(
+            "lacking",
+            {"kernel": manifest["kernel"]["sha256"], "initrd": manifest["initrd"]["sha256"],
+             "image_key": manifest["image"]["key"], "image_sha256": manifest["image"].get("sha256")},
+        )  # fmt: skip
+        files.update(opened.files)
+        extras = [key for key in ("kernel", "initrd", "image") if lacking[key]]
+        for key in extras:
+            files[key] = await anyio.to_thread.run_sync(_open_asset, key, manifest)
+            digest = manifest[key]["sha256"]
+            recipes[key] = await anyio.to_thread.run_sync(_checked_recipe, files[key], digest, None, f"the {key}")
+        where: dict[bytes, tuple[str, int]] = {}
+        for key, recipe in recipes.items():
+            for index, digest in enumerate(recipe["chunks"]):
+                if digest is not None:
+                    where.setdefault(digest, (key, index))
+        unique = list(where)
+        wanted: list[bytes] = []
+        for start in range(0, len(unique), MISSING_BATCH):
+            wanted += await call("missing", {"digests": unique[start : start + MISSING_BATCH]})
+        total_bytes = len(unique) * chunks.CHUNK_SIZE
+        sent = {"bytes": 0, "chunks": 0}
+        report(f"sending {len(wanted)} of {len(unique)} chunks to {destination}")
+        limiter = anyio.CapacityLimiter(PUTS_IN_FLIGHT)
 
-    async def put(digest: bytes) -> None:
-        async with limiter:
-            path, index = where[digest]
-            data, compressed = await anyio.to_thread.run_sync(_read_compressed, path, index)
-            await call("put", {"digest": digest, "data": data, "compressed": compressed})
-            sent["bytes"] += len(data)
-            sent["chunks"] += 1
-            if sent["chunks"] % 64 == 0 or sent["chunks"] == len(wanted):
-                report(f"sent {sent['chunks']}/{len(wanted)} chunks, {sent['bytes'] / 2**20:.1f} MiB")
+        async def put(digest: bytes) -> None:
+            async with limiter:
+                key, index = where[digest]
+                data, compressed = await anyio.to_thread.run_sync(_read_compressed, files[key], index, digest, key)
+                await call("put", {"digest": digest, "data": data, "compressed": compressed})
+                sent["bytes"] += len(data)
+                sent["chunks"] += 1
+                if sent["chunks"] % 64 == 0 or sent["chunks"] == len(wanted):
+                    report(f"sent {sent['chunks']}/{len(wanted)} chunks, {sent['bytes'] / 2**20:.1f} MiB")
 
-    with plain_errors():
-        async with anyio.create_task_group() as tg:
-            for digest in wanted:
-                tg.start_soon(put, digest)
-    remote_bundle = await call(
-        "assemble",
-        {"manifest": raw_manifest, "files": {name: recipes[name] for name in sources},
-         **{key: recipes[key] for key in extras}},
-    )  # fmt: skip
+        with plain_errors():
+            async with anyio.create_task_group() as tg:
+                for digest in wanted:
+                    tg.start_soon(put, digest)
+        remote_bundle = await call(
+            "assemble",
+            {"manifest": opened.raw, "files": {name: recipes[name] for name in manifest["files"]},
+             **{key: recipes[key] for key in extras}},
+        )  # fmt: skip
+    finally:
+        for key, file in files.items():
+            if key not in opened.files:
+                file.close()
+        opened.close()
     return TransferReport(
         remote_bundle=remote_bundle,
         bytes_total=total_bytes,
@@ -86,10 +109,55 @@ async def send_bundle(call: Call, destination: str, bundle_dir: Path, report: Pr
     )
 
 
-def _read_compressed(path: Path, index: int) -> tuple[bytes, bool]:
-    data = chunks.read_chunk(path, index)
+def checked_recipes(opened: bundle.Opened) -> dict[str, chunks.Recipe]:
+    """The recipe of each of a bundle's open files, each read once and hashed in the same pass:
+    SNAPSHOT_CORRUPT unless every file is what the verified manifest says."""
+    return {
+        name: _checked_recipe(opened.files[name], expected["sha256"], expected["size"], f"{name} in {opened.bundle}")
+        for name, expected in opened.manifest.data["files"].items()
+    }
+
+
+def _checked_recipe(file: BinaryIO, sha256: str, size: int | None, what: str) -> chunks.Recipe:
+    """``chunks.recipe`` of an open file, with the sha256 (and size) of its whole content checked."""
+    fd = file.fileno()
+    length = os.fstat(fd).st_size
+    if size is not None and length != size:
+        raise SnapshotError(f"{what} does not match its manifest size", code="SNAPSHOT_CORRUPT")
+    count = -(-length // chunks.CHUNK_SIZE)
+    with_data = set()
+    for start, end in sparse.data_regions(fd, length):
+        with_data.update(range(start // chunks.CHUNK_SIZE, -(-end // chunks.CHUNK_SIZE)))
+    digest = hashlib.sha256()
+    zeros = bytes(chunks.CHUNK_SIZE)
+    found: list[bytes | None] = [None] * count
+    for index in range(count):
+        piece = min(chunks.CHUNK_SIZE, length - index * chunks.CHUNK_SIZE)
+        if index not in with_data:  # a hole: zeros, nothing to read
+            digest.update(zeros[:piece])
+            continue
+        data = os.pread(fd, piece, index * chunks.CHUNK_SIZE)
+        if len(data) != piece:
+            raise SnapshotError(f"{what} shrank while it was read", code="SNAPSHOT_CORRUPT")
+        digest.update(data)
+        if data.count(0) != len(data):
+            found[index] = hashlib.sha256(data).digest()
+    if digest.hexdigest() != sha256:
+        raise SnapshotError(f"{what} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
+    return {"size": length, "chunks": found}
+
+
+def _read_compressed(file: BinaryIO, index: int, digest: bytes, what: str) -> tuple[bytes, bool]:
+    """A chunk of an open file, which must still be the one hashed (files can change in place)."""
+    data = os.pread(file.fileno(), chunks.CHUNK_SIZE, index * chunks.CHUNK_SIZE)
+    if hashlib.sha256(data).digest() != digest:
+        raise SnapshotError(f"{what} changed while it was sent", code="SNAPSHOT_CORRUPT")
     packed = zlib.compress(data, 1)
     return (packed, True) if len(packed) < len(data) else (data, False)
+
+
+def _open_asset(key: str, manifest: dict[str, Any]) -> BinaryIO:
+    return open(_local_asset(key, manifest), "rb", buffering=0)
 
 
 def _local_asset(key: str, manifest: dict[str, Any]) -> Path:
@@ -175,8 +243,8 @@ def assemble_bundle(params: dict[str, Any]) -> str:
             chunks.assemble(files[name], partial / name)
         (partial / bundle.MANIFEST).write_bytes(manifest_bytes)
         (partial / bundle.MANIFEST).chmod(0o600)
-        bundle.verify(partial, trust=True)  # it came over the user's own SSH login: vouch for it here
-        bundle.sign(partial, manifest_bytes)
+        bundle.verify(partial, trust=True)  # it came over the user's own SSH login: vouch for it here,
+        bundle.sign(partial, manifest_bytes, received=True)  # as received: its recorded mounts bind nothing
         partial.rename(target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -11,24 +11,31 @@ The file names are fixed here: nothing read from a manifest is ever used as a
 path.  Directories are 0700 and files 0600.
 
 The hashes detect corruption, not tampering: whoever can write a bundle can
-rewrite its manifest.  The MAC says "machinen, as this user, wrote this" (or
-received it over an authenticated push and checked it); a bundle without a
-valid one is restored only with an explicit ``trust``, because its device
-state is parsed by QEMU's migration loader, which is not hardened against
-hostile input.  A restore reads each file once, copying it into a private
-place while hashing exactly the bytes it writes, so what QEMU opens is what
-was checked, whatever happens to the bundle directory meanwhile.
+rewrite its manifest.  The MAC says "machinen, as this user, wrote this"
+(``seal``), or "received it over an authenticated push and checked it" (a MAC
+under another context, ``sign(received=True)``); a bundle without a valid one
+is restored only with an explicit ``trust``, because its device state is
+parsed by QEMU's migration loader, which is not hardened against hostile
+input.  Only a bundle sealed here may bind the host directories its manifest
+records as live mounts (``Manifest.taken_here``): a foreign or received one
+binds what the restore's ``mounts=`` names.  A restore reads each file once,
+copying it into a private place while hashing exactly the bytes it writes, so
+what QEMU opens is what was checked, whatever happens to the bundle directory
+meanwhile; a push likewise reads the manifest once and sends the bytes it
+verified, from files it opened once (``open_checked``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Self
 
 import cbor2
 
@@ -40,7 +47,8 @@ from .assets import is_hex_digest, sha256_file
 FORMAT_VERSION = 1
 MANIFEST = "manifest.cbor"
 MAC = "manifest.mac"
-MAC_CONTEXT = b"machinen bundle manifest v1\0"
+MAC_CONTEXT = b"machinen bundle manifest v1\0"  # sealed here, by a snapshot of this user's machinen
+RECEIVED_CONTEXT = b"machinen received bundle manifest v1\0"  # received by a push and checked
 COPY_BLOCK = 1 << 20
 STATE, MEM, DISK = "state", "mem", "disk.qcow2"
 DATA_FILES = (STATE, MEM, DISK)
@@ -49,6 +57,13 @@ DATA_FILES = (STATE, MEM, DISK)
 @dataclass(frozen=True)
 class Manifest:
     data: dict[str, Any]
+    # How this user's key vouched for it: "sealed" (a snapshot here wrote it), "received" (a push
+    # brought it), None (accepted with ``trust``, or not checked).
+    signature: str | None = None
+
+    @property
+    def sealed(self) -> bool:
+        return self.signature == "sealed"
 
     @property
     def machine(self) -> dict[str, Any]:
@@ -65,8 +80,9 @@ class Manifest:
 
     @property
     def taken_here(self) -> bool:
-        """Whether this machine's user wrote it (its host directories mean something here)."""
-        return self.data.get("origin") == origin()
+        """Whether this machine's user wrote it, so its host directories mean something here: sealed
+        under this user's key (``origin`` alone is a digest of public facts anyone can copy)."""
+        return self.sealed and self.data.get("origin") == origin()
 
 
 def seal(bundle: Path, fields: dict[str, Any]) -> Manifest:
@@ -84,7 +100,7 @@ def seal(bundle: Path, fields: dict[str, Any]) -> Manifest:
     partial.write_bytes(raw)
     partial.chmod(0o600)
     partial.rename(bundle / MANIFEST)
-    return Manifest(data)
+    return Manifest(data, signature="sealed")
 
 
 def _signing_key() -> bytes:
@@ -125,24 +141,33 @@ def _read_key(path: Path) -> bytes:
     return key
 
 
-def _mac(raw_manifest: bytes) -> str:
-    return hmac.new(_signing_key(), MAC_CONTEXT + raw_manifest, hashlib.sha256).hexdigest()
+def _mac(raw_manifest: bytes, context: bytes = MAC_CONTEXT) -> str:
+    return hmac.new(_signing_key(), context + raw_manifest, hashlib.sha256).hexdigest()
 
 
-def sign(bundle: Path, raw_manifest: bytes) -> None:
-    """Vouch for a manifest (written here, or received and verified) under this user's key."""
+def sign(bundle: Path, raw_manifest: bytes, *, received: bool = False) -> None:
+    """Vouch for a manifest under this user's key: written here, or (``received``) received and verified."""
     partial = bundle / f".{MAC}.partial"
-    partial.write_text(_mac(raw_manifest))
+    partial.write_text(_mac(raw_manifest, RECEIVED_CONTEXT if received else MAC_CONTEXT))
     partial.chmod(0o600)
     partial.rename(bundle / MAC)
 
 
-def is_signed(bundle: Path, raw_manifest: bytes) -> bool:
+def signature(bundle: Path, raw_manifest: bytes) -> str | None:
+    """How this user's key vouches for these manifest bytes: "sealed" (a snapshot here wrote them),
+    "received" (a push brought them and they were checked), or None."""
     try:
         recorded = (bundle / MAC).read_text()[:64]
     except (FileNotFoundError, UnicodeDecodeError):
-        return False
-    return hmac.compare_digest(recorded, _mac(raw_manifest))
+        return None
+    for how, context in (("sealed", MAC_CONTEXT), ("received", RECEIVED_CONTEXT)):
+        if hmac.compare_digest(recorded, _mac(raw_manifest, context)):
+            return how
+    return None
+
+
+def is_signed(bundle: Path, raw_manifest: bytes) -> bool:
+    return signature(bundle, raw_manifest) is not None
 
 
 def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
@@ -238,22 +263,31 @@ def _check_plain(value: object, depth: int) -> None:
         raise ValueError(f"a {type(value).__name__} value (a CBOR tag?)")
 
 
-def inspect(bundle: Path, *, trust: bool = False) -> Manifest:
-    """Everything about a bundle that is cheap to check: its manifest (and, unless
-    ``trust``, that this user's key signed it), its files' presence and sizes and
-    its disk's header.  The contents are hashed by ``copy_verified`` as they are used."""
+def _read_manifest(bundle: Path, trust: bool) -> tuple[bytes, Manifest]:
+    """The manifest's bytes, read once, and what they say; unless ``trust``, this user's key must
+    vouch for exactly those bytes (``Manifest.sealed`` tells whether a snapshot here wrote them)."""
     if not (bundle / MANIFEST).is_file():
         raise BootError(f"no snapshot bundle at {bundle}", code="BOOT_SNAPSHOT_NOT_FOUND")
     with open(bundle / MANIFEST, "rb") as f:
         raw = f.read(MAX_MANIFEST_BYTES + 1)  # a bigger one is refused unread
     data = parse_manifest(raw, bundle)
-    if not trust and not is_signed(bundle, raw):
+    how = signature(bundle, raw)
+    if how is None and not trust:
         raise SnapshotError(
             f"{bundle} was not written by machinen as this user (nor received by `machinen push`), or was "
             "modified since: restoring it lets its author feed QEMU device state; pass trust=True "
             "(--trust) only for a bundle from a source you trust",
             code="SNAPSHOT_UNTRUSTED",
         )
+    return raw, Manifest(data, signature=how)
+
+
+def inspect(bundle: Path, *, trust: bool = False) -> Manifest:
+    """Everything about a bundle that is cheap to check: its manifest (and, unless
+    ``trust``, that this user's key signed it), its files' presence and sizes and
+    its disk's header.  The contents are hashed by ``copy_verified`` as they are used."""
+    _, manifest = _read_manifest(bundle, trust)
+    data = manifest.data
     for name, expected in data["files"].items():
         path = bundle / name
         if path.is_symlink() or not path.is_file():
@@ -261,16 +295,76 @@ def inspect(bundle: Path, *, trust: bool = False) -> Manifest:
         if path.stat().st_size != expected.get("size"):
             raise SnapshotError(f"{name} in {bundle} does not match its manifest size", code="SNAPSHOT_CORRUPT")
     qcow2.check_image(bundle / DISK)
-    return Manifest(data)
+    return manifest
 
 
 def verify(bundle: Path, *, trust: bool = False) -> Manifest:
-    """``inspect`` and hash every file: for bundles checked without being used (push, receive)."""
-    manifest = inspect(bundle, trust=trust)
-    for name, expected in manifest.data["files"].items():
-        if sha256_file(bundle / name) != expected.get("sha256"):
-            raise SnapshotError(f"{name} in {bundle} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
-    return manifest
+    """``inspect`` and hash every file (each opened once): for bundles checked without being used."""
+    with open_checked(bundle, trust=trust) as opened:
+        for name, expected in opened.manifest.data["files"].items():
+            digest = hashlib.sha256()
+            fd = opened.files[name].fileno()
+            offset = 0
+            while block := os.pread(fd, COPY_BLOCK, offset):
+                digest.update(block)
+                offset += len(block)
+            if digest.hexdigest() != expected.get("sha256"):
+                raise SnapshotError(f"{name} in {bundle} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
+    return opened.manifest
+
+
+@dataclass
+class Opened:
+    """A bundle as ``open_checked`` found it: the manifest's bytes (the ones whose MAC was checked),
+    what they say, and each data file opened once.  Whoever reads the files hashes what it reads
+    against ``manifest`` (a file can still change in place); ``close`` when done (idempotent)."""
+
+    bundle: Path
+    raw: bytes
+    manifest: Manifest
+    files: dict[str, BinaryIO] = dataclasses.field(default_factory=dict)
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_checked(bundle: Path, *, trust: bool = False) -> Opened:
+    """``inspect`` for a bundle about to be sent: the manifest is read once and its MAC checked on
+    those bytes (unless ``trust``), then each data file is opened once (no symlink, a regular file
+    of the manifest's size) and its disk's header checked through that descriptor.  Swapping files
+    or the manifest in the directory afterwards changes nothing of what the caller reads."""
+    raw, manifest = _read_manifest(bundle, trust)
+    opened = Opened(bundle, raw, manifest)
+    try:
+        for name, expected in manifest.data["files"].items():
+            try:
+                fd = os.open(bundle / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                raise SnapshotError(f"{name} is missing from {bundle}", code="SNAPSHOT_CORRUPT") from None
+            opened.files[name] = os.fdopen(fd, "rb", buffering=0)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SnapshotError(f"{name} is missing from {bundle}", code="SNAPSHOT_CORRUPT")
+            if info.st_size != expected.get("size"):
+                raise SnapshotError(f"{name} in {bundle} does not match its manifest size", code="SNAPSHOT_CORRUPT")
+        try:
+            qcow2.check_image(Path(f"/proc/self/fd/{opened.files[DISK].fileno()}"))
+        except SnapshotError as exc:  # it names the descriptor: name the file
+            raise SnapshotError(
+                f"{DISK} in {bundle} is not a disk this machinen opens: {exc.message.partition(': ')[2]}",
+                code=exc.code,
+            ) from None
+    except BaseException:
+        opened.close()
+        raise
+    return opened
 
 
 def copy_verified(source: Path, target: Path, expected: dict[str, Any]) -> None:
