@@ -205,8 +205,10 @@ def restore(
     ``Forks``.
 
     Live mounts come back bound to the directories ``mounts`` gives for
-    their guest paths, else to the ones they had (when the bundle was taken
-    on this machine); a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
+    their guest paths, else to the ones they had (when your machinen sealed
+    the bundle on this machine; a bundle accepted with ``trust=True`` or
+    received by a push binds only what ``mounts`` names); a live mount left
+    unbound or a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
     ``mounts`` may also add live mounts.
     """
     forwards = parse_port_forwards(ports)
