@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST_PACKAGES := busybox-static mmdebstrap e2fsprogs util-linux python3-venv bubblewrap \
+HOST_PACKAGES := busybox-static mmdebstrap e2fsprogs util-linux python3-venv bubblewrap patchelf \
 	debian-archive-keyring  # upgraded too: newer suites (trixie, for the pi image) need their keys
+# patchelf: the agent's own interpreter in OCI images (store/guest_runtime.py)
 # QEMU >= 9.0 migrates a running TCG guest without losing its writes, which a fork's live capture
 # needs (docs/architecture.md "Capture"); bookworm's own QEMU is 7.2, so there it comes from
 # bookworm-backports (10.0). Other releases use their own.
@@ -12,7 +13,7 @@ RELEASE := $(shell . /etc/os-release 2>/dev/null && echo $$VERSION_CODENAME)
 BACKPORTS := $(if $(filter bookworm,$(RELEASE)),bookworm-backports)
 BACKPORTS_SOURCE := /etc/apt/sources.list.d/machinen-bookworm-backports.sources
 # The multi-host tests run real sshd servers on loopback.
-TEST_PACKAGES := openssh-server openssh-client
+TEST_PACKAGES := openssh-server openssh-client docker-registry apache2-utils  # registry + htpasswd: tests/oci_registry.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps host-deps test-deps demo test bench clean
@@ -30,6 +31,8 @@ endif
 
 test-deps:
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(TEST_PACKAGES)
+	# The tests start registries of their own; the package's service (where systemd runs) is not needed.
+	-$(SUDO) systemctl disable --now docker-registry 2>/dev/null
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

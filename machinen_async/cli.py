@@ -16,6 +16,7 @@ import signal
 import stat
 import sys
 import termios
+import time
 import tty
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -30,7 +31,7 @@ from .sdk.boot import boot, connect, restore, stop_vm
 from .sdk.mounts import Mount
 from .sdk.network import NetworkPolicy
 from .sdk.vm import VM
-from .store import assets, layers, registry
+from .store import assets, layers, oci_image, oci_pull, registry
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
@@ -178,9 +179,6 @@ def _command(cmd: tuple[str, ...]) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
 
-IMAGE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst")
-
-
 @contextlib.asynccontextmanager
 async def _connect_address(address: str) -> AsyncIterator[VM]:
     """VM ``name`` here, or ``host:name`` on a host reached over SSH."""
@@ -209,10 +207,13 @@ def _ssh_host(spec: str) -> Any:
 
 
 def _split_image_and_command(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
-    """``[IMAGE] [--] CMD...``: click drops a leading ``--``, so an image is
-    recognised by its tarball suffix."""
+    """``[IMAGE] [--] CMD...``: click drops a leading ``--``, so an image is recognised by its
+    tarball suffix, an OCI source prefix, the ``--`` after it (``python:3.12-slim -- python3 -V``),
+    or, alone, a tag or digest (``alpine:3.20``; a bare ``alpine`` would be a command)."""
     words = list(args)
-    image = words.pop(0) if words and words[0].endswith(IMAGE_SUFFIXES) else None
+    is_image = words and (words[0].endswith(oci_image.TARBALL_SUFFIXES) or words[0].startswith(oci_pull.LOCAL_PREFIXES)
+                          or words[1:2] == ["--"] or (len(words) == 1 and ":" in words[0]))  # fmt: skip
+    image = words.pop(0) if is_image else None
     return image, _command(tuple(words))
 
 
@@ -325,7 +326,9 @@ def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
     ports, live_mounts, copied_mounts, detach, as_json,
 ) -> None:  # fmt: skip
-    """Boot a VM from IMAGE (a rootfs tarball: .tar, .tar.gz, ...; default: the base image).
+    """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
+    (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
+    `machinen boot python:3.12-slim -- python3 -V`), or by default the base image.
 
     The image's default cmd (see `provision`) runs as the VM's workload.  With
     `-- CMD...` in the foreground, run CMD, stream its output and exit with its
@@ -512,7 +515,8 @@ def restore_command(
 @click.option("--json", "as_json", is_flag=True)
 def gc_command(dry_run: bool, as_json: bool) -> None:
     """Remove what no running VM uses: fork templates, disk layers, leftovers of killed VMs,
-    and transfer chunks and received bundles unused for 7 days."""
+    transfer chunks and received bundles unused for 7 days, and OCI image blobs and flattened
+    root filesystems no cached reference names (`machinen images`)."""
     from .store import chunks
 
     removed = [
@@ -521,6 +525,7 @@ def gc_command(dry_run: bool, as_json: bool) -> None:
             *registry.collect_stale(dry_run=dry_run),
             *layers.collect_garbage(dry_run=dry_run),
             *chunks.collect_unused(dry_run=dry_run),
+            *oci_image.collect_unused(dry_run=dry_run),
         )
     ]
     if as_json:
@@ -528,6 +533,46 @@ def gc_command(dry_run: bool, as_json: bool) -> None:
     else:
         for path in removed:
             click.echo(("would remove " if dry_run else "removed ") + path)
+
+
+@main.command(name="pull")
+@click.argument("reference")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Default: this host's (linux/amd64 here).")
+@click.option("--always", is_flag=True, help="Ask the registry what the tag names now, even if it is cached.")
+@click.option("--json", "as_json", is_flag=True)
+def pull_command(reference: str, platform: str | None, always: bool, as_json: bool) -> None:
+    """Fetch an OCI / Docker image (python:3.12-slim, localhost:5000/team/agent@sha256:...,
+    oci:DIR[:TAG], docker-archive:FILE) and make it bootable, without booting it."""
+
+    async def run() -> None:
+        def fetch() -> dict[str, Any]:
+            pulled = oci_pull.pull(reference, policy="always" if always else "missing", platform=platform,
+                                   progress=_progress)  # fmt: skip
+            oci_image.rootfs_tarball(pulled, _progress)
+            return {"reference": pulled.reference, "digest": pulled.manifest_digest, "platform": pulled.platform,
+                    "layers": len(pulled.layers), "size": sum(layer.size for layer in pulled.layers)}  # fmt: skip
+
+        pulled = await anyio.to_thread.run_sync(fetch)
+        click.echo(json.dumps(pulled) if as_json else f"{pulled['reference']}  {pulled['digest']}")
+
+    _run(run)
+
+
+@main.command(name="images")
+@click.option("--json", "as_json", is_flag=True)
+def images_command(as_json: bool) -> None:
+    """List the OCI images in the cache: reference, digest, size, last used."""
+    images = oci_pull.list_images()
+    if as_json:
+        click.echo(json.dumps([{"reference": image.reference, "platform": image.platform,
+                                "digest": image.manifest_digest, "size": image.size, "last_used": image.last_used}
+                               for image in images]))  # fmt: skip
+        return
+    click.echo(f"{'REFERENCE':<50} {'DIGEST':<19} {'SIZE':>10}  LAST USED")
+    for image in images:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(image.last_used))
+        click.echo(f"{terminal_safe(image.reference):<50} {image.manifest_digest[:19]:<19} "
+                   f"{image.size / 2**20:>8.1f}MB  {used}")  # fmt: skip
 
 
 @main.command(name="ls")

@@ -101,6 +101,12 @@ class HandoffError(MachinenError):
     default_code = "HANDOFF_FAILED"
 
 
+class ImageError(MachinenError):
+    """An OCI / Docker image could not be named, pulled or unpacked; nothing half-written is kept."""
+
+    default_code = "IMAGE_PULL_FAILED"
+
+
 _CLASS_BY_CODE: dict[str, type[MachinenError]] = {
     "BOOT_TIMEOUT": BootTimeoutError,
     "EXEC_AGENT_TIMEOUT": ExecTimeoutError,
@@ -117,6 +123,7 @@ _CLASS_BY_PREFIX: dict[str, type[MachinenError]] = {
     "HOST_": HostError,
     "TRANSFER_": TransferError,
     "HANDOFF_": HandoffError,
+    "IMAGE_": ImageError,
 }
 
 

@@ -25,7 +25,7 @@ import time
 
 from ..protocol.guest_abi import DNS_IP, GATEWAY_IP, GUEST_IP
 from .server import Agent, find_port
-from .task import BASE_ENV
+from .task import BASE_ENV, take_image_defaults
 
 
 def _mount(source: str, target: str, fstype: str, options: str = "") -> None:
@@ -118,6 +118,7 @@ def serve_port() -> None:
 
 
 def main() -> None:
+    take_image_defaults()
     os.environ.update(BASE_ENV)
     if os.getpid() == 1:
         init_system()

@@ -8,6 +8,7 @@ import threading
 from collections import deque
 
 from ..protocol import wire
+from ..protocol.guest_abi import EXEC_DEFAULTS
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
 if TYPE_CHECKING:
@@ -19,6 +20,44 @@ BASE_ENV = {
     "LANG": "C.UTF-8",
     "TERM": "xterm",
 }
+# Where and as whom commands run unless a call says otherwise: an OCI image's WorkingDir and User.
+IMAGE_DEFAULTS: dict = {"cwd": "/", "user": None, "group": None}
+
+
+def take_image_defaults() -> None:
+    """An OCI image's Env, WorkingDir and User (``EXEC_DEFAULTS``, written when its disk was
+    built) become the defaults of every command, as in a container."""
+    if not os.path.exists(EXEC_DEFAULTS):
+        return
+    import json  # only in such images: PID 1 imports as little as it can (slow under TCG)
+
+    with open(EXEC_DEFAULTS) as f:
+        defaults = json.load(f)
+    for entry in defaults.get("env") or []:
+        name, _, value = entry.partition("=")
+        if name:
+            BASE_ENV[name] = value
+    IMAGE_DEFAULTS["cwd"] = defaults.get("cwd") or "/"
+    user, _, group = (defaults.get("user") or "").partition(":")
+    if user:
+        IMAGE_DEFAULTS["user"] = int(user) if user.isdigit() else user
+        IMAGE_DEFAULTS["group"] = (int(group) if group.isdigit() else group) if group else None
+
+
+def image_identity() -> dict:
+    """``Popen``'s user, group and extra groups for the image's User (none: root's own).  A user
+    without a group runs with its passwd entry's group, or 0 where it has none (as Docker)."""
+    user, group = IMAGE_DEFAULTS["user"], IMAGE_DEFAULTS["group"]
+    if user is None:
+        return {}
+    if group is None:
+        import pwd
+
+        try:
+            group = (pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)).pw_gid
+        except KeyError:
+            group = 0
+    return {"user": user, "group": group, "extra_groups": []}
 
 
 def start_thread(target, *args) -> threading.Thread:

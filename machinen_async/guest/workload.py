@@ -9,7 +9,7 @@ import threading
 import time
 
 from ..protocol.guest_abi import IMAGE_CONFIG, WORKLOAD_LOG
-from .task import BASE_ENV, start_thread
+from .task import BASE_ENV, IMAGE_DEFAULTS, image_identity, start_thread
 
 WORKLOAD_MAX_BACKOFF_S = 10.0
 
@@ -43,7 +43,7 @@ class Workload:
         env.update(spec.get("env") or {})
         os.makedirs(os.path.dirname(WORKLOAD_LOG), exist_ok=True)
         started = threading.Event()
-        start_thread(self._supervise, spec["cmd"], env, spec.get("cwd") or "/", started)
+        start_thread(self._supervise, spec["cmd"], env, spec.get("cwd") or IMAGE_DEFAULTS["cwd"], started)
         started.wait(5)
         return self.status()
 
@@ -54,9 +54,9 @@ class Workload:
                 try:
                     proc = subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        cwd=cwd, env=env, start_new_session=True,
+                        cwd=cwd, env=env, start_new_session=True, **image_identity(),
                     )  # fmt: skip
-                except OSError as exc:
+                except (OSError, KeyError) as exc:  # KeyError: the image's User is unknown
                     log.write(f"machinen: cannot start {argv!r}: {exc}\n".encode())
                     with self.lock:
                         self.state.update(running=False, exit_code=127)

@@ -18,7 +18,7 @@ import anyio
 
 from ..errors import BootError, MachinenError, SnapshotError, plain_errors
 from ..protocol.messages import ForkTemplate, IncomingState, MachineSpec
-from ..store import assets, bundle, layers, registry
+from ..store import assets, bundle, layers, oci_image, registry
 from ..supervisor.config import SupervisorConfig
 from ..version import __version__
 from ..vmm import backend
@@ -193,7 +193,7 @@ async def _restore_plan(
                 raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
         wanted, digest = manifest.data["image"]["key"], manifest.data["image"].get("sha256")
         if image is not None:
-            tarball = Path(image).expanduser().resolve()
+            tarball = oci_image.rootfs_of(image, report)
             if assets.image_key(tarball) != wanted:
                 raise SnapshotError(
                     f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE"

@@ -9,6 +9,10 @@ from __future__ import annotations
 AGENT_PORT_NAME = "org.machinen.agent"
 # A provisioned image's workload: what to run (written by provision()) and where its output goes.
 IMAGE_CONFIG = "/etc/machinen/image.json"
+# What an image that brings no interpreter of its own carries for the agent (store/guest_runtime.py):
+# the runtime, and the OCI image config's Env, WorkingDir and User, the defaults of every command.
+RUNTIME_DIR = "/.machinen"
+EXEC_DEFAULTS = "/.machinen/image.json"
 WORKLOAD_LOG = "/var/log/machinen/workload.log"
 # QEMU user-mode networking: the guest, its gateway (the host, whose loopback it reaches), DNS.
 GUEST_IP, GATEWAY_IP, DNS_IP = "10.0.2.15", "10.0.2.2", "10.0.2.3"

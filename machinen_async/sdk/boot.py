@@ -16,7 +16,7 @@ from ..hosts.local import LocalDriver, available_memory_mib
 from ..hosts.supervisors import new_ram_dir
 from ..protocol.messages import MachineSpec
 from ..protocol.ports import PortSpec, parse_port_forwards
-from ..store import assets, registry
+from ..store import assets, oci_image, registry
 from ..supervisor.config import SupervisorConfig, check_workload_started
 from ..vmm import backend
 from .forks import Forks
@@ -71,7 +71,7 @@ async def _launch(
 
     def prepare() -> tuple[assets.BaseAssets, Path, Path]:
         base = assets.ensure_base(report)
-        tarball = Path(image).expanduser().resolve() if image is not None else base.rootfs_tarball
+        tarball = oci_image.rootfs_of(image, report) if image is not None else base.rootfs_tarball
         return base, tarball, assets.image_for(tarball, report)
 
     base, tarball, disk_image = await anyio.to_thread.run_sync(prepare)
@@ -129,7 +129,11 @@ def boot(
     mounts: Sequence[str | Mount] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Launch:
-    """Boot a microVM from ``image`` (a rootfs tarball; default: the Debian base).
+    """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
+    (``"python:3.12-slim"``, ``"localhost:5000/team/agent@sha256:..."``, ``"oci:./layout:tag"``,
+    ``"docker-archive:./image.tar"``; see ``rootfs_of``); default: the Debian base.  An OCI
+    image needs nothing inside it (the agent brings its own interpreter); its Env, WorkingDir
+    and User are the defaults of every command.
 
     The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
     as its supervised workload: output in /var/log/machinen/workload.log,

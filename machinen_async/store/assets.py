@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import AssetsError, BootError
+from ..protocol.guest_abi import RUNTIME_DIR
 from . import paths
 
 Report = Callable[[str], None]
@@ -63,6 +64,8 @@ i=0; while [ ! -b /dev/vda ]; do i=$((i+1)); [ $i -gt 500 ] && echo "machinen: n
 mkdir -p /newroot
 mount -t ext4 -o rw,noatime /dev/vda /newroot || {{ echo "machinen: cannot mount root"; exec sh; }}
 mount --move /proc /newroot/proc; mount --move /sys /newroot/sys; mount --move /dev /newroot/dev
+# An image that brings no interpreter for the agent carries one (store/guest_runtime.py).
+[ -x /newroot{RUNTIME_DIR}/bin/python3 ] && exec switch_root /newroot {RUNTIME_DIR}/bin/python3 -I {GUEST_ENTRY}
 exec switch_root /newroot /usr/bin/python3 -I {GUEST_ENTRY}
 """
 
@@ -483,7 +486,10 @@ def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
         ):
             root = Path(tmp) / "root"
             root.mkdir()
-            _run(["tar", "-C", str(root), "-xpf", str(tarball)], what="unpack rootfs")
+            _run(
+                ["tar", "-C", str(root), "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", str(tarball)],
+                what="unpack rootfs",
+            )
             for name, content in _agent_sources().items():
                 target = root / GUEST_LIB / name
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,111 @@
+"""An OCI / Docker image as a bootable root filesystem: its layers flattened (``oci_flatten``), then
+what the agent needs added, as one tarball that ``assets.image_for`` turns into the VM's disk.
+
+Added: the agent's runtime at ``RUNTIME_DIR`` (``guest_runtime``: the image may have no Python
+or libc), the image config's Env, WorkingDir and User at ``EXEC_DEFAULTS`` (the defaults of every
+command), and the directories init and the agent mount on or write to, where the image has none
+(a distroless image has no ``/proc``).  Cached by (manifest digest, runtime), so a second boot of
+the same image neither pulls nor flattens.  Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..protocol.guest_abi import EXEC_DEFAULTS, RUNTIME_DIR
+from . import assets, guest_runtime, oci_flatten, oci_pull, paths
+
+if TYPE_CHECKING:
+    from .oci_pull import PulledImage
+
+TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst")
+# Mount points and directories PID 1 and the agent use (init.py, workload.py, the initramfs /init).
+ROOT_DIRECTORIES = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "tmp": 0o1777, "run": 0o755, "etc": 0o755,
+                    "root": 0o700, "var": 0o755, "var/log": 0o755}  # fmt: skip
+
+
+def rootfs_of(image: str | os.PathLike, report: assets.Report = lambda message: None) -> Path:
+    """The rootfs tarball ``image`` names: a tarball's path, or else an OCI image reference
+    (``python:3.12-slim``, ``registry:5000/team/agent@sha256:...``, ``oci:DIR[:TAG]``,
+    ``docker-archive:FILE``), pulled (unless cached) and flattened."""
+    path = Path(image).expanduser()
+    text = str(image)
+    if path.exists() or text.startswith(("/", "./", "../", "~")) or text.endswith(TARBALL_SUFFIXES):
+        return path.resolve()  # a missing one is BOOT_IMAGE_NOT_FOUND when its disk is built
+    return rootfs_tarball(oci_pull.pull(text, progress=report), report)
+
+
+def rootfs_tarball(pulled: PulledImage, report: assets.Report = lambda message: None) -> Path:
+    """The tarball ``pulled`` boots from (built once per manifest digest and runtime)."""
+    base = assets.ensure_base(report)
+    runtime = guest_runtime.runtime_for(
+        base.rootfs_tarball, assets.immutable_file_digest(base.rootfs_tarball), assets._run
+    )
+    directory = paths.private_dir(paths.private_dir(paths.private_dir(paths.cache_dir()) / "oci") / "rootfs")
+    target = directory / f"{pulled.manifest_digest.removeprefix('sha256:')[:32]}-{runtime.name}.tar"
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        partial = Path(tmp) / "rootfs.tar"
+        with assets._step(report, f"flattening {pulled.reference} ({len(pulled.layers)} layers)"):
+            oci_flatten.flatten([(layer.path, layer.media_type) for layer in pulled.layers], partial)
+        with tarfile.open(partial, "a") as tar:
+            present = {_normalised(name) for name in tar.getnames()}
+            defaults = exec_defaults(pulled.config)
+            working_dir = _normalised(defaults["cwd"])  # created where the image lacks it, as runtimes do
+            for name, mode in {**ROOT_DIRECTORIES, **({working_dir: 0o755} if working_dir else {})}.items():
+                if name not in present:
+                    tar.addfile(_entry(name, tarfile.DIRTYPE, mode))
+            tar.add(runtime, arcname=RUNTIME_DIR.lstrip("/"), filter=_owned_by_root)
+            written = json.dumps(defaults).encode()
+            tar.addfile(_entry(EXEC_DEFAULTS.lstrip("/"), tarfile.REGTYPE, 0o644, len(written)), io.BytesIO(written))
+        partial.chmod(0o444)
+        partial.rename(target)
+    return target
+
+
+def exec_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """What of an image config (``config["config"]``) the agent applies to every command."""
+    settings = config.get("config") or {}
+    env = settings.get("Env") or []
+    return {
+        "env": [item for item in env if isinstance(item, str)],
+        "cwd": settings.get("WorkingDir") or "/",
+        "user": settings.get("User") or "",
+    }
+
+
+def _normalised(name: str) -> str:
+    return name.removeprefix("./").strip("/")
+
+
+def _entry(name: str, kind: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
+    entry = tarfile.TarInfo(name)
+    entry.type, entry.mode, entry.size = kind, mode, size
+    return entry
+
+
+def _owned_by_root(entry: tarfile.TarInfo) -> tarfile.TarInfo:
+    entry.uid = entry.gid = 0
+    entry.uname = entry.gname = "root"
+    return entry
+
+
+def collect_unused(*, dry_run: bool = False) -> list[Path]:
+    """Flattened root filesystems of images no cached reference names any more, then (unless
+    ``dry_run``) the blobs none uses (``oci_pull.gc``): what was (or would be) removed."""
+    directory = paths.cache_dir() / "oci" / "rootfs"
+    named = {image.manifest_digest.removeprefix("sha256:")[:32] for image in oci_pull.list_images()}
+    unused = [tarball for tarball in sorted(directory.glob("*.tar")) if tarball.name.split("-")[0] not in named]
+    if dry_run:
+        return unused
+    for tarball in unused:
+        tarball.unlink(missing_ok=True)
+    freed = oci_pull.gc()
+    return [*unused, *([oci_pull.oci_dir() / f"blobs ({freed} bytes)"] if freed else [])]

@@ -1,0 +1,141 @@
+"""Booting OCI images (issue 25): an image with no Python and no libc (busybox only) boots, its
+config applies to every command, and fork, snapshot and restore work on it (real VMs)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import machinen
+
+from machinen_async import boot, restore
+
+BUSYBOX = "/bin/busybox"  # busybox-static: no libc needed
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, *, mode: int = 0o644, **fields) -> tarfile.TarInfo:
+    entry = tarfile.TarInfo(name)
+    entry.type, entry.mode = kind, mode
+    for key, value in fields.items():
+        setattr(entry, key, value)
+    return entry
+
+
+def _layer(build) -> bytes:
+    """A gzip layer made by ``build(add)``, ``add(entry, data=None)``."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(entry: tarfile.TarInfo, data: bytes | None = None) -> None:
+            if data is not None:
+                entry.size = len(data)
+            tar.addfile(entry, io.BytesIO(data) if data is not None else None)
+
+        build(add)
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def busybox_layers() -> list[bytes]:
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+
+    def base(add) -> None:
+        add(_entry("bin", tarfile.DIRTYPE, mode=0o755))
+        add(_entry("bin/busybox", mode=0o755), Path(BUSYBOX).read_bytes())
+        for applet in applets:
+            if applet != "busybox":
+                add(_entry(f"bin/{applet}", tarfile.SYMTYPE, mode=0o777, linkname="busybox"))
+        add(_entry("etc", tarfile.DIRTYPE, mode=0o755))
+        add(_entry("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n")
+        add(_entry("etc/group"), b"root:x:0:\napp:x:1000:\n")
+        add(_entry("home", tarfile.DIRTYPE, mode=0o755))
+        add(_entry("home/app", tarfile.DIRTYPE, mode=0o755, uid=1000, gid=1000))
+        add(_entry("doomed"), b"deleted by the next layer\n")
+        add(_entry("cache", tarfile.DIRTYPE, mode=0o755))
+        add(_entry("cache/old"), b"hidden by an opaque directory\n")
+
+    def upper(add) -> None:
+        add(_entry(".wh.doomed"))
+        add(_entry("cache", tarfile.DIRTYPE, mode=0o755))
+        add(_entry("cache/.wh..wh..opq"))
+        add(_entry("cache/new"), b"fresh\n")
+        add(_entry("cache/linked", tarfile.LNKTYPE, linkname="cache/new"))
+
+    return [_layer(base), _layer(upper)]
+
+
+def write_layout(directory: Path, layers: list[bytes], config: dict, tag: str = "1") -> None:
+    """An OCI image layout (what `skopeo copy ... oci:DIR:TAG` writes) holding one image."""
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes, media_type: str) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    diff_ids = [f"sha256:{hashlib.sha256(gzip.decompress(layer)).hexdigest()}" for layer in layers]
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}, **config}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
+        "layers": [blob(layer, LAYER) for layer in layers],
+    }
+    entry = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+@pytest.fixture(scope="module")
+def busybox_image(tmp_path_factory) -> str:
+    layout = tmp_path_factory.mktemp("busybox-layout")
+    config = {"config": {"Env": ["PATH=/bin", "GREETING=from the image"], "WorkingDir": "/srv/app", "User": "app"}}
+    write_layout(layout, busybox_layers(), config)
+    return f"oci:{layout}:1"
+
+
+async def sh(vm, script: str) -> str:
+    result = await vm.exec(["sh", "-c", script], timeout=120)
+    assert result.exit_code == 0, (result.stdout + result.stderr).decode(errors="replace")
+    return result.stdout.decode()
+
+
+@pytest.mark.anyio
+async def test_an_image_without_python_or_libc_boots_with_its_config(busybox_image, anyio_backend):
+    async with boot(busybox_image, network=False) as vm:
+        assert await sh(vm, 'echo "$GREETING"; pwd; id -u; id -g') == "from the image\n/srv/app\n1000\n1000\n"
+        # Nothing the agent could have used: no libc, no Python (it runs on its own, in /.machinen).
+        found = "ls /lib* /usr/lib/*-linux-gnu* 2>/dev/null | grep -c libc; command -v python3 || echo none"
+        assert await sh(vm, found) == "0\nnone\n"
+        assert await sh(vm, "test -e /doomed || echo gone") == "gone\n"  # a whiteout
+        assert (await sh(vm, "ls /cache")).split() == ["linked", "new"]  # opaque: the lower entry is hidden
+        assert await sh(vm, "cat /cache/linked") == "fresh\n"
+        assert (await vm.exec(["pwd"], cwd="/tmp")).stdout == b"/tmp\n"  # a call's own cwd wins
+        assert await vm.read_file("/etc/passwd") == (b"root:x:0:0:root:/root:/bin/sh\n"
+                                                      b"app:x:1000:1000:app:/home/app:/bin/sh\n")  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_fork_snapshot_and_restore_work_on_an_image(busybox_image, tmp_path, anyio_backend):
+    async with boot(busybox_image, network=False) as vm:
+        await sh(vm, "echo shared > /tmp/state")
+        async with vm.fork(n=2) as forks:
+            await forks.map(lambda sibling, i: sh(sibling, f"echo {i} > /tmp/state"))
+            assert [await sh(sibling, "cat /tmp/state") for sibling in forks] == ["0\n", "1\n"]
+        assert await sh(vm, "cat /tmp/state") == "shared\n"
+        await vm.snapshot(tmp_path / "image.snap")
+    async with restore(tmp_path / "image.snap") as restored:
+        assert await sh(restored, 'cat /tmp/state; echo "$GREETING"') == "shared\nfrom the image\n"
+
+
+def test_the_cli_boots_an_image_and_runs_a_command_in_it(busybox_image):
+    done = machinen("boot", "--no-network", busybox_image, "--", "sh", "-c", 'echo "$GREETING" in $(pwd)', timeout=600)
+    assert done.stdout == b"from the image in /srv/app\n"
