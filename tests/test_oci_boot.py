@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import machinen
+from oci_registry import Registry, image_config, push_image
 
 from machinen_async import boot, restore
 
@@ -139,3 +140,21 @@ async def test_fork_snapshot_and_restore_work_on_an_image(busybox_image, tmp_pat
 def test_the_cli_boots_an_image_and_runs_a_command_in_it(busybox_image):
     done = machinen("boot", "--no-network", busybox_image, "--", "sh", "-c", 'echo "$GREETING" in $(pwd)', timeout=600)
     assert done.stdout == b"from the image in /srv/app\n"
+
+
+@pytest.mark.anyio
+async def test_an_image_from_a_registry_boots_and_boots_again_with_the_registry_stopped(tmp_path, anyio_backend):
+    registry = Registry(tmp_path / "registry")
+    try:
+        layers = busybox_layers()
+        config = image_config(layers, env=["PATH=/bin", "GREETING=pulled"], workdir="/srv", user="1000")
+        push_image(registry, "team/busybox", "1", layers, config)
+        reference = f"{registry.host}/team/busybox:1"
+        async with boot(reference, network=False) as vm:
+            assert await sh(vm, 'echo "$GREETING" $(pwd) $(id -u)') == "pulled /srv 1000\n"
+    finally:
+        registry.stop()
+    async with boot(reference, network=False) as vm:  # cached: the registry is not asked
+        assert await sh(vm, 'echo "$GREETING"') == "pulled\n"
+    listed = json.loads(machinen("images", "--json").stdout)
+    assert any(image["reference"] == reference for image in listed)
