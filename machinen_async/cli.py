@@ -27,7 +27,7 @@ import click
 from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
 from .protocol.guest_abi import WORKLOAD_LOG
-from .sdk.boot import boot, connect, restore, stop_vm
+from .sdk.boot import IMAGE_CMD, boot, connect, restore, stop_vm
 from .sdk.mounts import Mount
 from .sdk.network import NetworkPolicy
 from .sdk.vm import VM
@@ -320,11 +320,12 @@ def install(refresh: bool) -> None:
 @publish_option
 @mount_option(copied=True)
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
+@click.option("--run-image-cmd", is_flag=True, help="Run an OCI image's Entrypoint + Cmd as the VM's workload.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -343,7 +344,8 @@ def boot_command(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
             detached=detach, ports=ports, progress=_progress,
             network=False if no_network else _network_policy(allow_rules, allow_host_ports),
-            cmd=cmd if detach and cmd else None, env=env, mounts=_mounts(live_mounts, copied_mounts),
+            cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
+            mounts=_mounts(live_mounts, copied_mounts),
         )  # fmt: skip
         async with launch as vm:
             if as_json:

@@ -98,7 +98,15 @@ def write_layout(directory: Path, layers: list[bytes], config: dict, tag: str = 
 @pytest.fixture(scope="module")
 def busybox_image(tmp_path_factory) -> str:
     layout = tmp_path_factory.mktemp("busybox-layout")
-    config = {"config": {"Env": ["PATH=/bin", "GREETING=from the image"], "WorkingDir": "/srv/app", "User": "app"}}
+    config = {
+        "config": {
+            "Env": ["PATH=/bin", "GREETING=from the image"],
+            "WorkingDir": "/srv/app",
+            "User": "app",
+            "Entrypoint": ["sh", "-c"],
+            "Cmd": ['echo "$GREETING as $(id -u)" > /tmp/image-cmd-ran'],
+        }
+    }
     write_layout(layout, busybox_layers(), config)
     return f"oci:{layout}:1"
 
@@ -158,3 +166,12 @@ async def test_an_image_from_a_registry_boots_and_boots_again_with_the_registry_
         assert await sh(vm, 'echo "$GREETING"') == "pulled\n"
     listed = json.loads(machinen("images", "--json").stdout)
     assert any(image["reference"] == reference for image in listed)
+
+
+@pytest.mark.anyio
+async def test_the_image_cmd_runs_only_when_asked(busybox_image, anyio_backend):
+    async with boot(busybox_image, network=False) as vm:
+        assert await sh(vm, "test -e /tmp/image-cmd-ran || echo not-run") == "not-run\n"
+    async with boot(busybox_image, network=False, cmd="image") as vm:
+        wait = "for i in $(seq 100); do [ -s /tmp/image-cmd-ran ] && break; sleep 0.1; done"
+        assert await sh(vm, f"{wait}; cat /tmp/image-cmd-ran") == "from the image as 1000\n"

@@ -21,7 +21,7 @@ BASE_ENV = {
     "TERM": "xterm",
 }
 # Where and as whom commands run unless a call says otherwise: an OCI image's WorkingDir and User.
-IMAGE_DEFAULTS: dict = {"cwd": "/", "user": None, "group": None}
+IMAGE_DEFAULTS: dict = {"cwd": "/", "user": None, "group": None, "cmd": []}
 
 
 def take_image_defaults() -> None:
@@ -38,6 +38,7 @@ def take_image_defaults() -> None:
         if name:
             BASE_ENV[name] = value
     IMAGE_DEFAULTS["cwd"] = defaults.get("cwd") or "/"
+    IMAGE_DEFAULTS["cmd"] = [word for word in defaults.get("cmd") or [] if isinstance(word, str)]
     user, _, group = (defaults.get("user") or "").partition(":")
     if user:
         IMAGE_DEFAULTS["user"] = int(user) if user.isdigit() else user

@@ -27,7 +27,9 @@ class Workload:
 
     def start(self, params: dict) -> dict:
         spec = params
-        if params.get("from_image"):
+        if params.get("image_cmd"):  # an OCI image's Entrypoint + Cmd, asked for by boot(cmd="image")
+            spec = {"cmd": IMAGE_DEFAULTS["cmd"]}
+        elif params.get("from_image"):
             try:
                 with open(IMAGE_CONFIG) as f:
                     spec = json.load(f)

@@ -27,6 +27,7 @@ from .process import Command, argv_of
 from .vm import VM
 
 MIN_MEMORY_MIB = 64
+IMAGE_CMD = "image"  # boot(cmd="image"): an OCI image's Entrypoint + Cmd as the workload
 
 
 def _validate_memory(memory_mib: Any) -> int:
@@ -112,6 +113,14 @@ async def _launch(
     return vm
 
 
+def _workload(cmd: Command | None, env: Mapping[str, str] | None, cwd: str | None) -> dict[str, Any] | None:
+    if cmd is None:
+        return None
+    if cmd == IMAGE_CMD:
+        return {"image_cmd": True}
+    return {"cmd": argv_of(cmd), "env": dict(env or {}), "cwd": cwd}
+
+
 def boot(
     image: str | os.PathLike | None = None,
     *,
@@ -137,7 +146,8 @@ def boot(
 
     The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
     as its supervised workload: output in /var/log/machinen/workload.log,
-    restarted after a non-zero exit.
+    restarted after a non-zero exit.  ``cmd="image"``: an OCI image's
+    Entrypoint + Cmd (never by default: a sandbox image's CMD is often a shell).
 
     ``accel``: "kvm", "tcg" or "auto" (default, also $MACHINEN_ACCEL).  With
     ``detached`` the VM outlives this process; reach it with ``connect(name)``.
@@ -163,7 +173,7 @@ def boot(
             detached=detached,
             ports=ports,
             network=network,
-            workload=None if cmd is None else {"cmd": argv_of(cmd), "env": dict(env or {}), "cwd": cwd},
+            workload=_workload(cmd, env, cwd),
             mounts=mounts,
             progress=progress,
         )

@@ -78,6 +78,7 @@ def exec_defaults(config: dict[str, Any]) -> dict[str, Any]:
         "env": [item for item in env if isinstance(item, str)],
         "cwd": settings.get("WorkingDir") or "/",
         "user": settings.get("User") or "",
+        "cmd": [*(settings.get("Entrypoint") or []), *(settings.get("Cmd") or [])],  # the workload of cmd="image"
     }
 
 
