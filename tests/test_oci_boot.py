@@ -16,9 +16,14 @@ from conftest import machinen
 from oci_registry import Registry, image_config, push_image
 
 from machinen_async import boot, restore
+from machinen_async.store import assets
+from machinen_async.store.assets import sha256_file
 
 BUSYBOX = "/bin/busybox"  # busybox-static: no libc needed
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+PLAIN_LAYER = "application/vnd.oci.image.layer.v1.tar"
+# security.capability v2: cap_net_bind_service + cap_setuid permitted (a byte > 0x7f: binary-safe)
+CAPABILITY = bytes([1, 0, 0, 2, 0x80, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
 
 
 def _entry(name: str, kind: bytes = tarfile.REGTYPE, *, mode: int = 0o644, **fields) -> tarfile.TarInfo:
@@ -71,8 +76,9 @@ def busybox_layers() -> list[bytes]:
     return [_layer(base), _layer(upper)]
 
 
-def write_layout(directory: Path, layers: list[bytes], config: dict, tag: str = "1") -> None:
-    """An OCI image layout (what `skopeo copy ... oci:DIR:TAG` writes) holding one image."""
+def write_layout(directory: Path, layers: list[bytes | Path], config: dict, tag: str = "1") -> None:
+    """An OCI image layout (what `skopeo copy ... oci:DIR:TAG` writes) holding one image; a layer is
+    gzip bytes, or the path of a plain tar (linked in, not read into memory)."""
     blobs = directory / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -81,13 +87,22 @@ def write_layout(directory: Path, layers: list[bytes], config: dict, tag: str = 
         (blobs / digest).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
-    diff_ids = [f"sha256:{hashlib.sha256(gzip.decompress(layer)).hexdigest()}" for layer in layers]
-    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}, **config}
+    def layer_blob(layer: bytes | Path) -> tuple[dict, str]:
+        if isinstance(layer, bytes):
+            return blob(layer, LAYER), f"sha256:{hashlib.sha256(gzip.decompress(layer)).hexdigest()}"
+        digest = sha256_file(layer)
+        (blobs / digest).symlink_to(layer)
+        plain = {"mediaType": PLAIN_LAYER, "digest": f"sha256:{digest}", "size": layer.stat().st_size}
+        return plain, f"sha256:{digest}"
+
+    described = [layer_blob(layer) for layer in layers]
+    rootfs = {"type": "layers", "diff_ids": [diff for _, diff in described]}
+    config = {"architecture": "amd64", "os": "linux", "rootfs": rootfs, **config}
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
-        "layers": [blob(layer, LAYER) for layer in layers],
+        "layers": [descriptor for descriptor, _ in described],
     }
     entry = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
     entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
@@ -175,3 +190,24 @@ async def test_the_image_cmd_runs_only_when_asked(busybox_image, anyio_backend):
     async with boot(busybox_image, network=False, cmd="image") as vm:
         wait = "for i in $(seq 100); do [ -s /tmp/image-cmd-ran ] && break; sleep 0.1; done"
         assert await sh(vm, f"{wait}; cat /tmp/image-cmd-ran") == "from the image as 1000\n"
+
+
+@pytest.mark.anyio
+async def test_the_debian_base_as_an_image_keeps_deletions_hard_links_and_capabilities(tmp_path, anyio_backend):
+    base = assets.find_base()
+    assert base is not None  # the shared VM and every other test built it
+
+    def upper(add) -> None:
+        add(_entry("etc/.wh.debian_version"))
+        add(_entry("usr/local/bin/capped", mode=0o755,
+                   pax_headers={"SCHILY.xattr.security.capability": CAPABILITY.decode("utf-8", "surrogateescape")}),
+            b"#!/bin/sh\necho capped\n")  # fmt: skip
+        add(_entry("usr/local/bin/also-capped", tarfile.LNKTYPE, linkname="usr/local/bin/capped"))
+
+    write_layout(tmp_path / "layout", [base.rootfs_tarball, _layer(upper)], {"config": {"Env": ["PATH=/usr/bin:/bin"]}})
+    async with boot(f"oci:{tmp_path / 'layout'}:1", network=False) as vm:
+        assert await sh(vm, "test -e /etc/debian_version || echo gone; python3 -c 'print(1 + 1)'") == "gone\n2\n"
+        check = ("import os; p = '/usr/local/bin/capped'; "
+                 "print(os.getxattr(p, 'security.capability').hex(), os.stat(p).st_nlink)")  # fmt: skip
+        assert await sh(vm, f'python3 -c "{check}"') == f"{CAPABILITY.hex()} 2\n"
+        assert await sh(vm, "tail -1 /usr/local/bin/also-capped") == "echo capped\n"
