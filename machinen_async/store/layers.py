@@ -45,7 +45,7 @@ class Shared:
 
         Raises FileNotFoundError if the collector removed it first.
         """
-        fd = os.open(self.lock, os.O_RDONLY)
+        fd = os.open(self.lock, os.O_RDONLY | os.O_NOFOLLOW)
         fcntl.flock(fd, fcntl.LOCK_SH)
         if os.fstat(fd).st_nlink == 0:  # collected while we waited for the lock
             os.close(fd)
@@ -114,8 +114,8 @@ def collect_garbage(*, dry_run: bool = False) -> list[Path]:
             if path.name.startswith("."):
                 continue  # being created
             try:
-                fd = os.open(path / "lock", os.O_RDONLY)
-            except FileNotFoundError:
+                fd = os.open(path / "lock", os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:  # none (being removed), or not ours
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

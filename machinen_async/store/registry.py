@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import RegistryError
+from ..errors import MachinenError, RegistryError
 from . import paths
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
@@ -86,21 +87,22 @@ class VmDir:
 
     def read_meta(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.meta.read_text())
-        except (OSError, ValueError):
+            with open(paths.open_regular(self.meta), "rb") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError, MachinenError):
             return None
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         partial = self.meta.with_suffix(".partial")
-        partial.write_text(json.dumps(meta))
-        partial.chmod(0o600)
+        with open(paths.create_file(partial), "wb") as f:  # a new 0600 file, never through a symlink
+            f.write(json.dumps(meta).encode())
         partial.rename(self.meta)
 
     def is_live(self) -> bool:
         """True while a supervisor holds the entry's lock."""
         try:
-            fd = os.open(self.lock, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = os.open(self.lock, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # none (or not a file of ours: O_NOFOLLOW)
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -159,7 +161,7 @@ def ensure_free(name: str) -> None:
 def _lock_entry(entry: VmDir) -> int:
     while True:
         paths.private_dir(entry.path)
-        fd = os.open(entry.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(entry.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -174,12 +176,26 @@ def _lock_entry(entry: VmDir) -> int:
 
 
 def clear_leftovers(entry: VmDir) -> None:
-    """Remove what a killed supervisor left: its entry and its RAM directory."""
+    """Remove what a killed supervisor left: its entry and its RAM directory.
+
+    ``meta.json`` only suggests which RAM directory: it is removed only if it is one this
+    VM's name could have (``<runtime>/<name>-<8 hex digits>``, as ``new_ram_dir`` makes them),
+    a real directory there and not a symlink, so no other VM's RAM, the templates or a
+    file elsewhere is ever removed on its word."""
     ram_dir = (entry.read_meta() or {}).get("ram_dir")
-    if ram_dir and Path(ram_dir).parent == paths.runtime_dir():
+    if isinstance(ram_dir, str) and _is_ram_dir_of(entry.name, Path(ram_dir)):
         shutil.rmtree(ram_dir, ignore_errors=True)
     with contextlib.suppress(RegistryError), claim(entry.name):
         pass  # claiming a dead entry clears it; releasing removes it
+
+
+def _is_ram_dir_of(name: str, ram_dir: Path) -> bool:
+    if ram_dir.parent != paths.runtime_dir() or not re.fullmatch(re.escape(name) + r"-[0-9a-f]{8}", ram_dir.name):
+        return False
+    try:
+        return stat.S_ISDIR(ram_dir.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def _remove(path: Path) -> None:

@@ -17,7 +17,7 @@ import structlog
 
 from ..errors import BootError, MachinenError, SnapshotError, plain_errors
 from ..protocol.messages import ForkTemplate, IncomingState
-from ..store import bundle, layers, paths, registry, sparse
+from ..store import bundle, layers, registry, sparse
 from ..store.assets import immutable_file_digest
 from ..vmm import backend, capped_log
 from .config import SupervisorConfig
@@ -148,16 +148,10 @@ class Capture:
             tsc_khz=machine.tsc_khz,
             network=machine.network,
         )
-        read_only, writable = self._visible_to_vmm()
-        return backend.Launch(hardware=hardware, read_only=read_only, writable=writable,
-                              network_allow=machine.network_allow, **where)  # fmt: skip
-
-    def _visible_to_vmm(self) -> tuple[list[Path], list[Path]]:
-        """What a confined VMM of this VM sees: (read-only, writable) paths."""
-        machine = self.config.machine
-        stores = [paths.private_dir(layers.layers_dir()), paths.private_dir(layers.templates_dir())]
-        read_only = [Path(machine.kernel), Path(machine.initrd), Path(machine.image)]
-        return read_only, [self.entry.path, Path(self.config.ram_dir), *stores]
+        # A confined VMM sees only the files of its launch (its disk chain, RAM file, kernel and
+        # initrd): not this VM's directory (logs, meta.json, sockets), nor the layer and template
+        # stores, where we create files it could otherwise plant symlinks for.
+        return backend.Launch(hardware=hardware, network_allow=machine.network_allow, **where)
 
     # --- capture: fork templates and snapshots -------------------------------------
 
@@ -187,6 +181,8 @@ class Capture:
         step = StepTimer()
         frozen: list[list[str]] | None = None
         try:
+            await self.backend.create_overlay(layer.disk, self.chain[0], self.disk_size)  # before the pause
+            step("new_layer", paused=False)
             if self.ram_shared:
                 await self.machine.pause()
                 step("stop", paused=True)
@@ -299,6 +295,7 @@ class Capture:
             # The disk's contents never reach a saved state: the helper's is a blank layer on the base.
             base = self.chain[-1]
             await self.backend.create_overlay(scratch.disk, base, self.disk_size)
+            await self.backend.create_overlay(layer.disk, self.chain[0], self.disk_size)
             helper_logs = (scratch.path / "console.log", scratch.path / "qemu.log")
             helper = self._launch(
                 ram_file=template.mem, ram_shared=True, incoming=True, never_run=True,

@@ -49,7 +49,11 @@ class Launch:
     control_socket: Path
     incoming: bool = False  # wait for load_state instead of booting
     never_run: bool = False  # only load and save state (a helper): the guest never runs
-    read_only: Sequence[Path] = ()  # what a confined VMM may see, besides its own system files
+    # What a confined VMM may see besides its system files and the files above (kernel, initrd,
+    # disk chain, RAM file), which a backend shows it itself.  Never a directory another VM's
+    # files or this supervisor's files are created in: a VMM taken over by its guest would plant
+    # symlinks there.
+    read_only: Sequence[Path] = ()
     writable: Sequence[Path] = ()
     network_allow: Sequence[str] = ()  # destinations opened beyond the default policy (NetworkPolicy)
     logs: tuple[Path, Path] | None = None  # (console, VMM messages), capped; None: discarded
@@ -73,8 +77,9 @@ class Machine(Protocol):
     async def is_running(self) -> bool: ...
 
     async def freeze_disk(self, new_top: Path) -> None:
-        """Put a new empty layer file ``new_top`` on top of the disk: what was the top is
-        immutable from now on.  Call while paused for a consistent instant."""
+        """Put ``new_top`` (an empty layer over the current top, from ``Backend.create_overlay``)
+        on top of the disk: what was the top is immutable from now on.  Call while paused for a
+        consistent instant."""
 
     async def save_state(self, into: Path | socket.socket, *, ram: bool) -> float:
         """Write device state (and with ``ram``, the RAM: live where ``saves_live``, the guest
@@ -110,7 +115,8 @@ class Backend(Protocol):
         with every process it started) on exit, error or cancellation."""
 
     async def create_overlay(self, path: Path, backing: list[str], size: int) -> None:
-        """A new empty layer file on top of ``backing`` ([path, format])."""
+        """A new empty layer file on top of ``backing`` ([path, format]); whatever is at ``path``
+        already is replaced, never followed."""
 
     async def flatten_disk(self, chain: DiskChain, target: Path) -> None:
         """Everything above the base image (``chain[-1]``) as one layer file ``target``."""

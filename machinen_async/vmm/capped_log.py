@@ -4,7 +4,9 @@ A guest can print to its console forever; ``-serial file:`` would grow the
 file until the disk is full.  Instead QEMU writes to a pipe and the supervisor
 copies it here: when the file reaches ``limit`` bytes it becomes ``<name>.1``
 (replacing the previous one) and a new file starts, so at most twice
-``limit`` is ever kept and the newest output is always there.
+``limit`` is ever kept and the newest output is always there.  A log is never
+opened through a symlink: a new file is created ``O_EXCL | O_NOFOLLOW`` after
+unlinking whatever was at its name (``paths.create_file``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 
 import anyio.abc
 
+from ..errors import MachinenError
+from ..store import paths
+
 CONSOLE_LOG_LIMIT = 1 << 20
 QEMU_LOG_LIMIT = 256 << 10
 SUPERVISOR_LOG_LIMIT = 1 << 20  # a guest can provoke its lines (refused connections, protocol breaks)
@@ -26,11 +31,11 @@ TAIL_BYTES = 3000  # of a log, quoted in an error
 def tail(path: Path) -> str:
     """The end of a log file, for an error message ("" if there is none)."""
     try:
-        with open(path, "rb") as f:
+        with open(paths.open_regular(path), "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - TAIL_BYTES))
             return f.read().decode(errors="replace")
-    except OSError:
+    except (OSError, MachinenError):
         return ""
 
 
@@ -65,8 +70,9 @@ class CappedLog:
         self.size = os.fstat(self.fd).st_size
 
     def _open(self) -> int:
-        truncate = 0 if self.keep_existing else os.O_TRUNC
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | truncate | os.O_APPEND, 0o600)
+        if not self.keep_existing:
+            return paths.create_file(self.path, os.O_WRONLY | os.O_APPEND)
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def write(self, data: bytes) -> None:
         while data:

@@ -5,6 +5,11 @@ exec'ing the next, in a session of its own; the context's exit quits QEMU and ki
 whole session.  Device state always moves through descriptors the supervisor opens and
 passes over QMP (``fd:`` migration): QEMU 7.2 has no ``file:`` URI, and a sandboxed QEMU
 may neither spawn the shell ``exec:`` needs nor open files of its own choosing.
+
+QEMU may be taken over by its guest, so it gets no directory it can write to (``visible``):
+its control and agent sockets are listening sockets made here and passed as descriptors, a
+new disk layer arrives as a descriptor too (``add-fd``), and every file opened here for it is
+created ``O_EXCL | O_NOFOLLOW`` or opened ``O_NOFOLLOW`` (``store/paths.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -26,6 +31,7 @@ import structlog
 from qemu.qmp import QMPClient
 
 from ...errors import BootError, MachinenError
+from ...store import paths
 from .. import capped_log
 from ..backend import DiskChain, Launch
 from . import command, confine, netguard
@@ -80,13 +86,43 @@ class QemuMachine:
         return (await self.qmp.execute("query-status"))["status"] == "running"
 
     async def freeze_disk(self, new_top: Path) -> None:
+        """``new_top`` (made by ``create_overlay``) goes on top as descriptors in an fd set: QEMU
+        creates no file and needs no writable directory for it (``blockdev-snapshot-sync`` would).
+        The set holds it open read-write and read-only: when the next freeze puts a layer over
+        this one, QEMU reopens it read-only (dropping its write lock, so siblings can open it)."""
         self.layers_added += 1
         node = f"layer{self.layers_added}"
-        await self.qmp.execute(
-            "blockdev-snapshot-sync",
-            {"node-name": self.disk_node, "snapshot-file": str(new_top), "snapshot-node-name": node,
-             "format": "qcow2"},
-        )  # fmt: skip
+        fds = [paths.open_regular(new_top, os.O_RDWR)]
+        try:
+            fds.append(paths.open_regular(new_top, os.O_RDONLY))
+            if not os.path.samestat(os.fstat(fds[0]), os.fstat(fds[1])):
+                raise MachinenError(f"{new_top} changed while it was opened", code="PATH_NOT_PRIVATE")
+            added = []
+            for fd in fds:
+                self.qmp.send_fd_scm(fd)
+                added.append(await self.qmp.execute("add-fd", {"fdset-id": added[0]["fdset-id"]} if added else {}))
+        finally:
+            for fd in fds:
+                os.close(fd)  # QEMU holds its own copies now
+        fdset = added[0]["fdset-id"]
+        try:
+            await self.qmp.execute(
+                "blockdev-add",
+                {"driver": "qcow2", "node-name": node, "backing": None,
+                 "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"}},
+            )  # fmt: skip
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.qmp.execute("remove-fd", {"fdset-id": fdset})
+            raise
+        with contextlib.suppress(Exception):  # the node holds a duplicate of it: the set's copy can go
+            await self.qmp.execute("remove-fd", {"fdset-id": fdset, "fd": added[0]["fd"]})
+        try:
+            await self.qmp.execute("blockdev-snapshot", {"node": self.disk_node, "overlay": node})
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.qmp.execute("blockdev-del", {"node-name": node})
+            raise
         self.disk_node = node
 
     async def save_state(self, into: Path | socket.socket, *, ram: bool) -> float:
@@ -117,12 +153,15 @@ class QemuMachine:
 
     async def _migration_fd(self, where: Path | socket.socket, *, write: bool = False) -> dict[str, str]:
         """Migration arguments naming a descriptor passed over QMP: a socket's (handed over: it is
-        closed here, so the stream ends when QEMU's end does), or one we open on a path."""
+        closed here, so the stream ends when QEMU's end does), or one we open on a path: a new
+        file to write (``O_EXCL | O_NOFOLLOW``: whatever was there is replaced, never followed),
+        a regular file to read (never through a symlink)."""
         if isinstance(where, socket.socket):
             fd = where.detach()
+        elif write:
+            fd = paths.create_file(where)
         else:
-            flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
-            fd = os.open(where, flags | os.O_CLOEXEC, 0o600)
+            fd = paths.open_regular(where)
         name = f"migration-{secrets.token_hex(4)}"
         try:
             self.qmp.send_fd_scm(fd)
@@ -206,7 +245,11 @@ class QemuBackend:
 
     @contextlib.asynccontextmanager
     async def start(self, launch: Launch) -> AsyncIterator[QemuMachine]:
-        process, pid, guard = await _start_chain(launch)
+        with contextlib.ExitStack() as sockets:
+            # QEMU serves its sockets from listening descriptors: it needs no directory to
+            # create them in, and the paths stay ours.  Our copies close once it has its own.
+            listeners = [sockets.enter_context(_listen(path)) for path in (launch.agent_socket, launch.control_socket)]
+            process, pid, guard = await _start_chain(launch, *listeners)
         machine = QemuMachine(process, pid, launch)
         log.info("qemu started", pid=pid, accel=launch.hardware.accel, memory_mib=launch.hardware.memory_mib)
         # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs, and
@@ -228,74 +271,126 @@ class QemuBackend:
                     await machine._stop()
 
     async def create_overlay(self, path: Path, backing: list[str], size: int) -> None:
+        """qemu-img writes the new layer into a file created here (``O_EXCL | O_NOFOLLOW``)
+        and named to it as that descriptor: it never opens ``path`` itself, where something
+        else could have been planted meanwhile."""
         backing_path, backing_format = backing
-        await _check_call(  # -u: do not open the backing file
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing_path,
-             str(path), str(size)],
-            what="create a disk layer",
-        )  # fmt: skip
+        fd = paths.create_file(path, os.O_RDWR)
+        try:
+            await _check_call(  # -u: do not open the backing file
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing_path,
+                 f"/dev/fd/{fd}", str(size)],
+                what="create a disk layer", pass_fds=[fd],
+            )  # fmt: skip
+        finally:
+            os.close(fd)
 
     async def flatten_disk(self, chain: DiskChain, target: Path) -> None:
+        """qemu-img reads layers that a VM's QEMU wrote (and, for the top frozen one, still
+        could: a header naming an external data file would make it read any file of ours), so
+        it runs confined as QEMU does, seeing only the chain (read-only) and ``target``."""
         base = chain[-1][0]
-        await _check_call(
-            ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
-             "json:" + json.dumps(command.chain_blockdev(chain, writable=False)), str(target)],
-            what="write the bundle's disk",
-        )  # fmt: skip
+        argv = ["qemu-img", "convert", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
+                "json:" + json.dumps(command.chain_blockdev(chain, writable=False)), str(target)]  # fmt: skip
+        os.close(paths.create_file(target))  # to bind: qemu-img truncates and fills it
+        confined = confine.confined(argv, read_only=[Path(path) for path, _ in chain], writable=[target], kvm=False)
+        await _check_call(confined or argv, what="write the bundle's disk")
 
 
 BACKEND = QemuBackend()  # what vmm/backend.py's default() looks for in each backend folder
 
 
-async def _start_chain(launch: Launch) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:
-    """QEMU confined (``confine``: its own namespaces, only the launch's paths visible) and,
-    with a network, under netguard's filter: (process, QEMU's pid, guard)."""
-    argv = command.command_line(launch)
+def visible(launch: Launch) -> tuple[list[Path], list[Path]]:
+    """What a confined QEMU of ``launch`` sees besides its system files: (read-only, writable).
+
+    Exactly the files on its command line, never a directory it could write to: kernel,
+    initrd, the frozen layers and base image read-only; its own top layer, and its RAM file
+    when shared (its own, or a new template's), read-write.  A private RAM file (a
+    template's, mapped copy-on-write) is read-only where QEMU can open it so
+    (``command.private_ram_read_only``): other siblings map it too.  A shared RAM file
+    that does not exist yet is created (empty: QEMU sizes it) so that it can be bound."""
+    hardware, chain = launch.hardware, launch.disk_chain
+    read_only = [hardware.kernel, hardware.initrd, *(Path(path) for path, _ in chain[1:])]
+    writable = [Path(chain[0][0])]
+    if not launch.ram_shared and command.private_ram_read_only():
+        read_only.append(launch.ram_file)
+    else:
+        writable.append(launch.ram_file)
+    if launch.ram_shared and (launch.ram_file.is_symlink() or not launch.ram_file.exists()):
+        os.close(paths.create_file(launch.ram_file))  # bwrap would bind a symlink's target
+    return [*read_only, *launch.read_only], [*writable, *launch.writable]
+
+
+@contextlib.contextmanager
+def _listen(path: Path) -> Iterator[socket.socket]:
+    """A listening unix socket at ``path`` (a leftover there is unlinked, never followed)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(16)
+        yield listener
+
+
+async def _start_chain(
+    launch: Launch, agent: socket.socket, control: socket.socket
+) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:
+    """QEMU confined (``confine``: its own namespaces, only ``visible`` paths) serving
+    ``agent`` and ``control`` and, with a network, under netguard's filter: (process, QEMU's
+    pid, guard)."""
+    argv = command.command_line(launch, agent_fd=agent.fileno(), control_fd=control.fileno())
     guarded = launch.hardware.network and not launch.never_run  # a guest that never runs opens nothing
     output = subprocess.PIPE if launch.logs else subprocess.DEVNULL
-    info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
-    ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
-    with os.fdopen(info_read, "rb") as info, ours:
-        try:
-            confined = confine.confined(
-                argv, read_only=launch.read_only, writable=launch.writable, kvm=launch.hardware.accel == "kvm",
-                info_fd=info_write,
-            )  # fmt: skip
-            chain = confined or argv
-            if guarded:
-                chain = netguard.guarded_argv(chain, theirs.fileno())
-            # setpriv --pdeathsig: the chain dies with us, even on SIGKILL (the shim and bwrap
-            # exec the next step, which keeps the signal; bwrap --die-with-parent passes it on
-            # to the sandboxed QEMU).  A session of its own, killed whole by _kill_chain.
-            process = await anyio.open_process(
-                ["setpriv", "--pdeathsig", "KILL", "--", *chain],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
-                pass_fds=[theirs.fileno(), *([info_write] if confined else [])],
-            )  # fmt: skip
-        finally:
-            theirs.close()
-            os.close(info_write)
-        try:
-            ours.settimeout(30)
-            listener = await anyio.to_thread.run_sync(netguard.receive_listener, ours) if guarded else None
-            reported = await anyio.to_thread.run_sync(info.read) if confined else b""
-            pid = json.loads(reported)["child-pid"] if reported else process.pid
-        except BaseException:
-            _kill_chain(process)
-            with anyio.CancelScope(shield=True):
-                await process.wait()
-            raise
-    if listener is None:
-        return process, pid, None
-    refusals = capped_log.Budget(REFUSALS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
+    # Made before QEMU starts (it opens a netlink socket, which can fail), so a failure leaves no QEMU.
+    policy = netguard.Policy.current(launch.network_allow) if guarded else None
+    try:
+        info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
+        ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
+        with os.fdopen(info_read, "rb") as info, ours:
+            try:
+                read_only, writable = visible(launch)
+                confined = confine.confined(
+                    argv, read_only=read_only, writable=writable, kvm=launch.hardware.accel == "kvm", info_fd=info_write
+                )
+                chain = confined or argv
+                if guarded:
+                    chain = netguard.guarded_argv(chain, theirs.fileno())
+                # setpriv --pdeathsig: the chain dies with us, even on SIGKILL (the shim and bwrap
+                # exec the next step, which keeps the signal; bwrap --die-with-parent passes it on
+                # to the sandboxed QEMU).  A session of its own, killed whole by _kill_chain.
+                process = await anyio.open_process(
+                    ["setpriv", "--pdeathsig", "KILL", "--", *chain],
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+                    pass_fds=[theirs.fileno(), agent.fileno(), control.fileno(), *([info_write] if confined else [])],
+                )  # fmt: skip
+            finally:
+                theirs.close()
+                os.close(info_write)
+            try:
+                ours.settimeout(30)
+                listener = await anyio.to_thread.run_sync(netguard.receive_listener, ours) if guarded else None
+                reported = await anyio.to_thread.run_sync(info.read) if confined else b""
+                pid = json.loads(reported)["child-pid"] if reported else process.pid
+            except BaseException:
+                _kill_chain(process)
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+                raise
+        if listener is None:
+            return process, pid, None
+        refusals = capped_log.Budget(REFUSALS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
 
-    def log_refused(address, port: int) -> None:
-        if refusals.spend():
-            log.info("guest connection refused", destination=str(address), port=port)
-        elif refusals.just_exhausted:
-            log.info("guest connections keep being refused: not logged for a while")
+        def log_refused(address, port: int) -> None:
+            if refusals.spend():
+                log.info("guest connection refused", destination=str(address), port=port)
+            elif refusals.just_exhausted:
+                log.info("guest connections keep being refused: not logged for a while")
 
-    return process, pid, netguard.Guard(listener, netguard.Policy.current(launch.network_allow), log_refused)
+        return process, pid, netguard.Guard(listener, policy, log_refused)
+    except BaseException:
+        if policy is not None:
+            policy.close()  # no guard took it
+        raise
 
 
 def _kill_chain(process: anyio.abc.Process) -> None:
@@ -310,8 +405,8 @@ async def _copy_log(stream: anyio.abc.ByteReceiveStream, path: Path, limit: int,
     copied.set()
 
 
-async def _check_call(argv: list[str], *, what: str) -> None:
+async def _check_call(argv: list[str], *, what: str, pass_fds: tuple[int, ...] | list[int] = ()) -> None:
     """Run a helper program; its failure is a BootError quoting its stderr."""
-    result = await anyio.run_process(argv, check=False)
+    result = await anyio.run_process(argv, check=False, pass_fds=pass_fds)
     if result.returncode != 0:
         raise BootError(f"cannot {what}: {result.stderr.decode(errors='replace').strip()}")

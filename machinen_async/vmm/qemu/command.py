@@ -145,11 +145,29 @@ def option_value(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
-def command_line(launch: Launch) -> list[str]:
-    """The QEMU argv.  The serial console is QEMU's stdout (copied into a capped log)."""
+@functools.cache
+def private_ram_read_only() -> bool:
+    """Whether QEMU maps a private (``share=off``) RAM file copy-on-write from a read-only
+    descriptor (``readonly=on,rom=off``, QEMU 8.2): a fork sibling then cannot write into
+    the template its siblings map.  Older QEMU opens it for writing."""
+    major, minor = (int(part) for part in qemu_version().split(".")[:2])
+    return (major, minor) >= (8, 2)
+
+
+def _socket_chardev(name: str, path: Path, fd: int | None) -> str:
+    """A listening chardev: on ``fd`` (a listening socket passed to QEMU), else QEMU binds ``path``."""
+    where = f"fd={fd}" if fd is not None else f"path={option_value(path)}"
+    return f"socket,id={name},{where},server=on,wait=off"
+
+
+def command_line(launch: Launch, *, agent_fd: int | None = None, control_fd: int | None = None) -> list[str]:
+    """The QEMU argv.  The serial console is QEMU's stdout (copied into a capped log).  The
+    agent and control sockets are the listening descriptors given, else paths QEMU creates."""
     machine = launch.hardware
     accel = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if machine.accel == "tcg" else "kvm"
     share = "on" if launch.ram_shared else "off"
+    if not launch.ram_shared and private_ram_read_only():
+        share += ",readonly=on,rom=off"  # copy-on-write over a file opened read-only
     ram_file = option_value(launch.ram_file)
     return [
         qemu_binary(),
@@ -166,11 +184,11 @@ def command_line(launch: Launch) -> list[str]:
         "-append", kernel_cmdline(machine),
         "-serial", "stdio",
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={option_value(launch.agent_socket)},server=on,wait=off",
+        "-chardev", _socket_chardev("agent", launch.agent_socket, agent_fd),
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-blockdev", json.dumps(chain_blockdev(launch.disk_chain)),
         "-device", "virtio-blk-device,drive=disk0,id=vblk0",
-        "-chardev", f"socket,id=qmp,path={option_value(launch.control_socket)},server=on,wait=off",
+        "-chardev", _socket_chardev("qmp", launch.control_socket, control_fd),
         "-mon", "chardev=qmp,mode=control",
         *(["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"] if machine.network else []),
         *(["-incoming", "defer"] if launch.incoming else []),

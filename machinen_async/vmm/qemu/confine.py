@@ -5,11 +5,15 @@ that took QEMU over through a device-emulation bug would still run as this
 user, with the user's files (``~/.ssh``, other projects) a path away.  Under
 bwrap QEMU gets a new user, PID, IPC, UTS and cgroup namespace and a root made of
 /usr (read-only), /etc/resolv.conf (slirp reads it), a minimal /dev (plus
-/dev/kvm under KVM), and bind mounts of exactly: the kernel, initrd and base
-image (read-only), and read-write the VM's own directory (sockets), its RAM
-directory, the disk-layer and fork-template stores (a fork or snapshot makes
-QEMU open a new layer file there).  The network namespace stays the host's:
-QEMU's user-mode network opens host sockets (``netguard`` checks them).
+/dev/kvm under KVM), and bind mounts of exactly the files on its command line
+(``backend.visible``): the kernel, initrd, base image and frozen disk layers
+(read-only), a fork template's RAM file (read-only where QEMU maps it so), and
+read-write only its own top disk layer and its own RAM file.  No directory is
+writable: its sockets, new disk layers and migration state reach it as
+descriptors, so it can plant nothing (a symlink, a FIFO) where the supervisor
+creates files.  The network namespace stays the host's: QEMU's user-mode
+network opens host sockets (``netguard`` checks them).  ``qemu-img convert``,
+which reads layers a QEMU wrote, runs the same way.
 
 ``$MACHINEN_QEMU_NAMESPACES``: ``auto`` (default) confines QEMU when ``bwrap`` is installed
 and can create a user namespace here (some containers and hardened kernels forbid them; QEMU
@@ -68,14 +72,14 @@ def _usable_bwrap() -> tuple[str | None, str]:
 
 
 def confined(
-    argv: list[str], *, read_only: Iterable[Path], writable: Iterable[Path], kvm: bool, info_fd: int
+    argv: list[str], *, read_only: Iterable[Path], writable: Iterable[Path], kvm: bool, info_fd: int | None = None
 ) -> list[str] | None:
     """``argv`` under bwrap (which reports the sandboxed pid on ``info_fd``), or None without bwrap."""
     program = bwrap()
     if program is None:
         return None
     args = [program, "--unshare-user", "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--info-fd", str(info_fd),
+            "--die-with-parent", *(["--info-fd", str(info_fd)] if info_fd is not None else []),
             "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # fmt: skip
     for link, target in SYSTEM_LINKS.items():
         if Path(link).is_symlink():  # merged /usr (Debian since bookworm): links into /usr
