@@ -321,11 +321,18 @@ def install(refresh: bool) -> None:
 @mount_option(copied=True)
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--run-image-cmd", is_flag=True, help="Run an OCI image's Entrypoint + Cmd as the VM's workload.")
+@click.option(
+    "--pull",
+    type=click.Choice(["missing", "always", "never"]),
+    default="missing",
+    show_default=True,
+    help="An OCI image: ask the registry only when it is not cached, always, or never.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, pull, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -342,7 +349,7 @@ def boot_command(
     async def run() -> int:
         launch = boot(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
-            detached=detach, ports=ports, progress=_progress,
+            detached=detach, ports=ports, progress=_progress, pull=pull,
             network=False if no_network else _network_policy(allow_rules, allow_host_ports),
             cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
             mounts=_mounts(live_mounts, copied_mounts),

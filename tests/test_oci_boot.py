@@ -15,7 +15,7 @@ import pytest
 from conftest import machinen
 from oci_registry import Registry, image_config, push_image
 
-from machinen_async import boot, restore
+from machinen_async import ImageError, boot, restore
 from machinen_async.store import assets
 from machinen_async.store.assets import sha256_file
 
@@ -179,6 +179,10 @@ async def test_an_image_from_a_registry_boots_and_boots_again_with_the_registry_
         registry.stop()
     async with boot(reference, network=False) as vm:  # cached: the registry is not asked
         assert await sh(vm, 'echo "$GREETING"') == "pulled\n"
+    with pytest.raises(ImageError) as unreachable:  # "always" asks what the tag names now
+        async with boot(reference, network=False, pull="always"):
+            pass
+    assert unreachable.value.code == "IMAGE_PULL_FAILED" and unreachable.value.retryable
     listed = json.loads(machinen("images", "--json").stdout)
     assert any(image["reference"] == reference for image in listed)
 

@@ -47,6 +47,8 @@ def _validate_memory(memory_mib: Any) -> int:
 async def _launch(
     image: str | os.PathLike | None,
     *,
+    pull: str,
+    credentials: tuple[str, str] | None,
     name: str | None,
     memory_mib: int,
     cpus: int,
@@ -72,7 +74,11 @@ async def _launch(
 
     def prepare() -> tuple[assets.BaseAssets, Path, Path]:
         base = assets.ensure_base(report)
-        tarball = oci_image.rootfs_of(image, report) if image is not None else base.rootfs_tarball
+        tarball = (
+            oci_image.rootfs_of(image, report, pull=pull, credentials=credentials)
+            if image is not None
+            else base.rootfs_tarball
+        )
         return base, tarball, assets.image_for(tarball, report)
 
     base, tarball, disk_image = await anyio.to_thread.run_sync(prepare)
@@ -137,12 +143,16 @@ def boot(
     cwd: str | None = None,
     mounts: Sequence[str | Mount] | None = None,
     progress: Callable[[str], None] | None = None,
+    pull: str = "missing",
+    credentials: tuple[str, str] | None = None,
 ) -> Launch:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
     (``"python:3.12-slim"``, ``"localhost:5000/team/agent@sha256:..."``, ``"oci:./layout:tag"``,
     ``"docker-archive:./image.tar"``; see ``rootfs_of``); default: the Debian base.  An OCI
     image needs nothing inside it (the agent brings its own interpreter); its Env, WorkingDir
-    and User are the defaults of every command.
+    and User are the defaults of every command.  ``pull``: "missing" (default: a cached
+    reference boots without asking the registry), "always" (ask what the tag names now) or
+    "never"; ``credentials``: (user, password) for the registry, else ``~/.docker/config.json``.
 
     The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
     as its supervised workload: output in /var/log/machinen/workload.log,
@@ -165,6 +175,8 @@ def boot(
     return Launch(
         lambda: _launch(
             image,
+            pull=pull,
+            credentials=credentials,
             name=name,
             memory_mib=memory_mib,
             cpus=cpus,

@@ -30,15 +30,22 @@ ROOT_DIRECTORIES = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "tmp": 0o1777, "r
                     "root": 0o700, "var": 0o755, "var/log": 0o755}  # fmt: skip
 
 
-def rootfs_of(image: str | os.PathLike, report: assets.Report = lambda message: None) -> Path:
+def rootfs_of(
+    image: str | os.PathLike,
+    report: assets.Report = lambda message: None,
+    *,
+    pull: str = "missing",
+    credentials: tuple[str, str] | None = None,
+) -> Path:
     """The rootfs tarball ``image`` names: a tarball's path, or else an OCI image reference
     (``python:3.12-slim``, ``registry:5000/team/agent@sha256:...``, ``oci:DIR[:TAG]``,
-    ``docker-archive:FILE``), pulled (unless cached) and flattened."""
+    ``docker-archive:FILE``), pulled (``pull``: "missing", "always" or "never", as
+    ``oci_pull.pull``'s policy) and flattened."""
     path = Path(image).expanduser()
     text = str(image)
     if path.exists() or text.startswith(("/", "./", "../", "~")) or text.endswith(TARBALL_SUFFIXES):
         return path.resolve()  # a missing one is BOOT_IMAGE_NOT_FOUND when its disk is built
-    return rootfs_tarball(oci_pull.pull(text, progress=report), report)
+    return rootfs_tarball(oci_pull.pull(text, policy=pull, credentials=credentials, progress=report), report)
 
 
 def rootfs_tarball(pulled: PulledImage, report: assets.Report = lambda message: None) -> Path:
