@@ -66,7 +66,11 @@ def runtime_for(rootfs_tarball: Path, digest: str, run) -> Path:
                     what="patchelf")  # fmt: skip
         run(["patchelf", "--set-interpreter", f"{RUNTIME_DIR}/lib/{LOADER}", str(tree / "bin" / PYTHON)],
             what="patchelf")  # fmt: skip
-        tree.rename(built)
+        try:
+            tree.rename(built)
+        except OSError:
+            if not built.is_dir():
+                raise  # else another process built it meanwhile: the same tree
     return built
 
 

@@ -10,11 +10,14 @@ the same image neither pulls nor flattens.  Blocking: call from a worker thread.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +61,21 @@ def rootfs_tarball(pulled: PulledImage, report: assets.Report = lambda message: 
     target = directory / f"{pulled.manifest_digest.removeprefix('sha256:')[:32]}-{runtime.name}.tar"
     if target.is_file():
         return target
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    with _building(target):  # concurrent first boots of one image flatten it once
+        if not target.is_file():
+            _build(pulled, runtime, target, report)
+    return target
+
+
+@contextlib.contextmanager
+def _building(target: Path) -> Iterator[None]:
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build(pulled: PulledImage, runtime: Path, target: Path, report: assets.Report) -> None:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / "rootfs.tar"
         with assets._step(report, f"flattening {pulled.reference} ({len(pulled.layers)} layers)"):
             oci_flatten.flatten([(layer.path, layer.media_type) for layer in pulled.layers], partial)
@@ -74,7 +91,6 @@ def rootfs_tarball(pulled: PulledImage, report: assets.Report = lambda message: 
             tar.addfile(_entry(EXEC_DEFAULTS.lstrip("/"), tarfile.REGTYPE, 0o644, len(written)), io.BytesIO(written))
         partial.chmod(0o444)
         partial.rename(target)
-    return target
 
 
 def exec_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -115,5 +131,6 @@ def collect_unused(*, dry_run: bool = False) -> list[Path]:
         return unused
     for tarball in unused:
         tarball.unlink(missing_ok=True)
+        tarball.with_suffix(".lock").unlink(missing_ok=True)
     freed = oci_pull.gc()
     return [*unused, *([oci_pull.oci_dir() / f"blobs ({freed} bytes)"] if freed else [])]
