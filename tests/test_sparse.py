@@ -1,14 +1,15 @@
-"""store/sparse.py: copies keep holes as holes, within a filesystem and across two."""
+"""store/sparse.py: copies keep holes as holes, within a filesystem and across two; hashes skip reading them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from machinen_async.store import sparse
+from machinen_async.store import assets, sparse
 
 MIB = 1 << 20
 
@@ -42,3 +43,17 @@ def test_a_copy_never_overwrites(tmp_path):
     (tmp_path / "b").write_bytes(b"y")
     with pytest.raises(FileExistsError):
         sparse.copy(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_files_hash_skips_reading_its_holes_but_counts_them(tmp_path):
+    files = {"empty": b"", "dense": os.urandom(3_000_001)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with open(tmp_path / "holes", "wb") as f:  # holes at both ends and between data
+        f.truncate(50 << 20)
+        f.seek(10 << 20)
+        f.write(os.urandom(123_457))
+        f.seek(30 << 20)
+        f.write(b"x")
+    for path in tmp_path.iterdir():
+        assert assets.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest(), path.name

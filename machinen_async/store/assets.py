@@ -24,6 +24,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -33,10 +34,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import AssetsError, BootError
 from ..protocol.guest_abi import RUNTIME_DIR
-from . import paths
+from . import paths, sparse
 
 Report = Callable[[str], None]
 
@@ -98,12 +100,34 @@ def _run(argv: list[str], *, cwd: Path | None = None, what: str) -> str:
     return proc.stdout
 
 
+_ZEROS = bytes(1 << 20)
+
+
 def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes; holes are hashed as the zeros they read as, without reading them
+    (a 2 GiB image that is mostly holes: ~1 s instead of ~6 s here)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+        size, offset = os.fstat(f.fileno()).st_size, 0
+        for start, end in sparse.data_regions(f.fileno(), size):
+            _hash_zeros(digest, start - offset)
+            f.seek(start)
+            remaining = end - start
+            while remaining:
+                chunk = f.read(min(1 << 20, remaining))
+                if not chunk:
+                    raise AssetsError(f"{path} shrank while it was hashed", code="ASSETS_BUILD_FAILED")
+                digest.update(chunk)
+                remaining -= len(chunk)
+            offset = end
+        _hash_zeros(digest, size - offset)
     return digest.hexdigest()
+
+
+def _hash_zeros(digest: Any, count: int) -> None:
+    while count > 0:
+        digest.update(_ZEROS[: min(count, len(_ZEROS))])
+        count -= len(_ZEROS)
 
 
 @contextlib.contextmanager
