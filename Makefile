@@ -2,13 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST_PACKAGES := busybox-static mmdebstrap e2fsprogs util-linux python3-venv bubblewrap patchelf \
+HOST_PACKAGES := busybox-static mmdebstrap e2fsprogs libarchive13 util-linux python3-venv bubblewrap patchelf \
 	debian-archive-keyring  # upgraded too: newer suites (trixie, for the pi image) need their keys
-# patchelf: the agent's own interpreter in OCI images (store/guest_runtime.py)
+# patchelf: the agent's own interpreter in OCI images (store/guest_runtime.py); libarchive13: what
+# mke2fs reads a tarball with
 # QEMU >= 9.0 migrates a running TCG guest without losing its writes, which a fork's live capture
 # needs (docs/architecture.md "Capture"); bookworm's own QEMU is 7.2, so there it comes from
 # bookworm-backports (10.0). Other releases use their own.
 QEMU_PACKAGES := qemu-system-x86 qemu-utils
+# e2fsprogs >= 1.47.1 builds an ext4 straight from a tarball (mke2fs -d FILE.tar): nothing is
+# unpacked, so device nodes and ownership need no root; bookworm has 1.47.0, its backports 1.47.2.
+BACKPORTED_PACKAGES := $(QEMU_PACKAGES) e2fsprogs
 RELEASE := $(shell . /etc/os-release 2>/dev/null && echo $$VERSION_CODENAME)
 BACKPORTS := $(if $(filter bookworm,$(RELEASE)),bookworm-backports)
 BACKPORTS_SOURCE := /etc/apt/sources.list.d/machinen-bookworm-backports.sources
@@ -27,7 +31,7 @@ endif
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(HOST_PACKAGES)
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
-		$(if $(BACKPORTS),-t $(BACKPORTS)) $(QEMU_PACKAGES)
+		$(if $(BACKPORTS),-t $(BACKPORTS)) $(BACKPORTED_PACKAGES)
 
 test-deps:
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(TEST_PACKAGES)

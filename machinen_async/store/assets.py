@@ -22,12 +22,17 @@ import ast
 import contextlib
 import fcntl
 import functools
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
+import re
 import shlex
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -86,9 +91,9 @@ class BaseAssets:
     kernel_package: str
 
 
-def _run(argv: list[str], *, cwd: Path | None = None, what: str) -> str:
+def _run(argv: list[str], *, cwd: Path | None = None, what: str, env: dict[str, str] | None = None) -> str:
     try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     except FileNotFoundError:
         raise AssetsError(
             f"{what}: {argv[0]} is not installed (apt-get install the host packages from the README)",
@@ -508,36 +513,89 @@ def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
             _step(report, f"converting {tarball.name} to an ext4 image"),
             tempfile.TemporaryDirectory(dir=image.parent) as tmp,
         ):
-            root = Path(tmp) / "root"
-            root.mkdir()
-            _run(
-                ["tar", "-C", str(root), "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", str(tarball)],
-                what="unpack rootfs",
-            )
-            for name, content in _agent_sources().items():
-                target = root / GUEST_LIB / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(content)
             partial = Path(tmp) / "image.ext4"
-            used = int(_run(["du", "-sb", str(root)], what="measure the rootfs").split()[0])
-            size_gib = max(MIN_IMAGE_GIB, -(-used * 3 // 2 // 2**30) + 1)  # room to grow; sparse anyway
-            _run(
-                [
-                    "mke2fs",
-                    "-q",
-                    "-F",
-                    "-t",
-                    "ext4",
-                    "-d",
-                    str(root),
-                    "-L",
-                    "machinen-root",
-                    str(partial),
-                    f"{size_gib}G",
-                ],
-                what="mke2fs",
-            )
+            try:
+                if not _mke2fs_reads_tarballs():
+                    raise AssetsError("mke2fs older than 1.47.1 cannot read a tarball", code="ASSETS_TOOL_MISSING")
+                source = _tarball_with_agent(tarball, Path(tmp) / "rootfs.tar")
+                _mke2fs(source, partial, used=source.stat().st_size)
+            except AssetsError as exc:
+                report(f"unpacking {tarball.name} instead ({exc.message.splitlines()[0]})")
+                root = _unpacked_with_agent(tarball, Path(tmp) / "root")
+                _mke2fs(root, partial, used=int(_run(["du", "-sb", str(root)], what="measure the rootfs").split()[0]))
             partial.chmod(0o444)
             partial.rename(image)
             immutable_file_digest(image)  # hashed now, while building, rather than at the first snapshot
         return image
+
+
+@functools.cache
+def _mke2fs_reads_tarballs() -> bool:
+    """e2fsprogs >= 1.47.1 builds a file system from a tarball (``-d FILE.tar``, via libarchive):
+    nothing is unpacked, so ownership and device nodes need no privilege and no time."""
+    try:
+        banner = subprocess.run(["mke2fs", "-V"], capture_output=True, text=True, check=False).stderr
+    except FileNotFoundError:
+        return False
+    found = re.match(r"mke2fs (\d+)\.(\d+)\.(\d+)", banner)
+    return found is not None and tuple(map(int, found.groups())) >= (1, 47, 1)
+
+
+def _tarball_with_agent(tarball: Path, out: Path) -> Path:
+    """``tarball`` (decompressed) with the agent's files appended (a later entry wins in mke2fs)."""
+    with open(tarball, "rb") as source:
+        magic = source.read(6)
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):  # zstd: the CLI, as tar itself would use
+        with open(out, "wb") as target:
+            if subprocess.run(["zstd", "-dc", str(tarball)], stdout=target, check=False).returncode != 0:
+                raise AssetsError(f"cannot decompress {tarball}", code="ASSETS_BUILD_FAILED")
+    elif magic.startswith((b"\x1f\x8b", b"\xfd7zXZ")):
+        opener = gzip.open if magic.startswith(b"\x1f\x8b") else lzma.open
+        with opener(tarball, "rb") as source, open(out, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    else:
+        shutil.copyfile(tarball, out)
+    try:
+        with tarfile.open(out, "a") as tar:
+            made: set[str] = set()
+            for name, content in sorted(_agent_sources().items()):
+                path = f"{GUEST_LIB}/{name}"
+                parents = path.split("/")[:-1]
+                for depth in range(1, len(parents) + 1):  # mke2fs wants each directory before its entries
+                    directory = "/".join(parents[:depth])
+                    if directory not in made:
+                        made.add(directory)
+                        entry = tarfile.TarInfo(f"./{directory}")
+                        entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+                        tar.addfile(entry)
+                entry = tarfile.TarInfo(f"./{path}")
+                entry.size, entry.mode = len(content), 0o644
+                tar.addfile(entry, io.BytesIO(content))
+    except (tarfile.TarError, OSError) as exc:
+        raise AssetsError(
+            f"{tarball} is not a tarball machinen can add to: {exc}", code="ASSETS_BUILD_FAILED"
+        ) from None
+    return out
+
+
+def _unpacked_with_agent(tarball: Path, root: Path) -> Path:
+    """``tarball`` unpacked (as root: ownership and device nodes) with the agent's files added."""
+    root.mkdir()
+    _run(
+        ["tar", "-C", str(root), "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", str(tarball)],
+        what="unpack rootfs",
+    )
+    for name, content in _agent_sources().items():
+        target = root / GUEST_LIB / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    return root
+
+
+def _mke2fs(source: Path, image: Path, *, used: int) -> None:
+    size_gib = max(MIN_IMAGE_GIB, -(-used * 3 // 2 // 2**30) + 1)  # room to grow; sparse anyway
+    _run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(source), "-L", "machinen-root", str(image), f"{size_gib}G"],
+        what="mke2fs",
+        env={**os.environ, "LANG": "C.UTF-8"},  # libarchive needs a UTF-8 locale for non-ASCII names
+    )
