@@ -59,7 +59,9 @@ def test_an_image_is_built_from_the_tarball_itself(tmp_path, monkeypatch):
     image = assets.image_for(tarball)
 
     def stat(path: str) -> str:
-        return subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True, check=True
+        ).stdout
 
     tool = stat("/bin/tool")
     assert "Mode:  04755" in tool and "User:  1234" in tool and "Group:  5678" in tool and "Links: 2" in tool
