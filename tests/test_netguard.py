@@ -6,6 +6,7 @@ Traffic goes only to 127.0.0.1 and to addresses of network namespaces the tests 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import platform
@@ -143,6 +144,7 @@ def test_the_filter_of_each_abi_checks_what_names_a_destination_and_kills_other_
     assert _run_bpf(program, abi.sendto, native, (3, 0, 1, 0, 0x1000, 16)) == notify
     assert _run_bpf(program, abi.sendto, native, (3, 0, 1, 0, 0x7F00_0000_0000, 16)) == notify  # high half
     assert _run_bpf(program, abi.seccomp, native) == allow
+    assert _run_bpf(program, abi.io_uring_setup, native) == netguard.SECCOMP_RET_ERRNO | errno.ENOSYS
     i386, arm = 0x40000003, 0x40000028  # the compat ABIs of x86_64 and aarch64
     for foreign in (i386, arm, *(a.audit_arch for a in netguard.ABIS.values() if a is not abi)):
         for nr in (abi.connect, abi.sendto, 0, 102):  # 102: i386's socketcall
@@ -177,6 +179,22 @@ def test_a_call_through_another_abi_kills_the_guarded_process(code):
         pytest.skip(f"this kernel does not run that ABI at all ({unguarded.returncode})")
     status, out, _ = run_guarded(code, CLOSED_HOST)
     assert status == -signal.SIGSYS, (status, out)
+
+
+IO_URING_SETUP = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+print(libc.syscall(425, 4, params), ctypes.get_errno())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in netguard.ABIS, reason="a host the filter has no table for")
+def test_a_guarded_process_gets_no_io_uring():
+    """A ring's connect and send operations would never pass the filter: io_uring_setup fails
+    (ENOSYS), so QEMU uses ppoll/epoll, as on a kernel without io_uring."""
+    status, out, _ = run_guarded(IO_URING_SETUP, CLOSED_HOST)
+    assert (status, out.split()) == (0, ["-1", str(errno.ENOSYS)]), (status, out)
 
 
 # --- datagrams -----------------------------------------------------------------------------------

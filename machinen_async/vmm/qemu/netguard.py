@@ -216,6 +216,7 @@ class Abi:
     sendmsg: int
     sendmmsg: int
     seccomp: int
+    io_uring_setup: int
     # x86_64 also runs x32 calls under its own arch value, as nr | this bit: killed, never checked
     x32_bit: int = 0
 
@@ -223,8 +224,10 @@ class Abi:
 # Only 64-bit little-endian ABIs: the filter reads an argument's halves and the supervisor the
 # message headers in that layout.  From the kernel's uapi (asm/unistd_64.h, asm-generic/unistd.h).
 ABIS = {
-    "x86_64": Abi(0xC000003E, connect=42, sendto=44, sendmsg=46, sendmmsg=307, seccomp=317, x32_bit=0x40000000),
-    "aarch64": Abi(0xC00000B7, connect=203, sendto=206, sendmsg=211, sendmmsg=269, seccomp=277),
+    "x86_64": Abi(
+        0xC000003E, connect=42, sendto=44, sendmsg=46, sendmmsg=307, seccomp=317, io_uring_setup=425, x32_bit=0x40000000
+    ),
+    "aarch64": Abi(0xC00000B7, connect=203, sendto=206, sendmsg=211, sendmmsg=269, seccomp=277, io_uring_setup=425),
 }
 
 
@@ -240,6 +243,7 @@ def native_abi() -> Abi:
 
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER = 1, 1 << 3
 SECCOMP_RET_ALLOW, SECCOMP_RET_USER_NOTIF, SECCOMP_RET_KILL_PROCESS = 0x7FFF0000, 0x7FC00000, 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 SECCOMP_IOCTL_NOTIF_RECV, SECCOMP_IOCTL_NOTIF_SEND, SECCOMP_IOCTL_NOTIF_ID_VALID = 0xC0502100, 0xC0182101, 0x40082102
 # struct seccomp_data offsets: nr, arch, instruction pointer, then args[6] (u64 each)
@@ -267,7 +271,9 @@ def _assemble(*program: str | tuple) -> bytes:
 
 def filter_program(abi: Abi) -> bytes:
     """Calls that can name a destination notify the supervisor, sendto() only with an address;
-    any call of another ABI kills the process; everything else is allowed."""
+    io_uring_setup() fails (ENOSYS: QEMU falls back to ppoll/epoll), since a ring's connect and
+    send operations never pass through this filter; any call of another ABI kills the process;
+    everything else is allowed."""
     dest_addr = _ARG + 8 * 4  # sendto's 5th argument, low half first (little-endian)
     return _assemble(
         (_LD_W_ABS, _ARCH),
@@ -275,6 +281,7 @@ def filter_program(abi: Abi) -> bytes:
         (_LD_W_ABS, _NR),
         *([(_JEQ_K, 0xFFFFFFFF, "allow", None),  # -1: a call a tracer skipped (ENOSYS), as libseccomp
            (_JGE_K, abi.x32_bit, "kill", None)] if abi.x32_bit else []),
+        (_JEQ_K, abi.io_uring_setup, "no_rings", None),
         (_JEQ_K, abi.connect, "notify", None),
         (_JEQ_K, abi.sendmsg, "notify", None),
         (_JEQ_K, abi.sendmmsg, "notify", None),
@@ -285,6 +292,7 @@ def filter_program(abi: Abi) -> bytes:
         (_JEQ_K, 0, "allow", "notify"),  # null: a connected socket's send()
         "notify", (_RET_K, SECCOMP_RET_USER_NOTIF),
         "allow", (_RET_K, SECCOMP_RET_ALLOW),
+        "no_rings", (_RET_K, SECCOMP_RET_ERRNO | errno.ENOSYS),
         "kill", (_RET_K, SECCOMP_RET_KILL_PROCESS),
     )  # fmt: skip
 
