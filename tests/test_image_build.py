@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from machinen_async import MachinenError
 from machinen_async.store import assets
 
 
@@ -69,3 +70,21 @@ def test_an_image_is_built_from_the_tarball_itself(tmp_path, monkeypatch):
     assert 'Fast link dest: "busybox"' in stat("/bin/sh")
     assert "Type: regular" in stat(f"/{assets.GUEST_LIB}/agent_main.py")
     assert not list(Path(tmp_path / "cache" / "images").glob("tmp*"))  # nothing half-built left
+
+
+def test_an_image_whose_agent_directory_is_a_link_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """An OCI image comes from elsewhere: its /usr may lead to the host's (unpacked as root)."""
+    monkeypatch.setattr(assets, "_mke2fs_reads_tarballs", lambda: False)  # the unpacking way
+    monkeypatch.setenv("MACHINEN_CACHE_DIR", str(tmp_path / "cache"))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        entry = tarfile.TarInfo("./usr")
+        entry.type, entry.linkname = tarfile.SYMTYPE, str(victim)
+        tar.addfile(entry)
+    (tmp_path / "hostile.tar").write_bytes(raw.getvalue())
+    with pytest.raises(MachinenError) as refused:
+        assets.image_for(tmp_path / "hostile.tar")
+    assert refused.value.code == "ASSETS_BUILD_FAILED" and "symlink" in refused.value.message
+    assert list(victim.iterdir()) == []

@@ -585,6 +585,10 @@ def _unpacked_with_agent(tarball: Path, root: Path) -> Path:
         ["tar", "-C", str(root), "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", str(tarball)],
         what="unpack rootfs",
     )
+    parts = GUEST_LIB.split("/")
+    for depth in range(1, len(parts) + 1):  # an image's link there would lead these writes onto the host
+        if (root / "/".join(parts[:depth])).is_symlink():
+            raise AssetsError(f"the image's /{'/'.join(parts[:depth])} is a symlink", code="ASSETS_BUILD_FAILED")
     for name, content in _agent_sources().items():
         target = root / GUEST_LIB / name
         target.parent.mkdir(parents=True, exist_ok=True)
