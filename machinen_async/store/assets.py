@@ -10,8 +10,9 @@ only when its inputs change:
 - base rootfs: ``mmdebstrap --variant=minbase`` with python3 + msgpack, kept
   as a tarball;
 - images: a rootfs tarball plus the guest agent, as a read-only ext4 file
-  named by the sha256 of (tarball, agent code).  Each VM boots on its own
-  qcow2 overlay of it.
+  named by the sha256 of (tarball, agent code), made by ``mke2fs -d`` from
+  the tarball itself where e2fsprogs >= 1.47.1 reads one (else from the
+  tarball unpacked, as root).  Each VM boots on its own qcow2 overlay of it.
 
 These functions block (subprocesses, hashing): call them from a worker thread.
 """
