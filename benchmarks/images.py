@@ -402,8 +402,9 @@ def pull_to_ext4(
         "tools": tools,
         "ours_includes": "oci_pull.pull (manifest, config, layers over HTTP, 3 in parallel, each sha256-checked"
         " into the cache) + oci_image.rootfs_tarball (flatten to one tar, append /.machinen runtime,"
-        " root dirs, exec defaults) + assets.image_for (sha256 of the rootfs tar for the image key, tar -x,"
-        " agent files, du -sb, mke2fs -d, sha256 of the ext4); the base's kernel/rootfs and the"
+        " root dirs, exec defaults) + assets.image_for (sha256 of the rootfs tar for the image key, a copy"
+        " of it with the agent appended and mke2fs -d of that tar where e2fsprogs >= 1.47.1, else tar -x,"
+        " agent files, du -sb and mke2fs -d of the tree; sha256 of the ext4); the base's kernel/rootfs and the"
         " /.machinen runtime already built (once per host)",
         "theirs_includes": "skopeo copy docker://REF oci:DIR:TAG (layers stored as pulled, digests checked)"
         " + umoci unpack (decompress, apply whiteouts, write rootfs + config.json + mtree manifest)"
