@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,13 @@ def qemu_processes() -> list[str]:
         for line in out.splitlines()
         if str(_HOME) in line and "<defunct>" not in line and "machinen_async.supervisor" not in line
     ]
+
+
+def qemu_of(name: str) -> list[str]:
+    """The QEMU processes (and what started them) of the VM named ``name``: by its hostname on
+    the kernel command line, since QEMU sees no path of the VM's own directory."""
+    pattern = re.compile(rf"machinen\.hostname={re.escape(name)}(\s|$)")
+    return [line for line in qemu_processes() if pattern.search(line)]
 
 
 def runtime_leftovers(runtime: Path | None = None) -> list[str]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_VM, ls_json, qemu_processes, runtime_leftovers
+from conftest import SHARED_VM, ls_json, qemu_of, qemu_processes, runtime_leftovers
 from llm_stub import MODEL as STUB_MODEL
 from llm_stub import StubServer
 
@@ -129,7 +129,7 @@ def test_stop_force_and_aliases(cli):
     assert b"cli-force" in cli("list").stdout
     stopped = cli("stop", "cli-force", "--force", "--json")
     assert json.loads(stopped.stdout) == {"name": "cli-force", "stopped": True, "how": "killed"}
-    assert not [p for p in qemu_processes() if "/vms/cli-force/" in p]
+    assert not qemu_of("cli-force")
     assert not [d for d in runtime_leftovers() if d.startswith("cli-force-")]
 
 

@@ -10,7 +10,7 @@ import time
 
 import anyio
 import pytest
-from conftest import qemu_processes, runtime_leftovers
+from conftest import qemu_of, qemu_processes, runtime_leftovers
 
 from machinen_async import VM, MachinenError, boot
 from machinen_async.store import layers
@@ -34,10 +34,6 @@ async def snapshot_of(vm: VM) -> dict:
     script = "hostname; cat /root/state; cat /proc/sys/kernel/random/uuid; date +%s"
     hostname, state, uuid, clock = (await vm.exec(["sh", "-c", script], check=True)).stdout.decode().split()
     return {"hostname": hostname, "state": state, "uuid": uuid, "clock": int(clock)}
-
-
-def _qemu_of(name: str) -> list[str]:
-    return [p for p in qemu_processes() if f"/vms/{name}/" in p]
 
 
 def copied_ram_mib(qemu_pid: int) -> float:
@@ -101,7 +97,7 @@ async def test_siblings_diverge_from_one_instant(anyio_backend):
             assert len(uuids) == 4, "siblings share RNG state"
             assert all(abs(s["clock"] - time.time()) < 5 for s in states)
             assert {vm.info["forked_from"] for vm in forks} == {f"fsrc-{anyio_backend}"}
-    assert not _qemu_of(f"fsib-{anyio_backend}-0")
+    assert not qemu_of(f"fsib-{anyio_backend}-0")
     assert not layers.collect_garbage(dry_run=True), "layers or templates outlived every VM using them"
 
 
@@ -121,7 +117,7 @@ async def test_single_fork_closed_with_aclose(anyio_backend):
             assert (await child.exec(["hostname"])).stdout.decode().strip() == f"fone-child-{anyio_backend}"
         finally:
             await child.aclose()
-        assert not _qemu_of(f"fone-child-{anyio_backend}")
+        assert not qemu_of(f"fone-child-{anyio_backend}")
         assert (await source.exec(["true"])).exit_code == 0
 
 

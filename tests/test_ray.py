@@ -17,7 +17,7 @@ from collections import Counter
 
 import anyio
 import pytest
-from conftest import _HOME, machinen, qemu_processes, runtime_leftovers
+from conftest import _HOME, machinen, qemu_of, qemu_processes, runtime_leftovers
 from ray_cluster import RayCluster
 from test_fork import COUNTER, copied_ram_mib, poke
 
@@ -44,7 +44,7 @@ def ray_cluster():
 
 def node_vms(cluster: RayCluster) -> set[str]:
     """The VMs whose QEMU (or what started it) runs on one of the cluster's nodes."""
-    return {re.search(r"/vms/([^/ ]+)/", line)[1] for line in qemu_processes() if str(cluster.root) in line}
+    return {re.search(r"machinen\.hostname=(\S+)", line)[1] for line in qemu_processes() if str(cluster.root) in line}
 
 
 async def test_fork_over_ray_nodes_from_one_instant(ray_cluster, anyio_backend):
@@ -113,7 +113,7 @@ def test_fork_through_ray_client(ray_cluster, tmp_path):
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["hostnames"] == ["rc-0", "rc-1", "rc-2"]
     assert len(set(result["placement"].values())) == 3  # SPREAD: one a node
-    assert not node_vms(ray_cluster) and not [p for p in qemu_processes() if "/vms/rclient/" in p]
+    assert not node_vms(ray_cluster) and not qemu_of("rclient")
 
 
 DRIVER = """
@@ -143,7 +143,7 @@ def test_a_driver_that_dies_leaves_no_qemu(ray_cluster, tmp_path):
         driver.wait()
 
     def left() -> list[str]:
-        return [*node_vms(ray_cluster), *(p for p in qemu_processes() if "/vms/rdriver/" in p)]
+        return [*node_vms(ray_cluster), *qemu_of("rdriver")]
 
     deadline = time.monotonic() + 90
     while left() and time.monotonic() < deadline:
