@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from machinen_async import MachinenError
-from machinen_async.store import assets
+from machinen_async.store import assets, oci_image
 
 
 def _rootfs_tar() -> bytes:
@@ -88,3 +88,15 @@ def test_an_image_whose_agent_directory_is_a_link_is_refused_before_anything_is_
         assets.image_for(tmp_path / "hostile.tar")
     assert refused.value.code == "ASSETS_BUILD_FAILED" and "symlink" in refused.value.message
     assert list(victim.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"User": 1000, "WorkingDir": ["/x"], "Env": "A=1", "Cmd": [1, "sh"]}, {"WorkingDir": "../../etc"},
+     {"WorkingDir": "/srv/../../etc"}, "not a map", None],
+)  # fmt: skip
+def test_an_image_config_of_the_wrong_shape_gives_plain_defaults(settings):
+    """PID 1 reads what exec_defaults writes: a hostile config must not reach it as another type."""
+    defaults = oci_image.exec_defaults({"config": settings})
+    assert defaults["cwd"] == "/" and defaults["user"] == "" and defaults["env"] == []
+    assert all(isinstance(word, str) for word in defaults["cmd"])

@@ -54,9 +54,7 @@ def rootfs_of(
 def rootfs_tarball(pulled: PulledImage, report: assets.Report = lambda message: None) -> Path:
     """The tarball ``pulled`` boots from (built once per manifest digest and runtime)."""
     base = assets.ensure_base(report)
-    runtime = guest_runtime.runtime_for(
-        base.rootfs_tarball, assets.immutable_file_digest(base.rootfs_tarball), assets._run
-    )
+    runtime = guest_runtime.runtime_for(base.rootfs_tarball)
     directory = paths.private_dir(paths.private_dir(paths.private_dir(paths.cache_dir()) / "oci") / "rootfs")
     target = directory / f"{pulled.manifest_digest.removeprefix('sha256:')[:32]}-{runtime.name}.tar"
     if target.is_file():
@@ -94,14 +92,26 @@ def _build(pulled: PulledImage, runtime: Path, target: Path, report: assets.Repo
 
 
 def exec_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """What of an image config (``config["config"]``) the agent applies to every command."""
-    settings = config.get("config") or {}
-    env = settings.get("Env") or []
+    """What of an image config (``config["config"]``) the agent applies to every command.  The
+    config comes from elsewhere: a field of another type than the spec's is left out (PID 1 reads
+    the result), and a WorkingDir must be absolute, without ``..``."""
+    settings = config.get("config")
+    settings = settings if isinstance(settings, dict) else {}
+
+    def words(key: str) -> list[str]:
+        value = settings.get(key)
+        return [word for word in value if isinstance(word, str)] if isinstance(value, list) else []
+
+    def text(key: str) -> str:
+        value = settings.get(key)
+        return value if isinstance(value, str) else ""
+
+    cwd = text("WorkingDir")
     return {
-        "env": [item for item in env if isinstance(item, str)],
-        "cwd": settings.get("WorkingDir") or "/",
-        "user": settings.get("User") or "",
-        "cmd": [*(settings.get("Entrypoint") or []), *(settings.get("Cmd") or [])],  # the workload of cmd="image"
+        "env": words("Env"),
+        "cwd": cwd if cwd.startswith("/") and ".." not in cwd.split("/") else "/",
+        "user": text("User"),
+        "cmd": [*words("Entrypoint"), *words("Cmd")],  # the workload of cmd="image"
     }
 
 
