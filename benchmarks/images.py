@@ -291,8 +291,7 @@ def fresh_cache(root: Path, base_record: Path, runtime: Path) -> Path:
     os.environ["MACHINEN_CACHE_DIR"] = str(cache)
     base = assets.ensure_base()
     # The base tarball's digest memo (per cache): hashed here, once, as on any host's first boot.
-    found = guest_runtime.runtime_for(base.rootfs_tarball, assets.immutable_file_digest(base.rootfs_tarball),
-                                      assets._run)  # fmt: skip
+    found = guest_runtime.runtime_for(base.rootfs_tarball)
     assert found == runtime_parent / runtime.name, (found, runtime)
     return cache
 
@@ -556,8 +555,7 @@ def main(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         base = assets.ensure_base()  # the usual cache: built there once, never in a measured part
         base_record = assets._base_record(paths.cache_dir())
-        runtime = guest_runtime.runtime_for(base.rootfs_tarball, assets.immutable_file_digest(base.rootfs_tarball),
-                                            assets._run)  # fmt: skip
+        runtime = guest_runtime.runtime_for(base.rootfs_tarball)
         base_ext4 = paths.cache_dir() / "images" / f"{assets.image_key(base.rootfs_tarball)}.ext4"
         setup["base_assets_s"] = r(time.perf_counter() - started)
         os.environ["MACHINEN_HOME"] = str(root / "home")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import AssetsError
 from ..protocol.guest_abi import RUNTIME_DIR
-from . import paths
+from . import assets, paths
 
 RUNTIME_FORMAT = 1
 PYTHON = "python3.11"
@@ -38,18 +38,25 @@ STDLIB_LEFT_OUT = ("test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_
 _LISTED_LIBRARY = re.compile(r"^\s*(\S+) => (\S+) \(0x[0-9a-f]+\)$", re.MULTILINE)
 
 
-def runtime_for(rootfs_tarball: Path, digest: str, run) -> Path:
+def runtime_for(rootfs_tarball: Path) -> Path:
     """The runtime tree (a directory to place at ``/.machinen``) made from the base rootfs
-    ``rootfs_tarball`` (sha256 ``digest``); ``run(argv, what=...)`` runs a command (assets._run)."""
-    key = hashlib.sha256(f"{RUNTIME_FORMAT}|{digest}".encode()).hexdigest()[:24]
+    ``rootfs_tarball``."""
+    key = hashlib.sha256(f"{RUNTIME_FORMAT}|{assets.immutable_file_digest(rootfs_tarball)}".encode()).hexdigest()[:24]
     built = paths.private_dir(paths.private_dir(paths.cache_dir()) / "runtime") / key
     if built.is_dir():
         return built
     with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
         source, tree = Path(tmp) / "source", Path(tmp) / "tree"
         source.mkdir()
-        run(["tar", "-C", str(source), "-xf", str(rootfs_tarball), f"./usr/bin/{PYTHON}", f"./usr/lib/{PYTHON}",
-             "./usr/lib/python3/dist-packages/msgpack", f"./{LIB_DIR}"], what="unpack the base interpreter")  # fmt: skip
+        members = [
+            f"./usr/bin/{PYTHON}",
+            f"./usr/lib/{PYTHON}",
+            "./usr/lib/python3/dist-packages/msgpack",
+            f"./{LIB_DIR}",
+        ]
+        assets._run(
+            ["tar", "-C", str(source), "-xf", str(rootfs_tarball), *members], what="unpack the base interpreter"
+        )
         lib = tree / "lib"
         shutil.copytree(source / "usr/lib" / PYTHON, lib / PYTHON, symlinks=True,
                         ignore=lambda directory, names: [n for n in names if n in STDLIB_LEFT_OUT])  # fmt: skip
@@ -58,13 +65,13 @@ def runtime_for(rootfs_tarball: Path, digest: str, run) -> Path:
         shutil.copy2(source / "usr/bin" / PYTHON, tree / "bin" / PYTHON)
         os.symlink(PYTHON, tree / "bin" / "python3")
         elves = [tree / "bin" / PYTHON, *lib.rglob("*.so")]
-        for name, found in _library_closure(source, elves, run).items():
+        for name, found in _library_closure(source, elves).items():
             shutil.copy2(found, lib / name)  # the loader among them
         for elf in [tree / "bin" / PYTHON, *lib.glob("*.so*")]:
             if elf.name != LOADER:
-                run(["patchelf", "--force-rpath", "--set-rpath", f"{RUNTIME_DIR}/lib", str(elf)],
+                assets._run(["patchelf", "--force-rpath", "--set-rpath", f"{RUNTIME_DIR}/lib", str(elf)],
                     what="patchelf")  # fmt: skip
-        run(["patchelf", "--set-interpreter", f"{RUNTIME_DIR}/lib/{LOADER}", str(tree / "bin" / PYTHON)],
+        assets._run(["patchelf", "--set-interpreter", f"{RUNTIME_DIR}/lib/{LOADER}", str(tree / "bin" / PYTHON)],
             what="patchelf")  # fmt: skip
         try:
             tree.rename(built)
@@ -74,13 +81,15 @@ def runtime_for(rootfs_tarball: Path, digest: str, run) -> Path:
     return built
 
 
-def _library_closure(source: Path, elves: list[Path], run) -> dict[str, Path]:
+def _library_closure(source: Path, elves: list[Path]) -> dict[str, Path]:
     """soname -> file in ``source`` for every shared library ``elves`` load, at any depth,
     as the base's own loader resolves them (only inside ``source``)."""
     loader, library_path = source / LIB_DIR / LOADER, source / LIB_DIR
     found: dict[str, Path] = {}
     for elf in elves:
-        listed = run([str(loader), "--list", "--library-path", str(library_path), str(elf)], what="ld.so --list")
+        listed = assets._run(
+            [str(loader), "--list", "--library-path", str(library_path), str(elf)], what="ld.so --list"
+        )
         for name, path in _LISTED_LIBRARY.findall(listed):
             resolved = Path(path).resolve()
             if not resolved.is_relative_to(source.resolve()):
