@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST_PACKAGES := busybox-static mmdebstrap e2fsprogs libarchive13 util-linux python3-venv bubblewrap patchelf \
+HOST_PACKAGES := busybox-static mmdebstrap uidmap e2fsprogs libarchive13 util-linux python3-venv bubblewrap patchelf \
 	debian-archive-keyring  # upgraded too: newer suites (trixie, for the pi image) need their keys
-# patchelf: the agent's own interpreter in OCI images (store/guest_runtime.py); libarchive13: what
-# mke2fs reads a tarball with
+# uidmap: mmdebstrap's unshare mode, how a non-root user builds a Debian rootfs; patchelf: the
+# agent's own interpreter in OCI images (store/guest_runtime.py); libarchive13: what mke2fs reads a
+# tarball with
 # QEMU >= 9.0 migrates a running TCG guest without losing its writes, which a fork's live capture
 # needs (docs/architecture.md "Capture"); bookworm's own QEMU is 7.2, so there it comes from
 # bookworm-backports (10.0). Other releases use their own.

@@ -92,7 +92,7 @@ async def debian_rootfs(
     commands run inside it afterwards, natively, with this host's network
     (``npm install -g ...`` takes seconds here, minutes in an emulated
     guest).  Boot it with ``boot(image=...)`` or use it as ``provision(base=...)``.
-    Needs root (mmdebstrap).
+    As root, or as a user with Debian's ``uidmap`` and subordinate ids (mmdebstrap's unshare mode).
     """
     report = progress or (lambda message: None)
     return await anyio.to_thread.run_sync(

@@ -29,6 +29,7 @@ import io
 import json
 import lzma
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -92,9 +93,17 @@ class BaseAssets:
     kernel_package: str
 
 
+# Where Debian puts mke2fs and friends: on root's PATH, not on an ordinary user's.
+SBIN_DIRS = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def _program(name: str) -> str:
+    return shutil.which(name) or shutil.which(name, path=SBIN_DIRS) or name
+
+
 def _run(argv: list[str], *, cwd: Path | None = None, what: str, env: dict[str, str] | None = None) -> str:
     try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
+        proc = subprocess.run([_program(argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, env=env)
     except FileNotFoundError:
         raise AssetsError(
             f"{what}: {argv[0]} is not installed (apt-get install the host packages from the README)",
@@ -232,7 +241,7 @@ def _build_kernel_and_initrd(cache: Path, report: Report) -> tuple[Path, Path, s
             (root / "init").chmod(0o755)
             members = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
             archive = subprocess.run(
-                [str(busybox), "cpio", "-o", "-H", "newc"], cwd=root, input=members, capture_output=True
+                [str(busybox), "cpio", "-o", "-H", "newc", "-R", "0:0"], cwd=root, input=members, capture_output=True
             )
             if archive.returncode != 0 or len(archive.stdout) < 1024:
                 raise AssetsError(f"cpio failed: {archive.stderr.decode(errors='replace')[-500:]}")
@@ -272,10 +281,11 @@ def _build_rootfs_tarball(
         return tarball
     paths.private_dir(tarball.parent)
     partial = tarball.with_suffix(".partial")
+    mode = _mmdebstrap_mode()
     with _step(report, f"building a Debian {suite} rootfs with mmdebstrap (a minute or more)"):
         try:
             _run(
-                ["mmdebstrap", "--variant=minbase", f"--include={','.join(wanted)}", *hooks, "--format=tar",
+                ["mmdebstrap", *mode, "--variant=minbase", f"--include={','.join(wanted)}", *hooks, "--format=tar",
                  suite, str(partial)],
                 what="mmdebstrap",
             )  # fmt: skip
@@ -284,6 +294,36 @@ def _build_rootfs_tarball(
         finally:
             partial.unlink(missing_ok=True)
     return tarball
+
+
+SUBORDINATE_IDS = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+def _mmdebstrap_mode() -> list[str]:
+    """As root, mmdebstrap's own choice; as anyone else, its unshare mode: a user namespace that
+    maps the user's subordinate ids, so the tarball still holds root-owned files and device nodes.
+    That needs newuidmap (Debian's ``uidmap``) and the user's lines in /etc/subuid and /etc/subgid
+    (``useradd`` writes them for new users); said up front rather than as mmdebstrap's guesses."""
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("newuidmap", path=f"{os.environ.get('PATH', '')}:{SBIN_DIRS}") is None:
+        raise AssetsError(
+            "building a Debian rootfs as a non-root user needs newuidmap: sudo apt-get install uidmap",
+            code="ASSETS_TOOL_MISSING",
+        )
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    for listing in SUBORDINATE_IDS:
+        try:
+            owners = {line.split(":", 1)[0] for line in listing.read_text().splitlines()}
+        except OSError:
+            owners = set()
+        if not owners & {user, str(os.geteuid())}:
+            raise AssetsError(
+                f"building a Debian rootfs as {user} needs subordinate ids in {listing}: "
+                f"sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}",
+                code="ASSETS_TOOL_MISSING",
+            )
+    return ["--mode=unshare"]
 
 
 def debian_rootfs(
@@ -521,6 +561,12 @@ def image_for(tarball: Path, report: Report = lambda message: None) -> Path:
                 source = _tarball_with_agent(tarball, Path(tmp) / "rootfs.tar")
                 _mke2fs(source, partial, used=source.stat().st_size)
             except AssetsError as exc:
+                if os.geteuid() != 0:  # unpacking keeps ownership and device nodes only as root
+                    raise AssetsError(
+                        f"{exc.message.splitlines()[0]}; as a non-root user an image is built only from the "
+                        "tarball itself, which needs e2fsprogs >= 1.47.1 (Debian bookworm: from bookworm-backports)",
+                        code=exc.code,
+                    ) from None
                 report(f"unpacking {tarball.name} instead ({exc.message.splitlines()[0]})")
                 root = _unpacked_with_agent(tarball, Path(tmp) / "root")
                 _mke2fs(root, partial, used=int(_run(["du", "-sb", str(root)], what="measure the rootfs").split()[0]))
@@ -535,7 +581,7 @@ def _mke2fs_reads_tarballs() -> bool:
     """e2fsprogs >= 1.47.1 builds a file system from a tarball (``-d FILE.tar``, via libarchive):
     nothing is unpacked, so ownership and device nodes need no privilege and no time."""
     try:
-        banner = subprocess.run(["mke2fs", "-V"], capture_output=True, text=True, check=False).stderr
+        banner = subprocess.run([_program("mke2fs"), "-V"], capture_output=True, text=True, check=False).stderr
     except FileNotFoundError:
         return False
     found = re.match(r"mke2fs (\d+)\.(\d+)\.(\d+)", banner)
