@@ -278,6 +278,13 @@ publish_option = click.option(
     metavar="[ADDR:]HOST:GUEST",
     help="Forward a host TCP port (on 127.0.0.1 unless ADDR) to a guest port; repeatable.",
 )
+insecure_option = click.option(
+    "--insecure-registry",
+    "insecure",
+    multiple=True,
+    metavar="HOST[:PORT]|CIDR",
+    help="A registry reached over plain HTTP (loopback ones always are); repeatable.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -328,11 +335,12 @@ def install(refresh: bool) -> None:
     show_default=True,
     help="An OCI image: ask the registry only when it is not cached, always, or never.",
 )
+@insecure_option
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, pull, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, pull, insecure, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -349,7 +357,7 @@ def boot_command(
     async def run() -> int:
         launch = boot(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
-            detached=detach, ports=ports, progress=_progress, pull=pull,
+            detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure,
             network=False if no_network else _network_policy(allow_rules, allow_host_ports),
             cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
             mounts=_mounts(live_mounts, copied_mounts),
@@ -548,15 +556,16 @@ def gc_command(dry_run: bool, as_json: bool) -> None:
 @click.argument("reference")
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Default: this host's (linux/amd64 here).")
 @click.option("--always", is_flag=True, help="Ask the registry what the tag names now, even if it is cached.")
+@insecure_option
 @click.option("--json", "as_json", is_flag=True)
-def pull_command(reference: str, platform: str | None, always: bool, as_json: bool) -> None:
+def pull_command(reference: str, platform: str | None, always: bool, insecure: tuple[str, ...], as_json: bool) -> None:
     """Fetch an OCI / Docker image (python:3.12-slim, localhost:5000/team/agent@sha256:...,
     oci:DIR[:TAG], docker-archive:FILE) and make it bootable, without booting it."""
 
     async def run() -> None:
         def fetch() -> dict[str, Any]:
             pulled = oci_pull.pull(reference, policy="always" if always else "missing", platform=platform,
-                                   progress=_progress)  # fmt: skip
+                                   insecure=insecure, progress=_progress)  # fmt: skip
             oci_image.rootfs_tarball(pulled, _progress)
             return {"reference": pulled.reference, "digest": pulled.manifest_digest, "platform": pulled.platform,
                     "layers": len(pulled.layers), "size": sum(layer.size for layer in pulled.layers)}  # fmt: skip

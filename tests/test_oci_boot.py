@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from conftest import machinen
-from oci_registry import Registry, image_config, push_image
+from oci_registry import ForwardProxy, Registry, image_config, push_image
 
 from machinen_async import ImageError, boot, restore
-from machinen_async.store import assets
+from machinen_async.store import assets, oci_image, paths
 from machinen_async.store.assets import sha256_file
 
 BUSYBOX = "/bin/busybox"  # busybox-static: no libc needed
@@ -185,6 +185,52 @@ async def test_an_image_from_a_registry_boots_and_boots_again_with_the_registry_
     assert unreachable.value.code == "IMAGE_PULL_FAILED" and unreachable.value.retryable
     listed = json.loads(machinen("images", "--json").stdout)
     assert any(image["reference"] == reference for image in listed)
+
+
+@pytest.mark.anyio
+async def test_a_registry_listed_as_insecure_is_reached_over_plain_http(tmp_path, monkeypatch, anyio_backend):
+    """A registry by a name (not loopback) without TLS, behind a proxy as on a company network:
+    refused, naming insecure=, until the caller lists it; then boot and the CLI's pull reach it."""
+    registry = Registry(tmp_path / "registry")
+    proxy = ForwardProxy(registry.port)  # every name leads to the test registry: nothing leaves the host
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        layers = busybox_layers()
+        config = image_config(layers, env=["PATH=/bin", "GREETING=over http"])
+        push_image(registry, "team/busybox", "1", layers, config)
+        named = f"registry.test:{registry.port}"
+        reference = f"{named}/team/busybox:1"
+        with pytest.raises(ImageError) as refused:
+            async with boot(reference, network=False):
+                pass
+        assert refused.value.code == "IMAGE_PULL_FAILED" and "insecure" in refused.value.message
+        async with boot(reference, network=False, insecure=[named]) as vm:
+            assert await sh(vm, 'echo "$GREETING"') == "over http\n"
+        pulled = machinen("pull", "--always", "--insecure-registry", "registry.test", "--json", reference)
+        assert json.loads(pulled.stdout)["reference"] == reference
+        assert ("GET", f"http://{named}/v2/team/busybox/manifests/1") in proxy.seen
+    finally:
+        proxy.close()
+        registry.stop()
+
+
+def test_an_image_whose_files_exceed_the_bound_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    """A layer of 100 MiB of zeros is 100 KiB compressed: the flattened size is what is bounded."""
+
+    def bomb(add) -> None:
+        add(_entry("zeros"), bytes(100 << 20))
+
+    write_layout(tmp_path / "layout", [_layer(bomb)], {})
+    monkeypatch.setattr(oci_image, "MAX_IMAGE_BYTES", 16 << 20)
+    rootfs = paths.cache_dir() / "oci" / "rootfs"
+    before = {path.name for path in rootfs.glob("*.tar")}
+    with pytest.raises(ImageError) as refused:
+        oci_image.rootfs_of(f"oci:{tmp_path / 'layout'}:1")
+    assert refused.value.code == "IMAGE_TOO_LARGE"
+    left = {path.name for path in rootfs.iterdir() if not path.name.endswith(".lock")}
+    assert left == before  # no tarball, no partial one, no layer unpacked
 
 
 @pytest.mark.anyio

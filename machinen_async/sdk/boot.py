@@ -49,6 +49,7 @@ async def _launch(
     *,
     pull: str,
     credentials: tuple[str, str] | None,
+    insecure: Sequence[str],
     name: str | None,
     memory_mib: int,
     cpus: int,
@@ -75,7 +76,7 @@ async def _launch(
     def prepare() -> tuple[assets.BaseAssets, Path, Path]:
         base = assets.ensure_base(report)
         tarball = (
-            oci_image.rootfs_of(image, report, pull=pull, credentials=credentials)
+            oci_image.rootfs_of(image, report, pull=pull, credentials=credentials, insecure=insecure)
             if image is not None
             else base.rootfs_tarball
         )
@@ -145,6 +146,7 @@ def boot(
     progress: Callable[[str], None] | None = None,
     pull: str = "missing",
     credentials: tuple[str, str] | None = None,
+    insecure: Sequence[str] = (),
 ) -> Launch:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
     (``"python:3.12-slim"``, ``"localhost:5000/team/agent@sha256:..."``, ``"oci:./layout:tag"``,
@@ -152,7 +154,9 @@ def boot(
     image needs nothing inside it (the agent brings its own interpreter); its Env, WorkingDir
     and User are the defaults of every command.  ``pull``: "missing" (default: a cached
     reference boots without asking the registry), "always" (ask what the tag names now) or
-    "never"; ``credentials``: (user, password) for the registry, else ``~/.docker/config.json``.
+    "never"; ``credentials``: (user, password) for the registry, else ``~/.docker/config.json``;
+    ``insecure``: registries reached over plain HTTP (``"host:port"``, ``"host"`` or a network
+    such as ``"10.0.0.0/8"``; loopback ones always are), as Docker's ``insecure-registries``.
 
     The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
     as its supervised workload: output in /var/log/machinen/workload.log,
@@ -177,6 +181,7 @@ def boot(
             image,
             pull=pull,
             credentials=credentials,
+            insecure=insecure,
             name=name,
             memory_mib=memory_mib,
             cpus=cpus,

@@ -17,7 +17,7 @@ import json
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.zst")
 # Mount points and directories PID 1 and the agent use (init.py, workload.py, the initramfs /init).
+# What an image's files may take once flattened (IMAGE_TOO_LARGE beyond): a bound on what a layer
+# that decompresses without end (a gzip bomb) costs the cache's disk before it is refused.
+MAX_IMAGE_BYTES = 64 << 30
 ROOT_DIRECTORIES = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "tmp": 0o1777, "run": 0o755, "etc": 0o755,
                     "root": 0o700, "var": 0o755, "var/log": 0o755}  # fmt: skip
 
@@ -39,16 +42,18 @@ def rootfs_of(
     *,
     pull: str = "missing",
     credentials: tuple[str, str] | None = None,
+    insecure: Sequence[str] = (),
 ) -> Path:
     """The rootfs tarball ``image`` names: a tarball's path, or else an OCI image reference
     (``python:3.12-slim``, ``registry:5000/team/agent@sha256:...``, ``oci:DIR[:TAG]``,
     ``docker-archive:FILE``), pulled (``pull``: "missing", "always" or "never", as
-    ``oci_pull.pull``'s policy) and flattened."""
+    ``oci_pull.pull``'s policy; ``insecure``: registries reached over plain HTTP) and flattened."""
     path = Path(image).expanduser()
     text = str(image)
     if path.exists() or text.startswith(("/", "./", "../", "~")) or text.endswith(TARBALL_SUFFIXES):
         return path.resolve()  # a missing one is BOOT_IMAGE_NOT_FOUND when its disk is built
-    return rootfs_tarball(oci_pull.pull(text, policy=pull, credentials=credentials, progress=report), report)
+    pulled = oci_pull.pull(text, policy=pull, credentials=credentials, insecure=insecure, progress=report)
+    return rootfs_tarball(pulled, report)
 
 
 def rootfs_tarball(pulled: PulledImage, report: assets.Report = lambda message: None) -> Path:
@@ -76,7 +81,8 @@ def _build(pulled: PulledImage, runtime: Path, target: Path, report: assets.Repo
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / "rootfs.tar"
         with assets._step(report, f"flattening {pulled.reference} ({len(pulled.layers)} layers)"):
-            oci_flatten.flatten([(layer.path, layer.media_type) for layer in pulled.layers], partial)
+            layers = [(layer.path, layer.media_type) for layer in pulled.layers]
+            oci_flatten.flatten(layers, partial, max_bytes=MAX_IMAGE_BYTES)
         with tarfile.open(partial, "a") as tar:
             present = {_normalised(name) for name in tar.getnames()}
             defaults = exec_defaults(pulled.config)

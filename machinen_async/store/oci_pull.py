@@ -866,7 +866,7 @@ def _connect(url: str, context: ssl.SSLContext) -> tuple[http.client.HTTPConnect
 @contextlib.contextmanager
 def _network(registry: str, url: str) -> Iterator[None]:
     """Transport failures as IMAGE_PULL_FAILED naming the registry (retryable, except a TLS
-    certificate nobody vouches for)."""
+    certificate nobody vouches for and a registry without TLS)."""
     where = registry if _origin(url)[1] == _host_of(registry) else f"{registry} (at {_origin(url)[1]})"
     try:
         yield
@@ -874,10 +874,19 @@ def _network(registry: str, url: str) -> Iterator[None]:
         raise ImageError(f"registry {where}: its TLS certificate is not trusted ({error.verify_message}); "
                          "a registry without TLS must be listed in insecure=", code="IMAGE_PULL_FAILED",
                          retryable=False) from None  # fmt: skip
+    except ssl.SSLError as error:
+        if error.reason != "WRONG_VERSION_NUMBER":  # what OpenSSL says of an HTTP answer to its hello
+            raise _unreachable(where, error) from None
+        raise ImageError(f"registry {where} answered without TLS: a registry without TLS must be listed in "
+                         "insecure=", code="IMAGE_PULL_FAILED", retryable=False) from None  # fmt: skip
     except (OSError, http.client.HTTPException) as error:
-        described = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        raise ImageError(f"registry {where} could not be reached or broke off: {_clean(described)}",
-                         code="IMAGE_PULL_FAILED", retryable=True) from None  # fmt: skip
+        raise _unreachable(where, error) from None
+
+
+def _unreachable(where: str, error: Exception) -> ImageError:
+    described = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return ImageError(f"registry {where} could not be reached or broke off: {_clean(described)}",
+                      code="IMAGE_PULL_FAILED", retryable=True)  # fmt: skip
 
 
 def _open(url: str, headers: dict[str, str], *, registry: str, insecure: Sequence[str],
