@@ -447,7 +447,7 @@ def pull_to_ext4(
 def prepare(reference: str) -> tuple[Path, Path]:
     """What boot(REF) runs before QEMU (sdk/boot.py's prepare)."""
     assets.ensure_base()
-    tarball = oci_image.rootfs_of(reference)
+    tarball = oci_image.rootfs_of(reference).tarball
     return tarball, assets.image_for(tarball)
 
 

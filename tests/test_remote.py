@@ -11,9 +11,20 @@ import pytest
 from conftest import ls_json, machinen
 from net import free_port
 from test_fork import COUNTER, copied_ram_mib, poke
+from test_oci_boot import busybox_layers, write_layout
 from test_ports import http_get, serve_http
 
-from machinen_async import HandoffError, Host, HostError, MachinenError, TransferError, boot, connect, restore
+from machinen_async import (
+    ExecResult,
+    HandoffError,
+    Host,
+    HostError,
+    MachinenError,
+    TransferError,
+    boot,
+    connect,
+    restore,
+)
 from machinen_async.sdk import handoff as handoff_module
 from machinen_async.sdk.spread import place
 
@@ -103,6 +114,30 @@ async def test_second_transfer_sends_only_what_changed(remote_host, tmp_path):
     # explicitly (pushed back, it would be signed here on arrival).
     async with restore(tmp_path / "from-b", name="back-home", trust=True) as back:
         assert (await back.exec(["wc", "-c", "/root/blob"])).stdout.split()[0] == b"3000000"
+
+
+async def test_an_image_booted_vm_moves_by_digest_and_its_image_crosses_once(remote_host, tmp_path):
+    """An OCI image's disk reaches a host once: a second VM of the same image hands off sending
+    its memory and disk layer only; the image's config applies there, and both ends name the
+    image by reference and manifest digest."""
+    write_layout(tmp_path / "layout", busybox_layers(), {"config": {"Env": ["PATH=/bin", "GREETING=moved"]}})
+    reference = f"oci:{tmp_path / 'layout'}:1"
+    async with Host.from_spec(remote_host.alias) as hostb:
+        async with boot(reference, network=False) as first:
+            await first.snapshot(tmp_path / "first")
+            source = (await first.describe())["image_source"]
+        assert source.startswith(f"{reference}@sha256:")
+        pushed = await hostb.push(tmp_path / "first")
+        async with boot(reference, network=False, name="image-mover") as vm:
+            await vm.exec(["sh", "-c", "echo state > /tmp/state"], check=True)
+            moved = await vm.handoff(hostb, precopy=False)
+            assert moved.handoff_report.final.bytes_sent < pushed.bytes_sent / 3  # no image this time
+            assert await moved.exec(["sh", "-c", 'cat /tmp/state; echo "$GREETING"'], check=True) == ExecResult(
+                0, b"state\nmoved\n", b""
+            )
+            assert (await moved.describe())["image_source"] == source
+            assert [row["image_source"] for row in await hostb.list()] == [source]
+            await moved.aclose()
 
 
 async def test_a_handoff_that_takes_too_long_resumes_the_source(remote_host, anyio_backend, monkeypatch):

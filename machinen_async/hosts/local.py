@@ -193,7 +193,7 @@ async def _restore_plan(
                 raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
         wanted, digest = manifest.data["image"]["key"], manifest.data["image"].get("sha256")
         if image is not None:
-            tarball = oci_image.rootfs_of(image, report)
+            tarball = oci_image.rootfs_of(image, report).tarball
             if assets.image_key(tarball) != wanted:
                 raise SnapshotError(
                     f"{tarball} is not the image this bundle was taken on", code="SNAPSHOT_INCOMPATIBLE"
@@ -228,7 +228,9 @@ async def _restore_plan(
         kernel=str(kernel),
         initrd=str(initrd),
         image=str(disk_image),
-        image_source=manifest.data["image"].get("tarball", ""),
+        image_source=manifest.data["image"].get(
+            "source", manifest.data["image"].get("tarball", "")
+        ),  # older: "tarball"
         image_key=manifest.data["image"]["key"],
         tsc_khz=machine["tsc_khz"],
         network=machine["network"],

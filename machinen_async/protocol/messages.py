@@ -46,7 +46,8 @@ class MachineSpec:
     network: bool = True  # outbound only, user-mode NAT
     # Destinations the guest may reach although netguard closes them ("127.0.0.1:11434", ...).
     network_allow: tuple[str, ...] = ()
-    image_source: str = ""  # the rootfs tarball the image was built from, for people reading a manifest
+    # What the image was built from, for people: a tarball's path or an OCI image's REF@sha256:DIGEST
+    image_source: str = ""
     image_key: str = ""  # the image's content key (its file may be named by sha256 when received)
 
     def to_wire(self) -> dict[str, Any]:

@@ -73,16 +73,16 @@ async def _launch(
     vmm.check_installed()
     report = progress or (lambda message: None)
 
-    def prepare() -> tuple[assets.BaseAssets, Path, Path]:
+    def prepare() -> tuple[assets.BaseAssets, oci_image.Rootfs, Path]:
         base = assets.ensure_base(report)
-        tarball = (
+        rootfs = (
             oci_image.rootfs_of(image, report, pull=pull, credentials=credentials, insecure=insecure)
             if image is not None
-            else base.rootfs_tarball
+            else oci_image.Rootfs(base.rootfs_tarball, str(base.rootfs_tarball))
         )
-        return base, tarball, assets.image_for(tarball, report)
+        return base, rootfs, assets.image_for(rootfs.tarball, report)
 
-    base, tarball, disk_image = await anyio.to_thread.run_sync(prepare)
+    base, rootfs, disk_image = await anyio.to_thread.run_sync(prepare)
     registry.ensure_free(name)  # fail fast; the supervisor's claim is the real check
     machine = MachineSpec(
         memory_mib=memory_mib,
@@ -91,7 +91,7 @@ async def _launch(
         kernel=str(base.kernel),
         initrd=str(base.initrd),
         image=str(disk_image),
-        image_source=str(tarball),
+        image_source=rootfs.source,
         image_key=disk_image.stem,
         tsc_khz=vmm.host_tsc_khz() if chosen_accel == "tcg" else None,
         network=has_network,

@@ -18,6 +18,7 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,15 @@ ROOT_DIRECTORIES = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "tmp": 0o1777, "r
                     "root": 0o700, "var": 0o755, "var/log": 0o755}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Rootfs:
+    """What a VM boots from: the tarball, and what it is for people (and manifests): the tarball's
+    path, or an OCI image by reference and manifest digest (``team/agent:1@sha256:...``)."""
+
+    tarball: Path
+    source: str
+
+
 def rootfs_of(
     image: str | os.PathLike,
     report: assets.Report = lambda message: None,
@@ -43,7 +53,7 @@ def rootfs_of(
     pull: str = "missing",
     credentials: tuple[str, str] | None = None,
     insecure: Sequence[str] = (),
-) -> Path:
+) -> Rootfs:
     """The rootfs tarball ``image`` names: a tarball's path, or else an OCI image reference
     (``python:3.12-slim``, ``registry:5000/team/agent@sha256:...``, ``oci:DIR[:TAG]``,
     ``docker-archive:FILE``), pulled (``pull``: "missing", "always" or "never", as
@@ -51,9 +61,10 @@ def rootfs_of(
     path = Path(image).expanduser()
     text = str(image)
     if path.exists() or text.startswith(("/", "./", "../", "~")) or text.endswith(TARBALL_SUFFIXES):
-        return path.resolve()  # a missing one is BOOT_IMAGE_NOT_FOUND when its disk is built
+        resolved = path.resolve()  # a missing one is BOOT_IMAGE_NOT_FOUND when its disk is built
+        return Rootfs(resolved, str(resolved))
     pulled = oci_pull.pull(text, policy=pull, credentials=credentials, insecure=insecure, progress=report)
-    return rootfs_tarball(pulled, report)
+    return Rootfs(rootfs_tarball(pulled, report), f"{pulled.reference}@{pulled.manifest_digest}")
 
 
 def rootfs_tarball(pulled: PulledImage, report: assets.Report = lambda message: None) -> Path:

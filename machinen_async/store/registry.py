@@ -305,6 +305,7 @@ def describe(entry: VmDir) -> dict[str, Any] | None:
         "memory_mib": meta["memory_mib"],
         "uptime_s": round(time.time() - meta["started_at"], 1),
         "image": meta["image"],
+        "image_source": meta.get("image_source", ""),
         "detached": meta["detached"],
         "forked_from": meta.get("forked_from"),
         "ports": [f"{address}:{host}->{guest}" for address, host, guest in meta.get("ports", [])],

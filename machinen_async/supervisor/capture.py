@@ -395,7 +395,7 @@ class Capture:
                         "network": machine.network},
             "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine.kernel))},
             "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine.initrd))},
-            "image": {"key": machine.image_key or Path(base).stem, "tarball": machine.image_source,
+            "image": {"key": machine.image_key or Path(base).stem, "source": machine.image_source,
                       "sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(base))},
         }  # fmt: skip
         return await anyio.to_thread.run_sync(bundle.seal, target, fields)

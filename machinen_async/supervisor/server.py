@@ -142,6 +142,7 @@ class Supervisor:
                 "memory_mib": config.machine.memory_mib,
                 "cpus": config.machine.cpus,
                 "image": config.machine.image,
+                "image_source": config.machine.image_source,
                 "ram_dir": config.ram_dir,
                 "detached": config.detached,
                 "forked_from": config.incoming.source if config.incoming else None,
