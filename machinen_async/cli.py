@@ -109,7 +109,14 @@ def _raw_terminal(enabled: bool) -> Iterator[None]:
 
 
 async def _stream_exec(
-    vm: VM, argv: list[str], env: dict[str, str], cwd: str | None, timeout: float | None, *, use_tty: bool = False
+    vm: VM,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    timeout: float | None,
+    *,
+    use_tty: bool = False,
+    user: str | None = None,
 ) -> int:
     """Run argv in the VM with our stdio attached; returns its exit code.
 
@@ -122,7 +129,14 @@ async def _stream_exec(
     if use_tty:
         env = {"TERM": os.environ.get("TERM", "xterm"), **env}
     async with vm.process(
-        argv, env=env, cwd=cwd, stdin=forward_stdin, timeout=timeout, tty=use_tty, size=(size.lines, size.columns)
+        argv,
+        env=env,
+        cwd=cwd,
+        stdin=forward_stdin,
+        timeout=timeout,
+        tty=use_tty,
+        size=(size.lines, size.columns),
+        user=user,
     ) as proc:
 
         async def copy_out(stream, fd: int) -> None:
@@ -384,14 +398,15 @@ def boot_command(
 @click.option("--cwd", help="Working directory in the guest.")
 @click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds.")
 @click.option("--tty", "-t", "use_tty", is_flag=True, help="Run CMD on a pseudo-terminal (interactive programs).")
+@click.option("--user", "-u", metavar="USER[:GROUP]", help="Run as this user (default: the image's User, else root).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_command(name, env_pairs, cwd, timeout, use_tty, cmd) -> None:
+def exec_command(name, env_pairs, cwd, timeout, use_tty, user, cmd) -> None:
     """Run CMD in VM NAME (or HOST:NAME), streaming stdin/stdout/stderr; exit with its code."""
     env = _parse_env(env_pairs)
 
     async def run() -> int:
         async with _connect_address(name) as vm:
-            return await _stream_exec(vm, _command(cmd), env, cwd, timeout, use_tty=use_tty)
+            return await _stream_exec(vm, _command(cmd), env, cwd, timeout, use_tty=use_tty, user=user)
 
     _run(run)
 

@@ -27,7 +27,8 @@ def test_round_trips_through_json_and_msgpack_shapes():
     assert SupervisorConfig.from_json(config.to_json()) == config
     booted = SupervisorConfig(name="c", machine=MACHINE, ram_dir="/r", boot_timeout=60, detached=True)
     assert SupervisorConfig.from_json(booted.to_json()) == booted
-    request = ExecRequest(["sh", "-c", "true"], env={"A": "1"}, cwd="/tmp", stdin=True, timeout=5, tty=True, rows=40)
+    request = ExecRequest(["sh", "-c", "true"], env={"A": "1"}, cwd="/tmp", stdin=True, timeout=5, tty=True, rows=40,
+                          user="app:1000")  # fmt: skip
     again = ExecRequest.from_wire(request.to_wire())
     assert [getattr(again, key) for key in ExecRequest.__slots__] == [
         getattr(request, k) for k in ExecRequest.__slots__
@@ -58,6 +59,9 @@ def test_a_malformed_machine_is_refused_by_name(broken):
         {"argv": ["sh"], "stdin": "yes"},
         {"argv": ["sh"], "tty": True, "rows": 1 << 20},
         {"argv": ["sh"], "extra": 1},
+        {"argv": ["sh"], "user": 0},
+        {"argv": ["sh"], "user": ""},
+        {"argv": ["sh"], "user": "a:b:c"},
     ],
 )
 def test_a_malformed_exec_request_is_refused(params):

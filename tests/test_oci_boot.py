@@ -15,7 +15,7 @@ import pytest
 from conftest import machinen
 from oci_registry import ForwardProxy, Registry, image_config, push_image
 
-from machinen_async import ImageError, boot, restore
+from machinen_async import ExecError, ImageError, Mount, boot, restore
 from machinen_async.store import assets, oci_image, paths
 from machinen_async.store.assets import sha256_file
 
@@ -143,6 +143,11 @@ async def test_an_image_without_python_or_libc_boots_with_its_config(busybox_ima
         assert (await sh(vm, "ls /cache")).split() == ["linked", "new"]  # opaque: the lower entry is hidden
         assert await sh(vm, "cat /cache/linked") == "fresh\n"
         assert (await vm.exec(["pwd"], cwd="/tmp")).stdout == b"/tmp\n"  # a call's own cwd wins
+        assert (await vm.exec(["id", "-u"], user="0")).stdout == b"0\n"  # and its own user (docker exec -u)
+        assert (await vm.exec(["id"], user="app:0")).stdout.startswith(b"uid=1000(app) gid=0(root)")
+        with pytest.raises(ExecError) as unknown:
+            await vm.exec(["true"], user="nobody-here")
+        assert unknown.value.code == "EXEC_SPAWN_FAILED" and "nobody-here" in unknown.value.message
         assert await vm.read_file("/etc/passwd") == (b"root:x:0:0:root:/root:/bin/sh\n"
                                                       b"app:x:1000:1000:app:/home/app:/bin/sh\n")  # fmt: skip
 
@@ -160,9 +165,27 @@ async def test_fork_snapshot_and_restore_work_on_an_image(busybox_image, tmp_pat
         assert await sh(restored, 'cat /tmp/state; echo "$GREETING"') == "shared\nfrom the image\n"
 
 
+@pytest.mark.anyio
+async def test_live_and_copied_mounts_work_on_an_image(busybox_image, tmp_path, anyio_backend):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "from-host").write_text("host\n")
+    async with boot(busybox_image, network=False, mounts=[Mount(str(shared), "/work", live=True),
+                                                          f"{shared}:/copied"]) as vm:  # fmt: skip
+        assert await sh(vm, "cat /work/from-host /copied/from-host") == "host\nhost\n"
+        await sh(vm, "echo guest > /work/from-guest")  # as the image's user (1000), onto the host's files
+        assert (shared / "from-guest").read_text() == "guest\n"
+
+
 def test_the_cli_boots_an_image_and_runs_a_command_in_it(busybox_image):
     done = machinen("boot", "--no-network", busybox_image, "--", "sh", "-c", 'echo "$GREETING" in $(pwd)', timeout=600)
     assert done.stdout == b"from the image in /srv/app\n"
+    machinen("boot", "--no-network", "--detach", "--name", "cli-image", busybox_image, timeout=600)
+    try:
+        assert machinen("exec", "cli-image", "--", "id", "-u").stdout == b"1000\n"  # the image's User
+        assert machinen("exec", "-u", "0", "cli-image", "--", "id", "-u").stdout == b"0\n"
+    finally:
+        machinen("stop", "cli-image")
 
 
 @pytest.mark.anyio

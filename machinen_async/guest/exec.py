@@ -14,7 +14,7 @@ import threading
 
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
-from .task import BASE_ENV, IMAGE_DEFAULTS, InputPump, Task, image_identity, start_thread
+from .task import BASE_ENV, IMAGE_DEFAULTS, InputPump, Task, identity, start_thread
 
 # A command that left a background child holding its stdout/stderr open is
 # reported finished once no output arrived for this long after it exited.
@@ -61,14 +61,14 @@ class ExecTask(Task):
             stdio = {"stdin": stdin, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
         try:
             self.proc = subprocess.Popen(request.argv, cwd=request.cwd or IMAGE_DEFAULTS["cwd"], env=env,
-                                         start_new_session=True, **image_identity(), **stdio)  # fmt: skip
+                                         start_new_session=True, **identity(request.user), **stdio)  # fmt: skip
         except FileNotFoundError as exc:
             if request.cwd and exc.filename == request.cwd:
                 return self.fail("EXEC_CWD_NOT_FOUND", f"working directory not found: {exc.filename}")
             return self.fail("EXEC_COMMAND_NOT_FOUND", f"command not found: {request.argv[0]}")
         except (PermissionError, NotADirectoryError) as exc:
             return self.fail("EXEC_PERMISSION_DENIED", f"{exc.strerror}: {exc.filename}")
-        except (OSError, ValueError, TypeError, KeyError) as exc:  # KeyError: the image's User is unknown
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # KeyError: no such user (the call's or the image's)
             return self.fail("EXEC_SPAWN_FAILED", f"cannot start {request.argv!r}: {exc!r}")
         finally:
             if self.master is not None:

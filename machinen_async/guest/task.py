@@ -39,16 +39,22 @@ def take_image_defaults() -> None:
             BASE_ENV[name] = value
     IMAGE_DEFAULTS["cwd"] = defaults.get("cwd") or "/"
     IMAGE_DEFAULTS["cmd"] = [word for word in defaults.get("cmd") or [] if isinstance(word, str)]
-    user, _, group = (defaults.get("user") or "").partition(":")
-    if user:
-        IMAGE_DEFAULTS["user"] = int(user) if user.isdigit() else user
-        IMAGE_DEFAULTS["group"] = (int(group) if group.isdigit() else group) if group else None
+    IMAGE_DEFAULTS["user"], IMAGE_DEFAULTS["group"] = _user_and_group(defaults.get("user") or "")
 
 
-def image_identity() -> dict:
-    """``Popen``'s user, group and extra groups for the image's User (none: root's own).  A user
-    without a group runs with its passwd entry's group, or 0 where it has none (as Docker)."""
-    user, group = IMAGE_DEFAULTS["user"], IMAGE_DEFAULTS["group"]
+def _user_and_group(spec: str) -> tuple:
+    """``USER[:GROUP]`` (names or numeric ids, as an image's User or Docker's ``--user``)."""
+    user, _, group = spec.partition(":")
+    if not user:
+        return None, None
+    return int(user) if user.isdigit() else user, (int(group) if group.isdigit() else group) if group else None
+
+
+def identity(user_spec: str | None = None) -> dict:
+    """``Popen``'s user, group and extra groups for ``user_spec`` (a call's own ``user``), else the
+    image's User (neither: root's own).  A user without a group runs with its passwd entry's group,
+    or 0 where it has none (as Docker)."""
+    user, group = _user_and_group(user_spec) if user_spec else (IMAGE_DEFAULTS["user"], IMAGE_DEFAULTS["group"])
     if user is None:
         return {}
     if group is None:

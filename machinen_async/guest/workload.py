@@ -9,7 +9,7 @@ import threading
 import time
 
 from ..protocol.guest_abi import IMAGE_CONFIG, WORKLOAD_LOG
-from .task import BASE_ENV, IMAGE_DEFAULTS, image_identity, start_thread
+from .task import BASE_ENV, IMAGE_DEFAULTS, identity, start_thread
 
 WORKLOAD_MAX_BACKOFF_S = 10.0
 
@@ -56,7 +56,7 @@ class Workload:
                 try:
                     proc = subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        cwd=cwd, env=env, start_new_session=True, **image_identity(),
+                        cwd=cwd, env=env, start_new_session=True, **identity(),
                     )  # fmt: skip
                 except (OSError, KeyError) as exc:  # KeyError: the image's User is unknown
                     log.write(f"machinen: cannot start {argv!r}: {exc}\n".encode())

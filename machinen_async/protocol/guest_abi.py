@@ -14,6 +14,9 @@ IMAGE_CONFIG = "/etc/machinen/image.json"
 RUNTIME_DIR = "/.machinen"
 EXEC_DEFAULTS = "/.machinen/image.json"
 WORKLOAD_LOG = "/var/log/machinen/workload.log"
+# An exec's ``user`` for machinen's own commands (copying mounts in, exporting a rootfs), which
+# must not run as an OCI image's User.
+ROOT_USER = "0:0"
 # QEMU user-mode networking: the guest, its gateway (the host, whose loopback it reaches), DNS.
 GUEST_IP, GATEWAY_IP, DNS_IP = "10.0.2.15", "10.0.2.2", "10.0.2.3"
 
@@ -25,7 +28,7 @@ class ExecRequest:
     (~10 ms natively, many times that under TCG) at every boot.
     """
 
-    __slots__ = ("argv", "cols", "cwd", "env", "rows", "stdin", "timeout", "tty")
+    __slots__ = ("argv", "cols", "cwd", "env", "rows", "stdin", "timeout", "tty", "user")
 
     def __init__(
         self,
@@ -37,14 +40,17 @@ class ExecRequest:
         tty: bool = False,
         rows: int = 24,
         cols: int = 80,
+        user: str | None = None,
     ) -> None:
         self.argv, self.env, self.cwd, self.stdin, self.timeout = argv, dict(env or {}), cwd, stdin, timeout
-        self.tty, self.rows, self.cols = tty, rows, cols
+        self.tty, self.rows, self.cols, self.user = tty, rows, cols, user
 
     def to_wire(self) -> dict:
         wire = {"argv": self.argv, "env": self.env, "cwd": self.cwd, "stdin": self.stdin, "timeout": self.timeout}
         if self.tty:
             wire.update(tty=True, rows=self.rows, cols=self.cols)
+        if self.user is not None:  # only when asked: agents older than the field refuse it
+            wire["user"] = self.user
         return wire
 
     @classmethod
@@ -57,9 +63,11 @@ class ExecRequest:
             raise ValueError("argv must be a non-empty list of strings")
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ValueError("env must map strings to strings")
-        cwd, timeout = params.get("cwd"), params.get("timeout")
+        cwd, timeout, user = params.get("cwd"), params.get("timeout"), params.get("user")
         if cwd is not None and not isinstance(cwd, str):
             raise ValueError("cwd must be a string")
+        if user is not None and not (isinstance(user, str) and user and user.count(":") <= 1 and "\0" not in user):
+            raise ValueError("user must be USER, UID, USER:GROUP or UID:GID")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
             raise ValueError("timeout must be a number of seconds (0: none)")
         flags = {key: params.get(key, default) for key, default in (("stdin", False), ("tty", False))}
@@ -68,4 +76,4 @@ class ExecRequest:
         size = {key: params.get(key) or default for key, default in (("rows", 24), ("cols", 80))}
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in size.values()):
             raise ValueError("rows and cols must be integers in 1..65535")
-        return cls(argv, env, cwd, timeout=timeout, **flags, **size)
+        return cls(argv, env, cwd, timeout=timeout, user=user, **flags, **size)

@@ -14,6 +14,7 @@ import anyio
 import anyio.abc
 
 from ..errors import BootError, plain_errors
+from ..protocol.guest_abi import ROOT_USER
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -118,7 +119,8 @@ async def copy_in(vm: VM, mount: Mount, *, stall_timeout: float) -> None:
     script = 'mkdir -p "$1" && tar -x -C "$1" -f -' + (' && chmod -R a-w "$1"' if mount.read_only else "")
     async with await anyio.open_process(["tar", "-C", mount.host, "-cf", "-", "."], stderr=subprocess.PIPE) as packer:
         packer_errors = bytearray()
-        async with vm.process(["sh", "-c", script, "sh", mount.guest]) as unpacker:
+        # As root whatever the image's User: the copy is the host's, as `docker cp`'s.
+        async with vm.process(["sh", "-c", script, "sh", mount.guest], user=ROOT_USER) as unpacker:
             errors = bytearray()
 
             async def keep_tail(stream: anyio.abc.ByteReceiveStream, into: bytearray) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 
 from ..errors import ExecError, MachinenError, plain_errors
-from ..protocol.guest_abi import IMAGE_CONFIG
+from ..protocol.guest_abi import IMAGE_CONFIG, ROOT_USER
 from ..store import assets
 from .boot import boot
 from .process import Command, argv_of
@@ -69,7 +69,7 @@ async def provision(
                 await _run_install(install, vm, timeout)
             config = {"cmd": argv_of(cmd) if cmd is not None else None, "env": dict(env or {}), "cwd": cwd or "/"}
             await vm.write_file(IMAGE_CONFIG, json.dumps(config).encode(), parents=True)
-            await vm.exec(["sh", "-c", "apt-get clean 2>/dev/null; sync"], check=True, timeout=timeout)
+            await vm.exec(["sh", "-c", "apt-get clean 2>/dev/null; sync"], check=True, timeout=timeout, user=ROOT_USER)
             report(f"saving the root filesystem to {target.name}")
             await _export_rootfs(vm, partial, timeout, max_size)
         partial.rename(target)
@@ -126,7 +126,7 @@ async def _export_rootfs(vm: VM, partial: Path, timeout: float, max_size: int) -
     opener = gzip.open if partial.name.endswith((".tar.gz.partial", ".tgz.partial")) else open
     with opener(partial, "wb") as out:  # type: ignore[operator]
         os.chmod(partial, 0o600)
-        async with vm.process(argv, stdin=False, timeout=timeout) as tar:
+        async with vm.process(argv, stdin=False, timeout=timeout, user=ROOT_USER) as tar:  # all of it, whoever owns it
             errors = bytearray()
 
             async def collect_errors() -> None:

@@ -94,16 +94,20 @@ class VM:
         timeout: float | None = None,
         tty: bool = False,
         size: tuple[int, int] = (24, 80),
+        user: str | None = None,
     ) -> AsyncIterator[Process]:
         """Start a guest process and stream its stdin/stdout/stderr.
 
         With ``tty`` it runs on a pseudo-terminal of ``size`` (rows, cols) as
         its controlling terminal: all output arrives on stdout, and
         ``Process.resize`` changes the size.  Leaving the block while it still
-        runs kills it (and its process group).
+        runs kills it (and its process group).  ``user``: ``"USER[:GROUP]"`` (names or ids, as
+        ``docker exec --user``) instead of the image's User (root unless an OCI image names one).
         """
         argv = argv_of(cmd)
-        request = ExecRequest(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, tty=tty, rows=size[0], cols=size[1])
+        request = ExecRequest(
+            argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, tty=tty, rows=size[0], cols=size[1], user=user
+        )
         call = await self._channel.open("exec", request.to_wire())
         try:
             yield Process(call, argv)
@@ -121,6 +125,7 @@ class VM:
         timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
         check: bool = False,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
+        user: str | None = None,
     ) -> ExecResult:
         """Run ``cmd`` (argv list, or a string for ``/bin/sh -c``) to completion.
 
@@ -129,12 +134,12 @@ class VM:
         ``ExecError`` (EXEC_NONZERO_EXIT) on a non-zero exit.  A stdout or
         stderr longer than ``max_output`` bytes (None: no limit) kills the
         process and raises ``ExecError`` (EXEC_OUTPUT_TOO_LARGE); stream
-        bigger outputs with ``process()``.
+        bigger outputs with ``process()``.  ``user``: as ``process()``'s.
         """
         stdout, stderr = bytearray(), bytearray()
         backstop = None if timeout is None else timeout + AGENT_TIMEOUT_SLACK_S
         with anyio.move_on_after(backstop) as scope, plain_errors():
-            async with self.process(cmd, env=env, cwd=cwd, stdin=input is not None, timeout=timeout) as proc:
+            async with self.process(cmd, env=env, cwd=cwd, stdin=input is not None, timeout=timeout, user=user) as proc:
 
                 async def collect(stream: ProcessOutput, into: bytearray) -> None:
                     async for chunk in stream:

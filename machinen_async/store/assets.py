@@ -103,7 +103,9 @@ def _program(name: str) -> str:
 
 def _run(argv: list[str], *, cwd: Path | None = None, what: str, env: dict[str, str] | None = None) -> str:
     try:
-        proc = subprocess.run([_program(argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [_program(argv[0]), *argv[1:]], cwd=cwd, capture_output=True, text=True, env=env, check=False
+        )
     except FileNotFoundError:
         raise AssetsError(
             f"{what}: {argv[0]} is not installed (apt-get install the host packages from the README)",
@@ -241,7 +243,11 @@ def _build_kernel_and_initrd(cache: Path, report: Report) -> tuple[Path, Path, s
             (root / "init").chmod(0o755)
             members = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
             archive = subprocess.run(
-                [str(busybox), "cpio", "-o", "-H", "newc", "-R", "0:0"], cwd=root, input=members, capture_output=True
+                [str(busybox), "cpio", "-o", "-H", "newc", "-R", "0:0"],
+                cwd=root,
+                input=members,
+                capture_output=True,
+                check=False,
             )
             if archive.returncode != 0 or len(archive.stdout) < 1024:
                 raise AssetsError(f"cpio failed: {archive.stderr.decode(errors='replace')[-500:]}")
