@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+from test_oci_boot import CAPABILITY, busybox_layers, write_layout
 from test_ports import free_port
 
 from machinen_async import BootError, ProvisionError, boot, provision
+from machinen_async.guest import export
+from machinen_async.sdk.provisioning import EXPORT_EXCLUDES
 
 pytestmark = pytest.mark.anyio
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -97,3 +103,46 @@ async def test_an_export_larger_than_max_size_writes_no_tarball(tmp_path):
         await provision(out=tmp_path / "big.tar", max_size=1 << 20)
     assert too_large.value.code == "PROVISION_TOO_LARGE"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_exporter_writes_what_gnu_tar_does(tmp_path):
+    """guest/export.py on a tree of every kind of entry, read back by tarfile (no VM)."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "file").write_bytes(b"content")
+    os.link(root / "etc" / "file", root / "etc" / "again")
+    (root / "etc" / "link").symlink_to("file")
+    os.mkfifo(root / "fifo")
+    (root / "proc" / "1").mkdir(parents=True)
+    (root / "usr" / "lib" / "machinen").mkdir(parents=True)
+    os.chown(root / "etc" / "file", 1000, 1000)  # before the capability, which a chown drops
+    os.setxattr(root / "etc" / "file", "security.capability", CAPABILITY)
+    out, errors = io.BytesIO(), io.StringIO()
+    assert export.export(str(root), list(EXPORT_EXCLUDES), out, errors) == 0
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        entries = {entry.name: entry for entry in tar.getmembers()}
+        assert sorted(entries) == [".", "./etc", "./etc/again", "./etc/file", "./etc/link", "./fifo", "./proc",
+                                   "./usr", "./usr/lib"]  # fmt: skip
+        first, second = entries["./etc/again"], entries["./etc/file"]  # in name order: the first has the data
+        assert (first.uid, first.gid, first.uname, tar.extractfile(first).read()) == (1000, 1000, "", b"content")
+        assert second.islnk() and second.linkname == "./etc/again"
+        assert entries["./etc/link"].issym() and entries["./fifo"].isfifo()
+        xattr = first.pax_headers["SCHILY.xattr.security.capability"]
+        assert xattr.encode("utf-8", "surrogateescape") == CAPABILITY
+
+
+async def test_an_image_without_gnu_tar_provisions_and_keeps_its_config(tmp_path):
+    """A busybox-only OCI image as the base: its tar is not GNU tar, so the agent's interpreter
+    exports it; the result boots, with what the hook wrote and the image's config."""
+    layout = tmp_path / "layout"
+    write_layout(layout, busybox_layers(), {"config": {"Env": ["PATH=/bin", "GREETING=provisioned"], "User": "app"}})
+    out = tmp_path / "busybox.tar.gz"
+
+    async def install(vm):
+        await vm.exec("mkdir -p /opt && echo made > /opt/made && chown app /opt/made", check=True, user="0")
+
+    await provision(base=f"oci:{layout}:1", install=install, out=out)
+    async with boot(out, network=False) as vm:
+        seen = await vm.exec(["sh", "-c", 'cat /opt/made; echo "$GREETING"; id -u; stat -c %u /opt/made'], check=True)
+        assert seen.stdout == b"made\nprovisioned\n1000\n1000\n"

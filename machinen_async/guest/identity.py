@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import struct
+import sys
 import time
 
 from ..protocol import wire
@@ -24,6 +25,7 @@ def agent_info(params: dict | None = None) -> dict:
         "hostname": socket.gethostname(),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "python_executable": sys.executable,  # the agent's interpreter: provision's export may need it
         "uptime_s": uptime,
         "time": time.time(),
         "pid": os.getpid(),

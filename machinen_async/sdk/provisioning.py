@@ -28,7 +28,12 @@ DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_SIZE = 16 << 30
 ERROR_TAIL_BYTES = 64 << 10
 # Mount points stay (as empty directories); their contents and the agent (re-added per image) do not.
-EXPORT_EXCLUDES = ("./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", "./usr/lib/machinen")
+EXPORT_EXCLUDES = ("./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", f"./{assets.GUEST_LIB}")
+# Where the image has no GNU tar (busybox, distroless), the agent's own interpreter writes the same
+# stream (guest/export.py).
+EXPORTER = (
+    f"import sys; sys.path.insert(0, '/{assets.GUEST_LIB}'); from machinen_async.guest.export import main; main()"
+)
 
 
 class ProvisionError(MachinenError):
@@ -120,9 +125,24 @@ async def _run_install(install: Callable[[VM], Awaitable[object]], vm: VM, timeo
         raise ProvisionError(f"the install hook raised {exc!r}", code="PROVISION_INSTALL_HOOK_FAILED") from exc
 
 
+async def _exporter(vm: VM) -> list[str]:
+    """GNU tar where the image has it, else ``EXPORTER``."""
+    try:
+        version = await vm.exec(["tar", "--version"], timeout=60, user=ROOT_USER)
+    except ExecError as exc:
+        if exc.code != "EXEC_COMMAND_NOT_FOUND":
+            raise
+    else:
+        if version.exit_code == 0 and version.stdout.startswith(b"tar (GNU tar)"):
+            argv = ["tar", "-C", "/", "-c", "-f", "-", "--one-file-system", "--numeric-owner", "--xattrs",
+                    "--xattrs-include=*"]  # fmt: skip
+            return argv + [f"--exclude={pattern}" for pattern in EXPORT_EXCLUDES] + ["."]
+    python = (await vm.describe())["agent"]["python_executable"]
+    return [python, "-I", "-c", EXPORTER, *EXPORT_EXCLUDES]
+
+
 async def _export_rootfs(vm: VM, partial: Path, timeout: float, max_size: int) -> None:
-    argv = ["tar", "-C", "/", "-c", "-f", "-", "--one-file-system", "--numeric-owner"]
-    argv += [f"--exclude={pattern}" for pattern in EXPORT_EXCLUDES] + ["."]
+    argv = await _exporter(vm)
     opener = gzip.open if partial.name.endswith((".tar.gz.partial", ".tgz.partial")) else open
     with opener(partial, "wb") as out:  # type: ignore[operator]
         os.chmod(partial, 0o600)
@@ -149,5 +169,5 @@ async def _export_rootfs(vm: VM, partial: Path, timeout: float, max_size: int) -
             code = await tar.wait()
     if code not in (0, 1):  # 1: a file changed while being read, harmless here
         raise ProvisionError(
-            f"tar exited {code}: {errors[-2000:].decode(errors='replace')}", code="PROVISION_EXPORT_FAILED"
+            f"{argv[0]} exited {code}: {errors[-2000:].decode(errors='replace')}", code="PROVISION_EXPORT_FAILED"
         )
