@@ -38,6 +38,7 @@ _FROM_SDK = {
     "NetworkPolicy": "network",
     "Mount": "mounts",
     "provision": "provisioning", "ProvisionError": "provisioning", "debian_rootfs": "provisioning",
+    "warm_pool": "pool", "WarmPool": "pool",
 }  # fmt: skip
 
 
@@ -84,4 +85,6 @@ __all__ = [
     "debian_rootfs",
     "provision",
     "restore",
+    "WarmPool",
+    "warm_pool",
 ]

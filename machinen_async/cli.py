@@ -342,6 +342,7 @@ def install(refresh: bool) -> None:
 @mount_option(copied=True)
 @click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--run-image-cmd", is_flag=True, help="Run an OCI image's Entrypoint + Cmd as the VM's workload.")
+@click.option("--cold", is_flag=True, help="Boot the kernel even if a boot template could be resumed.")
 @click.option(
     "--pull",
     type=click.Choice(["missing", "always", "never"]),
@@ -354,7 +355,7 @@ def install(refresh: bool) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, pull, insecure, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, pull, insecure, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -371,7 +372,7 @@ def boot_command(
     async def run() -> int:
         launch = boot(
             image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
-            detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure,
+            detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure, warm=not cold,
             network=False if no_network else _network_policy(allow_rules, allow_host_ports),
             cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
             mounts=_mounts(live_mounts, copied_mounts),
@@ -380,7 +381,9 @@ def boot_command(
             if as_json:
                 click.echo(json.dumps(vm.info))
             elif detach or not cmd:
-                click.echo(f"{vm.name} booted in {vm.info['boot_s']:.2f} s ({vm.info['accel']})", err=True)
+                click.echo(
+                    f"{vm.name} booted in {vm.info['boot_s']:.2f} s ({vm.info['accel']}, {vm.info['start']})", err=True
+                )
             if detach:
                 return 0
             if cmd:
@@ -547,9 +550,10 @@ def restore_command(
 @click.option("--json", "as_json", is_flag=True)
 def gc_command(dry_run: bool, as_json: bool) -> None:
     """Remove what no running VM uses: fork templates, disk layers, leftovers of killed VMs,
-    transfer chunks and received bundles unused for 7 days, and OCI image blobs and flattened
-    root filesystems no cached reference names (`machinen images`)."""
-    from .store import chunks
+    transfer chunks and received bundles unused for 7 days, OCI image blobs and flattened
+    root filesystems no cached reference names (`machinen images`), and boot templates unused
+    for 7 days or of a kernel, initrd or image no longer cached."""
+    from .store import boot_templates, chunks
 
     removed = [
         str(p)
@@ -558,6 +562,7 @@ def gc_command(dry_run: bool, as_json: bool) -> None:
             *layers.collect_garbage(dry_run=dry_run),
             *chunks.collect_unused(dry_run=dry_run),
             *oci_image.collect_unused(dry_run=dry_run),
+            *boot_templates.collect_unused(dry_run=dry_run),
         )
     ]
     if as_json:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from ..errors import BootError
-from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S
+from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
 from ..hosts.local import LocalDriver, available_memory_mib
 from ..hosts.supervisors import new_ram_dir
 from ..protocol.messages import MachineSpec
 from ..protocol.ports import PortSpec, parse_port_forwards
-from ..store import assets, oci_image, registry
+from ..store import assets, boot_templates, layers, oci_image, registry
 from ..supervisor.config import SupervisorConfig, check_workload_started
 from ..vmm import backend
 from .forks import Forks
@@ -61,6 +62,7 @@ async def _launch(
     workload: dict[str, Any] | None,
     mounts: Sequence[str | Mount] | None,
     progress: Callable[[str], None] | None,
+    warm: bool,
 ) -> VM:
     name = registry.validate_name(name) if name is not None else registry.new_name()
     forwards = parse_port_forwards(ports)
@@ -108,7 +110,12 @@ async def _launch(
         mounts=live_mounts(chosen_mounts),
         start_workload=not copies,
     )
-    vm = Host.local().vm(await LocalDriver().boot(config))
+    if warm:
+        key = await anyio.to_thread.run_sync(boot_templates.start_key, machine, vmm.installed_version())
+        connection = await _warm_start(config, key)
+    else:
+        connection = await LocalDriver().boot(config)
+    vm = Host.local().vm(connection)
     try:
         if not config.start_workload:  # the copies first, so the workload finds them
             for mount in copies:
@@ -118,6 +125,40 @@ async def _launch(
         await vm.aclose()
         raise
     return vm
+
+
+async def _warm_start(config: SupervisorConfig, key: str) -> Connection:
+    """Resume the boot template of ``key``; where there is none yet, boot cold and capture it on
+    the way (the first of N concurrent boots does; the others wait, then resume it)."""
+    driver = LocalDriver()
+    template = await anyio.to_thread.run_sync(boot_templates.find, key)
+    if template is None:
+        async with boot_templates.building(key):
+            template = await anyio.to_thread.run_sync(boot_templates.find, key)
+            if template is None:
+                return await _boot_capturing(driver, config, key)
+    try:
+        reference = layers.Shared(template.path).hold()  # until the supervisor holds its own
+    except FileNotFoundError:  # collected since: boot as if there had been none
+        return await _warm_start(config, key)
+    try:
+        return await driver.boot(replace(config, incoming=template.incoming(config.machine.image), warm=True))
+    finally:
+        layers.close_quietly(reference)
+
+
+async def _boot_capturing(driver: LocalDriver, config: SupervisorConfig, key: str) -> Connection:
+    partial = await anyio.to_thread.run_sync(boot_templates.new_partial)
+    try:
+        connection = await driver.boot(replace(config, boot_template=str(partial)))
+        try:
+            await anyio.to_thread.run_sync(boot_templates.publish, partial, key)
+        except BaseException:
+            await close_connections([connection])
+            raise
+    finally:
+        await anyio.to_thread.run_sync(boot_templates.remove_partial, partial)
+    return connection
 
 
 def _workload(cmd: Command | None, env: Mapping[str, str] | None, cwd: str | None) -> dict[str, Any] | None:
@@ -147,6 +188,7 @@ def boot(
     pull: str = "missing",
     credentials: tuple[str, str] | None = None,
     insecure: Sequence[str] = (),
+    warm: bool = True,
 ) -> Launch:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
     (``"python:3.12-slim"``, ``"localhost:5000/team/agent@sha256:..."``, ``"oci:./layout:tag"``,
@@ -193,6 +235,7 @@ def boot(
             workload=_workload(cmd, env, cwd),
             mounts=mounts,
             progress=progress,
+            warm=warm,
         )
     )
 

@@ -377,8 +377,23 @@ class Capture:
         return {"bundle": str(target), "pause_ms": steps["total"], "pause_steps_ms": steps,
                 "write_ms": write_ms, "files": manifest.data["files"]}  # fmt: skip
 
-    async def _seal_bundle(self, target: Path, chain: list[list[str]]) -> bundle.Manifest:
-        """Finish a bundle whose state (and RAM) are in place: its disk, then the manifest."""
+    async def boot_template(self, directory: Path) -> None:
+        """Write a boot template (a bundle of this VM as it is now, just booted, with no mounts)
+        into the empty ``directory``; the VM keeps running."""
+        try:
+            async with self.lock:
+                chain, steps = await self._capture(directory / bundle.STATE, directory / bundle.MEM)
+            await self._seal_bundle(directory, chain, mounts=[])
+        except BaseException:
+            bundle.remove_partial(directory)
+            raise
+        log.info("boot template", directory=str(directory), pause_ms=steps["total"])
+
+    async def _seal_bundle(
+        self, target: Path, chain: list[list[str]], mounts: list[list] | None = None
+    ) -> bundle.Manifest:
+        """Finish a bundle whose state (and RAM) are in place: its disk, then the manifest
+        (``mounts``: the live mounts it records, by default this VM's)."""
         # Flatten everything above the base image into one file: the bundle
         # must not depend on this host's layer files.
         base = chain[-1][0]
@@ -388,7 +403,7 @@ class Capture:
             "created": time.time(),
             "source": self.config.name,
             "origin": bundle.origin(),
-            "mounts": self.config.mounts,
+            "mounts": self.config.mounts if mounts is None else mounts,
             "qemu_version": await self.machine.version(),
             "machine": {"type": self.backend.machine_type, "disk_size": self.disk_size, "memory_mib": machine.memory_mib,
                         "cpus": machine.cpus, "accel": machine.accel, "tsc_khz": machine.tsc_khz,

@@ -28,6 +28,12 @@ class SupervisorConfig:
     incoming: IncomingState | None = None  # start from saved state instead of booting
     mounts: list[list] = field(default_factory=list)  # live mounts: [[host directory, guest path, read only], ...]
     unmounts: list[str] = field(default_factory=list)  # live mounts of the saved state to drop (guest paths)
+    # A cold boot: capture a boot template (a bundle) into this directory as soon as the agent
+    # answers, before the mounts and the workload (store/boot_templates.py).
+    boot_template: str | None = None
+    # ``incoming`` is a boot template: once resumed, prepare the mounts and start the workload as
+    # a cold boot does (a warm start), rather than inherit them (a fork or a restore).
+    warm: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

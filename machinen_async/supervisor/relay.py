@@ -136,6 +136,7 @@ class AgentRelay:
     def __init__(self, agent_socket: Path, hostname: str) -> None:
         self.agent_socket = agent_socket
         self.hostname = hostname
+        self.machine_id = secrets.token_hex(16)  # /etc/machine-id: one per VM, as systemd makes one
         self.agent: FrameStream | None = None
         self.agent_up = False
         self.agent_session = 0  # counts agent sessions; a frame queued for an earlier one is dropped
@@ -144,14 +145,16 @@ class AgentRelay:
         self.routes: dict[int, Route] = {}  # by agent sid
         self.next_agent_sid = 1
 
-    async def connect(self, *, resume: anyio.Event | None = None) -> None:
+    async def connect(self, *, resume: anyio.Event | None = None, new_identity: bool = False) -> None:
         """Connect to the agent socket and complete a HELLO exchange.
 
         With ``resume`` (a restored or forked VM), the HELLO goes out once the
         state is loaded (``resume`` set), just before the guest continues,
-        and carries the sibling's identity: hostname, the host's time (fresh
-        in every retry) and entropy.  The agent applies it on the new session
-        before answering, so no separate call is needed.
+        and carries the sibling's identity: hostname, machine-id, the host's
+        time (fresh in every retry) and entropy.  The agent applies it on the
+        new session before answering, so no separate call is needed.  A cold
+        boot's first HELLO carries one too (``new_identity``), so a booted VM
+        and a resumed one are alike; a reconnect's never does.
         """
         while True:
             try:
@@ -169,13 +172,13 @@ class AgentRelay:
             send_stall_limit=AGENT_SEND_STALL_S,
         )
         try:
-            await self._hello(resume)
+            await self._hello(resume, new_identity or resume is not None)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.agent.aclose()
             raise
 
-    async def _hello(self, resume: anyio.Event | None) -> None:
+    async def _hello(self, resume: anyio.Event | None, new_identity: bool) -> None:
         nonce = secrets.token_bytes(8)
 
         async def send_hellos() -> None:
@@ -183,7 +186,7 @@ class AgentRelay:
                 await resume.wait()
             with contextlib.suppress(*CHANNEL_DOWN):  # broken: the receive below says so
                 while True:
-                    params = {"resume": self._identity()} if resume is not None else {}
+                    params = {"resume": self._identity()} if new_identity else {}
                     await self.agent.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, params])
                     await anyio.sleep(HELLO_RETRY_S)
 
@@ -200,8 +203,9 @@ class AgentRelay:
                     break
 
     def _identity(self) -> dict[str, Any]:
-        """What a restored or forked guest takes on: its name, the host's time, fresh entropy."""
-        return {"hostname": self.hostname, "time_ns": time.time_ns(), "entropy": secrets.token_bytes(64)}
+        """What a new guest takes on: its name, a machine-id, the host's time, fresh entropy."""
+        return {"hostname": self.hostname, "machine_id": self.machine_id, "time_ns": time.time_ns(),
+                "entropy": secrets.token_bytes(64)}  # fmt: skip
 
     async def send_identity(self) -> None:
         """For an agent from before identity travelled in HELLO (an older bundle's RAM)."""

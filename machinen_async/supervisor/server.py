@@ -88,7 +88,7 @@ class Supervisor:
         await machine.connect()
         incoming = self.config.incoming
         if incoming is None:
-            await self.relay.connect()
+            await self.relay.connect(new_identity=True)
         else:
             # Our HELLO (with the sibling's identity) waits in the socket when the guest
             # continues, so the resumed agent answers at once instead of polling for a host.
@@ -102,16 +102,26 @@ class Supervisor:
                     state_file.unlink()  # our checked copy, loaded (a template's stays for its siblings)
                 if not await machine.is_running():
                     await machine.resume()
-        if incoming is None:
+            if self.relay.agent_info.get("hostname") != self.config.name:
+                await self.relay.send_identity()
+        if incoming is None and self.config.boot_template:
+            await self._capture_boot_template(Path(self.config.boot_template))
+        if incoming is None or self.config.warm:  # a boot: nothing of the caller's ran yet
             for _, target, read_only in self.config.mounts:  # there before the workload starts
                 await self.relay.call("mount_prepare", {"target": target, "read_only": read_only})
             if self.config.start_workload:
                 workload = await self.relay.call("workload_start", self.config.workload or {"from_image": True})
                 check_workload_started(workload)
-        elif self.relay.agent_info.get("hostname") != self.config.name:
-            await self.relay.send_identity()
         for target in self.config.unmounts:
             await self.relay.call("mount_drop", {"target": target})
+
+    async def _capture_boot_template(self, directory: Path) -> None:
+        """The boot template later boots resume from; one that cannot be captured only costs them
+        their warm start (the launcher publishes nothing incomplete), never this boot."""
+        try:
+            await self.capture.boot_template(directory)
+        except MachinenError as error:
+            log.warning("boot template not captured", error=str(error))
 
     async def _supervise(self, machine: backend.Machine, started: float, report_ready) -> None:
         """From QEMU's start until the VM stops (or fails to come up)."""
@@ -146,6 +156,7 @@ class Supervisor:
                 "ram_dir": config.ram_dir,
                 "detached": config.detached,
                 "forked_from": config.incoming.source if config.incoming else None,
+                "start": _start_kind(config),
                 "network": config.machine.network,
                 "network_allow": list(config.machine.network_allow),
                 "ports": config.ports,
@@ -261,3 +272,13 @@ class Supervisor:
     async def _stop(self, client: ClientConnection, params: dict) -> dict[str, Any]:
         self.stop_requested.set()
         return {"stopping": True}
+
+
+def _start_kind(config: SupervisorConfig) -> str:
+    """How the VM came up: ``cold`` (booted a kernel), ``warm`` (resumed a boot template),
+    ``restore`` (a bundle) or ``fork`` (a fork template)."""
+    if config.incoming is None:
+        return "cold"
+    if config.warm:
+        return "warm"
+    return "restore" if config.incoming.bundle else "fork"

@@ -1,0 +1,165 @@
+"""Warm start (issue 26): boot() resumes a boot template captured by the first boot of its start key,
+and a warm pool hands over VMs resumed ahead of time (real VMs, both backends).
+
+Every test starts with no template (its own template directory), so its first boot builds one."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import pytest
+from conftest import machinen, qemu_processes
+from test_ports import free_port, http_get, serve_http
+
+from machinen_async import Mount, boot, warm_pool
+from machinen_async.store import assets, boot_templates, paths
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def own_templates(tmp_path, monkeypatch):
+    """Boots of this process keep their templates here (supervisors are told the path)."""
+    monkeypatch.setattr(boot_templates, "templates_dir", lambda: paths.private_dir(tmp_path / "boot-templates"))
+
+
+IDENTITY = "hostname; cat /etc/machine-id; head -c 128 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
+
+
+def templates() -> set[str]:
+    return {path.name for path in boot_templates.templates_dir().iterdir() if path.is_dir() and path.name[0] != "."}
+
+
+async def start_of(vm) -> str:
+    return (await vm.describe())["start"]
+
+
+async def test_warm_vms_answer_as_cold_ones_with_identities_of_their_own(anyio_backend):
+    memory = 264 if anyio_backend == "asyncio" else 268
+    same = "cat /etc/os-release | head -2; uname -r; id; ls /"
+    async with boot(memory_mib=memory, network=False, warm=False) as cold:
+        assert await start_of(cold) == "cold"
+        expected = (await cold.exec(same, check=True)).stdout
+    async with boot(memory_mib=memory, network=False) as first:  # no template yet: cold, and captures one
+        assert await start_of(first) == "cold"
+    identities = []
+    for _ in range(2):
+        async with boot(memory_mib=memory, network=False) as vm:
+            assert await start_of(vm) == "warm"
+            hostname, machine_id, random, clock = (await vm.exec(IDENTITY, check=True)).stdout.decode().split()
+            identities.append((hostname, machine_id, random))
+            assert hostname == vm.name and len(machine_id) == 32
+            assert abs(int(clock) - time.time()) < 5  # stepped to the host's time on resume
+            assert (await vm.exec(same, check=True)).stdout == expected
+    for column in zip(*identities, strict=True):
+        assert len(set(column)) == len(column), identities  # hostname, machine-id, RNG output: all differ
+
+
+async def test_a_warm_boot_applies_cmd_env_mounts_and_ports_as_a_cold_one(tmp_path, anyio_backend):
+    memory = 272 if anyio_backend == "asyncio" else 276
+    shared, copied = tmp_path / "shared", tmp_path / "copied"
+    shared.mkdir()
+    copied.mkdir()
+    (copied / "note").write_text("copied in\n")
+    async with boot(memory_mib=memory, network=False):
+        pass  # builds the template
+    port = free_port()
+    workload = [
+        "sh",
+        "-c",
+        'echo "$GREETING from $(pwd)" > /work/started; cat /copied/note >> /work/started; sleep 1000',
+    ]
+    async with boot(
+        memory_mib=memory, network=False, cmd=workload, env={"GREETING": "hello"}, cwd="/tmp",
+        mounts=[Mount(str(shared), "/work", live=True), f"{copied}:/copied"], ports=[f"{port}:8000"],
+    ) as vm:  # fmt: skip
+        assert await start_of(vm) == "warm"
+        for _ in range(100):
+            if (shared / "started").exists() and (shared / "started").read_text().count("\n") == 2:
+                break
+            await anyio.sleep(0.1)
+        assert (shared / "started").read_text() == "hello from /tmp\ncopied in\n"
+        await serve_http(vm)
+        await vm.exec(["sh", "-c", "echo served > /srv/page"], check=True)
+        assert await http_get(port, "/page") == b"served\n"
+
+
+async def test_a_new_start_key_makes_a_new_template(monkeypatch):
+    before = templates()
+    async with boot(memory_mib=280, network=False) as vm:
+        assert await start_of(vm) == "cold"
+    async with boot(memory_mib=284, network=False) as other:  # another memory size: another key
+        assert await start_of(other) == "cold"
+    assert len(templates() - before) == 2
+    # Another agent: its code is in the image, so the image and the key change.
+    sources = assets._read_agent_sources()
+    monkeypatch.setattr(assets, "_read_agent_sources", lambda: {**sources, "agent_marker.py": b"# another\n"})
+    async with boot(memory_mib=280, network=False) as changed:
+        assert await start_of(changed) == "cold"
+    async with boot(memory_mib=280, network=False) as again:
+        assert await start_of(again) == "warm"
+    assert len(templates() - before) == 3
+
+
+async def test_concurrent_first_boots_build_one_template(anyio_backend):
+    memory = 288 if anyio_backend == "asyncio" else 292
+    before = templates()
+    starts: list[str] = []
+
+    async def one() -> None:
+        async with boot(memory_mib=memory, network=False) as vm:
+            starts.append(await start_of(vm))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(one)
+    assert sorted(starts) == ["cold", "warm", "warm", "warm"]
+    assert len(templates() - before) == 1
+
+
+async def test_a_damaged_template_is_discarded_and_rebuilt(anyio_backend):
+    memory = 296 if anyio_backend == "asyncio" else 300
+    before = templates()
+    async with boot(memory_mib=memory, network=False):
+        pass
+    (key,) = templates() - before
+    mem = boot_templates.templates_dir() / key / "mem"
+    os.truncate(mem, mem.stat().st_size // 2)
+    async with boot(memory_mib=memory, network=False) as vm:
+        assert await start_of(vm) == "cold"  # never resumed from the damaged one
+    async with boot(memory_mib=memory, network=False) as vm:
+        assert await start_of(vm) == "warm"  # rebuilt by the boot before
+    assert not [path for path in boot_templates.templates_dir().iterdir() if path.name.startswith(".discarded-")]
+
+
+async def test_a_warm_pool_hands_over_distinct_fresh_vms_and_leaves_nothing(anyio_backend):
+    memory = 304 if anyio_backend == "asyncio" else 308
+    seen = set()
+    async with warm_pool(size=2, memory_mib=memory, network=False) as pool:
+        for _ in range(3):
+            vm = await pool.acquire()
+            assert await start_of(vm) in ("cold", "warm")
+            hostname, machine_id, _, _ = (await vm.exec(IDENTITY, check=True)).stdout.decode().split()
+            seen.add((vm.name, hostname, machine_id))
+            await vm.aclose()
+        kept = await pool.acquire()  # not given back: the pool stops it on leaving
+        assert kept.name not in {name for name, _, _ in seen}
+    assert len(seen) == 3 and len({machine_id for _, _, machine_id in seen}) == 3
+    assert not qemu_processes()
+
+
+async def test_leaving_a_warm_pool_early_or_cancelled_leaves_no_qemu(anyio_backend):
+    with anyio.move_on_after(3):  # cancelled while its VMs are still booting
+        async with warm_pool(size=2, memory_mib=312, network=False) as pool:
+            await pool.acquire()
+    assert not qemu_processes()
+
+
+def test_the_cli_boots_cold_when_asked():
+    done = machinen("boot", "--no-network", "--memory", "316", "--cold", "--json", "--detach", "--name", "cli-cold")
+    try:
+        assert b'"start": "cold"' in done.stdout
+    finally:
+        machinen("stop", "cli-cold")
