@@ -27,7 +27,7 @@ from machinen_async import boot, restore
 
 async def one_round(siblings: int, workdir: Path) -> dict[str, float]:
     started = time.perf_counter()
-    async with boot(network=False) as vm:
+    async with boot(network=False, warm=False) as vm:
         await vm.exec(["true"])
         boot_s = time.perf_counter() - started
         started = time.perf_counter()

@@ -105,7 +105,7 @@ async def measure_cold_boots(n: int, mib: int) -> float:
         async with anyio.create_task_group() as tg:
 
             async def cold_boot() -> None:
-                vm = await boot(memory_mib=mib, boot_timeout=300)
+                vm = await boot(memory_mib=mib, boot_timeout=300, warm=False)
                 vms.append(vm)
                 await vm.exec(["true"])
 
@@ -173,7 +173,7 @@ async def measure_pause_matrix(sizes: list[int], shares: list[float]) -> list[di
     rows = []
     for mib in sizes:
         for share in shares:
-            async with boot(name=f"bench-pause-{mib}", memory_mib=mib, boot_timeout=300) as source:
+            async with boot(name=f"bench-pause-{mib}", memory_mib=mib, boot_timeout=300, warm=False) as source:
                 free = await source.exec(["sh", "-c", "grep MemAvailable /proc/meminfo"], check=True)
                 room = int(free.stdout.split()[1]) // 1024 - 48  # MiB the guest can hold at once
                 touch = int(max(0, min(mib * share - await touched_mib(source), room)))
@@ -203,7 +203,7 @@ async def main(args: argparse.Namespace) -> None:
                           "results": await measure_pause_matrix(args.matrix_mib, args.touched)}, indent=2))  # fmt: skip
         return
     results = []
-    async with boot(name="bench-fork-source", memory_mib=args.mib) as source:
+    async with boot(name="bench-fork-source", memory_mib=args.mib, warm=False) as source:
         # Warm the source: a Python interpreter and some page cache, like an agent would.
         await source.exec(["python3", "-c", "import json, hashlib, subprocess"], check=True)
         for n in args.n:

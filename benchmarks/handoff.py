@@ -63,13 +63,13 @@ async def main(mib: int, root: Path) -> dict:
         alias = hosts.add("hostb").alias
         async with Host.from_spec(alias) as hostb:
             for key, precopy in (("cold_handoff", True), ("warm_handoff", True), ("warm_handoff_no_precopy", False)):
-                async with boot(name=key.replace("_", "-"), memory_mib=mib) as vm:
+                async with boot(name=key.replace("_", "-"), memory_mib=mib, warm=False) as vm:
                     await warm(vm)
                     moved = await vm.handoff(hostb, precopy=precopy)
                     result[key] = report_dict(moved)
                     await moved.aclose()
 
-            async with boot(name="local", memory_mib=mib) as vm:
+            async with boot(name="local", memory_mib=mib, warm=False) as vm:
                 await warm(vm)
                 snap = await vm.snapshot(root / "local.snap")
                 result["local_snapshot_pause_ms"] = snap.pause_ms

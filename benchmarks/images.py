@@ -497,7 +497,7 @@ def cached_prepare(args, registry: Registry, reference: str, phases: Phases) -> 
 
 async def boot_to_exec(image: str | None) -> float:
     started = time.perf_counter()
-    async with boot(image, network=False) as vm:
+    async with boot(image, network=False, warm=False) as vm:
         await vm.exec(["true"], check=True)
         return time.perf_counter() - started
 
@@ -508,7 +508,7 @@ async def boots(args, reference: str) -> dict:
     for rep in range(args.boots):
         for kind in ["base", "image"] if rep % 2 == 0 else ["image", "base"]:
             times[kind].append(await boot_to_exec(reference if kind == "image" else None))
-    async with boot(reference, network=False) as vm:  # the image's own files, its config applied
+    async with boot(reference, network=False, warm=False) as vm:  # the image's own files, its config applied
         probe = await vm.exec(["sh", "-c", "echo $APP_MODE; pwd; ls /usr/share/locale | wc -l; cat /app/config.json"],
                               check=True)  # fmt: skip
     base_median, image_median = statistics.median(times["base"]), statistics.median(times["image"])

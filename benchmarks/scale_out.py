@@ -49,7 +49,7 @@ async def main(n: int, mib: int, root: Path) -> dict:
         aliases = [ssh.add(f"h{i}").alias for i in range(3)]
         for label in "abc":
             cluster.add(label)
-        async with boot(name="source", memory_mib=mib) as vm, RayHosts(cluster.address) as pool:
+        async with boot(name="source", memory_mib=mib, warm=False) as vm, RayHosts(cluster.address) as pool:
             await vm.exec(["sh", "-c", "python3 -c 'import json, hashlib, asyncio' && echo warm > /root/state"])
             result["local"] = await fork_wall(vm, n, None)
             hosts = [Host.from_spec(alias) for alias in aliases]
