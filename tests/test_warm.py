@@ -13,7 +13,7 @@ import pytest
 from conftest import machinen, qemu_processes
 from test_ports import free_port, http_get, serve_http
 
-from machinen_async import Mount, boot, warm_pool
+from machinen_async import Mount, boot, restore, warm_pool
 from machinen_async.store import assets, boot_templates, paths
 
 pytestmark = pytest.mark.anyio
@@ -163,3 +163,18 @@ def test_the_cli_boots_cold_when_asked():
         assert b'"start": "cold"' in done.stdout
     finally:
         machinen("stop", "cli-cold")
+
+
+async def test_a_warm_vm_forks_and_its_snapshot_restores_as_siblings(tmp_path, anyio_backend):
+    async with boot(network=False):
+        pass  # builds the template
+    async with boot(network=False) as vm:
+        assert await start_of(vm) == "warm"
+        await vm.exec(["sh", "-c", "echo before > /root/state"], check=True)
+        async with vm.fork(n=2) as forks:
+            await forks.map(lambda sibling, i: sibling.exec(["sh", "-c", f"echo {i} > /root/state"], check=True))
+            assert [(await sibling.exec(["cat", "/root/state"])).stdout for sibling in forks] == [b"0\n", b"1\n"]
+        await vm.snapshot(tmp_path / "warm.snap")
+    assert (tmp_path / "warm.snap" / "mem").is_file()  # its RAM in a file of its own, not in the state
+    async with restore(tmp_path / "warm.snap", n=2) as restored:
+        assert [(await sibling.exec(["cat", "/root/state"])).stdout for sibling in restored] == [b"before\n"] * 2

@@ -324,8 +324,8 @@ async def _restore_siblings(
     """
     if manifest.ram_in_state:
         raise SnapshotError(
-            "this bundle carries its RAM inside the device state (a snapshot of a fork): restore it once, "
-            "then fork that VM",
+            "this bundle carries its RAM inside the device state (a handoff wrote it, or an older snapshot of a "
+            "fork): restore it once, then fork that VM",
             code="SNAPSHOT_RAM_IN_STATE",
         )
     for name in names:

@@ -174,8 +174,9 @@ class Capture:
         - A VM whose RAM privately maps a template (a fork sibling): its RAM
           goes into ``state`` by migration, live where the VMM allows it
           (``saves_live``): the guest stops only for the last dirty pages.
-          Only a snapshot takes this way: a sibling's fork template streams
-          into a helper (``_stream_into``).
+          Only a handoff's snapshot takes this way (it must stay paused): a
+          sibling's fork template and other snapshots stream into a helper
+          (``_stream_into``).
         """
         layer, layer_ref = layers.new_layer()
         step = StepTimer()
@@ -360,9 +361,13 @@ class Capture:
             async with self.lock:
                 if self.paused_for is not None:
                     raise SnapshotError("the VM is paused for a handoff", code="SNAPSHOT_VM_PAUSED")
-                chain, steps = await self._capture(
-                    target / bundle.STATE, target / bundle.MEM, stay_paused=paused_for is not None
-                )
+                if self.ram_shared or paused_for is not None:
+                    chain, steps = await self._capture(
+                        target / bundle.STATE, target / bundle.MEM, stay_paused=paused_for is not None
+                    )
+                else:  # RAM mapped from a template (a fork sibling, a warm VM): streamed into a file
+                    # of the bundle's own, so the bundle restores as siblings too
+                    chain, steps = await self._stream_into(layers.Template(target))
                 self.paused_for = paused_for
             started = time.monotonic()
             manifest = await self._seal_bundle(target, chain)
