@@ -86,7 +86,7 @@ async def test_qemu_killed_gives_agent_unavailable_and_cleanup(anyio_backend):
 async def test_boot_timeout_reports_console_and_cleans_up(anyio_backend):
     name = f"timeout-{anyio_backend}"
     with pytest.raises(BootError) as timeout:
-        async with boot(name=name, boot_timeout=0.3):
+        async with boot(name=name, boot_timeout=0.3, warm=False):
             pass
     assert timeout.value.code == "BOOT_TIMEOUT"
     assert "console tail" in timeout.value.message
