@@ -6,7 +6,9 @@ Every test starts with no template (its own template directory), so its first bo
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -14,7 +16,7 @@ from conftest import machinen, qemu_processes
 from test_ports import free_port, http_get, serve_http
 
 from machinen_async import Mount, boot, restore, warm_pool
-from machinen_async.store import assets, boot_templates, paths
+from machinen_async.store import assets, boot_templates, bundle, layers, paths
 
 pytestmark = pytest.mark.anyio
 
@@ -178,3 +180,59 @@ async def test_a_warm_vm_forks_and_its_snapshot_restores_as_siblings(tmp_path, a
     assert (tmp_path / "warm.snap" / "mem").is_file()  # its RAM in a file of its own, not in the state
     async with restore(tmp_path / "warm.snap", n=2) as restored:
         assert [(await sibling.exec(["cat", "/root/state"])).stdout for sibling in restored] == [b"before\n"] * 2
+
+
+# --- the template store, without VMs ---------------------------------------------------------
+
+
+def fake_template(tmp_path, key: str, *, image_sha256: str = "0" * 64) -> Path:
+    """A sealed bundle with a lock, as ``publish`` leaves one (its files are not a real VM's)."""
+    partial = boot_templates.new_partial()
+    (partial / "state").write_bytes(b"state")
+    (partial / "mem").write_bytes(bytes(4096))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(partial / "disk.qcow2"), "1M"], check=True)
+    machine = {"type": "q35", "memory_mib": 256, "cpus": 1, "accel": "tcg", "tsc_khz": None, "network": False,
+               "disk_size": 1 << 20}  # fmt: skip
+    fields = {"machine": machine, "kernel": {"sha256": "1" * 64}, "initrd": {"sha256": "2" * 64},
+              "image": {"key": "3" * 24, "sha256": image_sha256}}  # fmt: skip
+    bundle.seal(partial, fields)
+    assert boot_templates.publish(partial, key)
+    return boot_templates.templates_dir() / key
+
+
+def test_a_template_whose_state_changed_is_discarded(tmp_path):
+    path = fake_template(tmp_path, "a" * 32)
+    assert boot_templates.find("a" * 32) is not None
+    (path / "state").write_bytes(b"STATE")  # same size, other bytes
+    assert boot_templates.find("a" * 32) is None
+    assert not path.exists() and not list(boot_templates.templates_dir().glob(".discarded-*"))
+
+
+def test_gc_keeps_held_and_fresh_partial_templates_and_removes_the_rest(tmp_path):
+    held, stale = fake_template(tmp_path, "b" * 32), fake_template(tmp_path, "c" * 32)
+    reference = layers.Shared(held).hold()
+    partial = boot_templates.new_partial()
+    try:
+        # Neither kernel, initrd nor image of these fakes is cached: no boot can use them.
+        removed = boot_templates.collect_unused()
+        assert removed == [stale] and held.exists() and partial.exists()
+    finally:
+        layers.close_quietly(reference)
+    assert boot_templates.collect_unused() == [held]
+
+
+async def test_template_builds_of_one_key_take_turns(tmp_path):
+    inside, most = 0, 0
+
+    async def build() -> None:
+        nonlocal inside, most
+        async with boot_templates.building("d" * 32):
+            inside += 1
+            most = max(most, inside)
+            await anyio.sleep(0.05)
+            inside -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(build)
+    assert most == 1

@@ -33,7 +33,7 @@ import anyio
 
 from ..errors import MachinenError
 from ..protocol.messages import IncomingState, MachineSpec
-from . import assets, bundle, paths
+from . import assets, bundle, layers, paths
 
 TEMPLATE_FORMAT = 1
 LOCK = "lock"
@@ -104,6 +104,16 @@ def discard(path: Path) -> None:
         _remove_unheld(aside)
 
 
+def _remove_unheld(path: Path, *, dry_run: bool = False) -> bool:
+    """As ``layers.remove_unheld``; a directory that never got its lock (a capture that did not
+    finish) cannot be held by anyone, so it goes too."""
+    if not (path / LOCK).exists():
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+        return True
+    return layers.remove_unheld(path, dry_run=dry_run)
+
+
 def new_partial() -> Path:
     """An empty directory for a template being captured (``publish`` puts it in place)."""
     partial = templates_dir() / f".partial-{secrets.token_hex(8)}"
@@ -145,39 +155,18 @@ async def building(key: str) -> AsyncIterator[None]:
         os.close(fd)
 
 
-def _remove_unheld(path: Path) -> bool:
-    """Remove a template directory nobody holds (checked under an exclusive lock, as layers are)."""
-    try:
-        fd = os.open(path / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:  # never published (or already half removed): nobody can hold it
-        shutil.rmtree(path, ignore_errors=True)
-        return True
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        (path / LOCK).unlink()  # a late holder sees st_nlink == 0
-        shutil.rmtree(path, ignore_errors=True)
-        return True
-    finally:
-        os.close(fd)
-
-
 def collect_unused(*, dry_run: bool = False) -> list[Path]:
     """Templates nothing holds and that no boot used for ``UNUSED_FOR_S`` or none can use any more
     (their kernel, initrd or image is gone from the cache, or they were discarded or never
     finished): what was (or would be) removed."""
-    root = paths.cache_dir() / "boot-templates"
-    if not root.is_dir():
-        return []
+    root = templates_dir()
     removed = []
     for path in sorted(root.iterdir()):
         if not path.is_dir() or (not path.name.startswith(".") and _usable(path)):
             continue
         if path.name.startswith(".partial-") and time.time() - path.stat().st_mtime < PARTIAL_GRACE_S:
             continue
-        if dry_run or _remove_unheld(path):
+        if _remove_unheld(path, dry_run=dry_run):
             removed.append(path)
     return removed
 

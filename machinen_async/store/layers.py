@@ -113,23 +113,29 @@ def collect_garbage(*, dry_run: bool = False) -> list[Path]:
         for path in root.iterdir():
             if path.name.startswith("."):
                 continue  # being created
-            try:
-                fd = os.open(path / "lock", os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:  # none (being removed), or not ours
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:  # delete while holding the lock: a late holder sees st_nlink == 0
+            if remove_unheld(path, dry_run=dry_run):
                 removed.append(path)
-                if not dry_run:
-                    (path / "lock").unlink()
-                    shutil.rmtree(path, ignore_errors=True)
-            finally:
-                os.close(fd)
     return removed
+
+
+def remove_unheld(path: Path, *, dry_run: bool = False) -> bool:
+    """Remove the reference-counted directory ``path`` if nobody holds it; whether it was (or,
+    with ``dry_run``, would be) removed.  One without a ``lock`` (being removed, or not ours) stays."""
+    try:
+        fd = os.open(path / "lock", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if not dry_run:  # deleted while holding the lock: a late holder sees st_nlink == 0
+            (path / "lock").unlink()
+            shutil.rmtree(path, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def close_quietly(fd: int) -> None:
