@@ -36,7 +36,8 @@ def test_ls_json_shape(shared_vm):
     rows = {row["name"]: row for row in ls_json()}
     row = rows[SHARED_VM]
     assert set(row) == {
-        "name", "pid", "qemu_pid", "accel", "memory_mib", "uptime_s", "image", "detached", "forked_from", "ports"
+        "name", "pid", "qemu_pid", "accel", "memory_mib", "uptime_s", "image", "image_source", "start", "detached",
+        "forked_from", "ports",
     }  # fmt: skip
     assert row["detached"] is True and row["memory_mib"] == 256 and row["accel"] in ("kvm", "tcg")
     assert isinstance(row["pid"], int) and isinstance(row["uptime_s"], float)

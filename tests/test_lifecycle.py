@@ -43,19 +43,21 @@ async def test_boot_exec_files_and_clean_exit(anyio_backend):
     _assert_nothing_left(name)
 
 
-async def test_cancelling_boot_leaves_nothing(anyio_backend):
-    name = f"cancel-boot-{anyio_backend}"
+@pytest.mark.parametrize("warm", [False, True])
+async def test_cancelling_boot_leaves_nothing(anyio_backend, warm):
+    name = f"cancel-boot-{anyio_backend}-{'warm' if warm else 'cold'}"
     async with anyio.create_task_group() as tg:
 
         async def booting() -> None:
-            async with boot(name=name):
+            async with boot(name=name, warm=warm):
                 raise AssertionError("boot should have been cancelled")
 
         tg.start_soon(booting)
         with anyio.fail_after(60):
             while not [p for p in qemu_processes() if f"machinen.hostname={name} " in p]:
-                await anyio.sleep(0.05)
-        await anyio.sleep(0.5)  # QEMU is up, the guest is still booting
+                await anyio.sleep(0.01)
+        if not warm:
+            await anyio.sleep(0.5)  # QEMU is up, the guest is still booting (a warm one is resuming)
         tg.cancel_scope.cancel()
     _assert_nothing_left(name)
 

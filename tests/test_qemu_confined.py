@@ -377,7 +377,7 @@ async def test_a_running_qemu_sees_only_its_own_files_and_plants_nothing_the_sup
     the frozen layers read-only, and symlinks planted from inside QEMU's view (where it could write
     before: its VM directory, RAM directory, the layer and template stores) never reach the host's
     directories; fork, snapshot and stop then leave the victim alone."""
-    async with boot(name=f"confined-fs-{anyio_backend}", network=False) as vm:
+    async with boot(name=f"confined-fs-{anyio_backend}", network=False, warm=False) as vm:  # its own RAM file
         meta = await vm.describe()
         pid, ram_dir = meta["qemu_pid"], Path(meta["ram_dir"])
         entry = registry.vm_dir(meta["name"])

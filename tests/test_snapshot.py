@@ -40,9 +40,11 @@ async def test_snapshot_of_a_fork_restores(tmp_path):
         async with vm.fork(name="snapfork-child") as child:
             assert await poke(child) == 2
             await child.snapshot(tmp_path / "child.snap")
-    assert not (tmp_path / "child.snap" / bundle_format.MEM).exists()  # its RAM travelled in the state
+    assert (tmp_path / "child.snap" / bundle_format.MEM).exists()  # its RAM streamed into a file of its own
     async with restore(tmp_path / "child.snap", name="snapfork-back") as back:
         assert await poke(back) == 3
+    async with restore(tmp_path / "child.snap", n=2) as siblings:  # so it restores as siblings too
+        assert [await poke(sibling) for sibling in siblings] == [3, 3]
 
 
 async def test_bundle_is_private_and_verified_before_boot(shared_vm, tmp_path):

@@ -14,8 +14,9 @@ import anyio
 import pytest
 from conftest import machinen, qemu_processes
 from test_ports import free_port, http_get, serve_http
+from test_qemu_confined import _mounts
 
-from machinen_async import Mount, boot, restore, warm_pool
+from machinen_async import MachinenError, Mount, boot, restore, warm_pool
 from machinen_async.store import assets, boot_templates, bundle, layers, paths
 
 pytestmark = pytest.mark.anyio
@@ -138,6 +139,7 @@ async def test_a_damaged_template_is_discarded_and_rebuilt(anyio_backend):
 
 async def test_a_warm_pool_hands_over_distinct_fresh_vms_and_leaves_nothing(anyio_backend):
     memory = 304 if anyio_backend == "asyncio" else 308
+    others = set(qemu_processes())  # VMs of other tests (the shared detached one)
     seen = set()
     async with warm_pool(size=2, memory_mib=memory, network=False) as pool:
         for _ in range(3):
@@ -149,14 +151,18 @@ async def test_a_warm_pool_hands_over_distinct_fresh_vms_and_leaves_nothing(anyi
         kept = await pool.acquire()  # not given back: the pool stops it on leaving
         assert kept.name not in {name for name, _, _ in seen}
     assert len(seen) == 3 and len({machine_id for _, _, machine_id in seen}) == 3
-    assert not qemu_processes()
+    assert set(qemu_processes()) <= others
+    with pytest.raises(MachinenError) as closed:
+        await pool.acquire()
+    assert closed.value.code == "POOL_CLOSED"
 
 
 async def test_leaving_a_warm_pool_early_or_cancelled_leaves_no_qemu(anyio_backend):
+    others = set(qemu_processes())
     with anyio.move_on_after(3):  # cancelled while its VMs are still booting
         async with warm_pool(size=2, memory_mib=312, network=False) as pool:
             await pool.acquire()
-    assert not qemu_processes()
+    assert set(qemu_processes()) <= others
 
 
 def test_the_cli_boots_cold_when_asked():
@@ -236,3 +242,13 @@ async def test_template_builds_of_one_key_take_turns(tmp_path):
         for _ in range(4):
             tg.start_soon(build)
     assert most == 1
+
+
+async def test_a_warm_vm_sees_its_template_read_only(anyio_backend):
+    async with boot(network=False):
+        pass  # builds the template
+    async with boot(network=False) as vm:
+        mounts = _mounts((await vm.describe())["qemu_pid"])
+        template = [path for path in mounts if Path(path).parent.parent == boot_templates.templates_dir()]
+        assert sorted(Path(path).name for path in template) == ["disk.qcow2", "mem"], mounts
+        assert {mounts[path] for path in template} == {"ro"}

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from ..errors import BootError
-from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
+from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection
 from ..hosts.local import LocalDriver, available_memory_mib
 from ..hosts.supervisors import new_ram_dir
 from ..protocol.messages import MachineSpec
@@ -111,7 +111,8 @@ async def _launch(
         start_workload=not copies,
     )
     if warm:
-        key = await anyio.to_thread.run_sync(boot_templates.start_key, machine, vmm.installed_version())
+        vmm_version = f"{vmm.installed_version()}|{vmm.launch_recipe()}"
+        key = await anyio.to_thread.run_sync(boot_templates.start_key, machine, vmm_version)
         connection = await _warm_start(config, key)
     else:
         connection = await LocalDriver().boot(config)
@@ -150,15 +151,13 @@ async def _warm_start(config: SupervisorConfig, key: str) -> Connection:
 async def _boot_capturing(driver: LocalDriver, config: SupervisorConfig, key: str) -> Connection:
     partial = await anyio.to_thread.run_sync(boot_templates.new_partial)
     try:
-        connection = await driver.boot(replace(config, boot_template=str(partial)))
-        try:
-            await anyio.to_thread.run_sync(boot_templates.publish, partial, key)
-        except BaseException:
-            await close_connections([connection])
-            raise
+        return await driver.boot(replace(config, boot_template=str(partial)))
     finally:
-        await anyio.to_thread.run_sync(boot_templates.remove_partial, partial)
-    return connection
+        # Whatever became of the boot (its workload may fail after the capture), a complete
+        # template is kept; an incomplete one is not (``publish`` checks).
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(boot_templates.publish, partial, key)
+            await anyio.to_thread.run_sync(boot_templates.remove_partial, partial)
 
 
 def _workload(cmd: Command | None, env: Mapping[str, str] | None, cwd: str | None) -> dict[str, Any] | None:

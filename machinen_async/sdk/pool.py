@@ -42,7 +42,10 @@ class WarmPool:
         """A resumed, idle VM of the pool's image and options, now the caller's (``await
         vm.aclose()`` destroys it); waits while none is ready.  A boot that failed raises its
         error here (the pool keeps trying)."""
-        handed = await self._handover.receive()
+        try:
+            handed = await self._handover.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise MachinenError("the warm pool is closed", code="POOL_CLOSED") from None
         if isinstance(handed, MachinenError):
             raise handed
         return handed
@@ -74,6 +77,7 @@ class WarmPool:
         return True
 
     async def _close_all(self) -> None:
+        self._handover_send.close()
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for vm in self._started:

@@ -9,8 +9,8 @@ through the page cache, as fork siblings share their template's) and writes a fr
 on ``disk.qcow2``.
 
 The start key is what a resumed guest cannot change: the kernel, initrd and image by sha256 (the
-agent is in the image), the VMM version, accelerator, memory, CPUs, TSC frequency and whether it
-has a network device.  A template is checked before every use: manifest sealed by this user, every
+agent is in the image), the VMM version and how this build lays out a machine, the accelerator,
+memory, CPUs, TSC frequency and whether it has a network device.  A template is checked before every use: manifest sealed by this user, every
 file of its recorded size, the disk header, the state's and disk's sha256 (small; the RAM file is
 checked by size).  One that fails is moved aside and rebuilt, never resumed.
 """
@@ -65,7 +65,8 @@ def templates_dir() -> Path:
 
 
 def start_key(machine: MachineSpec, vmm_version: str) -> str:
-    """What a template must have been taken on for ``machine`` to resume from it."""
+    """What a template must have been taken on for ``machine`` to resume from it (``vmm_version``:
+    the VMM's version and this build's launch recipe)."""
     parts = [
         TEMPLATE_FORMAT,
         *(assets.immutable_file_digest(Path(path)) for path in (machine.kernel, machine.initrd, machine.image)),

@@ -306,6 +306,7 @@ def describe(entry: VmDir) -> dict[str, Any] | None:
         "uptime_s": round(time.time() - meta["started_at"], 1),
         "image": meta["image"],
         "image_source": meta.get("image_source", ""),
+        "start": meta.get("start", ""),
         "detached": meta["detached"],
         "forked_from": meta.get("forked_from"),
         "ports": [f"{address}:{host}->{guest}" for address, host, guest in meta.get("ports", [])],

@@ -282,12 +282,15 @@ class Capture:
         ram = self.config.machine.memory_mib * 2**20
         return touched >= STREAM_MIN_TOUCHED and touched >= ram * STREAM_MIN_TOUCHED_SHARE
 
-    async def _stream_into(self, template: layers.Template) -> tuple[list[list[str]], dict[str, float]]:
+    async def _stream_into(
+        self, template: layers.Template, *, stay_paused: bool = False
+    ) -> tuple[list[list[str]], dict[str, float]]:
         """Capture into ``template`` by live migration into a paused helper VMM whose RAM is the
         template's file: the guest runs while its RAM streams and stops only for the last dirty
         pages (then the disk freezes, as in ``_capture``), whatever it has touched.  The helper
         then saves device state without RAM, so siblings map that one file copy-on-write; it
-        loads as the stream arrives, so nothing is written twice."""
+        loads as the stream arrives, so nothing is written twice.  With ``stay_paused`` the guest
+        stays stopped after a successful capture (a handoff), as in ``_capture``."""
         step = StepTimer()
         layer, layer_ref = layers.new_layer()
         scratch, scratch_ref = layers.new_layer()  # the helper's disk top, never written
@@ -317,8 +320,9 @@ class Capture:
                                 frozen = await self._freeze_disk(layer, layer_ref)  # stopped (postmigrate)
                                 step("freeze_disk", paused=True)
                             finally:
-                                with anyio.CancelScope(shield=True):  # never left stopped, even when cancelled
-                                    await self.machine.resume()
+                                if frozen is None or not stay_paused:
+                                    with anyio.CancelScope(shield=True):  # never left stopped by a failure
+                                        await self.machine.resume()
                                 step("resume", paused=True)
                         step("helper_loaded", paused=False)
                     await machine.save_state(template.state, ram=False)
@@ -329,6 +333,11 @@ class Capture:
                     + capped_log.tail(helper_logs[1]),
                     code=error.code,
                 ) from None
+        except BaseException:
+            if frozen is not None and stay_paused:  # left stopped for a capture that then failed
+                with anyio.CancelScope(shield=True):
+                    await self.machine.resume()
+            raise
         finally:
             if frozen is None:
                 layers.close_quietly(layer_ref)
@@ -361,13 +370,14 @@ class Capture:
             async with self.lock:
                 if self.paused_for is not None:
                     raise SnapshotError("the VM is paused for a handoff", code="SNAPSHOT_VM_PAUSED")
-                if self.ram_shared or paused_for is not None:
+                if self.ram_shared:
                     chain, steps = await self._capture(
                         target / bundle.STATE, target / bundle.MEM, stay_paused=paused_for is not None
                     )
                 else:  # RAM mapped from a template (a fork sibling, a warm VM): streamed into a file
-                    # of the bundle's own, so the bundle restores as siblings too
-                    chain, steps = await self._stream_into(layers.Template(target))
+                    # of the bundle's own, so it restores as siblings too and a handoff's final
+                    # bundle shares its RAM's chunks with the precopy's
+                    chain, steps = await self._stream_into(layers.Template(target), stay_paused=paused_for is not None)
                 self.paused_for = paused_for
             started = time.monotonic()
             manifest = await self._seal_bundle(target, chain)

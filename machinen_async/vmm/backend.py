@@ -106,6 +106,10 @@ class Backend(Protocol):
     def installed_version(self) -> str:
         """Device state only loads into the same version."""
 
+    def launch_recipe(self) -> str:
+        """A digest of how this build lays out a machine (devices, their options): device state
+        saved by one recipe may not load into another (boot templates are keyed by it)."""
+
     def choose_accelerator(self, requested: str | None) -> str: ...
 
     def host_tsc_khz(self) -> int | None: ...

@@ -237,6 +237,9 @@ class QemuBackend:
     def installed_version(self) -> str:
         return command.qemu_version()
 
+    def launch_recipe(self) -> str:
+        return command.recipe_digest()
+
     def choose_accelerator(self, requested: str | None) -> str:
         return command.choose_accelerator(requested)
 

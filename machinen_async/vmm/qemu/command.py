@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import mmap
 import os
@@ -29,6 +30,12 @@ TCG_TB_SIZE_MIB = 64
 # programs, gain privileges (setuid, capabilities), or use obsolete/resource-control syscalls.
 # It is why migration state moves through descriptors we open (``fd:``), never ``exec:``.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@functools.cache
+def recipe_digest() -> str:
+    """This module's source: it decides every device and option a machine gets."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def sandbox_options() -> list[str]:
