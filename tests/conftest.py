@@ -92,6 +92,19 @@ def no_qemu_survives():
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def boot_templates_of_the_session():
+    """The suite boots dozens of distinct start keys (images, memory sizes, network or not), each
+    a boot template of ~130 MiB in the shared cache: those it made go when it ends."""
+    from machinen_async.store import boot_templates
+
+    before = set(boot_templates.templates_dir().iterdir())
+    yield
+    for path in set(boot_templates.templates_dir().iterdir()) - before:
+        if path.is_dir():
+            boot_templates.discard(path)
+
+
 @pytest.fixture(scope="session")
 def ssh_hosts():
     """Start fresh "remote hosts" (real sshd servers on loopback): ``ssh_hosts.add(alias)``.

@@ -10,9 +10,13 @@ on ``disk.qcow2``.
 
 The start key is what a resumed guest cannot change: the kernel, initrd and image by sha256 (the
 agent is in the image), the VMM version and how this build lays out a machine, the accelerator,
-memory, CPUs, TSC frequency and whether it has a network device.  A template is checked before every use: manifest sealed by this user, every
-file of its recorded size, the disk header, the state's and disk's sha256 (small; the RAM file is
-checked by size).  One that fails is moved aside and rebuilt, never resumed.
+memory, CPUs and whether it has a network device.  (Not the TSC rate TCG guests are told: it is a
+measurement of one fixed host rate, which varies in its last digits, and a resumed kernel keeps
+the calibration it booted with.)  A template is checked before every use: every file of its
+recorded size, the disk header, the state's and disk's sha256 (small; the RAM file is checked by
+size).  One that fails is moved aside and rebuilt, never resumed.  The manifest's MAC is not
+asked for: the cache directory is private to this user (as the images it boots are), and a
+bundle's key lives in ``$MACHINEN_HOME``, of which one user may have several.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def start_key(machine: MachineSpec, vmm_version: str) -> str:
     parts = [
         TEMPLATE_FORMAT,
         *(assets.immutable_file_digest(Path(path)) for path in (machine.kernel, machine.initrd, machine.image)),
-        vmm_version, machine.accel, machine.memory_mib, machine.cpus, machine.tsc_khz, machine.network,
+        vmm_version, machine.accel, machine.memory_mib, machine.cpus, machine.network,
     ]  # fmt: skip
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
@@ -81,7 +85,7 @@ def find(key: str) -> BootTemplate | None:
     if not path.is_dir():
         return None
     try:
-        manifest = bundle.inspect(path)
+        manifest = bundle.inspect(path, trust=True)
         files = manifest.data["files"]
         if bundle.MEM not in files or not (path / LOCK).is_file():
             raise MachinenError("incomplete", code="SNAPSHOT_CORRUPT")
@@ -126,7 +130,7 @@ def publish(partial: Path, key: str) -> bool:
     """Make the captured ``partial`` the template of ``key``; False (nothing published) if the
     capture did not complete (the supervisor logs why; the boot itself went on)."""
     try:
-        bundle.inspect(partial)
+        bundle.inspect(partial, trust=True)
         os.close(paths.create_file(partial / LOCK))
         partial.rename(templates_dir() / key)
     except (MachinenError, OSError):
@@ -176,7 +180,7 @@ def _usable(path: Path) -> bool:
     try:
         if time.time() - (path / LOCK).stat().st_mtime > UNUSED_FOR_S:
             return False
-        data = bundle.inspect(path).data
+        data = bundle.inspect(path, trust=True).data
     except (MachinenError, OSError):
         return False
     image = data["image"]

@@ -75,6 +75,7 @@ _RDTSC_CODE = bytes.fromhex("0f3148c1e2204809d0c3")
 
 
 @functools.cache
+@functools.cache  # one fixed rate: measured once per process
 def host_tsc_khz() -> int | None:
     """The host TSC rate, which TCG guests see as their own TSC rate.
 
