@@ -656,14 +656,14 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=repr, skipkeys=True))  # what a peer sent: any shape
         return
-    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  {'FORKED-FROM':<24} PORTS")
+    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  {'START':<7} {'FORKED-FROM':<24} PORTS")
     for row in rows:
         uptime, memory = row.get("uptime_s"), row.get("memory_mib")
         up = f"{uptime:>8.0f}s" if type(uptime) in (int, float) else f"{_cell(uptime):>9}"
         mib = f"{memory:>5}Mi" if type(memory) is int else f"{_cell(memory):>7}"
         click.echo(
             f"{_cell(row.get('name')):<24} {_cell(row.get('pid')):>8} {up} {_cell(row.get('accel')):<5} "
-            f"{mib}  {_cell(row.get('forked_from')):<24} {_cell(row.get('ports'))}"
+            f"{mib}  {_cell(row.get('start')):<7} {_cell(row.get('forked_from')):<24} {_cell(row.get('ports'))}"
         )
 
 

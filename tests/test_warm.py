@@ -229,10 +229,12 @@ def test_gc_keeps_held_and_fresh_partial_templates_and_removes_the_rest(tmp_path
     held, stale = fake_template(tmp_path, "b" * 32), fake_template(tmp_path, "c" * 32)
     reference = layers.Shared(held).hold()
     partial = boot_templates.new_partial()
+    stray_lock = boot_templates.templates_dir() / f"{'e' * 32}.lock"  # a build of a key that left no template
+    stray_lock.touch()
     try:
         # Neither kernel, initrd nor image of these fakes is cached: no boot can use them.
         removed = boot_templates.collect_unused()
-        assert removed == [stale] and held.exists() and partial.exists()
+        assert removed == [stale, stray_lock] and held.exists() and partial.exists()
     finally:
         layers.close_quietly(reference)
     assert boot_templates.collect_unused() == [held]
