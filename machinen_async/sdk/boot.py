@@ -199,6 +199,11 @@ def boot(
     ``insecure``: registries reached over plain HTTP (``"host:port"``, ``"host"`` or a network
     such as ``"10.0.0.0/8"``; loopback ones always are), as Docker's ``insecure-registries``.
 
+    ``warm`` (default): resume the boot template of this start key (image, kernel, memory, CPUs,
+    network device...), which the key's first boot captured as soon as its agent answered; the
+    VM gets its own hostname, machine-id, entropy and clock, then everything below applies as on
+    a cold boot (``describe()["start"]`` says which it was).  False always boots the kernel.
+
     The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
     as its supervised workload: output in /var/log/machinen/workload.log,
     restarted after a non-zero exit.  ``cmd="image"``: an OCI image's
