@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -25,8 +26,11 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(autouse=True)
 def own_templates(tmp_path, monkeypatch):
-    """Boots of this process keep their templates here (supervisors are told the path)."""
+    """Boots of this process keep their templates here (supervisors are told the path); removed
+    after the test (~130 MiB each: pytest keeps the tmp_path of its last sessions)."""
     monkeypatch.setattr(boot_templates, "templates_dir", lambda: paths.private_dir(tmp_path / "boot-templates"))
+    yield
+    shutil.rmtree(tmp_path / "boot-templates", ignore_errors=True)
 
 
 IDENTITY = "hostname; cat /etc/machine-id; head -c 128 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
