@@ -31,9 +31,8 @@ RETRY_AFTER_FAILURE_S = (0.5, 30.0)  # first and longest wait before a failed bo
 class WarmPool:
     """Idle VMs to ``acquire()``; made by ``warm_pool()``."""
 
-    def __init__(self, start: Callable[[], Any], size: int, memory_mib: int) -> None:
+    def __init__(self, start: Callable[[], Any], memory_mib: int) -> None:
         self._start = start
-        self._size = size
         self._memory_mib = memory_mib
         self._handover_send, self._handover = anyio.create_memory_object_stream[VM | MachinenError](0)
         self._started: list[VM] = []
@@ -96,7 +95,7 @@ async def warm_pool(
         raise MachinenError(f"size must be an integer in 1..256, not {size!r:.40}", code="POOL_SIZE_INVALID")
     if "name" in boot_options or "warm" in boot_options:
         raise MachinenError("a pool names its VMs and boots them warm", code="POOL_OPTION_INVALID")
-    pool = WarmPool(lambda: boot(image, memory_mib=memory_mib, **boot_options), size, memory_mib)
+    pool = WarmPool(lambda: boot(image, memory_mib=memory_mib, **boot_options), memory_mib)
     try:
         async with anyio.create_task_group() as tg:
             for _ in range(size):

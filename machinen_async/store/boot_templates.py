@@ -168,7 +168,7 @@ def collect_unused(*, dry_run: bool = False) -> list[Path]:
     removed = []
     for path in sorted(root.iterdir()):
         if path.suffix == ".lock" and not path.with_suffix("").exists():  # a build lock of a key with no template
-            if _remove_unlocked(path, dry_run=dry_run):
+            if layers.unlink_unheld(path, dry_run=dry_run):  # a late waiter locks a file no one else will
                 removed.append(path)
             continue
         if not path.is_dir() or (not path.name.startswith(".") and _usable(path)):
@@ -178,22 +178,6 @@ def collect_unused(*, dry_run: bool = False) -> list[Path]:
         if _remove_unheld(path, dry_run=dry_run):
             removed.append(path)
     return removed
-
-
-def _remove_unlocked(lock: Path, *, dry_run: bool) -> bool:
-    """Remove a build lock file no boot holds (a late waiter that opened it locks a file nobody
-    else will: at worst two boots capture the key's template, and one publishes it)."""
-    fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        if not dry_run:
-            lock.unlink()
-        return True
-    finally:
-        os.close(fd)
 
 
 def _usable(path: Path) -> bool:

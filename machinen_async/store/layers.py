@@ -121,8 +121,18 @@ def collect_garbage(*, dry_run: bool = False) -> list[Path]:
 def remove_unheld(path: Path, *, dry_run: bool = False) -> bool:
     """Remove the reference-counted directory ``path`` if nobody holds it; whether it was (or,
     with ``dry_run``, would be) removed.  One without a ``lock`` (being removed, or not ours) stays."""
+    if not unlink_unheld(path / "lock", dry_run=dry_run):
+        return False
+    if not dry_run:  # its lock is gone: a late holder sees st_nlink == 0, a new one finds nothing
+        shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def unlink_unheld(lock: Path, *, dry_run: bool = False) -> bool:
+    """Unlink the lock file ``lock`` if no process holds a ``flock`` on it (unlinked under an
+    exclusive lock, so a late holder sees st_nlink == 0); whether it was (or would be)."""
     try:
-        fd = os.open(path / "lock", os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -130,9 +140,8 @@ def remove_unheld(path: Path, *, dry_run: bool = False) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        if not dry_run:  # deleted while holding the lock: a late holder sees st_nlink == 0
-            (path / "lock").unlink()
-            shutil.rmtree(path, ignore_errors=True)
+        if not dry_run:
+            lock.unlink()
         return True
     finally:
         os.close(fd)
