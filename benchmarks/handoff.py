@@ -13,7 +13,11 @@ object:
   image to the same host, with and without the precopy round;
 - ``local_snapshot_pause_ms`` / ``local_restore_s``: the same-host reference;
 - ``fork4_local_s`` vs ``fork4_two_hosts_s``: fork n=4 until every sibling
-  answered an exec, locally and spread over this host + one remote host.
+  answered an exec, locally and spread over this host + one remote host;
+- ``remote_boot``: ``Host.boot`` on another empty host until the first exec answers: the
+  first (that host builds its kernel, initramfs, rootfs and image, boots cold and captures its
+  boot template), then warm ones resumed from that template, against warm boots here in the
+  same run (``remote_warm_over_local_warm``: what the SSH link and peer add).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +57,28 @@ async def warm(vm) -> None:
 
 async def all_answer(forks) -> None:
     await forks.map(lambda sibling, i: sibling.exec(["true"], check=True))
+
+
+async def first_exec_s(launch) -> float:
+    """A boot (``launch``) until its first exec answered; the VM is stopped after."""
+    started = time.monotonic()
+    async with launch as vm:
+        await vm.exec(["true"], check=True)
+        return round(time.monotonic() - started, 3)
+
+
+async def remote_boots(alias: str, mib: int, runs: int = 3) -> dict:
+    async with Host.from_spec(alias) as hostc:
+        first = await first_exec_s(hostc.boot(name="rb-first", memory_mib=mib))
+        remote = [await first_exec_s(hostc.boot(name=f"rb-{i}", memory_mib=mib)) for i in range(runs)]
+        await first_exec_s(boot(name="lb-template", memory_mib=mib))  # this host's template of the key
+        local = [await first_exec_s(boot(name=f"lb-{i}", memory_mib=mib)) for i in range(runs)]
+    return {
+        "first_on_empty_host_s": first,
+        "remote_warm_s": remote,
+        "local_warm_s": local,
+        "remote_warm_over_local_warm": round(statistics.median(remote) / statistics.median(local), 2),
+    }
 
 
 async def main(mib: int, root: Path) -> dict:
@@ -86,6 +113,7 @@ async def main(mib: int, root: Path) -> dict:
                     await all_answer(forks)
                     result["fork4_two_hosts_s"] = round(time.monotonic() - started, 3)
                     result["fork4_two_hosts_placement"] = sorted(forks.placement.values())
+        result["remote_boot"] = await remote_boots(hosts.add("hostc").alias, mib)
     finally:
         hosts.close()
     return result

@@ -351,11 +351,15 @@ def install(refresh: bool) -> None:
     help="An OCI image: ask the registry only when it is not cached, always, or never.",
 )
 @insecure_option
+@click.option(
+    "--host", "host_spec", metavar="[USER@]HOST",
+    help="Boot on HOST over SSH (its images, templates and ports; --mount copies from here).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, pull, insecure, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, pull, insecure, host_spec, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -370,19 +374,22 @@ def boot_command(
     env = _parse_env(env_pairs)
 
     async def run() -> int:
-        launch = boot(
-            image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
-            detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure, warm=not cold,
-            network=False if no_network else _network_policy(allow_rules, allow_host_ports),
-            cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
-            mounts=_mounts(live_mounts, copied_mounts),
-        )  # fmt: skip
-        async with launch as vm:
+        async with contextlib.AsyncExitStack() as stack:
+            host = None if host_spec is None else await stack.enter_async_context(_ssh_host(host_spec))
+            launch = boot(
+                image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
+                detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure, warm=not cold,
+                network=False if no_network else _network_policy(allow_rules, allow_host_ports),
+                cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
+                mounts=_mounts(live_mounts, copied_mounts), host=host,
+            )  # fmt: skip
+            vm = await stack.enter_async_context(launch)
+            address = vm.host.address(vm.name)
             if as_json:
-                click.echo(json.dumps(vm.info))
+                click.echo(json.dumps({**vm.info, "name": address}))
             elif detach or not cmd:
                 click.echo(
-                    f"{vm.name} booted in {vm.info['boot_s']:.2f} s ({vm.info['accel']}, {vm.info['start']})", err=True
+                    f"{address} booted in {vm.info['boot_s']:.2f} s ({vm.info['accel']}, {vm.info['start']})", err=True
                 )
             if detach:
                 return 0
@@ -530,7 +537,8 @@ def restore_command(
                 host = await stack.enter_async_context(_ssh_host(host_spec))
                 pushed = await host.push(directory, progress=_progress, trust=trust)
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
-                                      boot_timeout=boot_timeout)  # fmt: skip
+                                      boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
+                                      network=_network_policy(allow_rules, allow_host_ports))  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
             if as_json:

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from machinen_async import MachinenError
 from machinen_async.protocol.guest_abi import ExecRequest
-from machinen_async.protocol.messages import ForkTemplate, IncomingState, MachineSpec
+from machinen_async.protocol.messages import (
+    BootRequest,
+    ForkRequest,
+    ForkTemplate,
+    IncomingState,
+    MachineSpec,
+    MountBinding,
+    PortForward,
+    RestoreRequest,
+)
 from machinen_async.supervisor.config import SupervisorConfig
 
 MACHINE = MachineSpec(memory_mib=256, cpus=1, accel="tcg", kernel="/k", initrd="/i", image="/img", tsc_khz=2000000,
@@ -76,3 +86,80 @@ def test_any_exec_params_give_a_request_or_a_value_error(params):
     except ValueError:
         return
     assert request.argv and all(isinstance(arg, str) for arg in request.argv)
+
+
+# What a host driver is asked to start: one typed request each, the same over every link.
+BOOT = BootRequest(
+    name="web", image="oci:/srv/layout:1", memory_mib=512, cpus=2, accel="tcg", boot_timeout=90, detached=True,
+    ports=(PortForward("127.0.0.1", 8080, 80),), network=True, network_allow=("10.1.0.0/16",),
+    workload={"cmd": ["python3", "-m", "http.server"], "env": {"A": "1"}, "cwd": "/srv"}, start_workload=False,
+    mounts=(MountBinding("/srv/data", "/data", True),), pull="always", insecure=("10.0.0.0/8",),
+    credentials=("user", "hunter2"), warm=False,
+)  # fmt: skip
+FORK = ForkRequest(("a-0", "a-1"), detached=True, boot_timeout=30, mounts=(MountBinding("", "/data"),))
+RESTORE = RestoreRequest("/b/bundle", ("r",), ports=(PortForward("0.0.0.0", 9000, 90),), image="/img.tar",
+                         accel="kvm", trust=True, network_allow=("127.0.0.1:11434",))  # fmt: skip
+
+
+@pytest.mark.parametrize("request_", [BOOT, FORK, RESTORE, BootRequest(name="plain")], ids=repr)
+def test_launch_requests_round_trip_as_the_peer_link_carries_them(request_):
+    wire = msgpack.unpackb(msgpack.packb(request_.to_wire()))  # lists for tuples, as on the link
+    assert type(request_).from_wire(wire) == request_
+
+
+def test_a_request_takes_specs_as_users_write_them_and_hides_credentials():
+    request = BootRequest(name="x", ports=["3000:3000", ("0.0.0.0", 8080, 80)], mounts=[["/h", "/g", False]],
+                          network_allow=["10.0.0.1:53"], credentials=["u", "secret"])  # fmt: skip
+    assert request.ports == (PortForward("127.0.0.1", 3000, 3000), PortForward("0.0.0.0", 8080, 80))
+    assert request.mounts == (MountBinding("/h", "/g", False),) and request.credentials == ("u", "secret")
+    assert "secret" not in repr(request)
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda: BootRequest(name="x", memory_mib=32), "BOOT_MEMORY_INVALID"),
+        (lambda: BootRequest(name="x", memory_mib=True), "BOOT_MEMORY_INVALID"),
+        (lambda: BootRequest(name="x", cpus=0), "BOOT_CPUS_INVALID"),
+        (lambda: BootRequest(name="x", boot_timeout=float("nan")), "BOOT_TIMEOUT_INVALID"),
+        (lambda: BootRequest(name="x", boot_timeout=-1), "BOOT_TIMEOUT_INVALID"),
+        (lambda: BootRequest(name="x", pull="sometimes"), "IMAGE_PULL_POLICY_INVALID"),
+        (lambda: BootRequest(name="x", credentials=("only-user",)), "IMAGE_CREDENTIALS_INVALID"),
+        (lambda: BootRequest(name="x", network_allow=("nowhere",)), "BOOT_NETWORK_RULE_INVALID"),
+        (lambda: BootRequest(name="x", ports=["3000:3000", "3000:4000"]), "PARSE_PORT_INVALID"),
+        (lambda: BootRequest(name="x", ports="3000:3000"), "PARSE_PORT_INVALID"),
+        (lambda: BootRequest(name="x", mounts=[["relative", "/g", False]]), "MOUNT_SPEC_INVALID"),
+        (lambda: BootRequest(name="x", mounts=[["", "/g", False]]), "MOUNT_SPEC_INVALID"),  # nothing to drop
+        (lambda: BootRequest(name="x", mounts=[["/a", "/g", False], ["/b", "/g", True]]), "MOUNT_SPEC_INVALID"),
+        (lambda: BootRequest(name="x", workload={"cmd": "sh"}), "HOST_PROTOCOL"),
+        (lambda: BootRequest(name="x", workload={"shell": ["sh"]}), "HOST_PROTOCOL"),
+        (lambda: BootRequest(name="x", warm="yes"), "HOST_PROTOCOL"),
+        (lambda: BootRequest(name=7), "HOST_PROTOCOL"),
+        (lambda: BootRequest.from_wire({**BOOT.to_wire(), "surprise": 1}), "HOST_PROTOCOL"),
+        (lambda: BootRequest.from_wire({"image": "x"}), "HOST_PROTOCOL"),  # no name
+        (lambda: BootRequest.from_wire(["web"]), "HOST_PROTOCOL"),
+        (lambda: ForkRequest(("a", 1)), "HOST_PROTOCOL"),
+        (lambda: ForkRequest(("a", "b"), ports=["3000:3000"]), "PARSE_PORT_INVALID"),
+        (lambda: RestoreRequest("/b", ()), "HOST_PROTOCOL"),
+        (lambda: RestoreRequest("/b", ("a",), siblings=True, ports=["3000:3000"]), "PARSE_PORT_INVALID"),
+        (lambda: RestoreRequest(None, ("a",)), "HOST_PROTOCOL"),
+    ],
+)
+def test_a_malformed_request_is_refused_with_its_code(make, code):
+    with pytest.raises(MachinenError) as refused:
+        make()
+    assert refused.value.code == code
+
+
+@given(st.dictionaries(st.sampled_from(sorted(BOOT.to_wire())), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=6,
+)))  # fmt: skip
+def test_any_boot_params_give_a_request_or_a_typed_error(params):
+    """What a peer receives is any msgpack: it becomes a checked request or a MachinenError."""
+    try:
+        request = BootRequest.from_wire({**BOOT.to_wire(), **params})
+    except MachinenError:
+        return
+    assert BootRequest.from_wire(request.to_wire()) == request

@@ -70,6 +70,26 @@ async def test_fork_over_ray_nodes_from_one_instant(ray_cluster, anyio_backend):
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_the_pool_places_a_boot_and_holds_its_slot_until_it_closes(ray_cluster):
+    """``pool.boot``: Ray picks the node, whose machinen builds what it boots from (its cache starts
+    empty) and captures its own boot template; the slot is held until the VM's handle closes."""
+    async with RayHosts(ray_cluster.address) as pool:
+        async with pool.boot(name="rboot", memory_mib=192, cmd=["sh", "-c", "echo up > /tmp/workload"]) as vm:
+            assert vm.host in pool.hosts and len(pool._groups) == 1
+            assert (await vm.exec(["hostname"])).stdout == b"rboot\n"
+            assert (await vm.describe())["start"] == "cold"
+            assert [row["name"] for row in await pool.list()] == ["rboot"]
+        assert not pool._groups  # released with the VM, not with the pool
+        assert await pool.list() == []
+        again = await vm.host.boot(name="rboot2", memory_mib=192)  # the node's template now
+        try:
+            assert (await again.describe())["start"] == "warm"
+        finally:
+            await again.aclose()
+    assert not qemu_of("rboot") and not qemu_of("rboot2")
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_handoff_to_a_ray_node_and_no_room(ray_cluster):
     async with RayHosts(ray_cluster.address, reserve_timeout=3) as pool, boot(name="rmove") as vm:
         await vm.exec(["sh", "-c", COUNTER], check=True)

@@ -140,6 +140,45 @@ async def test_an_image_booted_vm_moves_by_digest_and_its_image_crosses_once(rem
             await moved.aclose()
 
 
+async def test_a_host_boots_there_and_warm_after_its_first(remote_host, tmp_path, anyio_backend):
+    """``Host.boot`` over SSH: the VM starts on that host from what it builds itself (its cache
+    starts empty), and a second boot there resumes the template the first one captured.  A copied
+    mount comes from this machine; ports and the workload are set up there as on a local boot;
+    that host's refusals arrive typed."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "note").write_text("from the caller\n")
+    port = free_port()
+    async with Host.from_spec(remote_host.alias) as hostb:
+        async with hostb.boot(name=f"rb-{anyio_backend}", memory_mib=192) as first:
+            assert first.host is hostb and (await first.describe())["start"] == "cold"
+        assert list((remote_host.cache / "boot-templates").glob("*/lock"))  # that host's own template
+        launch = hostb.boot(
+            name=f"rb2-{anyio_backend}", memory_mib=192, ports=[f"{port}:8000"], env={"GREETING": "hi"},
+            mounts=[f"{tmp_path / 'data'}:/data:ro"], cmd=["sh", "-c", 'echo "$GREETING" > /tmp/workload'],
+        )  # fmt: skip
+        async with launch as vm:
+            assert (await vm.describe())["start"] == "warm"
+            assert (await vm.exec(["cat", "/data/note"])).stdout == b"from the caller\n"
+            waited = await vm.exec(["sh", "-c", "for i in $(seq 100); do [ -s /tmp/workload ] && break; sleep 0.1; done;"
+                                    " cat /tmp/workload"])  # fmt: skip
+            assert waited.stdout == b"hi\n"
+            await serve_http(vm)
+            assert await http_get(port, "/index.html") == b"hello\n"  # the port of that host (loopback here)
+            assert await remote_names(hostb) == [vm.name]
+        for options, code in (({"image": "/nowhere/rootfs.tar"}, "BOOT_IMAGE_NOT_FOUND"),
+                              ({"memory_mib": 1 << 30}, "BOOT_MEMORY_INVALID")):  # fmt: skip
+            with pytest.raises(MachinenError) as refused:
+                await hostb.boot(name="refused", **options)
+            assert refused.value.code == code
+        assert await remote_names(hostb) == []
+    if anyio_backend == "asyncio":  # the CLI, once
+        booted = json.loads(machinen("boot", "--host", remote_host.alias, "--name", "clib", "--memory", "192",
+                                     "-d", "--json", timeout=300).stdout)  # fmt: skip
+        assert booted["name"] == f"{remote_host.alias}:clib" and booted["start"] == "warm"
+        assert machinen("exec", f"{remote_host.alias}:clib", "--", "hostname").stdout == b"clib\n"
+        machinen("stop", f"{remote_host.alias}:clib")
+
+
 async def test_a_handoff_that_takes_too_long_resumes_the_source(remote_host, anyio_backend, monkeypatch):
     monkeypatch.setattr(handoff_module, "PAUSE_LIMIT_S", 0.3)  # the destination cannot take over this fast
     async with Host.from_spec(remote_host.alias) as hostb, boot(name=f"slow-move-{anyio_backend}") as vm:

@@ -16,11 +16,11 @@ from typing import Any, Protocol
 
 import anyio
 
-from ..protocol.messages import ForkTemplate
+from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, RestoreRequest
 from ..protocol.mux import Channel
 
 DEFAULT_BOOT_TIMEOUT_S = 60.0
-PEER_PROTOCOL = 2  # the request set of hosts/peer.py; both ends of a link must agree
+PEER_PROTOCOL = 3  # the request set of hosts/peer.py; both ends of a link must agree
 
 Progress = Callable[[str], None]
 
@@ -109,34 +109,20 @@ class HostDriver(abc.ABC):
         """Drop a bundle ``push`` brought here (the user's own bundles are never touched)."""
 
     @abc.abstractmethod
-    async def restore(
-        self,
-        bundle: str,
-        names: Sequence[str],
-        *,
-        siblings: bool,
-        ports: list[list],
-        detached: bool,
-        boot_timeout: float,
-        mounts: Sequence[Sequence] = (),
-    ) -> list[Connection]:
-        """One VM per name from ``bundle``; ``siblings`` share its RAM copy-on-write.  ``mounts``
-        ([host directory, guest path, read only]) re-bind the bundle's live mounts or add some."""
+    async def boot(self, request: BootRequest, *, progress: Progress | None = None) -> Connection:
+        """A VM booted here (warm: from this host's boot template of its start key, if any)."""
+
+    @abc.abstractmethod
+    async def restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> list[Connection]:
+        """One VM per name from a bundle of this host; ``siblings`` share its RAM copy-on-write.  Its
+        ``mounts`` re-bind the bundle's live mounts or add some."""
 
     @abc.abstractmethod
     async def fork(
-        self,
-        source: Connection,
-        names: Sequence[str],
-        *,
-        ports: list[list],
-        detached: bool,
-        boot_timeout: float,
-        bundle_dir: Path | None = None,
-        mounts: Sequence[Sequence] = (),
+        self, source: Connection, request: ForkRequest, *, bundle_dir: Path | None = None
     ) -> tuple[list[Connection], ForkTemplate]:
         """Siblings of ``source`` (a VM of this host) from one instant, and the template of that
-        instant (its pause included); ``bundle_dir`` also gets a bundle of the same instant.
+        instant (its pause included); ``bundle_dir`` also gets a bundle of the same instant.  Its
         ``mounts`` re-bind the source's live mounts for the siblings, or add some."""
 
     @abc.abstractmethod

@@ -17,13 +17,14 @@ from typing import Any
 import anyio
 
 from ..errors import BootError, MachinenError, SnapshotError, plain_errors
-from ..protocol.messages import ForkTemplate, IncomingState, MachineSpec
+from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, IncomingState, MachineSpec, RestoreRequest
 from ..store import assets, bundle, layers, oci_image, registry
 from ..supervisor.config import SupervisorConfig
 from ..version import __version__
 from ..vmm import backend
 from . import transfer
 from .base import PEER_PROTOCOL, Connection, HostDriver, Progress, TransferReport, close_connections, open_connection
+from .booting import available_memory_mib, boot_here
 from .supervisors import (
     SUPERVISOR_KILL_GRACE_S,
     SUPERVISOR_STOP_GRACE_S,
@@ -43,14 +44,6 @@ FORK_MEMORY_HEADROOM = 0.9
 # What this process holds per VM it starts and owns (three pipes while it starts, then the
 # lifeline, status and stderr pipes, a pidfd and the supervisor connection), with room to spare.
 DESCRIPTORS_PER_VM = 8
-
-
-def available_memory_mib() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    return 0
 
 
 def host_facts() -> dict[str, Any]:
@@ -395,59 +388,43 @@ class LocalDriver(HostDriver):
         if Path(bundle).parent == transfer.bundles_dir():
             await anyio.to_thread.run_sync(transfer.remove_bundle, bundle)
 
-    async def boot(self, config: SupervisorConfig) -> Connection:
-        return await start_supervisor(config)
+    async def boot(self, request: BootRequest, *, progress: Progress | None = None) -> Connection:
+        return await boot_here(request, progress)
 
-    async def restore(
-        self,
-        bundle: str,
-        names: Sequence[str],
-        *,
-        siblings: bool,
-        ports: list[list],
-        detached: bool,
-        boot_timeout: float,
-        image: str | os.PathLike | None = None,
-        accel: str | None = None,
-        progress: Callable[[str], None] | None = None,
-        trust: bool = False,
-        network_allow: Sequence[str] = (),
-        mounts: Sequence[Sequence] = (),
-    ) -> list[Connection]:
-        bundle_dir = Path(bundle).expanduser().resolve()
+    async def restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> list[Connection]:
+        bundle_dir = Path(request.bundle).expanduser().resolve()
         manifest, machine = await _restore_plan(
-            bundle_dir, image, accel, progress or (lambda message: None), trust, list(network_allow)
-        )
+            bundle_dir, request.image, request.accel, progress or (lambda message: None), request.trust,
+            list(request.network_allow),
+        )  # fmt: skip
         # A manifest's host directories are bound only if this user's machinen sealed it here: its
         # origin alone is a digest of public facts, and a bundle accepted with trust=True (or received
         # by a push, perhaps of one so accepted) may record any directory of this host.
-        bound, dropped = rebind(manifest.mounts, mounts, recorded_here=manifest.taken_here, elsewhere={
+        given = [mount.to_wire() for mount in request.mounts]
+        bound, dropped = rebind(manifest.mounts, given, recorded_here=manifest.taken_here, elsewhere={
             "sealed": "they are directories of the host it was taken on",
             "received": "it was received by a push, so the host directories it records are not bound",
         }.get(manifest.signature, "this user's machinen did not write it (it was accepted with trust=True), "
                                   "so the host directories it records are not bound"))  # fmt: skip
-        if siblings:
-            return await _restore_siblings(bundle_dir, manifest, machine, names, boot_timeout, detached, bound, dropped)
+        names = [registry.validate_name(name) for name in request.names]
+        timeout, detached = request.boot_timeout, request.detached
+        if request.siblings:
+            return await _restore_siblings(bundle_dir, manifest, machine, names, timeout, detached, bound, dropped)
         (name,) = names
-        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, boot_timeout, bound, dropped)]
+        ports = [port.to_wire() for port in request.ports]
+        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, timeout, bound, dropped)]
 
     async def fork(
-        self,
-        source: Connection,
-        names: Sequence[str],
-        *,
-        ports: list[list],
-        detached: bool,
-        boot_timeout: float,
-        bundle_dir: Path | None = None,
-        mounts: Sequence[Sequence] = (),
+        self, source: Connection, request: ForkRequest, *, bundle_dir: Path | None = None
     ) -> tuple[list[Connection], ForkTemplate]:
+        names = [registry.validate_name(name) for name in request.names]
         for name in names:
             registry.ensure_free(name)
         if names:
             check_fork_memory(len(names), source.info["accel"], source.info["memory_mib"])
         # Checked before the source pauses: a missing directory costs nothing.
-        bound, dropped = rebind(source.info["mounts"], mounts, recorded_here=True) if names else ([], [])
+        given = [mount.to_wire() for mount in request.mounts]
+        bound, dropped = rebind(source.info["mounts"], given, recorded_here=True) if names else ([], [])
         params = {"capture": os.environ.get("MACHINEN_FORK_CAPTURE", "auto")}
         if bundle_dir:
             params["bundle"] = str(bundle_dir)
@@ -458,8 +435,9 @@ class LocalDriver(HostDriver):
         reference = layers.Shared(Path(template.incoming.holds[0])).hold()  # ours until every sibling holds its own
         try:
             siblings = await _start_siblings(
-                list(names), template.machine, template.incoming, boot_timeout, detached, ports, bound, dropped
-            )
+                names, template.machine, template.incoming, request.boot_timeout, request.detached,
+                [port.to_wire() for port in request.ports], bound, dropped,
+            )  # fmt: skip
         finally:
             layers.close_quietly(reference)
         return siblings, template

@@ -24,8 +24,7 @@ from anyio.streams.stapled import StapledByteStream
 from ..errors import MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
-from ..protocol.mounts import is_mount_entry
-from ..protocol.ports import parse_port_forwards
+from ..protocol.messages import BootRequest, ForkRequest, RestoreRequest
 from ..store import chunks, registry
 from . import transfer
 from .base import Connection, close_connections
@@ -45,6 +44,7 @@ class Peer:
             "lacking": lambda params: run(transfer.lacking, params),
             "assemble": lambda params: run(transfer.assemble_bundle, params),
             "remove_bundle": lambda params: run(transfer.remove_bundle, params["bundle"]),
+            "boot": self.boot,
             "restore": self.restore,
             "fork": self.fork,
             "locate": self.locate,
@@ -75,38 +75,27 @@ class Peer:
                 self.owned[connection.name] = connection
         return [{"name": c.name, "socket": str(registry.vm_dir(c.name).supervisor_socket)} for c in connections]
 
+    async def boot(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One VM booted here, warm where this host has the template."""
+        request = BootRequest.from_wire(params.get("request"))
+        started = await self.driver.boot(request)
+        return {"vms": await self._keep([started], request.detached)}
+
     async def restore(self, params: dict[str, Any]) -> dict[str, Any]:
         """One VM, or with ``siblings`` several sharing the bundle's RAM copy-on-write."""
-        names = [registry.validate_name(name) for name in params["names"]]
-        detached = bool(params.get("detached"))
-        started = await self.driver.restore(
-            params["bundle"],
-            names,
-            siblings=bool(params.get("siblings")),
-            ports=parse_port_forwards(params.get("ports")),
-            detached=detached,
-            boot_timeout=float(params.get("boot_timeout", 60.0)),
-            mounts=_mounts(params),
-        )
-        return {"vms": await self._keep(started, detached)}
+        request = RestoreRequest.from_wire(params.get("request"))
+        started = await self.driver.restore(request)
+        return {"vms": await self._keep(started, request.detached)}
 
     async def fork(self, params: dict[str, Any]) -> dict[str, Any]:
         """Siblings of a VM of this host, sharing its fork template copy-on-write."""
-        names = [registry.validate_name(name) for name in params["names"]]
-        detached = bool(params.get("detached"))
-        source = await self.driver.connect(params["source"])
+        request = ForkRequest.from_wire(params.get("request"))
+        source = await self.driver.connect(registry.validate_name(params.get("source")))
         try:
-            started, template = await self.driver.fork(
-                source,
-                names,
-                ports=parse_port_forwards(params.get("ports")),
-                detached=detached,
-                boot_timeout=float(params.get("boot_timeout", 60.0)),
-                mounts=_mounts(params),
-            )
+            started, template = await self.driver.fork(source, request)
         finally:
             await source.channel.aclose()
-        return {"vms": await self._keep(started, detached), "template": template.to_wire()}
+        return {"vms": await self._keep(started, request.detached), "template": template.to_wire()}
 
     async def locate(self, params: dict[str, Any]) -> dict[str, Any]:
         entry = registry.find(params["name"])
@@ -133,14 +122,6 @@ class Peer:
                 tg.cancel_scope.cancel()
         finally:
             await close_connections(list(self.owned.values()))
-
-
-def _mounts(params: dict[str, Any]) -> list[list]:
-    """The live mounts a client asks for: directories of this host, as the user names them."""
-    mounts = params.get("mounts") or []
-    if not isinstance(mounts, list) or not all(is_mount_entry(mount, drop=True) for mount in mounts):
-        raise MachinenError("mounts are [[host directory, guest path, read only], ...]", code="MOUNT_SPEC_INVALID")
-    return mounts
 
 
 async def amain() -> None:

@@ -21,7 +21,6 @@ import hashlib
 import platform
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +30,7 @@ import anyio.from_thread
 
 from ..errors import ForkError, HostError, MachinenError
 from ..protocol.framing import FrameStream
-from ..protocol.messages import ForkTemplate
+from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, RestoreRequest
 from ..store import bundle
 from ..version import __version__
 from . import transfer
@@ -210,40 +209,24 @@ class RemoteDriver(HostDriver):
             raise
         return connections
 
-    async def restore(
-        self,
-        bundle: str,
-        names: Sequence[str],
-        *,
-        siblings: bool,
-        ports: list[list],
-        detached: bool,
-        boot_timeout: float,
-        mounts: Sequence[Sequence] = (),
-    ) -> list[Connection]:
-        params = {"bundle": bundle, "names": list(names), "siblings": siblings, "ports": ports, "detached": detached,
-                  "boot_timeout": boot_timeout, "mounts": [list(m) for m in mounts]}  # fmt: skip
-        started = (await self.call("restore", params))["vms"]
-        return await self._attach_started(started, detached=detached)
+    async def boot(self, request: BootRequest, *, progress: Progress | None = None) -> Connection:
+        # ``progress`` stays here: what the host reports of a pull is its own log's.
+        started = (await self.call("boot", {"request": request.to_wire()}))["vms"]
+        (connection,) = await self._attach_started(started, detached=request.detached)
+        return connection
+
+    async def restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> list[Connection]:
+        started = (await self.call("restore", {"request": request.to_wire()}))["vms"]
+        return await self._attach_started(started, detached=request.detached)
 
     async def fork(
-        self,
-        source: Connection,
-        names: Sequence[str],
-        *,
-        ports: list[list],
-        detached: bool,
-        boot_timeout: float,
-        bundle_dir: Path | None = None,
-        mounts: Sequence[Sequence] = (),
+        self, source: Connection, request: ForkRequest, *, bundle_dir: Path | None = None
     ) -> tuple[list[Connection], ForkTemplate]:
         if bundle_dir is not None:
             raise ForkError("spread the forks of a remote VM from the host it runs on", code="FORK_REMOTE_SOURCE")
-        params = {"source": source.name, "names": list(names), "ports": ports, "detached": detached,
-                  "boot_timeout": boot_timeout, "mounts": [list(m) for m in mounts]}  # fmt: skip
-        result = await self.call("fork", params)
+        result = await self.call("fork", {"source": source.name, "request": request.to_wire()})
         template = ForkTemplate.from_wire(result["template"])
-        return await self._attach_started(result["vms"], detached=detached), template
+        return await self._attach_started(result["vms"], detached=request.detached), template
 
     async def connect(self, name: str) -> Connection:
         located = await self.call("locate", {"name": name})

@@ -1,6 +1,9 @@
 """The contracts between host processes, spelled once: what a VM runs on (``MachineSpec``), where a
-VM that resumes finds its state (``IncomingState``), and a fork template (``ForkTemplate``, the
-supervisor's answer to ``vm.fork_template``, which a peer relays to the SDK of another host).
+VM that resumes finds its state (``IncomingState``), a fork template (``ForkTemplate``, the
+supervisor's answer to ``vm.fork_template``, which a peer relays to the SDK of another host), and
+what a host driver is asked to start (``BootRequest``, ``ForkRequest``, ``RestoreRequest``, with
+their ``PortForward``s and ``MountBinding``s): the SDK builds one, and every driver -- this machine,
+an SSH host, a Ray node -- takes it as it is.
 
 They cross as JSON (a supervisor's argv) or msgpack (the supervisor socket, the peer link), so each
 has ``to_wire`` and a ``from_wire`` that refuses a malformed one with a typed error.  What crosses
@@ -10,10 +13,15 @@ many times that under TCG, at every boot).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from ..errors import MachinenError
+from ..errors import BootError, MachinenError
+from .mounts import is_mount_entry
+from .netpolicy import parse_rule
+from .ports import PortSpec, parse_port_forward, parse_port_forwards
 
 Message = TypeVar("Message")
 
@@ -104,3 +112,281 @@ class ForkTemplate:
             pause_steps_ms=data["pause_steps_ms"],
             mounts=data.get("mounts", []),
         )
+
+
+MIN_MEMORY_MIB = 64
+PULL_POLICIES = ("missing", "always", "never")
+WORKLOAD_KEYS = frozenset({"cmd", "env", "cwd", "image_cmd", "from_image"})
+
+
+def _invalid(what: str, value: Any, code: str = "HOST_PROTOCOL") -> MachinenError:
+    return MachinenError(f"{what}, not {value!r:.200}", code=code)
+
+
+def _names(value: Any, *, least: int) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or len(value) < least or not all(type(name) is str for name in value):
+        raise _invalid(f"names are a list of at least {least} strings", value)
+    return tuple(value)
+
+
+def _flag(value: Any, what: str) -> bool:
+    if type(value) is not bool:
+        raise _invalid(f"{what} is true or false", value)
+    return value
+
+
+def _timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+        raise _invalid("boot_timeout is a positive number of seconds", value, "BOOT_TIMEOUT_INVALID")
+    return float(value)
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not all(type(v) is str for v in value):
+        raise _invalid(f"{what} is a list of strings", value)
+    return tuple(value)
+
+
+def _optional_string(value: Any, what: str) -> str | None:
+    if value is not None and type(value) is not str:
+        raise _invalid(f"{what} is a string", value)
+    return value
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A TCP port of the VM's host (``address:host_port``) tunnelled to ``guest_port`` in the guest."""
+
+    address: str
+    host_port: int
+    guest_port: int
+
+    @classmethod
+    def parse(cls, spec: PortSpec | PortForward) -> PortForward:
+        """``"3000:3000"``, ``"0.0.0.0:8080:80"``, ``(3000, 3000)``, or a ``PortForward``, checked."""
+        if isinstance(spec, PortForward):
+            spec = spec.to_wire()
+        return cls(*parse_port_forward(spec))
+
+    @classmethod
+    def all_of(cls, specs: Iterable[PortSpec | PortForward] | None) -> tuple[PortForward, ...]:
+        """Each spec checked, and no host port twice."""
+        if specs is not None and not isinstance(specs, list | tuple):
+            raise MachinenError(f"ports are a list of forwards, not {specs!r:.100}", code="PARSE_PORT_INVALID")
+        return tuple(cls(*forward) for forward in parse_port_forwards([cls.parse(s).to_wire() for s in specs or ()]))
+
+    def to_wire(self) -> list:
+        return [self.address, self.host_port, self.guest_port]  # the supervisor's form
+
+
+@dataclass(frozen=True)
+class MountBinding:
+    """A live mount: directory ``host`` of the VM's host at ``guest`` (both absolute), served on every
+    access; ``host`` empty (resuming VMs only) unmounts what the saved state had at ``guest``."""
+
+    host: str
+    guest: str
+    read_only: bool = False
+
+    @classmethod
+    def from_wire(cls, data: Any) -> MountBinding:
+        if not is_mount_entry(data, drop=True):
+            raise MachinenError(
+                f"a live mount is [host directory, guest path, read only], not {data!r:.200}",
+                code="MOUNT_SPEC_INVALID",
+            )
+        return cls(*data)
+
+    def to_wire(self) -> list:
+        return [self.host, self.guest, self.read_only]  # the supervisor's and the manifest's form
+
+
+def _bindings(data: Any) -> tuple[MountBinding, ...]:
+    """``MountBinding``s, or their wire form, checked; one per guest path."""
+    if not isinstance(data, list | tuple):
+        raise _invalid("mounts are a list", data, "MOUNT_SPEC_INVALID")
+    bindings = tuple(MountBinding.from_wire(m.to_wire() if isinstance(m, MountBinding) else m) for m in data)
+    if len({binding.guest for binding in bindings}) != len(bindings):
+        raise MachinenError("two mounts at one guest path", code="MOUNT_SPEC_INVALID")
+    return bindings
+
+
+def _workload(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value.keys() <= WORKLOAD_KEYS:
+        raise _invalid(f"a workload is a map of {sorted(WORKLOAD_KEYS)}", value)
+    cmd = value.get("cmd")
+    if cmd is not None and (not isinstance(cmd, list) or not cmd or not all(type(a) is str for a in cmd)):
+        raise _invalid("a workload's cmd is a non-empty list of strings", cmd)
+    env = value.get("env") or {}
+    if not isinstance(env, dict) or not all(type(k) is str and type(v) is str for k, v in env.items()):
+        raise _invalid("a workload's env maps strings to strings", env)
+    _optional_string(value.get("cwd"), "a workload's cwd")
+    return value
+
+
+@dataclass(frozen=True)
+class BootRequest:
+    """Boot one VM: on the host that runs it, ``image`` (a rootfs tarball's path there, an OCI
+    reference, or None for the base image) is resolved, memory is checked against what is free,
+    and a warm start resumes that host's boot template.  Mounts copied in at boot are not here:
+    the caller copies them through the VM's own file calls once it answers (``start_workload``
+    False: the workload waits for that)."""
+
+    name: str
+    image: str | None = None
+    memory_mib: int = 256
+    cpus: int = 1
+    accel: str | None = None
+    boot_timeout: float = 60.0
+    detached: bool = False
+    ports: tuple[PortForward, ...] = ()
+    network: bool = True  # a network device (outbound NAT, the host closed)
+    network_allow: tuple[str, ...] = ()  # destinations reopened (``NetworkPolicy.allow``)
+    workload: dict[str, Any] | None = None
+    start_workload: bool = True
+    mounts: tuple[MountBinding, ...] = ()  # live ones, of the VM's host
+    pull: str = "missing"
+    insecure: tuple[str, ...] = ()  # registries reached over plain HTTP
+    credentials: tuple[str, str] | None = field(default=None, repr=False)  # (user, password) for the registry
+    warm: bool = True
+
+    def __post_init__(self) -> None:
+        """Every field checked here, so a bad request fails where it is made, as on arrival."""
+        if type(self.name) is not str:
+            raise _invalid("a VM name is a string", self.name)
+        _optional_string(self.image, "image")
+        for what, value, least in (("memory", self.memory_mib, MIN_MEMORY_MIB), ("cpus", self.cpus, 1)):
+            if type(value) is not int or value < least:
+                raise BootError(
+                    f"{what} must be an integer >= {least}{' MiB' if what == 'memory' else ''}, got {value!r}",
+                    code="BOOT_MEMORY_INVALID" if what == "memory" else "BOOT_CPUS_INVALID",
+                )
+        _optional_string(self.accel, "accel")  # which ones exist is the VMM backend's to say
+        if self.pull not in PULL_POLICIES:
+            raise _invalid(f"pull is one of {PULL_POLICIES}", self.pull, "IMAGE_PULL_POLICY_INVALID")
+        credentials = self.credentials
+        if credentials is not None and (
+            not isinstance(credentials, list | tuple)
+            or len(credentials) != 2
+            or not all(type(c) is str for c in credentials)
+        ):
+            raise _invalid("credentials are (user, password)", "...", "IMAGE_CREDENTIALS_INVALID")
+        for rule in _strings(self.network_allow, "network_allow"):
+            parse_rule(rule)
+        checked = {
+            "boot_timeout": _timeout(self.boot_timeout),
+            "ports": PortForward.all_of(self.ports),
+            "network_allow": tuple(self.network_allow),
+            "mounts": _bindings(self.mounts),
+            "insecure": _strings(self.insecure, "insecure"),
+            "credentials": None if credentials is None else tuple(credentials),
+            "workload": _workload(self.workload),
+        }
+        for what in ("detached", "network", "start_workload", "warm"):
+            _flag(getattr(self, what), what)
+        if any(not binding.host for binding in checked["mounts"]):
+            raise BootError("a boot has no saved mounts to drop", code="MOUNT_SPEC_INVALID")
+        for key, value in checked.items():
+            object.__setattr__(self, key, value)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            **wire,
+            "ports": [port.to_wire() for port in self.ports],
+            "mounts": [mount.to_wire() for mount in self.mounts],
+            "network_allow": list(self.network_allow),
+            "insecure": list(self.insecure),
+            "credentials": None if self.credentials is None else list(self.credentials),
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> BootRequest:
+        return cls(**_fields_of(cls, data))  # __post_init__ checks every field
+
+
+@dataclass(frozen=True)
+class ForkRequest:
+    """Siblings of a running VM, one per name, from one instant; ``mounts`` re-bind the source's
+    live mounts for them (or add some, or drop one: ``host`` empty).  No names: only the capture
+    (a spread whose siblings all start from a bundle of it elsewhere)."""
+
+    names: tuple[str, ...]
+    ports: tuple[PortForward, ...] = ()
+    detached: bool = False
+    boot_timeout: float = 60.0
+    mounts: tuple[MountBinding, ...] = ()
+
+    def __post_init__(self) -> None:
+        _resuming_fields(self, least=0)
+
+    def to_wire(self) -> dict[str, Any]:
+        return _resuming_wire(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> ForkRequest:
+        return cls(**_fields_of(cls, data))
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """VMs from a snapshot bundle of the host that runs them: one per name, ``siblings`` sharing its
+    RAM copy-on-write.  ``image`` helps find the image it was taken on; ``trust`` accepts a bundle
+    this user's machinen did not seal; ``network_allow`` reopens destinations (a bundle has none)."""
+
+    bundle: str
+    names: tuple[str, ...]
+    siblings: bool = False
+    ports: tuple[PortForward, ...] = ()
+    detached: bool = False
+    boot_timeout: float = 60.0
+    mounts: tuple[MountBinding, ...] = ()
+    image: str | None = None
+    accel: str | None = None
+    trust: bool = False
+    network_allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if type(self.bundle) is not str:
+            raise _invalid("a bundle is a path", self.bundle)
+        _optional_string(self.image, "image")
+        _optional_string(self.accel, "accel")
+        for what in ("siblings", "trust"):
+            _flag(getattr(self, what), what)
+        for rule in _strings(self.network_allow, "network_allow"):
+            parse_rule(rule)
+        object.__setattr__(self, "network_allow", tuple(self.network_allow))
+        _resuming_fields(self, least=1)
+        if self.siblings and self.ports:
+            raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**_resuming_wire(self), "network_allow": list(self.network_allow)}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> RestoreRequest:
+        return cls(**_fields_of(cls, data))
+
+
+def _resuming_fields(request: ForkRequest | RestoreRequest, *, least: int) -> None:
+    """The fields a fork and a restore share, checked and made immutable."""
+    _flag(request.detached, "detached")
+    names = _names(request.names, least=least)
+    ports = PortForward.all_of(request.ports)
+    if ports and len(names) > 1:
+        raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
+    mounts = _bindings(request.mounts)
+    for key, value in (("names", names), ("ports", ports), ("mounts", mounts),
+                       ("boot_timeout", _timeout(request.boot_timeout))):  # fmt: skip
+        object.__setattr__(request, key, value)
+
+
+def _resuming_wire(request: ForkRequest | RestoreRequest) -> dict[str, Any]:
+    return {
+        **{f.name: getattr(request, f.name) for f in fields(request)},
+        "names": list(request.names),
+        "ports": [port.to_wire() for port in request.ports],
+        "mounts": [mount.to_wire() for mount in request.mounts],
+    }

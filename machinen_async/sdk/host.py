@@ -1,5 +1,5 @@
 """``Host``: where VMs run, as the SDK offers it.  ``Host.local()`` is this machine,
-``Host.ssh(...)`` another one.
+``Host.ssh(...)`` another one; ``boot()`` starts a VM on one of them (by default this one).
 
 A ``Host`` wraps a driver (hosts/): the driver starts and finds VMs and hands
 back ``Connection``s; this turns them into ``VM``s that know their host, and
@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import HostError, MachinenError
-from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, TransferReport
+from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, Progress, TransferReport
 from ..hosts.local import LocalDriver
-from ..protocol.ports import PortSpec, parse_port_forwards
+from ..protocol.messages import BootRequest, ForkRequest, PortForward, RestoreRequest
+from ..protocol.ports import PortSpec
 from ..store import registry
+from ..supervisor.config import check_workload_started
 from .forks import ForkLaunch, Forks
 from .handoff import handoff
-from .mounts import Mount, rebinding
+from .mounts import Mount, checked_mounts, copy_in, live_mounts, rebinding
+from .network import NetworkPolicy, network_settings
+from .process import Command, argv_of
 from .spread import HostPool, fork_across
 from .vm import VM
-
-Progress = Callable[[str], None]
 
 
 class Host:
@@ -144,6 +146,7 @@ class Host:
         detached: bool = False,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
         mounts: Sequence[str | Mount] | None = None,
+        network: NetworkPolicy | None = None,
     ) -> Launch:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
         with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
@@ -151,20 +154,27 @@ class Host:
 
         Without ``detached`` the VMs live until their handles are closed or this
         connection ends.  ``mounts``: live mounts from directories of that host (absolute paths),
-        re-binding the bundle's or adding some."""
-        forwards = parse_port_forwards(ports)
-        chosen, siblings = restore_names(name, n, names, forwards)
-        bound = rebinding(mounts, here=self.driver == LocalDriver())
+        re-binding the bundle's or adding some.  ``network``: the policy (default: the host closed)."""
+        chosen, siblings = restore_names(name, n, names)
+        request = RestoreRequest(
+            bundle=remote_bundle, names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
+            detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts, here=self.driver == LocalDriver()),
+            network_allow=network.allow if network is not None else (),
+        )  # fmt: skip
+        return self.start_restore(request)
+
+    def start_restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> Launch:
+        """The VMs ``request`` names, from a bundle of this host."""
 
         async def start() -> VM | Forks:
-            started = await self.driver.restore(
-                remote_bundle, chosen, siblings=siblings, ports=forwards, detached=detached, boot_timeout=boot_timeout,
-                mounts=bound,
-            )  # fmt: skip
-            vms = [self.vm(connection) for connection in started]
-            return Forks(vms) if siblings else vms[0]
+            vms = [self.vm(connection) for connection in await self.driver.restore(request, progress=progress)]
+            return Forks(vms) if request.siblings else vms[0]
 
         return Launch(start)
+
+    def boot(self, image: str | os.PathLike | None = None, **options: Any) -> Launch:
+        """A VM booted on this host: ``boot(image, host=self, **options)`` (see ``boot``)."""
+        return boot(image, host=self, **options)
 
     @contextlib.asynccontextmanager
     async def connect(self, name: str) -> AsyncIterator[VM]:
@@ -193,47 +203,31 @@ class Host:
         single: bool,
         boot_timeout: float,
         detached: bool,
-        ports: list[list],
+        ports: tuple[PortForward, ...],
         hosts: Sequence[Host] | HostPool | None,
         mounts: Sequence[str | Mount] | None,
     ) -> ForkLaunch:
         """``source.fork()``: siblings here, or spread over ``hosts``."""
         # A spread's mounts bind on every host that gets siblings: absolute directories of each.
         bound = rebinding(mounts, here=self.driver == LocalDriver() and hosts is None)
+        request = ForkRequest(tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound)
 
         async def start() -> Forks:
             if hosts is not None:
-                return await fork_across(source, names, hosts, boot_timeout, detached, mounts, bound)
-            return await self.fork_here(
-                source, names, boot_timeout=boot_timeout, detached=detached, ports=ports, mounts=bound
-            )
+                return await fork_across(source, request, hosts, mounts)
+            return await self.fork_here(source, request)
 
         return ForkLaunch(start, single)
 
-    async def fork_here(
-        self,
-        source: VM,
-        names: list[str],
-        *,
-        boot_timeout: float,
-        detached: bool,
-        ports: list[list],
-        bundle_dir: Path | None = None,
-        mounts: Sequence[Sequence] = (),
-    ) -> Forks:
-        started, template = await self.driver.fork(
-            source.connection, names, ports=ports, detached=detached, boot_timeout=boot_timeout, bundle_dir=bundle_dir,
-            mounts=mounts,
-        )  # fmt: skip
+    async def fork_here(self, source: VM, request: ForkRequest, *, bundle_dir: Path | None = None) -> Forks:
+        started, template = await self.driver.fork(source.connection, request, bundle_dir=bundle_dir)
         return Forks([self.vm(connection) for connection in started], template)
 
     async def handoff(self, vm: VM, destination: Host, **options: Any) -> VM:
         return await handoff(vm, destination, **options)
 
 
-def restore_names(
-    name: str | None, n: int | None, names: Sequence[str] | None, forwards: list[list]
-) -> tuple[list[str], bool]:
+def restore_names(name: str | None, n: int | None, names: Sequence[str] | None) -> tuple[list[str], bool]:
     """The names of the VMs a restore starts, and whether they are siblings (``n`` or ``names``)."""
     if n is None and names is None:
         return [registry.validate_name(name) if name is not None else registry.new_name()], False
@@ -244,8 +238,6 @@ def restore_names(
         chosen = [f"{prefix}-{i}" for i in range(n)]
     else:
         raise MachinenError(f"n must be a positive integer, got {n!r}", code="FORK_COUNT_INVALID")
-    if forwards:
-        raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
     return chosen, True
 
 
@@ -276,3 +268,117 @@ def split_vm_address(address: str) -> tuple[Host | None, str]:
     if not colon:
         return None, address
     return Host.from_spec(host), name
+
+
+IMAGE_CMD = "image"  # boot(cmd="image"): an OCI image's Entrypoint + Cmd as the workload
+
+
+async def _launch(host: Host, request: BootRequest, copies: Sequence[Mount], progress: Progress | None) -> VM:
+    vm = host.vm(await host.driver.boot(request, progress=progress))
+    try:
+        if copies:  # the copies first, so the workload finds them
+            for mount in copies:
+                await copy_in(vm, mount, stall_timeout=request.boot_timeout)
+            started = await vm.connection.channel.call("workload_start", request.workload or {"from_image": True})
+            check_workload_started(started)
+    except BaseException:
+        await vm.aclose()
+        raise
+    return vm
+
+
+def _workload(cmd: Command | None, env: Mapping[str, str] | None, cwd: str | None) -> dict[str, Any] | None:
+    if cmd is None:
+        return None
+    if cmd == IMAGE_CMD:
+        return {"image_cmd": True}
+    return {"cmd": argv_of(cmd), "env": dict(env or {}), "cwd": cwd}
+
+
+def boot(
+    image: str | os.PathLike | None = None,
+    *,
+    name: str | None = None,
+    memory_mib: int = 256,
+    cpus: int = 1,
+    accel: str | None = None,
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+    detached: bool = False,
+    ports: Sequence[PortSpec] | None = None,
+    network: bool | NetworkPolicy = True,
+    cmd: Command | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    mounts: Sequence[str | Mount] | None = None,
+    progress: Callable[[str], None] | None = None,
+    pull: str = "missing",
+    credentials: tuple[str, str] | None = None,
+    insecure: Sequence[str] = (),
+    warm: bool = True,
+    host: Host | None = None,
+) -> Launch:
+    """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
+    (``"python:3.12-slim"``, ``"localhost:5000/team/agent@sha256:..."``, ``"oci:./layout:tag"``,
+    ``"docker-archive:./image.tar"``; see ``rootfs_of``); default: the Debian base.  An OCI
+    image needs nothing inside it (the agent brings its own interpreter); its Env, WorkingDir
+    and User are the defaults of every command.  ``pull``: "missing" (default: a cached
+    reference boots without asking the registry), "always" (ask what the tag names now) or
+    "never"; ``credentials``: (user, password) for the registry, else ``~/.docker/config.json``;
+    ``insecure``: registries reached over plain HTTP (``"host:port"``, ``"host"`` or a network
+    such as ``"10.0.0.0/8"``; loopback ones always are), as Docker's ``insecure-registries``.
+
+    ``warm`` (default): resume the boot template of this start key (image, kernel, memory, CPUs,
+    network device...), which the key's first boot captured as soon as its agent answered; the
+    VM gets its own hostname, machine-id, entropy and clock, then everything below applies as on
+    a cold boot (``describe()["start"]`` says which it was).  False always boots the kernel.
+
+    ``host``: where the VM runs (default ``Host.local()``; ``Host.ssh(...)``, a ``RayHosts`` node):
+    there the image is found or pulled, the memory checked and its boot template resumed, and
+    ``ports`` and live mounts are that host's; a tarball path is a path there, while copied
+    ``mounts`` are directories of this machine, copied through the VM's agent.
+
+    The VM runs ``cmd`` (or else the image's default cmd, see ``provision``)
+    as its supervised workload: output in /var/log/machinen/workload.log,
+    restarted after a non-zero exit.  ``cmd="image"``: an OCI image's
+    Entrypoint + Cmd (never by default: a sandbox image's CMD is often a shell).
+
+    ``accel``: "kvm", "tcg" or "auto" (default, also $MACHINEN_ACCEL).  With
+    ``detached`` the VM outlives this process; reach it with ``connect(name)``.
+    ``ports``: host -> guest TCP forwards, ``["3000:3000", "0.0.0.0:8080:80",
+    (5432, 5432)]`` (loopback unless an address is given); they tunnel through
+    the guest agent, so they need no guest network.  ``network``: outbound
+    access (QEMU user-mode NAT, DNS included, nothing inbound) with the host
+    closed (its loopback, its addresses, link-local: see ``NetworkPolicy``,
+    which reopens chosen destinations); False boots with no network device
+    at all.  Fork siblings keep their source's policy.  ``mounts``: host
+    directories in the guest, ``Mount(host, guest, live=True)`` or
+    ``"HOST:GUEST[:ro|rw]"`` (copied in at boot); live ones are the host's
+    files themselves, both ways, and fork siblings keep them (see ``Mount``).
+    """
+    host = host or Host.local()
+    here = host.driver == LocalDriver()
+    # Copied mounts are the caller's directories, wherever the VM runs; live ones the VM host's.
+    chosen = checked_mounts(mounts, live_here=here)
+    has_network, network_allow = network_settings(network)
+    if isinstance(image, os.PathLike):
+        image = str(Path(image).expanduser().resolve()) if here else os.fspath(image)
+    request = BootRequest(
+        name=registry.validate_name(name) if name is not None else registry.new_name(),
+        image=image,
+        memory_mib=memory_mib,
+        cpus=cpus,
+        accel=accel,
+        boot_timeout=boot_timeout,
+        detached=detached,
+        ports=PortForward.all_of(ports),
+        network=has_network,
+        network_allow=tuple(network_allow),
+        workload=_workload(cmd, env, cwd),
+        start_workload=all(mount.live for mount in chosen),
+        mounts=live_mounts(chosen),
+        pull=pull,
+        insecure=tuple(insecure),
+        credentials=credentials,
+        warm=warm,
+    )
+    return Launch(lambda: _launch(host, request, [mount for mount in chosen if not mount.live], progress))

@@ -15,6 +15,7 @@ import anyio.abc
 
 from ..errors import BootError, plain_errors
 from ..protocol.guest_abi import ROOT_USER
+from ..protocol.messages import MountBinding
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -75,9 +76,13 @@ class Mount:
         return Mount(str(host), guest, self.live, self.read_only)
 
 
-def checked_mounts(mounts: Sequence[str | Mount] | None, *, here: bool = True, resuming: bool = False) -> list[Mount]:
-    """Each mount parsed and checked (its host directory made absolute); one per guest path."""
-    checked = [Mount.parse(mount).checked(here=here) for mount in mounts or ()]
+def checked_mounts(
+    mounts: Sequence[str | Mount] | None, *, live_here: bool = True, resuming: bool = False
+) -> list[Mount]:
+    """Each mount parsed and checked (its host directory made absolute); one per guest path.  A copied
+    one is always a directory of this machine; a live one of the VM's host (``live_here``: this one)."""
+    parsed = [Mount.parse(mount) for mount in mounts or ()]
+    checked = [mount.checked(here=live_here or not mount.live) for mount in parsed]
     if any(not mount.host for mount in checked) and not resuming:
         raise BootError("Mount.drop() is for fork, restore and handoff", code="MOUNT_SPEC_INVALID")
     targets = [mount.guest for mount in checked]
@@ -86,19 +91,19 @@ def checked_mounts(mounts: Sequence[str | Mount] | None, *, here: bool = True, r
     return checked
 
 
-def rebinding(mounts: Sequence[str | Mount] | None, *, here: bool = True) -> list[list]:
+def rebinding(mounts: Sequence[str | Mount] | None, *, here: bool = True) -> tuple[MountBinding, ...]:
     """Live mounts that re-bind (or add to) those of a VM resumed from saved state (fork, restore, handoff)."""
-    chosen = checked_mounts(mounts, here=here, resuming=True)  # a drop is the guest path with host ""
-    if any(not mount.live for mount in chosen):
+    if any(not Mount.parse(mount).live for mount in mounts or ()):
         raise BootError(
             "only live mounts are re-bound (nothing is copied into a running guest)", code="MOUNT_SPEC_INVALID"
         )
+    chosen = checked_mounts(mounts, live_here=here, resuming=True)  # a drop is the guest path with host ""
     return live_mounts(chosen)
 
 
-def live_mounts(mounts: Sequence[Mount]) -> list[list]:
-    """The supervisor's form of the live ones: [[host directory, guest path, read only], ...]."""
-    return [[mount.host, mount.guest, mount.read_only] for mount in mounts if mount.live]
+def live_mounts(mounts: Sequence[Mount]) -> tuple[MountBinding, ...]:
+    """The live ones, as a request carries them."""
+    return tuple(MountBinding(mount.host, mount.guest, mount.read_only) for mount in mounts if mount.live)
 
 
 @contextlib.contextmanager

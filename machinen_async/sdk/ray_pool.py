@@ -1,5 +1,5 @@
 """A Ray cluster as a pool of hosts: ``async with RayHosts() as pool`` then
-``vm.fork(n=64, hosts=pool)``; Ray's scheduler places the siblings.
+``vm.fork(n=64, hosts=pool)``; Ray's scheduler places the siblings (and ``pool.boot(image)`` a VM).
 
 Each node that offers the ``machinen_slots`` custom resource (``ray start
 --resources='{"machinen_slots": 8}'``) is a ``Host``, driven through one
@@ -23,13 +23,16 @@ import logging
 import os
 import threading
 import warnings
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
 from ..errors import HostError, MachinenError, plain_errors
-from .host import Host
+from .host import Host, Launch
 from .spread import Reservation, sibling_cost_mib
+
+if TYPE_CHECKING:
+    from .vm import VM
 
 SLOT_RESOURCE = "machinen_slots"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -203,6 +206,25 @@ class RayHosts:
                 await anyio.to_thread.run_sync(remove_placement_group, group)
 
         return Reservation(hosts, release)
+
+    def boot(
+        self, image: str | os.PathLike | None = None, *, memory_mib: int = 256, accel: str | None = None, **options: Any
+    ) -> Launch:
+        """A VM booted on the node Ray picks for one slot and its memory (held until the VM's handle
+        closes); the options are ``boot``'s.  The node resumes its own boot template when it has one."""
+
+        async def start() -> VM:
+            reservation = await self.reserve(1, memory_mib, "kvm" if accel == "kvm" else "tcg")
+            try:
+                vm = await reservation.hosts[0].boot(image, memory_mib=memory_mib, accel=accel, **options)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await reservation.release()
+                raise
+            vm.release = reservation.release
+            return vm
+
+        return Launch(start)
 
     async def list(self) -> list[dict[str, Any]]:
         """The VMs of every node, each row with its ``node``."""

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
 from ..errors import BootError, MachinenError, plain_errors
 from ..hosts.local import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE
+from ..protocol.messages import ForkRequest
 from ..store import chunks
 from .forks import Forks, close_all
 
@@ -90,23 +91,17 @@ async def place_on(hosts: Sequence[Host], count: int, memory_mib: int) -> Reserv
 
 
 async def fork_across(
-    source: VM,
-    names: list[str],
-    hosts: Sequence[Host] | HostPool,
-    boot_timeout: float,
-    detached: bool,
-    mounts: Sequence[str | Mount] | None,
-    bound: list[list],
+    source: VM, request: ForkRequest, hosts: Sequence[Host] | HostPool, mounts: Sequence[str | Mount] | None
 ) -> Forks:
-    """``mounts`` as the user gave them (for each remote host to check there), ``bound`` as checked here."""
+    """``mounts`` as the user gave them (for each remote host to check there); ``request.mounts`` as
+    checked here."""
     memory_mib = source.info["memory_mib"]
     if isinstance(hosts, Sequence):
-        reservation = await place_on(hosts, len(names), memory_mib)
+        reservation = await place_on(hosts, len(request.names), memory_mib)
     else:
-        reservation = await hosts.reserve(len(names), memory_mib, source.info["accel"])
+        reservation = await hosts.reserve(len(request.names), memory_mib, source.info["accel"])
     try:
-        return await _start_across(source, names, reservation.hosts, boot_timeout, detached, mounts, bound,
-                                   reservation.release)  # fmt: skip
+        return await _start_across(source, request, reservation.hosts, mounts, reservation.release)
     except BaseException:
         if reservation.release is not None:
             with anyio.CancelScope(shield=True):
@@ -116,21 +111,19 @@ async def fork_across(
 
 async def _start_across(
     source: VM,
-    names: list[str],
+    request: ForkRequest,
     placement: list[Host],
-    boot_timeout: float,
-    detached: bool,
     mounts: Sequence[str | Mount] | None,
-    bound: list[list],
     release: Callable[[], Awaitable[None]] | None,
 ) -> Forks:
+    names = list(request.names)
     # Siblings on the source's host map its fork template; the others start from a bundle of it.
     here = [name for name, host in zip(names, placement, strict=True) if host == source.host]
     elsewhere: dict[Host, list[str]] = {}
     for name, host in zip(names, placement, strict=True):
         if host != source.host:
             elsewhere.setdefault(host, []).append(name)
-    unbound = [guest for _, guest, _ in source.info["mounts"] if guest not in {mount[1] for mount in bound}]
+    unbound = [guest for _, guest, _ in source.info["mounts"] if guest not in {mount.guest for mount in request.mounts}]
     if elsewhere and unbound:  # the source's directory is a path of its own host
         raise BootError(
             f"siblings on other hosts cannot serve the live mount at {unbound[0]} from this host's directory: "
@@ -143,9 +136,8 @@ async def _start_across(
     workdir = chunks.work_path(f"fork-{source.name}")
     try:
         forks_here = await source.host.fork_here(
-            source, here, boot_timeout=boot_timeout, detached=detached, ports=[],
-            bundle_dir=workdir if elsewhere else None, mounts=bound,
-        )  # fmt: skip
+            source, replace(request, names=tuple(here)), bundle_dir=workdir if elsewhere else None
+        )
         started.update(zip(here, forks_here, strict=True))
 
         async def start_there(host: Host, host_names: list[str]) -> None:
@@ -154,8 +146,8 @@ async def _start_across(
                 siblings = await host.restore(
                     pushed.remote_bundle,
                     names=host_names,
-                    detached=detached,
-                    boot_timeout=boot_timeout,
+                    detached=request.detached,
+                    boot_timeout=request.boot_timeout,
                     mounts=mounts,
                 )
                 started.update(zip(host_names, siblings, strict=True))

@@ -8,7 +8,7 @@ where the VM runs (forking it, moving it, stopping it) goes to its ``Host``.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,8 @@ from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError,
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
-from ..protocol.ports import PortSpec, parse_port_forwards
+from ..protocol.messages import PortForward
+from ..protocol.ports import PortSpec
 from ..store import registry
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
 
@@ -73,6 +74,8 @@ class VM:
         self.name: str = connection.name
         self.host = host
         self.handoff_report: Any = None  # set on the VM a handoff() returned
+        # Called once this handle is closed: what a host pool reserved for the VM (``RayHosts.boot``).
+        self.release: Callable[[], Awaitable[None]] | None = None
 
     @property
     def owned(self) -> bool:
@@ -278,7 +281,7 @@ class VM:
             chosen = [registry.validate_name(name if n is None else f"{name}-{i}") for i in range(count)]
         else:
             chosen = [f"{self.name[:40]}-{os.urandom(3).hex()}" for _ in range(count)]
-        forwards = parse_port_forwards(ports)
+        forwards = PortForward.all_of(ports)
         if forwards and len(chosen) > 1:
             raise MachinenError("ports can be given to a single sibling only", code="PARSE_PORT_INVALID")
         if hosts is not None and (forwards or not hosts):
@@ -360,3 +363,7 @@ class VM:
     async def aclose(self) -> None:
         """Disconnect; a VM this handle booted is also stopped."""
         await close_connections([self.connection])
+        release, self.release = self.release, None
+        if release is not None:
+            with anyio.CancelScope(shield=True):
+                await release()
