@@ -159,8 +159,8 @@ async def test_a_host_boots_there_and_warm_after_its_first(remote_host, tmp_path
         async with launch as vm:
             assert (await vm.describe())["start"] == "warm"
             assert (await vm.exec(["cat", "/data/note"])).stdout == b"from the caller\n"
-            waited = await vm.exec(["sh", "-c", "for i in $(seq 100); do [ -s /tmp/workload ] && break; sleep 0.1; done;"
-                                    " cat /tmp/workload"])  # fmt: skip
+            wait_for_it = "for i in $(seq 100); do [ -s /tmp/workload ] && break; sleep 0.1; done; cat /tmp/workload"
+            waited = await vm.exec(["sh", "-c", wait_for_it])
             assert waited.stdout == b"hi\n"
             await serve_http(vm)
             assert await http_get(port, "/index.html") == b"hello\n"  # the port of that host (loopback here)

@@ -18,7 +18,7 @@ from conftest import machinen, qemu_processes
 from test_ports import free_port, http_get, serve_http
 from test_qemu_confined import _mounts
 
-from machinen_async import MachinenError, Mount, boot, restore, warm_pool
+from machinen_async import Host, MachinenError, Mount, boot, restore, warm_pool
 from machinen_async.store import assets, boot_templates, bundle, layers, paths
 
 pytestmark = pytest.mark.anyio
@@ -160,6 +160,18 @@ async def test_a_warm_pool_hands_over_distinct_fresh_vms_and_leaves_nothing(anyi
     with pytest.raises(MachinenError) as closed:
         await pool.acquire()
     assert closed.value.code == "POOL_CLOSED"
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [({"size": 0}, "POOL_SIZE_INVALID"), ({"size": True}, "POOL_SIZE_INVALID"), ({"name": "x"}, "POOL_OPTION_INVALID"),
+     ({"warm": False}, "POOL_OPTION_INVALID"), ({"host": Host.local()}, "POOL_OPTION_INVALID")],
+)  # fmt: skip
+async def test_a_pool_refuses_what_it_cannot_honour(options, code):
+    with pytest.raises(MachinenError) as refused:
+        async with warm_pool(**options):
+            pass
+    assert refused.value.code == code
 
 
 async def test_leaving_a_warm_pool_early_or_cancelled_leaves_no_qemu(anyio_backend):

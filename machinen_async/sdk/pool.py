@@ -89,12 +89,15 @@ async def warm_pool(
 ) -> AsyncIterator[WarmPool]:
     """``async with warm_pool(image, size=4, **boot_options) as pool: vm = await pool.acquire()``.
 
-    ``boot_options`` are ``boot()``'s (not ``name``: each VM gets its own); every VM of the pool
-    is booted with them.  See the module docstring."""
+    ``boot_options`` are ``boot()``'s (not ``name``: each VM gets its own; not ``host``: a pool
+    fills on this machine); every VM of the pool is booted with them.  See the module docstring."""
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 256:
         raise MachinenError(f"size must be an integer in 1..256, not {size!r:.40}", code="POOL_SIZE_INVALID")
-    if "name" in boot_options or "warm" in boot_options:
-        raise MachinenError("a pool names its VMs and boots them warm", code="POOL_OPTION_INVALID")
+    if boot_options.keys() & {"name", "warm", "host"}:
+        raise MachinenError(
+            "a pool names its VMs, boots them warm, and on this machine (its memory is what it budgets)",
+            code="POOL_OPTION_INVALID",
+        )
     pool = WarmPool(lambda: boot(image, memory_mib=memory_mib, **boot_options), memory_mib)
     try:
         async with anyio.create_task_group() as tg:
