@@ -21,7 +21,7 @@ BACKPORTS_SOURCE := /etc/apt/sources.list.d/machinen-bookworm-backports.sources
 TEST_PACKAGES := openssh-server openssh-client docker-registry apache2-utils  # registry + htpasswd: tests/oci_registry.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps host-deps test-deps demo test bench clean
+.PHONY: deps host-deps test-deps demo test bench docs clean
 
 host-deps:
 ifneq ($(BACKPORTS),)
@@ -55,6 +55,9 @@ test: deps test-deps
 
 bench: deps
 	$(PY) benchmarks/boot_exec.py
+
+docs:  # what is generated from the code (tests/test_errors.py checks it is current)
+	$(PY) -c 'from machinen_async.errors import errors_markdown; print(errors_markdown(), end="")' > docs/errors.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -309,10 +309,22 @@ def main() -> None:
 
 @main.command()
 @click.option("--refresh", is_flag=True, help="Ask apt again for the newest kernel/busybox/rootfs inputs.")
-def install(refresh: bool) -> None:
+@click.option(
+    "--version", "pinned", metavar="VERSION",
+    help="Fail unless this machinen is VERSION (what it builds is this version's; pip pins another).",
+)  # fmt: skip
+def install(refresh: bool, pinned: str | None) -> None:
     """Fetch and build the base kernel, initramfs and root filesystem."""
 
     async def run() -> None:
+        if pinned is not None and pinned.removeprefix("v") != __version__:
+            wanted = pinned.removeprefix("v")
+            raise MachinenError(
+                f"this machinen is {__version__}, not {wanted}: `pip install machinen_async=={wanted}` installs "
+                "that one (each version builds its own assets)",
+                code="PARSE_FLAG_INVALID",
+            )
+
         def build() -> Any:
             base = assets.ensure_base(_progress, refresh=refresh)
             return base, assets.image_for(base.rootfs_tarball, _progress)
@@ -340,7 +352,7 @@ def install(refresh: bool) -> None:
 @click.option("--tty", "-t", "use_tty", is_flag=True, help="Run the foreground CMD on a pseudo-terminal.")
 @publish_option
 @mount_option(copied=True)
-@click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
+@click.option("--detach", "--detached", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--run-image-cmd", is_flag=True, help="Run an OCI image's Entrypoint + Cmd as the VM's workload.")
 @click.option("--cold", is_flag=True, help="Boot the kernel even if a boot template could be resumed.")
 @click.option(
@@ -439,7 +451,7 @@ def attach(name: str, shell: str) -> None:
 @click.option("--new-name", help="Sibling name; with -n a prefix: NAME-0, NAME-1, ...")
 @click.option("-n", "count", type=int, default=None, help="Number of siblings (default 1).")
 @publish_option
-@click.option("--detach", "-d", is_flag=True, help="Leave the siblings running and return.")
+@click.option("--detach", "--detached", "-d", is_flag=True, help="Leave the siblings running and return.")
 @click.option(
     "--host", "host_specs", multiple=True, metavar="[USER@]HOST",
     help="Spread the siblings over these hosts (repeatable; `local` is this one).",
@@ -511,7 +523,7 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @click.option("--image", help="Rootfs tarball the bundle's VM was booted from, if not the base image.")
 @publish_option
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
-@click.option("--detach", "-d", is_flag=True, help="Leave the VM running and return.")
+@click.option("--detach", "--detached", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option(
     "--host", "host_spec", metavar="[USER@]HOST", help="Push the bundle to HOST over SSH and restore it there."
 )

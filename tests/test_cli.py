@@ -186,3 +186,49 @@ def test_fork_pi_example_runs_the_pi_agent():
     for prompt in FORK_PI_PROMPTS:
         assert f"A: stub answer to: {prompt}" in result.stdout
     assert len(llm.prompts) == len(FORK_PI_PROMPTS)  # one model call per sibling
+
+
+SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "machinen-README.md"
+
+
+def _seed_command_lines() -> list[list[str]]:
+    """Every ``npx machinen ...`` / ``npx mn ...`` line of the seed README's shell blocks, as argv."""
+    import re
+    import shlex
+
+    lines, in_shell = [], False
+    for line in SEED_README.read_text().splitlines():
+        if line.startswith("```"):
+            in_shell = line.strip() in ("```bash", "```sh")
+            continue
+        found = re.search(r"npx (?:machinen|mn) (.*)", line) if in_shell else None
+        if found:
+            command = re.split(r"\s(?:#|&)", found[1])[0]
+            lines.append(shlex.split(command.replace("<tag>", "v0")))
+    return lines
+
+
+@pytest.mark.skipif(not SEED_README.is_file(), reason="../shared/seed is beside the checkout in CI")
+def test_every_command_line_of_the_seed_readme_parses():
+    """CLI parity with machinen: what its README types, ours accepts (parsed, not run)."""
+    import click
+
+    from machinen_async.cli import main
+
+    commands = _seed_command_lines()
+    assert len(commands) >= 14  # boot, snapshot, restore, fork, exec, install as the seed types them
+    for name, *rest in commands:
+        command = main.get_command(click.Context(main), name)
+        assert command is not None, name
+        try:
+            command.make_context(name, rest)
+        except click.ClickException as refused:
+            raise AssertionError(f"{[name, *rest]}: {refused.format_message()}") from None
+
+
+def test_install_pins_only_its_own_version(cli):
+    from machinen_async import __version__
+
+    refused = cli("install", "--version", "v0.0.0-other", check=False)
+    assert refused.returncode == 1 and b"error [PARSE_FLAG_INVALID]" in refused.stderr
+    assert __version__.encode() in refused.stderr

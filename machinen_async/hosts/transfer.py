@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import anyio
 
-from ..errors import SnapshotError, TransferError, plain_errors
+from ..errors import BootError, SnapshotError, TransferError, plain_errors
 from ..store import assets, bundle, chunks, paths, sparse
 from .base import Progress, TransferReport
 
@@ -166,7 +166,7 @@ def _local_asset(key: str, manifest: dict[str, Any]) -> Path:
         digest = manifest["image"].get("sha256")
         found = assets.find_image(manifest["image"]["key"], digest) if digest else None
         if found is None:
-            raise SnapshotError("this host does not have the bundle's image to send", code="BOOT_IMAGE_NOT_FOUND")
+            raise BootError("this host does not have the bundle's image to send", code="BOOT_IMAGE_NOT_FOUND")
         return found
     found = assets.find_boot_file(manifest[key]["sha256"])
     if found is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from ..errors import ExecError, MachinenError, plain_errors
+from ..errors import ExecError, ProvisionError, plain_errors
 from ..protocol.guest_abi import IMAGE_CONFIG, ROOT_USER
 from ..store import assets
 from .boot import boot
@@ -34,10 +34,6 @@ EXPORT_EXCLUDES = ("./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", f"./{
 EXPORTER = (
     f"import sys; sys.path.insert(0, '/{assets.GUEST_LIB}'); from machinen_async.guest.export import main; main()"
 )
-
-
-class ProvisionError(MachinenError):
-    default_code = "PROVISION_FAILED"
 
 
 async def provision(

@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ..errors import BootError, MachinenError, SnapshotError, plain_errors
+from ..errors import BootError, ForkError, MachinenError, SnapshotError, plain_errors
 from ..protocol.messages import ForkTemplate, IncomingState
 from ..store import bundle, layers, registry, sparse
 from ..store.assets import immutable_file_digest
@@ -91,7 +91,7 @@ class Capture:
             try:
                 self.layer_refs += [layers.Shared(Path(p)).hold() for p in incoming.holds]
             except FileNotFoundError:
-                raise BootError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
+                raise ForkError("the fork template is gone", code="FORK_TEMPLATE_NOT_FOUND") from None
             self.chain, self.disk_size = incoming.chain, incoming.disk_size
         self.ram_file, self.ram_shared = ram_dir / "mem", True
         if incoming is not None and incoming.bundle:
