@@ -5,6 +5,7 @@ async with boot() as vm:
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from .errors import (
     AgentUnavailableError,
@@ -32,14 +33,28 @@ from .errors import (
 )
 from .version import __version__
 
+if TYPE_CHECKING:  # what checkers and IDEs see; at run time __getattr__ imports each on first use
+    from .hosts.base import TransferReport
+    from .sdk.boot import connect, restore, stop_vm
+    from .sdk.forks import Forks, Launch
+    from .sdk.handoff import HandoffReport
+    from .sdk.host import Host, boot
+    from .sdk.mounts import Mount
+    from .sdk.network import NetworkPolicy
+    from .sdk.pool import WarmPool, warm_pool
+    from .sdk.process import ExecResult, Process
+    from .sdk.provisioning import debian_rootfs, provision
+    from .sdk.ray_pool import RayHosts
+    from .sdk.vm import VM, SnapshotInfo
+
 # Where each public name lives: imported on first use, because the per-VM
 # supervisor imports this package's submodules and should not pay for the SDK
 # (one supervisor starts per fork sibling).
 _FROM_SDK = {
     "VM": "vm", "SnapshotInfo": "vm",
     "ExecResult": "process", "Process": "process",
-    "Forks": "forks",
-    "boot": "boot", "connect": "boot", "restore": "boot", "stop_vm": "boot",
+    "Forks": "forks", "Launch": "forks",
+    "boot": "host", "connect": "boot", "restore": "boot", "stop_vm": "boot",
     "Host": "host",
     "RayHosts": "ray_pool",
     "HandoffReport": "handoff",
@@ -80,6 +95,7 @@ __all__ = [
     "RayHosts",
     "HostError",
     "ImageError",
+    "Launch",
     "MachinenError",
     "Mount",
     "MountError",

@@ -7,17 +7,46 @@ import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import overload
 
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S
 from ..hosts.local import LocalDriver
 from ..protocol.messages import PortForward, RestoreRequest
 from ..protocol.ports import PortSpec
-from .host import IMAGE_CMD, Host, Launch, boot, restore_names
+from .forks import Forks, Launch
+from .host import IMAGE_CMD, Host, boot, restore_names
 from .mounts import Mount, rebinding
 from .network import NetworkPolicy
 from .vm import VM
 
 __all__ = ["IMAGE_CMD", "boot", "connect", "restore", "stop_vm"]
+
+
+@overload
+def restore(
+    bundle_dir: str | os.PathLike, *, name: str | None = None, n: None = None, names: None = None,
+    image: str | os.PathLike | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
+    ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+) -> Launch[VM]: ...  # fmt: skip
+
+
+@overload
+def restore(
+    bundle_dir: str | os.PathLike, *, name: str | None = None, n: int, names: Sequence[str] | None = None,
+    image: str | os.PathLike | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
+    ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+) -> Launch[Forks]: ...  # fmt: skip
+
+
+@overload
+def restore(
+    bundle_dir: str | os.PathLike, *, name: str | None = None, n: None = None, names: Sequence[str],
+    image: str | os.PathLike | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
+    ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+) -> Launch[Forks]: ...  # fmt: skip
 
 
 def restore(
@@ -35,7 +64,7 @@ def restore(
     trust: bool = False,
     network: NetworkPolicy | None = None,
     mounts: Sequence[str | Mount] | None = None,
-) -> Launch:
+) -> Launch[VM] | Launch[Forks]:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
     Port forwards and the network policy are not part of a bundle: pass

@@ -1,9 +1,9 @@
-"""Siblings of one fork event: ``Forks``, and the launch ``vm.fork()`` returns (awaitable, or ``async with``)."""
+"""Siblings of one fork event: ``Forks``; and ``Launch``, what starting VMs returns (awaitable, or ``async with``)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
 
@@ -81,25 +81,29 @@ async def close_all(vms: Sequence[VM | None]) -> None:
                     tg.start_soon(vm.aclose)
 
 
-class ForkLaunch:
-    """``await vm.fork()`` -> VM (or ``Forks`` with ``n``); ``async with`` closes them on exit."""
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
 
-    def __init__(self, start: Callable[[], Awaitable[Forks]], single: bool) -> None:
-        self._start_siblings = start
-        self._single = single
-        self._result: VM | Forks | None = None
 
-    async def _start(self) -> VM | Forks:
-        forks = await self._start_siblings()
-        return forks[0] if self._single else forks
+Started = TypeVar("Started", bound=Closable)
 
-    def __await__(self):
+
+class Launch(Generic[Started]):
+    """What ``boot()``, ``restore()`` and ``vm.fork()`` return: ``async with boot(...) as vm`` (closed on
+    exit: the VMs it started stop) or ``vm = await boot(...)`` (then ``await vm.aclose()``).  What it
+    starts is a ``VM``, or ``Forks`` (``restore(..., n=4)``, ``vm.fork(n=4)``)."""
+
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, Started]]) -> None:
+        self._start = start
+        self._started: Started | None = None
+
+    def __await__(self) -> Generator[Any, None, Started]:
         return self._start().__await__()
 
-    async def __aenter__(self) -> VM | Forks:
-        self._result = await self._start()
-        return self._result
+    async def __aenter__(self) -> Started:
+        self._started = await self._start()
+        return self._started
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._result is not None
-        await self._result.aclose()
+        assert self._started is not None
+        await self._started.aclose()

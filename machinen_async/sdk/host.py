@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from ..errors import HostError, MachinenError
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, Progress, TransferReport
@@ -21,7 +21,7 @@ from ..protocol.messages import BootRequest, ForkRequest, PortForward, RestoreRe
 from ..protocol.ports import PortSpec
 from ..store import registry
 from ..supervisor.config import check_workload_started
-from .forks import ForkLaunch, Forks
+from .forks import Forks, Launch
 from .handoff import handoff
 from .mounts import Mount, checked_mounts, copy_in, live_mounts, rebinding
 from .network import NetworkPolicy, network_settings
@@ -135,6 +135,27 @@ class Host:
         path = Path(bundle_dir).expanduser().resolve()
         return await self.driver.push(path, progress=progress, trust=trust)
 
+    @overload
+    def restore(
+        self, remote_bundle: str, *, name: str | None = None, n: None = None, names: None = None,
+        ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
+        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ...,
+    ) -> Launch[VM]: ...  # fmt: skip
+
+    @overload
+    def restore(
+        self, remote_bundle: str, *, name: str | None = None, n: int, names: Sequence[str] | None = None,
+        ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
+        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ...,
+    ) -> Launch[Forks]: ...  # fmt: skip
+
+    @overload
+    def restore(
+        self, remote_bundle: str, *, name: str | None = None, n: None = None, names: Sequence[str],
+        ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
+        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ...,
+    ) -> Launch[Forks]: ...  # fmt: skip
+
     def restore(
         self,
         remote_bundle: str,
@@ -147,7 +168,7 @@ class Host:
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
         mounts: Sequence[str | Mount] | None = None,
         network: NetworkPolicy | None = None,
-    ) -> Launch:
+    ) -> Launch[VM] | Launch[Forks]:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
         with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
         ``restore()`` names them (then ``Forks``).
@@ -163,16 +184,21 @@ class Host:
         )  # fmt: skip
         return self.start_restore(request)
 
-    def start_restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> Launch:
-        """The VMs ``request`` names, from a bundle of this host."""
+    def start_restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> Launch[VM] | Launch[Forks]:
+        """The VMs ``request`` names, from a bundle of this host: ``Forks`` if they are siblings."""
 
-        async def start() -> VM | Forks:
-            vms = [self.vm(connection) for connection in await self.driver.restore(request, progress=progress)]
-            return Forks(vms) if request.siblings else vms[0]
+        async def start() -> list[VM]:
+            return [self.vm(connection) for connection in await self.driver.restore(request, progress=progress)]
 
-        return Launch(start)
+        async def siblings() -> Forks:
+            return Forks(await start())
 
-    def boot(self, image: str | os.PathLike | None = None, **options: Any) -> Launch:
+        async def one() -> VM:
+            return (await start())[0]
+
+        return Launch(siblings) if request.siblings else Launch(one)
+
+    def boot(self, image: str | os.PathLike | None = None, **options: Any) -> Launch[VM]:
         """A VM booted on this host: ``boot(image, host=self, **options)`` (see ``boot``)."""
         return boot(image, host=self, **options)
 
@@ -206,8 +232,8 @@ class Host:
         ports: tuple[PortForward, ...],
         hosts: Sequence[Host] | HostPool | None,
         mounts: Sequence[str | Mount] | None,
-    ) -> ForkLaunch:
-        """``source.fork()``: siblings here, or spread over ``hosts``."""
+    ) -> Launch[VM] | Launch[Forks]:
+        """``source.fork()``: siblings here, or spread over ``hosts``; ``single``: the one sibling itself."""
         # A spread's mounts bind on every host that gets siblings: absolute directories of each.
         bound = rebinding(mounts, here=self.driver == LocalDriver() and hosts is None)
         request = ForkRequest(tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound)
@@ -217,7 +243,13 @@ class Host:
                 return await fork_across(source, request, hosts, mounts)
             return await self.fork_here(source, request)
 
-        return ForkLaunch(start, single)
+        if not single:
+            return Launch(start)
+
+        async def start_one() -> VM:
+            return (await start())[0]
+
+        return Launch(start_one)
 
     async def fork_here(self, source: VM, request: ForkRequest, *, bundle_dir: Path | None = None) -> Forks:
         started, template = await self.driver.fork(source.connection, request, bundle_dir=bundle_dir)
@@ -239,27 +271,6 @@ def restore_names(name: str | None, n: int | None, names: Sequence[str] | None) 
     else:
         raise MachinenError(f"n must be a positive integer, got {n!r}", code="FORK_COUNT_INVALID")
     return chosen, True
-
-
-class Launch:
-    """``async with boot(...) as vm`` (stopped on exit) or ``vm = await boot(...)`` (call ``vm.aclose()``).
-
-    Also ``restore(..., n=4)``: then the result is ``Forks``."""
-
-    def __init__(self, start: Callable[[], Any]) -> None:
-        self._start = start
-        self._vm: Any = None
-
-    def __await__(self):
-        return self._start().__await__()
-
-    async def __aenter__(self) -> Any:
-        self._vm = await self._start()
-        return self._vm
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._vm is not None
-        await self._vm.aclose()
 
 
 def split_vm_address(address: str) -> tuple[Host | None, str]:
@@ -316,7 +327,7 @@ def boot(
     insecure: Sequence[str] = (),
     warm: bool = True,
     host: Host | None = None,
-) -> Launch:
+) -> Launch[VM]:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
     (``"python:3.12-slim"``, ``"localhost:5000/team/agent@sha256:..."``, ``"oci:./layout:tag"``,
     ``"docker-archive:./image.tar"``; see ``rootfs_of``); default: the Debian base.  An OCI

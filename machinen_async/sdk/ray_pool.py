@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 
 from ..errors import HostError, MachinenError, plain_errors
-from .host import Host, Launch
+from .forks import Launch
+from .host import Host
 from .spread import Reservation, sibling_cost_mib
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ class RayHosts:
 
     def boot(
         self, image: str | os.PathLike | None = None, *, memory_mib: int = 256, accel: str | None = None, **options: Any
-    ) -> Launch:
+    ) -> Launch[VM]:
         """A VM booted on the node Ray picks for one slot and its memory (held until the VM's handle
         closes); the options are ``boot``'s.  The node resumes its own boot template when it has one."""
 

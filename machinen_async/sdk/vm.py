@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import anyio
 
@@ -26,7 +26,7 @@ from ..store import registry
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
 
 if TYPE_CHECKING:
-    from .forks import ForkLaunch
+    from .forks import Forks, Launch
     from .host import Host
     from .mounts import Mount
     from .spread import HostPool
@@ -241,6 +241,27 @@ class VM:
             info["agent"] = await self._channel.call("info")
             return info
 
+    @overload
+    def fork(
+        self, n: None = None, *, name: str | None = None, names: None = None, boot_timeout: float = ...,
+        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool | None = ...,
+        mounts: Sequence[str | Mount] | None = ...,
+    ) -> Launch[VM]: ...  # fmt: skip
+
+    @overload
+    def fork(
+        self, n: int, *, name: str | None = None, names: Sequence[str] | None = None, boot_timeout: float = ...,
+        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool | None = ...,
+        mounts: Sequence[str | Mount] | None = ...,
+    ) -> Launch[Forks]: ...  # fmt: skip
+
+    @overload
+    def fork(
+        self, n: None = None, *, name: str | None = None, names: Sequence[str], boot_timeout: float = ...,
+        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool | None = ...,
+        mounts: Sequence[str | Mount] | None = ...,
+    ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
+
     def fork(
         self,
         n: int | None = None,
@@ -252,7 +273,7 @@ class VM:
         ports: Sequence[PortSpec] | None = None,
         hosts: Sequence[Host] | HostPool | None = None,
         mounts: Sequence[str | Mount] | None = None,
-    ) -> ForkLaunch:
+    ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
 
         ``child = await vm.fork(name="b")`` gives one VM (close it with

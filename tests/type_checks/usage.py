@@ -1,0 +1,22 @@
+"""What a type checker sees of the public API: checked by tests/test_typing.py with mypy --strict (never run)."""
+
+from typing import assert_type
+
+from machinen_async import VM, Forks, Host, boot, restore
+
+
+async def main() -> None:
+    async with boot() as vm:
+        assert_type(vm, VM)
+        async with vm.fork(n=2) as forks:
+            assert_type(forks, Forks)
+        child = await vm.fork()
+        assert_type(child, VM)
+    restored = await restore("x")
+    assert_type(restored, VM)
+    many = await restore("x", n=2)
+    assert_type(many, Forks)
+    named = await restore("x", names=["a"])
+    assert_type(named, Forks)
+    async with Host.local() as here, here.boot() as there:
+        assert_type(there, VM)
