@@ -58,6 +58,7 @@ bench: deps
 
 docs:  # what is generated from the code (tests/test_errors.py checks it is current)
 	$(PY) -c 'from machinen_async.errors import errors_markdown; print(errors_markdown(), end="")' > docs/errors.md
+	$(PY) -c 'from machinen_async.cli import cli_markdown; print(cli_markdown(), end="")' > docs/cli.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -808,5 +808,33 @@ def completion(shell: str) -> None:
     click.echo(completer(main, {}, "machinen", "_MACHINEN_COMPLETE").source())
 
 
+def cli_markdown() -> str:
+    """docs/cli.md: every command's ``--help`` (``make docs`` writes it; a test checks it is current)."""
+    width = 100  # not the terminal's: the page is the same wherever it is made
+    root = click.Context(
+        main, info_name="machinen", terminal_width=width, max_content_width=width, **main.context_settings
+    )
+    pages = [
+        "# CLI",
+        "",
+        "<!-- Generated from machinen_async/cli.py by `make docs`; tests/test_cli.py fails when they differ. -->",
+        "",
+        "`machinen` (or `mn`, or `python -m machinen_async`); exit codes: the guest command's for `exec` and",
+        "`boot -- CMD`; otherwise 0, 1 on error (`error [CODE]: message` on stderr, codes in",
+        "[errors.md](errors.md)), 130 on SIGINT, 143 on SIGTERM.",
+        "",
+        "```text",
+        main.get_help(root),
+        "```",
+    ]
+    for name in sorted(main.list_commands(root)):
+        command = main.get_command(root, name)
+        if command is None or command.hidden:
+            continue
+        context = click.Context(command, info_name=name, parent=root, **command.context_settings)
+        pages += ["", f"## machinen {name}", "", "```text", command.get_help(context), "```"]
+    return "\n".join(pages) + "\n"
+
+
 if __name__ == "__main__":
     main()

@@ -217,11 +217,12 @@ def test_every_command_line_of_the_seed_readme_parses():
 
     commands = _seed_command_lines()
     assert len(commands) >= 14  # boot, snapshot, restore, fork, exec, install as the seed types them
+    root = click.Context(main, info_name="machinen", **main.context_settings)  # as `machinen` makes it
     for name, *rest in commands:
-        command = main.get_command(click.Context(main), name)
+        command = main.get_command(root, name)
         assert command is not None, name
         try:
-            command.make_context(name, rest)
+            command.make_context(name, rest, parent=root)
         except click.ClickException as refused:
             raise AssertionError(f"{[name, *rest]}: {refused.format_message()}") from None
 
@@ -232,3 +233,10 @@ def test_install_pins_only_its_own_version(cli):
     refused = cli("install", "--version", "v0.0.0-other", check=False)
     assert refused.returncode == 1 and b"error [PARSE_FLAG_INVALID]" in refused.stderr
     assert __version__.encode() in refused.stderr
+
+
+def test_the_cli_page_is_the_cli():
+    from machinen_async.cli import cli_markdown
+
+    page = Path(__file__).parent.parent / "docs" / "cli.md"
+    assert page.read_text() == cli_markdown(), "run `make docs`"
