@@ -66,7 +66,7 @@ def _ray_token_auth() -> bool:
 
 
 def _warn_if_insecure(address: str | None, *, token_auth: bool) -> None:
-    """Once a process: a cluster reached without TLS or token authentication (README, Security model)."""
+    """Once a process: a cluster reached without TLS or token authentication (docs/security.md)."""
     global _warned_insecure
     missing = []
     if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):  # as Ray reads it
