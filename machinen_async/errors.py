@@ -20,8 +20,11 @@ from typing import Any
 class MachinenError(Exception):
     """Base of every error this package raises on purpose."""
 
-    default_code = "MACHINEN_ERROR"
-    retryable = False
+    default_code: str = "MACHINEN_ERROR"
+    retryable: bool = False
+    code: str
+    message: str
+    details: dict[str, Any]
 
     def __new__(cls, message: str = "", *args: Any, code: str | None = None, **details: Any) -> MachinenError:
         registered = _CLASS_OF.get(code or "")

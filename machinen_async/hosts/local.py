@@ -144,7 +144,7 @@ async def _start_siblings(
 
 async def _restore_plan(
     bundle_dir: Path,
-    image: str | os.PathLike | None,
+    image: str | os.PathLike[str] | None,
     accel: str | None,
     report: Callable[[str], None],
     trust: bool,

@@ -24,8 +24,8 @@ __all__ = ["IMAGE_CMD", "boot", "connect", "restore", "stop_vm"]
 
 @overload
 def restore(
-    bundle_dir: str | os.PathLike, *, name: str | None = None, n: None = None, names: None = None,
-    image: str | os.PathLike | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
+    bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: None = None, names: None = None,
+    image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
 ) -> Launch[VM]: ...  # fmt: skip
@@ -33,8 +33,8 @@ def restore(
 
 @overload
 def restore(
-    bundle_dir: str | os.PathLike, *, name: str | None = None, n: int, names: Sequence[str] | None = None,
-    image: str | os.PathLike | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
+    bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: int, names: Sequence[str] | None = None,
+    image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
@@ -42,20 +42,20 @@ def restore(
 
 @overload
 def restore(
-    bundle_dir: str | os.PathLike, *, name: str | None = None, n: None = None, names: Sequence[str],
-    image: str | os.PathLike | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
+    bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: None = None, names: Sequence[str],
+    image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
 def restore(
-    bundle_dir: str | os.PathLike,
+    bundle_dir: str | os.PathLike[str],
     *,
     name: str | None = None,
     n: int | None = None,
     names: Sequence[str] | None = None,
-    image: str | os.PathLike | None = None,
+    image: str | os.PathLike[str] | None = None,
     accel: str | None = None,
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
     detached: bool = False,

@@ -120,7 +120,7 @@ class Host:
         return await self.driver.info()
 
     async def push(
-        self, bundle_dir: str | os.PathLike, *, progress: Progress | None = None, trust: bool = False
+        self, bundle_dir: str | os.PathLike[str], *, progress: Progress | None = None, trust: bool = False
     ) -> TransferReport:
         """Copy a snapshot bundle to this host, sending only the chunks it lacks.
 
@@ -198,7 +198,7 @@ class Host:
 
         return Launch(siblings) if request.siblings else Launch(one)
 
-    def boot(self, image: str | os.PathLike | None = None, **options: Any) -> Launch[VM]:
+    def boot(self, image: str | os.PathLike[str] | None = None, **options: Any) -> Launch[VM]:
         """A VM booted on this host: ``boot(image, host=self, **options)`` (see ``boot``)."""
         return boot(image, host=self, **options)
 
@@ -307,7 +307,7 @@ def _workload(cmd: Command | None, env: Mapping[str, str] | None, cwd: str | Non
 
 
 def boot(
-    image: str | os.PathLike | None = None,
+    image: str | os.PathLike[str] | None = None,
     *,
     name: str | None = None,
     memory_mib: int = 256,

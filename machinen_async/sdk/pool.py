@@ -85,7 +85,7 @@ class WarmPool:
 
 @asynccontextmanager
 async def warm_pool(
-    image: str | os.PathLike | None = None, *, size: int = 4, memory_mib: int = 256, **boot_options: Any
+    image: str | os.PathLike[str] | None = None, *, size: int = 4, memory_mib: int = 256, **boot_options: Any
 ) -> AsyncIterator[WarmPool]:
     """``async with warm_pool(image, size=4, **boot_options) as pool: vm = await pool.acquire()``.
 

@@ -38,12 +38,12 @@ EXPORTER = (
 
 async def provision(
     *,
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     install: Callable[[VM], Awaitable[object]] | None = None,
     cmd: Command | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
-    base: str | os.PathLike | None = None,
+    base: str | os.PathLike[str] | None = None,
     memory_mib: int = 512,
     timeout: float = DEFAULT_TIMEOUT_S,
     max_size: int = DEFAULT_MAX_SIZE,

@@ -209,7 +209,12 @@ class RayHosts:
         return Reservation(hosts, release)
 
     def boot(
-        self, image: str | os.PathLike | None = None, *, memory_mib: int = 256, accel: str | None = None, **options: Any
+        self,
+        image: str | os.PathLike[str] | None = None,
+        *,
+        memory_mib: int = 256,
+        accel: str | None = None,
+        **options: Any,
     ) -> Launch[VM]:
         """A VM booted on the node Ray picks for one slot and its memory (held until the VM's handle
         closes); the options are ``boot``'s.  The node resumes its own boot template when it has one."""

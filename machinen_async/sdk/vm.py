@@ -312,7 +312,7 @@ class VM:
             ports=forwards, hosts=hosts, mounts=mounts,
         )  # fmt: skip
 
-    async def snapshot(self, bundle_dir: str | os.PathLike) -> SnapshotInfo:
+    async def snapshot(self, bundle_dir: str | os.PathLike[str]) -> SnapshotInfo:
         """Write a restorable bundle of this VM to ``bundle_dir`` (new or empty).
 
         Non-destructive: the VM pauses only to capture state and keeps running.

@@ -47,7 +47,7 @@ class Rootfs:
 
 
 def rootfs_of(
-    image: str | os.PathLike,
+    image: str | os.PathLike[str],
     report: assets.Report = lambda message: None,
     *,
     pull: str = "missing",
