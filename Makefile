@@ -21,7 +21,7 @@ BACKPORTS_SOURCE := /etc/apt/sources.list.d/machinen-bookworm-backports.sources
 TEST_PACKAGES := openssh-server openssh-client docker-registry apache2-utils  # registry + htpasswd: tests/oci_registry.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps host-deps test-deps demo test bench docs clean
+.PHONY: deps py-deps host-deps test-deps demo test test-unit bench docs clean
 
 host-deps:
 ifneq ($(BACKPORTS),)
@@ -42,9 +42,11 @@ test-deps:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-deps: host-deps $(PY)
+py-deps: $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+
+deps: host-deps py-deps
 	$(PY) -m machinen_async install
 
 demo: deps
@@ -52,6 +54,9 @@ demo: deps
 
 test: deps test-deps
 	$(PY) -m pytest
+
+test-unit: py-deps  # the quick loop: no VM (host packages as `make test` installs them)
+	MACHINEN_VMM=no-vm-in-the-unit-tier $(PY) -m pytest -m unit
 
 bench: deps
 	$(PY) benchmarks/boot_exec.py

@@ -73,6 +73,20 @@ def anyio_backend(request):
     return request.param
 
 
+# The fast tier (`make test-unit`, `pytest -m unit`): modules that start no VM and no QEMU (that
+# target runs them with MACHINEN_VMM naming no backend, so one that tried would fail).
+UNIT_MODULES = {
+    "test_channel", "test_errors", "test_image_build", "test_layout", "test_messages", "test_netguard",
+    "test_oci_flatten", "test_oci_pull", "test_ray_stream", "test_resync", "test_sparse", "test_typing",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def shared_vm() -> str:
     """Name of a detached VM booted by `machinen boot --detach` in another process."""
