@@ -115,7 +115,8 @@ def boot_templates_of_the_session():
     before = set(boot_templates.templates_dir().iterdir())
     yield
     for path in set(boot_templates.templates_dir().iterdir()) - before:
-        if path.is_dir():
+        # Not a capture in progress (".partial-"): another session on this machine may be writing it.
+        if path.is_dir() and not path.name.startswith("."):
             boot_templates.discard(path)
 
 

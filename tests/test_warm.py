@@ -142,6 +142,17 @@ async def test_a_damaged_template_is_discarded_and_rebuilt(anyio_backend):
     assert not [path for path in boot_templates.templates_dir().iterdir() if path.name.startswith(".discarded-")]
 
 
+async def test_a_template_that_cannot_be_written_costs_only_the_warm_start(monkeypatch, tmp_path):
+    """Its directory is gone when the capture writes (a gc, a full disk): the boot goes on, cold,
+    and nothing is published, so the next boot of the key builds one."""
+    monkeypatch.setattr(boot_templates, "new_partial", lambda: tmp_path / "gone" / ".partial-x")
+    before = templates()
+    async with boot(memory_mib=324, network=False) as vm:
+        assert await start_of(vm) == "cold"
+        assert (await vm.exec(["echo", "on"], check=True)).stdout == b"on\n"
+    assert templates() == before
+
+
 async def test_a_warm_pool_hands_over_distinct_fresh_vms_and_leaves_nothing(anyio_backend):
     memory = 304 if anyio_backend == "asyncio" else 308
     others = set(qemu_processes())  # VMs of other tests (the shared detached one)

@@ -120,7 +120,7 @@ class Supervisor:
         their warm start (the launcher publishes nothing incomplete), never this boot."""
         try:
             await self.capture.boot_template(directory)
-        except MachinenError as error:
+        except (MachinenError, OSError) as error:  # OSError: its directory went (a gc, a full disk)
             log.warning("boot template not captured", error=str(error))
 
     async def _supervise(self, machine: backend.Machine, started: float, report_ready) -> None:
