@@ -47,7 +47,7 @@ class Agent:
             "mount": MountTask,
         }
 
-    def send(self, frame: list) -> None:
+    def send(self, frame: wire.Frame) -> None:
         data = wire.encode(frame)
         with self.write_lock:
             view = memoryview(data)
@@ -71,7 +71,7 @@ class Agent:
             for frame in decoder.feed(data):
                 self.dispatch(frame)
 
-    def dispatch(self, frame: list) -> None:
+    def dispatch(self, frame: wire.Frame) -> None:
         kind, sid = frame[0], frame[1]
         if kind == wire.HELLO:
             if frame[2] != self.session:

@@ -87,7 +87,7 @@ class Task:
         self.input: InputPump | None = None
         # Frames that arrive while the call is still starting wait here, in order.
         self.dispatch_lock = threading.Lock()
-        self.early: list[list] | None = []
+        self.early: list[wire.Frame] | None = []
 
     def begin(self, *args) -> None:
         """Start the call (on its own thread), then take the frames that came meanwhile."""
@@ -101,7 +101,7 @@ class Task:
                 for frame in early:
                     self.on_frame(frame)
 
-    def deliver(self, frame: list) -> None:
+    def deliver(self, frame: wire.Frame) -> None:
         """From the port reader: never blocks (``on_frame`` only queues and notifies)."""
         with self.dispatch_lock:
             if self.early is not None:
@@ -114,7 +114,7 @@ class Task:
         """The host session that opened this call is gone: keep working, drop output."""
         return self.session != self.agent.session
 
-    def send(self, frame: list) -> None:
+    def send(self, frame: wire.Frame) -> None:
         with self.cond:
             if self.finished or self.cancelled or self.orphaned:
                 return
@@ -133,7 +133,7 @@ class Task:
         with self.cond:
             self.credit[fd] -= size
 
-    def on_frame(self, frame: list) -> None:
+    def on_frame(self, frame: wire.Frame) -> None:
         kind = frame[0]
         if kind == wire.CREDIT:
             with self.cond:

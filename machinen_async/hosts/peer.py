@@ -52,7 +52,7 @@ class Peer:
             "stop": self.stop,
         }
 
-    async def handle(self, request: list) -> None:
+    async def handle(self, request: wire.Frame) -> None:
         request_id, method, params = request[0], request[1], request[2] if len(request) > 2 else {}
         try:
             serve = self.methods.get(method)

@@ -49,7 +49,7 @@ class FrameStream:
     def resync(self, value: bool) -> None:
         self._decoder.resync = value
 
-    async def send(self, frame: list) -> None:
+    async def send(self, frame: wire.Frame) -> None:
         data = wire.encode(frame)
         async with self._send_lock:
             if self._send_stall_limit is None:
@@ -61,7 +61,7 @@ class FrameStream:
                 await self.aclose()
                 raise anyio.BrokenResourceError(f"the peer read nothing for {self._send_stall_limit:g} s")
 
-    async def receive(self) -> list:
+    async def receive(self) -> wire.Frame:
         """Next frame; raises ``anyio.EndOfStream`` when the peer closed."""
         while not self._pending:
             if self._raw_socket is not None:

@@ -50,7 +50,7 @@ class Call:
     def done(self) -> bool:
         return self._outcome is not None
 
-    def _on_frame(self, frame: list) -> None:
+    def _on_frame(self, frame: wire.Frame) -> None:
         """Take one (validated) frame; ``ProtocolError`` if the peer broke the protocol."""
         problem = self._rules.refuse(frame)
         if problem is not None:
@@ -187,7 +187,7 @@ class Channel:
     def forget(self, sid: int) -> None:
         self._calls.pop(sid, None)
 
-    async def send(self, frame: list) -> None:
+    async def send(self, frame: wire.Frame) -> None:
         if self._lost is not None:
             raise self._lost
         try:
@@ -218,7 +218,7 @@ class Channel:
                 self._reader = None
                 self._wake_waiters()  # one of them takes the role over
 
-    async def _receive(self) -> list | None:
+    async def _receive(self) -> wire.Frame | None:
         """The next frame; None when the connection is lost or the read was interrupted."""
         try:
             return await self._frames.receive()
@@ -240,7 +240,7 @@ class Channel:
         self._progress.set()
         self._progress = anyio.Event()
 
-    def _dispatch(self, frame: list) -> None:
+    def _dispatch(self, frame: wire.Frame) -> None:
         kind = frame[0]
         if kind == wire.HELLO:
             if frame[2] == self._hello_nonce:

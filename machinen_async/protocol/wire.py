@@ -53,6 +53,7 @@ MAX_CODE_LEN = 64
 MAX_MESSAGE_LEN = 8192  # of an ERROR's text, as shown to a caller
 
 HELLO, OPEN, DATA, EOF, CREDIT, RESULT, ERROR, CANCEL, CONTROL = range(9)
+Frame = list[object]  # [kind, stream_id, ...]: the shapes above, checked by ``validate``
 FINAL_KINDS = (RESULT, ERROR)
 
 STDIN, STDOUT, STDERR = 0, 1, 2
@@ -62,7 +63,7 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
 
 
-def validate(frame: list) -> None:
+def validate(frame: Frame) -> None:
     """Check a decoded frame's shape for its kind; raise ``ProtocolError`` if it is off.
 
     Whether a kind or fd makes sense in a direction is for the receiver to say.
@@ -104,7 +105,7 @@ class ReplyRules:
         """The caller sent ``size`` bytes of stdin DATA."""
         self.stdin_unreturned += size
 
-    def refuse(self, frame: list) -> str | None:
+    def refuse(self, frame: Frame) -> str | None:
         """Why the answering side may not send ``frame`` (validated) now; None if it may (and
         then the frame counts: its output against the window, its EOF closes the fd)."""
         kind = frame[0]
@@ -148,7 +149,7 @@ _SHAPES = {
 }
 
 
-def encode(frame: list) -> bytes:
+def encode(frame: Frame) -> bytes:
     body = msgpack.packb(frame, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
@@ -196,7 +197,7 @@ class FrameDecoder:
         self._buffer.clear()
         self._lost = False
 
-    def feed(self, data: bytes) -> list[list]:
+    def feed(self, data: bytes) -> list[Frame]:
         self._buffer += data
         frames = []
         while True:
@@ -205,7 +206,7 @@ class FrameDecoder:
                 return frames
             frames.append(frame)
 
-    def _next_frame(self) -> list | None:
+    def _next_frame(self) -> Frame | None:
         buffer = self._buffer
         while True:
             if self._lost and self.resync:

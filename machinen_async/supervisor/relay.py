@@ -54,7 +54,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: list) -> None:
+    def put(self, frame: wire.Frame) -> None:
         kind = frame[0]
         if kind in (wire.DATA, wire.CREDIT):
             key = (frame[1], kind, frame[2])
@@ -76,7 +76,7 @@ class Outbox:
         self._frames.append(frame)
         self._changed.set()
 
-    async def get(self) -> list:
+    async def get(self) -> wire.Frame:
         while not self._frames:
             self._changed = anyio.Event()
             await self._changed.wait()
@@ -92,7 +92,7 @@ class Outbox:
     def __aiter__(self) -> Outbox:
         return self
 
-    async def __anext__(self) -> list:
+    async def __anext__(self) -> wire.Frame:
         return await self.get()
 
 
@@ -124,7 +124,7 @@ class Route:
     client_sid: int
     rules: wire.ReplyRules = field(default_factory=wire.ReplyRules)
 
-    def late(self, frame: list) -> bool:
+    def late(self, frame: wire.Frame) -> bool:
         """Output on an fd after its EOF: dropped, not relayed (agents before 0.2 could race
         a detached pump's last frames against its EOF; it costs nothing here)."""
         return frame[0] in (wire.DATA, wire.EOF) and frame[2] in self.rules.closed
@@ -223,7 +223,7 @@ class AgentRelay:
             if frame[1] == sid and frame[0] == wire.ERROR:
                 raise error_from_code(frame[2], frame[3])
 
-    def send(self, frame: list) -> bool:
+    def send(self, frame: wire.Frame) -> bool:
         """Queue ``frame`` for the agent; False while the channel is down (being re-established).
 
         Never waits: a guest that is slow to read its port (or paused) must not

@@ -210,7 +210,7 @@ class Supervisor:
                 await self.capture.resume(client)  # a handoff whose client vanished: carry on here
                 await client.frames.aclose()
 
-    def on_client_frame(self, client: ClientConnection, frame: list, tg: anyio.abc.TaskGroup) -> None:
+    def on_client_frame(self, client: ClientConnection, frame: wire.Frame, tg: anyio.abc.TaskGroup) -> None:
         """Route one client frame without waiting for anything, so the next one is read at once."""
         kind, sid = frame[0], frame[1]
         if kind == wire.HELLO:
