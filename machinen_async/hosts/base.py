@@ -12,11 +12,11 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 
-from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, RestoreRequest
+from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, HostFacts, RestoreRequest, VMInfo, VMRow
 from ..protocol.mux import Channel
 
 DEFAULT_BOOT_TIMEOUT_S = 60.0
@@ -36,7 +36,7 @@ class Connection:
     """An open channel to one VM's supervisor; ``owner`` is set when closing it must stop the VM."""
 
     channel: Channel
-    info: dict[str, Any]
+    info: VMInfo
     owner: Owner | None = None
 
     @property
@@ -97,7 +97,7 @@ class HostDriver(abc.ABC):
         """Make sure the host is reachable (drivers connect lazily)."""
 
     @abc.abstractmethod
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> HostFacts:
         """Fresh facts: version, arch, QEMU, accelerator, CPUs, load, free memory, VMs."""
 
     @abc.abstractmethod
@@ -130,7 +130,7 @@ class HostDriver(abc.ABC):
         """An unowned connection to VM ``name`` of this host."""
 
     @abc.abstractmethod
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[VMRow]:
         """The VMs of this host, as ``machinen ls`` shows them."""
 
     @abc.abstractmethod

@@ -17,7 +17,16 @@ from typing import Any
 import anyio
 
 from ..errors import BootError, MachinenError, SnapshotError, plain_errors
-from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, IncomingState, MachineSpec, RestoreRequest
+from ..protocol.messages import (
+    BootRequest,
+    ForkRequest,
+    ForkTemplate,
+    HostFacts,
+    IncomingState,
+    MachineSpec,
+    RestoreRequest,
+    VMRow,
+)
 from ..store import assets, bundle, layers, oci_image, registry
 from ..supervisor.config import SupervisorConfig
 from ..version import __version__
@@ -46,7 +55,7 @@ FORK_MEMORY_HEADROOM = 0.9
 DESCRIPTORS_PER_VM = 8
 
 
-def host_facts() -> dict[str, Any]:
+def host_facts() -> HostFacts:
     """What a client needs to decide whether and how much to place here."""
     return {
         "version": __version__,
@@ -376,7 +385,7 @@ class LocalDriver(HostDriver):
     def __hash__(self) -> int:
         return hash(LocalDriver)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> HostFacts:
         return await anyio.to_thread.run_sync(host_facts)
 
     async def push(self, bundle_dir: Path, *, progress: Progress | None = None, trust: bool = False) -> TransferReport:
@@ -449,7 +458,7 @@ class LocalDriver(HostDriver):
         except OSError:
             raise MachinenError(f"VM {name!r} is not accepting connections", code="REGISTRY_VM_NOT_FOUND") from None
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[VMRow]:
         return await anyio.to_thread.run_sync(registry.list_rows)
 
     async def stop(self, name: str, *, force: bool = False) -> str:

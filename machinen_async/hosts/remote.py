@@ -30,7 +30,7 @@ import anyio.from_thread
 
 from ..errors import ForkError, HostError, MachinenError
 from ..protocol.framing import FrameStream
-from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, RestoreRequest
+from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, HostFacts, RestoreRequest, VMRow
 from ..store import bundle
 from ..version import __version__
 from . import transfer
@@ -155,7 +155,7 @@ class RemoteDriver(HostDriver):
     async def open(self) -> None:
         await self._ready_link()
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> HostFacts:
         return await self.call("hello", {"version": __version__})
 
     async def _check_compatible(self, manifest: dict[str, Any]) -> None:
@@ -232,7 +232,7 @@ class RemoteDriver(HostDriver):
         located = await self.call("locate", {"name": name})
         return await self._attach(name, located["socket"], owned=False)
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[VMRow]:
         return await self.call("list")
 
     async def stop(self, name: str, *, force: bool = False) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from ..errors import BootError, MachinenError
 from .mounts import is_mount_entry
@@ -24,6 +24,101 @@ from .netpolicy import parse_rule
 from .ports import PortSpec, parse_port_forward, parse_port_forwards
 
 Message = TypeVar("Message")
+
+
+# What the SDK returns about VMs and hosts: JSON-shaped (``machinen ls --json`` prints them as
+# they are), so typed dicts rather than classes; a checker knows every key.
+
+
+class VMInfo(TypedDict):
+    """A VM as its supervisor describes it (``vm.info``; its ``meta.json``)."""
+
+    name: str
+    supervisor_pid: int
+    qemu_pid: int
+    accel: str
+    memory_mib: int
+    cpus: int
+    image: str
+    image_source: str
+    ram_dir: str
+    detached: bool
+    forked_from: str | None
+    start: str  # "cold", "warm", "fork" or "restore"
+    network: bool
+    network_allow: list[str]
+    ports: list[list[Any]]  # [host address, host port, guest port]
+    mounts: list[list[Any]]  # live mounts: [host directory, guest path, read only]
+    started_at: float
+    boot_s: float
+    socket: str
+
+
+class Pong(TypedDict):
+    pong: bool
+    time: float  # the guest's clock
+
+
+class WorkloadState(TypedDict):
+    running: bool
+    argv: list[str] | None
+    pid: int | None
+    exit_code: int | None
+    restarts: int
+
+
+class AgentInfo(TypedDict):
+    """The guest agent's own account (``describe()["agent"]``)."""
+
+    agent_version: str
+    protocol: int
+    hostname: str
+    kernel: str
+    python: str
+    python_executable: str
+    uptime_s: float
+    time: float
+    pid: int
+    workload: WorkloadState
+
+
+class VMDescription(VMInfo):
+    """``vm.describe()``: the supervisor's account and the agent's, fresh."""
+
+    agent: AgentInfo
+
+
+class VMRow(TypedDict, total=False):
+    """One VM as ``machinen ls --json`` and ``Host.list()`` show it (``node``: a Ray pool's)."""
+
+    name: str
+    pid: int
+    qemu_pid: int
+    accel: str
+    memory_mib: int
+    uptime_s: float
+    image: str
+    image_source: str
+    start: str
+    detached: bool
+    forked_from: str | None
+    ports: list[str]  # "ADDRESS:HOST->GUEST"
+    node: str
+
+
+class HostFacts(TypedDict):
+    """What a host says of itself (``Host.info()``): enough to decide whether and how much to place there."""
+
+    version: str
+    protocol: int
+    arch: str
+    qemu_version: str
+    accel: str
+    cpus: int
+    load_1m: float
+    mem_available_mib: int
+    vms: int
+    pid: int
 
 
 def _fields_of(cls: type[Message], data: Any) -> dict[str, Any]:

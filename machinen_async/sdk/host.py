@@ -17,7 +17,7 @@ from typing import Any, overload
 from ..errors import HostError, MachinenError
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, Progress, TransferReport
 from ..hosts.local import LocalDriver
-from ..protocol.messages import BootRequest, ForkRequest, PortForward, RestoreRequest
+from ..protocol.messages import BootRequest, ForkRequest, HostFacts, PortForward, RestoreRequest, VMRow
 from ..protocol.ports import PortSpec
 from ..store import registry
 from ..supervisor.config import check_workload_started
@@ -115,7 +115,7 @@ class Host:
         """Close the connection; VMs started through it without ``detached`` stop."""
         await self.driver.aclose()
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> HostFacts:
         """Fresh facts: version, arch, QEMU, accelerator, CPUs, load, free memory."""
         return await self.driver.info()
 
@@ -211,7 +211,7 @@ class Host:
         finally:
             await vm.aclose()
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[VMRow]:
         return await self.driver.list()
 
     async def stop(self, name: str, *, force: bool = False) -> str:

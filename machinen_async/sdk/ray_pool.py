@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 
 from ..errors import HostError, MachinenError, plain_errors
+from ..protocol.messages import VMRow
 from .forks import Launch
 from .host import Host
 from .spread import Reservation, sibling_cost_mib
@@ -232,9 +233,9 @@ class RayHosts:
 
         return Launch(start)
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[VMRow]:
         """The VMs of every node, each row with its ``node``."""
-        rows: list[dict[str, Any]] = []
+        rows: list[VMRow] = []
 
         async def list_node(host: Host) -> None:
             listed = await host.list()  # what the node's peer sent: any shape

@@ -20,7 +20,7 @@ from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError,
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
-from ..protocol.messages import PortForward
+from ..protocol.messages import AgentInfo, Pong, PortForward, VMDescription
 from ..protocol.ports import PortSpec
 from ..store import registry
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
@@ -228,12 +228,12 @@ class VM:
             with anyio.CancelScope(shield=True):
                 await call.cancel()
 
-    async def ping(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> dict[str, Any]:
+    async def ping(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> Pong:
         """The agent's answer; none within ``timeout`` s raises ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT)."""
         with _deadline(timeout, "answer ping"):
             return await self._channel.call("ping")
 
-    async def describe(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> dict[str, Any]:
+    async def describe(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> VMDescription:
         """Supervisor metadata, plus the guest agent's live info under ``"agent"``; no answer
         within ``timeout`` s raises ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT)."""
         with _deadline(timeout, "answer describe"):
@@ -359,7 +359,7 @@ class VM:
     async def _resume(self) -> None:
         await self._channel.call("vm.resume")
 
-    async def reset_agent_channel(self, *, timeout: float = DEFAULT_RESET_TIMEOUT_S) -> dict[str, Any]:
+    async def reset_agent_channel(self, *, timeout: float = DEFAULT_RESET_TIMEOUT_S) -> dict[str, AgentInfo]:
         """Drop and re-establish the supervisor's channel to the guest agent.
 
         Calls in flight fail with EXEC_AGENT_UNAVAILABLE; their guest processes

@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 
 from ..errors import MachinenError, RegistryError
+from ..protocol.messages import VMRow
 from . import paths
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
@@ -292,7 +293,7 @@ async def wait_until_gone(entry: VmDir, timeout: float) -> bool:
     return False
 
 
-def describe(entry: VmDir) -> dict[str, Any] | None:
+def describe(entry: VmDir) -> VMRow | None:
     """A running VM as `machinen ls --json` shows it; None if it is not up yet."""
     meta = entry.read_meta()
     if meta is None:
@@ -313,5 +314,5 @@ def describe(entry: VmDir) -> dict[str, Any] | None:
     }
 
 
-def list_rows() -> list[dict[str, Any]]:
+def list_rows() -> list[VMRow]:
     return [row for row in map(describe, live_vms()) if row]

@@ -20,3 +20,12 @@ async def main() -> None:
     assert_type(named, Forks)
     async with Host.local() as here, here.boot() as there:
         assert_type(there, VM)
+
+
+async def facts(vm: VM, host: Host) -> None:
+    assert_type((await vm.describe())["start"], str)
+    assert_type((await vm.describe())["agent"]["workload"]["running"], bool)
+    assert_type(vm.info["memory_mib"], int)
+    assert_type((await host.info())["mem_available_mib"], int)
+    rows = await host.list()
+    assert_type(rows[0].get("forked_from"), str | None)
