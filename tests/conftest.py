@@ -81,6 +81,12 @@ UNIT_MODULES = {
 }  # fmt: skip
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A session that ran nothing (all deselected) never set up ``no_qemu_survives``, which clears its home."""
+    if not session.items:
+        shutil.rmtree(_HOME, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__ in UNIT_MODULES:
