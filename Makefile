@@ -8,7 +8,7 @@ HOST_PACKAGES := busybox-static mmdebstrap uidmap e2fsprogs libarchive13 util-li
 # agent's own interpreter in OCI images (store/guest_runtime.py); libarchive13: what mke2fs reads a
 # tarball with
 # QEMU >= 9.0 migrates a running TCG guest without losing its writes, which a fork's live capture
-# needs (docs/architecture.md "Capture"); bookworm's own QEMU is 7.2, so there it comes from
+# needs (docs/internals.md "Capture"); bookworm's own QEMU is 7.2, so there it comes from
 # bookworm-backports (10.0). Other releases use their own.
 QEMU_PACKAGES := qemu-system-x86 qemu-utils
 # e2fsprogs >= 1.47.1 builds an ext4 straight from a tarball (mke2fs -d FILE.tar): nothing is
