@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, TypedDict, TypeVar
+from typing import Any, Self, TypedDict, TypeVar
 
 from ..errors import BootError, MachinenError
 from .mounts import is_mount_entry
 from .netpolicy import parse_rule
-from .ports import PortSpec, parse_port_forward, parse_port_forwards
+from .ports import PortSpec, parse_port_forwards
 
 Message = TypeVar("Message")
 
@@ -242,6 +242,35 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _allow_rules(value: Any) -> tuple[str, ...]:
+    """A network policy's allow rules (``NetworkPolicy.allow``), each one checked."""
+    rules = _strings(value, "network_allow")
+    for rule in rules:
+        parse_rule(rule)
+    return rules
+
+
+def _wire(value: Any) -> Any:
+    """A request's field as it crosses: tuples as lists, ports and mounts in their list form."""
+    if isinstance(value, PortForward | MountBinding):
+        return value.to_wire()
+    if isinstance(value, tuple):
+        return [_wire(item) for item in value]
+    return value
+
+
+class _Request:
+    """What the launch requests share: their wire form, and their checks on arrival (each request's
+    ``__post_init__`` checks every field, whoever made it)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {f.name: _wire(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        return cls(**_fields_of(cls, data))
+
+
 def _optional_string(value: Any, what: str) -> str | None:
     if value is not None and type(value) is not str:
         raise _invalid(f"{what} is a string", value)
@@ -257,18 +286,13 @@ class PortForward:
     guest_port: int
 
     @classmethod
-    def parse(cls, spec: PortSpec | PortForward) -> PortForward:
-        """``"3000:3000"``, ``"0.0.0.0:8080:80"``, ``(3000, 3000)``, or a ``PortForward``, checked."""
-        if isinstance(spec, PortForward):
-            spec = spec.to_wire()
-        return cls(*parse_port_forward(spec))
-
-    @classmethod
     def all_of(cls, specs: Iterable[PortSpec | PortForward] | None) -> tuple[PortForward, ...]:
-        """Each spec checked, and no host port twice."""
+        """``"3000:3000"``, ``"0.0.0.0:8080:80"``, ``(3000, 3000)`` or ``PortForward``s, each checked, and
+        no host port twice."""
         if specs is not None and not isinstance(specs, list | tuple):
             raise MachinenError(f"ports are a list of forwards, not {specs!r:.100}", code="PARSE_PORT_INVALID")
-        return tuple(cls(*forward) for forward in parse_port_forwards([cls.parse(s).to_wire() for s in specs or ()]))
+        plain = [spec.to_wire() if isinstance(spec, PortForward) else spec for spec in specs or ()]
+        return tuple(cls(*forward) for forward in parse_port_forwards(plain))
 
     def to_wire(self) -> list:
         return [self.address, self.host_port, self.guest_port]  # the supervisor's form
@@ -322,7 +346,7 @@ def _workload(value: Any) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class BootRequest:
+class BootRequest(_Request):
     """Boot one VM: on the host that runs it, ``image`` (a rootfs tarball's path there, an OCI
     reference, or None for the base image) is resolved, memory is checked against what is free,
     and a warm start resumes that host's boot template.  Mounts copied in at boot are not here:
@@ -352,12 +376,13 @@ class BootRequest:
         if type(self.name) is not str:
             raise _invalid("a VM name is a string", self.name)
         _optional_string(self.image, "image")
-        for what, value, least in (("memory", self.memory_mib, MIN_MEMORY_MIB), ("cpus", self.cpus, 1)):
-            if type(value) is not int or value < least:
-                raise BootError(
-                    f"{what} must be an integer >= {least}{' MiB' if what == 'memory' else ''}, got {value!r}",
-                    code="BOOT_MEMORY_INVALID" if what == "memory" else "BOOT_CPUS_INVALID",
-                )
+        if type(self.memory_mib) is not int or self.memory_mib < MIN_MEMORY_MIB:
+            raise BootError(
+                f"memory must be an integer >= {MIN_MEMORY_MIB} MiB, got {self.memory_mib!r}",
+                code="BOOT_MEMORY_INVALID",
+            )
+        if type(self.cpus) is not int or self.cpus < 1:
+            raise BootError(f"cpus must be an integer >= 1, got {self.cpus!r}", code="BOOT_CPUS_INVALID")
         _optional_string(self.accel, "accel")  # which ones exist is the VMM backend's to say
         if self.pull not in PULL_POLICIES:
             raise _invalid(f"pull is one of {PULL_POLICIES}", self.pull, "IMAGE_PULL_POLICY_INVALID")
@@ -368,12 +393,10 @@ class BootRequest:
             or not all(type(c) is str for c in credentials)
         ):
             raise _invalid("credentials are (user, password)", "...", "IMAGE_CREDENTIALS_INVALID")
-        for rule in _strings(self.network_allow, "network_allow"):
-            parse_rule(rule)
         checked = {
             "boot_timeout": _timeout(self.boot_timeout),
             "ports": PortForward.all_of(self.ports),
-            "network_allow": tuple(self.network_allow),
+            "network_allow": _allow_rules(self.network_allow),
             "mounts": _bindings(self.mounts),
             "insecure": _strings(self.insecure, "insecure"),
             "credentials": None if credentials is None else tuple(credentials),
@@ -386,24 +409,9 @@ class BootRequest:
         for key, value in checked.items():
             object.__setattr__(self, key, value)
 
-    def to_wire(self) -> dict[str, Any]:
-        wire = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {
-            **wire,
-            "ports": [port.to_wire() for port in self.ports],
-            "mounts": [mount.to_wire() for mount in self.mounts],
-            "network_allow": list(self.network_allow),
-            "insecure": list(self.insecure),
-            "credentials": None if self.credentials is None else list(self.credentials),
-        }
-
-    @classmethod
-    def from_wire(cls, data: Any) -> BootRequest:
-        return cls(**_fields_of(cls, data))  # __post_init__ checks every field
-
 
 @dataclass(frozen=True)
-class ForkRequest:
+class ForkRequest(_Request):
     """Siblings of a running VM, one per name, from one instant; ``mounts`` re-bind the source's
     live mounts for them (or add some, or drop one: ``host`` empty).  No names: only the capture
     (a spread whose siblings all start from a bundle of it elsewhere)."""
@@ -417,16 +425,9 @@ class ForkRequest:
     def __post_init__(self) -> None:
         _resuming_fields(self, least=0)
 
-    def to_wire(self) -> dict[str, Any]:
-        return _resuming_wire(self)
-
-    @classmethod
-    def from_wire(cls, data: Any) -> ForkRequest:
-        return cls(**_fields_of(cls, data))
-
 
 @dataclass(frozen=True)
-class RestoreRequest:
+class RestoreRequest(_Request):
     """VMs from a snapshot bundle of the host that runs them: one per name, ``siblings`` sharing its
     RAM copy-on-write.  ``image`` helps find the image it was taken on; ``trust`` accepts a bundle
     this user's machinen did not seal; ``network_allow`` reopens destinations (a bundle has none)."""
@@ -450,19 +451,10 @@ class RestoreRequest:
         _optional_string(self.accel, "accel")
         for what in ("siblings", "trust"):
             _flag(getattr(self, what), what)
-        for rule in _strings(self.network_allow, "network_allow"):
-            parse_rule(rule)
-        object.__setattr__(self, "network_allow", tuple(self.network_allow))
+        object.__setattr__(self, "network_allow", _allow_rules(self.network_allow))
         _resuming_fields(self, least=1)
         if self.siblings and self.ports:
             raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
-
-    def to_wire(self) -> dict[str, Any]:
-        return {**_resuming_wire(self), "network_allow": list(self.network_allow)}
-
-    @classmethod
-    def from_wire(cls, data: Any) -> RestoreRequest:
-        return cls(**_fields_of(cls, data))
 
 
 def _resuming_fields(request: ForkRequest | RestoreRequest, *, least: int) -> None:
@@ -476,12 +468,3 @@ def _resuming_fields(request: ForkRequest | RestoreRequest, *, least: int) -> No
     for key, value in (("names", names), ("ports", ports), ("mounts", mounts),
                        ("boot_timeout", _timeout(request.boot_timeout))):  # fmt: skip
         object.__setattr__(request, key, value)
-
-
-def _resuming_wire(request: ForkRequest | RestoreRequest) -> dict[str, Any]:
-    return {
-        **{f.name: getattr(request, f.name) for f in fields(request)},
-        "names": list(request.names),
-        "ports": [port.to_wire() for port in request.ports],
-        "mounts": [mount.to_wire() for mount in request.mounts],
-    }

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import overload
 
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S
@@ -14,7 +13,7 @@ from ..hosts.local import LocalDriver
 from ..protocol.messages import PortForward, RestoreRequest
 from ..protocol.ports import PortSpec
 from .forks import Forks, Launch
-from .host import IMAGE_CMD, Host, boot, restore_names
+from .host import IMAGE_CMD, Host, boot, image_argument, restore_names
 from .mounts import Mount, rebinding
 from .network import NetworkPolicy
 from .vm import VM
@@ -98,8 +97,7 @@ def restore(
     request = RestoreRequest(
         bundle=str(bundle_dir), names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
         detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts),
-        image=None if image is None else str(Path(image).expanduser().resolve()) if isinstance(image, os.PathLike)
-        else image, accel=accel, trust=trust, network_allow=network.allow if network is not None else (),
+        image=image_argument(image, here=True), accel=accel, trust=trust, network_allow=network.allow if network is not None else (),
     )  # fmt: skip
     return Host.local().start_restore(request, progress=progress)
 

@@ -281,6 +281,14 @@ def split_vm_address(address: str) -> tuple[Host | None, str]:
     return Host.from_spec(host), name
 
 
+def image_argument(image: str | os.PathLike[str] | None, *, here: bool) -> str | None:
+    """``image`` as a request carries it: a path object names a file, so one of this machine is made
+    absolute (a plain string may be a reference, which the host that runs the VM tells apart)."""
+    if isinstance(image, os.PathLike):
+        return str(Path(image).expanduser().resolve()) if here else os.fspath(image)
+    return image
+
+
 IMAGE_CMD = "image"  # boot(cmd="image"): an OCI image's Entrypoint + Cmd as the workload
 
 
@@ -371,11 +379,9 @@ def boot(
     # Copied mounts are the caller's directories, wherever the VM runs; live ones the VM host's.
     chosen = checked_mounts(mounts, live_here=here)
     has_network, network_allow = network_settings(network)
-    if isinstance(image, os.PathLike):
-        image = str(Path(image).expanduser().resolve()) if here else os.fspath(image)
     request = BootRequest(
         name=registry.validate_name(name) if name is not None else registry.new_name(),
-        image=image,
+        image=image_argument(image, here=here),
         memory_mib=memory_mib,
         cpus=cpus,
         accel=accel,
