@@ -65,7 +65,7 @@ _FROM_SDK = {
 }  # fmt: skip
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name == "TransferReport":
         from .hosts.base import TransferReport
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sdk.process import ExecResult
 
 
 class MachinenError(Exception):
@@ -24,15 +27,17 @@ class MachinenError(Exception):
     retryable: bool = False
     code: str
     message: str
-    details: dict[str, Any]
+    details: dict[str, object]
 
-    def __new__(cls, message: str = "", *args: Any, code: str | None = None, **details: Any) -> MachinenError:
+    def __new__(cls, message: str = "", *args: object, code: str | None = None, **details: object) -> MachinenError:
         registered = _CLASS_OF.get(code or "")
         # The class of the code, the most specific one, when it is this class or one of its own.
         made = registered if registered is not None and issubclass(registered, cls) else cls
         return super().__new__(made, message)
 
-    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None, **details: Any):
+    def __init__(
+        self, message: str, *, code: str | None = None, retryable: bool | None = None, **details: object
+    ) -> None:
         super().__init__(message)
         self.code = code or self.default_code
         if retryable is not None:
@@ -43,7 +48,7 @@ class MachinenError(Exception):
     def __str__(self) -> str:
         return f"[{self.code}] {self.message}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, str | bool]:
         return {"code": self.code, "message": self.message, "retryable": self.retryable}
 
 
@@ -65,9 +70,17 @@ class ExecError(MachinenError):
 
     default_code = "EXEC_PROTOCOL"
 
-    def __init__(self, message: str, *, code: str | None = None, result: Any = None, **details: Any):
-        super().__init__(message, code=code, **details)
-        self.result = result
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        result: ExecResult | None = None,
+        **details: object,
+    ) -> None:
+        super().__init__(message, code=code, retryable=retryable, **details)
+        self.result: ExecResult | None = result
 
 
 class ExecTimeoutError(ExecError):
@@ -239,11 +252,11 @@ _CLASS_OF = _class_of_codes()
 
 
 def error_from_code(
-    code: str, message: str, *, unknown: type[MachinenError] = MachinenError, **details: Any
+    code: str, message: str, *, unknown: type[MachinenError] = MachinenError
 ) -> MachinenError:
     """Rebuild a typed error received from another process; a code this version does not know is
     an ``unknown`` with that code (a hostile guest may send any string)."""
-    return _CLASS_OF.get(code, unknown)(message, code=code, **details)
+    return _CLASS_OF.get(code, unknown)(message, code=code)
 
 
 def _leaves(error: BaseException) -> Iterator[BaseException]:

@@ -29,6 +29,15 @@ class ExecRequest:
     """
 
     __slots__ = ("argv", "cols", "cwd", "env", "rows", "stdin", "timeout", "tty", "user")
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    stdin: bool
+    timeout: float | None
+    tty: bool
+    rows: int
+    cols: int
+    user: str | None
 
     def __init__(
         self,
@@ -45,8 +54,8 @@ class ExecRequest:
         self.argv, self.env, self.cwd, self.stdin, self.timeout = argv, dict(env or {}), cwd, stdin, timeout
         self.tty, self.rows, self.cols, self.user = tty, rows, cols, user
 
-    def to_wire(self) -> dict:
-        wire = {"argv": self.argv, "env": self.env, "cwd": self.cwd, "stdin": self.stdin, "timeout": self.timeout}
+    def to_wire(self) -> dict[str, object]:
+        wire: dict[str, object] = {"argv": self.argv, "env": self.env, "cwd": self.cwd, "stdin": self.stdin, "timeout": self.timeout}
         if self.tty:
             wire.update(tty=True, rows=self.rows, cols=self.cols)
         if self.user is not None:  # only when asked: agents older than the field refuse it

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Self, TypedDict, TypeVar
+from typing import Any, Self, TypedDict, TypeVar, cast
 
 from ..errors import BootError, MachinenError
-from .mounts import is_mount_entry
+from .mounts import MountEntry, is_mount_entry
 from .netpolicy import parse_rule
-from .ports import PortSpec, parse_port_forwards
+from .ports import PortEntry, PortSpec, parse_port_forwards
 
 Message = TypeVar("Message")
 
@@ -47,8 +47,8 @@ class VMInfo(TypedDict):
     start: str  # "cold", "warm", "fork" or "restore"
     network: bool
     network_allow: list[str]
-    ports: list[list[Any]]  # [host address, host port, guest port]
-    mounts: list[list[Any]]  # live mounts: [host directory, guest path, read only]
+    ports: list[PortEntry]  # [host address, host port, guest port]
+    mounts: list[MountEntry]  # live mounts: [host directory, guest path, read only]
     started_at: float
     boot_s: float
     socket: str
@@ -121,7 +121,7 @@ class HostFacts(TypedDict):
     pid: int
 
 
-def _fields_of(cls: type[Message], data: Any) -> dict[str, Any]:
+def _fields_of(cls: type[Message], data: object) -> dict[str, Any]:
     """``data`` if it has every field ``cls`` requires and none it does not know."""
     if not isinstance(data, dict):
         raise MachinenError(f"a {cls.__name__} must be a map, not {type(data).__name__}", code="HOST_PROTOCOL")
@@ -192,7 +192,7 @@ class ForkTemplate:
     machine: MachineSpec
     pause_ms: float
     pause_steps_ms: dict[str, float]
-    mounts: list[list] = field(default_factory=list)  # the source's live mounts, which siblings serve too
+    mounts: list[MountEntry] = field(default_factory=list)  # the source's live mounts, which siblings serve too
 
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "incoming": self.incoming.to_wire(), "machine": self.machine.to_wire()}
@@ -209,40 +209,52 @@ class ForkTemplate:
         )
 
 
+class Workload(TypedDict, total=False):
+    """What a booted VM runs (``boot(cmd=...)``): ``cmd`` in ``cwd`` with ``env`` added, or the OCI
+    image's own Entrypoint + Cmd (``image_cmd``), or the image's command only when the VM's image
+    asks for one (``from_image``, what a boot without ``cmd`` sends)."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    image_cmd: bool
+    from_image: bool
+
+
 MIN_MEMORY_MIB = 64
 PULL_POLICIES = ("missing", "always", "never")
 WORKLOAD_KEYS = frozenset({"cmd", "env", "cwd", "image_cmd", "from_image"})
 
 
-def _invalid(what: str, value: Any, code: str = "HOST_PROTOCOL") -> MachinenError:
+def _invalid(what: str, value: object, code: str = "HOST_PROTOCOL") -> MachinenError:
     return MachinenError(f"{what}, not {value!r:.200}", code=code)
 
 
-def _names(value: Any, *, least: int) -> tuple[str, ...]:
+def _names(value: object, *, least: int) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or len(value) < least or not all(type(name) is str for name in value):
         raise _invalid(f"names are a list of at least {least} strings", value)
     return tuple(value)
 
 
-def _flag(value: Any, what: str) -> bool:
+def _flag(value: object, what: str) -> bool:
     if type(value) is not bool:
         raise _invalid(f"{what} is true or false", value)
     return value
 
 
-def _timeout(value: Any) -> float:
+def _timeout(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
         raise _invalid("boot_timeout is a positive number of seconds", value, "BOOT_TIMEOUT_INVALID")
     return float(value)
 
 
-def _strings(value: Any, what: str) -> tuple[str, ...]:
+def _strings(value: object, what: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple) or not all(type(v) is str for v in value):
         raise _invalid(f"{what} is a list of strings", value)
     return tuple(value)
 
 
-def _allow_rules(value: Any) -> tuple[str, ...]:
+def _allow_rules(value: object) -> tuple[str, ...]:
     """A network policy's allow rules (``NetworkPolicy.allow``), each one checked."""
     rules = _strings(value, "network_allow")
     for rule in rules:
@@ -250,7 +262,7 @@ def _allow_rules(value: Any) -> tuple[str, ...]:
     return rules
 
 
-def _wire(value: Any) -> Any:
+def _wire(value: object) -> object:
     """A request's field as it crosses: tuples as lists, ports and mounts in their list form."""
     if isinstance(value, PortForward | MountBinding):
         return value.to_wire()
@@ -263,15 +275,15 @@ class _Request:
     """What the launch requests share: their wire form, and their checks on arrival (each request's
     ``__post_init__`` checks every field, whoever made it)."""
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, object]:
         return {f.name: _wire(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def from_wire(cls, data: Any) -> Self:
+    def from_wire(cls, data: object) -> Self:
         return cls(**_fields_of(cls, data))
 
 
-def _optional_string(value: Any, what: str) -> str | None:
+def _optional_string(value: object, what: str) -> str | None:
     if value is not None and type(value) is not str:
         raise _invalid(f"{what} is a string", value)
     return value
@@ -294,7 +306,7 @@ class PortForward:
         plain = [spec.to_wire() if isinstance(spec, PortForward) else spec for spec in specs or ()]
         return tuple(cls(*forward) for forward in parse_port_forwards(plain))
 
-    def to_wire(self) -> list:
+    def to_wire(self) -> PortEntry:
         return [self.address, self.host_port, self.guest_port]  # the supervisor's form
 
 
@@ -308,7 +320,7 @@ class MountBinding:
     read_only: bool = False
 
     @classmethod
-    def from_wire(cls, data: Any) -> MountBinding:
+    def from_wire(cls, data: object) -> MountBinding:
         if not is_mount_entry(data, drop=True):
             raise MachinenError(
                 f"a live mount is [host directory, guest path, read only], not {data!r:.200}",
@@ -316,11 +328,11 @@ class MountBinding:
             )
         return cls(*data)
 
-    def to_wire(self) -> list:
+    def to_wire(self) -> MountEntry:
         return [self.host, self.guest, self.read_only]  # the supervisor's and the manifest's form
 
 
-def _bindings(data: Any) -> tuple[MountBinding, ...]:
+def _bindings(data: object) -> tuple[MountBinding, ...]:
     """``MountBinding``s, or their wire form, checked; one per guest path."""
     if not isinstance(data, list | tuple):
         raise _invalid("mounts are a list", data, "MOUNT_SPEC_INVALID")
@@ -330,7 +342,7 @@ def _bindings(data: Any) -> tuple[MountBinding, ...]:
     return bindings
 
 
-def _workload(value: Any) -> dict[str, Any] | None:
+def _workload(value: object) -> Workload | None:
     if value is None:
         return None
     if not isinstance(value, dict) or not value.keys() <= WORKLOAD_KEYS:
@@ -342,7 +354,7 @@ def _workload(value: Any) -> dict[str, Any] | None:
     if not isinstance(env, dict) or not all(type(k) is str and type(v) is str for k, v in env.items()):
         raise _invalid("a workload's env maps strings to strings", env)
     _optional_string(value.get("cwd"), "a workload's cwd")
-    return value
+    return cast(Workload, value)  # each key checked above
 
 
 @dataclass(frozen=True)
@@ -363,7 +375,7 @@ class BootRequest(_Request):
     ports: tuple[PortForward, ...] = ()
     network: bool = True  # a network device (outbound NAT, the host closed)
     network_allow: tuple[str, ...] = ()  # destinations reopened (``NetworkPolicy.allow``)
-    workload: dict[str, Any] | None = None
+    workload: Workload | None = None
     start_workload: bool = True
     mounts: tuple[MountBinding, ...] = ()  # live ones, of the VM's host
     pull: str = "missing"
@@ -393,19 +405,20 @@ class BootRequest(_Request):
             or not all(type(c) is str for c in credentials)
         ):
             raise _invalid("credentials are (user, password)", "...", "IMAGE_CREDENTIALS_INVALID")
+        mounts = _bindings(self.mounts)
+        if any(not binding.host for binding in mounts):
+            raise BootError("a boot has no saved mounts to drop", code="MOUNT_SPEC_INVALID")
         checked = {
             "boot_timeout": _timeout(self.boot_timeout),
             "ports": PortForward.all_of(self.ports),
             "network_allow": _allow_rules(self.network_allow),
-            "mounts": _bindings(self.mounts),
+            "mounts": mounts,
             "insecure": _strings(self.insecure, "insecure"),
             "credentials": None if credentials is None else tuple(credentials),
             "workload": _workload(self.workload),
         }
         for what in ("detached", "network", "start_workload", "warm"):
             _flag(getattr(self, what), what)
-        if any(not binding.host for binding in checked["mounts"]):
-            raise BootError("a boot has no saved mounts to drop", code="MOUNT_SPEC_INVALID")
         for key, value in checked.items():
             object.__setattr__(self, key, value)
 

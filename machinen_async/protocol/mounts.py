@@ -17,6 +17,10 @@ import struct
 
 import msgpack
 
+TYPE_CHECKING = False  # what checkers assume true; PID 1 imports this module and need not import typing
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
 # Request ops and their args; the host checks every one (the guest may be hostile).
 OPS = {
     "lstat": ("path",),
@@ -42,6 +46,7 @@ WRITING_OPS = frozenset(("write", "create", "truncate", "mkdir", "symlink", "unl
 MAX_IO = 128 * 1024  # the most one read or write moves (FUSE's max_write)
 MAX_MESSAGE = MAX_IO + 8 * 1024
 MAX_PATH, MAX_NAME = 4096, 255
+MountEntry = list[str | bool]  # [host directory, guest path, read only]: a live mount on the wire
 _LENGTH = struct.Struct(">I")
 
 
@@ -49,7 +54,7 @@ class MountProtocolError(Exception):
     """A message that is not one of this protocol's."""
 
 
-def encode(message: list) -> bytes:
+def encode(message: list[object]) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     return _LENGTH.pack(len(body)) + body
 
@@ -58,21 +63,21 @@ class MessageReader:
     """Messages out of a byte stream that arrives in pieces; each bounded before it is decoded."""
 
     def __init__(self, limit: int = MAX_MESSAGE) -> None:
-        self.limit = limit
-        self.buffer = bytearray()
+        self.limit: int = limit
+        self.buffer: bytearray = bytearray()
 
     def add(self, data: bytes) -> None:
         self.buffer += data
 
-    def feed(self, data: bytes) -> list[list]:
+    def feed(self, data: bytes) -> list[list[object]]:
         """Take ``data``; every message now complete."""
         self.add(data)
-        messages = []
+        messages: list[list[object]] = []
         while (message := self.next_message()) is not None:
             messages.append(message[0])
         return messages
 
-    def next_message(self) -> tuple[list, int] | None:
+    def next_message(self) -> tuple[list[object], int] | None:
         """The next complete message in what was fed and the bytes it took, or None.  A host
         takes them one at a time, so what it has decoded and not answered stays bounded."""
         if len(self.buffer) < _LENGTH.size:
@@ -107,7 +112,7 @@ def check_path(path: object) -> str:
     return path
 
 
-def is_mount_entry(value: object, *, drop: bool = False) -> bool:
+def is_mount_entry(value: object, *, drop: bool = False) -> TypeGuard[MountEntry]:
     """``[host directory, guest path, read only]``, both paths absolute: how a live mount is recorded
     (supervisor config, fork template, bundle manifest) and asked for over the peer link, where
     (``drop``) a host directory ``""`` asks for it to be unmounted."""

@@ -9,16 +9,17 @@ from ..errors import MachinenError
 
 DEFAULT_ADDRESS = "127.0.0.1"
 PortSpec = str | tuple[int, int] | tuple[str, int, int]
+PortEntry = list[str | int]  # [host address, host port, guest port]: a checked forward on the wire
 
 
 def _invalid(spec: object, why: str) -> MachinenError:
     return MachinenError(f"invalid port forward {spec!r}: {why}", code="PARSE_PORT_INVALID")
 
 
-def parse_port_forward(spec: PortSpec) -> list:
+def parse_port_forward(spec: PortSpec) -> PortEntry:
     """``[host address, host port, guest port]``; the address defaults to loopback."""
     if isinstance(spec, str):
-        parts: list = spec.rsplit(":", 2)
+        parts: list[object] = [*spec.rsplit(":", 2)]
         if len(parts) == 2:
             parts.insert(0, DEFAULT_ADDRESS)
     elif isinstance(spec, tuple | list):
@@ -45,9 +46,9 @@ def parse_port_forward(spec: PortSpec) -> list:
     return [address, *ports]
 
 
-def parse_port_forwards(specs: Iterable[PortSpec] | None) -> list[list]:
+def parse_port_forwards(specs: Iterable[PortSpec] | None) -> list[PortEntry]:
     forwards = [parse_port_forward(spec) for spec in specs or ()]
-    seen = set()
+    seen: set[tuple[object, object]] = set()
     for address, host, _ in forwards:
         if (address, host) in seen:
             raise _invalid(f"{address}:{host}", "the same host port is forwarded twice")

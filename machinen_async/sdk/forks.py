@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 import anyio
 
@@ -35,7 +35,13 @@ class Forks(Sequence["VM"]):
         self.source_pause_steps_ms: dict[str, float] = template.pause_steps_ms if template else {}
         self.placement: dict[str, str] = placement or {}  # sibling -> host, with hosts=
 
-    def __getitem__(self, index):  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: int) -> VM: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[VM]: ...
+
+    def __getitem__(self, index: int | slice) -> VM | list[VM]:
         return self._vms[index]
 
     def __len__(self) -> int:

@@ -12,12 +12,12 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import TypedDict, Unpack, overload
 
 from ..errors import HostError, MachinenError
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, Progress, TransferReport
 from ..hosts.local import LocalDriver
-from ..protocol.messages import BootRequest, ForkRequest, HostFacts, PortForward, RestoreRequest, VMRow
+from ..protocol.messages import BootRequest, ForkRequest, HostFacts, PortForward, RestoreRequest, VMRow, Workload
 from ..protocol.ports import PortSpec
 from ..store import registry
 from ..supervisor.config import check_workload_started
@@ -28,6 +28,33 @@ from .network import NetworkPolicy, network_settings
 from .process import Command, argv_of
 from .spread import HostPool, fork_across
 from .vm import VM
+
+
+class PoolBootOptions(TypedDict, total=False):
+    """``boot()``'s options that every VM of a warm pool is booted with (``warm_pool(**options)``)."""
+
+    cpus: int
+    accel: str | None
+    boot_timeout: float
+    detached: bool
+    ports: Sequence[PortSpec] | None
+    network: bool | NetworkPolicy
+    cmd: Command | None
+    env: Mapping[str, str] | None
+    cwd: str | None
+    mounts: Sequence[str | Mount] | None
+    progress: Callable[[str], None] | None
+    pull: str
+    credentials: tuple[str, str] | None
+    insecure: Sequence[str]
+
+
+class BootOptions(PoolBootOptions, total=False):
+    """``boot()``'s keyword options but ``host``: what ``Host.boot`` and ``RayHosts.boot`` pass on."""
+
+    name: str | None
+    memory_mib: int
+    warm: bool
 
 
 class Host:
@@ -47,11 +74,11 @@ class Host:
         port: int | None = None,
         username: str | None = None,
         client_keys: Sequence[str] | None = None,
-        known_hosts: Any = (),
+        known_hosts: object = (),
         config: Sequence[str] | None = None,
         machinen: str | None = None,
         connect_timeout: float = 15.0,
-        **options: Any,
+        **options: object,
     ) -> Host:
         """A host reached with asyncssh; the options are asyncssh's ``connect`` options.
 
@@ -198,7 +225,7 @@ class Host:
 
         return Launch(siblings) if request.siblings else Launch(one)
 
-    def boot(self, image: str | os.PathLike[str] | None = None, **options: Any) -> Launch[VM]:
+    def boot(self, image: str | os.PathLike[str] | None = None, **options: Unpack[BootOptions]) -> Launch[VM]:
         """A VM booted on this host: ``boot(image, host=self, **options)`` (see ``boot``)."""
         return boot(image, host=self, **options)
 
@@ -224,7 +251,7 @@ class Host:
     def fork_siblings(
         self,
         source: VM,
-        names: list[str],
+        names: Sequence[str],
         *,
         single: bool,
         boot_timeout: float,
@@ -255,8 +282,23 @@ class Host:
         started, template = await self.driver.fork(source.connection, request, bundle_dir=bundle_dir)
         return Forks([self.vm(connection) for connection in started], template)
 
-    async def handoff(self, vm: VM, destination: Host, **options: Any) -> VM:
-        return await handoff(vm, destination, **options)
+    async def handoff(
+        self,
+        vm: VM,
+        destination: Host,
+        *,
+        name: str | None,
+        ports: Sequence[PortSpec] | None,
+        detached: bool | None,
+        precopy: bool,
+        progress: Callable[[str], None] | None,
+        mounts: Sequence[str | Mount] | None = None,
+    ) -> VM:
+        """``vm.handoff(destination)`` of a VM on this host (see ``VM.handoff``)."""
+        return await handoff(
+            vm, destination, name=name, ports=ports, detached=detached, precopy=precopy, progress=progress,
+            mounts=mounts,
+        )  # fmt: skip
 
 
 def restore_names(name: str | None, n: int | None, names: Sequence[str] | None) -> tuple[list[str], bool]:
@@ -306,7 +348,7 @@ async def _launch(host: Host, request: BootRequest, copies: Sequence[Mount], pro
     return vm
 
 
-def _workload(cmd: Command | None, env: Mapping[str, str] | None, cwd: str | None) -> dict[str, Any] | None:
+def _workload(cmd: Command | None, env: Mapping[str, str] | None, cwd: str | None) -> Workload | None:
     if cmd is None:
         return None
     if cmd == IMAGE_CMD:

@@ -11,9 +11,9 @@ killer.  Leaving the pool stops every VM it started, handed over or not: it owns
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Unpack
 
 import anyio
 import anyio.abc
@@ -22,6 +22,7 @@ from ..errors import MachinenError
 from ..hosts.local import check_fork_memory
 from ..vmm import backend
 from .boot import boot
+from .host import PoolBootOptions
 from .vm import VM
 
 BACKPRESSURE_WAIT_S = 1.0
@@ -31,7 +32,7 @@ RETRY_AFTER_FAILURE_S = (0.5, 30.0)  # first and longest wait before a failed bo
 class WarmPool:
     """Idle VMs to ``acquire()``; made by ``warm_pool()``."""
 
-    def __init__(self, start: Callable[[], Any], memory_mib: int) -> None:
+    def __init__(self, start: Callable[[], Awaitable[VM]], memory_mib: int) -> None:
         self._start = start
         self._memory_mib = memory_mib
         self._handover_send, self._handover = anyio.create_memory_object_stream[VM | MachinenError](0)
@@ -85,7 +86,7 @@ class WarmPool:
 
 @asynccontextmanager
 async def warm_pool(
-    image: str | os.PathLike[str] | None = None, *, size: int = 4, memory_mib: int = 256, **boot_options: Any
+    image: str | os.PathLike[str] | None = None, *, size: int = 4, memory_mib: int = 256, **boot_options: Unpack[PoolBootOptions]
 ) -> AsyncIterator[WarmPool]:
     """``async with warm_pool(image, size=4, **boot_options) as pool: vm = await pool.acquire()``.
 

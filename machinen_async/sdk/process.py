@@ -78,13 +78,13 @@ class Process:
 
     def __init__(self, call: Call, argv: list[str]) -> None:
         self._call = call
-        self.argv = argv
-        self.stdin = ProcessInput(call)
-        self.stdout = ProcessOutput(call, wire.STDOUT)
-        self.stderr = ProcessOutput(call, wire.STDERR)
+        self.argv: list[str] = argv
+        self.stdin: ProcessInput = ProcessInput(call)
+        self.stdout: ProcessOutput = ProcessOutput(call, wire.STDOUT)
+        self.stderr: ProcessOutput = ProcessOutput(call, wire.STDERR)
         self.returncode: int | None = None
         self.signal: int | None = None
-        self.timed_out = False
+        self.timed_out: bool = False
 
     async def wait(self) -> int:
         """Exit code (128+N when killed by signal N).

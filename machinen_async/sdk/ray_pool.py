@@ -23,14 +23,14 @@ import logging
 import os
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, Unpack
 
 import anyio
 
 from ..errors import HostError, MachinenError, plain_errors
 from ..protocol.messages import VMRow
 from .forks import Launch
-from .host import Host
+from .host import BootOptions, Host
 from .spread import Reservation, sibling_cost_mib
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 SLOT_RESOURCE = "machinen_slots"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 _warned_insecure = False  # the warning below, once a process
 
 
@@ -92,7 +92,7 @@ class RayHosts:
         strategy: str = "SPREAD",
         reserve_timeout: float = 60.0,
         namespace: str = "machinen",
-        **init_options: Any,
+        **init_options: object,
     ) -> None:
         """``address`` as ``ray.init`` takes it ("auto", "ray://head:10001", ...); a process that
         already called ``ray.init`` keeps its connection.  ``strategy``: how Ray spreads one fork's
@@ -179,7 +179,7 @@ class RayHosts:
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
         ray = _import_ray()
-        bundle = {SLOT_RESOURCE: 1, "memory": int(sibling_cost_mib({"accel": accel}, memory_mib) * 2**20)}
+        bundle = {SLOT_RESOURCE: 1, "memory": int(sibling_cost_mib(accel, memory_mib) * 2**20)}
 
         def place() -> tuple[Any, list[Host]]:
             group = placement_group([bundle] * count, strategy=self.strategy)
@@ -212,21 +212,20 @@ class RayHosts:
     def boot(
         self,
         image: str | os.PathLike[str] | None = None,
-        *,
-        memory_mib: int = 256,
-        accel: str | None = None,
-        **options: Any,
+        **options: Unpack[BootOptions],
     ) -> Launch[VM]:
         """A VM booted on the node Ray picks for one slot and its memory (held until the VM's handle
         closes); the options are ``boot``'s.  The node resumes its own boot template when it has one."""
 
         async def start() -> VM:
+            memory_mib, accel = options.get("memory_mib", 256), options.get("accel")
             reservation = await self.reserve(1, memory_mib, "kvm" if accel == "kvm" else "tcg")
             try:
-                vm = await reservation.hosts[0].boot(image, memory_mib=memory_mib, accel=accel, **options)
+                vm = await reservation.hosts[0].boot(image, **options)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await reservation.release()
+                if reservation.release is not None:
+                    with anyio.CancelScope(shield=True):
+                        await reservation.release()
                 raise
             vm.release = reservation.release
             return vm

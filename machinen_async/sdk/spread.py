@@ -19,13 +19,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
 from ..errors import BootError, MachinenError, plain_errors
 from ..hosts.local import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE
-from ..protocol.messages import ForkRequest
+from ..protocol.messages import ForkRequest, HostFacts
 from ..store import chunks
 from .forks import Forks, close_all
 
@@ -35,20 +35,20 @@ if TYPE_CHECKING:
     from .vm import VM
 
 
-def sibling_cost_mib(facts: dict[str, Any], memory_mib: int) -> float:
+def sibling_cost_mib(accel: str, memory_mib: int) -> float:
     """Host memory one more sibling takes: QEMU's overhead and the share of guest RAM it
     copies on write (siblings on every host map one template of the fork instant)."""
-    return FORK_OVERHEAD_MIB.get(facts["accel"], FORK_OVERHEAD_MIB["tcg"]) + memory_mib * FORK_PRIVATE_SHARE
+    return FORK_OVERHEAD_MIB.get(accel, FORK_OVERHEAD_MIB["tcg"]) + memory_mib * FORK_PRIVATE_SHARE
 
 
-def place(count: int, facts: Sequence[dict[str, Any]], memory_mib: int) -> list[int]:
+def place(count: int, facts: Sequence[HostFacts], memory_mib: int) -> list[int]:
     """The index of the host each of ``count`` siblings goes to."""
     # Each host holds one template copy of the guest RAM besides its siblings.
     budget = [f["mem_available_mib"] * FORK_MEMORY_HEADROOM - memory_mib for f in facts]
     running = [float(f["vms"]) for f in facts]
-    placement = []
+    placement: list[int] = []
     for _ in range(count):
-        candidates = [i for i, f in enumerate(facts) if budget[i] >= sibling_cost_mib(f, memory_mib)]
+        candidates = [i for i, f in enumerate(facts) if budget[i] >= sibling_cost_mib(f["accel"], memory_mib)]
         if not candidates:
             raise MachinenError(
                 f"no host has memory for sibling {len(placement) + 1} of {count}",
@@ -58,7 +58,7 @@ def place(count: int, facts: Sequence[dict[str, Any]], memory_mib: int) -> list[
         chosen = min(candidates, key=lambda i: (running[i] / max(facts[i]["cpus"], 1), i))
         placement.append(chosen)
         running[chosen] += 1
-        budget[chosen] -= sibling_cost_mib(facts[chosen], memory_mib)
+        budget[chosen] -= sibling_cost_mib(facts[chosen]["accel"], memory_mib)
     return placement
 
 
@@ -78,7 +78,7 @@ class HostPool(Protocol):
 
 async def place_on(hosts: Sequence[Host], count: int, memory_mib: int) -> Reservation:
     """``place`` over what each host says of itself now."""
-    facts: list[dict[str, Any]] = [{}] * len(hosts)
+    facts: dict[int, HostFacts] = {}
 
     async def learn(index: int) -> None:
         facts[index] = await hosts[index].info()
@@ -87,7 +87,7 @@ async def place_on(hosts: Sequence[Host], count: int, memory_mib: int) -> Reserv
         async with anyio.create_task_group() as tg:
             for index in range(len(hosts)):
                 tg.start_soon(learn, index)
-    return Reservation([hosts[i] for i in place(count, facts, memory_mib)])
+    return Reservation([hosts[i] for i in place(count, [facts[i] for i in range(len(hosts))], memory_mib)])
 
 
 async def fork_across(

@@ -20,13 +20,14 @@ from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError,
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
-from ..protocol.messages import AgentInfo, Pong, PortForward, VMDescription
+from ..protocol.messages import AgentInfo, Pong, PortForward, VMDescription, VMInfo
 from ..protocol.ports import PortSpec
 from ..store import registry
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
 
 if TYPE_CHECKING:
     from .forks import Forks, Launch
+    from .handoff import HandoffReport
     from .host import Host
     from .mounts import Mount
     from .spread import HostPool
@@ -68,12 +69,12 @@ class VM:
     """A running VM.  Get one from ``boot()`` or ``connect()``."""
 
     def __init__(self, connection: Connection, host: Host) -> None:
-        self.connection = connection
+        self.connection: Connection = connection
         self._channel = connection.channel
-        self.info = connection.info
+        self.info: VMInfo = connection.info
         self.name: str = connection.name
-        self.host = host
-        self.handoff_report: Any = None  # set on the VM a handoff() returned
+        self.host: Host = host
+        self.handoff_report: HandoffReport | None = None  # set on the VM a handoff() returned
         # Called once this handle is closed: what a host pool reserved for the VM (``RayHosts.boot``).
         self.release: Callable[[], Awaitable[None]] | None = None
 
