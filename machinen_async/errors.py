@@ -251,9 +251,7 @@ def _class_of_codes() -> dict[str, type[MachinenError]]:
 _CLASS_OF = _class_of_codes()
 
 
-def error_from_code(
-    code: str, message: str, *, unknown: type[MachinenError] = MachinenError
-) -> MachinenError:
+def error_from_code(code: str, message: str, *, unknown: type[MachinenError] = MachinenError) -> MachinenError:
     """Rebuild a typed error received from another process; a code this version does not know is
     an ``unknown`` with that code (a hostile guest may send any string)."""
     return _CLASS_OF.get(code, unknown)(message, code=code)

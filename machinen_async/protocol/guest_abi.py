@@ -55,7 +55,13 @@ class ExecRequest:
         self.tty, self.rows, self.cols, self.user = tty, rows, cols, user
 
     def to_wire(self) -> dict[str, object]:
-        wire: dict[str, object] = {"argv": self.argv, "env": self.env, "cwd": self.cwd, "stdin": self.stdin, "timeout": self.timeout}
+        wire: dict[str, object] = {
+            "argv": self.argv,
+            "env": self.env,
+            "cwd": self.cwd,
+            "stdin": self.stdin,
+            "timeout": self.timeout,
+        }
         if self.tty:
             wire.update(tty=True, rows=self.rows, cols=self.cols)
         if self.user is not None:  # only when asked: agents older than the field refuse it

@@ -86,7 +86,11 @@ class WarmPool:
 
 @asynccontextmanager
 async def warm_pool(
-    image: str | os.PathLike[str] | None = None, *, size: int = 4, memory_mib: int = 256, **boot_options: Unpack[PoolBootOptions]
+    image: str | os.PathLike[str] | None = None,
+    *,
+    size: int = 4,
+    memory_mib: int = 256,
+    **boot_options: Unpack[PoolBootOptions],
 ) -> AsyncIterator[WarmPool]:
     """``async with warm_pool(image, size=4, **boot_options) as pool: vm = await pool.acquire()``.
 
