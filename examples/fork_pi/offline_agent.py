@@ -11,7 +11,8 @@ import time
 
 def pi_digits(n: int) -> str:
     """Gibbons' unbounded spigot: real work, exact digits."""
-    digits, q, r, t, k, m, x = [], 1, 0, 1, 1, 3, 3
+    digits: list[str] = []
+    q, r, t, k, m, x = 1, 0, 1, 1, 3, 3
     while len(digits) < n:
         if 4 * q + r - t < m * t:
             digits.append(str(m))

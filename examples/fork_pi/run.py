@@ -26,7 +26,9 @@ import json
 import os
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 
@@ -48,11 +50,26 @@ PROMPTS = [
 ]
 
 
+class Agent(Protocol):
+    """What the demo needs of an agent: its image, how it is installed and asked, what it may reach."""
+
+    title: str
+    memory_mib: int
+    env: dict[str, str]
+    network: NetworkPolicy
+
+    async def image(self, report: Callable[[str], None]) -> Path | None: ...
+
+    async def install(self, vm: VM) -> None: ...
+
+    def argv(self, prompt: str) -> list[str]: ...
+
+
 class OfflineAgent:
     title = "offline scripted agent (no API key and no --openai-base-url)"
     memory_mib = 256
 
-    async def image(self, report) -> None:
+    async def image(self, report: Callable[[str], None]) -> Path | None:
         return None  # the base image has python3
 
     async def install(self, vm: VM) -> None:
@@ -84,7 +101,7 @@ class PiAgent:
         self.title = f"pi coding agent {PI_PACKAGE.rsplit('@', 1)[1]} ({source})"
         self.env = {**PI_ENV, **{name: os.environ[name] for name in keys}}
 
-    async def image(self, report) -> Path:
+    async def image(self, report: Callable[[str], None]) -> Path | None:
         return await debian_rootfs(
             suite="trixie",
             packages=["nodejs", "npm", "ca-certificates"],
@@ -107,17 +124,17 @@ class PiAgent:
         print(f"  pi --version: {(version.stdout or version.stderr).decode().strip()}")  # pi prints it on stderr
 
     def argv(self, prompt: str) -> list[str]:
-        model = ["--provider", PI_PROVIDER, "--model", self.model] if self.base_url else []
+        model = ["--provider", PI_PROVIDER, "--model", self.model] if self.base_url and self.model else []
         return ["pi", "-p", "--no-session", *model, prompt]
 
 
-async def ask(agent, vm: VM, prompt: str) -> tuple[str, float]:
+async def ask(agent: Agent, vm: VM, prompt: str) -> tuple[str, float]:
     started = time.perf_counter()
     result = await vm.exec(agent.argv(prompt), env=agent.env, cwd="/root", check=True, timeout=300)
     return result.stdout.decode().strip(), time.perf_counter() - started
 
 
-def choose(mode: str, base_url: str | None, model: str | None):
+def choose(mode: str, base_url: str | None, model: str | None) -> Agent:
     wants_pi = base_url is not None or any(os.environ.get(name) for name in API_KEY_VARS)
     if mode == "pi" or (mode == "auto" and wants_pi):
         if not wants_pi:

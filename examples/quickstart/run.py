@@ -34,11 +34,13 @@ async def http_count(port: int) -> int:
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
         await stream.send(b"GET / HTTP/1.0\r\n\r\n")
         response = b"".join([chunk async for chunk in stream])
-    return json.loads(response.split(b"\r\n\r\n", 1)[1])["count"]
+    count: int = json.loads(response.split(b"\r\n\r\n", 1)[1])["count"]
+    return count
 
 
 async def curl_inside(vm: VM) -> int:
-    return json.loads((await vm.exec(["curl", "-s", "localhost:3000"], check=True)).stdout)["count"]
+    count: int = json.loads((await vm.exec(["curl", "-s", "localhost:3000"], check=True)).stdout)["count"]
+    return count
 
 
 async def wait_for_server(vm: VM) -> None:

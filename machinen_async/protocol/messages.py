@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Self, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypedDict, cast
 
 from ..errors import BootError, MachinenError
 from .mounts import MountEntry, is_mount_entry
 from .netpolicy import parse_rule
 from .ports import PortEntry, PortSpec, parse_port_forwards
 
-Message = TypeVar("Message")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 # What the SDK returns about VMs and hosts: JSON-shaped (``machinen ls --json`` prints them as
@@ -121,7 +122,7 @@ class HostFacts(TypedDict):
     pid: int
 
 
-def _fields_of(cls: type[Message], data: object) -> dict[str, Any]:
+def _fields_of(cls: type[DataclassInstance], data: object) -> dict[str, Any]:
     """``data`` if it has every field ``cls`` requires and none it does not know."""
     if not isinstance(data, dict):
         raise MachinenError(f"a {cls.__name__} must be a map, not {type(data).__name__}", code="HOST_PROTOCOL")
@@ -153,11 +154,11 @@ class MachineSpec:
     image_source: str = ""
     image_key: str = ""  # the image's content key (its file may be named by sha256 when received)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, object]:
         return {**asdict(self), "network_allow": list(self.network_allow)}
 
     @classmethod
-    def from_wire(cls, data: Any) -> MachineSpec:
+    def from_wire(cls, data: object) -> MachineSpec:
         data = _fields_of(cls, data)
         return cls(**{**data, "network_allow": tuple(data.get("network_allow", ()))})
 
@@ -174,13 +175,13 @@ class IncomingState:
     state: str | None = None  # a fork template's device state ...
     mem: str | None = None  # ... and RAM (mapped copy-on-write)
     bundle: str | None = None  # or a bundle to copy (and check) them from ...
-    files: dict[str, Any] = field(default_factory=dict)  # ... against its manifest's entries
+    files: dict[str, object] = field(default_factory=dict)  # ... against its manifest's entries
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, data: Any) -> IncomingState:
+    def from_wire(cls, data: object) -> IncomingState:
         return cls(**_fields_of(cls, data))
 
 
@@ -194,11 +195,11 @@ class ForkTemplate:
     pause_steps_ms: dict[str, float]
     mounts: list[MountEntry] = field(default_factory=list)  # the source's live mounts, which siblings serve too
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, object]:
         return {**asdict(self), "incoming": self.incoming.to_wire(), "machine": self.machine.to_wire()}
 
     @classmethod
-    def from_wire(cls, data: Any) -> ForkTemplate:
+    def from_wire(cls, data: object) -> ForkTemplate:
         data = _fields_of(cls, data)
         return cls(
             incoming=IncomingState.from_wire(data["incoming"]),
@@ -280,7 +281,7 @@ class _Request:
 
     @classmethod
     def from_wire(cls, data: object) -> Self:
-        return cls(**_fields_of(cls, data))
+        return cls(**_fields_of(cls, data))  # type: ignore[arg-type]  # each request is a dataclass
 
 
 def _optional_string(value: object, what: str) -> str | None:
@@ -304,7 +305,7 @@ class PortForward:
         if specs is not None and not isinstance(specs, list | tuple):
             raise MachinenError(f"ports are a list of forwards, not {specs!r:.100}", code="PARSE_PORT_INVALID")
         plain = [spec.to_wire() if isinstance(spec, PortForward) else spec for spec in specs or ()]
-        return tuple(cls(*forward) for forward in parse_port_forwards(plain))
+        return tuple(cls(str(address), int(host), int(guest)) for address, host, guest in parse_port_forwards(plain))
 
     def to_wire(self) -> PortEntry:
         return [self.address, self.host_port, self.guest_port]  # the supervisor's form
@@ -326,7 +327,8 @@ class MountBinding:
                 f"a live mount is [host directory, guest path, read only], not {data!r:.200}",
                 code="MOUNT_SPEC_INVALID",
             )
-        return cls(*data)
+        host, guest, read_only = data
+        return cls(str(host), str(guest), bool(read_only))
 
     def to_wire(self) -> MountEntry:
         return [self.host, self.guest, self.read_only]  # the supervisor's and the manifest's form

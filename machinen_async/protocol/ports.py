@@ -16,7 +16,7 @@ def _invalid(spec: object, why: str) -> MachinenError:
     return MachinenError(f"invalid port forward {spec!r}: {why}", code="PARSE_PORT_INVALID")
 
 
-def parse_port_forward(spec: PortSpec) -> PortEntry:
+def parse_port_forward(spec: PortSpec | PortEntry) -> PortEntry:
     """``[host address, host port, guest port]``; the address defaults to loopback."""
     if isinstance(spec, str):
         parts: list[object] = [*spec.rsplit(":", 2)]
@@ -37,7 +37,7 @@ def parse_port_forward(spec: PortSpec) -> PortEntry:
     ports = []
     for value in (host, guest):
         try:
-            port = int(value)
+            port = int(value)  # type: ignore[call-overload]  # whatever was given: refused below unless a port
         except (TypeError, ValueError):
             raise _invalid(spec, f"{value!r} is not a port number") from None
         if not 1 <= port <= 65535 or isinstance(value, bool):
@@ -46,7 +46,7 @@ def parse_port_forward(spec: PortSpec) -> PortEntry:
     return [address, *ports]
 
 
-def parse_port_forwards(specs: Iterable[PortSpec] | None) -> list[PortEntry]:
+def parse_port_forwards(specs: Iterable[PortSpec | PortEntry] | None) -> list[PortEntry]:
     forwards = [parse_port_forward(spec) for spec in specs or ()]
     seen: set[tuple[object, object]] = set()
     for address, host, _ in forwards:

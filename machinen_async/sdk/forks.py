@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 import anyio
 
@@ -47,15 +47,25 @@ class Forks(Sequence["VM"]):
     def __len__(self) -> int:
         return len(self._vms)
 
+    @overload
+    async def map(
+        self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: Literal[False] = False
+    ) -> list[T]: ...
+
+    @overload
+    async def map(
+        self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: Literal[True]
+    ) -> list[T | Exception]: ...
+
     async def map(
         self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: bool = False
-    ) -> list[T | BaseException]:
+    ) -> list[T] | list[T | Exception]:
         """Run ``fn(sibling, index)`` for every sibling concurrently; results in order.
 
         The first failure cancels the others and is raised, unless
         ``return_exceptions`` is set: then each failure is returned in its slot.
         """
-        results: list[Any] = [None] * len(self._vms)
+        results: list[Any] = [None] * len(self._vms)  # each slot set before it is returned
 
         async def run(index: int, vm: VM) -> None:
             try:
@@ -99,11 +109,11 @@ class Launch(Generic[Started]):
     exit: the VMs it started stop) or ``vm = await boot(...)`` (then ``await vm.aclose()``).  What it
     starts is a ``VM``, or ``Forks`` (``restore(..., n=4)``, ``vm.fork(n=4)``)."""
 
-    def __init__(self, start: Callable[[], Coroutine[Any, Any, Started]]) -> None:
+    def __init__(self, start: Callable[[], Awaitable[Started]]) -> None:
         self._start = start
         self._started: Started | None = None
 
-    def __await__(self) -> Generator[Any, None, Started]:
+    def __await__(self) -> Generator[object, None, Started]:
         return self._start().__await__()
 
     async def __aenter__(self) -> Started:
