@@ -9,10 +9,10 @@ returns open ``Connection``s to their supervisors; the SDK wraps each in a
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 
@@ -23,6 +23,24 @@ DEFAULT_BOOT_TIMEOUT_S = 60.0
 PEER_PROTOCOL = 3  # the request set of hosts/peer.py; both ends of a link must agree
 
 Progress = Callable[[str], None]
+HostT = TypeVar("HostT")
+
+
+@dataclass
+class Reservation(Generic[HostT]):
+    """The host of each sibling, and what to call once they are all gone (``None``: nothing)."""
+
+    hosts: list[HostT]
+    release: Callable[[], Awaitable[None]] | None = None
+
+
+class HostPool(Protocol[HostT]):
+    """Hosts that place siblings themselves (a scheduler: ``RayHosts``); the SDK's ``HostPool[Host]``.
+
+    ``vm.fork(n, hosts=pool)`` asks the pool for room for ``count`` siblings of ``memory_mib`` and
+    starts them on the hosts it names, one per sibling; ``release`` runs once they are all closed."""
+
+    async def reserve(self, count: int, memory_mib: int, accel: str) -> Reservation[HostT]: ...
 
 
 class Owner(Protocol):

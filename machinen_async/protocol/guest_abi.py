@@ -5,6 +5,10 @@ Stdlib only: it is copied into every image beside the guest agent (as is ``wire`
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # what checkers assume true; the agent need not import typing's modules
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 # The virtio-serial port the agent serves (QEMU: virtserialport name=...).
 AGENT_PORT_NAME = "org.machinen.agent"
 # A provisioned image's workload: what to run (written by provision()) and where its output goes.
@@ -42,7 +46,7 @@ class ExecRequest:
     def __init__(
         self,
         argv: list[str],
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bool = False,
         timeout: float | None = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypedDict, Unpack, overload
 
 from ..errors import HostError, MachinenError
-from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, Progress, TransferReport
+from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, HostPool, Progress, TransferReport
 from ..hosts.local import LocalDriver
 from ..protocol.messages import BootRequest, ForkRequest, HostFacts, PortForward, RestoreRequest, VMRow, Workload
 from ..protocol.ports import PortSpec
@@ -26,7 +26,7 @@ from .handoff import handoff
 from .mounts import Mount, checked_mounts, copy_in, live_mounts, rebinding
 from .network import NetworkPolicy, network_settings
 from .process import Command, argv_of
-from .spread import HostPool, fork_across
+from .spread import fork_across
 from .vm import VM
 
 
@@ -257,7 +257,7 @@ class Host:
         boot_timeout: float,
         detached: bool,
         ports: tuple[PortForward, ...],
-        hosts: Sequence[Host] | HostPool | None,
+        hosts: Sequence[Host] | HostPool[Host] | None,
         mounts: Sequence[str | Mount] | None,
     ) -> Launch[VM] | Launch[Forks]:
         """``source.fork()``: siblings here, or spread over ``hosts``; ``single``: the one sibling itself."""

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, Self, Unpack
 import anyio
 
 from ..errors import HostError, MachinenError, plain_errors
+from ..hosts.base import Reservation
 from ..protocol.messages import VMRow
 from .forks import Launch
 from .host import BootOptions, Host
-from .spread import Reservation, sibling_cost_mib
+from .spread import sibling_cost_mib
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -174,7 +175,7 @@ class RayHosts:
         except KeyError:
             raise HostError(f"no machinen node {node_id} in this Ray pool", code="HOST_SPEC_INVALID") from None
 
-    async def reserve(self, count: int, memory_mib: int, accel: str) -> Reservation:
+    async def reserve(self, count: int, memory_mib: int, accel: str) -> Reservation[Host]:
         """Ray's placement of ``count`` siblings of ``memory_mib`` MiB, held until released."""
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 

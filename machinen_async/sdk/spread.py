@@ -10,7 +10,7 @@ Placement over a list of hosts (``place``) is greedy and deterministic: each
 sibling goes to the host with the fewest VMs per CPU among those whose free
 memory can still hold one more (after one template copy of the guest RAM per
 host); if none can, the fork is refused (FORK_MEMORY_BACKPRESSURE) rather than
-overloading a host.  A ``HostPool`` (a Ray cluster: sdk/ray_pool.py) places
+overloading a host.  A ``HostPool`` (hosts/base.py; a Ray cluster: sdk/ray_pool.py) places
 siblings itself and holds what it reserved for them until the ``Forks`` close.
 """
 
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ..errors import BootError, MachinenError, plain_errors
+from ..hosts.base import HostPool, Reservation
 from ..hosts.local import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE
 from ..protocol.messages import ForkRequest, HostFacts
 from ..store import chunks
@@ -62,21 +63,7 @@ def place(count: int, facts: Sequence[HostFacts], memory_mib: int) -> list[int]:
     return placement
 
 
-@dataclass
-class Reservation:
-    """The host of each sibling, and what to call once they are all gone (``None``: nothing)."""
-
-    hosts: list[Host]
-    release: Callable[[], Awaitable[None]] | None = None
-
-
-class HostPool(Protocol):
-    """Hosts that place siblings themselves."""
-
-    async def reserve(self, count: int, memory_mib: int, accel: str) -> Reservation: ...
-
-
-async def place_on(hosts: Sequence[Host], count: int, memory_mib: int) -> Reservation:
+async def place_on(hosts: Sequence[Host], count: int, memory_mib: int) -> Reservation[Host]:
     """``place`` over what each host says of itself now."""
     facts: dict[int, HostFacts] = {}
 
@@ -91,7 +78,7 @@ async def place_on(hosts: Sequence[Host], count: int, memory_mib: int) -> Reserv
 
 
 async def fork_across(
-    source: VM, request: ForkRequest, hosts: Sequence[Host] | HostPool, mounts: Sequence[str | Mount] | None
+    source: VM, request: ForkRequest, hosts: Sequence[Host] | HostPool[Host], mounts: Sequence[str | Mount] | None
 ) -> Forks:
     """``mounts`` as the user gave them (for each remote host to check there); ``request.mounts`` as
     checked here."""

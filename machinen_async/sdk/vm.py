@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, overload
 import anyio
 
 from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError, plain_errors
-from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, close_connections
+from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostPool, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
 from ..protocol.messages import AgentInfo, Pong, PortForward, VMDescription, VMInfo
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from .handoff import HandoffReport
     from .host import Host
     from .mounts import Mount
-    from .spread import HostPool
 
 DEFAULT_EXEC_TIMEOUT_S = 300.0
 # What exec() keeps of each output stream and read_file() of a file, in host
@@ -245,21 +244,21 @@ class VM:
     @overload
     def fork(
         self, n: None = None, *, name: str | None = None, names: None = None, boot_timeout: float = ...,
-        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool | None = ...,
+        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
     def fork(
         self, n: int, *, name: str | None = None, names: Sequence[str] | None = None, boot_timeout: float = ...,
-        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool | None = ...,
+        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
     def fork(
         self, n: None = None, *, name: str | None = None, names: Sequence[str], boot_timeout: float = ...,
-        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool | None = ...,
+        detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ...,
     ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
 
@@ -272,7 +271,7 @@ class VM:
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
         detached: bool = False,
         ports: Sequence[PortSpec] | None = None,
-        hosts: Sequence[Host] | HostPool | None = None,
+        hosts: Sequence[Host] | HostPool[Host] | None = None,
         mounts: Sequence[str | Mount] | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
