@@ -233,6 +233,8 @@ ERRORS: tuple[ErrorRow, ...] = tuple(ErrorRow(*row) for row in (
     (HandoffError, ("HANDOFF_SAME_HOST", "HANDOFF_REMOTE_SOURCE", "HANDOFF_FAILED"), "handoff to this host; handoff of a VM that runs elsewhere (do it from its host); the handoff failed otherwise (the source runs on)"),
     (ForkError, ("FORK_REMOTE_SOURCE",), "a fork spread over hosts (`hosts=`) of a VM that runs elsewhere (do it from its host; a plain `fork()` of it works there)"),
     (SnapshotError, ("SNAPSHOT_VM_PAUSED",), "the VM is paused by a handoff in progress"),
+    (ForkError, ("FORK_CALL_TIMEOUT",), "a sibling's call in `forks.map`/`as_completed`/`first` took longer than its `timeout`"),
+    (ForkError, ("FORK_NONE_ACCEPTED",), "`forks.first` found no sibling whose call gave a result `accept` took (each failed or was rejected)"),
     (ForkError, ("FORK_VM_PAUSED",), "the VM is paused by a handoff in progress"),
     (MachinenError, ("MACHINEN_ERROR",), "an error of no other kind (a code another process sent that this version does not know keeps its code)"),
 ))  # fmt: skip

@@ -121,6 +121,34 @@ async def test_single_fork_closed_with_aclose(anyio_backend):
         assert (await source.exec(["true"])).exit_code == 0
 
 
+LONG_SLEEPS = "for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c; echo; done | grep -c '^sleep 300' || true"
+
+
+async def test_siblings_race_as_completed_and_first(anyio_backend):
+    """Results in finishing order; ``first`` takes the quick sibling, cancels the others' calls (their
+    guest processes are gone soon after) and, with ``stop_losers``, stops the other siblings."""
+    name = f"frace-{anyio_backend}"
+    async with boot(name=name) as source, source.fork(n=3, name=f"{name}-sib") as forks:
+        delays = [2, 0, 1]
+        finished = [i async for i, _ in forks.as_completed(lambda vm, i: vm.exec(["sleep", str(delays[i])]))]
+        assert finished == [1, 2, 0]
+
+        def quick_one(index: int):
+            return lambda vm, i: vm.exec(["sh", "-c", f"sleep {0 if i == index else 300}; echo {i}"], check=True)
+
+        index, result = await forks.first(quick_one(1))
+        assert (index, result.stdout) == (1, b"1\n")
+        for loser in (forks[0], forks[2]):
+            with anyio.fail_after(30):
+                while int((await loser.exec(["sh", "-c", LONG_SLEEPS])).stdout):
+                    await anyio.sleep(0.2)
+
+        index, _ = await forks.first(quick_one(2), accept=lambda result: result.stdout == b"2\n", stop_losers=True)
+        assert index == 2
+        assert not qemu_of(f"{name}-sib-0") and not qemu_of(f"{name}-sib-1")
+        assert (await forks[2].exec(["true"])).exit_code == 0
+
+
 async def test_killed_sibling_leaves_the_others_running():
     async with boot(name="fkill") as source:
         async with source.fork(n=3, name="fkill-sib") as forks:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
-from ..errors import plain_errors
+from ..errors import ForkError, plain_errors
 from ..protocol.messages import ForkTemplate
 
 if TYPE_CHECKING:
@@ -49,37 +51,147 @@ class Forks(Sequence["VM"]):
 
     @overload
     async def map(
-        self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: Literal[False] = False
+        self,
+        fn: Callable[[VM, int], Awaitable[T]],
+        *,
+        return_exceptions: Literal[False] = False,
+        timeout: float | None = None,
     ) -> list[T]: ...
 
     @overload
     async def map(
-        self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: Literal[True]
+        self,
+        fn: Callable[[VM, int], Awaitable[T]],
+        *,
+        return_exceptions: Literal[True],
+        timeout: float | None = None,
     ) -> list[T | Exception]: ...
 
     async def map(
-        self, fn: Callable[[VM, int], Awaitable[T]], *, return_exceptions: bool = False
+        self,
+        fn: Callable[[VM, int], Awaitable[T]],
+        *,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
     ) -> list[T] | list[T | Exception]:
         """Run ``fn(sibling, index)`` for every sibling concurrently; results in order.
 
         The first failure cancels the others and is raised, unless
         ``return_exceptions`` is set: then each failure is returned in its slot.
+        ``timeout``: seconds each sibling's call may take (FORK_CALL_TIMEOUT after that).
         """
-        results: list[Any] = [None] * len(self._vms)  # each slot set before it is returned
-
-        async def run(index: int, vm: VM) -> None:
-            try:
-                results[index] = await fn(vm, index)
-            except Exception as exc:
-                if not return_exceptions:
-                    raise
-                results[index] = exc
-
+        results: list[Any] = [None] * len(self._vms)
         with plain_errors():
+            async for index, outcome in self._outcomes(fn, timeout, stop_at_failure=not return_exceptions):
+                results[index] = outcome
+        return results
+
+    @overload
+    def as_completed(
+        self,
+        fn: Callable[[VM, int], Awaitable[T]],
+        *,
+        return_exceptions: Literal[False] = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[tuple[int, T]]: ...
+
+    @overload
+    def as_completed(
+        self,
+        fn: Callable[[VM, int], Awaitable[T]],
+        *,
+        return_exceptions: Literal[True],
+        timeout: float | None = None,
+    ) -> AsyncIterator[tuple[int, T | Exception]]: ...
+
+    def as_completed(
+        self,
+        fn: Callable[[VM, int], Awaitable[T]],
+        *,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[tuple[int, T]] | AsyncIterator[tuple[int, T | Exception]]:
+        """``async for index, result in forks.as_completed(fn)``: ``fn(sibling, index)`` on every
+        sibling at once, each result as soon as it is there (finishing order).
+
+        A failure cancels the calls still running and is raised, unless ``return_exceptions``:
+        then it comes in its turn.  Leaving the loop early leaves the other calls running until
+        the iterator is closed: wrap it in ``contextlib.aclosing`` (or use ``first``) for that."""
+        return self._outcomes(fn, timeout, stop_at_failure=not return_exceptions)
+
+    async def first(
+        self,
+        fn: Callable[[VM, int], Awaitable[T]],
+        *,
+        accept: Callable[[T], bool] = lambda result: True,
+        timeout: float | None = None,
+        stop_losers: bool = False,
+    ) -> tuple[int, T]:
+        """The first result ``accept`` takes, and its sibling's index; the other calls are cancelled
+        then (a call that fails, or is not accepted, only drops out of the race).  ``stop_losers``:
+        the other siblings are stopped too, so only the winner keeps running.  FORK_NONE_ACCEPTED
+        when no call gives an accepted result."""
+        failures: list[str] = []
+        async with aclosing(self._outcomes(fn, timeout, stop_at_failure=False)) as outcomes:  # closed: losers cancelled
+            async for index, outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    failures.append(f"sibling {index}: {outcome}")
+                elif accept(outcome):
+                    winner = (index, outcome)
+                    break
+            else:
+                raise ForkError(
+                    f"none of {len(self._vms)} siblings gave an accepted result ({'; '.join(failures) or 'all rejected'})",
+                    code="FORK_NONE_ACCEPTED",
+                )
+        if stop_losers:
             async with anyio.create_task_group() as tg:
                 for index, vm in enumerate(self._vms):
-                    tg.start_soon(run, index, vm)
-        return results
+                    if index != winner[0]:
+                        tg.start_soon(vm.stop)
+        return winner
+
+    async def _outcomes(
+        self, fn: Callable[[VM, int], Awaitable[T]], timeout: float | None, *, stop_at_failure: bool
+    ) -> AsyncIterator[tuple[int, T | Exception]]:
+        """Each sibling's result or failure as it comes.  The calls never raise into the task group
+        (their failures travel with the results), so nothing cancels the caller's code between
+        two results; closing this generator cancels the calls still running."""
+        send, receive = anyio.create_memory_object_stream[tuple[int, T | Exception]](len(self._vms))
+
+        async def run(index: int, vm: VM, send: MemoryObjectSendStream[tuple[int, T | Exception]]) -> None:
+            with send:
+                try:
+                    if timeout is None:
+                        outcome: T | Exception = await fn(vm, index)
+                    else:
+                        with anyio.fail_after(timeout):
+                            outcome = await fn(vm, index)
+                except TimeoutError:
+                    outcome = ForkError(f"sibling {index}'s call took over {timeout} s", code="FORK_CALL_TIMEOUT")
+                except Exception as exc:  # noqa: BLE001  # the caller's fn: its failure is its outcome
+                    outcome = exc
+                send.send_nowait((index, outcome))  # room for every sibling's: never blocks
+
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            with send, receive:
+                for index, vm in enumerate(self._vms):
+                    tg.start_soon(run, index, vm, send.clone())
+                send.close()
+                try:
+                    async for index, outcome in receive:
+                        if stop_at_failure and isinstance(outcome, Exception):
+                            failure = outcome
+                            break
+                        try:
+                            yield index, outcome
+                        except GeneratorExit:  # closed early: the calls still running are cancelled
+                            break
+                finally:
+                    tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure  # once the others are cancelled, as it was raised (not in a group)
 
     async def aclose(self) -> None:
         await close_all(self._vms)
