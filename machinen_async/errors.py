@@ -276,7 +276,7 @@ def errors_markdown() -> str:
         "# Errors",
         "",
         (
-            "<!-- Generated from machinen_async/errors.py (ERRORS) by `make docs`; tests/test_errors.py fails "
+            "<!-- Generated from machinen_async/errors.py (ERRORS) by `make docs`; tests/unit/test_errors.py fails "
             "when they differ. -->"
         ),
         "",

@@ -19,7 +19,7 @@ def test_the_package_says_it_is_typed():
 
 
 def test_what_a_checker_infers_of_boot_fork_and_restore():
-    usage = Path(__file__).parent / "type_checks" / "usage.py"
+    usage = Path(__file__).resolve().parents[1] / "type_checks" / "usage.py"
     checked = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(usage)],
         capture_output=True, text=True, timeout=300, check=False,
