@@ -219,6 +219,7 @@ ERRORS: tuple[ErrorRow, ...] = tuple(ErrorRow(*row) for row in (
     (HandoffError, ("HANDOFF_TIMEOUT",), "a handoff's destination did not take over within 120 s (the source runs on)"),
     (HandoffError, ("HANDOFF_SAME_HOST", "HANDOFF_REMOTE_SOURCE", "HANDOFF_FAILED"), "handoff to this host; handoff of a VM that runs elsewhere (do it from its host); the handoff failed otherwise (the source runs on)"),
     (ForkError, ("FORK_REMOTE_SOURCE",), "a fork spread over hosts (`hosts=`) of a VM that runs elsewhere (do it from its host; a plain `fork()` of it works there)"),
+    (SnapshotError, ("SNAPSHOT_VMM_UNSUPPORTED",), "the VMM backend cannot save or load machine state (`MACHINEN_VMM=fake`, the test backend: no snapshot, fork, restore or handoff)"),
     (SnapshotError, ("SNAPSHOT_VM_PAUSED",), "the VM is paused by a handoff in progress"),
     (ForkError, ("FORK_VM_PAUSED",), "the VM is paused by a handoff in progress"),
     (MachinenError, ("MACHINEN_ERROR",), "an error of no other kind (a code another process sent that this version does not know keeps its code)"),
