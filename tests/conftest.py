@@ -51,6 +51,14 @@ def qemu_processes() -> list[str]:
     ]
 
 
+def fake_machines() -> list[str]:
+    """Fake VMs (``MACHINEN_VMM=fake``) of this session still running: bubblewrap and the agent
+    in it, whose sandbox is in this session's RAM directory."""
+    out = subprocess.run(["pgrep", "-af", "guest.server import Agent"], capture_output=True, text=True, check=False)
+    runtime = os.environ["MACHINEN_RUNTIME_DIR"]
+    return [line for line in out.stdout.splitlines() if runtime in line and "<defunct>" not in line]
+
+
 def qemu_of(name: str) -> list[str]:
     """The QEMU processes (and what started them) of the VM named ``name``: by its hostname on
     the kernel command line, since QEMU sees no path of the VM's own directory."""
@@ -104,6 +112,7 @@ def no_qemu_survives():
     yield
     leftovers = qemu_processes()
     assert not leftovers, f"QEMU processes survived the test session: {leftovers}"
+    assert not fake_machines(), f"fake VMs survived the test session: {fake_machines()}"
     assert not runtime_leftovers(), f"RAM files survived: {runtime_leftovers()}"
     # Clean: remove the session's own (now empty) directories.
     shutil.rmtree(os.environ["MACHINEN_RUNTIME_DIR"], ignore_errors=True)
