@@ -2,7 +2,8 @@
 ``testing/_check_streams.py`` is the model): ``check_host_driver(driver, name)``.
 
 A driver boots a VM and hands back an owned ``Connection``; ``list`` shows it; the VM runs
-commands; ``stop`` and closing an owned connection each end it; what a caller gets wrong fails
+commands; ``connect`` reaches it again without owning it; ``stop`` and closing an owned
+connection each end it; what a caller gets wrong fails
 with a registered ``MachinenError``; ``aclose`` leaves nothing running.  Under
 ``MACHINEN_VMM=fake`` (the unit tier) it takes seconds; under QEMU it is the same check.
 
@@ -103,6 +104,10 @@ async def check_host_driver(driver: HostDriver, name: str) -> None:
         assert {f"{name}-a", f"{name}-b"} <= set(await _names(driver))
         ran = await stopped_by_name.exec(["sh", "-c", "hostname; echo out; echo err >&2; exit 3"])
         assert (ran.exit_code, ran.stdout, ran.stderr) == (3, f"{name}-a\nout\n".encode(), b"err\n")
+        visitor = host.vm(await driver.connect(f"{name}-b"))  # not owned: closing it only disconnects
+        assert (await visitor.exec(["hostname"])).stdout == f"{name}-b\n".encode()
+        await visitor.aclose()
+        assert (await closed_by_owner.exec(["true"])).exit_code == 0
 
         await _fails_with("REGISTRY_NAME_IN_USE", driver.boot(BootRequest(name=f"{name}-a", warm=False)))
         await _fails_with("REGISTRY_NAME_INVALID", driver.boot(BootRequest(name="../escape", warm=False)))
