@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,7 +163,9 @@ class FakeBackend:
     machine_type = "fake"
 
     def check_installed(self) -> None:
-        """Needs only bubblewrap, a host package of every build (the QEMU backend confines with it)."""
+        if shutil.which("bwrap") is None:
+            raise BootError("the fake VMM runs its agent under bwrap, which is not installed",
+                            code="BOOT_CONFINEMENT_UNAVAILABLE")  # fmt: skip
 
     def installed_version(self) -> str:
         return f"fake-{__version__}"
@@ -187,31 +190,30 @@ class FakeBackend:
         with contextlib.suppress(FileNotFoundError):
             launch.agent_socket.unlink()
         port, agent_port = socket.socketpair()
-        output = subprocess.PIPE if launch.logs else subprocess.DEVNULL
-        try:
-            process = await anyio.open_process(
-                _sandbox(launch, agent_port.fileno(), tmp), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                pass_fds=[agent_port.fileno()], env={"PYTHONPATH": str(PACKAGE_ROOT)}, start_new_session=True,
-            )  # fmt: skip
-        finally:
-            agent_port.close()
-        machine = FakeMachine(process)
         async with (
             await anyio.create_unix_listener(launch.agent_socket) as listener,
             await anyio.abc.UNIXSocketStream.from_socket(port) as port_stream,
-            anyio.create_task_group() as helpers,
         ):
-            helpers.start_soon(_bridge, listener, port_stream)
-            if launch.logs and process.stdout and process.stderr:  # piped exactly then
-                limits = (capped_log.CONSOLE_LOG_LIMIT, capped_log.QEMU_LOG_LIMIT)
-                for stream, path, limit in zip((process.stdout, process.stderr), launch.logs, limits, strict=True):
-                    helpers.start_soon(capped_log.copy_into, stream, path, limit)
+            output = subprocess.PIPE if launch.logs else subprocess.DEVNULL
             try:
-                yield machine
+                process = await anyio.open_process(
+                    _sandbox(launch, agent_port.fileno(), tmp), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                    pass_fds=[agent_port.fileno()], env={"PYTHONPATH": str(PACKAGE_ROOT)}, start_new_session=True,
+                )  # fmt: skip
             finally:
-                with anyio.CancelScope(shield=True):
-                    _signal_tree(process.pid, signal.SIGKILL)  # stopped (paused) ones too
-                    await process.wait()
+                agent_port.close()
+            async with anyio.create_task_group() as helpers:
+                helpers.start_soon(_bridge, listener, port_stream)
+                if launch.logs and process.stdout and process.stderr:  # piped exactly then
+                    limits = (capped_log.CONSOLE_LOG_LIMIT, capped_log.QEMU_LOG_LIMIT)
+                    for stream, path, limit in zip((process.stdout, process.stderr), launch.logs, limits, strict=True):
+                        helpers.start_soon(capped_log.copy_into, stream, path, limit)
+                try:
+                    yield FakeMachine(process)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        _signal_tree(process.pid, signal.SIGKILL)  # stopped (paused) ones too
+                        await process.wait()
                     helpers.cancel_scope.cancel()
 
     async def create_overlay(self, path: Path, backing: list[str], size: int) -> None:
