@@ -30,6 +30,8 @@ async def test_boot_exec_files_stop(anyio_backend: str) -> None:
         await vm.write_file("/tmp/note", b"kept")
         assert await vm.read_file("/tmp/note") == b"kept"
         assert (await vm.ping())["pong"]
+        await vm.reset_agent_channel()  # the supervisor drops agent.sock and connects again
+        assert (await vm.read_file("/tmp/note")) == b"kept"
         assert await vm.stop() == "stopped"
 
 
