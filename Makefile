@@ -56,12 +56,12 @@ test: deps test-deps
 	$(PY) -m pytest
 
 test-unit: py-deps  # the quick loop: no VM (host packages as `make test` installs them)
-	MACHINEN_VMM=no-vm-in-the-unit-tier $(PY) -m pytest -m unit
+	MACHINEN_VMM=no-vm-in-the-unit-tier $(PY) -m pytest tests/unit
 
 bench: deps
 	$(PY) benchmarks/boot_exec.py
 
-docs:  # what is generated from the code (tests/test_errors.py checks it is current)
+docs:  # what is generated from the code (tests/unit/test_errors.py checks it is current)
 	$(PY) -c 'from machinen_async.errors import errors_markdown; print(errors_markdown(), end="")' > docs/errors.md
 	$(PY) -c 'from machinen_async.cli import cli_markdown; print(cli_markdown(), end="")' > docs/cli.md
 

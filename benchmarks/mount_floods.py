@@ -5,7 +5,7 @@
 A real supervisor relay, ``serve_mount`` and ``HostDirectory`` facing a fake guest (no VM,
 so only the host side is measured): the mean round trip of 3,000 ``lstat`` requests sent one
 after another, and the supervisor's RSS growth and most frames queued toward the agent over
-3 s of each flood of tests/test_mount_hostile.py (2,700 read requests then 200,000 CREDIT
+3 s of each flood of tests/vm/test_mount_hostile.py (2,700 read requests then 200,000 CREDIT
 frames granting the guest room it was never given; 30,000 read requests with honest credit).
 ``--tree`` runs another checkout's package (say an older commit, ``git worktree add``) with
 this one's test helpers, so both are measured in one run.  Prints one JSON object.

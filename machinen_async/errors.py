@@ -191,7 +191,7 @@ ERRORS: tuple[ErrorRow, ...] = tuple(ErrorRow(*row) for row in (
     (BootError, ("BOOT_ACCEL_INVALID", "BOOT_QEMU_MISSING", "BOOT_VMM_UNKNOWN"), "bad `accel` / QEMU not installed / `MACHINEN_VMM` names no backend of this build"),
     (BootError, ("BOOT_PORT_FORWARD_IN_USE",), 'the host port is taken (the message names the VM holding it, or "another process")'),
     (BootError, ("BOOT_NETWORK_RULE_INVALID", "BOOT_NETWORK_GUARD_FAILED"), "a `NetworkPolicy` rule is not `ADDR[/PREFIX][:PORT]`; QEMU's connection filter could not be installed (needs Linux ≥ 5.5, on x86_64 or aarch64)"),
-    (BootError, ("BOOT_CONFINEMENT_UNAVAILABLE",), "`MACHINEN_QEMU_NAMESPACES=on` but bwrap is missing or cannot create a user namespace here"),
+    (BootError, ("BOOT_CONFINEMENT_UNAVAILABLE",), "`MACHINEN_QEMU_NAMESPACES=on` (or `MACHINEN_VMM=fake`, which always runs its agent under bwrap) but bwrap is missing or cannot create a user namespace here"),
     (BootError, ("BOOT_CMD_NOT_FOUND",), "the workload command does not exist in the guest"),
     (BootError, ("BOOT_SNAPSHOT_NOT_FOUND",), "no bundle (no `manifest.cbor`) in the directory"),
     (ExecError, ("EXEC_NONZERO_EXIT",), "`check=True` and the command failed (`.result` has the output)"),
@@ -232,6 +232,7 @@ ERRORS: tuple[ErrorRow, ...] = tuple(ErrorRow(*row) for row in (
     (HandoffError, ("HANDOFF_TIMEOUT",), "a handoff's destination did not take over within 120 s (the source runs on)"),
     (HandoffError, ("HANDOFF_SAME_HOST", "HANDOFF_REMOTE_SOURCE", "HANDOFF_FAILED"), "handoff to this host; handoff of a VM that runs elsewhere (do it from its host); the handoff failed otherwise (the source runs on)"),
     (ForkError, ("FORK_REMOTE_SOURCE",), "a fork spread over hosts (`hosts=`) of a VM that runs elsewhere (do it from its host; a plain `fork()` of it works there)"),
+    (SnapshotError, ("SNAPSHOT_VMM_UNSUPPORTED",), "the VMM backend cannot save or load machine state (`MACHINEN_VMM=fake`, the test backend: no snapshot, fork, restore or handoff)"),
     (SnapshotError, ("SNAPSHOT_VM_PAUSED",), "the VM is paused by a handoff in progress"),
     (ForkError, ("FORK_CALL_TIMEOUT",), "a sibling's call in `forks.map`/`as_completed`/`first` took longer than its `timeout`"),
     (ForkError, ("FORK_NONE_ACCEPTED",), "`forks.first` found no sibling whose call gave a result `accept` took (each failed or was rejected)"),
@@ -289,7 +290,7 @@ def errors_markdown() -> str:
         "# Errors",
         "",
         (
-            "<!-- Generated from machinen_async/errors.py (ERRORS) by `make docs`; tests/test_errors.py fails "
+            "<!-- Generated from machinen_async/errors.py (ERRORS) by `make docs`; tests/unit/test_errors.py fails "
             "when they differ. -->"
         ),
         "",

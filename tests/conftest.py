@@ -51,6 +51,14 @@ def qemu_processes() -> list[str]:
     ]
 
 
+def fake_machines() -> list[str]:
+    """Fake VMs (``MACHINEN_VMM=fake``) of this session still running: bubblewrap and the agent
+    in it, whose sandbox is in this session's RAM directory."""
+    out = subprocess.run(["pgrep", "-af", "guest.server import Agent"], capture_output=True, text=True, check=False)
+    runtime = os.environ["MACHINEN_RUNTIME_DIR"]
+    return [line for line in out.stdout.splitlines() if runtime in line and "<defunct>" not in line]
+
+
 def qemu_of(name: str) -> list[str]:
     """The QEMU processes (and what started them) of the VM named ``name``: by its hostname on
     the kernel command line, since QEMU sees no path of the VM's own directory."""
@@ -73,12 +81,10 @@ def anyio_backend(request):
     return request.param
 
 
-# The fast tier (`make test-unit`, `pytest -m unit`): modules that start no VM and no QEMU (that
-# target runs them with MACHINEN_VMM naming no backend, so one that tried would fail).
-UNIT_MODULES = {
-    "test_channel", "test_errors", "test_fanout", "test_image_build", "test_layout", "test_messages", "test_netguard",
-    "test_oci_flatten", "test_oci_pull", "test_ray_stream", "test_resync", "test_sparse", "test_typing",
-}  # fmt: skip
+# The fast tier (`make test-unit`, `pytest -m unit`): every test under tests/unit/, which starts no
+# VM and no QEMU (that target runs them with MACHINEN_VMM naming no backend, so one that tried
+# would fail). Tests that boot a real VM go under tests/vm/.
+UNIT_TESTS = Path(__file__).parent / "unit"
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -89,7 +95,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__ in UNIT_MODULES:
+        if UNIT_TESTS in item.path.parents:
             item.add_marker(pytest.mark.unit)
 
 
@@ -106,6 +112,7 @@ def no_qemu_survives():
     yield
     leftovers = qemu_processes()
     assert not leftovers, f"QEMU processes survived the test session: {leftovers}"
+    assert not fake_machines(), f"fake VMs survived the test session: {fake_machines()}"
     assert not runtime_leftovers(), f"RAM files survived: {runtime_leftovers()}"
     # Clean: remove the session's own (now empty) directories.
     shutil.rmtree(os.environ["MACHINEN_RUNTIME_DIR"], ignore_errors=True)

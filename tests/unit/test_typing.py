@@ -39,7 +39,7 @@ def test_the_package_says_it_is_typed():
 
 
 def test_what_a_checker_infers_of_boot_fork_and_restore(tmp_path: Path):
-    checked = mypy_strict(Path(__file__).parent / "type_checks" / "usage.py", cache=tmp_path)
+    checked = mypy_strict(Path(__file__).resolve().parents[1] / "type_checks" / "usage.py", cache=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 

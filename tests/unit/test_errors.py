@@ -84,5 +84,5 @@ def test_an_unknown_code_keeps_its_code_in_the_class_asked_for():
 
 
 def test_the_errors_page_is_the_registry():
-    page = Path(__file__).parent.parent / "docs" / "errors.md"
+    page = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
     assert page.read_text() == errors.errors_markdown(), "run `make docs`"

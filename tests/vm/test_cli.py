@@ -155,7 +155,7 @@ def test_shell_completion(cli):
     assert b"snapshot" in cli(env=env).stdout
 
 
-FORK_PI = str(Path(__file__).resolve().parent.parent / "examples" / "fork_pi" / "run.py")
+FORK_PI = str(Path(__file__).resolve().parents[2] / "examples" / "fork_pi" / "run.py")
 FORK_PI_PROMPTS = ["what is pi", "hash the word fork", "summarise why copy-on-write siblings are cheap"]
 
 
@@ -188,7 +188,7 @@ def test_fork_pi_example_runs_the_pi_agent():
     assert len(llm.prompts) == len(FORK_PI_PROMPTS)  # one model call per sibling
 
 
-SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "machinen-README.md"
+SEED_README = Path(__file__).resolve().parents[3] / "shared" / "seed" / "machinen-README.md"
 
 
 def _seed_command_lines() -> list[list[str]]:
@@ -238,5 +238,5 @@ def test_install_pins_only_its_own_version(cli):
 def test_the_cli_page_is_the_cli():
     from machinen_async.cli import cli_markdown
 
-    page = Path(__file__).parent.parent / "docs" / "cli.md"
+    page = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
     assert page.read_text() == cli_markdown(), "run `make docs`"

@@ -19,7 +19,7 @@ from machinen_async.guest import export
 from machinen_async.sdk.provisioning import EXPORT_EXCLUDES
 
 pytestmark = pytest.mark.anyio
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture

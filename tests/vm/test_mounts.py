@@ -21,7 +21,7 @@ from machinen_async.sdk.mounts import Mount
 from machinen_async.supervisor.mounts import HostDirectory
 
 pytestmark = pytest.mark.anyio
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "live-mount" / "run.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "live-mount" / "run.py"
 
 
 async def sh(vm, script: str) -> str:
