@@ -99,6 +99,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
 
 
+@pytest.fixture
+def fake_vmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VMs of the fake VMM (vmm/fake: the real agent, no VM).  They boot the base assets' paths
+    without reading them, which `make test` builds and `make test-unit` alone does not."""
+    from machinen_async.store import assets
+
+    if assets.find_base() is None:
+        pytest.skip("no base assets yet: `make deps` (or `machinen install`) builds them once")
+    monkeypatch.setenv("MACHINEN_VMM", "fake")
+
+
 @pytest.fixture(scope="session")
 def shared_vm() -> str:
     """Name of a detached VM booted by `machinen boot --detach` in another process."""

@@ -14,12 +14,7 @@ from machinen_async import boot
 from machinen_async.errors import BootError, SnapshotError
 from machinen_async.vmm import backend
 
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(autouse=True)
-def fake_vmm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MACHINEN_VMM", "fake")
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("fake_vmm")]
 
 
 async def test_boot_exec_files_stop(anyio_backend: str) -> None:

@@ -8,12 +8,7 @@ from host_conformance import LoopbackDriver, check_host_driver
 
 from machinen_async.hosts.local import LocalDriver
 
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(autouse=True)
-def fake_vmm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MACHINEN_VMM", "fake")
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("fake_vmm")]
 
 
 async def test_local_driver(anyio_backend: str) -> None:
