@@ -67,15 +67,15 @@ class Workload:
                 except (OSError, KeyError) as exc:  # KeyError: the image's User is unknown
                     log.write(f"machinen: cannot start {argv!r}: {exc}\n".encode())
                     with self.lock:
-                        self.state.update(running=False, exit_code=127)
+                        self.state.update({"running": False, "exit_code": 127})
                     started.set()
                     return
             with self.lock:
-                self.state.update(running=True, pid=proc.pid)
+                self.state.update({"running": True, "pid": proc.pid})
             started.set()
             returncode = proc.wait()
             with self.lock:
-                self.state.update(running=False, exit_code=128 - returncode if returncode < 0 else returncode)
+                self.state.update({"running": False, "exit_code": 128 - returncode if returncode < 0 else returncode})
                 if returncode == 0:
                     return
                 self.state["restarts"] += 1
