@@ -19,7 +19,7 @@ import termios
 import time
 import tty
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import click
@@ -241,7 +241,16 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-allow_options = [
+CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
+
+
+class OptionDecorator(Protocol):
+    """What ``click.option`` returns: adds its option to a command function, kept as it is."""
+
+    def __call__(self, command: CommandFunction, /) -> CommandFunction: ...
+
+
+allow_options: list[OptionDecorator] = [
     click.option("--allow", "allow_rules", multiple=True, metavar="ADDR[/PREFIX][:PORT]",
                  help="Let the guest reach a destination the network policy closes; repeatable."),
     click.option("--allow-host", "allow_host_ports", multiple=True, type=int, metavar="PORT",
@@ -249,7 +258,7 @@ allow_options = [
 ]  # fmt: skip
 
 
-def allow_option(command):
+def allow_option(command: CommandFunction) -> CommandFunction:
     for option in reversed(allow_options):
         command = option(command)
     return command
@@ -259,10 +268,10 @@ def _network_policy(allow_rules: tuple[str, ...], allow_host_ports: tuple[int, .
     return NetworkPolicy.host_ports(*allow_host_ports, allow=allow_rules)
 
 
-def mount_option(copied: bool):
+def mount_option(copied: bool) -> OptionDecorator:
     """``--mount-live`` (and for boot ``--mount``): host directories in the guest."""
 
-    def options(command):
+    def options(command: CommandFunction) -> CommandFunction:
         command = click.option(
             "--mount-live", "live_mounts", multiple=True, metavar="HOST:GUEST[:ro|rw]",
             help="A host directory live in the guest (both ways, kept by forks and restores); repeatable.",
@@ -281,10 +290,10 @@ def _mounts(live: tuple[str, ...], copied: tuple[str, ...] = ()) -> list[Mount]:
     return [*(Mount.parse(spec, live=True) for spec in live), *(Mount.parse(spec) for spec in copied)]
 
 
-trust_option = click.option(
+trust_option: OptionDecorator = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
-publish_option = click.option(
+publish_option: OptionDecorator = click.option(
     "-p",
     "--publish",
     "ports",
@@ -292,7 +301,7 @@ publish_option = click.option(
     metavar="[ADDR:]HOST:GUEST",
     help="Forward a host TCP port (on 127.0.0.1 unless ADDR) to a guest port; repeatable.",
 )
-insecure_option = click.option(
+insecure_option: OptionDecorator = click.option(
     "--insecure-registry",
     "insecure",
     multiple=True,

@@ -16,6 +16,10 @@ from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
 from .task import BASE_ENV, IMAGE_DEFAULTS, InputPump, Task, identity, start_thread
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
 # A command that left a background child holding its stdout/stderr open is
 # reported finished once no output arrived for this long after it exited.
 OUTPUT_GRACE_AFTER_EXIT_S = 0.25
@@ -24,8 +28,8 @@ OUTPUT_GRACE_AFTER_EXIT_S = 0.25
 class SharedFd:
     def __init__(self, fd: int, users: int) -> None:
         self.fd = fd
-        self.users = users
-        self.lock = threading.Lock()
+        self.users: int = users
+        self.lock: threading.Lock = threading.Lock()
 
     def release(self) -> None:
         with self.lock:
@@ -43,14 +47,17 @@ def _set_window_size(fd: int, rows: int, cols: int) -> None:
 
 
 class ExecTask(Task):
-    def start(self, params: dict) -> None:
+    input: InputPump | None  # Task's, set here once the process runs
+    proc: subprocess.Popen[bytes]
+
+    def start(self, params: Mapping[str, object]) -> None:
         try:
             request = ExecRequest.from_wire(params)
         except ValueError as exc:
             return self.fail("EXEC_PROTOCOL", f"malformed exec request: {exc}")
         env = dict(BASE_ENV)
         env.update(request.env)
-        self.master = None
+        self.master: int | None = None
         if request.tty:
             # One pseudo-terminal for stdin/stdout/stderr, as the controlling tty of a new session.
             self.master, slave = pty.openpty()
@@ -73,12 +80,14 @@ class ExecTask(Task):
         finally:
             if self.master is not None:
                 os.close(slave)
-        self.timed_out = False
-        self.output_detached = False
-        self.output_lock = threading.Lock()  # DATA before EOF, and one EOF per fd, whoever sends them
+        self.timed_out: bool = False
+        self.output_detached: bool = False
+        self.output_lock: threading.Lock = threading.Lock()  # DATA before EOF, and one EOF per fd, whoever sends them
         self.output_closed: set[int] = set()
-        self.bytes_read = 0
-        self.timer = threading.Timer(request.timeout, self._on_timeout) if request.timeout else None
+        self.bytes_read: int = 0
+        self.timer: threading.Timer | None = (
+            threading.Timer(request.timeout, self._on_timeout) if request.timeout else None
+        )
         if self.timer:
             self.timer.daemon = True
             self.timer.start()
@@ -86,8 +95,8 @@ class ExecTask(Task):
             # Reader and writer share the master fd: closed when both are done with it, never under one.
             master = SharedFd(self.master, users=2)
             self.input = InputPump(self, self.master, lambda broken: master.release())  # no EOF on a tty but ^D
-            self.pump_sources = [self.master]
-            self.pumps = [start_thread(self._pump, self.master, wire.STDOUT, master.release)]
+            self.pump_sources: list[int] = [self.master]
+            self.pumps: list[threading.Thread] = [start_thread(self._pump, self.master, wire.STDOUT, master.release)]
             self._output(wire.EOF, wire.STDERR)  # all output arrives on stdout
         else:
             if self.proc.stdin is not None:
@@ -99,7 +108,7 @@ class ExecTask(Task):
             ]
         start_thread(self._wait)
 
-    def _pump(self, source: int, fd: int, close) -> None:
+    def _pump(self, source: int, fd: int, close: Callable[[], object]) -> None:
         while True:
             size = self.take_credit(fd)
             try:
@@ -181,7 +190,7 @@ class ExecTask(Task):
         if hasattr(self, "proc"):
             self._kill_group(signal.SIGKILL)
 
-    def on_control(self, payload: dict) -> None:
+    def on_control(self, payload: Mapping[str, object]) -> None:
         if payload.get("resize") and self.master is not None:
             rows, cols = payload["resize"]
             _set_window_size(self.master, rows, cols)  # the kernel sends SIGWINCH to the foreground group

@@ -15,12 +15,16 @@ import os
 import sys
 import tarfile
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into the guest (slow under TCG)
+if TYPE_CHECKING:
+    from typing import BinaryIO, TextIO
+
 
 def main() -> None:
     sys.exit(export("/", sys.argv[1:], sys.stdout.buffer, sys.stderr))
 
 
-def export(root: str, excludes: list[str], out, errors) -> int:
+def export(root: str, excludes: list[str], out: BinaryIO, errors: TextIO) -> int:
     """Write the tree below ``root`` to ``out`` (``excludes``: tar's ``--exclude`` patterns,
     matched against the ``./``-names); 0, or 1 when something could not be read."""
     failed = False

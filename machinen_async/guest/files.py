@@ -8,6 +8,10 @@ import os
 from ..protocol import wire
 from .task import InputPump, Task, start_thread
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 
 def _file_error(exc: OSError) -> tuple[str, str]:
     codes = {
@@ -21,7 +25,7 @@ def _file_error(exc: OSError) -> tuple[str, str]:
 
 
 class ReadFileTask(Task):
-    def start(self, params: dict) -> None:
+    def start(self, params: Mapping[str, object]) -> None:
         start_thread(self._run, params["path"])
 
     def _run(self, path: str) -> None:
@@ -41,16 +45,18 @@ class ReadFileTask(Task):
 
 
 class WriteFileTask(Task):
-    def start(self, params: dict) -> None:
-        self.path = params["path"]
-        self.mode = params.get("mode")
+    input: InputPump | None  # Task's, set here once the file is open
+
+    def start(self, params: Mapping[str, object]) -> None:
+        self.path: str = params["path"]  # type: ignore[assignment]  # the SDK's write_file params (sdk/vm.py)
+        self.mode: int | None = params.get("mode")  # type: ignore[assignment]
         append = params.get("append", False)
         directory = os.path.dirname(self.path) or "/"
         try:
             if params.get("parents"):
                 os.makedirs(directory, exist_ok=True)
             if append:
-                self.target = None
+                self.target: str | None = None
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.mode or 0o644)
             else:
                 # Write next to the target and rename, so readers never see half a file.
@@ -58,7 +64,7 @@ class WriteFileTask(Task):
                 fd = os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             return self.fail(*_file_error(exc))
-        self.fd = fd
+        self.fd: int = fd
         self.input = InputPump(self, fd, self._complete)
 
     def _complete(self, broken: bool) -> None:

@@ -13,10 +13,16 @@ import time
 from ..protocol import wire
 from .workload import WORKLOAD
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ..protocol.messages import AgentInfo
+
 AGENT_VERSION = "0.2.0"
 
 
-def agent_info(params: dict | None = None) -> dict:
+def agent_info(params: Mapping[str, object] | None = None) -> AgentInfo:
     with open("/proc/uptime") as f:
         uptime = float(f.read().split()[0])
     return {
@@ -36,7 +42,7 @@ def agent_info(params: dict | None = None) -> dict:
 RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
 
 
-def take_on(params: dict) -> dict:
+def take_on(params: Mapping[str, object]) -> AgentInfo:
     """Called by the host right after this VM was restored or forked.
 
     Siblings start with identical kernel RNG state, hostname and a clock

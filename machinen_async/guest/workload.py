@@ -11,6 +11,12 @@ import time
 from ..protocol.guest_abi import IMAGE_CONFIG, WORKLOAD_LOG
 from .task import BASE_ENV, IMAGE_DEFAULTS, identity, start_thread
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ..protocol.messages import WorkloadState
+
 WORKLOAD_MAX_BACKOFF_S = 10.0
 
 
@@ -22,10 +28,10 @@ class Workload:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.state: dict = {"running": False, "argv": None, "pid": None, "exit_code": None, "restarts": 0}
+        self.lock: threading.Lock = threading.Lock()
+        self.state: WorkloadState = {"running": False, "argv": None, "pid": None, "exit_code": None, "restarts": 0}
 
-    def start(self, params: dict) -> dict:
+    def start(self, params: Mapping[str, object]) -> WorkloadState:
         spec = params
         if params.get("image_cmd"):  # an OCI image's Entrypoint + Cmd, asked for by boot(cmd="image")
             spec = {"cmd": IMAGE_DEFAULTS["cmd"]}
@@ -49,7 +55,7 @@ class Workload:
         started.wait(5)
         return self.status()
 
-    def _supervise(self, argv: list, env: dict, cwd: str, started: threading.Event) -> None:
+    def _supervise(self, argv: list[str], env: dict[str, str], cwd: str, started: threading.Event) -> None:
         backoff = 0.5
         while True:
             with open(WORKLOAD_LOG, "ab") as log:
@@ -61,24 +67,24 @@ class Workload:
                 except (OSError, KeyError) as exc:  # KeyError: the image's User is unknown
                     log.write(f"machinen: cannot start {argv!r}: {exc}\n".encode())
                     with self.lock:
-                        self.state.update(running=False, exit_code=127)
+                        self.state.update({"running": False, "exit_code": 127})
                     started.set()
                     return
             with self.lock:
-                self.state.update(running=True, pid=proc.pid)
+                self.state.update({"running": True, "pid": proc.pid})
             started.set()
             returncode = proc.wait()
             with self.lock:
-                self.state.update(running=False, exit_code=128 - returncode if returncode < 0 else returncode)
+                self.state.update({"running": False, "exit_code": 128 - returncode if returncode < 0 else returncode})
                 if returncode == 0:
                     return
                 self.state["restarts"] += 1
             time.sleep(backoff)
             backoff = min(backoff * 2, WORKLOAD_MAX_BACKOFF_S)
 
-    def status(self, params: dict | None = None) -> dict:
+    def status(self, params: Mapping[str, object] | None = None) -> WorkloadState:
         with self.lock:
-            return dict(self.state)
+            return self.state.copy()
 
 
 WORKLOAD = Workload()

@@ -28,12 +28,12 @@ REMOTE_CALL_DEADLINE_S = 600.0
 class PeerClient:
     def __init__(self, destination: str, frames: FrameStream, why_lost: Callable[[], Awaitable[MachinenError]]) -> None:
         self.destination = destination
-        self.frames = frames
+        self.frames: FrameStream = frames
         self._why_lost = why_lost
-        self.pending: dict[int, asyncio.Future] = {}
-        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[wire.Frame]] = {}
+        self.ids: itertools.count[int] = itertools.count(1)
         self.lost: MachinenError | None = None
-        self.reader = asyncio.get_running_loop().create_task(self._read_replies())
+        self.reader: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._read_replies())
 
     async def _read_replies(self) -> None:
         broken: MachinenError | None = None

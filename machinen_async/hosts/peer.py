@@ -33,8 +33,8 @@ from .local import LocalDriver, host_facts
 
 class Peer:
     def __init__(self, frames: FrameStream) -> None:
-        self.frames = frames
-        self.driver = LocalDriver()
+        self.frames: FrameStream = frames
+        self.driver: LocalDriver = LocalDriver()
         self.owned: dict[str, Connection] = {}
         run = anyio.to_thread.run_sync
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {

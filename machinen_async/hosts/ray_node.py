@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ async def _result(call: Any) -> Any:
     return await waiter
 
 
-def _copy_outcome(answered: Any, waiter: asyncio.Future) -> None:
+def _copy_outcome(answered: Any, waiter: asyncio.Future[Any]) -> None:
     if waiter.done():
         return
     if answered.cancelled():
@@ -147,7 +148,7 @@ class _ActorStream(anyio.abc.ByteStream):
         self._in_flight = False
         self._failure: anyio.BrokenResourceError | None = None
         self._changed = asyncio.Condition()
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     async def _call(self, method: Any, *args: Any) -> Any:
         try:
@@ -226,7 +227,7 @@ class RayTransport:
         self.node = node
         self.peer: int | None = None
         self.peer_stream: _ActorStream | None = None
-        self.forwards: dict[str, tuple[str, asyncio.Task]] = {}
+        self.forwards: dict[str, tuple[str, asyncio.Task[None]]] = {}
 
     async def open(self) -> anyio.abc.ByteStream:
         try:
@@ -256,7 +257,7 @@ class RayTransport:
         self.forwards[remote_socket] = (str(local), asyncio.create_task(listener.serve(self._relayer(remote_socket))))
         return str(local)
 
-    def _relayer(self, remote_socket: str):
+    def _relayer(self, remote_socket: str) -> Callable[[anyio.abc.ByteStream], Awaitable[None]]:
         async def relay(local: anyio.abc.ByteStream) -> None:
             async with local:
                 try:

@@ -64,10 +64,10 @@ class _ForkedSupervisor:
     """
 
     def __init__(self, pid: int, status_fd: int, stderr_fd: int) -> None:
-        self.pid = pid
-        self._pidfd = os.pidfd_open(pid)
-        self.stdout = _FdReceiveStream(status_fd)
-        self.stderr = _FdReceiveStream(stderr_fd)
+        self.pid: int = pid
+        self._pidfd: int = os.pidfd_open(pid)
+        self.stdout: _FdReceiveStream = _FdReceiveStream(status_fd)
+        self.stderr: _FdReceiveStream = _FdReceiveStream(stderr_fd)
         self.returncode: int | None = None  # its exit status is its parent's to read: -1 means "exited"
 
     async def wait(self) -> int:
@@ -95,8 +95,8 @@ class SupervisorOwner:
     """The supervisor process a ``boot()`` started, and how to end it for sure."""
 
     def __init__(self, process: anyio.abc.Process | _ForkedSupervisor, lifeline: int, ram_dir: Path) -> None:
-        self.process = process
-        self.lifeline = lifeline
+        self.process: anyio.abc.Process | _ForkedSupervisor = process
+        self.lifeline: int = lifeline
         self.ram_dir = ram_dir
 
     def _cut_lifeline(self) -> None:

@@ -19,7 +19,7 @@ from .remote import forward_path
 class _ProcessStream(anyio.abc.ByteStream):
     """An asyncssh process's stdin/stdout as an anyio byte stream."""
 
-    def __init__(self, process: asyncssh.SSHClientProcess) -> None:
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
         self._process = process
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
@@ -47,7 +47,7 @@ class SSHTransport:
         self.settings = settings
         self.command = command
         self.connection: asyncssh.SSHClientConnection | None = None
-        self.process: asyncssh.SSHClientProcess | None = None
+        self.process: asyncssh.SSHClientProcess[bytes] | None = None
         self.forwards: dict[str, tuple[str, asyncssh.SSHListener]] = {}
 
     async def open(self) -> anyio.abc.ByteStream:

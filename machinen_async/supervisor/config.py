@@ -21,12 +21,12 @@ class SupervisorConfig:
     ram_dir: str  # chosen by the launcher, so it can clean up if it has to SIGKILL us
     boot_timeout: float
     detached: bool
-    ports: list[list] = field(default_factory=list)  # [[host address, host port, guest port], ...]
+    ports: list[list[Any]] = field(default_factory=list)  # [[host address, host port, guest port], ...]
     # The long-running command: {"cmd", "env", "cwd"}; None runs the image's default cmd, if any.
     workload: dict[str, Any] | None = None
     start_workload: bool = True  # False: the launcher starts it (after copying directories in)
     incoming: IncomingState | None = None  # start from saved state instead of booting
-    mounts: list[list] = field(default_factory=list)  # live mounts: [[host directory, guest path, read only], ...]
+    mounts: list[list[Any]] = field(default_factory=list)  # live mounts: [[host directory, guest path, read only], ...]
     unmounts: list[str] = field(default_factory=list)  # live mounts of the saved state to drop (guest paths)
     # A cold boot: capture a boot template (a bundle) into this directory as soon as the agent
     # answers, before the mounts and the workload (store/boot_templates.py).

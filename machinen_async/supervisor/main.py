@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 import anyio
 import structlog
@@ -22,7 +23,7 @@ from ..vmm import capped_log
 from .config import DETACH, SupervisorConfig
 from .server import Supervisor
 
-log = structlog.get_logger("machinen.supervisor")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.supervisor")
 
 
 async def _owner_lets_go() -> bool:
@@ -34,12 +35,12 @@ async def _owner_lets_go() -> bool:
 async def amain(config: SupervisorConfig) -> int:
     ready_out = os.fdopen(os.dup(1), "w")
 
-    def report(payload: dict) -> None:
+    def report(payload: Mapping[str, object]) -> None:
         ready_out.write(json.dumps(payload) + "\n")
         ready_out.flush()
         ready_out.close()
 
-    def report_ready(meta: dict) -> None:
+    def report_ready(meta: Mapping[str, object]) -> None:
         report({"ready": meta})
         # From here on nobody reads our stdout/stderr: log to the entry instead, capped (a guest can
         # provoke log lines) and rotated once, as QEMU's console is.

@@ -43,10 +43,13 @@ class Budget:
     """At most ``per_window`` events in any ``window_s`` seconds: for log lines (and retries)
     that a guest can trigger at will, so what it costs the host is bounded."""
 
+    per_window: int
+    window_s: float
+
     def __init__(self, per_window: int, window_s: float) -> None:
         self.per_window, self.window_s = per_window, window_s
         self.spent: collections.deque[float] = collections.deque()
-        self.just_exhausted = False  # the last spend() was the first one refused
+        self.just_exhausted: bool = False  # the last spend() was the first one refused
 
     def spend(self) -> bool:
         now = time.monotonic()
@@ -62,12 +65,14 @@ class Budget:
 
 class CappedLog:
     keep_existing = False  # append to a file already there (counting it) rather than empty it
+    path: Path
+    limit: int
 
     def __init__(self, path: Path, limit: int) -> None:
         self.path, self.limit = path, limit
-        self.previous = path.with_name(path.name + ".1")
-        self.fd = self._open()
-        self.size = os.fstat(self.fd).st_size
+        self.previous: Path = path.with_name(path.name + ".1")
+        self.fd: int = self._open()
+        self.size: int = os.fstat(self.fd).st_size
 
     def _open(self) -> int:
         if not self.keep_existing:

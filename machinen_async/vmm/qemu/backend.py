@@ -36,7 +36,7 @@ from .. import capped_log
 from ..backend import DiskChain, Launch
 from . import command, confine, netguard
 
-log = structlog.get_logger("machinen.qemu")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.qemu")
 
 MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes/s: effectively unlimited, to a local file
 MIGRATION_DOWNTIME_MS = 50
@@ -54,10 +54,10 @@ class QemuMachine:
         self.process = process
         self.pid = pid
         self.launch = launch
-        self.qmp = QMPClient(launch.hardware.hostname)
-        self.disk_node = "disk0"  # the top of the disk chain (command.chain_blockdev names it)
-        self.layers_added = 0
-        self.logs_copied = [anyio.Event(), anyio.Event()] if launch.logs else []
+        self.qmp: QMPClient = QMPClient(launch.hardware.hostname)
+        self.disk_node: str = "disk0"  # the top of the disk chain (command.chain_blockdev names it)
+        self.layers_added: int = 0
+        self.logs_copied: list[anyio.Event] = [anyio.Event(), anyio.Event()] if launch.logs else []
 
     async def connect(self) -> None:
         while True:

@@ -128,16 +128,16 @@ def kernel_cmdline(spec: Hardware) -> str:
     return args
 
 
-def chain_blockdev(chain: list[list[str]], *, writable: bool = True) -> dict:
+def chain_blockdev(chain: list[list[str]], *, writable: bool = True) -> dict[str, object]:
     """A block node graph for a disk chain ([path, format], top first).
 
     The whole chain is spelled out, so the backing-file names recorded inside
     qcow2 headers are never used: a bundle or layer moved from elsewhere
     cannot point QEMU at another file.  Only the top node may be writable.
     """
-    node: dict | None = None
+    node: dict[str, object] | None = None
     for path, fmt in reversed(chain):
-        spec: dict = {"driver": fmt, "read-only": True, "file": {"driver": "file", "filename": path}}
+        spec: dict[str, object] = {"driver": fmt, "read-only": True, "file": {"driver": "file", "filename": path}}
         if fmt == "qcow2":
             spec["backing"] = node
         node = spec

@@ -34,7 +34,7 @@ import structlog
 
 from ...errors import BootError
 
-log = structlog.get_logger("machinen.confine")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.confine")
 
 SYSTEM_LINKS = {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib": "usr/lib", "/lib64": "usr/lib64"}
 

@@ -372,9 +372,13 @@ def named_sockaddrs(abi: Abi, nr: int, args: list[int], read: Callable[[int, int
 class Guard:
     """Answers the filter's notifications for one QEMU until it exits."""
 
+    listener: int
+    policy: Policy
+    on_refused: Callable[[IPAddress, int], None]
+
     def __init__(self, listener: int, policy: Policy, on_refused: Callable[[IPAddress, int], None]) -> None:
         self.listener, self.policy, self.on_refused = listener, policy, on_refused
-        self.abi = native_abi()
+        self.abi: Abi = native_abi()
 
     def serve(self) -> None:
         """Blocking: run on a thread of its own (QEMU's main loop waits for every answer)."""
