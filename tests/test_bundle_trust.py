@@ -29,6 +29,7 @@ from conftest import machinen, qemu_processes
 from machinen_async import Host, MachinenError, SnapshotError, restore
 from machinen_async.hosts import transfer
 from machinen_async.hosts.remote import RemoteDriver
+from machinen_async.protocol.messages import MountBinding
 from machinen_async.sdk.mounts import Mount
 from machinen_async.store import bundle, chunks
 from machinen_async.store.manifest import BootFile, ImageIdentity, Manifest, SavedMachine
@@ -91,7 +92,7 @@ def mounted(tmp_path_factory) -> Mounted:
 def test_only_a_bundle_sealed_here_counts_as_taken_here(mounted, tmp_path):
     own = bundle.inspect(mounted.bundle)
     assert own.signature == "sealed" and own.taken_here
-    assert own.mounts == [[str(mounted.shared), "/work", False]]
+    assert own.manifest.mounts == (MountBinding(str(mounted.shared), "/work", False),)
     received = _copy_bundle(mounted.bundle, tmp_path / "received.snap")
     bundle.sign(received, (received / bundle.MANIFEST).read_bytes(), received=True)
     as_received = bundle.inspect(received)  # restores without trust: a push brought it and checked it
