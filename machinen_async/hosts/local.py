@@ -12,7 +12,6 @@ import platform
 import resource
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -28,6 +27,7 @@ from ..protocol.messages import (
     VMRow,
 )
 from ..store import assets, bundle, layers, oci_image, registry
+from ..store.manifest import Manifest, files_to_map
 from ..supervisor.config import SupervisorConfig
 from ..version import __version__
 from ..vmm import backend
@@ -158,22 +158,22 @@ async def _restore_plan(
     report: Callable[[str], None],
     trust: bool,
     network_allow: list[str],
-) -> tuple[bundle.Manifest, dict[str, Any]]:
-    """Verify a bundle and find what it runs on: (manifest, the machine of the VMs restored from it)."""
-    manifest = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
+) -> tuple[bundle.Checked, MachineSpec]:
+    """Verify a bundle and find what it runs on: (its manifest, the machine of the VMs restored from it)."""
+    checked = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
+    manifest = checked.manifest
     machine = manifest.machine
     vmm = backend.default()
     chosen_accel = vmm.choose_accelerator(accel)
-    if machine.get("type") != vmm.machine_type or machine.get("accel") != chosen_accel:
+    if machine.type != vmm.machine_type or machine.accel != chosen_accel:
         raise SnapshotError(
-            f"bundle is for {machine.get('type')}/{machine.get('accel')}, "
-            f"this host runs {vmm.machine_type}/{chosen_accel}",
+            f"bundle is for {machine.type}/{machine.accel}, this host runs {vmm.machine_type}/{chosen_accel}",
             code="SNAPSHOT_INCOMPATIBLE",
         )
     local_qemu = vmm.installed_version()
-    if manifest.data.get("qemu_version") != local_qemu:
+    if manifest.qemu_version != local_qemu:
         raise SnapshotError(
-            f"bundle was taken with QEMU {manifest.data.get('qemu_version')}, this host has {local_qemu}",
+            f"bundle was taken with QEMU {manifest.qemu_version}, this host has {local_qemu}",
             code="SNAPSHOT_INCOMPATIBLE",
         )
 
@@ -183,7 +183,8 @@ async def _restore_plan(
         host's own build."""
 
         def boot_files() -> dict[str, Path | None]:
-            return {key: assets.find_boot_file(manifest.data[key]["sha256"]) for key in ("kernel", "initrd")}
+            return {"kernel": assets.find_boot_file(manifest.kernel.sha256),
+                    "initrd": assets.find_boot_file(manifest.initrd.sha256)}  # fmt: skip
 
         found_boot_files = boot_files()
         base = None
@@ -193,7 +194,7 @@ async def _restore_plan(
         for key, path in found_boot_files.items():
             if path is None:
                 raise SnapshotError(f"the bundle's {key} differs from this host's", code="SNAPSHOT_INCOMPATIBLE")
-        wanted, digest = manifest.data["image"]["key"], manifest.data["image"].get("sha256")
+        wanted, digest = manifest.image.key, manifest.image.sha256
         if image is not None:
             tarball = oci_image.rootfs_of(image, report).tarball
             if assets.image_key(tarball) != wanted:
@@ -216,7 +217,7 @@ async def _restore_plan(
                 found = assets.image_for(base.rootfs_tarball, report)
         if found is None:
             raise BootError(
-                f"the image this bundle was taken on ({manifest.data['image'].get('tarball', 'unknown')}) is not "
+                f"the image this bundle was taken on ({manifest.image.source or 'unknown'}) is not "
                 "here: restore it on the host it was taken on, or send it along with `machinen push`",
                 code="BOOT_IMAGE_NOT_FOUND",
             )
@@ -224,21 +225,19 @@ async def _restore_plan(
 
     kernel, initrd, disk_image = await anyio.to_thread.run_sync(locate_assets)
     spec = MachineSpec(
-        memory_mib=machine["memory_mib"],
-        cpus=machine["cpus"],
+        memory_mib=machine.memory_mib,
+        cpus=machine.cpus,
         accel=chosen_accel,
         kernel=str(kernel),
         initrd=str(initrd),
         image=str(disk_image),
-        image_source=manifest.data["image"].get(
-            "source", manifest.data["image"].get("tarball", "")
-        ),  # older: "tarball"
-        image_key=manifest.data["image"]["key"],
-        tsc_khz=machine["tsc_khz"],
-        network=machine["network"],
+        image_source=manifest.image.source,
+        image_key=manifest.image.key,
+        tsc_khz=machine.tsc_khz,
+        network=machine.network,
         network_allow=tuple(network_allow),
     )
-    return manifest, spec
+    return checked, spec
 
 
 def rebind(
@@ -282,7 +281,7 @@ def rebind(
 
 
 async def _restore_one(
-    bundle_dir: Path, manifest: bundle.Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
+    bundle_dir: Path, manifest: Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
     boot_timeout: float, mounts: list[list], unmounts: list[str],
 ) -> Connection:  # fmt: skip
     registry.ensure_free(name)
@@ -294,12 +293,12 @@ async def _restore_one(
         ports=ports,
         incoming=IncomingState(
             chain=[[machine.image, "raw"]],
-            disk_size=manifest.machine["disk_size"],
+            disk_size=manifest.machine.disk_size,
             holds=[],
             ram_in_state=manifest.ram_in_state,
-            source=manifest.data.get("source"),
+            source=manifest.source,
             bundle=str(bundle_dir),
-            files=manifest.data["files"],
+            files=files_to_map(manifest.files),
         ),
         machine=machine,
         mounts=mounts,
@@ -310,7 +309,7 @@ async def _restore_one(
 
 async def _restore_siblings(
     bundle_dir: Path,
-    manifest: bundle.Manifest,
+    manifest: Manifest,
     machine: MachineSpec,
     names: Sequence[str],
     boot_timeout: float,
@@ -339,15 +338,13 @@ async def _restore_siblings(
         for source, target in (
             (bundle.MEM, template.mem), (bundle.STATE, template.state), (bundle.DISK, layer.disk)
         ):  # fmt: skip
-            await anyio.to_thread.run_sync(
-                bundle.copy_verified, bundle_dir / source, target, manifest.data["files"][source]
-            )
+            await anyio.to_thread.run_sync(bundle.copy_verified, bundle_dir / source, target, manifest.files[source])
         incoming = IncomingState(
             chain=[[str(layer.disk), "qcow2"], [machine.image, "raw"]],
-            disk_size=manifest.machine["disk_size"],
+            disk_size=manifest.machine.disk_size,
             holds=[str(template.path), str(layer.path)],
             ram_in_state=False,
-            source=manifest.data.get("source"),
+            source=manifest.source,
             state=str(template.state),
             mem=str(template.mem),
         )
@@ -402,18 +399,20 @@ class LocalDriver(HostDriver):
 
     async def restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> list[Connection]:
         bundle_dir = Path(request.bundle).expanduser().resolve()
-        manifest, machine = await _restore_plan(
+        checked, machine = await _restore_plan(
             bundle_dir, request.image, request.accel, progress or (lambda message: None), request.trust,
             list(request.network_allow),
         )  # fmt: skip
         # A manifest's host directories are bound only if this user's machinen sealed it here: its
         # origin alone is a digest of public facts, and a bundle accepted with trust=True (or received
         # by a push, perhaps of one so accepted) may record any directory of this host.
+        manifest = checked.manifest
         given = [mount.to_wire() for mount in request.mounts]
-        bound, dropped = rebind(manifest.mounts, given, recorded_here=manifest.taken_here, elsewhere={
+        recorded = [mount.to_wire() for mount in manifest.mounts]
+        bound, dropped = rebind(recorded, given, recorded_here=checked.taken_here, elsewhere={
             "sealed": "they are directories of the host it was taken on",
             "received": "it was received by a push, so the host directories it records are not bound",
-        }.get(manifest.signature, "this user's machinen did not write it (it was accepted with trust=True), "
+        }.get(checked.signature, "this user's machinen did not write it (it was accepted with trust=True), "
                                   "so the host directories it records are not bound"))  # fmt: skip
         names = [registry.validate_name(name) for name in request.names]
         timeout, detached = request.boot_timeout, request.detached

@@ -32,6 +32,7 @@ from ..errors import ForkError, HostError, MachinenError
 from ..protocol.framing import FrameStream
 from ..protocol.messages import BootRequest, ForkRequest, ForkTemplate, HostFacts, RestoreRequest, VMRow
 from ..store import bundle
+from ..store.manifest import Manifest
 from ..version import __version__
 from . import transfer
 from .base import PEER_PROTOCOL, Connection, HostDriver, Progress, TransferReport, close_connections, open_connection
@@ -158,16 +159,16 @@ class RemoteDriver(HostDriver):
     async def info(self) -> HostFacts:
         return await self.call("hello", {"version": __version__})
 
-    async def _check_compatible(self, manifest: dict[str, Any]) -> None:
+    async def _check_compatible(self, manifest: Manifest) -> None:
         """Refuse, before moving anything, a host that could not run this bundle."""
         facts = await self.info()
         problems = []
         if facts["arch"] != platform.machine():
             problems.append(f"architecture {facts['arch']} (here {platform.machine()})")
-        if facts["qemu_version"] != manifest.get("qemu_version"):
-            problems.append(f"QEMU {facts['qemu_version']} (the bundle needs {manifest.get('qemu_version')})")
-        if facts["accel"] != manifest["machine"]["accel"]:
-            problems.append(f"accelerator {facts['accel']} (the bundle needs {manifest['machine']['accel']})")
+        if facts["qemu_version"] != manifest.qemu_version:
+            problems.append(f"QEMU {facts['qemu_version']} (the bundle needs {manifest.qemu_version})")
+        if facts["accel"] != manifest.machine.accel:
+            problems.append(f"accelerator {facts['accel']} (the bundle needs {manifest.machine.accel})")
         if problems:
             raise HostError(f"{self.name} cannot run this VM: " + "; ".join(problems), code="HOST_INCOMPATIBLE")
 
@@ -177,7 +178,7 @@ class RemoteDriver(HostDriver):
         opened = await anyio.to_thread.run_sync(functools.partial(bundle.open_checked, bundle_dir, trust=trust))
         try:
             recipes = await anyio.to_thread.run_sync(transfer.checked_recipes, opened)
-            await self._check_compatible(opened.manifest.data)
+            await self._check_compatible(opened.checked.manifest)
             link = await self._ready_link()
         except BaseException:
             opened.close()

@@ -24,6 +24,7 @@ import anyio
 
 from ..errors import BootError, SnapshotError, TransferError, plain_errors
 from ..store import assets, bundle, chunks, paths, sparse
+from ..store.manifest import Manifest
 from .base import Progress, TransferReport
 
 PUTS_IN_FLIGHT = 8
@@ -46,20 +47,19 @@ async def send_bundle(
     files: dict[str, BinaryIO] = {}
     try:
         started = time.monotonic()
-        manifest = opened.manifest.data
+        manifest = opened.checked.manifest
         if recipes is None:
             recipes = await anyio.to_thread.run_sync(checked_recipes, opened)
         recipes = dict(recipes)
         lacking = await call(
             "lacking",
-            {"kernel": manifest["kernel"]["sha256"], "initrd": manifest["initrd"]["sha256"],
-             "image_key": manifest["image"]["key"], "image_sha256": manifest["image"].get("sha256")},
+            {"kernel": manifest.kernel.sha256, "initrd": manifest.initrd.sha256,
+             "image_key": manifest.image.key, "image_sha256": manifest.image.sha256},
         )  # fmt: skip
         files.update(opened.files)
         extras = [key for key in ("kernel", "initrd", "image") if lacking[key]]
         for key in extras:
-            files[key] = await anyio.to_thread.run_sync(_open_asset, key, manifest)
-            digest = manifest[key]["sha256"]
+            files[key], digest = await anyio.to_thread.run_sync(_open_asset, key, manifest)
             recipes[key] = await anyio.to_thread.run_sync(_checked_recipe, files[key], digest, None, f"the {key}")
         where: dict[bytes, tuple[str, int]] = {}
         for key, recipe in recipes.items():
@@ -91,7 +91,7 @@ async def send_bundle(
                     tg.start_soon(put, digest)
         remote_bundle = await call(
             "assemble",
-            {"manifest": opened.raw, "files": {name: recipes[name] for name in manifest["files"]},
+            {"manifest": opened.raw, "files": {name: recipes[name] for name in manifest.files},
              **{key: recipes[key] for key in extras}},
         )  # fmt: skip
     finally:
@@ -113,8 +113,8 @@ def checked_recipes(opened: bundle.Opened) -> dict[str, chunks.Recipe]:
     """The recipe of each of a bundle's open files, each read once and hashed in the same pass:
     SNAPSHOT_CORRUPT unless every file is what the verified manifest says."""
     return {
-        name: _checked_recipe(opened.files[name], expected["sha256"], expected["size"], f"{name} in {opened.bundle}")
-        for name, expected in opened.manifest.data["files"].items()
+        name: _checked_recipe(opened.files[name], expected.sha256, expected.size, f"{name} in {opened.bundle}")
+        for name, expected in opened.checked.manifest.files.items()
     }
 
 
@@ -156,22 +156,24 @@ def _read_compressed(file: BinaryIO, index: int, digest: bytes, what: str) -> tu
     return (packed, True) if len(packed) < len(data) else (data, False)
 
 
-def _open_asset(key: str, manifest: dict[str, Any]) -> BinaryIO:
-    return open(_local_asset(key, manifest), "rb", buffering=0)
+def _open_asset(key: str, manifest: Manifest) -> tuple[BinaryIO, str]:
+    path, digest = _local_asset(key, manifest)
+    return open(path, "rb", buffering=0), digest
 
 
-def _local_asset(key: str, manifest: dict[str, Any]) -> Path:
-    """This host's copy of a bundle's kernel, initrd or image, found by content."""
+def _local_asset(key: str, manifest: Manifest) -> tuple[Path, str]:
+    """This host's copy of a bundle's kernel, initrd or image, found by content, and its sha256."""
     if key == "image":
-        digest = manifest["image"].get("sha256")
-        found = assets.find_image(manifest["image"]["key"], digest) if digest else None
-        if found is None:
+        digest = manifest.image.sha256
+        found = assets.find_image(manifest.image.key, digest) if digest else None
+        if found is None or digest is None:
             raise BootError("this host does not have the bundle's image to send", code="BOOT_IMAGE_NOT_FOUND")
-        return found
-    found = assets.find_boot_file(manifest[key]["sha256"])
+        return found, digest
+    boot_file = manifest.kernel if key == "kernel" else manifest.initrd
+    found = assets.find_boot_file(boot_file.sha256)
     if found is None:
         raise SnapshotError(f"this host does not have the bundle's {key} to send", code="SNAPSHOT_INCOMPATIBLE")
-    return found
+    return found, boot_file.sha256
 
 
 def bundles_dir() -> Path:
@@ -223,23 +225,23 @@ def assemble_bundle(params: dict[str, Any]) -> str:
         bundle.verify(target)  # ours: signed when it was assembled
         os.utime(target)  # used again: kept by gc
         return str(target)
-    manifest = bundle.parse_manifest(manifest_bytes)
+    manifest = Manifest.from_cbor(manifest_bytes)
     files: dict[str, chunks.Recipe] = params["files"]
-    if set(files) != set(manifest["files"]):
+    if set(files) != set(manifest.files):
         raise TransferError("the files sent are not the bundle's files", code="TRANSFER_CORRUPT", retryable=False)
-    for key in ("kernel", "initrd"):
-        digest = manifest[key]["sha256"]
+    for key, boot_file in (("kernel", manifest.kernel), ("initrd", manifest.initrd)):
+        digest = boot_file.sha256
         if params.get(key) is not None and assets.find_boot_file(digest) is None:
             _install_verified(params[key], digest, assets.objects_dir() / digest, 0o600)
-    image = manifest["image"]
-    if params.get("image") is not None and assets.find_image(image["key"], image.get("sha256")) is None:
-        if "sha256" not in image:
+    image = manifest.image
+    if params.get("image") is not None and assets.find_image(image.key, image.sha256) is None:
+        if image.sha256 is None:
             raise TransferError("the bundle does not name its image's hash", code="TRANSFER_CORRUPT", retryable=False)
-        _install_verified(params["image"], image["sha256"], assets.objects_dir() / image["sha256"], 0o444)
+        _install_verified(params["image"], image.sha256, assets.objects_dir() / image.sha256, 0o444)
     partial = bundles_dir() / f".{bundle_id}.{os.getpid()}.partial"
     partial.mkdir(mode=0o700)
     try:
-        for name in files:  # the manifest's names, which parse_manifest limited to bundle.DATA_FILES
+        for name in files:  # the manifest's names, which Manifest.from_cbor limited to bundle.DATA_FILES
             chunks.assemble(files[name], partial / name)
         (partial / bundle.MANIFEST).write_bytes(manifest_bytes)
         (partial / bundle.MANIFEST).chmod(0o600)

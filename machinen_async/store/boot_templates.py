@@ -38,6 +38,7 @@ import anyio
 from ..errors import MachinenError
 from ..protocol.messages import IncomingState, MachineSpec
 from . import assets, bundle, layers, paths
+from .manifest import Manifest
 
 TEMPLATE_FORMAT = 1
 LOCK = "lock"
@@ -49,13 +50,13 @@ UNUSED_FOR_S = 7 * 86400.0  # `gc` removes a template no boot resumed from for t
 @dataclass(frozen=True)
 class BootTemplate:
     path: Path
-    manifest: bundle.Manifest
+    manifest: Manifest
 
     def incoming(self, image: str) -> IncomingState:
         """How a VM resumes from it, on the image ``image`` it was taken on."""
         return IncomingState(
             chain=[[str(self.path / bundle.DISK), "qcow2"], [image, "raw"]],
-            disk_size=self.manifest.machine["disk_size"],
+            disk_size=self.manifest.machine.disk_size,
             holds=[str(self.path)],
             ram_in_state=False,
             source=None,
@@ -85,14 +86,13 @@ def find(key: str) -> BootTemplate | None:
     if not path.is_dir():
         return None
     try:
-        manifest = bundle.inspect(path, trust=True)
-        files = manifest.data["files"]
-        if bundle.MEM not in files or not (path / LOCK).is_file():
+        manifest = bundle.inspect(path, trust=True).manifest
+        if manifest.ram_in_state or not (path / LOCK).is_file():
             raise MachinenError("incomplete", code="SNAPSHOT_CORRUPT")
         for name in (bundle.STATE, bundle.DISK):
-            if assets.sha256_file(path / name) != files[name]["sha256"]:
+            if assets.sha256_file(path / name) != manifest.files[name].sha256:
                 raise MachinenError(f"{name} does not match its hash", code="SNAPSHOT_CORRUPT")
-    except (MachinenError, OSError, KeyError, TypeError):
+    except (MachinenError, OSError):
         discard(path)
         return None
     with contextlib.suppress(OSError):
@@ -184,11 +184,10 @@ def _usable(path: Path) -> bool:
     try:
         if time.time() - (path / LOCK).stat().st_mtime > UNUSED_FOR_S:
             return False
-        data = bundle.inspect(path, trust=True).data
+        manifest = bundle.inspect(path, trust=True).manifest
     except (MachinenError, OSError):
         return False
-    image = data["image"]
     return (
-        assets.find_image(image["key"], image.get("sha256")) is not None
-        and all(assets.find_boot_file(data[name]["sha256"]) is not None for name in ("kernel", "initrd"))
+        assets.find_image(manifest.image.key, manifest.image.sha256) is not None
+        and all(assets.find_boot_file(boot_file.sha256) is not None for boot_file in (manifest.kernel, manifest.initrd))
     )  # fmt: skip

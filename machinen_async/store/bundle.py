@@ -3,8 +3,8 @@
     <bundle>/state          device state (QEMU migration stream; holds RAM too when ram_in_state)
     <bundle>/mem            guest RAM image (sparse), unless the RAM travels in ``state``
     <bundle>/disk.qcow2     every disk change above the base image, flattened
-    <bundle>/manifest.cbor  canonical CBOR: format, QEMU version, machine, accelerator,
-                            kernel/initrd/image identities, sha256 and size of every file
+    <bundle>/manifest.cbor  canonical CBOR (``store/manifest.py`` ``Manifest``): format, QEMU version,
+                            machine, kernel/initrd/image identities, sha256 and size of every file
     <bundle>/manifest.mac   HMAC-SHA256 of the manifest under this user's bundle key
 
 The file names are fixed here: nothing read from a manifest is ever used as a
@@ -17,7 +17,7 @@ under another context, ``sign(received=True)``); a bundle without a valid one
 is restored only with an explicit ``trust``, because its device state is
 parsed by QEMU's migration loader, which is not hardened against hostile
 input.  Only a bundle sealed here may bind the host directories its manifest
-records as live mounts (``Manifest.taken_here``): a foreign or received one
+records as live mounts (``Checked.taken_here``): a foreign or received one
 binds what the restore's ``mounts=`` names.  A restore reads each file once,
 copying it into a private place while hashing exactly the bytes it writes, so
 what QEMU opens is what was checked, whatever happens to the bundle directory
@@ -35,30 +35,32 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Self
-
-import cbor2
+from typing import BinaryIO, Self
 
 from ..errors import BootError, MachinenError, SnapshotError
-from ..protocol.mounts import is_mount_entry
 from . import paths, qcow2, sparse
-from .assets import is_hex_digest, sha256_file
+from .assets import sha256_file
+from .manifest import DATA_FILES, DISK, MAX_BYTES, MEM, STATE, FileEntry, Manifest
 
-FORMAT_VERSION = 1
+# With the data files' names, which readers of bundles take from here.
+__all__ = [
+    "DATA_FILES", "DISK", "MAC", "MANIFEST", "MEM", "STATE", "Checked", "Opened", "copy_verified", "create_dir",
+    "inspect", "is_signed", "open_checked", "origin", "remove_partial", "seal", "sign", "signature", "verify",
+]  # fmt: skip
+
 MANIFEST = "manifest.cbor"
 MAC = "manifest.mac"
 MAC_CONTEXT = b"machinen bundle manifest v1\0"  # sealed here, by a snapshot of this user's machinen
 RECEIVED_CONTEXT = b"machinen received bundle manifest v1\0"  # received by a push and checked
 COPY_BLOCK = 1 << 20
-STATE, MEM, DISK = "state", "mem", "disk.qcow2"
-DATA_FILES = (STATE, MEM, DISK)
 
 
 @dataclass(frozen=True)
-class Manifest:
-    data: dict[str, Any]
-    # How this user's key vouched for it: "sealed" (a snapshot here wrote it), "received" (a push
-    # brought it), None (accepted with ``trust``, or not checked).
+class Checked:
+    """A bundle's manifest, and how this user's key vouched for its bytes: "sealed" (a snapshot here
+    wrote it), "received" (a push brought it), None (accepted with ``trust``, or not checked)."""
+
+    manifest: Manifest
     signature: str | None = None
 
     @property
@@ -66,41 +68,29 @@ class Manifest:
         return self.signature == "sealed"
 
     @property
-    def machine(self) -> dict[str, Any]:
-        return self.data["machine"]
-
-    @property
-    def ram_in_state(self) -> bool:
-        return MEM not in self.data["files"]
-
-    @property
-    def mounts(self) -> list[list]:
-        """The live mounts the guest had: [[host directory, guest path, read only], ...]."""
-        return self.data.get("mounts", [])
-
-    @property
     def taken_here(self) -> bool:
         """Whether this machine's user wrote it, so its host directories mean something here: sealed
         under this user's key (``origin`` alone is a digest of public facts anyone can copy)."""
-        return self.sealed and self.data.get("origin") == origin()
+        return self.sealed and self.manifest.origin == origin()
 
 
-def seal(bundle: Path, fields: dict[str, Any]) -> Manifest:
-    """Hash the data files and write the manifest last (its presence means complete)."""
+def seal(bundle: Path, manifest: Manifest) -> Checked:
+    """Hash the data files, then write ``manifest`` with them as its files (whatever it listed is
+    replaced), last: its presence means complete."""
     files = {}
     for name in DATA_FILES:
         path = bundle / name
         if path.exists():
             path.chmod(0o600)
-            files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    data = {"format": FORMAT_VERSION, **fields, "files": files}
-    raw = cbor2.dumps(data, canonical=True)
+            files[name] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    manifest = dataclasses.replace(manifest, files=files)
+    raw = manifest.to_cbor()
     sign(bundle, raw)
     partial = bundle / f".{MANIFEST}.partial"
     partial.write_bytes(raw)
     partial.chmod(0o600)
     partial.rename(bundle / MANIFEST)
-    return Manifest(data, signature="sealed")
+    return Checked(manifest, signature="sealed")
 
 
 def _signing_key() -> bytes:
@@ -170,53 +160,6 @@ def is_signed(bundle: Path, raw_manifest: bytes) -> bool:
     return signature(bundle, raw_manifest) is not None
 
 
-def parse_manifest(raw: bytes, where: object = "the bundle") -> dict[str, Any]:
-    """Decode and check a manifest's shape; its files are checked by ``verify``."""
-    try:
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ValueError(f"{len(raw)} bytes")
-        data = cbor2.loads(raw)
-        _check_plain(data, MAX_MANIFEST_DEPTH)
-        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-            raise ValueError("not a manifest map")
-    except (ValueError, RecursionError, cbor2.CBORDecodeError) as exc:
-        raise SnapshotError(f"unreadable manifest in {where}: {exc}", code="SNAPSHOT_CORRUPT") from None
-    if data.get("format") != FORMAT_VERSION:
-        raise SnapshotError(
-            f"bundle format {data.get('format')!r}; this machinen reads format {FORMAT_VERSION}",
-            code="SNAPSHOT_INCOMPATIBLE",
-        )
-    unknown = set(data["files"]) - set(DATA_FILES)
-    if unknown or STATE not in data["files"] or DISK not in data["files"]:
-        raise SnapshotError(f"manifest lists unexpected files {sorted(unknown)}", code="SNAPSHOT_CORRUPT")
-    # These name files in caches (by content): only well-formed digests, never a path.
-    identities = [
-        (data.get("kernel"), "sha256", 64),
-        (data.get("initrd"), "sha256", 64),
-        (data.get("image"), "key", 24),
-    ]
-    if isinstance(data.get("image"), dict) and "sha256" in data["image"]:
-        identities.append((data["image"], "sha256", 64))
-    for entry, field, length in identities:
-        value = entry.get(field) if isinstance(entry, dict) else None
-        if not is_hex_digest(value, length):
-            raise SnapshotError(f"manifest has a malformed {field} {value!r}", code="SNAPSHOT_CORRUPT")
-    machine = data.get("machine")
-    for field, valid in MACHINE_FIELDS.items():
-        value = machine.get(field) if isinstance(machine, dict) else None
-        if not valid(value):
-            raise SnapshotError(f"manifest has a malformed machine {field} {value!r:.80}", code="SNAPSHOT_CORRUPT")
-    mounts = data.get("mounts", [])
-    if not (isinstance(mounts, list) and len(mounts) <= MAX_MOUNTS and all(map(is_mount_entry, mounts))):
-        raise SnapshotError("manifest has malformed mounts", code="SNAPSHOT_CORRUPT")
-    for name, entry in data["files"].items():
-        if not (
-            isinstance(entry, dict) and _is_count(entry.get("size"), 1 << 50) and is_hex_digest(entry.get("sha256"), 64)
-        ):
-            raise SnapshotError(f"manifest has a malformed entry for {name}", code="SNAPSHOT_CORRUPT")
-    return data
-
-
 def origin() -> str:
     """Who writes a bundle here: this machine and user, as a digest (a bundle names no host)."""
     try:
@@ -226,51 +169,14 @@ def origin() -> str:
     return hashlib.sha256(f"{machine}:{os.getuid()}".encode()).hexdigest()[:32]
 
 
-def _is_count(value: object, limit: int, low: int = 0) -> bool:
-    return type(value) is int and low <= value <= limit
-
-
-# What a restore takes from a manifest's machine, and what is plausible there.
-MACHINE_FIELDS = {
-    "type": lambda v: isinstance(v, str) and len(v) <= 32,
-    "memory_mib": lambda v: _is_count(v, 1 << 20, 16),
-    "cpus": lambda v: _is_count(v, 1024, 1),
-    "accel": lambda v: v in ("kvm", "tcg"),
-    "tsc_khz": lambda v: v is None or _is_count(v, 100_000_000, 1),
-    "network": lambda v: type(v) is bool,
-    "disk_size": lambda v: _is_count(v, 1 << 50, 1),
-}
-MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH = 1 << 20, 8
-MAX_MOUNTS = 64
-
-
-def _check_plain(value: object, depth: int) -> None:
-    """Only what ``seal`` writes: maps, lists, text, bytes, numbers, booleans, null.  CBOR tags
-    (dates, bignums, sets, shared references that build cycles...) decode to other types: refused."""
-    if depth < 0:
-        raise ValueError("nested too deeply")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"a {type(key).__name__} key")
-            _check_plain(item, depth - 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_plain(item, depth - 1)
-    elif not (value is None or type(value) in (str, bytes, int, float, bool)) or (
-        type(value) is int and not -(2**64) < value < 2**64
-    ):
-        raise ValueError(f"a {type(value).__name__} value (a CBOR tag?)")
-
-
-def _read_manifest(bundle: Path, trust: bool) -> tuple[bytes, Manifest]:
+def _read_manifest(bundle: Path, trust: bool) -> tuple[bytes, Checked]:
     """The manifest's bytes, read once, and what they say; unless ``trust``, this user's key must
     vouch for exactly those bytes (``Manifest.sealed`` tells whether a snapshot here wrote them)."""
     if not (bundle / MANIFEST).is_file():
         raise BootError(f"no snapshot bundle at {bundle}", code="BOOT_SNAPSHOT_NOT_FOUND")
     with open(bundle / MANIFEST, "rb") as f:
-        raw = f.read(MAX_MANIFEST_BYTES + 1)  # a bigger one is refused unread
-    data = parse_manifest(raw, bundle)
+        raw = f.read(MAX_BYTES + 1)  # a bigger one is refused unread
+    manifest = Manifest.from_cbor(raw, where=bundle)
     how = signature(bundle, raw)
     if how is None and not trust:
         raise SnapshotError(
@@ -279,38 +185,37 @@ def _read_manifest(bundle: Path, trust: bool) -> tuple[bytes, Manifest]:
             "(--trust) only for a bundle from a source you trust",
             code="SNAPSHOT_UNTRUSTED",
         )
-    return raw, Manifest(data, signature=how)
+    return raw, Checked(manifest, signature=how)
 
 
-def inspect(bundle: Path, *, trust: bool = False) -> Manifest:
+def inspect(bundle: Path, *, trust: bool = False) -> Checked:
     """Everything about a bundle that is cheap to check: its manifest (and, unless
     ``trust``, that this user's key signed it), its files' presence and sizes and
     its disk's header.  The contents are hashed by ``copy_verified`` as they are used."""
-    _, manifest = _read_manifest(bundle, trust)
-    data = manifest.data
-    for name, expected in data["files"].items():
+    _, checked = _read_manifest(bundle, trust)
+    for name, expected in checked.manifest.files.items():
         path = bundle / name
         if path.is_symlink() or not path.is_file():
             raise SnapshotError(f"{name} is missing from {bundle}", code="SNAPSHOT_CORRUPT")
-        if path.stat().st_size != expected.get("size"):
+        if path.stat().st_size != expected.size:
             raise SnapshotError(f"{name} in {bundle} does not match its manifest size", code="SNAPSHOT_CORRUPT")
     qcow2.check_image(bundle / DISK)
-    return manifest
+    return checked
 
 
-def verify(bundle: Path, *, trust: bool = False) -> Manifest:
+def verify(bundle: Path, *, trust: bool = False) -> Checked:
     """``inspect`` and hash every file (each opened once): for bundles checked without being used."""
     with open_checked(bundle, trust=trust) as opened:
-        for name, expected in opened.manifest.data["files"].items():
+        for name, expected in opened.checked.manifest.files.items():
             digest = hashlib.sha256()
             fd = opened.files[name].fileno()
             offset = 0
             while block := os.pread(fd, COPY_BLOCK, offset):
                 digest.update(block)
                 offset += len(block)
-            if digest.hexdigest() != expected.get("sha256"):
+            if digest.hexdigest() != expected.sha256:
                 raise SnapshotError(f"{name} in {bundle} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
-    return opened.manifest
+    return opened.checked
 
 
 @dataclass
@@ -321,7 +226,7 @@ class Opened:
 
     bundle: Path
     raw: bytes
-    manifest: Manifest
+    checked: Checked
     files: dict[str, BinaryIO] = dataclasses.field(default_factory=dict)
 
     def close(self) -> None:
@@ -340,10 +245,10 @@ def open_checked(bundle: Path, *, trust: bool = False) -> Opened:
     those bytes (unless ``trust``), then each data file is opened once (no symlink, a regular file
     of the manifest's size) and its disk's header checked through that descriptor.  Swapping files
     or the manifest in the directory afterwards changes nothing of what the caller reads."""
-    raw, manifest = _read_manifest(bundle, trust)
-    opened = Opened(bundle, raw, manifest)
+    raw, checked = _read_manifest(bundle, trust)
+    opened = Opened(bundle, raw, checked)
     try:
-        for name, expected in manifest.data["files"].items():
+        for name, expected in checked.manifest.files.items():
             try:
                 fd = os.open(bundle / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError:
@@ -352,7 +257,7 @@ def open_checked(bundle: Path, *, trust: bool = False) -> Opened:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise SnapshotError(f"{name} is missing from {bundle}", code="SNAPSHOT_CORRUPT")
-            if info.st_size != expected.get("size"):
+            if info.st_size != expected.size:
                 raise SnapshotError(f"{name} in {bundle} does not match its manifest size", code="SNAPSHOT_CORRUPT")
         try:
             qcow2.check_image(Path(f"/proc/self/fd/{opened.files[DISK].fileno()}"))
@@ -367,7 +272,7 @@ def open_checked(bundle: Path, *, trust: bool = False) -> Opened:
     return opened
 
 
-def copy_verified(source: Path, target: Path, expected: dict[str, Any]) -> None:
+def copy_verified(source: Path, target: Path, expected: FileEntry) -> None:
     """Copy a bundle file to ``target`` (new, 0600), holes as holes, checking the size
     and sha256 of exactly the bytes written; a disk's header is checked on the copy.
 
@@ -383,7 +288,7 @@ def copy_verified(source: Path, target: Path, expected: dict[str, Any]) -> None:
     try:
         with open(source, "rb") as src, open(target, "xb", opener=sparse.private_opener) as dst:
             size = os.fstat(src.fileno()).st_size
-            if size != expected.get("size"):
+            if size != expected.size:
                 raise SnapshotError(f"{source.name} does not match its manifest size", code="SNAPSHOT_CORRUPT")
             hashed = 0
             for start, end in sparse.data_regions(src.fileno(), size):
@@ -400,7 +305,7 @@ def copy_verified(source: Path, target: Path, expected: dict[str, Any]) -> None:
                 hashed = end
             hash_zeros(size - hashed)
             dst.truncate(size)
-        if digest.hexdigest() != expected.get("sha256"):
+        if digest.hexdigest() != expected.sha256:
             raise SnapshotError(f"{source.name} does not match its manifest hash", code="SNAPSHOT_CORRUPT")
         if source.name == DISK:
             qcow2.check_image(target)

@@ -16,8 +16,8 @@ import anyio.abc
 import structlog
 
 from ..errors import BootError, ForkError, MachinenError, SnapshotError, plain_errors
-from ..protocol.messages import ForkTemplate, IncomingState
-from ..store import bundle, layers, registry, sparse
+from ..protocol.messages import ForkTemplate, IncomingState, MountBinding
+from ..store import bundle, layers, manifest, registry, sparse
 from ..store.assets import immutable_file_digest
 from ..vmm import backend, capped_log
 from .config import SupervisorConfig
@@ -97,7 +97,7 @@ class Capture:
         if incoming is not None and incoming.bundle:
             # Restored from a bundle: each file is copied (so the bundle stays untouched) and
             # hashed as it is copied; QEMU opens only the copies.
-            source, expected = Path(incoming.bundle), incoming.files
+            source, expected = Path(incoming.bundle), manifest.files_from_map(incoming.files)
             imported, ref = layers.new_layer()
             self.layer_refs.append(ref)
             copies = [(bundle.DISK, imported.disk), (bundle.STATE, ram_dir / bundle.STATE)]
@@ -135,10 +135,10 @@ class Capture:
             finally:
                 self.machine = None
 
-    def _launch(self, **where: Any) -> backend.Launch:
-        """A VMM launch of this VM's machine; ``where``: its RAM, disk and sockets."""
+    def _hardware(self) -> backend.Hardware:
+        """This VM's virtual hardware: what its VMM runs, and what a bundle of it records."""
         machine = self.config.machine
-        hardware = backend.Hardware(
+        return backend.Hardware(
             memory_mib=machine.memory_mib,
             cpus=machine.cpus,
             accel=machine.accel,
@@ -148,10 +148,13 @@ class Capture:
             tsc_khz=machine.tsc_khz,
             network=machine.network,
         )
+
+    def _launch(self, **where: Any) -> backend.Launch:
+        """A VMM launch of this VM's machine; ``where``: its RAM, disk and sockets."""
         # A confined VMM sees only the files of its launch (its disk chain, RAM file, kernel and
         # initrd): not this VM's directory (logs, meta.json, sockets), nor the layer and template
         # stores, where we create files it could otherwise plant symlinks for.
-        return backend.Launch(hardware=hardware, network_allow=machine.network_allow, **where)
+        return backend.Launch(hardware=self._hardware(), network_allow=self.config.machine.network_allow, **where)
 
     # --- capture: fork templates and snapshots -------------------------------------
 
@@ -380,7 +383,7 @@ class Capture:
                     chain, steps = await self._stream_into(layers.Template(target), stay_paused=paused_for is not None)
                 self.paused_for = paused_for
             started = time.monotonic()
-            manifest = await self._seal_bundle(target, chain)
+            sealed = await self._seal_bundle(target, chain)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 bundle.remove_partial(target)
@@ -390,7 +393,7 @@ class Capture:
         write_ms = round((time.monotonic() - started) * 1000, 2)
         log.info("snapshot", bundle=str(target), pause_ms=steps["total"], write_ms=write_ms)
         return {"bundle": str(target), "pause_ms": steps["total"], "pause_steps_ms": steps,
-                "write_ms": write_ms, "files": manifest.data["files"]}  # fmt: skip
+                "write_ms": write_ms, "files": manifest.files_to_map(sealed.files)}  # fmt: skip
 
     async def boot_template(self, directory: Path) -> None:
         """Write a boot template (a bundle of this VM as it is now, just booted, with no mounts)
@@ -406,29 +409,35 @@ class Capture:
 
     async def _seal_bundle(
         self, target: Path, chain: list[list[str]], mounts: list[list] | None = None
-    ) -> bundle.Manifest:
+    ) -> manifest.Manifest:
         """Finish a bundle whose state (and RAM) are in place: its disk, then the manifest
         (``mounts``: the live mounts it records, by default this VM's)."""
         # Flatten everything above the base image into one file: the bundle
         # must not depend on this host's layer files.
         base = chain[-1][0]
         await self.backend.flatten_disk(chain, target / bundle.DISK)
-        machine = self.config.machine
-        fields = {
-            "created": time.time(),
-            "source": self.config.name,
-            "origin": bundle.origin(),
-            "mounts": self.config.mounts if mounts is None else mounts,
-            "qemu_version": await self.machine.version(),
-            "machine": {"type": self.backend.machine_type, "disk_size": self.disk_size, "memory_mib": machine.memory_mib,
-                        "cpus": machine.cpus, "accel": machine.accel, "tsc_khz": machine.tsc_khz,
-                        "network": machine.network},
-            "kernel": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine.kernel))},
-            "initrd": {"sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(machine.initrd))},
-            "image": {"key": machine.image_key or Path(base).stem, "source": machine.image_source,
-                      "sha256": await anyio.to_thread.run_sync(immutable_file_digest, Path(base))},
-        }  # fmt: skip
-        return await anyio.to_thread.run_sync(bundle.seal, target, fields)
+        machine, hardware = self.config.machine, self._hardware()
+
+        async def digest(path: Path) -> str:
+            return await anyio.to_thread.run_sync(immutable_file_digest, path)
+
+        taken = manifest.Manifest(
+            machine=manifest.SavedMachine.of(
+                hardware, machine_type=self.backend.machine_type, disk_size=self.disk_size
+            ),
+            kernel=manifest.BootFile(await digest(hardware.kernel)),
+            initrd=manifest.BootFile(await digest(hardware.initrd)),
+            image=manifest.ImageIdentity(
+                key=machine.image_key or Path(base).stem, sha256=await digest(Path(base)), source=machine.image_source
+            ),
+            files={},  # the seal hashes them
+            qemu_version=await self.machine.version(),
+            mounts=tuple(MountBinding(*mount) for mount in (self.config.mounts if mounts is None else mounts)),
+            source=self.config.name,
+            origin=bundle.origin(),
+            created=time.time(),
+        )
+        return (await anyio.to_thread.run_sync(bundle.seal, target, taken)).manifest
 
     async def resume(self, client: ClientConnection) -> bool:
         """Continue a VM that ``client`` paused; False if it was not paused by it."""

@@ -25,7 +25,8 @@ DiskChain = list[list[str]]
 
 @dataclass(frozen=True)
 class Hardware:
-    """Everything that shapes the virtual hardware; a restore must match it."""
+    """Everything that shapes the virtual hardware; a restore must match it (a bundle records it as
+    ``store/manifest.py`` ``SavedMachine``, made by ``SavedMachine.of``)."""
 
     memory_mib: int
     cpus: int

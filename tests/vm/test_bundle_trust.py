@@ -29,8 +29,10 @@ from conftest import machinen, qemu_processes
 from machinen_async import Host, MachinenError, SnapshotError, restore
 from machinen_async.hosts import transfer
 from machinen_async.hosts.remote import RemoteDriver
+from machinen_async.protocol.messages import MountBinding
 from machinen_async.sdk.mounts import Mount
 from machinen_async.store import bundle, chunks
+from machinen_async.store.manifest import BootFile, ImageIdentity, Manifest, SavedMachine
 
 VM_NAME = "trust-mount"
 
@@ -90,7 +92,7 @@ def mounted(tmp_path_factory) -> Mounted:
 def test_only_a_bundle_sealed_here_counts_as_taken_here(mounted, tmp_path):
     own = bundle.inspect(mounted.bundle)
     assert own.signature == "sealed" and own.taken_here
-    assert own.mounts == [[str(mounted.shared), "/work", False]]
+    assert own.manifest.mounts == (MountBinding(str(mounted.shared), "/work", False),)
     received = _copy_bundle(mounted.bundle, tmp_path / "received.snap")
     bundle.sign(received, (received / bundle.MANIFEST).read_bytes(), received=True)
     as_received = bundle.inspect(received)  # restores without trust: a push brought it and checked it
@@ -102,7 +104,7 @@ def test_only_a_bundle_sealed_here_counts_as_taken_here(mounted, tmp_path):
     assert untrusted.value.code == "SNAPSHOT_UNTRUSTED"
     trusted = bundle.inspect(foreign, trust=True)
     # Its origin is this machine's and user's (a digest anyone here can compute), its MAC is not ours.
-    assert trusted.data["origin"] == bundle.origin() and trusted.signature is None and not trusted.taken_here
+    assert trusted.manifest.origin == bundle.origin() and trusted.signature is None and not trusted.taken_here
 
 
 def _forge(mounted: Mounted, target: Path, how: str) -> Path:
@@ -177,15 +179,14 @@ def _synthetic_bundle(target: Path) -> Path:
         f.write(os.urandom(70_000))
         f.truncate(4 << 20)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target / bundle.DISK), "1M"], check=True)
-    fields = {
-        "qemu_version": "test",
-        "machine": {"type": "microvm", "memory_mib": 256, "cpus": 1, "accel": "tcg", "tsc_khz": None,
-                    "network": False, "disk_size": 1 << 20},
-        "kernel": {"sha256": "1" * 64}, "initrd": {"sha256": "2" * 64},
-        "image": {"key": "3" * 24, "sha256": "4" * 64},
-        "origin": bundle.origin(), "mounts": [],
-    }  # fmt: skip
-    bundle.seal(target, fields)
+    bundle.seal(target, Manifest(
+        qemu_version="test",
+        machine=SavedMachine(type="microvm", memory_mib=256, cpus=1, accel="tcg", tsc_khz=None,
+                                      network=False, disk_size=1 << 20),
+        kernel=BootFile("1" * 64), initrd=BootFile("2" * 64),
+        image=ImageIdentity(key="3" * 24, sha256="4" * 64),
+        files={}, origin=bundle.origin(),
+    ))  # fmt: skip
     return target
 
 

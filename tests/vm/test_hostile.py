@@ -22,6 +22,7 @@ import subprocess
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -54,6 +55,7 @@ from machinen_async.sdk.vm import AGENT_TIMEOUT_SLACK_S
 from machinen_async.store import bundle as bundle_format
 from machinen_async.store import chunks, qcow2, registry
 from machinen_async.store.assets import sha256_file
+from machinen_async.store.manifest import FileEntry, Manifest
 from machinen_async.supervisor import relay
 from machinen_async.vmm import capped_log
 from machinen_async.vmm.qemu import netguard
@@ -286,8 +288,7 @@ def _copy_bundle(source: Path, target: Path) -> Path:
 def _reseal(bundle_dir: Path) -> None:
     """What an attacker holding a signed bundle cannot do, and what a user does with trust=True: a new
     manifest (and, here, a valid MAC) for files that were swapped."""
-    manifest = cbor2.loads((bundle_dir / bundle_format.MANIFEST).read_bytes())
-    bundle_format.seal(bundle_dir, {k: v for k, v in manifest.items() if k not in ("format", "files")})
+    bundle_format.seal(bundle_dir, Manifest.from_cbor((bundle_dir / bundle_format.MANIFEST).read_bytes()))
 
 
 def _qcow2(path: Path, *options: str) -> Path:
@@ -362,7 +363,7 @@ async def test_a_bundle_disk_naming_a_host_file_is_refused_before_qemu(shared_bu
     with pytest.raises(SnapshotError) as copied:
         bundle_format.copy_verified(
             evil / bundle_format.DISK, tmp_path / "copy.qcow2",
-            cbor2.loads((evil / bundle_format.MANIFEST).read_bytes())["files"][bundle_format.DISK],
+            Manifest.from_cbor((evil / bundle_format.MANIFEST).read_bytes()).files[bundle_format.DISK],
         )  # fmt: skip
     assert copied.value.code == "SNAPSHOT_DISK_UNSAFE" and not (tmp_path / "copy.qcow2").exists()
 
@@ -396,13 +397,13 @@ def test_restore_reads_each_bundle_file_once_into_a_checked_private_copy(tmp_pat
         f.seek(40 << 20)
         f.write(b"island")
         f.truncate(64 << 20)
-    expected = {"sha256": sha256_file(source), "size": source.stat().st_size}
+    expected = FileEntry(sha256=sha256_file(source), size=source.stat().st_size)
     bundle_format.copy_verified(source, tmp_path / "copy", expected)
     copy = tmp_path / "copy"
     assert copy.read_bytes() == source.read_bytes()
     assert copy.stat().st_mode & 0o777 == 0o600
     assert copy.stat().st_blocks * 512 < 1 << 20  # holes stayed holes
-    for wrong in ({**expected, "sha256": "0" * 64}, {**expected, "size": 1}):
+    for wrong in (replace(expected, sha256="0" * 64), replace(expected, size=1)):
         with pytest.raises(SnapshotError) as mismatch:
             bundle_format.copy_verified(source, tmp_path / "wrong", wrong)
         assert mismatch.value.code == "SNAPSHOT_CORRUPT" and not (tmp_path / "wrong").exists()
@@ -546,7 +547,7 @@ def test_manifests_hold_plain_bounded_data_only():
         data.update(changes)
         return cbor2.dumps(data)
 
-    bundle_format.parse_manifest(manifest())
+    Manifest.from_cbor(manifest())
     machine = cbor2.loads(manifest())["machine"]
     hostile = {
         "a date (CBOR tag 1)": manifest(created=cbor2.CBORTag(1, 0)),
@@ -563,7 +564,7 @@ def test_manifests_hold_plain_bounded_data_only():
     }
     for what, raw in hostile.items():
         with pytest.raises(SnapshotError) as refused:
-            bundle_format.parse_manifest(raw)
+            Manifest.from_cbor(raw)
         assert refused.value.code == "SNAPSHOT_CORRUPT", what
 
 

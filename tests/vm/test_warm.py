@@ -20,6 +20,7 @@ from test_qemu_confined import _mounts
 
 from machinen_async import Host, MachinenError, Mount, boot, restore, warm_pool
 from machinen_async.store import assets, boot_templates, bundle, layers, paths
+from machinen_async.store.manifest import BootFile, ImageIdentity, Manifest, SavedMachine
 
 pytestmark = pytest.mark.anyio
 
@@ -235,11 +236,12 @@ def fake_template(tmp_path, key: str, *, image_sha256: str = "0" * 64) -> Path:
     (partial / "state").write_bytes(b"state")
     (partial / "mem").write_bytes(bytes(4096))
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(partial / "disk.qcow2"), "1M"], check=True)
-    machine = {"type": "q35", "memory_mib": 256, "cpus": 1, "accel": "tcg", "tsc_khz": None, "network": False,
-               "disk_size": 1 << 20}  # fmt: skip
-    fields = {"machine": machine, "kernel": {"sha256": "1" * 64}, "initrd": {"sha256": "2" * 64},
-              "image": {"key": "3" * 24, "sha256": image_sha256}}  # fmt: skip
-    bundle.seal(partial, fields)
+    machine = SavedMachine(type="q35", memory_mib=256, cpus=1, accel="tcg", tsc_khz=None, network=False,
+                                    disk_size=1 << 20)  # fmt: skip
+    bundle.seal(partial, Manifest(
+        machine=machine, kernel=BootFile("1" * 64), initrd=BootFile("2" * 64),
+        image=ImageIdentity(key="3" * 24, sha256=image_sha256), files={},
+    ))  # fmt: skip
     assert boot_templates.publish(partial, key)
     return boot_templates.templates_dir() / key
 
