@@ -71,9 +71,15 @@ def host_facts() -> HostFacts:
     }
 
 
+def sibling_cost_mib(accel: str, memory_mib: int) -> float:
+    """Host memory one more sibling takes: the VMM's overhead and the share of guest RAM it
+    copies on write (siblings on every host map one template of the fork instant)."""
+    return FORK_OVERHEAD_MIB.get(accel, FORK_OVERHEAD_MIB["tcg"]) + memory_mib * FORK_PRIVATE_SHARE
+
+
 def check_fork_memory(count: int, accel: str, memory_mib: int) -> None:
     """Refuse a fork the host cannot hold rather than let the OOM killer pick."""
-    per_sibling = FORK_OVERHEAD_MIB[accel] + memory_mib * FORK_PRIVATE_SHARE
+    per_sibling = sibling_cost_mib(accel, memory_mib)
     needed = count * per_sibling + memory_mib  # + the template's RAM copy
     available = available_memory_mib()
     if needed > available * FORK_MEMORY_HEADROOM:

@@ -5,7 +5,7 @@ Each node that offers the ``machinen_slots`` custom resource (``ray start
 --resources='{"machinen_slots": 8}'``) is a ``Host``, driven through one
 ``NodeAgent`` actor of this pool on that node (hosts/ray_node.py).  A spread
 fork asks Ray for a placement group of one bundle per sibling, each a slot and
-the host memory a sibling costs (``spread.sibling_cost_mib``), so Ray decides
+the host memory a sibling costs (``hosts.local.sibling_cost_mib``), so Ray decides
 which node takes which sibling (``strategy``: Ray's placement strategies); the
 group is held until the ``Forks`` close.  The siblings of one node start from
 one pushed bundle and share its RAM copy-on-write.
@@ -32,7 +32,7 @@ from ..hosts.base import Reservation
 from ..protocol.messages import VMRow
 from .forks import Launch
 from .host import BootOptions, Host
-from .spread import sibling_cost_mib
+from ..hosts.local import sibling_cost_mib
 
 if TYPE_CHECKING:
     from .vm import VM

@@ -25,7 +25,7 @@ import anyio
 
 from ..errors import BootError, MachinenError, plain_errors
 from ..hosts.base import HostPool, Reservation
-from ..hosts.local import FORK_MEMORY_HEADROOM, FORK_OVERHEAD_MIB, FORK_PRIVATE_SHARE
+from ..hosts.local import FORK_MEMORY_HEADROOM, sibling_cost_mib
 from ..protocol.messages import ForkRequest, HostFacts
 from ..store import chunks
 from .forks import Forks, close_all
@@ -34,12 +34,6 @@ if TYPE_CHECKING:
     from .host import Host
     from .mounts import Mount
     from .vm import VM
-
-
-def sibling_cost_mib(accel: str, memory_mib: int) -> float:
-    """Host memory one more sibling takes: QEMU's overhead and the share of guest RAM it
-    copies on write (siblings on every host map one template of the fork instant)."""
-    return FORK_OVERHEAD_MIB.get(accel, FORK_OVERHEAD_MIB["tcg"]) + memory_mib * FORK_PRIVATE_SHARE
 
 
 def place(count: int, facts: Sequence[HostFacts], memory_mib: int) -> list[int]:
