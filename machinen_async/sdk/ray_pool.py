@@ -29,10 +29,10 @@ import anyio
 
 from ..errors import HostError, MachinenError, plain_errors
 from ..hosts.base import Reservation
+from ..hosts.local import sibling_cost_mib
 from ..protocol.messages import VMRow
 from .forks import Launch
 from .host import BootOptions, Host
-from ..hosts.local import sibling_cost_mib
 
 if TYPE_CHECKING:
     from .vm import VM
