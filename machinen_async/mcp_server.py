@@ -50,11 +50,11 @@ try:
     from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.types import ASGIApp, Receive, Scope, Send
-except ModuleNotFoundError as missing:  # the CLI imports this module only for `machinen mcp`
+except ModuleNotFoundError as _missing:  # the CLI imports this module only for `machinen mcp`
     raise McpServerError(
-        f"`machinen mcp` needs the mcp extra ({missing.name} is not installed): pip install 'machinen_async[mcp]'",
+        f"`machinen mcp` needs the mcp extra ({_missing.name} is not installed): pip install 'machinen_async[mcp]'",
         code="MCP_MISSING",
-    ) from missing
+    ) from None
 
 DEFAULT_OUTPUT_CAP = 64 * 1024  # per stream: what an LLM's context can take, not what the guest may print
 MAX_OUTPUT_CAP = 4 * 1024 * 1024
@@ -676,7 +676,7 @@ class BearerToken:
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected: bytes = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
