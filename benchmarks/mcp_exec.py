@@ -1,7 +1,7 @@
 """What MCP adds to an exec round trip: `true` through `machinen mcp` (stdio, the mcp SDK's
 ClientSession) against `true` through the SDK, on the same VM in the same run, interleaved.
 
-    python benchmarks/mcp.py [--execs 50] [--backend asyncio|trio]
+    python benchmarks/mcp_exec.py [--execs 50] [--backend asyncio|trio]
 
 Prints one JSON object: exec_true_ms for each path (p50/p95/mean), and mcp_over_sdk (p50 over p50).
 The VM is booted by the MCP server (its session owns it); the SDK reaches it with `connect(name)`.
