@@ -793,6 +793,38 @@ def handoff_command(name, host_spec, new_name, ports, no_precopy, as_json) -> No
     _run(run)
 
 
+@main.command(name="mcp")
+@click.option(
+    "--http",
+    "http_address",
+    metavar="ADDR:PORT",
+    help="Serve streamable HTTP on ADDR:PORT (e.g. 127.0.0.1:8765) instead of stdio; a bearer token is required.",
+)
+@click.option("--token-file", type=click.Path(dir_okay=False), help="The bearer token (default: a new one, printed).")
+@click.option("--max-vms", type=click.IntRange(min=1), help="Refuse to start more VMs than this at once.")
+@click.option(
+    "--max-memory",
+    "max_memory_mib",
+    type=click.IntRange(min=64),
+    metavar="MIB",
+    help="Refuse to start VMs past this much guest memory in all.",
+)
+def mcp_command(
+    http_address: str | None, token_file: str | None, max_vms: int | None, max_memory_mib: int | None
+) -> None:
+    """Serve VMs to an agent over MCP (Model Context Protocol): tools boot, exec, read_file, write_file,
+    list_files, fork, snapshot, restore, stop, list.  On stdin/stdout (what Claude Desktop or Claude
+    Code start), or with --http on streamable HTTP.  VMs a session boots stop when it ends, unless
+    booted detached.  Needs the mcp extra: pip install 'machinen_async[mcp]'."""
+
+    async def run() -> None:
+        from .mcp_server import Limits, serve
+
+        await serve(http=http_address, token_file=token_file, limits=Limits(max_vms, max_memory_mib), say=_progress)
+
+    _run(run)
+
+
 @main.command(name="_peer", hidden=True)
 def peer_command() -> None:
     """The remote end of an SSH link (started by another host's machinen)."""

@@ -161,6 +161,12 @@ class PoolError(MachinenError):
     default_code = "POOL_CLOSED"
 
 
+class McpServerError(MachinenError):
+    """``machinen mcp``: a server-wide limit reached, its extra not installed, an unusable token."""
+
+    default_code = "MCP_LIMIT_VMS"
+
+
 class ConnectionLostError(HostError, TransferError):
     """A host's connection dropped mid-call; what a push sent is kept, so a retry resumes."""
 
@@ -237,6 +243,8 @@ ERRORS: tuple[ErrorRow, ...] = tuple(ErrorRow(*row) for row in (
     (ForkError, ("FORK_CALL_TIMEOUT",), "a sibling's call in `forks.map`/`as_completed`/`first` took longer than its `timeout`"),
     (ForkError, ("FORK_NONE_ACCEPTED",), "`forks.first` found no sibling whose call gave a result `accept` took (each failed or was rejected)"),
     (ForkError, ("FORK_VM_PAUSED",), "the VM is paused by a handoff in progress"),
+    (McpServerError, ("MCP_LIMIT_VMS", "MCP_LIMIT_MEMORY"), "`machinen mcp`: starting these VMs would pass the server's `--max-vms`, or their guest memory its `--max-memory` (counted over the VMs it started that still run; retryable once some stop)"),
+    (McpServerError, ("MCP_MISSING", "MCP_TOKEN_INVALID", "MCP_ADDRESS_INVALID"), "`machinen mcp` without the `mcp` extra (`pip install 'machinen_async[mcp]'`); a `--token-file` that cannot be read or holds fewer than 16 characters; `--http` not `ADDR:PORT`"),
     (MachinenError, ("MACHINEN_ERROR",), "an error of no other kind (a code another process sent that this version does not know keeps its code)"),
 ))  # fmt: skip
 

@@ -49,7 +49,7 @@ LAYERS = (
     {"supervisor"},
     {"hosts"},
     {"sdk"},
-    {"cli.py", "__init__.py", "__main__.py"},
+    {"cli.py", "mcp_server.py", "__init__.py", "__main__.py"},
 )
 
 
