@@ -451,19 +451,22 @@ class MountTask(Task):
                 self.send([wire.DATA, self.sid, wire.STDOUT, bytes(view[:size])])
                 view = view[size:]
 
-    def on_frame(self, frame: list) -> None:
-        if frame[0] == wire.DATA and frame[2] == wire.STDIN:
-            try:
-                answers = self.reader.feed(frame[3])
-            except protocol.MountProtocolError as exc:
-                self.mount.detach(self)
-                return self.fail("EXEC_PROTOCOL", f"mount answers: {exc}")
-            for request_id, error, result in answers:
-                if type(error) is int:
-                    self.mount.answer(request_id, error, result)
-            self.send([wire.CREDIT, self.sid, wire.STDIN, len(frame[3])])
-            return
-        super().on_frame(frame)
+    def on_frame(self, frame: wire.Frame) -> None:
+        if wire.kind(frame) != wire.DATA:
+            return super().on_frame(frame)
+        fd, answer_bytes = wire.data(frame)
+        if fd != wire.STDIN:
+            return None  # answers come on stdin only
+        try:
+            answers = self.reader.feed(answer_bytes)
+        except protocol.MountProtocolError as exc:
+            self.mount.detach(self)
+            return self.fail("EXEC_PROTOCOL", f"mount answers: {exc}")
+        for request_id, error, result in answers:
+            if type(error) is int:
+                self.mount.answer(request_id, error, result)
+        self.send([wire.CREDIT, self.sid, wire.STDIN, len(answer_bytes)])
+        return None
 
     def on_session_change(self) -> None:
         if self.mount is not None:

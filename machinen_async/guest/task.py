@@ -134,20 +134,21 @@ class Task:
             self.credit[fd] -= size
 
     def on_frame(self, frame: wire.Frame) -> None:
-        kind = frame[0]
+        kind = wire.kind(frame)
         if kind == wire.CREDIT:
+            fd, amount = wire.credit(frame)
             with self.cond:
-                self.credit[frame[2]] = self.credit.get(frame[2], 0) + frame[3]
+                self.credit[fd] = self.credit.get(fd, 0) + amount
                 self.cond.notify_all()
         elif kind in (wire.DATA, wire.EOF) and self.input is not None:
-            self.input.put(frame[3] if kind == wire.DATA else None)
+            self.input.put(wire.data(frame)[1] if kind == wire.DATA else None)
         elif kind == wire.CANCEL:
             with self.cond:
                 self.cancelled = True
                 self.cond.notify_all()
             self.on_cancel()
         elif kind == wire.CONTROL:
-            self.on_control(frame[2])
+            self.on_control(wire.control(frame))
 
     def on_session_change(self) -> None:
         """Processes outlive the session that started them (forks keep them);
