@@ -76,7 +76,7 @@ def anyio_backend(request):
 # The fast tier (`make test-unit`, `pytest -m unit`): modules that start no VM and no QEMU (that
 # target runs them with MACHINEN_VMM naming no backend, so one that tried would fail).
 UNIT_MODULES = {
-    "test_channel", "test_errors", "test_image_build", "test_layout", "test_messages", "test_netguard",
+    "test_channel", "test_errors", "test_flow", "test_image_build", "test_layout", "test_messages", "test_netguard",
     "test_oci_flatten", "test_oci_pull", "test_ray_stream", "test_resync", "test_sparse", "test_typing",
 }  # fmt: skip
 
