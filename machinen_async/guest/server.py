@@ -91,9 +91,9 @@ class Agent:
             else:
                 self.send([wire.ERROR, sid, "EXEC_PROTOCOL", f"unknown method {method!r}"])
         else:
-            task = self.tasks.get(sid)
-            if task is not None:
-                task.deliver(frame)
+            running = self.tasks.get(sid)
+            if running is not None:
+                running.deliver(frame)
 
     def greet(self, frame: wire.Frame) -> None:
         """A host's HELLO: a new nonce starts a new session (orphaning the calls of the one before)."""

@@ -12,10 +12,12 @@ from ..store import registry
 from .agent_call import AgentCall
 from .relay import CHANNEL_DOWN, AgentRelay
 
+Forward = anyio.abc.Listener[anyio.abc.SocketStream]  # a bound host port
 
-async def bind_forwards(ports: list[list[Any]]) -> list[anyio.abc.SocketListener]:
+
+async def bind_forwards(ports: list[list[Any]]) -> list[Forward]:
     """Bind every host port now, before QEMU starts, so a conflict fails fast."""
-    listeners: list[anyio.abc.SocketListener] = []
+    listeners: list[Forward] = []
     try:
         for address, host_port, _ in ports:
             try:

@@ -152,7 +152,7 @@ class HostDirectory:
         finally:
             os.close(fd)
 
-    def _lstat(self, path: Any) -> list:
+    def _lstat(self, path: Any) -> list[int]:
         path = protocol.check_path(path)
         if not path:
             return _attrs(os.fstat(self.root_fd))
@@ -161,7 +161,7 @@ class HostDirectory:
 
     # --- reading ----------------------------------------------------------------
 
-    def _list(self, path: Any) -> list:
+    def _list(self, path: Any) -> list[list[str | int]]:
         fd = self._beneath(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
         try:
             with os.scandir(fd) as entries:
@@ -177,7 +177,7 @@ class HostDirectory:
         with self._file(path, os.O_RDONLY) as fd:
             return os.pread(fd, max(0, min(size, protocol.MAX_IO)), offset)
 
-    def _statfs(self) -> list:
+    def _statfs(self) -> list[int]:
         facts = os.statvfs(self.root_fd)
         return [facts.f_blocks, facts.f_bfree, facts.f_bavail, facts.f_files, facts.f_ffree, facts.f_bsize,
                 facts.f_namemax]  # fmt: skip
@@ -197,7 +197,7 @@ class HostDirectory:
         with self._file(path, os.O_WRONLY) as fd:
             return os.pwrite(fd, data, offset)
 
-    def _create(self, path: Any, mode: int, exclusive: bool) -> list:
+    def _create(self, path: Any, mode: int, exclusive: bool) -> list[int]:
         try:
             fd = self._beneath(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -216,13 +216,13 @@ class HostDirectory:
         with self._file(path, os.O_WRONLY) as fd:
             os.ftruncate(fd, size)
 
-    def _mkdir(self, path: Any, mode: int) -> list:
+    def _mkdir(self, path: Any, mode: int) -> list[int]:
         with self._parent(path) as (fd, name):
             os.mkdir(name, 0o700, dir_fd=fd)
         self._chmod(path, mode)  # the guest applied its umask; ours must not apply too
         return self._lstat(path)
 
-    def _symlink(self, target: Any, path: Any) -> list:
+    def _symlink(self, target: Any, path: Any) -> list[int]:
         path = protocol.check_path(path)
         if not isinstance(target, str) or not target or "\0" in target or len(target) > protocol.MAX_PATH:
             raise OSError(errno.EINVAL, "not a symlink target")
@@ -326,7 +326,7 @@ def _check_links_moving_up(parent_fd: int, name: str, depth: int) -> None:
             os.close(fd)
 
 
-def _attrs(facts: os.stat_result) -> list:
+def _attrs(facts: os.stat_result) -> list[int]:
     return [facts.st_ino, facts.st_mode, facts.st_nlink, facts.st_size, facts.st_blocks, facts.st_atime_ns,
             facts.st_mtime_ns, facts.st_ctime_ns, facts.st_blksize]  # fmt: skip
 

@@ -43,7 +43,7 @@ class Supervisor:
         self.entry = entry
         self.relay = AgentRelay(entry.agent_socket, config.name)
         self.capture = Capture(config, entry)
-        self.forwards: list[anyio.abc.SocketListener] = []
+        self.forwards: list[forwards.Forward] = []
         self.mounts: list[mounts.HostDirectory] = []
         self.stop_requested = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
