@@ -176,6 +176,50 @@ def control(frame: Frame) -> Params:
     return payload
 
 
+# --- joining queued frames: a relay's queue grows a waiting DATA or CREDIT instead of adding one
+
+
+def join_key(frame: Frame) -> tuple[int, int, int] | None:
+    """(stream id, kind, fd) of a DATA or CREDIT: later ones of the same key may ``join`` it
+    while it waits in a queue.  None for the other kinds."""
+    frame_kind = kind(frame)
+    if frame_kind not in (DATA, CREDIT):
+        return None
+    fd = frame[2] if len(frame) == 4 else None
+    if not _is_fd(fd):
+        raise _malformed(frame_kind)
+    return stream_id(frame), frame_kind, fd
+
+
+def join(queued: Frame, later: Frame) -> bool:
+    """Add ``later`` to ``queued``, a frame of its ``join_key`` not yet sent: a CREDIT's bytes
+    add up; a DATA's output grows in place (no quadratic copying) while the two fit in a CHUNK.
+    False (nothing joined) if they do not fit."""
+    if kind(later) == CREDIT:
+        total = queued[3]
+        if type(total) is not int:
+            raise _malformed(CREDIT)
+        queued[3] = total + credit(later)[1]
+        return True
+    more = data(later)[1]
+    output = queued[3]
+    if not isinstance(output, bytes | bytearray):
+        raise _malformed(DATA)
+    if len(output) + len(more) > CHUNK:
+        return False
+    if type(output) is bytes:
+        queued[3] = output = bytearray(output)
+    output += more
+    return True
+
+
+def joined(frame: Frame) -> Frame:
+    """``frame``, which may have been joined to, as it leaves the queue (its output bytes again)."""
+    if kind(frame) == DATA and type(frame[3]) is bytearray:
+        frame[3] = bytes(frame[3])
+    return frame
+
+
 def validate(frame: Frame) -> None:
     """Check a decoded frame's shape for its kind; raise ``ProtocolError`` if it is off.
 

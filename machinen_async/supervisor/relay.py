@@ -47,83 +47,43 @@ class Outbox:
     then arrive earlier relative to another fd's, never reordered within an fd."""
 
     def __init__(self) -> None:
-        self._frames: deque[wire.Frame | _Joinable] = deque()
-        self._growing: dict[tuple[int, int, int], _Joinable] = {}  # (sid, kind, fd) -> still queued
+        self._frames: deque[wire.Frame] = deque()
+        self._growing: dict[tuple[int, int, int], wire.Frame] = {}  # (sid, kind, fd) -> frame still queued
         self._changed = anyio.Event()
 
     def __len__(self) -> int:
         return len(self._frames)
 
     def put(self, frame: wire.Frame) -> None:
-        kind = wire.kind(frame)
-        if kind in (wire.DATA, wire.CREDIT):
-            joinable = _Joinable.of(frame)
-            waiting = self._growing.get(joinable.key)
-            if waiting is not None and waiting.join(joinable):
+        kind, key = wire.kind(frame), wire.join_key(frame)
+        if key is not None:
+            waiting = self._growing.get(key)
+            if waiting is not None and wire.join(waiting, frame):
                 return
-            self._growing[joinable.key] = joinable
-            self._frames.append(joinable)
-        else:
-            if kind in wire.FINAL_KINDS or kind == wire.EOF:
-                # Nothing may join output queued before the call's end or an fd's EOF.
-                sid = wire.stream_id(frame)
-                for key in [key for key in self._growing if key[0] == sid]:
-                    del self._growing[key]
-            self._frames.append(frame)
+            self._growing[key] = frame
+        elif kind in wire.FINAL_KINDS or kind == wire.EOF:
+            # Nothing may join output queued before the call's end or an fd's EOF.
+            sid = wire.stream_id(frame)
+            for stale in [stale for stale in self._growing if stale[0] == sid]:
+                del self._growing[stale]
+        self._frames.append(frame)
         self._changed.set()
 
     async def get(self) -> wire.Frame:
         while not self._frames:
             self._changed = anyio.Event()
             await self._changed.wait()
-        queued = self._frames.popleft()
-        if not isinstance(queued, _Joinable):
-            return queued
-        if self._growing.get(queued.key) is queued:
-            del self._growing[queued.key]
-        return queued.frame()
+        frame = self._frames.popleft()
+        key = wire.join_key(frame)
+        if key is not None and self._growing.get(key) is frame:
+            del self._growing[key]
+        return wire.joined(frame)
 
     def __aiter__(self) -> Outbox:
         return self
 
     async def __anext__(self) -> wire.Frame:
         return await self.get()
-
-
-class _Joinable:
-    """A queued DATA or CREDIT that later ones of its (call, fd) join (see ``Outbox``)."""
-
-    __slots__ = ("amount", "fd", "key", "kind", "output", "sid")
-
-    def __init__(self, kind: int, sid: int, fd: int, output: bytes | bytearray = b"", amount: int = 0) -> None:
-        self.kind, self.sid, self.fd = kind, sid, fd
-        self.key = (sid, kind, fd)
-        self.output = output  # DATA's bytes: bytes until something joins, then grown in place
-        self.amount = amount  # CREDIT's bytes
-
-    @classmethod
-    def of(cls, frame: wire.Frame) -> _Joinable:
-        sid = wire.stream_id(frame)
-        if wire.kind(frame) == wire.DATA:
-            fd, output = wire.data(frame)
-            return cls(wire.DATA, sid, fd, output=output)
-        fd, amount = wire.credit(frame)
-        return cls(wire.CREDIT, sid, fd, amount=amount)
-
-    def join(self, later: _Joinable) -> bool:
-        """Take ``later`` (of the same key) in; False if this frame cannot grow that much."""
-        if self.kind == wire.CREDIT:
-            self.amount += later.amount
-            return True
-        if len(self.output) + len(later.output) > wire.CHUNK:
-            return False
-        if type(self.output) is bytes:
-            self.output = bytearray(self.output)  # grows in place from here: no quadratic copying
-        self.output += later.output
-        return True
-
-    def frame(self) -> wire.Frame:
-        return [self.kind, self.sid, self.fd, bytes(self.output) if self.kind == wire.DATA else self.amount]
 
 
 class ClientConnection:
