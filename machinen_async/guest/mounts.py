@@ -214,7 +214,7 @@ class FuseMount:
             raise OSError(errno.ESTALE, "stale node")
         return path
 
-    def _entry(self, path: str, attrs: list) -> bytes:
+    def _entry(self, path: str, attrs: list[int]) -> bytes:
         with self.cond:
             node = self.nodes.get(path)
             if node is None:
@@ -391,7 +391,7 @@ class FuseMount:
         return bytes(out)
 
 
-def _attr(attrs: list) -> bytes:
+def _attr(attrs: list[int]) -> bytes:
     """A host lstat ``[ino, mode, nlink, size, blocks, atime_ns, mtime_ns, ctime_ns, blksize]`` as fuse_attr."""
     inode, mode, links, size, blocks, atime, mtime, ctime, block_size = attrs
     seconds = [t // 1_000_000_000 for t in (atime, mtime, ctime)]
@@ -410,7 +410,7 @@ def mounted(target: object, read_only: bool) -> FuseMount:
         return mount
 
 
-def drop_mount(params: dict) -> dict:
+def drop_mount(params: wire.Params) -> dict[str, bool]:
     """``mount_drop``: a mount the saved state had and this VM does not keep; what is open on it fails."""
     with _MOUNTS_LOCK:
         mount = MOUNTS.pop(params["target"], None)
@@ -419,7 +419,7 @@ def drop_mount(params: dict) -> dict:
     return {"dropped": mount is not None}
 
 
-def prepare_mount(params: dict) -> dict:
+def prepare_mount(params: wire.Params) -> dict[str, str]:
     """``mount_prepare``: mount before the workload starts, ahead of the call that will serve it."""
     mounted(params["target"], bool(params.get("read_only")))
     return {"mounted": params["target"]}
@@ -430,7 +430,7 @@ class MountTask(Task):
 
     mount: FuseMount | None = None
 
-    def start(self, params: dict) -> None:
+    def start(self, params: wire.Params) -> None:
         self.send_lock = threading.Lock()
         self.reader = protocol.MessageReader()
         try:
@@ -451,19 +451,22 @@ class MountTask(Task):
                 self.send([wire.DATA, self.sid, wire.STDOUT, bytes(view[:size])])
                 view = view[size:]
 
-    def on_frame(self, frame: list) -> None:
-        if frame[0] == wire.DATA and frame[2] == wire.STDIN:
-            try:
-                answers = self.reader.feed(frame[3])
-            except protocol.MountProtocolError as exc:
-                self.mount.detach(self)
-                return self.fail("EXEC_PROTOCOL", f"mount answers: {exc}")
-            for request_id, error, result in answers:
-                if type(error) is int:
-                    self.mount.answer(request_id, error, result)
-            self.send([wire.CREDIT, self.sid, wire.STDIN, len(frame[3])])
-            return
-        super().on_frame(frame)
+    def on_frame(self, frame: wire.Frame) -> None:
+        if wire.kind(frame) != wire.DATA:
+            return super().on_frame(frame)
+        fd, answer_bytes = wire.data(frame)
+        if fd != wire.STDIN:
+            return None  # answers come on stdin only
+        try:
+            answers = self.reader.feed(answer_bytes)
+        except protocol.MountProtocolError as exc:
+            self.mount.detach(self)
+            return self.fail("EXEC_PROTOCOL", f"mount answers: {exc}")
+        for request_id, error, result in answers:
+            if type(error) is int:
+                self.mount.answer(request_id, error, result)
+        self.send([wire.CREDIT, self.sid, wire.STDIN, len(answer_bytes)])
+        return None
 
     def on_session_change(self) -> None:
         if self.mount is not None:

@@ -69,25 +69,17 @@ class Agent:
                 time.sleep(DISCONNECTED_POLL_S)
                 continue
             for frame in decoder.feed(data):
-                self.dispatch(frame)
+                try:
+                    self.dispatch(frame)
+                except wire.ProtocolError as exc:  # no host sends one: never let it stop the agent
+                    print(f"agent: frame refused: {exc}", file=sys.stderr)
 
     def dispatch(self, frame: wire.Frame) -> None:
-        kind, sid = frame[0], frame[1]
+        kind, sid = wire.kind(frame), wire.stream_id(frame)
         if kind == wire.HELLO:
-            if frame[2] != self.session:
-                self.session = frame[2]
-                for task in list(self.tasks.values()):
-                    task.on_session_change()
-                self.tasks.clear()
-                hello = frame[4] if len(frame) > 4 and isinstance(frame[4], dict) else {}
-                if hello.get("resume"):  # restored or forked: take the new identity first
-                    try:
-                        take_on(hello["resume"])
-                    except OSError as exc:
-                        print(f"agent: applying the new identity failed: {exc}", file=sys.stderr)
-            self.send([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, agent_info()])
+            self.greet(frame)
         elif kind == wire.OPEN:
-            method, params = frame[2], frame[3]
+            method, params = wire.request(frame)
             if method in self.streaming:
                 task = self.streaming[method](self, sid)
                 self.tasks[sid] = task
@@ -99,9 +91,24 @@ class Agent:
             else:
                 self.send([wire.ERROR, sid, "EXEC_PROTOCOL", f"unknown method {method!r}"])
         else:
-            task = self.tasks.get(sid)
-            if task is not None:
-                task.deliver(frame)
+            running = self.tasks.get(sid)
+            if running is not None:
+                running.deliver(frame)
+
+    def greet(self, frame: wire.Frame) -> None:
+        """A host's HELLO: a new nonce starts a new session (orphaning the calls of the one before)."""
+        nonce, _, hello = wire.hello(frame)
+        if nonce != self.session:
+            self.session = nonce
+            for task in list(self.tasks.values()):
+                task.on_session_change()
+            self.tasks.clear()
+            if hello.get("resume"):  # restored or forked: take the new identity first
+                try:
+                    take_on(hello["resume"])
+                except OSError as exc:
+                    print(f"agent: applying the new identity failed: {exc}", file=sys.stderr)
+        self.send([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, agent_info()])
 
 
 def find_port() -> str:

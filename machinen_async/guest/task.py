@@ -12,6 +12,9 @@ from ..protocol.guest_abi import EXEC_DEFAULTS
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     from .server import Agent
 
 BASE_ENV = {
@@ -21,7 +24,7 @@ BASE_ENV = {
     "TERM": "xterm",
 }
 # Where and as whom commands run unless a call says otherwise: an OCI image's WorkingDir and User.
-IMAGE_DEFAULTS: dict = {"cwd": "/", "user": None, "group": None, "cmd": []}
+IMAGE_DEFAULTS: dict[str, Any] = {"cwd": "/", "user": None, "group": None, "cmd": []}
 
 
 def take_image_defaults() -> None:
@@ -42,7 +45,7 @@ def take_image_defaults() -> None:
     IMAGE_DEFAULTS["user"], IMAGE_DEFAULTS["group"] = _user_and_group(defaults.get("user") or "")
 
 
-def _user_and_group(spec: str) -> tuple:
+def _user_and_group(spec: str) -> tuple[int | str | None, int | str | None]:
     """``USER[:GROUP]`` (names or numeric ids, as an image's User or Docker's ``--user``)."""
     user, _, group = spec.partition(":")
     if not user:
@@ -50,7 +53,7 @@ def _user_and_group(spec: str) -> tuple:
     return int(user) if user.isdigit() else user, (int(group) if group.isdigit() else group) if group else None
 
 
-def identity(user_spec: str | None = None) -> dict:
+def identity(user_spec: str | None = None) -> dict[str, Any]:
     """``Popen``'s user, group and extra groups for ``user_spec`` (a call's own ``user``), else the
     image's User (neither: root's own).  A user without a group runs with its passwd entry's group,
     or 0 where it has none (as Docker)."""
@@ -67,7 +70,7 @@ def identity(user_spec: str | None = None) -> dict:
     return {"user": user, "group": group, "extra_groups": []}
 
 
-def start_thread(target, *args) -> threading.Thread:
+def start_thread(target: Callable[..., object], *args: object) -> threading.Thread:
     thread = threading.Thread(target=target, args=args, daemon=True)
     thread.start()
     return thread
@@ -89,7 +92,7 @@ class Task:
         self.dispatch_lock = threading.Lock()
         self.early: list[wire.Frame] | None = []
 
-    def begin(self, *args) -> None:
+    def begin(self, *args: object) -> None:
         """Start the call (on its own thread), then take the frames that came meanwhile."""
         try:
             self.start(*args)
@@ -134,20 +137,21 @@ class Task:
             self.credit[fd] -= size
 
     def on_frame(self, frame: wire.Frame) -> None:
-        kind = frame[0]
+        kind = wire.kind(frame)
         if kind == wire.CREDIT:
+            fd, amount = wire.credit(frame)
             with self.cond:
-                self.credit[frame[2]] = self.credit.get(frame[2], 0) + frame[3]
+                self.credit[fd] = self.credit.get(fd, 0) + amount
                 self.cond.notify_all()
         elif kind in (wire.DATA, wire.EOF) and self.input is not None:
-            self.input.put(frame[3] if kind == wire.DATA else None)
+            self.input.put(wire.data(frame)[1] if kind == wire.DATA else None)
         elif kind == wire.CANCEL:
             with self.cond:
                 self.cancelled = True
                 self.cond.notify_all()
             self.on_cancel()
         elif kind == wire.CONTROL:
-            self.on_control(frame[2])
+            self.on_control(wire.control(frame))
 
     def on_session_change(self) -> None:
         """Processes outlive the session that started them (forks keep them);
@@ -162,10 +166,10 @@ class Task:
         if self.input is not None:
             self.input.put(None)
 
-    def on_control(self, payload: dict) -> None:
+    def on_control(self, payload: wire.Params) -> None:
         pass
 
-    def finish(self, value) -> None:
+    def finish(self, value: object) -> None:
         self.send([wire.RESULT, self.sid, value])
         self._close()
 
@@ -183,7 +187,7 @@ class Task:
 class InputPump:
     """Writes the host's DATA frames to an fd on its own thread, returning credit."""
 
-    def __init__(self, task: Task, fd: int, on_eof) -> None:
+    def __init__(self, task: Task, fd: int, on_eof: Callable[[bool], None]) -> None:
         self.task = task
         self.fd = fd
         self.on_eof = on_eof
@@ -217,7 +221,7 @@ class InputPump:
 
 
 class UnaryTask(Task):
-    def start(self, params: dict, handler) -> None:
+    def start(self, params: wire.Params, handler: Callable[[wire.Params], object]) -> None:
         try:
             self.finish(handler(params))
         except Exception as exc:  # report, never kill the agent

@@ -15,7 +15,7 @@ class TunnelTask(Task):
     the same in forks and restores.
     """
 
-    def start(self, params: dict) -> None:
+    def start(self, params: wire.Params) -> None:
         try:
             self.sock = socket.create_connection(("127.0.0.1", int(params["port"])), timeout=5)
         except OSError as exc:

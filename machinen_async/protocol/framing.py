@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -20,7 +21,7 @@ class FrameStream:
         resync: bool = False,
         send_stall_limit: float | None = None,
         max_frame: int = wire.MAX_FRAME,
-        check=None,
+        check: Callable[[wire.Frame], None] | None = None,
     ) -> None:
         """``max_frame`` and ``check`` bound and vet what is received (see
         ``wire.FrameDecoder``).  With ``send_stall_limit``, a frame is always written whole: a send
@@ -37,7 +38,7 @@ class FrameStream:
         self._raw_socket = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._send_stall_limit = send_stall_limit
         self._decoder = wire.FrameDecoder(resync=resync, max_frame=max_frame, check=check)
-        self._pending: deque[list] = deque()
+        self._pending: deque[wire.Frame] = deque()
         self._send_lock = anyio.Lock()
         self._readable_wait: anyio.CancelScope | None = None
 

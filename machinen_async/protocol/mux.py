@@ -55,17 +55,19 @@ class Call:
         problem = self._rules.refuse(frame)
         if problem is not None:
             raise wire.ProtocolError(f"stream {self.sid}: {problem}")
-        kind = frame[0]
+        kind = wire.kind(frame)
         if kind == wire.DATA:
-            self._inbox[frame[2]].append(frame[3])
+            fd, payload = wire.data(frame)
+            self._inbox[fd].append(payload)
         elif kind == wire.CREDIT:
-            self._send_credit += frame[3]
+            self._send_credit += wire.credit(frame)[1]
         elif kind == wire.RESULT:
-            self._outcome = (True, frame[2])
+            self._outcome = (True, wire.result(frame))
         elif kind == wire.ERROR:
             # A call's peer is a guest agent, or a supervisor relaying one: a code we do not know
             # is a failed guest call.
-            self._outcome = (False, error_from_code(frame[2], frame[3][: wire.MAX_MESSAGE_LEN], unknown=ExecError))
+            code, message = wire.error(frame)
+            self._outcome = (False, error_from_code(code, message[: wire.MAX_MESSAGE_LEN], unknown=ExecError))
         # An EOF needs nothing more: the rules closed its fd.
 
     def _fail(self, error: MachinenError) -> None:
@@ -117,7 +119,7 @@ class Call:
             raise value
         return value
 
-    async def control(self, payload: dict) -> None:
+    async def control(self, payload: wire.Params) -> None:
         if not self.done:
             await self._channel.send([wire.CONTROL, self.sid, payload])
 
@@ -147,14 +149,14 @@ class Channel:
         self._progress = anyio.Event()  # fired (then replaced) whenever a waiter's condition may have changed
         self._lost: MachinenError | None = None
         self._hello_nonce: bytes | None = None
-        self._hello_reply: dict | None = None
+        self._hello_reply: wire.Params | None = None
 
     @classmethod
     def over(cls, stream: anyio.abc.ByteStream) -> Channel:
         """A channel on ``stream``: frames written whole, every received frame vetted."""
         return cls(FrameStream(stream, send_stall_limit=SEND_STALL_S, check=wire.validate))
 
-    async def hello(self, info: dict | None = None) -> dict:
+    async def hello(self, info: wire.Params | None = None) -> wire.Params:
         """Start a session; frames from any earlier session are discarded."""
         self._hello_nonce = os.urandom(8)
         self._hello_reply = None
@@ -163,7 +165,7 @@ class Channel:
         await self.wait_for(lambda: self._hello_reply is not None)
         return self._hello_reply  # type: ignore[return-value]
 
-    async def open(self, method: str, params: dict) -> Call:
+    async def open(self, method: str, params: wire.Params) -> Call:
         sid = self._next_sid
         self._next_sid += 1
         call = Call(self, sid, method)
@@ -175,7 +177,7 @@ class Channel:
             raise
         return call
 
-    async def call(self, method: str, params: dict | None = None) -> Any:
+    async def call(self, method: str, params: wire.Params | None = None) -> Any:
         call = await self.open(method, params or {})
         try:
             return await call.result()
@@ -241,15 +243,16 @@ class Channel:
         self._progress = anyio.Event()
 
     def _dispatch(self, frame: wire.Frame) -> None:
-        kind = frame[0]
+        kind = wire.kind(frame)
         if kind == wire.HELLO:
-            if frame[2] == self._hello_nonce:
+            nonce, _, info = wire.hello(frame)
+            if nonce == self._hello_nonce:
                 self._frames.resync = False
-                self._hello_reply = frame[4]
+                self._hello_reply = info
             return
         if self._hello_reply is None and self._hello_nonce is not None:
             return  # left over from an earlier session
-        call = self._calls.get(frame[1])
+        call = self._calls.get(wire.stream_id(frame))
         if call is None:
             return  # late frame of a cancelled call
         try:

@@ -53,14 +53,171 @@ MAX_CODE_LEN = 64
 MAX_MESSAGE_LEN = 8192  # of an ERROR's text, as shown to a caller
 
 HELLO, OPEN, DATA, EOF, CREDIT, RESULT, ERROR, CANCEL, CONTROL = range(9)
-Frame = list[object]  # [kind, stream_id, ...]: the shapes above, checked by ``validate``
+Frame = list[object]  # [kind, stream_id, ...]: the shapes above, read only through the accessors below
 FINAL_KINDS = (RESULT, ERROR)
 
 STDIN, STDOUT, STDERR = 0, 1, 2
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into the guest's PID 1
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeAlias, TypeGuard
+
+    # A msgpack map of a frame (OPEN's params, HELLO's info, CONTROL's payload): string keys,
+    # values as the method defines them.
+    Params: TypeAlias = dict[str, Any]
+
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
+
+
+# --- accessors: the one place that knows where each item of a frame is ------------------------
+#
+# Each checks its frame's whole shape (kind, length, every item's type and bounds) before it
+# answers, raising ``ProtocolError``: a frame from a guest may be anything msgpack can decode.
+
+
+def kind(frame: Frame) -> int:
+    """The frame's kind (HELLO ... CONTROL)."""
+    value = frame[0] if isinstance(frame, list) and len(frame) >= 2 else None
+    if type(value) is not int:
+        raise ProtocolError("a frame is an array of at least two items, a kind first")
+    return value
+
+
+def stream_id(frame: Frame) -> int:
+    """The call the frame belongs to (0 for HELLO)."""
+    kind(frame)
+    sid = frame[1]
+    if type(sid) is not int or not 0 <= sid < 2**63:
+        raise ProtocolError(f"bad stream id {sid!r}"[:200])
+    return sid
+
+
+def readdressed(frame: Frame, sid: int) -> Frame:
+    """``frame`` for stream ``sid`` instead (a relay maps stream ids between its two sides)."""
+    stream_id(frame)
+    return [frame[0], sid, *frame[2:]]
+
+
+def hello(frame: Frame) -> tuple[bytes, int, Params]:
+    """A HELLO's nonce, protocol version and info."""
+    nonce, version, info = _items(frame, HELLO)
+    if type(nonce) is not bytes or len(nonce) > 64 or type(version) is not int or not _is_map(info):
+        raise _malformed(HELLO)
+    return nonce, version, info
+
+
+def request(frame: Frame) -> tuple[str, Params]:
+    """An OPEN's method and params."""
+    method, params = _items(frame, OPEN)
+    if not _is_short_str(method, MAX_METHOD_LEN) or not _is_map(params):
+        raise _malformed(OPEN)
+    return method, params
+
+
+def data(frame: Frame) -> tuple[int, bytes]:
+    """A DATA's fd and bytes (at most a CHUNK)."""
+    fd, payload = _items(frame, DATA)
+    if not _is_fd(fd) or type(payload) is not bytes or len(payload) > CHUNK:
+        raise _malformed(DATA)
+    return fd, payload
+
+
+def eof(frame: Frame) -> int:
+    """An EOF's fd."""
+    (fd,) = _items(frame, EOF)
+    if not _is_fd(fd):
+        raise _malformed(EOF)
+    return fd
+
+
+def credit(frame: Frame) -> tuple[int, int]:
+    """A CREDIT's fd and byte count (at most a window)."""
+    fd, amount = _items(frame, CREDIT)
+    if not _is_fd(fd) or type(amount) is not int or not 0 <= amount <= INITIAL_WINDOW:
+        raise _malformed(CREDIT)
+    return fd, amount
+
+
+def output_fd(frame: Frame) -> int | None:
+    """The fd a DATA or EOF is about; None for other kinds."""
+    frame_kind = kind(frame)
+    if frame_kind == DATA:
+        return data(frame)[0]
+    return eof(frame) if frame_kind == EOF else None
+
+
+def result(frame: Frame) -> object:
+    """A RESULT's value (anything the method returns)."""
+    (value,) = _items(frame, RESULT)
+    return value
+
+
+def error(frame: Frame) -> tuple[str, str]:
+    """An ERROR's code and message."""
+    code, message = _items(frame, ERROR)
+    if not _is_short_str(code, MAX_CODE_LEN) or type(message) is not str:
+        raise _malformed(ERROR)
+    return code, message
+
+
+def cancel(frame: Frame) -> None:
+    """A CANCEL carries nothing but its stream id."""
+    _items(frame, CANCEL)
+
+
+def control(frame: Frame) -> Params:
+    """A CONTROL's payload."""
+    (payload,) = _items(frame, CONTROL)
+    if not _is_map(payload):
+        raise _malformed(CONTROL)
+    return payload
+
+
+# --- joining queued frames: a relay's queue grows a waiting DATA or CREDIT instead of adding one
+
+
+def join_key(frame: Frame) -> tuple[int, int, int] | None:
+    """(stream id, kind, fd) of a DATA or CREDIT: later ones of the same key may ``join`` it
+    while it waits in a queue.  None for the other kinds."""
+    frame_kind = kind(frame)
+    if frame_kind not in (DATA, CREDIT):
+        return None
+    fd = frame[2] if len(frame) == 4 else None
+    if not _is_fd(fd):
+        raise _malformed(frame_kind)
+    return stream_id(frame), frame_kind, fd
+
+
+def join(queued: Frame, later: Frame) -> bool:
+    """Add ``later`` to ``queued``, a frame of its ``join_key`` not yet sent: a CREDIT's bytes
+    add up; a DATA's output grows in place (no quadratic copying) while the two fit in a CHUNK.
+    False (nothing joined) if they do not fit."""
+    if kind(later) == CREDIT:
+        total = queued[3]
+        if type(total) is not int:
+            raise _malformed(CREDIT)
+        queued[3] = total + credit(later)[1]
+        return True
+    more = data(later)[1]
+    output = queued[3]
+    if not isinstance(output, bytes | bytearray):
+        raise _malformed(DATA)
+    if len(output) + len(more) > CHUNK:
+        return False
+    if type(output) is bytes:
+        queued[3] = output = bytearray(output)
+    output += more
+    return True
+
+
+def joined(frame: Frame) -> Frame:
+    """``frame``, which may have been joined to, as it leaves the queue (its output bytes again)."""
+    if kind(frame) == DATA and type(frame[3]) is bytearray:
+        frame[3] = bytes(frame[3])
+    return frame
 
 
 def validate(frame: Frame) -> None:
@@ -68,16 +225,44 @@ def validate(frame: Frame) -> None:
 
     Whether a kind or fd makes sense in a direction is for the receiver to say.
     """
-    if not isinstance(frame, list) or len(frame) < 2:
-        raise ProtocolError("a frame is an array of at least two items")
-    kind, sid = frame[0], frame[1]
-    if type(kind) is not int or type(sid) is not int or not 0 <= sid < 2**63:
-        raise ProtocolError(f"bad frame kind or stream id: {kind!r}, {sid!r}"[:200])
-    expected = _SHAPES.get(kind)
-    if expected is None:
-        raise ProtocolError(f"unknown frame kind {kind}")
-    if len(frame) != len(expected) + 2 or not all(check(item) for check, item in zip(expected, frame[2:])):
-        raise ProtocolError(f"malformed frame of kind {kind}")
+    stream_id(frame)
+    reader = _READERS.get(kind(frame))
+    if reader is None:
+        raise ProtocolError(f"unknown frame kind {kind(frame)}")
+    reader(frame)
+
+
+_ITEMS = {HELLO: 3, OPEN: 2, DATA: 2, EOF: 1, CREDIT: 2, RESULT: 1, ERROR: 2, CANCEL: 0, CONTROL: 1}
+
+
+def _items(frame: Frame, expected: int) -> list[object]:
+    """The items after kind and stream id of a frame that must be of kind ``expected``."""
+    stream_id(frame)
+    if kind(frame) != expected:
+        raise ProtocolError(f"a frame of kind {kind(frame)} where one of kind {expected} belongs")
+    if len(frame) != _ITEMS[expected] + 2:
+        raise _malformed(expected)
+    return frame[2:]
+
+
+def _malformed(frame_kind: int) -> ProtocolError:
+    return ProtocolError(f"malformed frame of kind {frame_kind}")
+
+
+def _is_fd(value: object) -> TypeGuard[int]:
+    return type(value) is int and value in (STDIN, STDOUT, STDERR)
+
+
+def _is_short_str(value: object, limit: int) -> TypeGuard[str]:
+    return type(value) is str and 0 < len(value) <= limit
+
+
+def _is_map(value: object) -> TypeGuard[Params]:
+    return type(value) is dict and all(type(key) is str for key in value)
+
+
+_READERS = {HELLO: hello, OPEN: request, DATA: data, EOF: eof, CREDIT: credit, RESULT: result, ERROR: error,
+            CANCEL: cancel, CONTROL: control}  # fmt: skip
 
 
 class ReplyRules:
@@ -108,45 +293,25 @@ class ReplyRules:
     def refuse(self, frame: Frame) -> str | None:
         """Why the answering side may not send ``frame`` (validated) now; None if it may (and
         then the frame counts: its output against the window, its EOF closes the fd)."""
-        kind = frame[0]
-        if kind in (DATA, EOF):
-            fd = frame[2]
+        frame_kind = kind(frame)
+        fd = output_fd(frame)
+        if fd is not None:
             if fd not in self.window or fd in self.closed:
                 return f"output on fd {fd}, which is not open"
-            if kind == EOF:
+            if frame_kind == EOF:
                 self.closed.add(fd)
                 return None
-            self.window[fd] -= len(frame[3])
+            self.window[fd] -= len(data(frame)[1])
             return f"more output on fd {fd} than its credit" if self.window[fd] < 0 else None
-        if kind == CREDIT:
-            if frame[2] != STDIN:
-                return f"credit for fd {frame[2]}"
-            if not 0 < frame[3] <= self.stdin_unreturned:
-                return f"credit of {frame[3]} bytes for {self.stdin_unreturned} bytes of stdin sent"
-            self.stdin_unreturned -= frame[3]
+        if frame_kind == CREDIT:
+            fd, amount = credit(frame)
+            if fd != STDIN:
+                return f"credit for fd {fd}"
+            if not 0 < amount <= self.stdin_unreturned:
+                return f"credit of {amount} bytes for {self.stdin_unreturned} bytes of stdin sent"
+            self.stdin_unreturned -= amount
             return None
-        return None if kind in FINAL_KINDS else f"a frame of kind {kind}"
-
-
-def _fd(value) -> bool:
-    return type(value) is int and value in (STDIN, STDOUT, STDERR)
-
-
-def _short_str(limit: int):
-    return lambda value: type(value) is str and 0 < len(value) <= limit
-
-
-_SHAPES = {
-    HELLO: (lambda v: type(v) is bytes and len(v) <= 64, lambda v: type(v) is int, lambda v: type(v) is dict),
-    OPEN: (_short_str(MAX_METHOD_LEN), lambda v: type(v) is dict),
-    DATA: (_fd, lambda v: type(v) is bytes and len(v) <= CHUNK),
-    EOF: (_fd,),
-    CREDIT: (_fd, lambda v: type(v) is int and 0 <= v <= INITIAL_WINDOW),
-    RESULT: (lambda v: True,),
-    ERROR: (_short_str(MAX_CODE_LEN), lambda v: type(v) is str),
-    CANCEL: (),
-    CONTROL: (lambda v: type(v) is dict,),
-}
+        return None if frame_kind in FINAL_KINDS else f"a frame of kind {frame_kind}"
 
 
 def encode(frame: Frame) -> bytes:
@@ -186,7 +351,9 @@ class FrameDecoder:
     (``validate``, for this module's frames) vets each decoded frame.
     """
 
-    def __init__(self, resync: bool = False, *, max_frame: int = MAX_FRAME, check=None) -> None:
+    def __init__(
+        self, resync: bool = False, *, max_frame: int = MAX_FRAME, check: Callable[[Frame], None] | None = None
+    ) -> None:
         self._buffer = bytearray()
         self.resync = resync
         self._max_frame = max_frame
@@ -199,7 +366,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buffer += data
-        frames = []
+        frames: list[Frame] = []
         while True:
             frame = self._next_frame()
             if frame is None:
@@ -242,8 +409,7 @@ class FrameDecoder:
                         max_map_len=items,
                         max_ext_len=0,
                     )
-                if not isinstance(frame, list) or len(frame) < 2 or not isinstance(frame[0], int):
-                    raise ValueError("not a frame array")
+                kind(frame)  # an array of a kind, a stream id, ...
                 if self._check is not None:
                     self._check(frame)
             except Exception as exc:  # msgpack raises several unrelated types

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import anyio.abc
 
-from ..errors import BootError
-from ..protocol import wire
+from ..errors import BootError, MachinenError
 from ..store import registry
-from .relay import CHANNEL_DOWN, AgentRelay, ClientConnection
+from .agent_call import AgentCall
+from .relay import CHANNEL_DOWN, AgentRelay
+
+Forward = anyio.abc.Listener[anyio.abc.SocketStream]  # a bound host port
 
 
-async def bind_forwards(ports: list[list]) -> list[anyio.abc.SocketListener]:
+async def bind_forwards(ports: list[list[Any]]) -> list[Forward]:
     """Bind every host port now, before QEMU starts, so a conflict fails fast."""
-    listeners = []
+    listeners: list[Forward] = []
     try:
         for address, host_port, _ in ports:
             try:
@@ -47,49 +51,32 @@ async def serve_forward(relay: AgentRelay, guest_port: int, connection: anyio.ab
     wait for the TCP client in a task of their own, so a client that is not
     reading (yet) never holds up the CREDIT that lets its upload go on.
     """
-    tunnel = ClientConnection(None)
-    upload_credit = wire.INITIAL_WINDOW  # how much more the agent lets us send
-    credit_granted = anyio.Event()
-    # Guest bytes for the TCP client, within the agent's credit; kept as bytes, not one object
-    # per frame (a guest may send a byte per frame).
-    to_host = bytearray()
-    to_host_changed = anyio.Event()
-    guest_done = False  # its EOF, or the call's end: nothing more joins ``to_host``
-    delivered = anyio.Event()  # everything the guest sent reached the TCP client
     async with connection:
-        agent_sid = relay.open_call(tunnel, 1, "tunnel", {"port": guest_port})
-        if agent_sid is None:
+        tunnel = AgentCall.open(relay, "tunnel", {"port": guest_port})
+        if tunnel is None:
             return
-        finished = False
+        delivered = anyio.Event()  # everything the guest sent reached the TCP client
         try:
             async with anyio.create_task_group() as tg:
 
                 async def host_to_guest() -> None:
-                    nonlocal upload_credit, credit_granted
-                    while True:
-                        while upload_credit <= 0:
-                            await credit_granted.wait()
-                            credit_granted = anyio.Event()
-                        try:
-                            data = await connection.receive(min(upload_credit, wire.CHUNK))
-                        except (anyio.EndOfStream, *CHANNEL_DOWN):
-                            break
-                        upload_credit -= len(data)
-                        relay.send([wire.DATA, agent_sid, wire.STDIN, data])
-                    relay.send([wire.EOF, agent_sid, wire.STDIN])
+                    """TCP bytes to the guest, read only as far as the agent's credit reaches."""
+                    try:
+                        while True:
+                            try:
+                                data = await connection.receive(await tunnel.room())
+                            except (anyio.EndOfStream, *CHANNEL_DOWN):
+                                break
+                            await tunnel.send(data)  # within the room: never waits
+                        tunnel.send_eof()
+                    except MachinenError:
+                        pass  # the tunnel ended: it takes nothing more
 
                 async def guest_to_host() -> None:
-                    nonlocal to_host_changed
                     try:
-                        while to_host or not guest_done:
-                            if not to_host:
-                                to_host_changed = anyio.Event()
-                                await to_host_changed.wait()
-                                continue
-                            data = bytes(to_host)
-                            to_host.clear()
+                        while data := await tunnel.receive():
                             await connection.send(data)
-                            relay.send([wire.CREDIT, agent_sid, wire.STDOUT, len(data)])
+                            tunnel.acknowledge(len(data))
                         await connection.send_eof()
                     except CHANNEL_DOWN:
                         tg.cancel_scope.cancel()  # the TCP client went away: abandon the tunnel
@@ -98,23 +85,9 @@ async def serve_forward(relay: AgentRelay, guest_port: int, connection: anyio.ab
 
                 tg.start_soon(host_to_guest)
                 tg.start_soon(guest_to_host)
-                async for frame in tunnel.outbox:
-                    kind = frame[0]
-                    if kind == wire.DATA:
-                        to_host += frame[3]
-                    elif kind == wire.EOF:
-                        guest_done = True
-                    elif kind == wire.CREDIT:
-                        upload_credit += frame[3]
-                        credit_granted.set()
-                    else:
-                        finished = True
-                        break
-                    to_host_changed.set()
-                guest_done = True
-                to_host_changed.set()
+                await tunnel.run()
                 await delivered.wait()
                 tg.cancel_scope.cancel()
         finally:
-            if not finished:
-                relay.cancel(agent_sid)
+            if not tunnel.ended:
+                tunnel.cancel()

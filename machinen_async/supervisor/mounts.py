@@ -35,11 +35,11 @@ from typing import Any
 import anyio
 import structlog
 
-from ..errors import BootError
+from ..errors import BootError, MachinenError
 from ..protocol import mounts as protocol
-from ..protocol import wire
 from ..vmm import capped_log
-from .relay import AgentRelay, ClientConnection
+from .agent_call import AgentCall
+from .relay import AgentRelay
 
 log = structlog.get_logger("machinen.supervisor")
 
@@ -152,7 +152,7 @@ class HostDirectory:
         finally:
             os.close(fd)
 
-    def _lstat(self, path: Any) -> list:
+    def _lstat(self, path: Any) -> list[int]:
         path = protocol.check_path(path)
         if not path:
             return _attrs(os.fstat(self.root_fd))
@@ -161,7 +161,7 @@ class HostDirectory:
 
     # --- reading ----------------------------------------------------------------
 
-    def _list(self, path: Any) -> list:
+    def _list(self, path: Any) -> list[list[str | int]]:
         fd = self._beneath(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
         try:
             with os.scandir(fd) as entries:
@@ -177,7 +177,7 @@ class HostDirectory:
         with self._file(path, os.O_RDONLY) as fd:
             return os.pread(fd, max(0, min(size, protocol.MAX_IO)), offset)
 
-    def _statfs(self) -> list:
+    def _statfs(self) -> list[int]:
         facts = os.statvfs(self.root_fd)
         return [facts.f_blocks, facts.f_bfree, facts.f_bavail, facts.f_files, facts.f_ffree, facts.f_bsize,
                 facts.f_namemax]  # fmt: skip
@@ -197,7 +197,7 @@ class HostDirectory:
         with self._file(path, os.O_WRONLY) as fd:
             return os.pwrite(fd, data, offset)
 
-    def _create(self, path: Any, mode: int, exclusive: bool) -> list:
+    def _create(self, path: Any, mode: int, exclusive: bool) -> list[int]:
         try:
             fd = self._beneath(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -216,13 +216,13 @@ class HostDirectory:
         with self._file(path, os.O_WRONLY) as fd:
             os.ftruncate(fd, size)
 
-    def _mkdir(self, path: Any, mode: int) -> list:
+    def _mkdir(self, path: Any, mode: int) -> list[int]:
         with self._parent(path) as (fd, name):
             os.mkdir(name, 0o700, dir_fd=fd)
         self._chmod(path, mode)  # the guest applied its umask; ours must not apply too
         return self._lstat(path)
 
-    def _symlink(self, target: Any, path: Any) -> list:
+    def _symlink(self, target: Any, path: Any) -> list[int]:
         path = protocol.check_path(path)
         if not isinstance(target, str) or not target or "\0" in target or len(target) > protocol.MAX_PATH:
             raise OSError(errno.EINVAL, "not a symlink target")
@@ -326,7 +326,7 @@ def _check_links_moving_up(parent_fd: int, name: str, depth: int) -> None:
             os.close(fd)
 
 
-def _attrs(facts: os.stat_result) -> list:
+def _attrs(facts: os.stat_result) -> list[int]:
     return [facts.st_ino, facts.st_mode, facts.st_nlink, facts.st_size, facts.st_blocks, facts.st_atime_ns,
             facts.st_mtime_ns, facts.st_ctime_ns, facts.st_blksize]  # fmt: skip
 
@@ -382,34 +382,26 @@ async def _serve_link(
     sent breaks the protocol: the relay's route rules fail the call); a request's
     bytes go back to the guest as credit only once it is answered, so what waits
     undecoded stays within one window."""
-    link = ClientConnection(None)
-    agent_sid = relay.open_call(link, 1, "mount", {"target": target, "read_only": directory.read_only})
-    if agent_sid is None:
+    call = AgentCall.open(relay, "mount", {"target": target, "read_only": directory.read_only})
+    if call is None:
         return _Outcome.ENDED
-    send_credit = wire.INITIAL_WINDOW
-    credit_granted = anyio.Event()
-    send_lock = anyio.Lock()
     answer_slots = anyio.Semaphore(REQUESTS_IN_FLIGHT)
+    send_lock = anyio.Lock()  # an answer's pieces are never interleaved with another's
     reader = protocol.MessageReader()
     waiting = 0  # decoded, not yet answered
     outcome: _Outcome | None = None
 
-    async def answer(request: list, size: int) -> None:
-        nonlocal send_credit, credit_granted, waiting
+    async def answer(request: list[object], size: int) -> None:
+        nonlocal waiting
         request_id, op, args = request
         async with answer_slots:
             error, result = await anyio.to_thread.run_sync(directory.serve, op, args, limiter=threads)
-            view = memoryview(protocol.encode([request_id, error, result]))
             async with send_lock:
-                while view:
-                    while send_credit < min(len(view), wire.CHUNK):  # whole pieces: no window split into slivers
-                        credit_granted = anyio.Event()
-                        await credit_granted.wait()
-                    piece = min(send_credit, wire.CHUNK, len(view))
-                    send_credit -= piece
-                    relay.send([wire.DATA, agent_sid, wire.STDIN, bytes(view[:piece])])
-                    view = view[piece:]
-        relay.send([wire.CREDIT, agent_sid, wire.STDOUT, size])
+                try:
+                    await call.send(protocol.encode([request_id, error, result]))
+                except MachinenError:
+                    return  # the call ended: its requests come again on the next one
+        call.acknowledge(size)
         waiting -= 1
         start_answers()
 
@@ -429,26 +421,32 @@ async def _serve_link(
             waiting += 1
             tg.start_soon(answer, *message)
 
+    async def take_requests() -> None:
+        while data := await call.receive():
+            reader.add(data)  # within the window: its credit returns as its requests are answered
+            start_answers()
+
     try:
         async with anyio.create_task_group() as tg:
-            async for frame in link.outbox:
-                kind = frame[0]
-                if kind == wire.DATA:
-                    reader.add(frame[3])  # within the window: its credit returns as its requests are answered
-                    start_answers()
-                elif kind == wire.CREDIT:
-                    send_credit += frame[3]
-                    credit_granted.set()
-                elif kind in wire.FINAL_KINDS:
-                    outcome = _Outcome.ENDED
-                    if kind == wire.ERROR and frame[2] == "EXEC_PROTOCOL":
-                        outcome = _Outcome.BROKEN
-                    elif kind == wire.ERROR and frame[2] != "EXEC_AGENT_UNAVAILABLE":
-                        log.warning("guest mount failed", target=target, code=frame[2], message=frame[3])
-                        outcome = _Outcome.FAILED
-                    break
+            tg.start_soon(take_requests)
+            await call.run()
             tg.cancel_scope.cancel()  # answers still waiting for credit belong to the call that ended
+        if outcome is None:
+            outcome = _ended(call, target)
     finally:
         if outcome in (None, _Outcome.BROKEN):
-            relay.cancel(agent_sid)
-    return outcome or _Outcome.ENDED
+            call.cancel()
+    return outcome
+
+
+def _ended(call: AgentCall, target: str) -> _Outcome:
+    """What the agent's end of a ``mount`` call means for the mount."""
+    if call.error is None:
+        return _Outcome.ENDED
+    code, message = call.error
+    if code == "EXEC_PROTOCOL":
+        return _Outcome.BROKEN
+    if code == "EXEC_AGENT_UNAVAILABLE":
+        return _Outcome.ENDED
+    log.warning("guest mount failed", target=target, code=code, message=message)
+    return _Outcome.FAILED

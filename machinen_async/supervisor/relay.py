@@ -47,32 +47,25 @@ class Outbox:
     then arrive earlier relative to another fd's, never reordered within an fd."""
 
     def __init__(self) -> None:
-        self._frames: deque[list] = deque()
-        self._growing: dict[tuple[int, int, int], list] = {}  # (sid, kind, fd) -> frame still queued
+        self._frames: deque[wire.Frame] = deque()
+        self._growing: dict[tuple[int, int, int], wire.Frame] = {}  # (sid, kind, fd) -> frame still queued
         self._changed = anyio.Event()
 
     def __len__(self) -> int:
         return len(self._frames)
 
     def put(self, frame: wire.Frame) -> None:
-        kind = frame[0]
-        if kind in (wire.DATA, wire.CREDIT):
-            key = (frame[1], kind, frame[2])
+        kind, key = wire.kind(frame), wire.join_key(frame)
+        if key is not None:
             waiting = self._growing.get(key)
-            if waiting is not None:
-                if kind == wire.CREDIT:
-                    waiting[3] += frame[3]
-                    return
-                if len(waiting[3]) + len(frame[3]) <= wire.CHUNK:
-                    if type(waiting[3]) is bytes:
-                        waiting[3] = bytearray(waiting[3])  # grows in place from here: no quadratic copying
-                    waiting[3] += frame[3]
-                    return
+            if waiting is not None and wire.join(waiting, frame):
+                return
             self._growing[key] = frame
         elif kind in wire.FINAL_KINDS or kind == wire.EOF:
             # Nothing may join output queued before the call's end or an fd's EOF.
-            for key in [key for key in self._growing if key[0] == frame[1]]:
-                del self._growing[key]
+            sid = wire.stream_id(frame)
+            for stale in [stale for stale in self._growing if stale[0] == sid]:
+                del self._growing[stale]
         self._frames.append(frame)
         self._changed.set()
 
@@ -81,13 +74,10 @@ class Outbox:
             self._changed = anyio.Event()
             await self._changed.wait()
         frame = self._frames.popleft()
-        if frame[0] in (wire.DATA, wire.CREDIT):
-            key = (frame[1], frame[0], frame[2])
-            if self._growing.get(key) is frame:
-                del self._growing[key]
-            if frame[0] == wire.DATA and type(frame[3]) is bytearray:
-                frame[3] = bytes(frame[3])
-        return frame
+        key = wire.join_key(frame)
+        if key is not None and self._growing.get(key) is frame:
+            del self._growing[key]
+        return wire.joined(frame)
 
     def __aiter__(self) -> Outbox:
         return self
@@ -127,7 +117,8 @@ class Route:
     def late(self, frame: wire.Frame) -> bool:
         """Output on an fd after its EOF: dropped, not relayed (agents before 0.2 could race
         a detached pump's last frames against its EOF; it costs nothing here)."""
-        return frame[0] in (wire.DATA, wire.EOF) and frame[2] in self.rules.closed
+        fd = wire.output_fd(frame)
+        return fd is not None and fd in self.rules.closed
 
 
 class AgentRelay:
@@ -140,8 +131,8 @@ class AgentRelay:
         self.agent: FrameStream | None = None
         self.agent_up = False
         self.agent_session = 0  # counts agent sessions; a frame queued for an earlier one is dropped
-        self.to_agent_send, self.to_agent = anyio.create_memory_object_stream[tuple[int, list]](math.inf)
-        self.agent_info: dict[str, Any] = {}
+        self.to_agent_send, self.to_agent = anyio.create_memory_object_stream[tuple[int, wire.Frame]](math.inf)
+        self.agent_info: wire.Params = {}
         self.routes: dict[int, Route] = {}  # by agent sid
         self.next_agent_sid = 1
 
@@ -194,15 +185,18 @@ class AgentRelay:
             tg.start_soon(send_hellos)
             while True:
                 frame = await self.agent.receive()
-                if frame[0] == wire.HELLO and frame[2] == nonce:
-                    self.agent_info = frame[4]
+                if wire.kind(frame) != wire.HELLO:
+                    continue
+                reply_nonce, _, info = wire.hello(frame)
+                if reply_nonce == nonce:
+                    self.agent_info = info
                     self.agent.resync = False
                     self.agent_session += 1
                     self.agent_up = True
                     tg.cancel_scope.cancel()
                     break
 
-    def _identity(self) -> dict[str, Any]:
+    def _identity(self) -> wire.Params:
         """What a new guest takes on: its name, a machine-id, the host's time, fresh entropy."""
         return {"hostname": self.hostname, "machine_id": self.machine_id, "time_ns": time.time_ns(),
                 "entropy": secrets.token_bytes(64)}  # fmt: skip
@@ -211,17 +205,19 @@ class AgentRelay:
         """For an agent from before identity travelled in HELLO (an older bundle's RAM)."""
         self.agent_info = await self.call("resumed", self._identity())
 
-    async def call(self, method: str, params: dict) -> Any:
+    async def call(self, method: str, params: wire.Params) -> Any:
         """A unary agent call of the supervisor's own; only before the read loop runs."""
         sid = self.next_agent_sid
         self.next_agent_sid += 1
         await self.agent.send([wire.OPEN, sid, method, params])
         while True:
             frame = await self.agent.receive()
-            if frame[1] == sid and frame[0] == wire.RESULT:
-                return frame[2]
-            if frame[1] == sid and frame[0] == wire.ERROR:
-                raise error_from_code(frame[2], frame[3])
+            if wire.stream_id(frame) != sid:
+                continue
+            if wire.kind(frame) == wire.RESULT:
+                return wire.result(frame)
+            if wire.kind(frame) == wire.ERROR:
+                raise error_from_code(*wire.error(frame))
 
     def send(self, frame: wire.Frame) -> bool:
         """Queue ``frame`` for the agent; False while the channel is down (being re-established).
@@ -231,15 +227,17 @@ class AgentRelay:
         nor other clients.  The queue is bounded by the credit windows."""
         if self.agent is None or not self.agent_up:
             return False
-        if (route := self.routes.get(frame[1])) is not None:
-            if frame[0] == wire.CREDIT:
-                route.rules.grant(frame[2], frame[3])
-            elif frame[0] == wire.DATA and frame[2] == wire.STDIN:
-                route.rules.sent(len(frame[3]))
+        if (route := self.routes.get(wire.stream_id(frame))) is not None:
+            if wire.kind(frame) == wire.CREDIT:
+                route.rules.grant(*wire.credit(frame))
+            elif wire.kind(frame) == wire.DATA:
+                fd, payload = wire.data(frame)
+                if fd == wire.STDIN:
+                    route.rules.sent(len(payload))
         self.to_agent_send.send_nowait((self.agent_session, frame))
         return True
 
-    def open_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> int | None:
+    def open_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> int | None:
         """Route a new call of ``client`` to the agent; its frames will arrive in ``client.outbox``."""
         agent_sid = self.next_agent_sid
         self.next_agent_sid += 1
@@ -259,7 +257,7 @@ class AgentRelay:
         self.routes.pop(agent_sid, None)
         self.send([wire.CANCEL, agent_sid])
 
-    async def reset(self) -> dict[str, Any]:
+    async def reset(self) -> wire.Params:
         """Drop and re-establish the channel (a new agent session), as a restore does; for
         recovering a wedged channel and for tests.  The read loop reconnects; returns the new
         session's agent info."""
@@ -321,7 +319,7 @@ class AgentRelay:
                     await anyio.sleep(RESET_BACKOFF_S)
                 await self._reconnect()
                 continue
-            agent_sid = frame[1]
+            agent_sid = wire.stream_id(frame)
             route = self.routes.get(agent_sid)
             if route is None:
                 continue  # late output of a call whose client left (or a stray HELLO)
@@ -332,8 +330,7 @@ class AgentRelay:
                 log.warning("guest agent broke the protocol", call=agent_sid, problem=problem)
                 frame = [wire.ERROR, agent_sid, "EXEC_PROTOCOL", f"the guest agent broke the protocol: {problem}"]
                 self.send([wire.CANCEL, agent_sid])
-            if frame[0] in wire.FINAL_KINDS:
+            if wire.kind(frame) in wire.FINAL_KINDS:
                 del self.routes[agent_sid]
                 route.client.agent_sids.pop(route.client_sid, None)
-            frame[1] = route.client_sid
-            route.client.outbox.put(frame)
+            route.client.outbox.put(wire.readdressed(frame, route.client_sid))

@@ -13,7 +13,6 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -34,7 +33,8 @@ log = structlog.get_logger("machinen.supervisor")
 # vm.reset_agent_channel without a timeout of its own: how long the agent has to answer the new session.
 RESET_TIMEOUT_S = 30.0
 
-LocalCall = Callable[[ClientConnection, dict], Awaitable[Any]]
+LocalCall = Callable[[ClientConnection, "wire.Params"], Awaitable["wire.Params"]]
+ReportReady = Callable[["wire.Params"], None]  # called with the VM's meta once it is up
 
 
 class Supervisor:
@@ -43,10 +43,10 @@ class Supervisor:
         self.entry = entry
         self.relay = AgentRelay(entry.agent_socket, config.name)
         self.capture = Capture(config, entry)
-        self.forwards: list[anyio.abc.SocketListener] = []
+        self.forwards: list[forwards.Forward] = []
         self.mounts: list[mounts.HostDirectory] = []
         self.stop_requested = anyio.Event()
-        self.meta: dict[str, Any] = {}
+        self.meta: wire.Params = {}  # VMInfo once the VM is up
         self.local_calls: dict[str, LocalCall] = {
             "vm.info": self._info,
             "vm.reset_agent_channel": self._reset_agent_channel,
@@ -58,7 +58,7 @@ class Supervisor:
 
     # --- lifecycle ----------------------------------------------------------------
 
-    async def run(self, report_ready) -> None:
+    async def run(self, report_ready: ReportReady) -> None:
         ram_dir = Path(self.config.ram_dir)
         paths.private_dir(ram_dir.parent)
         paths.private_dir(ram_dir)
@@ -74,7 +74,7 @@ class Supervisor:
             shutil.rmtree(ram_dir, ignore_errors=True)
             layers.collect_garbage()
 
-    async def _run(self, ram_dir: Path, report_ready) -> None:
+    async def _run(self, ram_dir: Path, report_ready: ReportReady) -> None:
         started = time.monotonic()
         self.forwards = await forwards.bind_forwards(self.config.ports)
         for source, _, read_only in self.config.mounts:
@@ -123,7 +123,7 @@ class Supervisor:
         except (MachinenError, OSError) as error:  # OSError: its directory went (a gc, a full disk)
             log.warning("boot template not captured", error=str(error))
 
-    async def _supervise(self, machine: backend.Machine, started: float, report_ready) -> None:
+    async def _supervise(self, machine: backend.Machine, started: float, report_ready: ReportReady) -> None:
         """From QEMU's start until the VM stops (or fails to come up)."""
         config, entry = self.config, self.entry
         async with anyio.create_task_group() as tg:
@@ -212,13 +212,16 @@ class Supervisor:
 
     def on_client_frame(self, client: ClientConnection, frame: wire.Frame, tg: anyio.abc.TaskGroup) -> None:
         """Route one client frame without waiting for anything, so the next one is read at once."""
-        kind, sid = frame[0], frame[1]
+        kind, sid = wire.kind(frame), wire.stream_id(frame)
         if kind == wire.HELLO:
-            client.outbox.put([wire.HELLO, 0, frame[2], wire.PROTOCOL_VERSION, self.meta])
-        elif kind == wire.OPEN and frame[2].startswith("vm."):
-            tg.start_soon(self.handle_local_call, client, sid, frame[2], frame[3])
+            nonce, _, _ = wire.hello(frame)
+            client.outbox.put([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, self.meta])
         elif kind == wire.OPEN:
-            self.relay.open_call(client, sid, frame[2], frame[3])
+            method, params = wire.request(frame)
+            if method.startswith("vm."):
+                tg.start_soon(self.handle_local_call, client, sid, method, params)
+            else:
+                self.relay.open_call(client, sid, method, params)
         else:
             agent_sid = client.agent_sids.get(sid)
             if agent_sid is None:
@@ -227,10 +230,9 @@ class Supervisor:
                 del client.agent_sids[sid]
                 self.relay.cancel(agent_sid)
                 return
-            frame[1] = agent_sid
-            self.relay.send(frame)
+            self.relay.send(wire.readdressed(frame, agent_sid))
 
-    async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: dict) -> None:
+    async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
         try:
             call = self.local_calls.get(method)
             if call is None:
@@ -245,10 +247,10 @@ class Supervisor:
             return
         client.outbox.put([wire.RESULT, sid, result])
 
-    async def _info(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+    async def _info(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         return self.meta
 
-    async def _reset_agent_channel(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+    async def _reset_agent_channel(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         """Past the deadline the caller gets EXEC_AGENT_TIMEOUT; the read loop keeps reconnecting."""
         timeout = params.get("timeout")
         if type(timeout) not in (int, float) or not 0 < timeout < math.inf:
@@ -259,17 +261,17 @@ class Supervisor:
             f"the guest agent did not answer a new session within {timeout:g} s; the supervisor keeps trying"
         )
 
-    async def _fork_template(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+    async def _fork_template(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         template = await self.capture.freeze_template(params.get("bundle"), params.get("capture", "auto"))
         return template.to_wire()
 
-    async def _snapshot(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+    async def _snapshot(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         return await self.capture.snapshot(params["dir"], paused_for=client if params.get("stay_paused") else None)
 
-    async def _resume(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+    async def _resume(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         return {"resumed": await self.capture.resume(client)}
 
-    async def _stop(self, client: ClientConnection, params: dict) -> dict[str, Any]:
+    async def _stop(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         self.stop_requested.set()
         return {"stopping": True}
 
