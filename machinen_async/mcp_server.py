@@ -25,7 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -92,8 +92,8 @@ GUEST_PYTHONS = ("python3", "/.machinen/bin/python3")  # the image's own, else t
 # Tool arguments: each model is a tool's input schema and what checks a call's arguments.
 
 
-class _Arguments(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolArguments(BaseModel):
+    model_config: ClassVar[ConfigDict] = ConfigDict(extra="forbid")
 
 
 VMName = Annotated[str, Field(description="The VM's name, as `boot`, `fork`, `restore` or `list` gave it.")]
@@ -120,7 +120,7 @@ Allow = Annotated[
 ]
 
 
-class BootArguments(_Arguments):
+class BootArguments(ToolArguments):
     image: str | None = Field(
         None,
         description="A rootfs tarball path, or an OCI / Docker image reference (python:3.12-slim, "
@@ -145,7 +145,7 @@ class BootArguments(_Arguments):
     detached: Detached = False
 
 
-class ExecArguments(_Arguments):
+class ExecArguments(ToolArguments):
     vm: VMName
     cmd: str | list[str] = Field(
         description='The command: an argv list (["ls", "-l", "/"]) run as is, or a string run by /bin/sh -c.'
@@ -165,7 +165,7 @@ class ExecArguments(_Arguments):
     )
 
 
-class ReadFileArguments(_Arguments):
+class ReadFileArguments(ToolArguments):
     vm: VMName
     path: str = Field(description="Absolute path in the guest.")
     max_bytes: int = Field(
@@ -173,7 +173,7 @@ class ReadFileArguments(_Arguments):
     )
 
 
-class WriteFileArguments(_Arguments):
+class WriteFileArguments(ToolArguments):
     vm: VMName
     path: str = Field(description="Absolute path in the guest; replaced atomically unless append.")
     content: str = Field(description="The file's content, as text or base64 (see encoding).")
@@ -183,13 +183,13 @@ class WriteFileArguments(_Arguments):
     parents: bool = Field(False, description="Create missing parent directories.")
 
 
-class ListFilesArguments(_Arguments):
+class ListFilesArguments(ToolArguments):
     vm: VMName
     path: str = Field("/", description="A directory in the guest.")
     max_entries: int = Field(1000, ge=1, le=10_000, description="More entries than this: `truncated` is true.")
 
 
-class ForkArguments(_Arguments):
+class ForkArguments(ToolArguments):
     vm: VMName
     n: int = Field(1, ge=1, le=64, description="How many siblings.")
     name: str | None = Field(None, description="Name prefix: NAME-0, NAME-1, ... (default: generated).")
@@ -197,12 +197,12 @@ class ForkArguments(_Arguments):
     detached: Detached = False
 
 
-class SnapshotArguments(_Arguments):
+class SnapshotArguments(ToolArguments):
     vm: VMName
     directory: str = Field(description="A host directory, new or empty, for the bundle.")
 
 
-class RestoreArguments(_Arguments):
+class RestoreArguments(ToolArguments):
     directory: str = Field(description="A bundle directory `snapshot` wrote (by this user: others are refused).")
     name: str | None = Field(None, description="The restored VM's name (default: generated).")
     ports: Ports = []
@@ -211,18 +211,18 @@ class RestoreArguments(_Arguments):
     detached: Detached = False
 
 
-class StopArguments(_Arguments):
+class StopArguments(ToolArguments):
     vm: VMName
 
 
-class ListArguments(_Arguments):
+class ListArguments(ToolArguments):
     pass
 
 
 @dataclass(frozen=True)
 class ToolSpec:
     name: str
-    arguments: type[_Arguments]
+    arguments: type[ToolArguments]
     description: str
     read_only: bool = False
     destructive: bool = False

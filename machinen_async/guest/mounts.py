@@ -96,20 +96,20 @@ class FuseMount:
     """One mounted host directory: its node and handle tables and the host link serving it."""
 
     def __init__(self, target: str, read_only: bool) -> None:
-        self.target = target
-        self.cond = threading.Condition()
-        self.paths = {ROOT_ID: ""}
-        self.lookups = {ROOT_ID: 1}
-        self.nodes = {"": ROOT_ID}
-        self.next_node = ROOT_ID + 1
-        self.handles: dict[int, tuple[int, list | None]] = {}  # fh -> (node, directory entries)
-        self.next_handle = 1
-        self.pending: dict[int, list] = {}  # request id -> [message, reply, link it went to]
-        self.next_request = 1
+        self.target: str = target
+        self.cond: threading.Condition = threading.Condition()
+        self.paths: dict[int, str] = {ROOT_ID: ""}
+        self.lookups: dict[int, int] = {ROOT_ID: 1}
+        self.nodes: dict[str, int] = {"": ROOT_ID}
+        self.next_node: int = ROOT_ID + 1
+        self.handles: dict[int, tuple[int, list[object] | None]] = {}  # fh -> (node, directory entries)
+        self.next_handle: int = 1
+        self.pending: dict[int, list[object]] = {}  # request id -> [message, reply, link it went to]
+        self.next_request: int = 1
         self.link: MountTask | None = None
-        self.dropped = False
+        self.dropped: bool = False
         os.makedirs(target, exist_ok=True)
-        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        self.fd: int = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         options = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,max_read={protocol.MAX_IO}"
         flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
         libc = ctypes.CDLL(None, use_errno=True)
@@ -150,14 +150,14 @@ class FuseMount:
             if self.link is link:
                 self.link = None
 
-    def answer(self, request_id: int, error: int, result) -> None:
+    def answer(self, request_id: int, error: int, result: object) -> None:
         with self.cond:
             entry = self.pending.get(request_id)
             if entry is not None and entry[1] is None:
                 entry[1] = (error, result)
                 self.cond.notify_all()
 
-    def ask(self, op: str, *args):
+    def ask(self, op: str, *args: object) -> object:
         """The host's answer to one request; OSError with the host's errno if it failed."""
         with self.cond:
             if self.dropped:
@@ -431,8 +431,8 @@ class MountTask(Task):
     mount: FuseMount | None = None
 
     def start(self, params: wire.Params) -> None:
-        self.send_lock = threading.Lock()
-        self.reader = protocol.MessageReader()
+        self.send_lock: threading.Lock = threading.Lock()
+        self.reader: protocol.MessageReader = protocol.MessageReader()
         try:
             self.mount = mounted(params.get("target"), bool(params.get("read_only")))
         except (OSError, ValueError) as exc:

@@ -23,15 +23,23 @@ from .workload import WORKLOAD
 # short gaps around a restore.
 DISCONNECTED_POLL_S = 0.02
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing into PID 1 (slow under TCG)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+def _pong(params: wire.Params) -> dict[str, object]:
+    return {"pong": True, "time": time.time()}
+
 
 class Agent:
     def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.write_lock = threading.Lock()
+        self.fd: int = fd
+        self.write_lock: threading.Lock = threading.Lock()
         self.session: bytes | None = None
         self.tasks: dict[int, Task] = {}
-        self.unary = {
-            "ping": lambda p: {"pong": True, "time": time.time()},
+        self.unary: dict[str, Callable[[wire.Params], object]] = {
+            "ping": _pong,
             "info": agent_info,
             "resumed": take_on,
             "workload_start": WORKLOAD.start,
@@ -39,7 +47,7 @@ class Agent:
             "mount_prepare": prepare_mount,
             "mount_drop": drop_mount,
         }
-        self.streaming = {
+        self.streaming: dict[str, type[Task]] = {
             "exec": ExecTask,
             "read_file": ReadFileTask,
             "write_file": WriteFileTask,

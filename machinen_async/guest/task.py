@@ -80,16 +80,16 @@ class Task:
     """Server side of one call; output obeys the host's credit window."""
 
     def __init__(self, agent: Agent, sid: int) -> None:
-        self.agent = agent
-        self.sid = sid
-        self.session = agent.session
-        self.cond = threading.Condition()
-        self.credit = {wire.STDOUT: wire.INITIAL_WINDOW, wire.STDERR: wire.INITIAL_WINDOW}
-        self.finished = False
-        self.cancelled = False
+        self.agent: Agent = agent
+        self.sid: int = sid
+        self.session: bytes | None = agent.session
+        self.cond: threading.Condition = threading.Condition()
+        self.credit: dict[int, int] = {wire.STDOUT: wire.INITIAL_WINDOW, wire.STDERR: wire.INITIAL_WINDOW}
+        self.finished: bool = False
+        self.cancelled: bool = False
         self.input: InputPump | None = None
         # Frames that arrive while the call is still starting wait here, in order.
-        self.dispatch_lock = threading.Lock()
+        self.dispatch_lock: threading.Lock = threading.Lock()
         self.early: list[wire.Frame] | None = []
 
     def begin(self, *args: object) -> None:
@@ -188,12 +188,12 @@ class InputPump:
     """Writes the host's DATA frames to an fd on its own thread, returning credit."""
 
     def __init__(self, task: Task, fd: int, on_eof: Callable[[bool], None]) -> None:
-        self.task = task
-        self.fd = fd
-        self.on_eof = on_eof
+        self.task: Task = task
+        self.fd: int = fd
+        self.on_eof: Callable[[bool], None] = on_eof
         self.queue: deque[bytes | None] = deque()
-        self.cond = threading.Condition()
-        self.thread = start_thread(self._run)
+        self.cond: threading.Condition = threading.Condition()
+        self.thread: threading.Thread = start_thread(self._run)
 
     def put(self, data: bytes | None) -> None:
         with self.cond:

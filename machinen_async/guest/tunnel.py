@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 from ..protocol import wire
 from .task import InputPump, Task, start_thread
@@ -14,6 +15,10 @@ class TunnelTask(Task):
     Host port forwards use it, so they need no guest network device and work
     the same in forks and restores.
     """
+
+    input: InputPump | None  # Task's, set here once connected
+    sock: socket.socket
+    outbound: threading.Thread
 
     def start(self, params: wire.Params) -> None:
         try:

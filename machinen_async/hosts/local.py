@@ -26,6 +26,7 @@ from ..protocol.messages import (
     RestoreRequest,
     VMRow,
 )
+from ..protocol.mounts import MountEntry
 from ..store import assets, bundle, layers, oci_image, registry
 from ..store.manifest import Manifest, files_to_map
 from ..supervisor.config import SupervisorConfig
@@ -247,12 +248,12 @@ async def _restore_plan(
 
 
 def rebind(
-    recorded: Sequence[Sequence],
-    given: Sequence[Sequence],
+    recorded: Sequence[MountEntry],
+    given: Sequence[MountEntry],
     *,
     recorded_here: bool,
     elsewhere: str = "they are directories of the host it was taken on",
-) -> tuple[list[list], list[str]]:
+) -> tuple[list[MountEntry], list[str]]:
     """The live mounts of a VM resumed from saved state, and the guest paths to unmount in it: each of
     the ``recorded`` mounts at the directory ``given`` for its guest path (``""``: dropped), else where
     it was (if ``recorded_here``: its path means something on this machine); plus new ones ``given``.

@@ -102,7 +102,7 @@ class RemoteDriver(HostDriver):
         self._link: _Link | None = None
         self._sockets_dir: Path | None = None
         self._open_lock = anyio.Lock()
-        self.closed = False
+        self.closed: bool = False
 
     def address(self, vm_name: str) -> str:
         return f"{self.name}:{vm_name}"

@@ -277,9 +277,9 @@ class ReplyRules:
     __slots__ = ("closed", "stdin_unreturned", "window")
 
     def __init__(self) -> None:
-        self.window = {STDOUT: INITIAL_WINDOW, STDERR: INITIAL_WINDOW}
+        self.window: dict[int, int] = {STDOUT: INITIAL_WINDOW, STDERR: INITIAL_WINDOW}
         self.closed: set[int] = set()
-        self.stdin_unreturned = 0  # stdin bytes sent that the answering side has not credited back
+        self.stdin_unreturned: int = 0  # stdin bytes sent that the answering side has not credited back
 
     def grant(self, fd: int, amount: int) -> None:
         """The caller returned ``amount`` bytes of credit on ``fd``."""

@@ -31,7 +31,7 @@ class AgentCall:
         self._output = bytearray()  # received, not yet taken by ``receive``
         self._output_ended = False  # EOF on its output, or the call's end: nothing more joins it
         self._changed = anyio.Event()  # fired (then replaced) on credit, output or the call's end
-        self.ended = False  # the agent sent the call's outcome
+        self.ended: bool = False  # the agent sent the call's outcome
         self.error: tuple[str, str] | None = None  # its code and message, if it failed
 
     @classmethod

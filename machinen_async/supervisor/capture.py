@@ -23,7 +23,7 @@ from ..vmm import backend, capped_log
 from .config import SupervisorConfig
 from .relay import ClientConnection
 
-log = structlog.get_logger("machinen.supervisor")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.supervisor")
 
 # A fork template stays referenced by its source this long after the fork
 # call returned, so the caller can take its own reference first.
@@ -63,14 +63,14 @@ class Capture:
     def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
         self.config = config
         self.entry = entry
-        self.backend = backend.default()
+        self.backend: backend.Backend = backend.default()
         self.machine: backend.Machine | None = None  # while the VMM runs
-        self.lock = anyio.Lock()
+        self.lock: anyio.Lock = anyio.Lock()
         self.chain: list[list[str]] = []  # disk chain, top (writable) first: [path, format]
-        self.disk_size = 0
+        self.disk_size: int = 0
         self.layer_refs: list[int] = []  # flock references on every layer and template we use
         self.ram_file: Path | None = None
-        self.ram_shared = True
+        self.ram_shared: bool = True
         self.state_file: Path | None = None  # device state to load (restore, fork sibling)
         self.task_group: anyio.abc.TaskGroup | None = None  # holds templates' references until handed over
         self.paused_for: ClientConnection | None = None  # the client whose handoff holds the VM paused

@@ -41,7 +41,7 @@ from ..vmm import capped_log
 from .agent_call import AgentCall
 from .relay import AgentRelay
 
-log = structlog.get_logger("machinen.supervisor")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.supervisor")
 
 SYS_OPENAT2 = 437
 RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
@@ -80,11 +80,13 @@ class HostDirectory:
 
     def __init__(self, root: str, read_only: bool) -> None:
         try:
-            self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.root_fd: int = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise BootError(f"cannot mount {root}: {exc.strerror}", code="MOUNT_SOURCE_NOT_FOUND") from None
         self.read_only = read_only
-        self.shape_lock = threading.Lock()  # symlink and rename: a check and what it checked stay together
+        self.shape_lock: threading.Lock = (
+            threading.Lock()
+        )  # symlink and rename: a check and what it checked stay together
         self.ops: dict[str, Callable[..., Any]] = {name: getattr(self, f"_{name}") for name in protocol.OPS}
 
     def close(self) -> None:

@@ -18,13 +18,14 @@ from typing import Any
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import error_from_code
 from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..vmm import capped_log
 
-log = structlog.get_logger("machinen.supervisor")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.supervisor")
 
 HELLO_RETRY_S = 0.2
 AGENT_RECONNECT_TIMEOUT_S = 10.0
@@ -93,9 +94,9 @@ class ClientConnection:
     client that is not reading."""
 
     def __init__(self, frames: FrameStream | None) -> None:
-        self.frames = frames
+        self.frames: FrameStream | None = frames
         self.agent_sids: dict[int, int] = {}  # client sid -> agent sid
-        self.outbox = Outbox()
+        self.outbox: Outbox = Outbox()
 
     async def write_loop(self) -> None:
         with contextlib.suppress(*CHANNEL_DOWN):  # gone: its read side ends the connection
@@ -127,14 +128,16 @@ class AgentRelay:
     def __init__(self, agent_socket: Path, hostname: str) -> None:
         self.agent_socket = agent_socket
         self.hostname = hostname
-        self.machine_id = secrets.token_hex(16)  # /etc/machine-id: one per VM, as systemd makes one
+        self.machine_id: str = secrets.token_hex(16)  # /etc/machine-id: one per VM, as systemd makes one
         self.agent: FrameStream | None = None
-        self.agent_up = False
-        self.agent_session = 0  # counts agent sessions; a frame queued for an earlier one is dropped
-        self.to_agent_send, self.to_agent = anyio.create_memory_object_stream[tuple[int, wire.Frame]](math.inf)
+        self.agent_up: bool = False
+        self.agent_session: int = 0  # counts agent sessions; a frame queued for an earlier one is dropped
+        to_agent = anyio.create_memory_object_stream[tuple[int, wire.Frame]](math.inf)
+        self.to_agent_send: MemoryObjectSendStream[tuple[int, wire.Frame]] = to_agent[0]
+        self.to_agent: MemoryObjectReceiveStream[tuple[int, wire.Frame]] = to_agent[1]
         self.agent_info: wire.Params = {}
         self.routes: dict[int, Route] = {}  # by agent sid
-        self.next_agent_sid = 1
+        self.next_agent_sid: int = 1
 
     async def connect(self, *, resume: anyio.Event | None = None, new_identity: bool = False) -> None:
         """Connect to the agent socket and complete a HELLO exchange.

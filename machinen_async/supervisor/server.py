@@ -28,7 +28,7 @@ from .capture import Capture
 from .config import SupervisorConfig, check_workload_started
 from .relay import AgentRelay, ClientConnection
 
-log = structlog.get_logger("machinen.supervisor")
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.supervisor")
 
 # vm.reset_agent_channel without a timeout of its own: how long the agent has to answer the new session.
 RESET_TIMEOUT_S = 30.0
@@ -41,11 +41,11 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
         self.config = config
         self.entry = entry
-        self.relay = AgentRelay(entry.agent_socket, config.name)
-        self.capture = Capture(config, entry)
+        self.relay: AgentRelay = AgentRelay(entry.agent_socket, config.name)
+        self.capture: Capture = Capture(config, entry)
         self.forwards: list[forwards.Forward] = []
         self.mounts: list[mounts.HostDirectory] = []
-        self.stop_requested = anyio.Event()
+        self.stop_requested: anyio.Event = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
         self.local_calls: dict[str, LocalCall] = {
             "vm.info": self._info,

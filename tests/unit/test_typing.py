@@ -103,7 +103,9 @@ def test_pyright_knows_the_type_of_every_public_symbol(tmp_path: Path):
         [os.path.join(os.path.dirname(sys.executable), "basedpyright"), "--pythonpath", sys.executable,
          "--verifytypes", "machinen_async", "--ignoreexternal", "--outputjson"],
         capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
+        # The interpreter's bin first: pyright finds the packages it imports (anyio...) through it.
+        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent),
+             "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])},
     )  # fmt: skip
     report = json.loads(checked.stdout)["typeCompleteness"]
     unknown = [s["name"] for s in report["symbols"] if s["isExported"] and not s["isTypeKnown"]]

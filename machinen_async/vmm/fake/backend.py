@@ -91,8 +91,8 @@ def _signal_tree(root: int, signum: int) -> None:
 class FakeMachine:
     def __init__(self, process: anyio.abc.Process) -> None:
         self.process = process
-        self.pid = process.pid
-        self.paused = False
+        self.pid: int = process.pid
+        self.paused: bool = False
 
     async def connect(self) -> None:
         """No control channel: the process is all there is."""
