@@ -3,7 +3,7 @@
 
 A ``Host`` wraps a driver (hosts/): the driver starts and finds VMs and hands
 back ``Connection``s; this turns them into ``VM``s that know their host, and
-runs what a VM does where it lives (its forks, its handoff).
+runs what a VM does where it lives (its forks).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ..protocol.ports import PortSpec
 from ..store import registry
 from ..supervisor.config import check_workload_started
 from .forks import Forks, Launch
-from .handoff import handoff
 from .mounts import Mount, checked_mounts, copy_in, live_mounts, rebinding
 from .network import NetworkPolicy, network_settings
 from .process import Command, argv_of
@@ -281,24 +280,6 @@ class Host:
     async def fork_here(self, source: VM, request: ForkRequest, *, bundle_dir: Path | None = None) -> Forks:
         started, template = await self.driver.fork(source.connection, request, bundle_dir=bundle_dir)
         return Forks([self.vm(connection) for connection in started], template)
-
-    async def handoff(
-        self,
-        vm: VM,
-        destination: Host,
-        *,
-        name: str | None,
-        ports: Sequence[PortSpec] | None,
-        detached: bool | None,
-        precopy: bool,
-        progress: Callable[[str], None] | None,
-        mounts: Sequence[str | Mount] | None = None,
-    ) -> VM:
-        """``vm.handoff(destination)`` of a VM on this host (see ``VM.handoff``)."""
-        return await handoff(
-            vm, destination, name=name, ports=ports, detached=detached, precopy=precopy, progress=progress,
-            mounts=mounts,
-        )  # fmt: skip
 
 
 def restore_names(name: str | None, n: int | None, names: Sequence[str] | None) -> tuple[list[str], bool]:

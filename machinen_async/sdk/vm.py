@@ -23,11 +23,11 @@ from ..protocol.guest_abi import ExecRequest
 from ..protocol.messages import AgentInfo, Pong, PortForward, VMDescription, VMInfo
 from ..protocol.ports import PortSpec
 from ..store import registry
+from .handoff import HandoffReport, handoff
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
 
 if TYPE_CHECKING:
     from .forks import Forks, Launch
-    from .handoff import HandoffReport
     from .host import Host
     from .mounts import Mount
 
@@ -348,7 +348,7 @@ class VM:
         ``moved.handoff_report`` tells bytes moved and the pause.  Live mounts
         need ``mounts``: directories of that host (absolute paths) to bind.
         """
-        return await self.host.handoff(
+        return await handoff(
             self, host, name=name, ports=ports, detached=detached, precopy=precopy, progress=progress, mounts=mounts
         )
 
