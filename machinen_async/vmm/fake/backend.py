@@ -130,9 +130,13 @@ class FakeMachine:
 def _sandbox(launch: Launch, port_fd: int, tmp: Path) -> list[str]:
     """The agent under bubblewrap (see the module's docstring), reading its port on ``port_fd``."""
     network = [] if launch.hardware.network else ["--unshare-net"]
+    # The package and the interpreter's environment (msgpack) shown again where the private /tmp
+    # hides them: a checkout under /tmp (a CI clone) runs its agent from there.
+    under_tmp = [path for path in {PACKAGE_ROOT, Path(sys.prefix).resolve()} if path.is_relative_to("/tmp")]
     return ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-uts", "--unshare-pid", "--unshare-ipc",
             *network, "--die-with-parent", "--hostname", launch.hardware.hostname,
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", str(tmp), "/tmp", "--chdir", "/",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", str(tmp), "/tmp",
+            *(arg for path in sorted(under_tmp) for arg in ("--ro-bind", str(path), str(path))), "--chdir", "/",
             "--", sys.executable, "-c", AGENT, str(port_fd)]  # fmt: skip
 
 
