@@ -35,11 +35,11 @@ from .errors import (
 from .version import __version__
 
 if TYPE_CHECKING:  # what checkers and IDEs see; at run time __getattr__ imports each on first use
-    from .hosts.base import TransferReport
+    from .hosts.base import HostPool, Reservation, TransferReport
     from .sdk.boot import connect, restore, stop_vm
     from .sdk.forks import Forks, Launch
     from .sdk.handoff import HandoffReport
-    from .sdk.host import Host, boot
+    from .sdk.host import BootOptions, Host, boot
     from .sdk.mounts import Mount
     from .sdk.network import NetworkPolicy
     from .sdk.pool import WarmPool, warm_pool
@@ -56,7 +56,7 @@ _FROM_SDK = {
     "ExecResult": "process", "Process": "process",
     "Forks": "forks", "Launch": "forks",
     "boot": "host", "connect": "boot", "restore": "boot", "stop_vm": "boot",
-    "Host": "host",
+    "Host": "host", "BootOptions": "host",
     "RayHosts": "ray_pool",
     "HandoffReport": "handoff",
     "NetworkPolicy": "network",
@@ -64,13 +64,12 @@ _FROM_SDK = {
     "provision": "provisioning", "debian_rootfs": "provisioning",
     "warm_pool": "pool", "WarmPool": "pool",
 }  # fmt: skip
+_FROM_HOSTS = {"TransferReport", "HostPool", "Reservation"}  # hosts/base.py: the seams a host kind fills
 
 
 def __getattr__(name: str) -> object:
-    if name == "TransferReport":
-        from .hosts.base import TransferReport
-
-        return TransferReport
+    if name in _FROM_HOSTS:
+        return getattr(importlib.import_module(f"{__name__}.hosts.base"), name)
     if name in _FROM_SDK:
         return getattr(importlib.import_module(f"{__name__}.sdk.{_FROM_SDK[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -82,6 +81,7 @@ __all__ = [
     "ArgumentError",
     "AssetsError",
     "BootError",
+    "BootOptions",
     "BootTimeoutError",
     "ConnectionLostError",
     "ExecError",
@@ -93,8 +93,8 @@ __all__ = [
     "HandoffError",
     "HandoffReport",
     "Host",
-    "RayHosts",
     "HostError",
+    "HostPool",
     "ImageError",
     "Launch",
     "MachinenError",
@@ -106,12 +106,15 @@ __all__ = [
     "PoolError",
     "Process",
     "ProvisionError",
+    "RayHosts",
     "RegistryError",
+    "Reservation",
     "SnapshotError",
     "SnapshotInfo",
     "StopError",
     "TransferError",
     "TransferReport",
+    "WarmPool",
     "__version__",
     "boot",
     "connect",
@@ -119,6 +122,5 @@ __all__ = [
     "provision",
     "restore",
     "stop_vm",
-    "WarmPool",
     "warm_pool",
 ]
