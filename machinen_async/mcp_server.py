@@ -524,8 +524,8 @@ class Tools:
         return {"bundle": str(info.path), "pause_ms": info.pause_ms, "size_bytes": info.size_bytes}
 
     async def restore(self, args: RestoreArguments, owner: Owner, progress: Progress) -> Payload:
-        manifest = await anyio.to_thread.run_sync(bundle.inspect, Path(args.directory))
-        async with self.table.reserving(1, manifest.data["machine"]["memory_mib"]):
+        checked = await anyio.to_thread.run_sync(bundle.inspect, Path(args.directory))
+        async with self.table.reserving(1, checked.manifest.machine.memory_mib):
             vm = await restore(args.directory, name=args.name, ports=args.ports, detached=args.detached,
                                network=NetworkPolicy(allow=args.allow))  # fmt: skip
             self.table.track(vm, owner, detached=args.detached, ttl=args.ttl)
