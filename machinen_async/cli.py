@@ -290,6 +290,10 @@ def _mounts(live: tuple[str, ...], copied: tuple[str, ...] = ()) -> list[Mount]:
     return [*(Mount.parse(spec, live=True) for spec in live), *(Mount.parse(spec) for spec in copied)]
 
 
+ttl_option: OptionDecorator = click.option(
+    "--ttl", type=float, default=None, metavar="SECONDS",
+    help="Stop the VM this long after it starts, detached or not (`machinen ls` shows the time left).",
+)  # fmt: skip
 trust_option: OptionDecorator = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
@@ -364,6 +368,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.option("--detach", "--detached", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--run-image-cmd", is_flag=True, help="Run an OCI image's Entrypoint + Cmd as the VM's workload.")
 @click.option("--cold", is_flag=True, help="Boot the kernel even if a boot template could be resumed.")
+@ttl_option
 @click.option(
     "--pull",
     type=click.Choice(["missing", "always", "never"]),
@@ -380,7 +385,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, pull, insecure, host_spec, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, pull, insecure, host_spec, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -402,7 +407,7 @@ def boot_command(
                 detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure, warm=not cold,
                 network=False if no_network else _network_policy(allow_rules, allow_host_ports),
                 cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
-                mounts=_mounts(live_mounts, copied_mounts), host=host,
+                mounts=_mounts(live_mounts, copied_mounts), host=host, ttl=ttl,
             )  # fmt: skip
             vm = await stack.enter_async_context(launch)
             address = vm.host.address(vm.name)
@@ -466,9 +471,10 @@ def attach(name: str, shell: str) -> None:
     help="Spread the siblings over these hosts (repeatable; `local` is this one).",
 )  # fmt: skip
 @mount_option(copied=False)
+@ttl_option
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
 def fork_command(
-    name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, as_json
+    name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, ttl, as_json
 ) -> None:
     """Fork running VM NAME into siblings that continue from this instant.
 
@@ -488,11 +494,10 @@ def fork_command(
                     for spec in host_specs
                 ]
             source = await stack.enter_async_context(connect(name))
-            result = await stack.enter_async_context(
-                source.fork(
-                    count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts)
-                )
+            launch = source.fork(
+                count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts), ttl=ttl
             )
+            result = await stack.enter_async_context(launch)
             siblings = [result] if isinstance(result, VM) else list(result)
             if as_json:
                 click.echo(json.dumps([{**vm.info, "name": vm.host.address(vm.name)} for vm in siblings]))
@@ -539,10 +544,11 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @trust_option
 @allow_option
 @mount_option(copied=False)
+@ttl_option
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
     directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports,
-    live_mounts, as_json,
+    live_mounts, ttl, as_json,
 ) -> None:  # fmt: skip
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
@@ -551,7 +557,7 @@ def restore_command(
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
                                  detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
-                                 network=_network_policy(allow_rules, allow_host_ports))  # fmt: skip
+                                 network=_network_policy(allow_rules, allow_host_ports), ttl=ttl)  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
@@ -559,7 +565,7 @@ def restore_command(
                 pushed = await host.push(directory, progress=_progress, trust=trust)
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
-                                      network=_network_policy(allow_rules, allow_host_ports))  # fmt: skip
+                                      network=_network_policy(allow_rules, allow_host_ports), ttl=ttl)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
             if as_json:
@@ -685,15 +691,26 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=repr, skipkeys=True))  # what a peer sent: any shape
         return
-    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  {'START':<7} {'FORKED-FROM':<24} PORTS")
+    click.echo(
+        f"{'NAME':<24} {'PID':>8} {'UP':>9} {'TTL':>7} {'ACCEL':<5} {'MEMORY':>7}  {'START':<7} {'FORKED-FROM':<24} PORTS"
+    )
+    now = time.time()
     for row in rows:
         uptime, memory = row.get("uptime_s"), row.get("memory_mib")
         up = f"{uptime:>8.0f}s" if type(uptime) in (int, float) else f"{_cell(uptime):>9}"
         mib = f"{memory:>5}Mi" if type(memory) is int else f"{_cell(memory):>7}"
         click.echo(
-            f"{_cell(row.get('name')):<24} {_cell(row.get('pid')):>8} {up} {_cell(row.get('accel')):<5} "
-            f"{mib}  {_cell(row.get('start')):<7} {_cell(row.get('forked_from')):<24} {_cell(row.get('ports'))}"
+            f"{_cell(row.get('name')):<24} {_cell(row.get('pid')):>8} {up} {_time_left(row.get('deadline'), now):>7} "
+            f"{_cell(row.get('accel')):<5} {mib}  {_cell(row.get('start')):<7} {_cell(row.get('forked_from')):<24} "
+            f"{_cell(row.get('ports'))}"
         )
+
+
+def _time_left(deadline: object, now: float) -> str:
+    """A VM's time to live as a table cell: "-" without a deadline (or a peer's odd value)."""
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        return "-"
+    return f"{max(0.0, deadline - now):.0f}s"
 
 
 @main.command(name="stop")

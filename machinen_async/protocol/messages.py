@@ -53,6 +53,7 @@ class VMInfo(TypedDict):
     started_at: float
     boot_s: float
     socket: str
+    deadline: float | None  # epoch seconds at which the supervisor stops the VM (``ttl``), or None
 
 
 class Pong(TypedDict):
@@ -105,6 +106,7 @@ class VMRow(TypedDict, total=False):
     forked_from: str | None
     ports: list[str]  # "ADDRESS:HOST->GUEST"
     node: str
+    deadline: float | None  # epoch seconds at which the VM stops (``ttl``), or None
 
 
 class HostFacts(TypedDict):
@@ -249,6 +251,15 @@ def _timeout(value: object) -> float:
     return float(value)
 
 
+def checked_ttl(value: object) -> float | None:
+    """A lifetime in seconds (``ttl=``, ``vm.extend``): None (no end), or a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+        raise BootError(f"ttl is a positive number of seconds, not {value!r:.100}", code="BOOT_TTL_INVALID")
+    return float(value)
+
+
 def _strings(value: object, what: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple) or not all(type(v) is str for v in value):
         raise _invalid(f"{what} is a list of strings", value)
@@ -384,6 +395,7 @@ class BootRequest(_Request):
     insecure: tuple[str, ...] = ()  # registries reached over plain HTTP
     credentials: tuple[str, str] | None = field(default=None, repr=False)  # (user, password) for the registry
     warm: bool = True
+    ttl: float | None = None  # seconds from the start after which the VM's supervisor stops it
 
     def __post_init__(self) -> None:
         """Every field checked here, so a bad request fails where it is made, as on arrival."""
@@ -412,6 +424,7 @@ class BootRequest(_Request):
             raise BootError("a boot has no saved mounts to drop", code="MOUNT_SPEC_INVALID")
         checked = {
             "boot_timeout": _timeout(self.boot_timeout),
+            "ttl": checked_ttl(self.ttl),
             "ports": PortForward.all_of(self.ports),
             "network_allow": _allow_rules(self.network_allow),
             "mounts": mounts,
@@ -436,6 +449,7 @@ class ForkRequest(_Request):
     detached: bool = False
     boot_timeout: float = 60.0
     mounts: tuple[MountBinding, ...] = ()
+    ttl: float | None = None  # each sibling's, from its start
 
     def __post_init__(self) -> None:
         _resuming_fields(self, least=0)
@@ -458,6 +472,7 @@ class RestoreRequest(_Request):
     accel: str | None = None
     trust: bool = False
     network_allow: tuple[str, ...] = ()
+    ttl: float | None = None  # each VM's, from its start
 
     def __post_init__(self) -> None:
         if type(self.bundle) is not str:
@@ -481,5 +496,5 @@ def _resuming_fields(request: ForkRequest | RestoreRequest, *, least: int) -> No
         raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
     mounts = _bindings(request.mounts)
     for key, value in (("names", names), ("ports", ports), ("mounts", mounts),
-                       ("boot_timeout", _timeout(request.boot_timeout))):  # fmt: skip
+                       ("boot_timeout", _timeout(request.boot_timeout)), ("ttl", checked_ttl(request.ttl))):  # fmt: skip
         object.__setattr__(request, key, value)

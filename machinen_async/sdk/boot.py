@@ -26,7 +26,7 @@ def restore(
     bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: None = None, names: None = None,
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
-    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
 ) -> Launch[VM]: ...  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def restore(
     bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: int, names: Sequence[str] | None = None,
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
-    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -44,7 +44,7 @@ def restore(
     bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: None = None, names: Sequence[str],
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
-    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -63,6 +63,7 @@ def restore(
     trust: bool = False,
     network: NetworkPolicy | None = None,
     mounts: Sequence[str | Mount] | None = None,
+    ttl: float | None = None,
 ) -> Launch[VM] | Launch[Forks]:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
@@ -91,13 +92,14 @@ def restore(
     the bundle on this machine; a bundle accepted with ``trust=True`` or
     received by a push binds only what ``mounts`` names); a live mount left
     unbound or a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
-    ``mounts`` may also add live mounts.
+    ``mounts`` may also add live mounts.  ``ttl``: each VM's lifetime in seconds (see ``boot``).
     """
     chosen, siblings = restore_names(name, n, names)
     request = RestoreRequest(
         bundle=str(bundle_dir), names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
         detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts),
         image=image_argument(image, here=True), accel=accel, trust=trust, network_allow=network.allow if network is not None else (),
+        ttl=ttl,
     )  # fmt: skip
     return Host.local().start_restore(request, progress=progress)
 

@@ -310,6 +310,7 @@ def describe(entry: VmDir) -> VMRow | None:
         "start": meta.get("start", ""),
         "detached": meta["detached"],
         "forked_from": meta.get("forked_from"),
+        "deadline": meta.get("deadline"),
         "ports": [f"{address}:{host}->{guest}" for address, host, guest in meta.get("ports", [])],
     }
 

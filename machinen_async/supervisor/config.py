@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ class SupervisorConfig:
     # ``incoming`` is a boot template: once resumed, prepare the mounts and start the workload as
     # a cold boot does (a warm start), rather than inherit them (a fork or a restore).
     warm: bool = False
+    # Epoch seconds at which the supervisor stops the VM, owner or not (``ttl``); None: no end.
+    deadline: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -46,6 +49,11 @@ class SupervisorConfig:
             **{**data, "machine": MachineSpec.from_wire(data["machine"])},
             incoming=None if incoming is None else IncomingState.from_wire(incoming),
         )
+
+
+def deadline_of(ttl: float | None) -> float | None:
+    """The instant a VM started now with lifetime ``ttl`` ends (epoch seconds, as meta.json records it)."""
+    return None if ttl is None else time.time() + ttl
 
 
 def check_workload_started(started: dict[str, Any]) -> None:

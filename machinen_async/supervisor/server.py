@@ -21,6 +21,7 @@ import structlog
 from ..errors import BootError, BootTimeoutError, ExecTimeoutError, MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
+from ..protocol.messages import checked_ttl
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
 from . import forwards, mounts
@@ -47,6 +48,7 @@ class Supervisor:
         self.mounts: list[mounts.HostDirectory] = []
         self.stop_requested = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
+        self.deadline_moved = anyio.Event()  # set (and replaced) by each vm.extend
         self.local_calls: dict[str, LocalCall] = {
             "vm.info": self._info,
             "vm.reset_agent_channel": self._reset_agent_channel,
@@ -54,6 +56,7 @@ class Supervisor:
             "vm.snapshot": self._snapshot,
             "vm.resume": self._resume,
             "vm.stop": self._stop,
+            "vm.extend": self._extend,
         }
 
     # --- lifecycle ----------------------------------------------------------------
@@ -164,6 +167,7 @@ class Supervisor:
                 "started_at": time.time(),
                 "boot_s": round(boot_s, 3),
                 "socket": str(entry.supervisor_socket),
+                "deadline": config.deadline,
             }
             listener = await anyio.create_unix_listener(str(entry.supervisor_socket))
             entry.supervisor_socket.chmod(0o600)
@@ -175,6 +179,7 @@ class Supervisor:
                 tg.start_soon(forward.serve, functools.partial(forwards.serve_forward, self.relay, guest_port))
             for directory, (_, target, _) in zip(self.mounts, config.mounts, strict=True):
                 tg.start_soon(mounts.serve_mount, self.relay, directory, target)
+            tg.start_soon(self._stop_at_deadline)
             report_ready(self.meta)
             log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.relay.agent_info.get("uptime_s"))
             await self.stop_requested.wait()
@@ -187,6 +192,19 @@ class Supervisor:
                 + "\nconsole tail:\n"
                 + capped_log.tail(entry.console_log)
             )
+
+    async def _stop_at_deadline(self) -> None:
+        """Stop the VM when its deadline (``meta["deadline"]``) passes, whoever owns it; ``vm.extend``
+        moves the deadline and wakes this loop to wait for the new one."""
+        while True:
+            moved = self.deadline_moved
+            deadline = self.meta["deadline"]
+            with anyio.move_on_after(math.inf if deadline is None else deadline - time.time()):
+                await moved.wait()
+                continue
+            log.info("deadline reached", deadline=deadline)
+            self.stop_requested.set()
+            return
 
     # --- the client side ----------------------------------------------------------
 
@@ -270,6 +288,18 @@ class Supervisor:
 
     async def _resume(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         return {"resumed": await self.capture.resume(client)}
+
+    async def _extend(self, client: ClientConnection, params: wire.Params) -> wire.Params:
+        """Push the deadline ``seconds`` later (or set one ``seconds`` from now), in meta.json too."""
+        seconds = checked_ttl(params.get("seconds"))
+        if seconds is None:
+            raise BootError("vm.extend needs a number of seconds", code="BOOT_TTL_INVALID")
+        deadline = self.meta["deadline"]
+        self.meta["deadline"] = (time.time() if deadline is None else deadline) + seconds
+        self.entry.write_meta(self.meta)
+        self.deadline_moved.set()
+        self.deadline_moved = anyio.Event()
+        return {"deadline": self.meta["deadline"]}
 
     async def _stop(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         self.stop_requested.set()
