@@ -27,6 +27,7 @@ import click
 from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
 from .protocol.guest_abi import WORKLOAD_LOG
+from .protocol.messages import VMRow
 from .sdk.boot import IMAGE_CMD, boot, connect, restore, stop_vm
 from .sdk.mounts import Mount
 from .sdk.network import NetworkPolicy
@@ -655,8 +656,15 @@ def images_command(as_json: bool) -> None:
     help="List the VMs of every machinen node of a Ray cluster (default address: auto).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
-def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bool) -> None:
+@click.option("--tree", "as_tree", is_flag=True, help="Draw the VMs as their fork tree: children under parents.")
+def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bool, as_tree: bool) -> None:
     """List running VMs (here, on each --host, or on the nodes of a Ray cluster)."""
+    if as_tree:
+        if host_specs or ray_address is not None:
+            raise click.UsageError("--tree draws this machine's VMs only")
+        for line in tree_lines(registry.list_rows()):
+            click.echo(line)
+        return
     if not host_specs and ray_address is None:
         _print_rows(registry.list_rows(), as_json)
         return
@@ -704,6 +712,40 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
             f"{_cell(row.get('accel')):<5} {mib}  {_cell(row.get('start')):<7} {_cell(row.get('forked_from')):<24} "
             f"{_cell(row.get('ports'))}"
         )
+
+
+def tree_lines(rows: list[VMRow]) -> list[str]:
+    """The running VMs as a tree: each under its parent (the last of its lineage) when that one
+    runs too, else at the top; with its generation (how many ancestors it has), and its bundle
+    if it was restored."""
+    names = {row["name"] for row in rows}
+
+    def parent_of(row: VMRow) -> str | None:
+        lineage = row.get("lineage") or []
+        parent = lineage[-1]["name"] if lineage else None
+        return parent if parent in names and parent != row["name"] else None
+
+    children: dict[str | None, list[VMRow]] = {}
+    for row in sorted(rows, key=lambda row: row["name"]):
+        children.setdefault(parent_of(row), []).append(row)
+    lines: list[str] = []
+    drawn: set[str] = set()
+
+    def draw(row: VMRow, depth: int) -> None:
+        if row["name"] in drawn:
+            return
+        drawn.add(row["name"])
+        restored = row.get("restored_from")
+        note = f"  gen {len(row.get('lineage') or [])}" + (f"  restored from {_cell(restored)}" if restored else "")
+        lines.append(f"{'  ' * depth}{'└─ ' if depth else ''}{_cell(row['name'])}{note}")
+        for child in children.get(row["name"], []):
+            draw(child, depth + 1)
+
+    for row in children.get(None, []):
+        draw(row, 0)
+    for row in sorted(rows, key=lambda row: row["name"]):  # in a loop of parents (none should be): at the top
+        draw(row, 0)
+    return lines
 
 
 def _time_left(deadline: object, now: float) -> str:

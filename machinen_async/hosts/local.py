@@ -307,6 +307,8 @@ async def _restore_one(
             source=manifest.source,
             bundle=str(bundle_dir),
             files=files_to_map(manifest.files),
+            lineage=manifest.restored_lineage,
+            restored_from=str(bundle_dir),
         ),
         machine=machine,
         mounts=mounts,
@@ -357,6 +359,8 @@ async def _restore_siblings(
             source=manifest.source,
             state=str(template.state),
             mem=str(template.mem),
+            lineage=manifest.restored_lineage,
+            restored_from=str(bundle_dir),
         )
         siblings = await _start_siblings(
             list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts, ttl

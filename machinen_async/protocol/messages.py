@@ -31,6 +31,41 @@ if TYPE_CHECKING:
 # they are), so typed dicts rather than classes; a checker knows every key.
 
 
+class Ancestor(TypedDict):
+    """One of a VM's ancestors: its ``name``, and ``taken_at``, the instant (epoch seconds) of the
+    fork template or snapshot its descendants came from."""
+
+    name: str
+    taken_at: float
+
+
+MAX_LINEAGE = 1024  # ancestors a VM records (the oldest are dropped beyond: a bound on what crosses)
+MAX_ANCESTOR_NAME = 255
+
+
+def is_lineage(value: object) -> bool:
+    """A lineage as it crosses (a bundle's manifest, a fork template): a bounded list of
+    ``{"name", "taken_at"}`` maps, names non-empty text, instants finite numbers."""
+    return (
+        isinstance(value, list | tuple)
+        and len(value) <= MAX_LINEAGE
+        and all(
+            isinstance(ancestor, dict)
+            and ancestor.keys() == {"name", "taken_at"}
+            and type(ancestor["name"]) is str
+            and 0 < len(ancestor["name"]) <= MAX_ANCESTOR_NAME
+            and type(ancestor["taken_at"]) in (int, float)
+            and math.isfinite(ancestor["taken_at"])
+            for ancestor in value
+        )
+    )
+
+
+def descend(lineage: Iterable[Ancestor], parent: str, taken_at: float) -> list[Ancestor]:
+    """The lineage of a VM started from ``parent`` as it was at ``taken_at``: ``parent``'s own, then ``parent``."""
+    return [*lineage, {"name": parent, "taken_at": float(taken_at)}][-MAX_LINEAGE:]
+
+
 class VMInfo(TypedDict):
     """A VM as its supervisor describes it (``vm.info``; its ``meta.json``)."""
 
@@ -54,6 +89,8 @@ class VMInfo(TypedDict):
     boot_s: float
     socket: str
     deadline: float | None  # epoch seconds at which the supervisor stops the VM (``ttl``), or None
+    lineage: list[Ancestor]  # root first, the parent last; empty for a boot (cold or warm)
+    restored_from: str | None  # the bundle a restore started from
 
 
 class Pong(TypedDict):
@@ -107,6 +144,8 @@ class VMRow(TypedDict, total=False):
     ports: list[str]  # "ADDRESS:HOST->GUEST"
     node: str
     deadline: float | None  # epoch seconds at which the VM stops (``ttl``), or None
+    lineage: list[Ancestor]
+    restored_from: str | None
 
 
 class HostFacts(TypedDict):
@@ -178,13 +217,18 @@ class IncomingState:
     mem: str | None = None  # ... and RAM (mapped copy-on-write)
     bundle: str | None = None  # or a bundle to copy (and check) them from ...
     files: dict[str, object] = field(default_factory=dict)  # ... against its manifest's entries
+    lineage: list[Ancestor] = field(default_factory=list)  # the VM's that starts from it
+    restored_from: str | None = None  # the bundle it came from (a restore)
 
     def to_wire(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
     def from_wire(cls, data: object) -> IncomingState:
-        return cls(**_fields_of(cls, data))
+        data = _fields_of(cls, data)
+        if not is_lineage(data.get("lineage", [])):
+            raise _invalid("a lineage is a list of {name, taken_at}", data.get("lineage"))
+        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError,
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostPool, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
-from ..protocol.messages import AgentInfo, Pong, PortForward, VMDescription, VMInfo, checked_ttl
+from ..protocol.messages import AgentInfo, Ancestor, Pong, PortForward, VMDescription, VMInfo, checked_ttl
 from ..protocol.ports import PortSpec
 from ..store import registry
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
@@ -313,6 +313,12 @@ class VM:
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
             ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl,
         )  # fmt: skip
+
+    @property
+    def lineage(self) -> tuple[Ancestor, ...]:
+        """This VM's ancestors, root first and its parent last, each with the instant (epoch seconds)
+        of the fork or snapshot it came from; empty for a VM that was booted."""
+        return tuple(self.info.get("lineage", ()))
 
     @property
     def deadline(self) -> float | None:

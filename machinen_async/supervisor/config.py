@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import BootError
-from ..protocol.messages import IncomingState, MachineSpec
+from ..protocol.messages import Ancestor, IncomingState, MachineSpec
 
 # The launcher writes this byte on our stdin to let the VM outlive it; EOF
 # without it means "my owner is gone": stop.
@@ -37,6 +37,11 @@ class SupervisorConfig:
     warm: bool = False
     # Epoch seconds at which the supervisor stops the VM, owner or not (``ttl``); None: no end.
     deadline: float | None = None
+
+    @property
+    def lineage(self) -> list[Ancestor]:
+        """The VM's ancestors: a fork's or a restore's (a boot, warm or cold, has none)."""
+        return [] if self.incoming is None or self.warm else list(self.incoming.lineage)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -168,6 +168,8 @@ class Supervisor:
                 "boot_s": round(boot_s, 3),
                 "socket": str(entry.supervisor_socket),
                 "deadline": config.deadline,
+                "lineage": config.lineage,
+                "restored_from": config.incoming.restored_from if config.incoming and not config.warm else None,
             }
             listener = await anyio.create_unix_listener(str(entry.supervisor_socket))
             entry.supervisor_socket.chmod(0o600)

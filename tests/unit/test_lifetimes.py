@@ -1,6 +1,6 @@
 """Lifetimes (``ttl=``, ``vm.extend``) through real supervisors on the fake VMM: the supervisor
 stops a VM at its deadline on its own, whoever owns it.  That a detached VM of a killed owner
-ends in a real VM is tests/vm/test_lifetimes.py."""
+ends in a real VM is tests/vm/test_lifetimes_qemu.py."""
 
 from __future__ import annotations
 
