@@ -27,7 +27,7 @@ import click
 from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
 from .protocol.guest_abi import WORKLOAD_LOG
-from .protocol.messages import VMRow
+from .protocol.messages import VMMetrics, VMRow
 from .sdk.boot import IMAGE_CMD, boot, connect, restore, stop_vm
 from .sdk.mounts import Mount
 from .sdk.network import NetworkPolicy
@@ -753,6 +753,71 @@ def _time_left(deadline: object, now: float) -> str:
     if isinstance(deadline, bool) or not isinstance(deadline, int | float):
         return "-"
     return f"{max(0.0, deadline - now):.0f}s"
+
+
+@main.command(name="top")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one table (CPU over one interval) and exit.")
+def top_command(interval: float, once: bool) -> None:
+    """A live table of this machine's VMs: CPU, guest memory of their own and shared with their
+    fork template (counted once per template in the total), and time left."""
+    if not 0 < interval < 3600:
+        raise click.BadParameter("a number of seconds between 0 and 3600", param_hint="--interval")
+
+    async def run() -> None:
+        before, taken = await _measure_all(), time.monotonic()
+        while True:
+            await anyio.sleep(interval)
+            now, at = await _measure_all(), time.monotonic()
+            if not once:
+                click.clear()
+            for line in top_lines(before, now, at - taken, time.time()):
+                click.echo(line)
+            if once:
+                return
+            before, taken = now, at
+
+    _run(run)
+
+
+Measured = dict[str, tuple[VMRow, VMMetrics]]
+
+
+async def _measure_all() -> Measured:
+    """Each running VM's row and metrics (a VM that went meanwhile is left out)."""
+    measured: Measured = {}
+    for row in registry.list_rows():
+        try:
+            async with connect(row["name"]) as vm:
+                measured[row["name"]] = (row, await vm.metrics())
+        except MachinenError:
+            continue
+    return measured
+
+
+def top_lines(before: Measured, now: Measured, elapsed_s: float, clock: float) -> list[str]:
+    """``machinen top``'s table: CPU % over ``elapsed_s`` (from two measures), private and shared
+    guest MiB, time left; a total counting each template's shared pages once (its largest share)."""
+    lines = [f"{'NAME':<24} {'PARENT':<24} {'CPU%':>6} {'PRIVATE':>9} {'SHARED':>9} {'TTL':>7}"]
+    shared_by_template: dict[str, int] = {}
+    private_total = 0
+    for name in sorted(now):
+        row, metrics = now[name]
+        lineage = row.get("lineage") or []
+        earlier = before.get(name)
+        cpu = "-" if earlier is None else f"{100 * (metrics['cpu_s'] - earlier[1]['cpu_s']) / elapsed_s:.0f}"
+        lines.append(
+            f"{_cell(name):<24} {_cell(lineage[-1]['name'] if lineage else None):<24} {cpu:>6} "
+            f"{metrics['guest_private_bytes'] / 2**20:>7.0f}Mi {metrics['guest_shared_bytes'] / 2**20:>7.0f}Mi "
+            f"{_time_left(row.get('deadline'), clock):>7}"
+        )
+        private_total += metrics["guest_private_bytes"]
+        template = metrics["shared_with"]
+        if template is not None:
+            shared_by_template[template] = max(shared_by_template.get(template, 0), metrics["guest_shared_bytes"])
+    shared_total = sum(shared_by_template.values())
+    lines.append(f"{'TOTAL':<24} {'':<24} {'':>6} {private_total / 2**20:>7.0f}Mi {shared_total / 2**20:>7.0f}Mi")
+    return lines
 
 
 @main.command(name="stop")

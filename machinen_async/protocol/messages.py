@@ -93,6 +93,18 @@ class VMInfo(TypedDict):
     restored_from: str | None  # the bundle a restore started from
 
 
+class VMMetrics(TypedDict):
+    """``vm.metrics()``: what a VM costs its host now (supervisor/metrics.py reads it from /proc)."""
+
+    cpu_s: float  # the VMM process's user + system CPU seconds so far
+    qemu_rss_bytes: int  # the VMM process's resident memory, guest RAM included ...
+    qemu_pss_bytes: int  # ... and its proportional share (pages shared with N processes count 1/N)
+    guest_private_bytes: int  # guest RAM only this VM has: all of it, or a fork sibling's copied pages
+    guest_shared_bytes: int  # guest RAM it maps from its fork template, shared with its siblings
+    shared_with: str | None  # that template's RAM file (count its shared bytes once), or None
+    disk_bytes: int  # allocated bytes of its own top disk layer (what it wrote)
+
+
 class Pong(TypedDict):
     pong: bool
     time: float  # the guest's clock

@@ -20,7 +20,16 @@ from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError,
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostPool, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
-from ..protocol.messages import AgentInfo, Ancestor, Pong, PortForward, VMDescription, VMInfo, checked_ttl
+from ..protocol.messages import (
+    AgentInfo,
+    Ancestor,
+    Pong,
+    PortForward,
+    VMDescription,
+    VMInfo,
+    VMMetrics,
+    checked_ttl,
+)
 from ..protocol.ports import PortSpec
 from ..store import registry
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
@@ -333,6 +342,13 @@ class VM:
         reply = await self._channel.call("vm.extend", {"seconds": checked})
         self.info = {**self.info, "deadline": reply["deadline"]}
         return float(reply["deadline"])
+
+    async def metrics(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> VMMetrics:
+        """What this VM costs its host now: CPU seconds, memory (guest RAM private to it, and shared
+        with its fork template: ``shared_with``, so several siblings count it once) and disk layer
+        bytes; see ``VMMetrics``."""
+        with _deadline(timeout, "answer metrics"):
+            return await self._channel.call("vm.metrics")
 
     async def snapshot(self, bundle_dir: str | os.PathLike[str]) -> SnapshotInfo:
         """Write a restorable bundle of this VM to ``bundle_dir`` (new or empty).

@@ -24,7 +24,7 @@ from ..protocol.framing import FrameStream
 from ..protocol.messages import checked_ttl
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
-from . import forwards, mounts
+from . import forwards, metrics, mounts
 from .capture import Capture
 from .config import SupervisorConfig, check_workload_started
 from .relay import AgentRelay, ClientConnection
@@ -57,6 +57,7 @@ class Supervisor:
             "vm.resume": self._resume,
             "vm.stop": self._stop,
             "vm.extend": self._extend,
+            "vm.metrics": self._metrics,
         }
 
     # --- lifecycle ----------------------------------------------------------------
@@ -302,6 +303,13 @@ class Supervisor:
         self.deadline_moved.set()
         self.deadline_moved = anyio.Event()
         return {"deadline": self.meta["deadline"]}
+
+    async def _metrics(self, client: ClientConnection, params: wire.Params) -> wire.Params:
+        capture = self.capture
+        assert capture.ram_file is not None  # chosen before the VM (and this socket) came up
+        measured = functools.partial(metrics.vm_metrics, self.meta["qemu_pid"], capture.ram_file, capture.ram_shared,
+                                     Path(capture.chain[0][0]))  # fmt: skip
+        return dict(await anyio.to_thread.run_sync(measured))
 
     async def _stop(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         self.stop_requested.set()
