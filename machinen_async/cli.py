@@ -295,6 +295,10 @@ ttl_option: OptionDecorator = click.option(
     "--ttl", type=float, default=None, metavar="SECONDS",
     help="Stop the VM this long after it starts, detached or not (`machinen ls` shows the time left).",
 )  # fmt: skip
+idle_timeout_option: OptionDecorator = click.option(
+    "--idle-timeout", type=float, default=None, metavar="SECONDS",
+    help="Stop the VM once it has had no call (exec, file, ...) in progress for this long.",
+)  # fmt: skip
 trust_option: OptionDecorator = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
@@ -370,6 +374,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.option("--run-image-cmd", is_flag=True, help="Run an OCI image's Entrypoint + Cmd as the VM's workload.")
 @click.option("--cold", is_flag=True, help="Boot the kernel even if a boot template could be resumed.")
 @ttl_option
+@idle_timeout_option
 @click.option(
     "--pull",
     type=click.Choice(["missing", "always", "never"]),
@@ -386,7 +391,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, pull, insecure, host_spec, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, pull, insecure, host_spec, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -409,6 +414,7 @@ def boot_command(
                 network=False if no_network else _network_policy(allow_rules, allow_host_ports),
                 cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
                 mounts=_mounts(live_mounts, copied_mounts), host=host, ttl=ttl,
+                idle_timeout=idle_timeout,
             )  # fmt: skip
             vm = await stack.enter_async_context(launch)
             address = vm.host.address(vm.name)
@@ -473,10 +479,12 @@ def attach(name: str, shell: str) -> None:
 )  # fmt: skip
 @mount_option(copied=False)
 @ttl_option
+@idle_timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
 def fork_command(
-    name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, ttl, as_json
-) -> None:
+    name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, ttl, idle_timeout,
+    as_json,
+) -> None:  # fmt: skip
     """Fork running VM NAME into siblings that continue from this instant.
 
     NAME keeps running; each sibling has NAME's memory, processes and disk as
@@ -496,8 +504,9 @@ def fork_command(
                 ]
             source = await stack.enter_async_context(connect(name))
             launch = source.fork(
-                count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts), ttl=ttl
-            )
+                count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts), ttl=ttl,
+                idle_timeout=idle_timeout,
+            )  # fmt: skip
             result = await stack.enter_async_context(launch)
             siblings = [result] if isinstance(result, VM) else list(result)
             if as_json:
@@ -546,10 +555,11 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @allow_option
 @mount_option(copied=False)
 @ttl_option
+@idle_timeout_option
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
     directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports,
-    live_mounts, ttl, as_json,
+    live_mounts, ttl, idle_timeout, as_json,
 ) -> None:  # fmt: skip
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
@@ -558,7 +568,8 @@ def restore_command(
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
                                  detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
-                                 network=_network_policy(allow_rules, allow_host_ports), ttl=ttl)  # fmt: skip
+                                 network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
+                                 idle_timeout=idle_timeout)  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
@@ -566,7 +577,8 @@ def restore_command(
                 pushed = await host.push(directory, progress=_progress, trust=trust)
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
-                                      network=_network_policy(allow_rules, allow_host_ports), ttl=ttl)  # fmt: skip
+                                      network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
+                                      idle_timeout=idle_timeout)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
             if as_json:

@@ -85,6 +85,7 @@ async def boot_here(request: BootRequest, progress: Progress | None = None) -> C
         mounts=[mount.to_wire() for mount in request.mounts],
         start_workload=request.start_workload,
         deadline=deadline_of(request.ttl),
+        idle_timeout=request.idle_timeout,
     )
     if not request.warm:
         return await start_supervisor(config)

@@ -115,6 +115,7 @@ async def _start_siblings(
     mounts: list[list],
     unmounts: list[str],
     ttl: float | None,
+    idle_timeout: float | None,
 ) -> list[Connection]:
     """One VM per name, all resumed from the same ``incoming`` state, started at once, with live
     ``mounts`` and the guest paths of the state's mounts to drop (``unmounts``)."""
@@ -133,6 +134,7 @@ async def _start_siblings(
                 mounts=mounts,
                 unmounts=unmounts,
                 deadline=deadline_of(ttl),
+                idle_timeout=idle_timeout,
             )
             for name in names
         ]
@@ -290,7 +292,7 @@ def rebind(
 
 async def _restore_one(
     bundle_dir: Path, manifest: Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
-    boot_timeout: float, mounts: list[list], unmounts: list[str], ttl: float | None,
+    boot_timeout: float, mounts: list[list], unmounts: list[str], ttl: float | None, idle_timeout: float | None,
 ) -> Connection:  # fmt: skip
     registry.ensure_free(name)
     config = SupervisorConfig(
@@ -314,6 +316,7 @@ async def _restore_one(
         mounts=mounts,
         unmounts=unmounts,
         deadline=deadline_of(ttl),
+        idle_timeout=idle_timeout,
     )
     return await start_supervisor(config)
 
@@ -328,6 +331,7 @@ async def _restore_siblings(
     mounts: list[list],
     unmounts: list[str],
     ttl: float | None,
+    idle_timeout: float | None,
 ) -> list[Connection]:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -363,7 +367,7 @@ async def _restore_siblings(
             restored_from=str(bundle_dir),
         )
         siblings = await _start_siblings(
-            list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts, ttl
+            list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts, ttl, idle_timeout
         )
     finally:
         layers.close_quietly(template_ref)
@@ -434,12 +438,14 @@ class LocalDriver(HostDriver):
         timeout, detached = request.boot_timeout, request.detached
         if request.siblings:
             return await _restore_siblings(
-                bundle_dir, manifest, machine, names, timeout, detached, bound, dropped, request.ttl
-            )
+                bundle_dir, manifest, machine, names, timeout, detached, bound, dropped, request.ttl,
+                request.idle_timeout,
+            )  # fmt: skip
         (name,) = names
         ports = [port.to_wire() for port in request.ports]
         return [await _restore_one(
-            bundle_dir, manifest, machine, name, ports, detached, timeout, bound, dropped, request.ttl
+            bundle_dir, manifest, machine, name, ports, detached, timeout, bound, dropped, request.ttl,
+            request.idle_timeout,
         )]  # fmt: skip
 
     async def fork(
@@ -464,7 +470,7 @@ class LocalDriver(HostDriver):
         try:
             siblings = await _start_siblings(
                 names, template.machine, template.incoming, request.boot_timeout, request.detached,
-                [port.to_wire() for port in request.ports], bound, dropped, request.ttl,
+                [port.to_wire() for port in request.ports], bound, dropped, request.ttl, request.idle_timeout,
             )  # fmt: skip
         finally:
             layers.close_quietly(reference)

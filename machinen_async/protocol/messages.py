@@ -89,6 +89,7 @@ class VMInfo(TypedDict):
     boot_s: float
     socket: str
     deadline: float | None  # epoch seconds at which the supervisor stops the VM (``ttl``), or None
+    idle_timeout: float | None  # seconds with no call in progress after which it stops the VM, or None
     lineage: list[Ancestor]  # root first, the parent last; empty for a boot (cold or warm)
     restored_from: str | None  # the bundle a restore started from
 
@@ -307,12 +308,13 @@ def _timeout(value: object) -> float:
     return float(value)
 
 
-def checked_ttl(value: object) -> float | None:
-    """A lifetime in seconds (``ttl=``, ``vm.extend``): None (no end), or a positive finite number."""
+def checked_ttl(value: object, what: str = "ttl") -> float | None:
+    """A lifetime in seconds (``ttl=``, ``idle_timeout=``, ``vm.extend``): None (no end), or a
+    positive finite number."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
-        raise BootError(f"ttl is a positive number of seconds, not {value!r:.100}", code="BOOT_TTL_INVALID")
+        raise BootError(f"{what} is a positive number of seconds, not {value!r:.100}", code="BOOT_TTL_INVALID")
     return float(value)
 
 
@@ -452,6 +454,7 @@ class BootRequest(_Request):
     credentials: tuple[str, str] | None = field(default=None, repr=False)  # (user, password) for the registry
     warm: bool = True
     ttl: float | None = None  # seconds from the start after which the VM's supervisor stops it
+    idle_timeout: float | None = None  # seconds with no call after which its supervisor stops it
 
     def __post_init__(self) -> None:
         """Every field checked here, so a bad request fails where it is made, as on arrival."""
@@ -481,6 +484,7 @@ class BootRequest(_Request):
         checked = {
             "boot_timeout": _timeout(self.boot_timeout),
             "ttl": checked_ttl(self.ttl),
+            "idle_timeout": checked_ttl(self.idle_timeout, "idle_timeout"),
             "ports": PortForward.all_of(self.ports),
             "network_allow": _allow_rules(self.network_allow),
             "mounts": mounts,
@@ -506,6 +510,7 @@ class ForkRequest(_Request):
     boot_timeout: float = 60.0
     mounts: tuple[MountBinding, ...] = ()
     ttl: float | None = None  # each sibling's, from its start
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         _resuming_fields(self, least=0)
@@ -529,6 +534,7 @@ class RestoreRequest(_Request):
     trust: bool = False
     network_allow: tuple[str, ...] = ()
     ttl: float | None = None  # each VM's, from its start
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if type(self.bundle) is not str:
@@ -552,5 +558,6 @@ def _resuming_fields(request: ForkRequest | RestoreRequest, *, least: int) -> No
         raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
     mounts = _bindings(request.mounts)
     for key, value in (("names", names), ("ports", ports), ("mounts", mounts),
-                       ("boot_timeout", _timeout(request.boot_timeout)), ("ttl", checked_ttl(request.ttl))):  # fmt: skip
+                       ("boot_timeout", _timeout(request.boot_timeout)), ("ttl", checked_ttl(request.ttl)),
+                       ("idle_timeout", checked_ttl(request.idle_timeout, "idle_timeout"))):  # fmt: skip
         object.__setattr__(request, key, value)

@@ -27,6 +27,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+    idle_timeout: float | None = ...,
 ) -> Launch[VM]: ...  # fmt: skip
 
 
@@ -36,6 +37,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+    idle_timeout: float | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -45,6 +47,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+    idle_timeout: float | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -64,6 +67,7 @@ def restore(
     network: NetworkPolicy | None = None,
     mounts: Sequence[str | Mount] | None = None,
     ttl: float | None = None,
+    idle_timeout: float | None = None,
 ) -> Launch[VM] | Launch[Forks]:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
@@ -92,7 +96,8 @@ def restore(
     the bundle on this machine; a bundle accepted with ``trust=True`` or
     received by a push binds only what ``mounts`` names); a live mount left
     unbound or a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
-    ``mounts`` may also add live mounts.  ``ttl``: each VM's lifetime in seconds (see ``boot``).
+    ``mounts`` may also add live mounts.  ``ttl``, ``idle_timeout``: each VM's
+    lifetime in seconds, and without calls (see ``boot``).
     """
     chosen, siblings = restore_names(name, n, names)
     request = RestoreRequest(
@@ -100,6 +105,7 @@ def restore(
         detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts),
         image=image_argument(image, here=True), accel=accel, trust=trust, network_allow=network.allow if network is not None else (),
         ttl=ttl,
+        idle_timeout=idle_timeout,
     )  # fmt: skip
     return Host.local().start_restore(request, progress=progress)
 

@@ -56,6 +56,7 @@ class BootOptions(PoolBootOptions, total=False):
     memory_mib: int
     warm: bool
     ttl: float | None
+    idle_timeout: float | None
 
 
 class Host:
@@ -168,6 +169,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
+        idle_timeout: float | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
@@ -175,6 +177,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: int, names: Sequence[str] | None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
+        idle_timeout: float | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
@@ -182,6 +185,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: Sequence[str],
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
+        idle_timeout: float | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     def restore(
@@ -197,6 +201,7 @@ class Host:
         mounts: Sequence[str | Mount] | None = None,
         network: NetworkPolicy | None = None,
         ttl: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
         with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
@@ -209,7 +214,7 @@ class Host:
         request = RestoreRequest(
             bundle=remote_bundle, names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
             detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts, here=self.driver == LocalDriver()),
-            network_allow=network.allow if network is not None else (), ttl=ttl,
+            network_allow=network.allow if network is not None else (), ttl=ttl, idle_timeout=idle_timeout,
         )  # fmt: skip
         return self.start_restore(request)
 
@@ -262,13 +267,15 @@ class Host:
         hosts: Sequence[Host] | HostPool[Host] | None,
         mounts: Sequence[str | Mount] | None,
         ttl: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """``source.fork()``: siblings here, or spread over ``hosts``; ``single``: the one sibling itself."""
         # A spread's mounts bind on every host that gets siblings: absolute directories of each.
         bound = rebinding(mounts, here=self.driver == LocalDriver() and hosts is None)
         request = ForkRequest(
-            tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound, ttl=ttl
-        )
+            tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound, ttl=ttl,
+            idle_timeout=idle_timeout,
+        )  # fmt: skip
 
         async def start() -> Forks:
             if hosts is not None:
@@ -382,6 +389,7 @@ def boot(
     insecure: Sequence[str] = (),
     warm: bool = True,
     ttl: float | None = None,
+    idle_timeout: float | None = None,
     host: Host | None = None,
 ) -> Launch[VM]:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
@@ -424,6 +432,8 @@ def boot(
 
     ``ttl``: the VM's lifetime in seconds: its supervisor stops it that long after it started,
     detached or not, its owner there or not (``vm.extend`` pushes the deadline; ``vm.deadline``).
+    ``idle_timeout``: its supervisor stops it once it has had no call in progress and none started
+    for that many seconds.
     """
     host = host or Host.local()
     here = host.driver == LocalDriver()
@@ -449,5 +459,6 @@ def boot(
         credentials=credentials,
         warm=warm,
         ttl=ttl,
+        idle_timeout=idle_timeout,
     )
     return Launch(lambda: _launch(host, request, [mount for mount in chosen if not mount.live], progress))

@@ -131,6 +131,7 @@ async def _start_across(
                     boot_timeout=request.boot_timeout,
                     mounts=mounts,
                     ttl=request.ttl,
+                    idle_timeout=request.idle_timeout,
                 )
                 started.update(zip(host_names, siblings, strict=True))
             finally:

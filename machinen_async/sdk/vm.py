@@ -254,21 +254,21 @@ class VM:
     def fork(
         self, n: None = None, *, name: str | None = None, names: None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
-        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
     def fork(
         self, n: int, *, name: str | None = None, names: Sequence[str] | None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
-        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
     def fork(
         self, n: None = None, *, name: str | None = None, names: Sequence[str], boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
-        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
     ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
 
     def fork(
@@ -283,6 +283,7 @@ class VM:
         hosts: Sequence[Host] | HostPool[Host] | None = None,
         mounts: Sequence[str | Mount] | None = None,
         ttl: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -299,8 +300,8 @@ class VM:
         lets Ray's scheduler place them; remote siblings
         start from a snapshot pushed there (see docs/scale-out.md).  Siblings
         keep this VM's live mounts; ``mounts`` re-binds them (by guest path) to
-        other directories, or adds live mounts.  ``ttl``: each sibling's lifetime in
-        seconds from its start (see ``boot``).
+        other directories, or adds live mounts.  ``ttl``, ``idle_timeout``: each
+        sibling's lifetime in seconds from its start, and without calls (see ``boot``).
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -320,7 +321,7 @@ class VM:
             raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
         return self.host.fork_siblings(
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
-            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl,
+            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout,
         )  # fmt: skip
 
     @property

@@ -37,6 +37,7 @@ class SupervisorConfig:
     warm: bool = False
     # Epoch seconds at which the supervisor stops the VM, owner or not (``ttl``); None: no end.
     deadline: float | None = None
+    idle_timeout: float | None = None  # seconds with no call in progress after which it stops the VM
 
     @property
     def lineage(self) -> list[Ancestor]:

@@ -34,6 +34,10 @@ log = structlog.get_logger("machinen.supervisor")
 # vm.reset_agent_channel without a timeout of its own: how long the agent has to answer the new session.
 RESET_TIMEOUT_S = 30.0
 
+# How often an idle_timeout's watch looks whether calls are in progress.  A call is counted as
+# running until the look after it, at the latest, so an idle VM is never stopped early.
+IDLE_POLL_S = 0.5
+
 LocalCall = Callable[[ClientConnection, "wire.Params"], Awaitable["wire.Params"]]
 ReportReady = Callable[["wire.Params"], None]  # called with the VM's meta once it is up
 
@@ -49,6 +53,8 @@ class Supervisor:
         self.stop_requested = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
         self.deadline_moved = anyio.Event()  # set (and replaced) by each vm.extend
+        self.local_calls_running = 0
+        self.calls_ended_by = time.monotonic()  # the last call known ended by then at the latest
         self.local_calls: dict[str, LocalCall] = {
             "vm.info": self._info,
             "vm.reset_agent_channel": self._reset_agent_channel,
@@ -169,6 +175,7 @@ class Supervisor:
                 "boot_s": round(boot_s, 3),
                 "socket": str(entry.supervisor_socket),
                 "deadline": config.deadline,
+                "idle_timeout": config.idle_timeout,
                 "lineage": config.lineage,
                 "restored_from": config.incoming.restored_from if config.incoming and not config.warm else None,
             }
@@ -183,6 +190,9 @@ class Supervisor:
             for directory, (_, target, _) in zip(self.mounts, config.mounts, strict=True):
                 tg.start_soon(mounts.serve_mount, self.relay, directory, target)
             tg.start_soon(self._stop_at_deadline)
+            if config.idle_timeout is not None:
+                self.calls_ended_by = time.monotonic()
+                tg.start_soon(self._stop_when_idle, config.idle_timeout)
             report_ready(self.meta)
             log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.relay.agent_info.get("uptime_s"))
             await self.stop_requested.wait()
@@ -208,6 +218,21 @@ class Supervisor:
             log.info("deadline reached", deadline=deadline)
             self.stop_requested.set()
             return
+
+    async def _stop_when_idle(self, idle_s: float) -> None:
+        """Stop the VM once it has had no call in progress (relayed to the agent, or a ``vm.*`` one)
+        and none started for ``idle_s`` seconds."""
+        while True:
+            if self.relay.routes or self.local_calls_running:
+                self.calls_ended_by = time.monotonic() + IDLE_POLL_S
+                await anyio.sleep(IDLE_POLL_S)
+                continue
+            idle_for = time.monotonic() - self.calls_ended_by
+            if idle_for >= idle_s:
+                log.info("idle: stopping", idle_timeout=idle_s)
+                self.stop_requested.set()
+                return
+            await anyio.sleep(min(IDLE_POLL_S, idle_s - idle_for))
 
     # --- the client side ----------------------------------------------------------
 
@@ -238,6 +263,7 @@ class Supervisor:
             nonce, _, _ = wire.hello(frame)
             client.outbox.put([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, self.meta])
         elif kind == wire.OPEN:
+            self.calls_ended_by = time.monotonic() + IDLE_POLL_S  # a call that ends before the next look
             method, params = wire.request(frame)
             if method.startswith("vm."):
                 tg.start_soon(self.handle_local_call, client, sid, method, params)
@@ -254,6 +280,13 @@ class Supervisor:
             self.relay.send(wire.readdressed(frame, agent_sid))
 
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
+        self.local_calls_running += 1  # in progress: the VM is not idle
+        try:
+            await self._answer_local_call(client, sid, method, params)
+        finally:
+            self.local_calls_running -= 1
+
+    async def _answer_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
         try:
             call = self.local_calls.get(method)
             if call is None:

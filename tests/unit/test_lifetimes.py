@@ -68,6 +68,17 @@ async def test_extend_sets_a_deadline_where_there_was_none(anyio_backend: str) -
     await _until_gone(name)
 
 
+@pytest.mark.usefixtures("fake_vmm")
+async def test_idle_timeout_waits_for_calls_in_progress_then_stops_the_vm(anyio_backend: str) -> None:
+    name = f"idle-{anyio_backend}"
+    async with boot(name=name, warm=False, detached=True, idle_timeout=1) as vm:
+        assert vm.info["idle_timeout"] == 1
+        ran = await vm.exec(["sh", "-c", "sleep 3; echo done"])  # 3 s with a call in progress: not idle
+        assert ran.stdout == b"done\n"
+        assert (await vm.ping())["pong"]
+    await _until_gone(name)  # no call since: stopped
+
+
 @pytest.mark.parametrize("ttl", [0, -1, math.inf, math.nan, True, "600"])
 def test_a_ttl_that_is_no_lifetime_is_refused(ttl: object) -> None:
     for make in (
@@ -78,16 +89,21 @@ def test_a_ttl_that_is_no_lifetime_is_refused(ttl: object) -> None:
         with pytest.raises(MachinenError) as refused:
             make()
         assert refused.value.code == "BOOT_TTL_INVALID"
-    with pytest.raises(MachinenError) as refused:
-        boot(name="a", ttl=ttl)  # type: ignore[arg-type]
-    assert refused.value.code == "BOOT_TTL_INVALID"
+    for options in ({"ttl": ttl}, {"idle_timeout": ttl}):
+        with pytest.raises(MachinenError) as refused:
+            boot(name="a", **options)  # type: ignore[arg-type]
+        assert refused.value.code == "BOOT_TTL_INVALID"
 
 
 def test_ttl_crosses_in_every_request() -> None:
-    for request in (BootRequest(name="a", ttl=600), ForkRequest(("a",), ttl=5), RestoreRequest("/b", ("a",), ttl=7)):
+    for request in (
+        BootRequest(name="a", ttl=600, idle_timeout=60),
+        ForkRequest(("a",), ttl=5, idle_timeout=6),
+        RestoreRequest("/b", ("a",), ttl=7, idle_timeout=8),
+    ):
         assert type(request).from_wire(request.to_wire()) == request
-        assert request.to_wire()["ttl"] == request.ttl
-        assert type(request.ttl) is float
+        assert request.to_wire()["ttl"] == request.ttl and request.to_wire()["idle_timeout"] == request.idle_timeout
+        assert type(request.ttl) is float and type(request.idle_timeout) is float
     assert BootRequest(name="a").ttl is None
 
 

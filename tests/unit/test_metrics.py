@@ -38,7 +38,10 @@ def test_a_private_mapping_splits_into_copied_and_shared_pages(tmp_path: Path) -
     assert as_owner["guest_private_bytes"] == PAGES * PAGE and as_owner["guest_shared_bytes"] == 0
     assert 8192 <= as_sibling["disk_bytes"] < 1 << 20
     assert as_sibling["cpu_s"] > 0
-    assert as_sibling["qemu_rss_bytes"] >= PAGES * PAGE and 0 < as_sibling["qemu_pss_bytes"] <= as_sibling["qemu_rss_bytes"]
+    assert (
+        as_sibling["qemu_rss_bytes"] >= PAGES * PAGE
+        and 0 < as_sibling["qemu_pss_bytes"] <= as_sibling["qemu_rss_bytes"]
+    )
 
 
 @pytest.mark.anyio
