@@ -53,7 +53,7 @@ class Supervisor:
         self.stop_requested = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
         self.deadline_moved = anyio.Event()  # set (and replaced) by each vm.extend
-        self.local_calls_running = 0
+        self.own_work_running = 0  # vm.* calls and port-forwarded connections in progress
         self.calls_ended_by = time.monotonic()  # the last call known ended by then at the latest
         self.local_calls: dict[str, LocalCall] = {
             "vm.info": self._info,
@@ -186,7 +186,7 @@ class Supervisor:
             tg.start_soon(self.relay.write_loop)
             tg.start_soon(listener.serve, self.serve_client)
             for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
-                tg.start_soon(forward.serve, functools.partial(forwards.serve_forward, self.relay, guest_port))
+                tg.start_soon(forward.serve, functools.partial(self._serve_forward, guest_port))
             for directory, (_, target, _) in zip(self.mounts, config.mounts, strict=True):
                 tg.start_soon(mounts.serve_mount, self.relay, directory, target)
             tg.start_soon(self._stop_at_deadline)
@@ -220,10 +220,11 @@ class Supervisor:
             return
 
     async def _stop_when_idle(self, idle_s: float) -> None:
-        """Stop the VM once it has had no call in progress (relayed to the agent, or a ``vm.*`` one)
-        and none started for ``idle_s`` seconds."""
+        """Stop the VM once it has had no call in progress (a client's: relayed to the agent, or a
+        ``vm.*`` one; or a port-forwarded connection) and none started for ``idle_s`` seconds.  The
+        supervisor's own long calls (a live mount's server) are not activity."""
         while True:
-            if self.relay.routes or self.local_calls_running:
+            if self.own_work_running or any(route.client.frames is not None for route in self.relay.routes.values()):
                 self.calls_ended_by = time.monotonic() + IDLE_POLL_S
                 await anyio.sleep(IDLE_POLL_S)
                 continue
@@ -280,11 +281,19 @@ class Supervisor:
             self.relay.send(wire.readdressed(frame, agent_sid))
 
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
-        self.local_calls_running += 1  # in progress: the VM is not idle
+        self.own_work_running += 1  # in progress: the VM is not idle
         try:
             await self._answer_local_call(client, sid, method, params)
         finally:
-            self.local_calls_running -= 1
+            self.own_work_running -= 1
+
+    async def _serve_forward(self, guest_port: int, connection: anyio.abc.SocketStream) -> None:
+        self.own_work_running += 1  # a connection through a port forward: the VM is in use
+        self.calls_ended_by = time.monotonic() + IDLE_POLL_S
+        try:
+            await forwards.serve_forward(self.relay, guest_port, connection)
+        finally:
+            self.own_work_running -= 1
 
     async def _answer_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
         try:
