@@ -8,10 +8,15 @@ import subprocess
 import sys
 import time
 
+import anyio
+import pytest
 from conftest import machinen, qemu_of
+
+from machinen_async import boot
 
 TTL_S = 20  # counted from the supervisor's start, so it covers a cold boot under TCG
 LATE_BOUND_S = 2.0  # the promise: gone within 2 s of the deadline
+GONE_WITHIN_S = 30.0  # a bound on an idle VM's stop (its idle time, a look, QEMU's exit)
 
 
 def _listed(name: str) -> bool:
@@ -44,4 +49,19 @@ def test_ttl_stops_a_detached_vm_whose_owner_was_killed() -> None:
     finally:
         if owner.poll() is None:
             owner.kill()
+        machinen("stop", name, check=False)
+
+
+@pytest.mark.anyio
+async def test_idle_timeout_stops_a_vm_once_its_calls_are_done() -> None:
+    name = "idle-qemu"
+    try:
+        async with boot(name=name, detached=True, idle_timeout=3) as vm:
+            ran = await vm.exec(["sh", "-c", "sleep 6; echo done"], check=True)  # longer than idle: in use
+            assert ran.stdout == b"done\n"
+        with anyio.fail_after(GONE_WITHIN_S):
+            while _listed(name):
+                await anyio.sleep(0.5)
+        assert not qemu_of(name)
+    finally:
         machinen("stop", name, check=False)
