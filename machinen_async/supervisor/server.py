@@ -52,9 +52,9 @@ class Supervisor:
         self.mounts: list[mounts.HostDirectory] = []
         self.stop_requested = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
-        self.deadline_moved = anyio.Event()  # set (and replaced) by each vm.extend
-        self.own_work_running = 0  # vm.* calls and port-forwarded connections in progress
-        self.calls_ended_by = time.monotonic()  # the last call known ended by then at the latest
+        self.deadline_moved: anyio.Event = anyio.Event()  # set (and replaced) by each vm.extend
+        self.own_work_running: int = 0  # vm.* calls and port-forwarded connections in progress
+        self.calls_ended_by: float = time.monotonic()  # the last call known ended by then at the latest
         self.local_calls: dict[str, LocalCall] = {
             "vm.info": self._info,
             "vm.reset_agent_channel": self._reset_agent_channel,
