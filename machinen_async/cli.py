@@ -27,6 +27,7 @@ import click
 from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
 from .protocol.guest_abi import WORKLOAD_LOG
+from .protocol.messages import VMMetrics, VMRow
 from .sdk.boot import IMAGE_CMD, boot, connect, restore, stop_vm
 from .sdk.mounts import Mount
 from .sdk.network import NetworkPolicy
@@ -290,6 +291,14 @@ def _mounts(live: tuple[str, ...], copied: tuple[str, ...] = ()) -> list[Mount]:
     return [*(Mount.parse(spec, live=True) for spec in live), *(Mount.parse(spec) for spec in copied)]
 
 
+ttl_option: OptionDecorator = click.option(
+    "--ttl", type=float, default=None, metavar="SECONDS",
+    help="Stop the VM this long after it starts, detached or not (`machinen ls` shows the time left).",
+)  # fmt: skip
+idle_timeout_option: OptionDecorator = click.option(
+    "--idle-timeout", type=float, default=None, metavar="SECONDS",
+    help="Stop the VM once it has had no call (exec, file, ...) in progress for this long.",
+)  # fmt: skip
 trust_option: OptionDecorator = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
@@ -364,6 +373,8 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.option("--detach", "--detached", "-d", is_flag=True, help="Leave the VM running and return.")
 @click.option("--run-image-cmd", is_flag=True, help="Run an OCI image's Entrypoint + Cmd as the VM's workload.")
 @click.option("--cold", is_flag=True, help="Boot the kernel even if a boot template could be resumed.")
+@ttl_option
+@idle_timeout_option
 @click.option(
     "--pull",
     type=click.Choice(["missing", "always", "never"]),
@@ -380,7 +391,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, pull, insecure, host_spec, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, pull, insecure, host_spec, as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -402,7 +413,8 @@ def boot_command(
                 detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure, warm=not cold,
                 network=False if no_network else _network_policy(allow_rules, allow_host_ports),
                 cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
-                mounts=_mounts(live_mounts, copied_mounts), host=host,
+                mounts=_mounts(live_mounts, copied_mounts), host=host, ttl=ttl,
+                idle_timeout=idle_timeout,
             )  # fmt: skip
             vm = await stack.enter_async_context(launch)
             address = vm.host.address(vm.name)
@@ -466,10 +478,13 @@ def attach(name: str, shell: str) -> None:
     help="Spread the siblings over these hosts (repeatable; `local` is this one).",
 )  # fmt: skip
 @mount_option(copied=False)
+@ttl_option
+@idle_timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
 def fork_command(
-    name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, as_json
-) -> None:
+    name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, ttl, idle_timeout,
+    as_json,
+) -> None:  # fmt: skip
     """Fork running VM NAME into siblings that continue from this instant.
 
     NAME keeps running; each sibling has NAME's memory, processes and disk as
@@ -488,11 +503,11 @@ def fork_command(
                     for spec in host_specs
                 ]
             source = await stack.enter_async_context(connect(name))
-            result = await stack.enter_async_context(
-                source.fork(
-                    count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts)
-                )
-            )
+            launch = source.fork(
+                count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts), ttl=ttl,
+                idle_timeout=idle_timeout,
+            )  # fmt: skip
+            result = await stack.enter_async_context(launch)
             siblings = [result] if isinstance(result, VM) else list(result)
             if as_json:
                 click.echo(json.dumps([{**vm.info, "name": vm.host.address(vm.name)} for vm in siblings]))
@@ -539,10 +554,12 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @trust_option
 @allow_option
 @mount_option(copied=False)
+@ttl_option
+@idle_timeout_option
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
     directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports,
-    live_mounts, as_json,
+    live_mounts, ttl, idle_timeout, as_json,
 ) -> None:  # fmt: skip
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
@@ -551,7 +568,8 @@ def restore_command(
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
                                  detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
-                                 network=_network_policy(allow_rules, allow_host_ports))  # fmt: skip
+                                 network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
+                                 idle_timeout=idle_timeout)  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
@@ -559,7 +577,8 @@ def restore_command(
                 pushed = await host.push(directory, progress=_progress, trust=trust)
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
-                                      network=_network_policy(allow_rules, allow_host_ports))  # fmt: skip
+                                      network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
+                                      idle_timeout=idle_timeout)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
             if as_json:
@@ -649,8 +668,15 @@ def images_command(as_json: bool) -> None:
     help="List the VMs of every machinen node of a Ray cluster (default address: auto).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
-def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bool) -> None:
+@click.option("--tree", "as_tree", is_flag=True, help="Draw the VMs as their fork tree: children under parents.")
+def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bool, as_tree: bool) -> None:
     """List running VMs (here, on each --host, or on the nodes of a Ray cluster)."""
+    if as_tree:
+        if host_specs or ray_address is not None:
+            raise click.UsageError("--tree draws this machine's VMs only")
+        for line in tree_lines(registry.list_rows()):
+            click.echo(line)
+        return
     if not host_specs and ray_address is None:
         _print_rows(registry.list_rows(), as_json)
         return
@@ -685,15 +711,125 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=repr, skipkeys=True))  # what a peer sent: any shape
         return
-    click.echo(f"{'NAME':<24} {'PID':>8} {'UP':>9} {'ACCEL':<5} {'MEMORY':>7}  {'START':<7} {'FORKED-FROM':<24} PORTS")
+    click.echo(
+        f"{'NAME':<24} {'PID':>8} {'UP':>9} {'TTL':>7} {'ACCEL':<5} {'MEMORY':>7}  {'START':<7} {'FORKED-FROM':<24} PORTS"
+    )
+    now = time.time()
     for row in rows:
         uptime, memory = row.get("uptime_s"), row.get("memory_mib")
         up = f"{uptime:>8.0f}s" if type(uptime) in (int, float) else f"{_cell(uptime):>9}"
         mib = f"{memory:>5}Mi" if type(memory) is int else f"{_cell(memory):>7}"
         click.echo(
-            f"{_cell(row.get('name')):<24} {_cell(row.get('pid')):>8} {up} {_cell(row.get('accel')):<5} "
-            f"{mib}  {_cell(row.get('start')):<7} {_cell(row.get('forked_from')):<24} {_cell(row.get('ports'))}"
+            f"{_cell(row.get('name')):<24} {_cell(row.get('pid')):>8} {up} {_time_left(row.get('deadline'), now):>7} "
+            f"{_cell(row.get('accel')):<5} {mib}  {_cell(row.get('start')):<7} {_cell(row.get('forked_from')):<24} "
+            f"{_cell(row.get('ports'))}"
         )
+
+
+def tree_lines(rows: list[VMRow]) -> list[str]:
+    """The running VMs as a tree: each under its parent (the last of its lineage) when that one
+    runs too, else at the top; with its generation (how many ancestors it has), and its bundle
+    if it was restored."""
+    names = {row["name"] for row in rows}
+
+    def parent_of(row: VMRow) -> str | None:
+        lineage = row.get("lineage") or []
+        parent = lineage[-1]["name"] if lineage else None
+        return parent if parent in names and parent != row["name"] else None
+
+    children: dict[str | None, list[VMRow]] = {}
+    for row in sorted(rows, key=lambda row: row["name"]):
+        children.setdefault(parent_of(row), []).append(row)
+    lines: list[str] = []
+    drawn: set[str] = set()
+
+    def draw(row: VMRow, depth: int) -> None:
+        if row["name"] in drawn:
+            return
+        drawn.add(row["name"])
+        restored = row.get("restored_from")
+        note = f"  gen {len(row.get('lineage') or [])}" + (f"  restored from {_cell(restored)}" if restored else "")
+        lines.append(f"{'  ' * depth}{'└─ ' if depth else ''}{_cell(row['name'])}{note}")
+        for child in children.get(row["name"], []):
+            draw(child, depth + 1)
+
+    for row in children.get(None, []):
+        draw(row, 0)
+    for row in sorted(rows, key=lambda row: row["name"]):  # in a loop of parents (none should be): at the top
+        draw(row, 0)
+    return lines
+
+
+def _time_left(deadline: object, now: float) -> str:
+    """A VM's time to live as a table cell: "-" without a deadline (or a peer's odd value)."""
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        return "-"
+    return f"{max(0.0, deadline - now):.0f}s"
+
+
+@main.command(name="top")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one table (CPU over one interval) and exit.")
+def top_command(interval: float, once: bool) -> None:
+    """A live table of this machine's VMs: CPU, guest memory of their own and shared with their
+    fork template (counted once per template in the total), and time left."""
+    if not 0 < interval < 3600:
+        raise click.BadParameter("a number of seconds between 0 and 3600", param_hint="--interval")
+
+    async def run() -> None:
+        before, taken = await _measure_all(), time.monotonic()
+        while True:
+            await anyio.sleep(interval)
+            now, at = await _measure_all(), time.monotonic()
+            if not once:
+                click.clear()
+            for line in top_lines(before, now, at - taken, time.time()):
+                click.echo(line)
+            if once:
+                return
+            before, taken = now, at
+
+    _run(run)
+
+
+Measured = dict[str, tuple[VMRow, VMMetrics]]
+
+
+async def _measure_all() -> Measured:
+    """Each running VM's row and metrics (a VM that went meanwhile is left out)."""
+    measured: Measured = {}
+    for row in registry.list_rows():
+        try:
+            async with connect(row["name"]) as vm:
+                measured[row["name"]] = (row, await vm.metrics())
+        except MachinenError:
+            continue
+    return measured
+
+
+def top_lines(before: Measured, now: Measured, elapsed_s: float, clock: float) -> list[str]:
+    """``machinen top``'s table: CPU % over ``elapsed_s`` (from two measures), private and shared
+    guest MiB, time left; a total counting each template's shared pages once (its largest share)."""
+    lines = [f"{'NAME':<24} {'PARENT':<24} {'CPU%':>6} {'PRIVATE':>9} {'SHARED':>9} {'TTL':>7}"]
+    shared_by_template: dict[str, int] = {}
+    private_total = 0
+    for name in sorted(now):
+        row, metrics = now[name]
+        lineage = row.get("lineage") or []
+        earlier = before.get(name)
+        cpu = "-" if earlier is None else f"{100 * (metrics['cpu_s'] - earlier[1]['cpu_s']) / elapsed_s:.0f}"
+        lines.append(
+            f"{_cell(name):<24} {_cell(lineage[-1]['name'] if lineage else None):<24} {cpu:>6} "
+            f"{metrics['guest_private_bytes'] / 2**20:>7.0f}Mi {metrics['guest_shared_bytes'] / 2**20:>7.0f}Mi "
+            f"{_time_left(row.get('deadline'), clock):>7}"
+        )
+        private_total += metrics["guest_private_bytes"]
+        template = metrics["shared_with"]
+        if template is not None:
+            shared_by_template[template] = max(shared_by_template.get(template, 0), metrics["guest_shared_bytes"])
+    shared_total = sum(shared_by_template.values())
+    lines.append(f"{'TOTAL':<24} {'':<24} {'':>6} {private_total / 2**20:>7.0f}Mi {shared_total / 2**20:>7.0f}Mi")
+    return lines
 
 
 @main.command(name="stop")

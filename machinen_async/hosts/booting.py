@@ -16,7 +16,7 @@ import anyio
 from ..errors import BootError
 from ..protocol.messages import BootRequest, MachineSpec
 from ..store import assets, boot_templates, layers, oci_image, registry
-from ..supervisor.config import SupervisorConfig
+from ..supervisor.config import SupervisorConfig, deadline_of
 from ..vmm import backend
 from .base import Connection, Progress
 from .supervisors import new_ram_dir, start_supervisor
@@ -84,6 +84,8 @@ async def boot_here(request: BootRequest, progress: Progress | None = None) -> C
         workload=request.workload,
         mounts=[mount.to_wire() for mount in request.mounts],
         start_workload=request.start_workload,
+        deadline=deadline_of(request.ttl),
+        idle_timeout=request.idle_timeout,
     )
     if not request.warm:
         return await start_supervisor(config)

@@ -29,7 +29,7 @@ from ..protocol.messages import (
 from ..protocol.mounts import MountEntry
 from ..store import assets, bundle, layers, oci_image, registry
 from ..store.manifest import Manifest, files_to_map
-from ..supervisor.config import SupervisorConfig
+from ..supervisor.config import SupervisorConfig, deadline_of
 from ..version import __version__
 from ..vmm import backend
 from . import transfer
@@ -115,6 +115,8 @@ async def _start_siblings(
     ports: list[list],
     mounts: list[list],
     unmounts: list[str],
+    ttl: float | None,
+    idle_timeout: float | None,
 ) -> list[Connection]:
     """One VM per name, all resumed from the same ``incoming`` state, started at once, with live
     ``mounts`` and the guest paths of the state's mounts to drop (``unmounts``)."""
@@ -132,6 +134,8 @@ async def _start_siblings(
                 machine=machine,
                 mounts=mounts,
                 unmounts=unmounts,
+                deadline=deadline_of(ttl),
+                idle_timeout=idle_timeout,
             )
             for name in names
         ]
@@ -289,7 +293,7 @@ def rebind(
 
 async def _restore_one(
     bundle_dir: Path, manifest: Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
-    boot_timeout: float, mounts: list[list], unmounts: list[str],
+    boot_timeout: float, mounts: list[list], unmounts: list[str], ttl: float | None, idle_timeout: float | None,
 ) -> Connection:  # fmt: skip
     registry.ensure_free(name)
     config = SupervisorConfig(
@@ -306,10 +310,14 @@ async def _restore_one(
             source=manifest.source,
             bundle=str(bundle_dir),
             files=files_to_map(manifest.files),
+            lineage=manifest.restored_lineage,
+            restored_from=str(bundle_dir),
         ),
         machine=machine,
         mounts=mounts,
         unmounts=unmounts,
+        deadline=deadline_of(ttl),
+        idle_timeout=idle_timeout,
     )
     return await start_supervisor(config)
 
@@ -323,6 +331,8 @@ async def _restore_siblings(
     detached: bool,
     mounts: list[list],
     unmounts: list[str],
+    ttl: float | None,
+    idle_timeout: float | None,
 ) -> list[Connection]:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -354,8 +364,12 @@ async def _restore_siblings(
             source=manifest.source,
             state=str(template.state),
             mem=str(template.mem),
+            lineage=manifest.restored_lineage,
+            restored_from=str(bundle_dir),
         )
-        siblings = await _start_siblings(list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts)
+        siblings = await _start_siblings(
+            list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts, ttl, idle_timeout
+        )
     finally:
         layers.close_quietly(template_ref)
         layers.close_quietly(layer_ref)
@@ -424,10 +438,16 @@ class LocalDriver(HostDriver):
         names = [registry.validate_name(name) for name in request.names]
         timeout, detached = request.boot_timeout, request.detached
         if request.siblings:
-            return await _restore_siblings(bundle_dir, manifest, machine, names, timeout, detached, bound, dropped)
+            return await _restore_siblings(
+                bundle_dir, manifest, machine, names, timeout, detached, bound, dropped, request.ttl,
+                request.idle_timeout,
+            )  # fmt: skip
         (name,) = names
         ports = [port.to_wire() for port in request.ports]
-        return [await _restore_one(bundle_dir, manifest, machine, name, ports, detached, timeout, bound, dropped)]
+        return [await _restore_one(
+            bundle_dir, manifest, machine, name, ports, detached, timeout, bound, dropped, request.ttl,
+            request.idle_timeout,
+        )]  # fmt: skip
 
     async def fork(
         self, source: Connection, request: ForkRequest, *, bundle_dir: Path | None = None
@@ -451,7 +471,7 @@ class LocalDriver(HostDriver):
         try:
             siblings = await _start_siblings(
                 names, template.machine, template.incoming, request.boot_timeout, request.detached,
-                [port.to_wire() for port in request.ports], bound, dropped,
+                [port.to_wire() for port in request.ports], bound, dropped, request.ttl, request.idle_timeout,
             )  # fmt: skip
         finally:
             layers.close_quietly(reference)

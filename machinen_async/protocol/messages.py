@@ -31,6 +31,41 @@ if TYPE_CHECKING:
 # they are), so typed dicts rather than classes; a checker knows every key.
 
 
+class Ancestor(TypedDict):
+    """One of a VM's ancestors: its ``name``, and ``taken_at``, the instant (epoch seconds) of the
+    fork template or snapshot its descendants came from."""
+
+    name: str
+    taken_at: float
+
+
+MAX_LINEAGE = 1024  # ancestors a VM records (the oldest are dropped beyond: a bound on what crosses)
+MAX_ANCESTOR_NAME = 255
+
+
+def is_lineage(value: object) -> bool:
+    """A lineage as it crosses (a bundle's manifest, a fork template): a bounded list of
+    ``{"name", "taken_at"}`` maps, names non-empty text, instants finite numbers."""
+    return (
+        isinstance(value, list | tuple)
+        and len(value) <= MAX_LINEAGE
+        and all(
+            isinstance(ancestor, dict)
+            and ancestor.keys() == {"name", "taken_at"}
+            and type(ancestor["name"]) is str
+            and 0 < len(ancestor["name"]) <= MAX_ANCESTOR_NAME
+            and type(ancestor["taken_at"]) in (int, float)
+            and math.isfinite(ancestor["taken_at"])
+            for ancestor in value
+        )
+    )
+
+
+def descend(lineage: Iterable[Ancestor], parent: str, taken_at: float) -> list[Ancestor]:
+    """The lineage of a VM started from ``parent`` as it was at ``taken_at``: ``parent``'s own, then ``parent``."""
+    return [*lineage, {"name": parent, "taken_at": float(taken_at)}][-MAX_LINEAGE:]
+
+
 class VMInfo(TypedDict):
     """A VM as its supervisor describes it (``vm.info``; its ``meta.json``)."""
 
@@ -53,6 +88,22 @@ class VMInfo(TypedDict):
     started_at: float
     boot_s: float
     socket: str
+    deadline: float | None  # epoch seconds at which the supervisor stops the VM (``ttl``), or None
+    idle_timeout: float | None  # seconds with no call in progress after which it stops the VM, or None
+    lineage: list[Ancestor]  # root first, the parent last; empty for a boot (cold or warm)
+    restored_from: str | None  # the bundle a restore started from
+
+
+class VMMetrics(TypedDict):
+    """``vm.metrics()``: what a VM costs its host now (supervisor/metrics.py reads it from /proc)."""
+
+    cpu_s: float  # the VMM process's user + system CPU seconds so far
+    qemu_rss_bytes: int  # the VMM process's resident memory, guest RAM included ...
+    qemu_pss_bytes: int  # ... and its proportional share (pages shared with N processes count 1/N)
+    guest_private_bytes: int  # guest RAM only this VM has: all of it, or a fork sibling's copied pages
+    guest_shared_bytes: int  # guest RAM it maps from its fork template, shared with its siblings
+    shared_with: str | None  # that template's RAM file (count its shared bytes once), or None
+    disk_bytes: int  # allocated bytes of its own top disk layer (what it wrote)
 
 
 class Pong(TypedDict):
@@ -105,6 +156,9 @@ class VMRow(TypedDict, total=False):
     forked_from: str | None
     ports: list[str]  # "ADDRESS:HOST->GUEST"
     node: str
+    deadline: float | None  # epoch seconds at which the VM stops (``ttl``), or None
+    lineage: list[Ancestor]
+    restored_from: str | None
 
 
 class HostFacts(TypedDict):
@@ -176,13 +230,18 @@ class IncomingState:
     mem: str | None = None  # ... and RAM (mapped copy-on-write)
     bundle: str | None = None  # or a bundle to copy (and check) them from ...
     files: dict[str, object] = field(default_factory=dict)  # ... against its manifest's entries
+    lineage: list[Ancestor] = field(default_factory=list)  # the VM's that starts from it
+    restored_from: str | None = None  # the bundle it came from (a restore)
 
     def to_wire(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
     def from_wire(cls, data: object) -> IncomingState:
-        return cls(**_fields_of(cls, data))
+        data = _fields_of(cls, data)
+        if not is_lineage(data.get("lineage", [])):
+            raise _invalid("a lineage is a list of {name, taken_at}", data.get("lineage"))
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -246,6 +305,16 @@ def _flag(value: object, what: str) -> bool:
 def _timeout(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
         raise _invalid("boot_timeout is a positive number of seconds", value, "BOOT_TIMEOUT_INVALID")
+    return float(value)
+
+
+def checked_ttl(value: object, what: str = "ttl") -> float | None:
+    """A lifetime in seconds (``ttl=``, ``idle_timeout=``, ``vm.extend``): None (no end), or a
+    positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+        raise BootError(f"{what} is a positive number of seconds, not {value!r:.100}", code="BOOT_TTL_INVALID")
     return float(value)
 
 
@@ -384,6 +453,8 @@ class BootRequest(_Request):
     insecure: tuple[str, ...] = ()  # registries reached over plain HTTP
     credentials: tuple[str, str] | None = field(default=None, repr=False)  # (user, password) for the registry
     warm: bool = True
+    ttl: float | None = None  # seconds from the start after which the VM's supervisor stops it
+    idle_timeout: float | None = None  # seconds with no call after which its supervisor stops it
 
     def __post_init__(self) -> None:
         """Every field checked here, so a bad request fails where it is made, as on arrival."""
@@ -412,6 +483,8 @@ class BootRequest(_Request):
             raise BootError("a boot has no saved mounts to drop", code="MOUNT_SPEC_INVALID")
         checked = {
             "boot_timeout": _timeout(self.boot_timeout),
+            "ttl": checked_ttl(self.ttl),
+            "idle_timeout": checked_ttl(self.idle_timeout, "idle_timeout"),
             "ports": PortForward.all_of(self.ports),
             "network_allow": _allow_rules(self.network_allow),
             "mounts": mounts,
@@ -436,6 +509,8 @@ class ForkRequest(_Request):
     detached: bool = False
     boot_timeout: float = 60.0
     mounts: tuple[MountBinding, ...] = ()
+    ttl: float | None = None  # each sibling's, from its start
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         _resuming_fields(self, least=0)
@@ -458,6 +533,8 @@ class RestoreRequest(_Request):
     accel: str | None = None
     trust: bool = False
     network_allow: tuple[str, ...] = ()
+    ttl: float | None = None  # each VM's, from its start
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if type(self.bundle) is not str:
@@ -481,5 +558,6 @@ def _resuming_fields(request: ForkRequest | RestoreRequest, *, least: int) -> No
         raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
     mounts = _bindings(request.mounts)
     for key, value in (("names", names), ("ports", ports), ("mounts", mounts),
-                       ("boot_timeout", _timeout(request.boot_timeout))):  # fmt: skip
+                       ("boot_timeout", _timeout(request.boot_timeout)), ("ttl", checked_ttl(request.ttl)),
+                       ("idle_timeout", checked_ttl(request.idle_timeout, "idle_timeout"))):  # fmt: skip
         object.__setattr__(request, key, value)

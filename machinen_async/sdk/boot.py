@@ -26,7 +26,8 @@ def restore(
     bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: None = None, names: None = None,
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
-    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+    idle_timeout: float | None = ...,
 ) -> Launch[VM]: ...  # fmt: skip
 
 
@@ -35,7 +36,8 @@ def restore(
     bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: int, names: Sequence[str] | None = None,
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
-    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+    idle_timeout: float | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -44,7 +46,8 @@ def restore(
     bundle_dir: str | os.PathLike[str], *, name: str | None = None, n: None = None, names: Sequence[str],
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
-    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ...,
+    network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
+    idle_timeout: float | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -63,6 +66,8 @@ def restore(
     trust: bool = False,
     network: NetworkPolicy | None = None,
     mounts: Sequence[str | Mount] | None = None,
+    ttl: float | None = None,
+    idle_timeout: float | None = None,
 ) -> Launch[VM] | Launch[Forks]:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
@@ -91,13 +96,16 @@ def restore(
     the bundle on this machine; a bundle accepted with ``trust=True`` or
     received by a push binds only what ``mounts`` names); a live mount left
     unbound or a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
-    ``mounts`` may also add live mounts.
+    ``mounts`` may also add live mounts.  ``ttl``, ``idle_timeout``: each VM's
+    lifetime in seconds, and without calls (see ``boot``).
     """
     chosen, siblings = restore_names(name, n, names)
     request = RestoreRequest(
         bundle=str(bundle_dir), names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
         detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts),
         image=image_argument(image, here=True), accel=accel, trust=trust, network_allow=network.allow if network is not None else (),
+        ttl=ttl,
+        idle_timeout=idle_timeout,
     )  # fmt: skip
     return Host.local().start_restore(request, progress=progress)
 

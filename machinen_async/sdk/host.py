@@ -54,6 +54,8 @@ class BootOptions(PoolBootOptions, total=False):
     name: str | None
     memory_mib: int
     warm: bool
+    ttl: float | None
+    idle_timeout: float | None
 
 
 class Host:
@@ -165,21 +167,24 @@ class Host:
     def restore(
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
-        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
+        idle_timeout: float | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
     def restore(
         self, remote_bundle: str, *, name: str | None = None, n: int, names: Sequence[str] | None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
-        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
+        idle_timeout: float | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
     def restore(
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: Sequence[str],
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
-        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
+        idle_timeout: float | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     def restore(
@@ -194,6 +199,8 @@ class Host:
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
         mounts: Sequence[str | Mount] | None = None,
         network: NetworkPolicy | None = None,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
         with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
@@ -206,7 +213,7 @@ class Host:
         request = RestoreRequest(
             bundle=remote_bundle, names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
             detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts, here=self.driver == LocalDriver()),
-            network_allow=network.allow if network is not None else (),
+            network_allow=network.allow if network is not None else (), ttl=ttl, idle_timeout=idle_timeout,
         )  # fmt: skip
         return self.start_restore(request)
 
@@ -258,11 +265,16 @@ class Host:
         ports: tuple[PortForward, ...],
         hosts: Sequence[Host] | HostPool[Host] | None,
         mounts: Sequence[str | Mount] | None,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """``source.fork()``: siblings here, or spread over ``hosts``; ``single``: the one sibling itself."""
         # A spread's mounts bind on every host that gets siblings: absolute directories of each.
         bound = rebinding(mounts, here=self.driver == LocalDriver() and hosts is None)
-        request = ForkRequest(tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound)
+        request = ForkRequest(
+            tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound, ttl=ttl,
+            idle_timeout=idle_timeout,
+        )  # fmt: skip
 
         async def start() -> Forks:
             if hosts is not None:
@@ -357,6 +369,8 @@ def boot(
     credentials: tuple[str, str] | None = None,
     insecure: Sequence[str] = (),
     warm: bool = True,
+    ttl: float | None = None,
+    idle_timeout: float | None = None,
     host: Host | None = None,
 ) -> Launch[VM]:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
@@ -396,6 +410,11 @@ def boot(
     directories in the guest, ``Mount(host, guest, live=True)`` or
     ``"HOST:GUEST[:ro|rw]"`` (copied in at boot); live ones are the host's
     files themselves, both ways, and fork siblings keep them (see ``Mount``).
+
+    ``ttl``: the VM's lifetime in seconds: its supervisor stops it that long after it started,
+    detached or not, its owner there or not (``vm.extend`` pushes the deadline; ``vm.deadline``).
+    ``idle_timeout``: its supervisor stops it once it has had no call in progress and none started
+    for that many seconds.
     """
     host = host or Host.local()
     here = host.driver == LocalDriver()
@@ -420,5 +439,7 @@ def boot(
         insecure=tuple(insecure),
         credentials=credentials,
         warm=warm,
+        ttl=ttl,
+        idle_timeout=idle_timeout,
     )
     return Launch(lambda: _launch(host, request, [mount for mount in chosen if not mount.live], progress))

@@ -130,6 +130,8 @@ async def _start_across(
                     detached=request.detached,
                     boot_timeout=request.boot_timeout,
                     mounts=mounts,
+                    ttl=request.ttl,
+                    idle_timeout=request.idle_timeout,
                 )
                 started.update(zip(host_names, siblings, strict=True))
             finally:

@@ -20,7 +20,16 @@ from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError,
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostPool, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
-from ..protocol.messages import AgentInfo, Pong, PortForward, VMDescription, VMInfo
+from ..protocol.messages import (
+    AgentInfo,
+    Ancestor,
+    Pong,
+    PortForward,
+    VMDescription,
+    VMInfo,
+    VMMetrics,
+    checked_ttl,
+)
 from ..protocol.ports import PortSpec
 from ..store import registry
 from .handoff import HandoffReport, handoff
@@ -245,21 +254,21 @@ class VM:
     def fork(
         self, n: None = None, *, name: str | None = None, names: None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
-        mounts: Sequence[str | Mount] | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
     def fork(
         self, n: int, *, name: str | None = None, names: Sequence[str] | None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
-        mounts: Sequence[str | Mount] | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
     def fork(
         self, n: None = None, *, name: str | None = None, names: Sequence[str], boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
-        mounts: Sequence[str | Mount] | None = ...,
+        mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
     ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
 
     def fork(
@@ -273,6 +282,8 @@ class VM:
         ports: Sequence[PortSpec] | None = None,
         hosts: Sequence[Host] | HostPool[Host] | None = None,
         mounts: Sequence[str | Mount] | None = None,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -289,7 +300,8 @@ class VM:
         lets Ray's scheduler place them; remote siblings
         start from a snapshot pushed there (see docs/scale-out.md).  Siblings
         keep this VM's live mounts; ``mounts`` re-binds them (by guest path) to
-        other directories, or adds live mounts.
+        other directories, or adds live mounts.  ``ttl``, ``idle_timeout``: each
+        sibling's lifetime in seconds from its start, and without calls (see ``boot``).
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -309,8 +321,35 @@ class VM:
             raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
         return self.host.fork_siblings(
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
-            ports=forwards, hosts=hosts, mounts=mounts,
+            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout,
         )  # fmt: skip
+
+    @property
+    def lineage(self) -> tuple[Ancestor, ...]:
+        """This VM's ancestors, root first and its parent last, each with the instant (epoch seconds)
+        of the fork or snapshot it came from; empty for a VM that was booted."""
+        return tuple(self.info.get("lineage", ()))
+
+    @property
+    def deadline(self) -> float | None:
+        """When the VM's supervisor stops it (epoch seconds; ``ttl=``, ``extend``), as of this handle's
+        last word from it; None: no end."""
+        return self.info.get("deadline")
+
+    async def extend(self, seconds: float) -> float:
+        """Push the VM's deadline ``seconds`` later (or, without one, set it ``seconds`` from now);
+        returns the new deadline (epoch seconds).  BOOT_TTL_INVALID unless a positive number."""
+        checked = checked_ttl(seconds)
+        reply = await self._channel.call("vm.extend", {"seconds": checked})
+        self.info = {**self.info, "deadline": reply["deadline"]}
+        return float(reply["deadline"])
+
+    async def metrics(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> VMMetrics:
+        """What this VM costs its host now: CPU seconds, memory (guest RAM private to it, and shared
+        with its fork template: ``shared_with``, so several siblings count it once) and disk layer
+        bytes; see ``VMMetrics``."""
+        with _deadline(timeout, "answer metrics"):
+            return await self._channel.call("vm.metrics")
 
     async def snapshot(self, bundle_dir: str | os.PathLike[str]) -> SnapshotInfo:
         """Write a restorable bundle of this VM to ``bundle_dir`` (new or empty).

@@ -24,7 +24,7 @@ from typing import Any, Self
 import cbor2
 
 from ..errors import SnapshotError
-from ..protocol.messages import MountBinding
+from ..protocol.messages import Ancestor, MountBinding, descend, is_lineage
 from ..protocol.mounts import is_mount_entry
 from ..vmm.backend import Hardware
 from .assets import is_hex_digest
@@ -209,7 +209,15 @@ class Manifest:
     mounts: tuple[MountBinding, ...] = ()
     source: str | None = None  # the name of the VM it was taken of
     origin: str | None = None  # ``bundle.origin()`` of the machine and user that took it
-    created: float | None = None  # seconds since the epoch
+    created: float | None = None  # seconds since the epoch: the instant captured
+    lineage: tuple[Ancestor, ...] = ()  # the ancestors of the VM it was taken of (``source``), root first
+
+    @property
+    def restored_lineage(self) -> list[Ancestor]:
+        """The lineage of a VM restored from this bundle: its VM's ancestors, then that VM at the snapshot."""
+        if self.source is None or self.created is None:  # an older bundle: what it says
+            return list(self.lineage)
+        return descend(self.lineage, self.source, self.created)
 
     @property
     def ram_in_state(self) -> bool:
@@ -246,6 +254,10 @@ class Manifest:
             source=_optional(data, "source", _is_text),
             origin=_optional(data, "origin", _is_text),
             created=_optional(data, "created", _is_time),
+            lineage=tuple(
+                {"name": ancestor["name"], "taken_at": float(ancestor["taken_at"])}
+                for ancestor in _optional(data, "lineage", is_lineage) or ()
+            ),
         )
 
     def to_map(self) -> dict[str, object]:
@@ -260,6 +272,7 @@ class Manifest:
             "files": files_to_map(self.files),
             "mounts": [mount.to_wire() for mount in self.mounts],
             **{key: value for key, value in present.items() if value is not None},
+            **({"lineage": [dict(ancestor) for ancestor in self.lineage]} if self.lineage else {}),
         }
 
     def to_cbor(self) -> bytes:

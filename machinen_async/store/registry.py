@@ -310,6 +310,9 @@ def describe(entry: VmDir) -> VMRow | None:
         "start": meta.get("start", ""),
         "detached": meta["detached"],
         "forked_from": meta.get("forked_from"),
+        "deadline": meta.get("deadline"),
+        "lineage": meta.get("lineage", []),
+        "restored_from": meta.get("restored_from"),
         "ports": [f"{address}:{host}->{guest}" for address, host, guest in meta.get("ports", [])],
     }
 

@@ -16,7 +16,7 @@ import anyio.abc
 import structlog
 
 from ..errors import BootError, ForkError, MachinenError, SnapshotError, plain_errors
-from ..protocol.messages import ForkTemplate, IncomingState, MountBinding
+from ..protocol.messages import ForkTemplate, IncomingState, MountBinding, descend
 from ..store import bundle, layers, manifest, registry, sparse
 from ..store.assets import immutable_file_digest
 from ..vmm import backend, capped_log
@@ -233,6 +233,7 @@ class Capture:
             if self.paused_for is not None:
                 raise MachinenError("the VM is paused for a handoff", code="FORK_VM_PAUSED")
             template, template_ref = layers.new_template()
+            instant = time.time()  # what the siblings' lineage records of their parent
             try:
                 if await self._streams(capture):
                     chain, steps = await self._stream_into(template)
@@ -246,7 +247,7 @@ class Capture:
             try:
                 for source, name in ((template.state, bundle.STATE), (template.mem, bundle.MEM)):
                     await anyio.to_thread.run_sync(sparse.copy, source, target / name)
-                await self._seal_bundle(target, chain)
+                await self._seal_bundle(target, chain, taken_at=instant)
             except BaseException:
                 bundle.remove_partial(target)
                 layers.close_quietly(template_ref)
@@ -262,6 +263,7 @@ class Capture:
             source=self.config.name,
             state=str(template.state),
             mem=str(template.mem),
+            lineage=descend(self.config.lineage, self.config.name, instant),
         )
         return ForkTemplate(
             incoming, self.config.machine, pause_ms=steps["total"], pause_steps_ms=steps, mounts=self.config.mounts
@@ -373,6 +375,7 @@ class Capture:
             async with self.lock:
                 if self.paused_for is not None:
                     raise SnapshotError("the VM is paused for a handoff", code="SNAPSHOT_VM_PAUSED")
+                instant = time.time()  # what the lineage of VMs restored from it records
                 if self.ram_shared:
                     chain, steps = await self._capture(
                         target / bundle.STATE, target / bundle.MEM, stay_paused=paused_for is not None
@@ -383,7 +386,7 @@ class Capture:
                     chain, steps = await self._stream_into(layers.Template(target), stay_paused=paused_for is not None)
                 self.paused_for = paused_for
             started = time.monotonic()
-            sealed = await self._seal_bundle(target, chain)
+            sealed = await self._seal_bundle(target, chain, taken_at=instant)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 bundle.remove_partial(target)
@@ -400,18 +403,19 @@ class Capture:
         into the empty ``directory``; the VM keeps running."""
         try:
             async with self.lock:
+                instant = time.time()
                 chain, steps = await self._capture(directory / bundle.STATE, directory / bundle.MEM)
-            await self._seal_bundle(directory, chain, mounts=[])
+            await self._seal_bundle(directory, chain, taken_at=instant, mounts=[])
         except BaseException:
             bundle.remove_partial(directory)
             raise
         log.info("boot template", directory=str(directory), pause_ms=steps["total"])
 
     async def _seal_bundle(
-        self, target: Path, chain: list[list[str]], mounts: list[list] | None = None
+        self, target: Path, chain: list[list[str]], *, taken_at: float, mounts: list[list] | None = None
     ) -> manifest.Manifest:
         """Finish a bundle whose state (and RAM) are in place: its disk, then the manifest
-        (``mounts``: the live mounts it records, by default this VM's)."""
+        (``taken_at``: the instant captured; ``mounts``: the live mounts it records, by default this VM's)."""
         # Flatten everything above the base image into one file: the bundle
         # must not depend on this host's layer files.
         base = chain[-1][0]
@@ -435,7 +439,8 @@ class Capture:
             mounts=tuple(MountBinding(*mount) for mount in (self.config.mounts if mounts is None else mounts)),
             source=self.config.name,
             origin=bundle.origin(),
-            created=time.time(),
+            created=taken_at,
+            lineage=tuple(self.config.lineage),
         )
         return (await anyio.to_thread.run_sync(bundle.seal, target, taken)).manifest
 

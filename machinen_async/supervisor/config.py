@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import BootError
-from ..protocol.messages import IncomingState, MachineSpec
+from ..protocol.messages import Ancestor, IncomingState, MachineSpec
 
 # The launcher writes this byte on our stdin to let the VM outlive it; EOF
 # without it means "my owner is gone": stop.
@@ -34,6 +35,14 @@ class SupervisorConfig:
     # ``incoming`` is a boot template: once resumed, prepare the mounts and start the workload as
     # a cold boot does (a warm start), rather than inherit them (a fork or a restore).
     warm: bool = False
+    # Epoch seconds at which the supervisor stops the VM, owner or not (``ttl``); None: no end.
+    deadline: float | None = None
+    idle_timeout: float | None = None  # seconds with no call in progress after which it stops the VM
+
+    @property
+    def lineage(self) -> list[Ancestor]:
+        """The VM's ancestors: a fork's or a restore's (a boot, warm or cold, has none)."""
+        return [] if self.incoming is None or self.warm else list(self.incoming.lineage)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -46,6 +55,11 @@ class SupervisorConfig:
             **{**data, "machine": MachineSpec.from_wire(data["machine"])},
             incoming=None if incoming is None else IncomingState.from_wire(incoming),
         )
+
+
+def deadline_of(ttl: float | None) -> float | None:
+    """The instant a VM started now with lifetime ``ttl`` ends (epoch seconds, as meta.json records it)."""
+    return None if ttl is None else time.time() + ttl
 
 
 def check_workload_started(started: dict[str, Any]) -> None:

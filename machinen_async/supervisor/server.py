@@ -21,9 +21,10 @@ import structlog
 from ..errors import BootError, BootTimeoutError, ExecTimeoutError, MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
+from ..protocol.messages import checked_ttl
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
-from . import forwards, mounts
+from . import forwards, metrics, mounts
 from .capture import Capture
 from .config import SupervisorConfig, check_workload_started
 from .relay import AgentRelay, ClientConnection
@@ -32,6 +33,10 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.supe
 
 # vm.reset_agent_channel without a timeout of its own: how long the agent has to answer the new session.
 RESET_TIMEOUT_S = 30.0
+
+# How often an idle_timeout's watch looks whether calls are in progress.  A call is counted as
+# running until the look after it, at the latest, so an idle VM is never stopped early.
+IDLE_POLL_S = 0.5
 
 LocalCall = Callable[[ClientConnection, "wire.Params"], Awaitable["wire.Params"]]
 ReportReady = Callable[["wire.Params"], None]  # called with the VM's meta once it is up
@@ -47,6 +52,9 @@ class Supervisor:
         self.mounts: list[mounts.HostDirectory] = []
         self.stop_requested: anyio.Event = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
+        self.deadline_moved: anyio.Event = anyio.Event()  # set (and replaced) by each vm.extend
+        self.own_work_running: int = 0  # vm.* calls and port-forwarded connections in progress
+        self.calls_ended_by: float = time.monotonic()  # the last call known ended by then at the latest
         self.local_calls: dict[str, LocalCall] = {
             "vm.info": self._info,
             "vm.reset_agent_channel": self._reset_agent_channel,
@@ -54,6 +62,8 @@ class Supervisor:
             "vm.snapshot": self._snapshot,
             "vm.resume": self._resume,
             "vm.stop": self._stop,
+            "vm.extend": self._extend,
+            "vm.metrics": self._metrics,
         }
 
     # --- lifecycle ----------------------------------------------------------------
@@ -164,6 +174,10 @@ class Supervisor:
                 "started_at": time.time(),
                 "boot_s": round(boot_s, 3),
                 "socket": str(entry.supervisor_socket),
+                "deadline": config.deadline,
+                "idle_timeout": config.idle_timeout,
+                "lineage": config.lineage,
+                "restored_from": config.incoming.restored_from if config.incoming and not config.warm else None,
             }
             listener = await anyio.create_unix_listener(str(entry.supervisor_socket))
             entry.supervisor_socket.chmod(0o600)
@@ -172,9 +186,13 @@ class Supervisor:
             tg.start_soon(self.relay.write_loop)
             tg.start_soon(listener.serve, self.serve_client)
             for forward, (_, _, guest_port) in zip(self.forwards, config.ports, strict=True):
-                tg.start_soon(forward.serve, functools.partial(forwards.serve_forward, self.relay, guest_port))
+                tg.start_soon(forward.serve, functools.partial(self._serve_forward, guest_port))
             for directory, (_, target, _) in zip(self.mounts, config.mounts, strict=True):
                 tg.start_soon(mounts.serve_mount, self.relay, directory, target)
+            tg.start_soon(self._stop_at_deadline)
+            if config.idle_timeout is not None:
+                self.calls_ended_by = time.monotonic()
+                tg.start_soon(self._stop_when_idle, config.idle_timeout)
             report_ready(self.meta)
             log.info("vm ready", boot_s=round(boot_s, 3), guest_uptime_s=self.relay.agent_info.get("uptime_s"))
             await self.stop_requested.wait()
@@ -187,6 +205,35 @@ class Supervisor:
                 + "\nconsole tail:\n"
                 + capped_log.tail(entry.console_log)
             )
+
+    async def _stop_at_deadline(self) -> None:
+        """Stop the VM when its deadline (``meta["deadline"]``) passes, whoever owns it; ``vm.extend``
+        moves the deadline and wakes this loop to wait for the new one."""
+        while True:
+            moved = self.deadline_moved
+            deadline = self.meta["deadline"]
+            with anyio.move_on_after(math.inf if deadline is None else deadline - time.time()):
+                await moved.wait()
+                continue
+            log.info("deadline reached", deadline=deadline)
+            self.stop_requested.set()
+            return
+
+    async def _stop_when_idle(self, idle_s: float) -> None:
+        """Stop the VM once it has had no call in progress (a client's: relayed to the agent, or a
+        ``vm.*`` one; or a port-forwarded connection) and none started for ``idle_s`` seconds.  The
+        supervisor's own long calls (a live mount's server) are not activity."""
+        while True:
+            if self.own_work_running or any(route.client.frames is not None for route in self.relay.routes.values()):
+                self.calls_ended_by = time.monotonic() + IDLE_POLL_S
+                await anyio.sleep(IDLE_POLL_S)
+                continue
+            idle_for = time.monotonic() - self.calls_ended_by
+            if idle_for >= idle_s:
+                log.info("idle: stopping", idle_timeout=idle_s)
+                self.stop_requested.set()
+                return
+            await anyio.sleep(min(IDLE_POLL_S, idle_s - idle_for))
 
     # --- the client side ----------------------------------------------------------
 
@@ -217,6 +264,7 @@ class Supervisor:
             nonce, _, _ = wire.hello(frame)
             client.outbox.put([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, self.meta])
         elif kind == wire.OPEN:
+            self.calls_ended_by = time.monotonic() + IDLE_POLL_S  # a call that ends before the next look
             method, params = wire.request(frame)
             if method.startswith("vm."):
                 tg.start_soon(self.handle_local_call, client, sid, method, params)
@@ -233,6 +281,21 @@ class Supervisor:
             self.relay.send(wire.readdressed(frame, agent_sid))
 
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
+        self.own_work_running += 1  # in progress: the VM is not idle
+        try:
+            await self._answer_local_call(client, sid, method, params)
+        finally:
+            self.own_work_running -= 1
+
+    async def _serve_forward(self, guest_port: int, connection: anyio.abc.SocketStream) -> None:
+        self.own_work_running += 1  # a connection through a port forward: the VM is in use
+        self.calls_ended_by = time.monotonic() + IDLE_POLL_S
+        try:
+            await forwards.serve_forward(self.relay, guest_port, connection)
+        finally:
+            self.own_work_running -= 1
+
+    async def _answer_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
         try:
             call = self.local_calls.get(method)
             if call is None:
@@ -270,6 +333,25 @@ class Supervisor:
 
     async def _resume(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         return {"resumed": await self.capture.resume(client)}
+
+    async def _extend(self, client: ClientConnection, params: wire.Params) -> wire.Params:
+        """Push the deadline ``seconds`` later (or set one ``seconds`` from now), in meta.json too."""
+        seconds = checked_ttl(params.get("seconds"))
+        if seconds is None:
+            raise BootError("vm.extend needs a number of seconds", code="BOOT_TTL_INVALID")
+        deadline = self.meta["deadline"]
+        self.meta["deadline"] = (time.time() if deadline is None else deadline) + seconds
+        self.entry.write_meta(self.meta)
+        self.deadline_moved.set()
+        self.deadline_moved = anyio.Event()
+        return {"deadline": self.meta["deadline"]}
+
+    async def _metrics(self, client: ClientConnection, params: wire.Params) -> wire.Params:
+        capture = self.capture
+        assert capture.ram_file is not None  # chosen before the VM (and this socket) came up
+        measured = functools.partial(metrics.vm_metrics, self.meta["qemu_pid"], capture.ram_file, capture.ram_shared,
+                                     Path(capture.chain[0][0]))  # fmt: skip
+        return dict(await anyio.to_thread.run_sync(measured))
 
     async def _stop(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         self.stop_requested.set()

@@ -1,0 +1,116 @@
+"""Lifetimes (``ttl=``, ``vm.extend``) through real supervisors on the fake VMM: the supervisor
+stops a VM at its deadline on its own, whoever owns it.  That a detached VM of a killed owner
+ends in a real VM is tests/vm/test_lifetimes_qemu.py."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import anyio
+import pytest
+
+from machinen_async import boot
+from machinen_async.errors import MachinenError
+from machinen_async.protocol.messages import BootRequest, ForkRequest, RestoreRequest
+from machinen_async.store import registry
+
+pytestmark = [pytest.mark.anyio]
+
+GONE_WITHIN_S = 10.0  # the bound on waiting for a supervisor to notice its deadline and finish
+
+
+async def _until_gone(name: str) -> None:
+    with anyio.fail_after(GONE_WITHIN_S):
+        while any(row["name"] == name for row in registry.list_rows()):
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.usefixtures("fake_vmm")
+async def test_ttl_stops_a_detached_vm_with_no_handle(anyio_backend: str) -> None:
+    name = f"ttl-detached-{anyio_backend}"
+    async with boot(name=name, warm=False, detached=True, ttl=1.5) as vm:
+        deadline = vm.deadline
+        assert deadline is not None and deadline > time.time() - 1.5
+    (row,) = [row for row in registry.list_rows() if row["name"] == name]  # closing a detached handle leaves it
+    assert row["deadline"] == deadline
+    await _until_gone(name)
+
+
+@pytest.mark.usefixtures("fake_vmm")
+async def test_extend_pushes_the_deadline(anyio_backend: str) -> None:
+    async with boot(name=f"ttl-extend-{anyio_backend}", warm=False, ttl=3) as vm:
+        first = vm.deadline
+        assert first is not None
+        pushed = await vm.extend(60)
+        assert pushed == pytest.approx(first + 60) and vm.deadline == pushed
+        assert (await vm.describe())["deadline"] == pushed
+        (row,) = [row for row in registry.list_rows() if row["name"] == vm.name]
+        assert row["deadline"] == pushed  # meta.json rewritten
+        await anyio.sleep(max(0.0, first - time.time()) + 0.5)  # past the first deadline: still there
+        assert (await vm.ping())["pong"]
+
+
+@pytest.mark.usefixtures("fake_vmm")
+async def test_extend_sets_a_deadline_where_there_was_none(anyio_backend: str) -> None:
+    name = f"ttl-none-{anyio_backend}"
+    async with boot(name=name, warm=False, detached=True) as vm:
+        assert vm.deadline is None
+        before = time.time()
+        deadline = await vm.extend(1)
+        assert before + 1 <= deadline <= time.time() + 1
+        with pytest.raises(MachinenError) as refused:
+            await vm.extend(0)
+        assert refused.value.code == "BOOT_TTL_INVALID"
+        with pytest.raises(MachinenError) as raw:  # the supervisor checks what it gets, too
+            await vm.connection.channel.call("vm.extend", {"seconds": "soon"})
+        assert raw.value.code == "BOOT_TTL_INVALID"
+    await _until_gone(name)
+
+
+@pytest.mark.usefixtures("fake_vmm")
+async def test_idle_timeout_waits_for_calls_in_progress_then_stops_the_vm(anyio_backend: str) -> None:
+    name = f"idle-{anyio_backend}"
+    async with boot(name=name, warm=False, detached=True, idle_timeout=1) as vm:
+        assert vm.info["idle_timeout"] == 1
+        ran = await vm.exec(["sh", "-c", "sleep 3; echo done"])  # 3 s with a call in progress: not idle
+        assert ran.stdout == b"done\n"
+        assert (await vm.ping())["pong"]
+    await _until_gone(name)  # no call since: stopped
+
+
+@pytest.mark.parametrize("ttl", [0, -1, math.inf, math.nan, True, "600"])
+def test_a_ttl_that_is_no_lifetime_is_refused(ttl: object) -> None:
+    for make in (
+        lambda: BootRequest(name="a", ttl=ttl),  # type: ignore[arg-type]
+        lambda: ForkRequest(("a",), ttl=ttl),  # type: ignore[arg-type]
+        lambda: RestoreRequest("/b", ("a",), ttl=ttl),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(MachinenError) as refused:
+            make()
+        assert refused.value.code == "BOOT_TTL_INVALID"
+    for options in ({"ttl": ttl}, {"idle_timeout": ttl}):
+        with pytest.raises(MachinenError) as refused:
+            boot(name="a", **options)  # type: ignore[arg-type]
+        assert refused.value.code == "BOOT_TTL_INVALID"
+
+
+def test_ttl_crosses_in_every_request() -> None:
+    for request in (
+        BootRequest(name="a", ttl=600, idle_timeout=60),
+        ForkRequest(("a",), ttl=5, idle_timeout=6),
+        RestoreRequest("/b", ("a",), ttl=7, idle_timeout=8),
+    ):
+        assert type(request).from_wire(request.to_wire()) == request
+        assert request.to_wire()["ttl"] == request.ttl and request.to_wire()["idle_timeout"] == request.idle_timeout
+        assert type(request.ttl) is float and type(request.idle_timeout) is float
+    assert BootRequest(name="a").ttl is None
+
+
+def test_ls_shows_time_left(capsys: pytest.CaptureFixture[str]) -> None:
+    from machinen_async.cli import _print_rows
+
+    _print_rows([{"name": "a", "deadline": time.time() + 100.4}, {"name": "b", "deadline": None}], as_json=False)
+    header, a, b = capsys.readouterr().out.splitlines()
+    assert "TTL" in header.split()
+    assert a.split()[3] in ("100s", "99s") and b.split()[3] == "-"
