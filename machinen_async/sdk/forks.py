@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
@@ -93,7 +93,7 @@ class Forks(Sequence["VM"]):
         *,
         return_exceptions: Literal[False] = False,
         timeout: float | None = None,
-    ) -> AsyncIterator[tuple[int, T]]: ...
+    ) -> AsyncGenerator[tuple[int, T], None]: ...
 
     @overload
     def as_completed(
@@ -102,7 +102,7 @@ class Forks(Sequence["VM"]):
         *,
         return_exceptions: Literal[True],
         timeout: float | None = None,
-    ) -> AsyncIterator[tuple[int, T | Exception]]: ...
+    ) -> AsyncGenerator[tuple[int, T | Exception], None]: ...
 
     def as_completed(
         self,
@@ -110,7 +110,7 @@ class Forks(Sequence["VM"]):
         *,
         return_exceptions: bool = False,
         timeout: float | None = None,
-    ) -> AsyncIterator[tuple[int, T]] | AsyncIterator[tuple[int, T | Exception]]:
+    ) -> AsyncGenerator[tuple[int, T], None] | AsyncGenerator[tuple[int, T | Exception], None]:
         """``async for index, result in forks.as_completed(fn)``: ``fn(sibling, index)`` on every
         sibling at once, each result as soon as it is there (finishing order).
 
@@ -153,7 +153,7 @@ class Forks(Sequence["VM"]):
 
     async def _outcomes(
         self, fn: Callable[[VM, int], Awaitable[T]], timeout: float | None, *, stop_at_failure: bool
-    ) -> AsyncIterator[tuple[int, T | Exception]]:
+    ) -> AsyncGenerator[tuple[int, T | Exception], None]:
         """Each sibling's result or failure as it comes.  The calls never raise into the task group
         (their failures travel with the results), so nothing cancels the caller's code between
         two results; closing this generator cancels the calls still running."""
