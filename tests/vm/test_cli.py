@@ -248,7 +248,7 @@ TREE_SEARCH = str(Path(__file__).resolve().parents[2] / "examples" / "tree_searc
 def test_tree_search_example():
     """Levels of siblings, each forked from the best of the level before; the winner's lineage is
     the path of VMs from the root, and the sequential run in one VM made the same moves."""
-    result = subprocess.run([sys.executable, TREE_SEARCH], capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, TREE_SEARCH], capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["levels"] >= 2 and report["moves"] >= 20  # a fork of a fork at least; 31 moves at best
