@@ -37,8 +37,9 @@ def test_ls_json_shape(shared_vm):
     row = rows[SHARED_VM]
     assert set(row) == {
         "name", "pid", "qemu_pid", "accel", "memory_mib", "uptime_s", "image", "image_source", "start", "detached",
-        "forked_from", "ports",
+        "forked_from", "ports", "deadline", "lineage", "restored_from",
     }  # fmt: skip
+    assert row["deadline"] is None and row["lineage"] == [] and row["restored_from"] is None  # booted, no ttl
     assert row["detached"] is True and row["memory_mib"] == 256 and row["accel"] in ("kvm", "tcg")
     assert isinstance(row["pid"], int) and isinstance(row["uptime_s"], float)
 
