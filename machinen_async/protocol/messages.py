@@ -302,10 +302,18 @@ def _flag(value: object, what: str) -> bool:
     return value
 
 
-def _timeout(value: object) -> float:
+def _seconds(value: object) -> float | None:
+    """``value`` as a positive finite number of seconds, or None if it is not one."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
-        raise _invalid("boot_timeout is a positive number of seconds", value, "BOOT_TIMEOUT_INVALID")
+        return None
     return float(value)
+
+
+def _timeout(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds is None:
+        raise _invalid("boot_timeout is a positive number of seconds", value, "BOOT_TIMEOUT_INVALID")
+    return seconds
 
 
 def checked_ttl(value: object, what: str = "ttl") -> float | None:
@@ -313,9 +321,10 @@ def checked_ttl(value: object, what: str = "ttl") -> float | None:
     positive finite number."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+    seconds = _seconds(value)
+    if seconds is None:
         raise BootError(f"{what} is a positive number of seconds, not {value!r:.100}", code="BOOT_TTL_INVALID")
-    return float(value)
+    return seconds
 
 
 def _strings(value: object, what: str) -> tuple[str, ...]:
