@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 SLOT_RESOURCE = "machinen_slots"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# Ray Client's proxy starts one server process per client; when that process dies while it starts
+# (seen in CI: psutil.ZombieProcess inside the proxier) ray.init fails with this message, and a new
+# attempt gets a new server.
+_CLIENT_SERVER_START_FAILED = "Initialization failure from server"
+_CLIENT_CONNECT_ATTEMPTS = 3
 
 log: logging.Logger = logging.getLogger(__name__)
 _warned_insecure = False  # the warning below, once a process
@@ -130,12 +135,18 @@ class RayHosts:
         if not ray.is_initialized():
             # Ray Client advises against sending much data through it; bundles are meant to go.
             warnings.filterwarnings("ignore", message="More than 10MB of messages have been created", module="ray")
-            try:
-                ray.init(address=self.address, log_to_driver=False, **self._init_options)
-            except ConnectionError as exc:
-                raise HostError(
-                    f"cannot reach the Ray cluster at {self.address}: {exc}", code="HOST_UNREACHABLE"
-                ) from None
+            for attempt in range(1, _CLIENT_CONNECT_ATTEMPTS + 1):
+                try:
+                    ray.init(address=self.address, log_to_driver=False, **self._init_options)
+                    break
+                except ConnectionError as exc:
+                    if _CLIENT_SERVER_START_FAILED in str(exc) and attempt < _CLIENT_CONNECT_ATTEMPTS:
+                        log.warning("Ray Client's server for this driver failed to start (attempt %d at %s); "
+                                    "trying again", attempt, self.address)  # fmt: skip
+                        continue
+                    raise HostError(
+                        f"cannot reach the Ray cluster at {self.address}: {exc}", code="HOST_UNREACHABLE"
+                    ) from None
             self._initialized_ray = True
         _warn_if_insecure(self.address, token_auth=_ray_token_auth())
         # The actor needs no CPU of Ray's: its VMs' QEMUs are what the slots account for.
