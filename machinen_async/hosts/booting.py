@@ -72,7 +72,7 @@ async def boot_here(request: BootRequest, progress: Progress | None = None) -> C
         image_key=disk_image.stem,
         tsc_khz=vmm.host_tsc_khz() if accel == "tcg" else None,
         network=request.network,
-        network_allow=request.network_allow,
+        network_policy=request.network_policy,
     )
     config = SupervisorConfig(
         name=name,

@@ -6,6 +6,7 @@ hosts, so a VM restored here over SSH starts exactly as a local one does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -27,6 +28,7 @@ from ..protocol.messages import (
     VMRow,
 )
 from ..protocol.mounts import MountEntry
+from ..protocol.netpolicy import NetworkPolicy
 from ..store import assets, bundle, layers, oci_image, registry
 from ..store.manifest import Manifest, files_to_map
 from ..supervisor.config import SupervisorConfig, deadline_of
@@ -168,7 +170,7 @@ async def _restore_plan(
     accel: str | None,
     report: Callable[[str], None],
     trust: bool,
-    network_allow: list[str],
+    network_policy: NetworkPolicy,
 ) -> tuple[bundle.Checked, MachineSpec]:
     """Verify a bundle and find what it runs on: (its manifest, the machine of the VMs restored from it)."""
     checked = await anyio.to_thread.run_sync(functools.partial(bundle.inspect, bundle_dir, trust=trust))
@@ -246,7 +248,7 @@ async def _restore_plan(
         image_key=manifest.image.key,
         tsc_khz=machine.tsc_khz,
         network=machine.network,
-        network_allow=tuple(network_allow),
+        network_policy=network_policy,
     )
     return checked, spec
 
@@ -422,7 +424,7 @@ class LocalDriver(HostDriver):
         bundle_dir = Path(request.bundle).expanduser().resolve()
         checked, machine = await _restore_plan(
             bundle_dir, request.image, request.accel, progress or (lambda message: None), request.trust,
-            list(request.network_allow),
+            request.network_policy,
         )  # fmt: skip
         # A manifest's host directories are bound only if this user's machinen sealed it here: its
         # origin alone is a digest of public facts, and a bundle accepted with trust=True (or received
@@ -468,9 +470,12 @@ class LocalDriver(HostDriver):
         if not names:
             return [], template
         reference = layers.Shared(Path(template.incoming.holds[0])).hold()  # ours until every sibling holds its own
+        machine = template.machine
+        if request.network_policy is not None:
+            machine = dataclasses.replace(machine, network_policy=request.network_policy)
         try:
             siblings = await _start_siblings(
-                names, template.machine, template.incoming, request.boot_timeout, request.detached,
+                names, machine, template.incoming, request.boot_timeout, request.detached,
                 [port.to_wire() for port in request.ports], bound, dropped, request.ttl, request.idle_timeout,
             )  # fmt: skip
         finally:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Self, TypedDict, cast
 
 from ..errors import BootError, MachinenError
 from .mounts import MountEntry, is_mount_entry
-from .netpolicy import parse_rule
+from .netpolicy import NetworkPolicy, NetworkPolicyEntry
 from .ports import PortEntry, PortSpec, parse_port_forwards
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class VMInfo(TypedDict):
     forked_from: str | None
     start: str  # "cold", "warm", "fork" or "restore"
     network: bool
-    network_allow: list[str]
+    network_policy: NetworkPolicyEntry
     ports: list[PortEntry]  # [host address, host port, guest port]
     mounts: list[MountEntry]  # live mounts: [host directory, guest path, read only]
     started_at: float
@@ -202,19 +202,19 @@ class MachineSpec:
     image: str
     tsc_khz: int | None = None
     network: bool = True  # outbound only, user-mode NAT
-    # Destinations the guest may reach although netguard closes them ("127.0.0.1:11434", ...).
-    network_allow: tuple[str, ...] = ()
+    # What the guest may reach (netguard and the egress proxy enforce it); never in a bundle.
+    network_policy: NetworkPolicy = NetworkPolicy()
     # What the image was built from, for people: a tarball's path or an OCI image's REF@sha256:DIGEST
     image_source: str = ""
     image_key: str = ""  # the image's content key (its file may be named by sha256 when received)
 
     def to_wire(self) -> dict[str, object]:
-        return {**asdict(self), "network_allow": list(self.network_allow)}
+        return {**asdict(self), "network_policy": self.network_policy.to_wire()}
 
     @classmethod
     def from_wire(cls, data: object) -> MachineSpec:
         data = _fields_of(cls, data)
-        return cls(**{**data, "network_allow": tuple(data.get("network_allow", ()))})
+        return cls(**{**data, "network_policy": NetworkPolicy.from_wire(data.get("network_policy", {}))})
 
 
 @dataclass(frozen=True)
@@ -333,17 +333,9 @@ def _strings(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _allow_rules(value: object) -> tuple[str, ...]:
-    """A network policy's allow rules (``NetworkPolicy.allow``), each one checked."""
-    rules = _strings(value, "network_allow")
-    for rule in rules:
-        parse_rule(rule)
-    return rules
-
-
 def _wire(value: object) -> object:
     """A request's field as it crosses: tuples as lists, ports and mounts in their list form."""
-    if isinstance(value, PortForward | MountBinding):
+    if isinstance(value, PortForward | MountBinding | NetworkPolicy):
         return value.to_wire()
     if isinstance(value, tuple):
         return [_wire(item) for item in value]
@@ -454,7 +446,7 @@ class BootRequest(_Request):
     detached: bool = False
     ports: tuple[PortForward, ...] = ()
     network: bool = True  # a network device (outbound NAT, the host closed)
-    network_allow: tuple[str, ...] = ()  # destinations reopened (``NetworkPolicy.allow``)
+    network_policy: NetworkPolicy = NetworkPolicy()  # what the guest may reach
     workload: Workload | None = None
     start_workload: bool = True
     mounts: tuple[MountBinding, ...] = ()  # live ones, of the VM's host
@@ -495,7 +487,7 @@ class BootRequest(_Request):
             "ttl": checked_ttl(self.ttl),
             "idle_timeout": checked_ttl(self.idle_timeout, "idle_timeout"),
             "ports": PortForward.all_of(self.ports),
-            "network_allow": _allow_rules(self.network_allow),
+            "network_policy": NetworkPolicy.from_wire(self.network_policy),
             "mounts": mounts,
             "insecure": _strings(self.insecure, "insecure"),
             "credentials": None if credentials is None else tuple(credentials),
@@ -520,16 +512,19 @@ class ForkRequest(_Request):
     mounts: tuple[MountBinding, ...] = ()
     ttl: float | None = None  # each sibling's, from its start
     idle_timeout: float | None = None
+    network_policy: NetworkPolicy | None = None  # the siblings' (None: the source's)
 
     def __post_init__(self) -> None:
         _resuming_fields(self, least=0)
+        if self.network_policy is not None:
+            object.__setattr__(self, "network_policy", NetworkPolicy.from_wire(self.network_policy))
 
 
 @dataclass(frozen=True)
 class RestoreRequest(_Request):
     """VMs from a snapshot bundle of the host that runs them: one per name, ``siblings`` sharing its
     RAM copy-on-write.  ``image`` helps find the image it was taken on; ``trust`` accepts a bundle
-    this user's machinen did not seal; ``network_allow`` reopens destinations (a bundle has none)."""
+    this user's machinen did not seal; ``network_policy``: what the guest may reach (a bundle has none)."""
 
     bundle: str
     names: tuple[str, ...]
@@ -541,7 +536,7 @@ class RestoreRequest(_Request):
     image: str | None = None
     accel: str | None = None
     trust: bool = False
-    network_allow: tuple[str, ...] = ()
+    network_policy: NetworkPolicy = NetworkPolicy.closed()
     ttl: float | None = None  # each VM's, from its start
     idle_timeout: float | None = None
 
@@ -552,7 +547,7 @@ class RestoreRequest(_Request):
         _optional_string(self.accel, "accel")
         for what in ("siblings", "trust"):
             _flag(getattr(self, what), what)
-        object.__setattr__(self, "network_allow", _allow_rules(self.network_allow))
+        object.__setattr__(self, "network_policy", NetworkPolicy.from_wire(self.network_policy))
         _resuming_fields(self, least=1)
         if self.siblings and self.ports:
             raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")

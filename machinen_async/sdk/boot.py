@@ -72,8 +72,9 @@ def restore(
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
     Port forwards and the network policy are not part of a bundle: pass
-    ``ports`` and ``network`` (a ``NetworkPolicy``; default: the host closed)
-    again.  Whether the VM has a network device at all is the bundle's.
+    ``ports`` and ``network`` (a ``NetworkPolicy``; default:
+    ``NetworkPolicy.closed()``, nothing reachable: a bundle may come from
+    anywhere) again.  Whether the VM has a network device at all is the bundle's.
 
     Only bundles this user's machinen wrote or received with ``push`` are
     restored (their manifest carries a MAC under this user's key); another
@@ -103,7 +104,7 @@ def restore(
     request = RestoreRequest(
         bundle=str(bundle_dir), names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
         detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts),
-        image=image_argument(image, here=True), accel=accel, trust=trust, network_allow=network.allow if network is not None else (),
+        image=image_argument(image, here=True), accel=accel, trust=trust, network_policy=network if network is not None else NetworkPolicy.closed(),
         ttl=ttl,
         idle_timeout=idle_timeout,
     )  # fmt: skip

@@ -208,12 +208,13 @@ class Host:
 
         Without ``detached`` the VMs live until their handles are closed or this
         connection ends.  ``mounts``: live mounts from directories of that host (absolute paths),
-        re-binding the bundle's or adding some.  ``network``: the policy (default: the host closed)."""
+        re-binding the bundle's or adding some.  ``network``: the policy (default:
+        ``NetworkPolicy.closed()``: a bundle may come from anywhere)."""
         chosen, siblings = restore_names(name, n, names)
         request = RestoreRequest(
             bundle=remote_bundle, names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
             detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts, here=self.driver == LocalDriver()),
-            network_allow=network.allow if network is not None else (), ttl=ttl, idle_timeout=idle_timeout,
+            network_policy=network if network is not None else NetworkPolicy.closed(), ttl=ttl, idle_timeout=idle_timeout,
         )  # fmt: skip
         return self.start_restore(request)
 
@@ -267,13 +268,14 @@ class Host:
         mounts: Sequence[str | Mount] | None,
         ttl: float | None = None,
         idle_timeout: float | None = None,
+        network: NetworkPolicy | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """``source.fork()``: siblings here, or spread over ``hosts``; ``single``: the one sibling itself."""
         # A spread's mounts bind on every host that gets siblings: absolute directories of each.
         bound = rebinding(mounts, here=self.driver == LocalDriver() and hosts is None)
         request = ForkRequest(
             tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound, ttl=ttl,
-            idle_timeout=idle_timeout,
+            idle_timeout=idle_timeout, network_policy=network,
         )  # fmt: skip
 
         async def start() -> Forks:
@@ -403,10 +405,11 @@ def boot(
     ``ports``: host -> guest TCP forwards, ``["3000:3000", "0.0.0.0:8080:80",
     (5432, 5432)]`` (loopback unless an address is given); they tunnel through
     the guest agent, so they need no guest network.  ``network``: outbound
-    access (QEMU user-mode NAT, DNS included, nothing inbound) with the host
-    closed (its loopback, its addresses, link-local: see ``NetworkPolicy``,
-    which reopens chosen destinations); False boots with no network device
-    at all.  Fork siblings keep their source's policy.  ``mounts``: host
+    access (QEMU user-mode NAT, DNS through a resolver of the host, nothing
+    inbound) with the host closed (its loopback, its addresses, link-local);
+    a ``NetworkPolicy`` allows or denies names and addresses, or closes it all
+    (``vm.set_network`` changes it later); False boots with no network device
+    at all.  Fork siblings keep their source's policy unless ``fork(network=)``.  ``mounts``: host
     directories in the guest, ``Mount(host, guest, live=True)`` or
     ``"HOST:GUEST[:ro|rw]"`` (copied in at boot); live ones are the host's
     files themselves, both ways, and fork siblings keep them (see ``Mount``).
@@ -420,7 +423,7 @@ def boot(
     here = host.driver == LocalDriver()
     # Copied mounts are the caller's directories, wherever the VM runs; live ones the VM host's.
     chosen = checked_mounts(mounts, live_here=here)
-    has_network, network_allow = network_settings(network)
+    has_network, network_policy = network_settings(network)
     request = BootRequest(
         name=registry.validate_name(name) if name is not None else registry.new_name(),
         image=image_argument(image, here=here),
@@ -431,7 +434,7 @@ def boot(
         detached=detached,
         ports=PortForward.all_of(ports),
         network=has_network,
-        network_allow=tuple(network_allow),
+        network_policy=network_policy,
         workload=_workload(cmd, env, cwd),
         start_workload=all(mount.live for mount in chosen),
         mounts=live_mounts(chosen),

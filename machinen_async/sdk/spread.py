@@ -132,6 +132,7 @@ async def _start_across(
                     mounts=mounts,
                     ttl=request.ttl,
                     idle_timeout=request.idle_timeout,
+                    network=request.network_policy or source.network,  # a restore's own default is closed
                 )
                 started.update(zip(host_names, siblings, strict=True))
             finally:

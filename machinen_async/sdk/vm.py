@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, overload
 
 import anyio
 
-from ..errors import ExecError, ExecTimeoutError, GuestFileError, MachinenError, plain_errors
+from ..errors import BootError, ExecError, ExecTimeoutError, GuestFileError, MachinenError, plain_errors
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostPool, close_connections
 from ..protocol import wire
 from ..protocol.guest_abi import ExecRequest
@@ -30,6 +30,7 @@ from ..protocol.messages import (
     VMMetrics,
     checked_ttl,
 )
+from ..protocol.netpolicy import NetworkPolicy
 from ..protocol.ports import PortSpec
 from ..store import registry
 from .handoff import HandoffReport, handoff
@@ -255,6 +256,7 @@ class VM:
         self, n: None = None, *, name: str | None = None, names: None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
+        network: NetworkPolicy | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
@@ -262,6 +264,7 @@ class VM:
         self, n: int, *, name: str | None = None, names: Sequence[str] | None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
+        network: NetworkPolicy | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
@@ -269,6 +272,7 @@ class VM:
         self, n: None = None, *, name: str | None = None, names: Sequence[str], boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
+        network: NetworkPolicy | None = ...,
     ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
 
     def fork(
@@ -284,6 +288,7 @@ class VM:
         mounts: Sequence[str | Mount] | None = None,
         ttl: float | None = None,
         idle_timeout: float | None = None,
+        network: NetworkPolicy | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -302,6 +307,8 @@ class VM:
         keep this VM's live mounts; ``mounts`` re-binds them (by guest path) to
         other directories, or adds live mounts.  ``ttl``, ``idle_timeout``: each
         sibling's lifetime in seconds from its start, and without calls (see ``boot``).
+        ``network``: the siblings' ``NetworkPolicy`` (default: this VM's, as it is now), to narrow
+        what an untrusted attempt may reach.
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -321,7 +328,7 @@ class VM:
             raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
         return self.host.fork_siblings(
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
-            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout,
+            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout, network=network,
         )  # fmt: skip
 
     @property
@@ -343,6 +350,19 @@ class VM:
         reply = await self._channel.call("vm.extend", {"seconds": checked})
         self.info = {**self.info, "deadline": reply["deadline"]}
         return float(reply["deadline"])
+
+    @property
+    def network(self) -> NetworkPolicy:
+        """What the guest may reach now (``boot(network=)``, ``set_network``)."""
+        return NetworkPolicy.from_wire(self.info.get("network_policy", NetworkPolicy().to_wire()))
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        """Change what the guest may reach; new connections and DNS queries follow it at once,
+        connections already open stay.  BOOT_NETWORK_RULE_INVALID for a VM without a network device."""
+        if not isinstance(policy, NetworkPolicy):
+            raise BootError(f"set_network takes a NetworkPolicy, not {policy!r:.100}", code="BOOT_NETWORK_RULE_INVALID")
+        await self._channel.call("vm.set_network", {"policy": policy.to_wire()})
+        self.info = {**self.info, "network_policy": policy.to_wire()}
 
     async def metrics(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> VMMetrics:
         """What this VM costs its host now: CPU seconds, memory (guest RAM private to it, and shared

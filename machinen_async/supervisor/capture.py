@@ -154,7 +154,7 @@ class Capture:
         # A confined VMM sees only the files of its launch (its disk chain, RAM file, kernel and
         # initrd): not this VM's directory (logs, meta.json, sockets), nor the layer and template
         # stores, where we create files it could otherwise plant symlinks for.
-        return backend.Launch(hardware=self._hardware(), network_allow=self.config.machine.network_allow, **where)
+        return backend.Launch(hardware=self._hardware(), network_policy=self.config.machine.network_policy, **where)
 
     # --- capture: fork templates and snapshots -------------------------------------
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -22,6 +23,7 @@ from ..errors import BootError, BootTimeoutError, ExecTimeoutError, MachinenErro
 from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..protocol.messages import checked_ttl
+from ..protocol.netpolicy import NetworkPolicy
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
 from . import forwards, metrics, mounts
@@ -44,7 +46,7 @@ ReportReady = Callable[["wire.Params"], None]  # called with the VM's meta once 
 
 class Supervisor:
     def __init__(self, config: SupervisorConfig, entry: registry.VmDir) -> None:
-        self.config = config
+        self.config: SupervisorConfig = config
         self.entry = entry
         self.relay: AgentRelay = AgentRelay(entry.agent_socket, config.name)
         self.capture: Capture = Capture(config, entry)
@@ -64,6 +66,7 @@ class Supervisor:
             "vm.stop": self._stop,
             "vm.extend": self._extend,
             "vm.metrics": self._metrics,
+            "vm.set_network": self._set_network,
         }
 
     # --- lifecycle ----------------------------------------------------------------
@@ -168,7 +171,7 @@ class Supervisor:
                 "forked_from": config.incoming.source if config.incoming else None,
                 "start": _start_kind(config),
                 "network": config.machine.network,
-                "network_allow": list(config.machine.network_allow),
+                "network_policy": config.machine.network_policy.to_wire(),
                 "ports": config.ports,
                 "mounts": config.mounts,
                 "started_at": time.time(),
@@ -345,6 +348,19 @@ class Supervisor:
         self.deadline_moved.set()
         self.deadline_moved = anyio.Event()
         return {"deadline": self.meta["deadline"]}
+
+    async def _set_network(self, client: ClientConnection, params: wire.Params) -> wire.Params:
+        """A new policy for the running VM, and for its later forks and meta.json."""
+        policy = NetworkPolicy.from_wire(params.get("policy"))
+        machine = self.capture.machine
+        if not self.config.machine.network or machine is None:
+            raise BootError(f"VM {self.config.name!r} has no network device", code="BOOT_NETWORK_RULE_INVALID")
+        await machine.set_network(policy)
+        self.config = replace(self.config, machine=replace(self.config.machine, network_policy=policy))
+        self.capture.config = self.config  # what its fork templates and bundles record
+        self.meta["network_policy"] = policy.to_wire()
+        self.entry.write_meta(self.meta)
+        return {}
 
     async def _metrics(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         capture = self.capture

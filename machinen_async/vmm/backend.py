@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import BootError
+from ..protocol.netpolicy import NetworkPolicy
 
 # A disk chain: [path, format] per layer, top (writable) first, the base image last.
 DiskChain = list[list[str]]
@@ -56,7 +57,7 @@ class Launch:
     # symlinks there.
     read_only: Sequence[Path] = ()
     writable: Sequence[Path] = ()
-    network_allow: Sequence[str] = ()  # destinations opened beyond the default policy (NetworkPolicy)
+    network_policy: NetworkPolicy = NetworkPolicy()  # what the guest may reach
     logs: tuple[Path, Path] | None = None  # (console, VMM messages), capped; None: discarded
 
 
@@ -96,6 +97,9 @@ class Machine(Protocol):
         a file or while it is written into a socket (handed over to the VMM)."""
 
     async def version(self) -> str: ...
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        """What the guest may reach from now on (new connections and DNS queries)."""
 
 
 class Backend(Protocol):

@@ -21,10 +21,11 @@ from machinen_async.protocol.messages import (
     PortForward,
     RestoreRequest,
 )
+from machinen_async.protocol.netpolicy import NetworkPolicy
 from machinen_async.supervisor.config import SupervisorConfig
 
 MACHINE = MachineSpec(memory_mib=256, cpus=1, accel="tcg", kernel="/k", initrd="/i", image="/img", tsc_khz=2000000,
-                      network_allow=("127.0.0.1:8080",), image_key="abc")  # fmt: skip
+                      network_policy=NetworkPolicy(allow=("127.0.0.1:8080", "*.pypi.org")), image_key="abc")  # fmt: skip
 INCOMING = IncomingState(chain=[["/l/disk", "qcow2"], ["/img", "raw"]], disk_size=2 << 30, holds=["/t"],
                          ram_in_state=False, source="a", state="/t/state", mem="/t/mem")  # fmt: skip
 
@@ -91,14 +92,15 @@ def test_any_exec_params_give_a_request_or_a_value_error(params):
 # What a host driver is asked to start: one typed request each, the same over every link.
 BOOT = BootRequest(
     name="web", image="oci:/srv/layout:1", memory_mib=512, cpus=2, accel="tcg", boot_timeout=90, detached=True,
-    ports=(PortForward("127.0.0.1", 8080, 80),), network=True, network_allow=("10.1.0.0/16",),
+    ports=(PortForward("127.0.0.1", 8080, 80),), network=True, network_policy=NetworkPolicy(allow=("10.1.0.0/16", "api.example.com:443"), deny=("x.example.com",)),
     workload={"cmd": ["python3", "-m", "http.server"], "env": {"A": "1"}, "cwd": "/srv"}, start_workload=False,
     mounts=(MountBinding("/srv/data", "/data", True),), pull="always", insecure=("10.0.0.0/8",),
     credentials=("user", "hunter2"), warm=False,
 )  # fmt: skip
-FORK = ForkRequest(("a-0", "a-1"), detached=True, boot_timeout=30, mounts=(MountBinding("", "/data"),))
+FORK = ForkRequest(("a-0", "a-1"), detached=True, boot_timeout=30, mounts=(MountBinding("", "/data"),),
+                   network_policy=NetworkPolicy.closed(allow=("pypi.org",)))  # fmt: skip
 RESTORE = RestoreRequest("/b/bundle", ("r",), ports=(PortForward("0.0.0.0", 9000, 90),), image="/img.tar",
-                         accel="kvm", trust=True, network_allow=("127.0.0.1:11434",))  # fmt: skip
+                         accel="kvm", trust=True, network_policy=NetworkPolicy(allow=("127.0.0.1:11434",)))  # fmt: skip
 
 
 @pytest.mark.parametrize("request_", [BOOT, FORK, RESTORE, BootRequest(name="plain")], ids=repr)
@@ -109,9 +111,10 @@ def test_launch_requests_round_trip_as_the_peer_link_carries_them(request_):
 
 def test_a_request_takes_specs_as_users_write_them_and_hides_credentials():
     request = BootRequest(name="x", ports=["3000:3000", ("0.0.0.0", 8080, 80)], mounts=[["/h", "/g", False]],
-                          network_allow=["10.0.0.1:53"], credentials=["u", "secret"])  # fmt: skip
+                          network_policy={"allow": ["10.0.0.1:53"]}, credentials=["u", "secret"])  # fmt: skip
     assert request.ports == (PortForward("127.0.0.1", 3000, 3000), PortForward("0.0.0.0", 8080, 80))
     assert request.mounts == (MountBinding("/h", "/g", False),) and request.credentials == ("u", "secret")
+    assert request.network_policy == NetworkPolicy(allow=("10.0.0.1:53",))
     assert "secret" not in repr(request)
 
 
@@ -125,7 +128,10 @@ def test_a_request_takes_specs_as_users_write_them_and_hides_credentials():
         (lambda: BootRequest(name="x", boot_timeout=-1), "BOOT_TIMEOUT_INVALID"),
         (lambda: BootRequest(name="x", pull="sometimes"), "IMAGE_PULL_POLICY_INVALID"),
         (lambda: BootRequest(name="x", credentials=("only-user",)), "IMAGE_CREDENTIALS_INVALID"),
-        (lambda: BootRequest(name="x", network_allow=("nowhere",)), "BOOT_NETWORK_RULE_INVALID"),
+        (lambda: BootRequest(name="x", network_policy={"allow": ["no where"]}), "BOOT_NETWORK_RULE_INVALID"),
+        (lambda: BootRequest(name="x", network_policy={"allow": "pypi.org"}), "BOOT_NETWORK_RULE_INVALID"),
+        (lambda: BootRequest(name="x", network_policy={"open": True}), "BOOT_NETWORK_RULE_INVALID"),
+        (lambda: ForkRequest(("a",), network_policy={"deny": ["1.2.3.4:0"]}), "BOOT_NETWORK_RULE_INVALID"),
         (lambda: BootRequest(name="x", ports=["3000:3000", "3000:4000"]), "PARSE_PORT_INVALID"),
         (lambda: BootRequest(name="x", ports="3000:3000"), "PARSE_PORT_INVALID"),
         (lambda: BootRequest(name="x", mounts=[["relative", "/g", False]]), "MOUNT_SPEC_INVALID"),

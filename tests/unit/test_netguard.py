@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from machinen_async import MachinenError
-from machinen_async.protocol.netpolicy import parse_rule
+from machinen_async.protocol.netpolicy import NetworkPolicy
 from machinen_async.vmm.qemu import netguard
+from machinen_async.vmm.qemu.egress import Egress
 
 real_filter = pytest.mark.skipif(platform.machine() not in netguard.ABIS, reason="no filter for this architecture")
 
@@ -58,7 +59,11 @@ def run_guarded(code: str, policy: netguard.Policy, *args: str) -> tuple[int, st
     return child.returncode, out.decode(), refused
 
 
-CLOSED_HOST = netguard.Policy(allow=(), host=frozenset({ipaddress.ip_address("192.0.2.7")}), dns=frozenset())
+def policy_of(*allow: str, host: frozenset = frozenset(), dns: frozenset = frozenset()) -> netguard.Policy:
+    return netguard.Policy(host=host, dns=dns, egress=Egress(NetworkPolicy(allow=allow), upstream=[]))
+
+
+CLOSED_HOST = policy_of(host=frozenset({ipaddress.ip_address("192.0.2.7")}))
 
 
 # --- decisions -----------------------------------------------------------------------------------
@@ -89,11 +94,7 @@ def test_metadata_services_and_every_spelling_of_a_closed_address_are_refused():
 
 
 def test_allow_rules_and_resolvers_apply_to_where_an_address_leads():
-    policy = netguard.Policy(
-        allow=(parse_rule("127.0.0.1:8080"), parse_rule("169.254.169.254:80")),
-        host=frozenset(),
-        dns=frozenset({ipaddress.ip_address("127.0.0.53")}),
-    )
+    policy = policy_of("127.0.0.1:8080", "169.254.169.254:80", dns=frozenset({ipaddress.ip_address("127.0.0.53")}))
     for address in ("127.0.0.1", "::ffff:127.0.0.1", "64:ff9b::127.0.0.1"):
         assert policy.permits(ipaddress.ip_address(address), 8080) and not policy.permits(
             ipaddress.ip_address(address), 8081
@@ -268,7 +269,7 @@ def test_a_guarded_process_cannot_send_a_datagram_to_a_closed_host_by_any_call()
         assert _received(listening) == []
         assert set(refused) == {(ipaddress.ip_address(a), port) for a in ("127.0.0.1", "::ffff:127.0.0.1")}
 
-        opened = netguard.Policy(allow=(parse_rule(f"127.0.0.1:{port}"),), host=frozenset(), dns=frozenset())
+        opened = policy_of(f"127.0.0.1:{port}")
         status, out, refused = run_guarded(SENDERS, opened, str(port))
         assert status == 0 and set(json.loads(out).values()) == {"sent"}, out
         assert _received(listening) == sorted([b"sendto", b"sendmsg", b"sendmmsg", b"sendmmsg", b"unspec", b"mapped"])
@@ -312,6 +313,7 @@ IN_A_NAMESPACE = """
 import json, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 from test_netguard import SENDER, guarded
+from machinen_async.protocol.netpolicy import NetworkPolicy
 from machinen_async.vmm.qemu import netguard
 def ip(*args):
     subprocess.run(["ip", *args], check=True)
@@ -320,7 +322,7 @@ ip("link", "add", "mn-veth0", "type", "veth", "peer", "name", "mn-veth1")  # thi
 for link in ("mn-veth0", "mn-veth1"):
     ip("link", "set", link, "up")
 seen = {}
-with guarded(SENDER, netguard.Policy.current([])) as (child, refused):
+with guarded(SENDER, netguard.Policy.current(NetworkPolicy())) as (child, refused):
     def send(*addresses):
         child.stdin.write(json.dumps(addresses).encode() + b"\\n")
         child.stdin.flush()

@@ -59,6 +59,7 @@ from machinen_async.store.manifest import FileEntry, Manifest
 from machinen_async.supervisor import relay
 from machinen_async.vmm import capped_log
 from machinen_async.vmm.qemu import netguard
+from machinen_async.vmm.qemu.egress import Egress
 
 HANG_S = 10.0
 CHUNK_OF_X = b"x" * wire.CHUNK
@@ -647,9 +648,9 @@ async def _host_service(address: str) -> AsyncIterator[int]:
 
 def test_the_network_policy_closes_the_host_and_link_local():
     policy = netguard.Policy(
-        allow=(netpolicy.parse_rule("127.0.0.1:11434"), netpolicy.parse_rule("10.9.0.0/16")),
         host=frozenset({ipaddress.ip_address("192.168.7.2")}),
         dns=frozenset({ipaddress.ip_address("127.0.0.53")}),
+        egress=Egress(NetworkPolicy(allow=("127.0.0.1:11434", "10.9.0.0/16")), upstream=[]),
     )
     verdicts = {
         ("127.0.0.1", 5432): False,  # what the guest's 10.0.2.2:5432 becomes
@@ -670,7 +671,7 @@ def test_the_network_policy_closes_the_host_and_link_local():
         assert policy.permits(ipaddress.ip_address(address), port) is allowed, (address, port)
     for rule in ("[::1]:22", "10.0.0.0/8", "127.0.0.1", "2001:db8::/32"):
         netpolicy.parse_rule(rule)
-    for bad in ("localhost:80", "127.0.0.1:0", "127.0.0.1:99999", "1.2.3.4/40", "", "[::1]:x"):
+    for bad in ("local host:80", "127.0.0.1:0", "127.0.0.1:99999", "1.2.3.4/40", "", "[::1]:x"):
         with pytest.raises(MachinenError) as refused:
             NetworkPolicy(allow=(bad,))
         assert refused.value.code == "BOOT_NETWORK_RULE_INVALID", bad
@@ -691,4 +692,4 @@ async def test_a_guest_cannot_reach_the_hosts_loopback_or_link_local_unless_allo
         async with boot(name=f"opened-{anyio_backend}", network=NetworkPolicy.host_ports(private)) as vm:
             seen = await _probe(vm, f"10.0.2.2:{private}", f"10.0.2.2:{everywhere}")
             assert seen == {f"10.0.2.2:{private}": "open hello", f"10.0.2.2:{everywhere}": "ECONNREFUSED"}
-            assert (await vm.describe())["network_allow"] == [f"127.0.0.1:{private}"]
+            assert (await vm.describe())["network_policy"]["allow"] == [f"127.0.0.1:{private}"]

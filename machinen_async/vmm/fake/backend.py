@@ -32,6 +32,7 @@ import anyio
 import anyio.abc
 
 from ...errors import BootError, SnapshotError
+from ...protocol.netpolicy import NetworkPolicy
 from ...store import paths
 from ...version import __version__
 from .. import capped_log
@@ -96,6 +97,9 @@ class FakeMachine:
 
     async def connect(self) -> None:
         """No control channel: the process is all there is."""
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        """No network device: nothing to enforce."""
 
     async def exited(self) -> int:
         return await self.process.wait()

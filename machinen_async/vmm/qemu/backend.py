@@ -31,6 +31,7 @@ import structlog
 from qemu.qmp import QMPClient
 
 from ...errors import BootError, MachinenError
+from ...protocol.netpolicy import NetworkPolicy
 from ...store import paths
 from .. import capped_log
 from ..backend import DiskChain, Launch
@@ -50,10 +51,11 @@ REFUSALS_PER_WINDOW = 20  # refused guest connections logged a minute
 
 
 class QemuMachine:
-    def __init__(self, process: anyio.abc.Process, pid: int, launch: Launch) -> None:
+    def __init__(self, process: anyio.abc.Process, pid: int, launch: Launch, guard: netguard.Guard | None) -> None:
         self.process = process
         self.pid = pid
         self.launch = launch
+        self.guard: netguard.Guard | None = guard
         self.qmp: QMPClient = QMPClient(launch.hardware.hostname)
         self.disk_node: str = "disk0"  # the top of the disk chain (command.chain_blockdev names it)
         self.layers_added: int = 0
@@ -68,6 +70,10 @@ class QemuMachine:
                 if self.process.returncode is not None:
                     raise BootError(f"QEMU exited ({self.process.returncode}) before it answered", code="BOOT_FAILED")
                 await anyio.sleep(0.01)
+
+    async def set_network(self, policy: NetworkPolicy) -> None:
+        if self.guard is not None:
+            self.guard.policy.egress.policy = policy  # read at each query and connection
 
     async def exited(self) -> int:
         status = await self.process.wait()
@@ -253,14 +259,14 @@ class QemuBackend:
             # create them in, and the paths stay ours.  Our copies close once it has its own.
             listeners = [sockets.enter_context(_listen(path)) for path in (launch.agent_socket, launch.control_socket)]
             process, pid, guard = await _start_chain(launch, *listeners)
-        machine = QemuMachine(process, pid, launch)
+        machine = QemuMachine(process, pid, launch, guard)
         log.info("qemu started", pid=pid, accel=launch.hardware.accel, memory_mib=launch.hardware.memory_mib)
         # The console (QEMU's stdout) and QEMU's own messages are copied into capped logs, and
         # QEMU's connections checked, for as long as QEMU runs: a pipe nobody reads, or a
         # connection nobody answers, would block QEMU, even while it is asked to quit.
         async with anyio.create_task_group() as helpers:
             if guard is not None:
-                helpers.start_soon(anyio.to_thread.run_sync, guard.serve)  # returns once QEMU is gone
+                await helpers.start(_guard_network, guard)
             if launch.logs:
                 limits = (capped_log.CONSOLE_LOG_LIMIT, capped_log.QEMU_LOG_LIMIT)
                 for stream, path, limit, copied in zip(
@@ -345,7 +351,7 @@ async def _start_chain(
     guarded = launch.hardware.network and not launch.never_run  # a guest that never runs opens nothing
     output = subprocess.PIPE if launch.logs else subprocess.DEVNULL
     # Made before QEMU starts (it opens a netlink socket, which can fail), so a failure leaves no QEMU.
-    policy = netguard.Policy.current(launch.network_allow) if guarded else None
+    policy = netguard.Policy.current(launch.network_policy) if guarded else None
     try:
         info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
         ours, theirs = socket.socketpair()  # netguard's shim sends its listener there
@@ -394,6 +400,15 @@ async def _start_chain(
         if policy is not None:
             policy.close()  # no guard took it
         raise
+
+
+async def _guard_network(guard: netguard.Guard, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    """Answer QEMU's filtered calls, and run the VM's egress proxy and resolver, until QEMU is gone."""
+    async with anyio.create_task_group() as egress:
+        await egress.start(guard.policy.egress.serve)  # listening before the first connection is handed over
+        task_status.started()
+        await anyio.to_thread.run_sync(guard.serve)  # returns once QEMU is gone
+        egress.cancel_scope.cancel()
 
 
 def _kill_chain(process: anyio.abc.Process) -> None:

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BootError
-from ...protocol.netpolicy import IPAddress, Rule, parse_rule
+from ...protocol.netpolicy import IPAddress, NetworkPolicy
+from .egress import Destination, Egress, Verdict, hand_over, resolvers
 
 CLOSED_NETWORKS = tuple(
     ipaddress.ip_network(n)
@@ -141,19 +142,6 @@ class HostAddresses:
         self._changes.close()
 
 
-def resolvers() -> set[IPAddress]:
-    """The nameservers slirp forwards the guest's DNS queries to."""
-    found: set[IPAddress] = set()
-    try:
-        for line in Path("/etc/resolv.conf").read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 2 and fields[0] == "nameserver":
-                found.add(ipaddress.ip_address(fields[1].split("%")[0]))
-    except (OSError, ValueError):
-        pass
-    return found
-
-
 def reached(address: IPAddress) -> IPAddress:
     """The IPv4 address an IPv6 one leads to (IPv4-mapped, or NAT64's well-known prefix), else itself."""
     if isinstance(address, ipaddress.IPv6Address):
@@ -166,21 +154,40 @@ def reached(address: IPAddress) -> IPAddress:
 
 @dataclass(frozen=True)
 class Policy:
-    allow: tuple[Rule, ...]
+    """What QEMU's calls for one guest may reach: the host's addresses and resolvers as they are,
+    and the VM's ``Egress`` (its ``NetworkPolicy``, the names resolved for it, its proxy)."""
+
     host: Container[IPAddress]  # a HostAddresses (Policy.current), or a fixed set
     dns: frozenset[IPAddress]
+    egress: Egress
 
     @classmethod
-    def current(cls, allow: list[str]) -> Policy:
-        return cls(tuple(parse_rule(r) for r in allow), HostAddresses(), frozenset(resolvers()))
+    def current(cls, network: NetworkPolicy) -> Policy:
+        return cls(HostAddresses(), frozenset(resolvers()), Egress(network))
+
+    def verdict(self, address: IPAddress, port: int, *, connecting: bool) -> Verdict:
+        """What becomes of a connection (``connecting``) or a datagram to ``address``:``port``."""
+        network = self.egress.policy
+        address = reached(address)
+        if any(rule.matches(address, port) for rule in network.denied_addresses):
+            return Verdict.REFUSE
+        if any(rule.matches(address, port) for rule in network.allowed_addresses):
+            return Verdict.ALLOW
+        if port == DNS_PORT and address in self.dns:  # slirp sends the guest's 10.0.2.3 there
+            if connecting:
+                return Verdict.DNS
+            return Verdict.REFUSE if network.is_allow_list else Verdict.ALLOW  # UDP: the host's own answer
+        if address in self.host or any(address in closed for closed in CLOSED_NETWORKS):
+            return Verdict.REFUSE
+        if not network.is_allow_list:
+            return Verdict.PROXY if connecting and network.denied_names else Verdict.ALLOW
+        if connecting and any(network.reaches(name, port) for name in self.egress.resolved.names_for(address)):
+            return Verdict.PROXY
+        return Verdict.REFUSE  # an allow list: no datagram to a name (QUIC falls back to TCP)
 
     def permits(self, address: IPAddress, port: int) -> bool:
-        address = reached(address)
-        if any(rule.matches(address, port) for rule in self.allow):
-            return True
-        if port == DNS_PORT and address in self.dns:
-            return True
-        return address not in self.host and not any(address in network for network in CLOSED_NETWORKS)
+        """Whether a datagram to ``address``:``port`` may go."""
+        return self.verdict(address, port, connecting=False) is Verdict.ALLOW
 
     def close(self) -> None:
         if isinstance(self.host, HostAddresses):
@@ -399,29 +406,45 @@ class Guard:
         if _libc.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_RECV, ctypes.byref(notification)) != 0:
             return  # the caller died or was interrupted meanwhile (ENOENT/EINTR)
         connecting = notification.nr == self.abi.connect
+        verdict, refused, target = Verdict.REFUSE, None, None
         try:
             with open(f"/proc/{notification.pid}/mem", "rb", buffering=0) as memory:
                 names = named_sockaddrs(self.abi, notification.nr, list(notification.args),
                                         lambda pointer, size: os.pread(memory.fileno(), size, pointer))  # fmt: skip
-            targets = (destination(name, unspec_is_inet=not connecting) for name in names)
-            refused = next((t for t in targets if t is not None and not self.policy.permits(*t)), None)
-            allowed = refused is None
+            targets = [t for name in names if (t := destination(name, unspec_is_inet=not connecting)) is not None]
+            verdict = Verdict.ALLOW
+            for target in targets:  # a connect names one; a sendmmsg may name many, each must pass
+                verdict = self.policy.verdict(*target, connecting=connecting)
+                if verdict is Verdict.REFUSE:
+                    refused = target
+                    break
         except (OSError, struct.error):  # unreadable: the kernel would have failed it (EFAULT)
-            refused, allowed = None, False
+            verdict = Verdict.REFUSE
         # The id still pending means the pid read above was that thread's, not a reused one.
-        if (
-            _libc.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_ID_VALID, ctypes.byref(ctypes.c_uint64(notification.id)))
-            != 0
-        ):
+        if not self._still_pending(notification.id):
             return
         response = _Response(id=notification.id)
-        if allowed:
+        if verdict is Verdict.ALLOW:
             response.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE
-        else:
+        elif verdict is Verdict.REFUSE or target is None:
             response.error = -(errno.ECONNREFUSED if connecting else errno.EPERM)
             if refused is not None:
                 self.on_refused(*refused)
+        else:  # a connection the egress proxy takes: QEMU's socket is connected to it here
+            handed = Destination(*target, dns=verdict is Verdict.DNS)
+            try:
+                result = hand_over(_libc.syscall, notification.pid, notification.args[0], self.policy.egress, handed)
+            except OSError as error:  # QEMU's thread died meanwhile (ESRCH)...
+                result = error.errno or errno.ECONNREFUSED
+            if result:
+                response.val, response.error = -1, -result
         _libc.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_SEND, ctypes.byref(response))
+
+    def _still_pending(self, notification_id: int) -> bool:
+        return (
+            _libc.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_ID_VALID, ctypes.byref(ctypes.c_uint64(notification_id)))
+            == 0
+        )
 
 
 def receive_listener(channel: socket.socket) -> int:
