@@ -17,8 +17,9 @@ BACKPORTED_PACKAGES := $(QEMU_PACKAGES) e2fsprogs
 RELEASE := $(shell . /etc/os-release 2>/dev/null && echo $$VERSION_CODENAME)
 BACKPORTS := $(if $(filter bookworm,$(RELEASE)),bookworm-backports)
 BACKPORTS_SOURCE := /etc/apt/sources.list.d/machinen-bookworm-backports.sources
-# The multi-host tests run real sshd servers on loopback.
-TEST_PACKAGES := openssh-server openssh-client docker-registry apache2-utils  # registry + htpasswd: tests/oci_registry.py
+# openssh: the multi-host tests' sshd servers on loopback; docker-registry, apache2-utils (htpasswd):
+# tests/oci_registry.py; dnsmasq-base, iproute2: tests/egress_hosts.py (test DNS, network namespaces).
+TEST_PACKAGES := openssh-server openssh-client docker-registry apache2-utils dnsmasq-base iproute2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps py-deps host-deps test-deps demo test test-unit bench docs clean
