@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import ipaddress
+import math
 import os
 import socket
 import struct
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import dns.asyncbackend
 import dns.asyncquery
 import dns.exception
 import dns.flags
@@ -44,8 +47,10 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import sniffio
 import structlog
 from anyio.abc import SocketAttribute
+from anyio.streams.stapled import MultiListener
 
 from ...protocol.netpolicy import IPAddress, NetworkPolicy, normal_name
 from .. import capped_log
@@ -185,7 +190,7 @@ class Egress:
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen on loopback (IPv4, and IPv6 where the host has it) until cancelled."""
-        listeners: list[anyio.abc.SocketListener] = []
+        listeners: list[MultiListener[anyio.abc.SocketStream]] = []
         try:
             for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                 try:
@@ -195,45 +200,37 @@ class Egress:
                         raise
                     continue  # no IPv6 loopback: the guest's IPv6 connections to names are refused
                 listeners.append(listener)
-                self._listening[family] = listener.extra(SocketAttribute.local_address)[:2]
+                self._listening[family] = listener.listeners[0].extra(SocketAttribute.local_address)[:2]
             limiter = anyio.CapacityLimiter(MAX_CONNECTIONS)
             async with anyio.create_task_group() as tg:
-                task_status.started()
                 for listener in listeners:
-                    tg.start_soon(self._accept, listener, limiter)
+                    tg.start_soon(listener.serve, functools.partial(self._handle, limiter=limiter), tg)
+                task_status.started()
         finally:
             self._listening.clear()
             with anyio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
 
-    async def _accept(self, listener: anyio.abc.SocketListener, limiter: anyio.CapacityLimiter) -> None:
-        async with anyio.create_task_group() as tg:
-            while True:
-                stream = await listener.accept()
-                try:
-                    limiter.acquire_on_behalf_of_nowait(stream)
-                except anyio.WouldBlock:
-                    await stream.aclose()  # too many at once: this one is reset
-                    continue
-                tg.start_soon(self._handle, stream, limiter)
-
-    async def _handle(self, stream: anyio.abc.SocketStream, limiter: anyio.CapacityLimiter) -> None:
-        try:
-            async with stream:
+    async def _handle(self, stream: anyio.abc.SocketStream, *, limiter: anyio.CapacityLimiter) -> None:
+        async with stream:
+            try:
+                limiter.acquire_on_behalf_of_nowait(stream)
+            except anyio.WouldBlock:
+                return  # too many at once: this one is closed
+            try:
                 peer = stream.extra(SocketAttribute.remote_address)
-                family = stream.extra(SocketAttribute.family)
-                destination = self._take(family, peer[1])
+                destination = self._take(stream.extra(SocketAttribute.family), peer[1])
                 if destination is None:
                     return  # not a connection netguard handed over: some other local process
                 if destination.dns:
                     await self._answer_dns(stream)
                 else:
                     await self._relay_checked(stream, destination)
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
-            pass  # either side went away
-        finally:
-            limiter.release_on_behalf_of(stream)
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
+                pass  # either side went away
+            finally:
+                limiter.release_on_behalf_of(stream)
 
     def _event(self, message: str, **fields: object) -> None:
         if self._events.spend():
@@ -255,19 +252,31 @@ class Egress:
         return claimed is not None and claimed in names
 
     async def _relay_checked(self, stream: anyio.abc.SocketStream, destination: Destination) -> None:
-        preamble, kind, claimed = await read_preamble(stream)
-        if not self.permitted(destination, claimed, kind):
-            self._event("guest connection refused", destination=str(destination.address), port=destination.port,
-                        protocol=kind, name=claimed)  # fmt: skip
-            return
+        """Judge the connection by what the guest says first, then relay it.  A guest that says
+        nothing for a while may be waiting for the server to speak first (SMTP, MySQL...): the
+        proxy connects then, relays the server's words, and judges the guest's first ones whenever
+        they come, so waiting does not skip the check."""
+        preamble, kind, claimed = await read_preamble(stream, PREAMBLE_TIMEOUT_S)
+        if not preamble and not self.permitted(destination, None, "other"):
+            return self._refused(destination, kind, claimed)
+        if preamble and not self.permitted(destination, claimed, kind):
+            return self._refused(destination, kind, claimed)
         with anyio.fail_after(UPSTREAM_CONNECT_TIMEOUT_S):
             upstream = await anyio.connect_tcp(str(destination.address), destination.port)
-        async with upstream:
+        async with upstream, anyio.create_task_group() as tg:
+            tg.start_soon(_copy, upstream, stream)
+            if not preamble:
+                preamble, kind, claimed = await read_preamble(stream, None)
+                if not self.permitted(destination, claimed, kind):
+                    tg.cancel_scope.cancel()
+                    return self._refused(destination, kind, claimed)
             if preamble:
                 await upstream.send(preamble)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_copy, stream, upstream)
-                tg.start_soon(_copy, upstream, stream)
+            await _copy(stream, upstream)
+
+    def _refused(self, destination: Destination, kind: str, claimed: str | None) -> None:
+        self._event("guest connection refused", destination=str(destination.address), port=destination.port,
+                    protocol=kind, name=claimed)  # fmt: skip
 
     # --- DNS ---
 
@@ -315,11 +324,17 @@ class Egress:
         return response.to_wire()
 
     async def _ask_upstream(self, message: dns.message.Message) -> dns.message.Message | None:
+        # dnspython would keep the first event loop library it saw, for the whole process
+        backend = dns.asyncbackend.get_backend(sniffio.current_async_library())
         for address, port in self.upstream:
             with contextlib.suppress(dns.exception.DNSException, OSError):
-                response = await dns.asyncquery.udp(message, address, port=port, timeout=DNS_UPSTREAM_TIMEOUT_S)
+                response = await dns.asyncquery.udp(
+                    message, address, port=port, timeout=DNS_UPSTREAM_TIMEOUT_S, backend=backend
+                )
                 if response.flags & dns.flags.TC:
-                    response = await dns.asyncquery.tcp(message, address, port=port, timeout=DNS_UPSTREAM_TIMEOUT_S)
+                    response = await dns.asyncquery.tcp(
+                        message, address, port=port, timeout=DNS_UPSTREAM_TIMEOUT_S, backend=backend
+                    )
                 return response
         return None
 
@@ -349,10 +364,11 @@ async def _copy(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) ->
 # --- what a connection says first -------------------------------------------------------------------
 
 
-async def read_preamble(stream: anyio.abc.ByteReceiveStream) -> tuple[bytes, str, str | None]:
-    """(the bytes read, "tls"/"http"/"other", the SNI or Host they name or None)."""
+async def read_preamble(stream: anyio.abc.ByteReceiveStream, timeout: float | None) -> tuple[bytes, str, str | None]:
+    """(the bytes read, "tls"/"http"/"other", the SNI or Host they name or None), once they say what
+    they are, the guest half-closes or ``timeout`` passes."""
     data = b""
-    with anyio.move_on_after(PREAMBLE_TIMEOUT_S):
+    with anyio.move_on_after(math.inf if timeout is None else timeout):
         while (decided := classify(data)) is None:
             try:
                 data += await stream.receive(PREAMBLE_LIMIT - len(data))
@@ -360,9 +376,9 @@ async def read_preamble(stream: anyio.abc.ByteReceiveStream) -> tuple[bytes, str
                 break
         else:
             return data, *decided
-    # Cut short (the time is up, or the guest half-closed): what it began as, naming nothing.
+    # Cut short: what it began as, naming nothing (nothing at all: judged by address).
     request = data.lstrip(b"\r\n")
-    kind = "tls" if data[:1] == b"\x16" else "http" if _could_be_http(request) else "other"
+    kind = "tls" if data[:1] == b"\x16" else "http" if request and _could_be_http(request) else "other"
     return data, kind, None
 
 
