@@ -23,7 +23,8 @@ import struct
 import sys
 import time
 
-from ..protocol.guest_abi import DNS_IP, GATEWAY_IP, GUEST_IP
+from ..protocol.guest_abi import GATEWAY_IP, GUEST_IP
+from .dns_stub import LISTEN_ADDRESS, DnsStub
 from .server import Agent, find_port
 from .task import BASE_ENV, take_image_defaults
 
@@ -43,10 +44,10 @@ def _interface_up(s: socket.socket, name: bytes) -> None:
     fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", name, flags | IFF_UP))
 
 
-def _configure_network() -> None:
-    """eth0 for QEMU user-mode networking (fixed addresses, so no DHCP client needed)."""
+def _configure_network() -> bool:
+    """eth0 for QEMU user-mode networking (fixed addresses, so no DHCP client needed), if there is one."""
     if not os.path.exists("/sys/class/net/eth0"):
-        return
+        return False
     SIOCSIFADDR, SIOCSIFNETMASK, SIOCADDRT = 0x8916, 0x891C, 0x890B
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
 
@@ -60,8 +61,25 @@ def _configure_network() -> None:
         route = struct.pack("L", 0) + sockaddr("0.0.0.0") + sockaddr(GATEWAY_IP) + sockaddr("0.0.0.0")
         route += struct.pack("H", 0x0001 | 0x0002) + bytes(120 - len(route) - 2)
         fcntl.ioctl(s, SIOCADDRT, route)
-    with open("/etc/resolv.conf", "w") as f:
-        f.write(f"nameserver {DNS_IP}\n")
+    return True
+
+
+def _dns_stub() -> DnsStub | None:
+    """The DNS stub, bound here and served by each server PID 1 forks: PID 1 itself stays
+    single-threaded (a fork of a threaded process may inherit a lock held by another thread), and
+    a respawned server serves the same sockets.  /etc/resolv.conf names it once it is bound."""
+    try:
+        stub = DnsStub()
+    except OSError as exc:
+        print(f"agent: dns stub: {exc}", file=sys.stderr)
+        return None
+    try:  # replaced, not written through: the image's may be a symlink to anywhere
+        with open("/etc/resolv.conf.machinen", "w") as f:
+            f.write(f"nameserver {LISTEN_ADDRESS[0]}\noptions edns0 trust-ad\n")
+        os.replace("/etc/resolv.conf.machinen", "/etc/resolv.conf")
+    except OSError as exc:
+        print(f"agent: /etc/resolv.conf: {exc}", file=sys.stderr)
+    return stub
 
 
 def _kernel_args() -> dict[str, str]:
@@ -69,8 +87,8 @@ def _kernel_args() -> dict[str, str]:
         return dict(arg.split("=", 1) for arg in f.read().split() if "=" in arg)
 
 
-def init_system() -> None:
-    """What an init does before services: filesystems, hostname, network."""
+def init_system() -> DnsStub | None:
+    """What an init does before services: filesystems, hostname, network (and, with one, the DNS stub)."""
     _mount("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666")
     _mount("tmpfs", "/dev/shm", "tmpfs", "mode=1777")
     _mount("tmpfs", "/run", "tmpfs", "mode=755")
@@ -81,12 +99,14 @@ def init_system() -> None:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             _interface_up(s, b"lo")
-        _configure_network()
+        if _configure_network():
+            return _dns_stub()
     except OSError as exc:
         print(f"agent: network: {exc}", file=sys.stderr)
+    return None
 
 
-def reap_forever(server_pid: int) -> None:
+def reap_forever(server_pid: int, dns_stub: DnsStub | None) -> None:
     """PID 1's job: reap every orphan; bring the server back if it dies."""
     while True:
         try:
@@ -99,13 +119,15 @@ def reap_forever(server_pid: int) -> None:
         if pid == server_pid:
             print("agent: server exited; restarting", file=sys.stderr)
             time.sleep(0.2)
-            server_pid = fork_server()
+            server_pid = fork_server(dns_stub)
 
 
-def fork_server() -> int:
+def fork_server(dns_stub: DnsStub | None) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            if dns_stub is not None:
+                dns_stub.start()
             serve_port()
         finally:
             os._exit(1)
@@ -121,8 +143,8 @@ def main() -> None:
     take_image_defaults()
     os.environ.update(BASE_ENV)
     if os.getpid() == 1:
-        init_system()
-        reap_forever(fork_server())
+        dns_stub = init_system()
+        reap_forever(fork_server(dns_stub), dns_stub)
     else:
         serve_port()
 
