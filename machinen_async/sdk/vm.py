@@ -246,9 +246,9 @@ class VM:
         """Supervisor metadata, plus the guest agent's live info under ``"agent"``; no answer
         within ``timeout`` s raises ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT)."""
         with _deadline(timeout, "answer describe"):
-            info = await self._channel.call("vm.info")
-            info["agent"] = await self._channel.call("info")
-            return info
+            info = await self._supervisor_info()
+            description: VMDescription = {**info, "agent": await self._channel.call("info")}
+            return description
 
     @overload
     def fork(
@@ -394,6 +394,10 @@ class VM:
     async def _snapshot_paused(self, bundle_dir: Path) -> None:
         """Snapshot and stay paused until ``_resume`` or until this handle disconnects."""
         await self._channel.call("vm.snapshot", {"dir": str(bundle_dir), "stay_paused": True})
+
+    async def _supervisor_info(self) -> VMInfo:
+        """The supervisor's account only: it answers while the guest is paused, as the agent cannot."""
+        return await self._channel.call("vm.info")
 
     async def _resume(self) -> None:
         await self._channel.call("vm.resume")
