@@ -382,7 +382,8 @@ class VM:
         host lacks; with ``precopy`` a first snapshot taken while it still
         runs has already sent most of them) and is verified there, the VM
         starts there, and only then does this one stop.  On any failure this
-        VM simply continues.  Ports are not carried over: pass ``ports``.
+        VM simply continues.  Ports are not carried over: pass ``ports``.  Its
+        lifetime is: the deadline (as the time left to it) and ``idle_timeout``.
         The moved VM is owned like this one was (``detached`` overrides);
         ``moved.handoff_report`` tells bytes moved and the pause.  Live mounts
         need ``mounts``: directories of that host (absolute paths) to bind.
