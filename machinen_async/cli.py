@@ -27,7 +27,7 @@ import click
 from . import __version__
 from .errors import GuestFileError, MachinenError, plain_errors
 from .protocol.guest_abi import WORKLOAD_LOG
-from .protocol.messages import VMMetrics, VMRow
+from .protocol.messages import VMMetrics, VMRow, seconds_left
 from .sdk.boot import IMAGE_CMD, boot, connect, restore, stop_vm
 from .sdk.mounts import Mount
 from .sdk.network import NetworkPolicy
@@ -762,9 +762,8 @@ def tree_lines(rows: list[VMRow]) -> list[str]:
 
 def _time_left(deadline: object, now: float) -> str:
     """A VM's time to live as a table cell: "-" without a deadline (or a peer's odd value)."""
-    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
-        return "-"
-    return f"{max(0.0, deadline - now):.0f}s"
+    left = seconds_left(deadline, now)
+    return "-" if left is None else f"{left:.0f}s"
 
 
 @main.command(name="top")

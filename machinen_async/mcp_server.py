@@ -8,9 +8,9 @@ checks what a call sends.  A ``MachinenError`` comes back as a tool error ``[COD
 Ownership: a VM a tool starts belongs to the MCP session that started it and stops when that
 session ends (stdio: the process's input closes; HTTP: the client deletes its session or it idles
 out), unless it was started ``detached``.  A client of the per-request protocol era (2026-07-28,
-no session) gets VMs that belong to the server, stopped when it exits.  ``ttl`` is a timer in this
-server: it stops the VM at its deadline while the server runs.  ``--max-vms`` and ``--max-memory``
-count the VMs this server started that still run.
+no session) gets VMs that belong to the server, stopped when it exits.  ``ttl`` is the SDK's: the
+VM's own supervisor stops it at its deadline, whether or not this server still runs.  ``--max-vms``
+and ``--max-memory`` count the VMs this server started that still run.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import hmac
 import json
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import anyio
 import anyio.abc
 
 from .errors import ArgumentError, ExecTimeoutError, GuestFileError, MachinenError, McpServerError, plain_errors
+from .protocol.messages import seconds_left
 from .sdk.boot import boot, connect, restore, stop_vm
 from .sdk.forks import close_all
 from .sdk.host import Host
@@ -100,7 +102,10 @@ VMName = Annotated[str, Field(description="The VM's name, as `boot`, `fork`, `re
 Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 Ttl = Annotated[
     Seconds | None,
-    Field(description="Stop the VM this many seconds from now (a timer in this server, kept while it runs)."),
+    Field(
+        description="Stop the VM this many seconds after it starts: its own supervisor does, even if this "
+        "server is gone by then."
+    ),
 ]
 Detached = Annotated[
     bool,
@@ -266,8 +271,10 @@ TOOLS = (
              destructive=True),
     ToolSpec("list", ListArguments,
              "List the running VMs of this host: name, memory, uptime, how it started (cold, warm, fork, "
-             "restore), `forked_from` (its lineage), ports, and, for VMs this server started, whether this "
-             "session owns it and the seconds its ttl leaves.", read_only=True),
+             "restore), ports, `forked_from` (its parent), `lineage` (its ancestors, root first and its parent "
+             "last: {name, taken_at}, the epoch seconds of the fork or snapshot it came from), `restored_from` "
+             "(the bundle of a restore), `deadline` (epoch seconds, or null: no ttl) and `ttl_left_s`, and, for "
+             "VMs this server started, whether this session owns it.", read_only=True),
 )  # fmt: skip
 SPECS = {spec.name: spec for spec in TOOLS}
 
@@ -319,8 +326,6 @@ class Tracked:
     memory_mib: int
     owner: Owner
     detached: bool
-    deadline: float | None = None
-    timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
 @dataclass(frozen=True)
@@ -378,27 +383,11 @@ class VMTable:
             self._reserved_vms -= count
             self._reserved_mib -= count * memory_mib
 
-    def track(self, vm: VM, owner: Owner, *, detached: bool, ttl: float | None) -> None:
-        tracked = Tracked(vm, vm.info["memory_mib"], owner, detached)
-        self.tracked[vm.name] = tracked
-        if ttl is not None:
-            tracked.deadline = anyio.current_time() + ttl
-            self.tasks.start_soon(self._expire, tracked)
-
-    async def _expire(self, tracked: Tracked) -> None:
-        with tracked.timer:
-            assert tracked.deadline is not None
-            await anyio.sleep_until(tracked.deadline)
-            if self.tracked.get(tracked.vm.name) is tracked:
-                del self.tracked[tracked.vm.name]
-                with contextlib.suppress(MachinenError):
-                    await tracked.vm.stop()
+    def track(self, vm: VM, owner: Owner, *, detached: bool) -> None:
+        self.tracked[vm.name] = Tracked(vm, vm.info["memory_mib"], owner, detached)
 
     def forget(self, name: str) -> Tracked | None:
-        tracked = self.tracked.pop(name, None)
-        if tracked is not None:
-            tracked.timer.cancel()
-        return tracked
+        return self.tracked.pop(name, None)
 
     @contextlib.asynccontextmanager
     async def handle(self, name: str) -> AsyncIterator[VM]:
@@ -443,10 +432,10 @@ class Tools:
         async with self.table.reserving(1, args.memory_mib):
             vm = await boot(
                 args.image, name=args.name, memory_mib=args.memory_mib, cpus=args.cpus, mounts=mounts,
-                ports=args.ports, network=network, detached=args.detached,
+                ports=args.ports, network=network, detached=args.detached, ttl=args.ttl,
             )  # fmt: skip
-            self.table.track(vm, owner, detached=args.detached, ttl=args.ttl)
-        return _described(vm, ttl=args.ttl)
+            self.table.track(vm, owner, detached=args.detached)
+        return _described(vm)
 
     async def exec(self, args: ExecArguments, owner: Owner, progress: Progress) -> Payload:
         stdout, stderr = CappedOutput(args.max_output_bytes), CappedOutput(args.max_output_bytes)
@@ -513,9 +502,9 @@ class Tools:
 
     async def fork(self, args: ForkArguments, owner: Owner, progress: Progress) -> Payload:
         async with self.table.handle(args.vm) as vm, self.table.reserving(args.n, vm.info["memory_mib"]):
-            forks = await vm.fork(n=args.n, name=args.name, detached=args.detached)
+            forks = await vm.fork(n=args.n, name=args.name, detached=args.detached, ttl=args.ttl)
             for sibling in forks:
-                self.table.track(sibling, owner, detached=args.detached, ttl=args.ttl)
+                self.table.track(sibling, owner, detached=args.detached)
         return {"names": [sibling.name for sibling in forks]}
 
     async def snapshot(self, args: SnapshotArguments, owner: Owner, progress: Progress) -> Payload:
@@ -527,9 +516,9 @@ class Tools:
         checked = await anyio.to_thread.run_sync(bundle.inspect, Path(args.directory))
         async with self.table.reserving(1, checked.manifest.machine.memory_mib):
             vm = await restore(args.directory, name=args.name, ports=args.ports, detached=args.detached,
-                               network=NetworkPolicy(allow=args.allow))  # fmt: skip
-            self.table.track(vm, owner, detached=args.detached, ttl=args.ttl)
-        return _described(vm, ttl=args.ttl)
+                               network=NetworkPolicy(allow=args.allow), ttl=args.ttl)  # fmt: skip
+            self.table.track(vm, owner, detached=args.detached)
+        return _described(vm)
 
     async def stop(self, args: StopArguments, owner: Owner, progress: Progress) -> Payload:
         tracked = self.table.forget(args.vm)
@@ -537,14 +526,13 @@ class Tools:
         return {"name": args.vm, "how": how}
 
     async def list(self, args: ListArguments, owner: Owner, progress: Progress) -> Payload:
-        now = anyio.current_time()
+        now = time.time()
         rows: list[Payload] = []
-        for row in await Host.local().list():
+        for row in await Host.local().list():  # lineage, restored_from and deadline included
             tracked = self.table.tracked.get(row.get("name", ""))
-            extra: Payload = {}
+            extra: Payload = {"ttl_left_s": seconds_left(row.get("deadline"), now)}
             if tracked is not None:
-                extra = {"owned_by_this_session": tracked.owner is owner and not tracked.detached,
-                         "ttl_left_s": None if tracked.deadline is None else max(0.0, tracked.deadline - now)}  # fmt: skip
+                extra["owned_by_this_session"] = tracked.owner is owner and not tracked.detached
             rows.append({**row, **extra})
         return {"vms": rows}
 
@@ -563,10 +551,11 @@ async def _run_guest_python(vm: VM, arguments: Sequence[str]) -> ExecResult:
     raise AssertionError("unreachable: the last interpreter's error is raised")
 
 
-def _described(vm: VM, *, ttl: float | None) -> Payload:
+def _described(vm: VM) -> Payload:
     info = vm.info
     return {"name": vm.name, "memory_mib": info["memory_mib"], "cpus": info["cpus"], "start": info["start"],
-            "boot_s": info["boot_s"], "detached": info["detached"], "ports": info["ports"], "ttl_s": ttl}  # fmt: skip
+            "boot_s": info["boot_s"], "detached": info["detached"], "ports": info["ports"],
+            "deadline": info["deadline"], "ttl_left_s": seconds_left(info["deadline"], time.time())}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,7 +645,7 @@ async def vm_table(limits: Limits) -> AsyncIterator[VMTable]:
             yield table
         finally:
             await table.aclose()
-            tasks.cancel_scope.cancel()  # ttl timers; session teardowns already started finish (shielded)
+            tasks.cancel_scope.cancel()  # session teardowns already started finish (shielded)
 
 
 async def serve_stdio(limits: Limits) -> None:

@@ -327,6 +327,14 @@ def checked_ttl(value: object, what: str = "ttl") -> float | None:
     return seconds
 
 
+def seconds_left(deadline: object, now: float) -> float | None:
+    """The seconds from ``now`` to a VM's ``deadline`` (epoch seconds, as describe() and a VM list
+    row give it), 0 once past; None without one (or for a peer's odd value)."""
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        return None
+    return max(0.0, deadline - now)
+
+
 def _strings(value: object, what: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple) or not all(type(v) is str for v in value):
         raise _invalid(f"{what} is a list of strings", value)

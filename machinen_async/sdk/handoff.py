@@ -7,6 +7,10 @@
 4. only then the source stops.  Any failure in 2-3 resumes the source,
    so there is never a moment where both or neither run; so does a pause
    longer than ``PAUSE_LIMIT_S`` (HANDOFF_TIMEOUT).
+
+The moved VM keeps its lifetime: its deadline is an instant of this host's
+clock, so what crosses is the time left to it, taken just before the restore
+(the pause counts against it), and its idle_timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import anyio
 from ..errors import HandoffError, MachinenError
 from ..hosts.base import TransferReport
 from ..hosts.local import LocalDriver
+from ..protocol.messages import seconds_left
 from ..protocol.ports import PortSpec
 from ..store import chunks, paths
 
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 # The source stays paused while the final state moves and starts there; past this it resumes.
 PAUSE_LIMIT_S = 120.0
 STOP_DESTINATION_S = 20.0
+# The lifetime a VM whose deadline passed during its handoff gets there: it ends as soon as it starts.
+MIN_TTL_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,14 @@ class HandoffReport:
     bytes_sent: int
     precopy: TransferReport | None
     final: TransferReport
+
+
+def ttl_until(deadline: float | None, now: float) -> float | None:
+    """The ``ttl`` that ends a VM started at ``now`` at ``deadline`` (None: no end).  A deadline
+    already past leaves the least positive lifetime, so the moved VM stops at once, as the
+    source would have."""
+    left = seconds_left(deadline, now)
+    return None if left is None else max(left, MIN_TTL_S)
 
 
 async def handoff(
@@ -82,6 +97,7 @@ async def handoff(
         try:
             with anyio.fail_after(PAUSE_LIMIT_S):
                 final = await host.push(workdir / "final", progress=report)
+                lifetime = await vm._supervisor_info()  # fresh: another client may have extended it
                 restoring = True
                 moved = await host.restore(
                     final.remote_bundle,
@@ -89,6 +105,8 @@ async def handoff(
                     ports=ports,
                     detached=(not owned) if detached is None else detached,
                     mounts=mounts,
+                    ttl=ttl_until(lifetime["deadline"], time.time()),
+                    idle_timeout=lifetime["idle_timeout"],
                 )
         except BaseException as exc:
             # A restore that was interrupted (rather than refused) may have started the VM there

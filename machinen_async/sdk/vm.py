@@ -247,9 +247,9 @@ class VM:
         """Supervisor metadata, plus the guest agent's live info under ``"agent"``; no answer
         within ``timeout`` s raises ``ExecTimeoutError`` (EXEC_AGENT_TIMEOUT)."""
         with _deadline(timeout, "answer describe"):
-            info = await self._channel.call("vm.info")
-            info["agent"] = await self._channel.call("info")
-            return info
+            info = await self._supervisor_info()
+            description: VMDescription = {**info, "agent": await self._channel.call("info")}
+            return description
 
     @overload
     def fork(
@@ -402,7 +402,8 @@ class VM:
         host lacks; with ``precopy`` a first snapshot taken while it still
         runs has already sent most of them) and is verified there, the VM
         starts there, and only then does this one stop.  On any failure this
-        VM simply continues.  Ports are not carried over: pass ``ports``.
+        VM simply continues.  Ports are not carried over: pass ``ports``.  Its
+        lifetime is: the deadline (as the time left to it) and ``idle_timeout``.
         The moved VM is owned like this one was (``detached`` overrides);
         ``moved.handoff_report`` tells bytes moved and the pause.  Live mounts
         need ``mounts``: directories of that host (absolute paths) to bind.
@@ -414,6 +415,10 @@ class VM:
     async def _snapshot_paused(self, bundle_dir: Path) -> None:
         """Snapshot and stay paused until ``_resume`` or until this handle disconnects."""
         await self._channel.call("vm.snapshot", {"dir": str(bundle_dir), "stay_paused": True})
+
+    async def _supervisor_info(self) -> VMInfo:
+        """The supervisor's account only: it answers while the guest is paused, as the agent cannot."""
+        return await self._channel.call("vm.info")
 
     async def _resume(self) -> None:
         await self._channel.call("vm.resume")

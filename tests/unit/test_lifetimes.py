@@ -12,7 +12,8 @@ import pytest
 
 from machinen_async import boot
 from machinen_async.errors import MachinenError
-from machinen_async.protocol.messages import BootRequest, ForkRequest, RestoreRequest
+from machinen_async.protocol.messages import BootRequest, ForkRequest, RestoreRequest, seconds_left
+from machinen_async.sdk.handoff import MIN_TTL_S, ttl_until
 from machinen_async.store import registry
 
 pytestmark = [pytest.mark.anyio]
@@ -114,3 +115,12 @@ def test_ls_shows_time_left(capsys: pytest.CaptureFixture[str]) -> None:
     header, a, b = capsys.readouterr().out.splitlines()
     assert "TTL" in header.split()
     assert a.split()[3] in ("100s", "99s") and b.split()[3] == "-"
+
+
+def test_seconds_left_and_the_ttl_a_handoff_carries() -> None:
+    assert seconds_left(1000.0, 400.0) == 600.0 and seconds_left(1000, 1400.0) == 0.0
+    for odd in (None, True, "1000", [1000]):  # no deadline, or a peer's odd value
+        assert seconds_left(odd, 400.0) is None
+    assert ttl_until(1000.0, 400.0) == 600.0 and ttl_until(None, 400.0) is None
+    assert ttl_until(1000.0, 1400.0) == MIN_TTL_S  # past: the moved VM ends at once, as the source would have
+    assert BootRequest(name="a", ttl=ttl_until(1000.0, 1400.0)).ttl == MIN_TTL_S  # a lifetime a request takes

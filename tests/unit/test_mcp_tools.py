@@ -4,6 +4,7 @@ client), the bearer token, and the bounded output an exec keeps."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mcp.client.client import Client
 
+from machinen_async import connect, stop_vm
 from machinen_async.mcp_server import TOOLS, BearerToken, CappedOutput, Limits, make_server, vm_table
+from machinen_async.store import registry
 
 pytestmark = pytest.mark.anyio
 
@@ -49,6 +52,26 @@ async def test_bad_arguments_unknown_vms_and_limits_are_tool_errors_with_their_c
         # Refused before anything starts: no VM is tracked, none listed.
         listed = await client.call_tool("list", {})
         assert json.loads(listed.content[0].text) == {"vms": []} and table.tracked == {}
+
+
+@pytest.mark.usefixtures("fake_vmm")
+async def test_a_ttl_is_the_supervisors_deadline_and_outlives_the_server(anyio_backend) -> None:
+    """A ``ttl`` given to ``boot`` is the VM's own (its supervisor's deadline, which nothing in the
+    server keeps); ``list`` shows it, the time it leaves, and the VM's lineage."""
+    name = f"mcp-ttl-{anyio_backend}"
+    before = time.time()
+    async with vm_table(Limits()) as table, Client(make_server(table), mode="legacy") as client:
+        booted = (await client.call_tool("boot", {"name": name, "ttl": 600, "detached": True})).structured_content
+        async with connect(name) as vm:
+            deadline = (await vm.describe())["deadline"]
+        assert before + 600 <= deadline <= time.time() + 600
+        assert booted["deadline"] == deadline and 0 < booted["ttl_left_s"] <= 600
+        (row,) = (await client.call_tool("list", {})).structured_content["vms"]
+        assert (row["name"], row["deadline"], row["lineage"], row["restored_from"]) == (name, deadline, [], None)
+        assert 0 < row["ttl_left_s"] <= 600 and row["owned_by_this_session"] is False  # detached
+    # The server is gone; the detached VM keeps the deadline its supervisor holds.
+    assert [row["deadline"] for row in registry.list_rows() if row["name"] == name] == [deadline]
+    await stop_vm(name)
 
 
 async def test_limits_count_what_is_reserved_while_vms_start(anyio_backend) -> None:

@@ -17,6 +17,8 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from machinen_async import connect
+
 pytestmark = pytest.mark.anyio
 
 SERVER = [sys.executable, "-m", "machinen_async", "mcp"]
@@ -66,8 +68,11 @@ async def test_stdio_session_boots_execs_forks_snapshots_restores_and_stops_its_
             tools["boot"].input_schema["properties"]
         )
 
-        booted = await call(session, "boot", name=source, memory_mib=256)
+        booted = await call(session, "boot", name=source, memory_mib=256, ttl=3600)
         assert booted["name"] == source and booted["memory_mib"] == 256
+        async with connect(source) as vm:  # the ttl is the VM's own: its supervisor holds the deadline
+            assert (await vm.describe())["deadline"] == booted["deadline"]
+        assert 0 < booted["ttl_left_s"] <= 3600
 
         # Output past the cap: head and tail kept, the cut counted; all of it streamed as progress.
         result = await session.call_tool(
@@ -96,12 +101,18 @@ async def test_stdio_session_boots_execs_forks_snapshots_restores_and_stops_its_
         assert in_fork["stdout"] == f"{siblings[1]}\nbefore the fork\n"
         rows = {row["name"]: row for row in (await call(session, "list"))["vms"]}
         assert rows[siblings[0]]["forked_from"] == source and rows[siblings[0]]["owned_by_this_session"]
+        assert [ancestor["name"] for ancestor in rows[siblings[0]]["lineage"]] == [source]
+        assert rows[source]["lineage"] == [] and rows[source]["deadline"] == booted["deadline"]
+        assert 0 < rows[source]["ttl_left_s"] <= 3600
+        assert rows[siblings[0]]["deadline"] is None and rows[siblings[0]]["ttl_left_s"] is None  # no ttl of its own
 
         bundle = tmp_path / "bundle"
         assert (await call(session, "snapshot", vm=source, directory=str(bundle)))["size_bytes"] > 0
         restored = (await call(session, "restore", directory=str(bundle), name=f"{source}-r", detached=True))["name"]
         again = await call(session, "exec", vm=restored, cmd=["cat", "/root/state"])
         assert again["stdout"] == "before the fork\n"
+        row = next(row for row in (await call(session, "list"))["vms"] if row["name"] == restored)
+        assert row["restored_from"] == str(bundle.resolve()) and [a["name"] for a in row["lineage"]] == [source]
 
         assert (await call(session, "stop", vm=siblings[0]))["how"] == "stopped"
         await gone(siblings[0])

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 from conftest import ls_json, machinen
@@ -85,6 +86,28 @@ async def test_handoff_cut_mid_transfer_leaves_the_source_running(remote_host):
         moved = await vm.handoff(hostb, precopy=False)
         assert moved.handoff_report.final.chunks_sent < moved.handoff_report.final.chunks_total
         assert await poke(moved) == 3
+        described = await moved.describe()
+        assert (described["deadline"], described["idle_timeout"]) == (None, None)  # no end here, none there
+        await moved.aclose()
+
+
+async def test_a_handoff_carries_the_deadline_and_idle_timeout(remote_host, anyio_backend):
+    """The deadline is an instant: what crosses is the time left to it, taken as the VM moves (so
+    an extended deadline moves as it stands, not the ttl the VM booted with), and the idle timeout."""
+    async with (
+        Host.from_spec(remote_host.alias) as hostb,
+        boot(name=f"mortal-{anyio_backend}", ttl=600, idle_timeout=300) as vm,
+    ):
+        deadline = await vm.extend(3000)
+        before = time.time()
+        moved = await vm.handoff(hostb, precopy=False)
+        after = time.time()
+        described = await moved.describe()
+        # The same instant, up to how late in the handoff the destination counted the time left from.
+        assert deadline - 0.01 <= described["deadline"] <= deadline + (after - before)
+        assert 3000 < described["deadline"] - time.time() <= 3600
+        assert described["idle_timeout"] == 300
+        assert [row["deadline"] for row in await hostb.list()] == [described["deadline"]]
         await moved.aclose()
 
 
