@@ -28,6 +28,7 @@ from ..errors import HandoffError, MachinenError
 from ..hosts.base import TransferReport
 from ..hosts.local import LocalDriver
 from ..protocol.messages import seconds_left
+from ..protocol.netpolicy import NetworkPolicy
 from ..protocol.ports import PortSpec
 from ..store import chunks, paths
 
@@ -97,7 +98,7 @@ async def handoff(
         try:
             with anyio.fail_after(PAUSE_LIMIT_S):
                 final = await host.push(workdir / "final", progress=report)
-                lifetime = await vm._supervisor_info()  # fresh: another client may have extended it
+                lifetime = await vm._supervisor_info()  # fresh: another client may have extended it or set its network
                 restoring = True
                 moved = await host.restore(
                     final.remote_bundle,
@@ -107,6 +108,7 @@ async def handoff(
                     mounts=mounts,
                     ttl=ttl_until(lifetime["deadline"], time.time()),
                     idle_timeout=lifetime["idle_timeout"],
+                    network=NetworkPolicy.from_wire(lifetime["network_policy"]),  # as it is now (set_network)
                 )
         except BaseException as exc:
             # A restore that was interrupted (rather than refused) may have started the VM there

@@ -1,6 +1,6 @@
 """The egress proxy and resolver's logic without a VM (vmm/qemu/egress.py): what a connection's
 first bytes name, what the policy lets through, what the resolver answers and remembers.  The
-real path (a guest, QEMU, netguard's hand-over, test hosts) is tests/vm/test_egress.py."""
+real path (a guest, QEMU, netguard's hand-over, test hosts) is tests/vm/test_egress_qemu.py."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from machinen_async import (
     Host,
     HostError,
     MachinenError,
+    NetworkPolicy,
     TransferError,
     boot,
     connect,
@@ -93,12 +94,14 @@ async def test_handoff_cut_mid_transfer_leaves_the_source_running(remote_host):
 
 async def test_a_handoff_carries_the_deadline_and_idle_timeout(remote_host, anyio_backend):
     """The deadline is an instant: what crosses is the time left to it, taken as the VM moves (so
-    an extended deadline moves as it stands, not the ttl the VM booted with), and the idle timeout."""
+    an extended deadline moves as it stands, not the ttl the VM booted with), the idle timeout and
+    the network policy as it is now."""
     async with (
         Host.from_spec(remote_host.alias) as hostb,
         boot(name=f"mortal-{anyio_backend}", ttl=600, idle_timeout=300) as vm,
     ):
         deadline = await vm.extend(3000)
+        await vm.set_network(NetworkPolicy(allow=["pypi.org"], deny=["10.9.0.0/16"]))
         before = time.time()
         moved = await vm.handoff(hostb, precopy=False)
         after = time.time()
@@ -107,6 +110,7 @@ async def test_a_handoff_carries_the_deadline_and_idle_timeout(remote_host, anyi
         assert deadline - 0.01 <= described["deadline"] <= deadline + (after - before)
         assert 3000 < described["deadline"] - time.time() <= 3600
         assert described["idle_timeout"] == 300
+        assert moved.network == NetworkPolicy(allow=["pypi.org"], deny=["10.9.0.0/16"])
         assert [row["deadline"] for row in await hostb.list()] == [described["deadline"]]
         await moved.aclose()
 
