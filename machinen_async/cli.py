@@ -299,6 +299,11 @@ idle_timeout_option: OptionDecorator = click.option(
     "--idle-timeout", type=float, default=None, metavar="SECONDS",
     help="Stop the VM once it has had no call (exec, file, ...) in progress for this long.",
 )  # fmt: skip
+on_idle_option: OptionDecorator = click.option(
+    "--on-idle", default=None, metavar="stop|snapshot:DIR",
+    help="What --idle-timeout does: stop the VM (default), or first snapshot it into the bundle directory DIR "
+    "(new or empty; `machinen restore DIR` continues it).  A failed snapshot is logged; the VM stops anyway.",
+)  # fmt: skip
 trust_option: OptionDecorator = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
@@ -375,6 +380,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.option("--cold", is_flag=True, help="Boot the kernel even if a boot template could be resumed.")
 @ttl_option
 @idle_timeout_option
+@on_idle_option
 @click.option(
     "--pull",
     type=click.Choice(["missing", "always", "never"]),
@@ -391,7 +397,8 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, pull, insecure, host_spec, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, on_idle, pull, insecure, host_spec,
+    as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -414,7 +421,7 @@ def boot_command(
                 network=False if no_network else _network_policy(allow_rules, allow_host_ports),
                 cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
                 mounts=_mounts(live_mounts, copied_mounts), host=host, ttl=ttl,
-                idle_timeout=idle_timeout,
+                idle_timeout=idle_timeout, on_idle=on_idle,
             )  # fmt: skip
             vm = await stack.enter_async_context(launch)
             address = vm.host.address(vm.name)
@@ -480,10 +487,11 @@ def attach(name: str, shell: str) -> None:
 @mount_option(copied=False)
 @ttl_option
 @idle_timeout_option
+@on_idle_option
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
 def fork_command(
     name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, ttl, idle_timeout,
-    as_json,
+    on_idle, as_json,
 ) -> None:  # fmt: skip
     """Fork running VM NAME into siblings that continue from this instant.
 
@@ -505,7 +513,7 @@ def fork_command(
             source = await stack.enter_async_context(connect(name))
             launch = source.fork(
                 count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts), ttl=ttl,
-                idle_timeout=idle_timeout,
+                idle_timeout=idle_timeout, on_idle=on_idle,
             )  # fmt: skip
             result = await stack.enter_async_context(launch)
             siblings = [result] if isinstance(result, VM) else list(result)
@@ -556,10 +564,11 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @mount_option(copied=False)
 @ttl_option
 @idle_timeout_option
+@on_idle_option
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
     directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports,
-    live_mounts, ttl, idle_timeout, as_json,
+    live_mounts, ttl, idle_timeout, on_idle, as_json,
 ) -> None:  # fmt: skip
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
@@ -569,7 +578,7 @@ def restore_command(
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
                                  detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
                                  network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
-                                 idle_timeout=idle_timeout)  # fmt: skip
+                                 idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
@@ -578,7 +587,7 @@ def restore_command(
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
                                       network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
-                                      idle_timeout=idle_timeout)  # fmt: skip
+                                      idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
             if as_json:

@@ -132,6 +132,7 @@ async def _start_across(
                     mounts=mounts,
                     ttl=request.ttl,
                     idle_timeout=request.idle_timeout,
+                    on_idle=request.on_idle,
                 )
                 started.update(zip(host_names, siblings, strict=True))
             finally:

@@ -255,6 +255,7 @@ class VM:
         self, n: None = None, *, name: str | None = None, names: None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
+        on_idle: str | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
@@ -262,6 +263,7 @@ class VM:
         self, n: int, *, name: str | None = None, names: Sequence[str] | None = None, boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
+        on_idle: str | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
@@ -269,6 +271,7 @@ class VM:
         self, n: None = None, *, name: str | None = None, names: Sequence[str], boot_timeout: float = ...,
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
+        on_idle: str | None = ...,
     ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
 
     def fork(
@@ -284,6 +287,7 @@ class VM:
         mounts: Sequence[str | Mount] | None = None,
         ttl: float | None = None,
         idle_timeout: float | None = None,
+        on_idle: str | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -301,7 +305,8 @@ class VM:
         start from a snapshot pushed there (see docs/scale-out.md).  Siblings
         keep this VM's live mounts; ``mounts`` re-binds them (by guest path) to
         other directories, or adds live mounts.  ``ttl``, ``idle_timeout``: each
-        sibling's lifetime in seconds from its start, and without calls (see ``boot``).
+        sibling's lifetime in seconds from its start, and without calls (see ``boot``);
+        ``on_idle`` "snapshot:DIR" (see ``boot``) takes a single sibling.
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -321,7 +326,7 @@ class VM:
             raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
         return self.host.fork_siblings(
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
-            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout,
+            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout, on_idle=on_idle,
         )  # fmt: skip
 
     @property

@@ -21,7 +21,7 @@ import structlog
 from ..errors import BootError, BootTimeoutError, ExecTimeoutError, MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
-from ..protocol.messages import checked_ttl
+from ..protocol.messages import checked_ttl, idle_snapshot_dir
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
 from . import forwards, metrics, mounts
@@ -176,6 +176,7 @@ class Supervisor:
                 "socket": str(entry.supervisor_socket),
                 "deadline": config.deadline,
                 "idle_timeout": config.idle_timeout,
+                "on_idle": config.on_idle,
                 "lineage": config.lineage,
                 "restored_from": config.incoming.restored_from if config.incoming and not config.warm else None,
             }
@@ -222,7 +223,8 @@ class Supervisor:
     async def _stop_when_idle(self, idle_s: float) -> None:
         """Stop the VM once it has had no call in progress (a client's: relayed to the agent, or a
         ``vm.*`` one; or a port-forwarded connection) and none started for ``idle_s`` seconds.  The
-        supervisor's own long calls (a live mount's server) are not activity."""
+        supervisor's own long calls (a live mount's server) are not activity.  With ``on_idle``
+        "snapshot:DIR" a bundle of it goes into DIR first; the VM stops even if that fails."""
         while True:
             if self.own_work_running or any(route.client.frames is not None for route in self.relay.routes.values()):
                 self.calls_ended_by = time.monotonic() + IDLE_POLL_S
@@ -231,9 +233,26 @@ class Supervisor:
             idle_for = time.monotonic() - self.calls_ended_by
             if idle_for >= idle_s:
                 log.info("idle: stopping", idle_timeout=idle_s)
-                self.stop_requested.set()
+                try:
+                    await self._snapshot_when_idle()
+                finally:
+                    self.stop_requested.set()
                 return
             await anyio.sleep(min(IDLE_POLL_S, idle_s - idle_for))
+
+    async def _snapshot_when_idle(self) -> None:
+        """``on_idle="snapshot:DIR"``: the bundle ``vm.snapshot`` writes, into DIR.  One that cannot
+        be written (DIR not empty, a full disk, a handoff's pause) is logged, not raised: the VM
+        must not outlive its idle timeout."""
+        directory = idle_snapshot_dir(self.config.on_idle)
+        if directory is None:
+            return
+        try:
+            taken = await self.capture.snapshot(directory)
+        except Exception:  # whatever went wrong, the stop that follows must happen
+            log.exception("idle: snapshot not written", bundle=directory)
+        else:
+            log.info("idle: snapshot written", bundle=taken["bundle"], pause_ms=taken["pause_ms"])
 
     # --- the client side ----------------------------------------------------------
 
