@@ -18,7 +18,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -687,7 +687,10 @@ def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bo
             click.echo(line)
         return
     if not host_specs and ray_address is None:
-        _print_rows(registry.list_rows(), as_json)
+        if as_json:
+            _run(_print_rows_with_metrics)
+        else:
+            _print_rows(registry.list_rows(), as_json)
         return
 
     async def run() -> None:
@@ -705,6 +708,15 @@ def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bo
     _run(run)
 
 
+async def _print_rows_with_metrics() -> None:
+    """``ls --json`` of this machine: each row with its VM's ``metrics``."""
+    rows = registry.list_rows()
+    measured = await _metrics_of(rows)
+    for row in rows:
+        row["metrics"] = measured[row["name"]]
+    _print_rows(rows, as_json=True)
+
+
 def _listed(rows: Any) -> list[dict[str, Any]]:
     """A host's VM list as rows, whatever shape the peer sent: a list of maps."""
     if not isinstance(rows, list):
@@ -716,7 +728,7 @@ def _row_of(row: dict[str, Any], where: str) -> dict[str, Any]:
     return {**row, "name": f"{where}:{_cell(row.get('name'))}"}
 
 
-def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+def _print_rows(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=repr, skipkeys=True))  # what a peer sent: any shape
         return
@@ -802,17 +814,33 @@ def top_command(interval: float, once: bool) -> None:
 
 
 Measured = dict[str, tuple[VMRow, VMMetrics]]
+METRICS_AT_ONCE = 32  # VMs asked for their metrics at once (a connection each)
 
 
 async def _measure_all() -> Measured:
     """Each running VM's row and metrics (a VM that went meanwhile is left out)."""
-    measured: Measured = {}
-    for row in registry.list_rows():
-        try:
-            async with connect(row["name"]) as vm:
-                measured[row["name"]] = (row, await vm.metrics())
-        except MachinenError:
-            continue
+    rows = registry.list_rows()
+    measured = await _metrics_of(rows)
+    return {row["name"]: (row, metrics) for row in rows if (metrics := measured[row["name"]]) is not None}
+
+
+async def _metrics_of(rows: Sequence[VMRow]) -> dict[str, VMMetrics | None]:
+    """The metrics of each VM of ``rows`` (of this machine), asked concurrently; None for one that
+    did not answer (stopped meanwhile)."""
+    measured: dict[str, VMMetrics | None] = {}
+    limiter = anyio.CapacityLimiter(METRICS_AT_ONCE)
+
+    async def measure(name: str) -> None:
+        async with limiter:
+            try:
+                async with connect(name) as vm:
+                    measured[name] = await vm.metrics()
+            except MachinenError:
+                measured[name] = None
+
+    async with anyio.create_task_group() as tg:
+        for row in rows:
+            tg.start_soon(measure, row["name"])
     return measured
 
 

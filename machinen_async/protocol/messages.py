@@ -161,6 +161,7 @@ class VMRow(TypedDict, total=False):
     deadline: float | None  # epoch seconds at which the VM stops (``ttl``), or None
     lineage: list[Ancestor]
     restored_from: str | None
+    metrics: VMMetrics | None  # ``machinen ls --json`` of this machine: None for a VM that did not answer
 
 
 class HostFacts(TypedDict):

@@ -83,6 +83,19 @@ async def test_idle_timeout_waits_for_calls_in_progress_then_stops_the_vm(anyio_
 
 
 @pytest.mark.usefixtures("fake_vmm")
+async def test_looking_at_an_idle_vm_does_not_keep_it_running(anyio_backend: str) -> None:
+    """``vm.metrics`` and ``vm.info`` (what ``machinen ls --json`` and ``top`` ask) are no use of it."""
+    name = f"idle-looked-at-{anyio_backend}"
+    async with boot(name=name, warm=False, detached=True, idle_timeout=1) as vm:
+        with anyio.fail_after(GONE_WITHIN_S), pytest.raises(MachinenError):  # its connection ends with it
+            while True:
+                await vm.metrics()
+                await vm.connection.channel.call("vm.info")
+                await anyio.sleep(0.1)
+    await _until_gone(name)
+
+
+@pytest.mark.usefixtures("fake_vmm")
 async def test_an_idle_snapshot_that_fails_still_stops_the_vm(anyio_backend: str, tmp_path: Path) -> None:
     """The fake VMM cannot save device state, so the snapshot before the idle stop fails: logged,
     and the VM stops all the same (a real VM's bundle: tests/vm/test_lifetimes_qemu.py)."""
