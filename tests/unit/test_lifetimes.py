@@ -5,6 +5,8 @@ detached VM of a killed owner ends in a real VM is tests/vm/test_lifetimes_qemu.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,6 +155,15 @@ def test_on_idle_crosses_checked_and_a_relative_directory_is_the_callers() -> No
     assert on_idle_argument("snapshot:parked", here=True) == f"snapshot:{Path.cwd().resolve() / 'parked'}"
     assert on_idle_argument("snapshot:parked", here=False) == "snapshot:parked"  # a path of another host: refused
     assert on_idle_argument("stop", here=True) == "stop"
+
+
+@pytest.mark.parametrize("command", ["boot", "restore /parked"])  # fork connects to its source first
+def test_the_cli_refuses_an_on_idle_before_it_starts_anything(command: str) -> None:
+    for options in (["--idle-timeout", "5", "--on-idle", "park"], ["--on-idle", "stop"]):
+        refused = subprocess.run(
+            [sys.executable, "-m", "machinen_async", *command.split(), *options], capture_output=True, check=False
+        )
+        assert refused.returncode == 1 and b"error [BOOT_ON_IDLE_INVALID]" in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize("ttl", [0, -1, math.inf, math.nan, True, "600"])
