@@ -77,7 +77,7 @@ async def test_on_idle_snapshot_parks_a_vm_that_restore_continues(anyio_backend:
     name, parked = f"idle-park-{anyio_backend}", tmp_path / "parked"
     state = "echo on-disk > /root/note; echo in-ram > /dev/shm/note; nohup sleep 86400 >/dev/null 2>&1 & echo $!"
     try:
-        async with boot(name=name, detached=True, idle_timeout=3, on_idle=f"snapshot:{parked}") as vm:
+        async with boot(name=name, detached=True, idle_timeout=10, on_idle=f"snapshot:{parked}") as vm:
             assert vm.info["on_idle"] == f"snapshot:{parked}"
             sleeper = int((await vm.exec(["sh", "-c", state], check=True)).stdout)  # one call: not idle midway
         with anyio.fail_after(PARKED_WITHIN_S):
