@@ -18,7 +18,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -299,6 +299,11 @@ idle_timeout_option: OptionDecorator = click.option(
     "--idle-timeout", type=float, default=None, metavar="SECONDS",
     help="Stop the VM once it has had no call (exec, file, ...) in progress for this long.",
 )  # fmt: skip
+on_idle_option: OptionDecorator = click.option(
+    "--on-idle", default=None, metavar="stop|snapshot:DIR",
+    help="What --idle-timeout does: stop the VM (default), or first snapshot it into the bundle directory DIR "
+    "(new or empty; `machinen restore DIR` continues it).  A failed snapshot is logged; the VM stops anyway.",
+)  # fmt: skip
 trust_option: OptionDecorator = click.option(
     "--trust", is_flag=True, help="Accept a bundle this user's machinen did not write (its device state reaches QEMU)."
 )
@@ -375,6 +380,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.option("--cold", is_flag=True, help="Boot the kernel even if a boot template could be resumed.")
 @ttl_option
 @idle_timeout_option
+@on_idle_option
 @click.option(
     "--pull",
     type=click.Choice(["missing", "always", "never"]),
@@ -391,7 +397,8 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
-    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, pull, insecure, host_spec, as_json,
+    ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, on_idle, pull, insecure, host_spec,
+    as_json,
 ) -> None:  # fmt: skip
     """Boot a VM from IMAGE: a rootfs tarball (.tar, .tar.gz, ...), an OCI / Docker image
     (python:3.12-slim, localhost:5000/team/agent@sha256:..., oci:DIR[:TAG], docker-archive:FILE;
@@ -414,7 +421,7 @@ def boot_command(
                 network=False if no_network else _network_policy(allow_rules, allow_host_ports),
                 cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
                 mounts=_mounts(live_mounts, copied_mounts), host=host, ttl=ttl,
-                idle_timeout=idle_timeout,
+                idle_timeout=idle_timeout, on_idle=on_idle,
             )  # fmt: skip
             vm = await stack.enter_async_context(launch)
             address = vm.host.address(vm.name)
@@ -480,10 +487,11 @@ def attach(name: str, shell: str) -> None:
 @mount_option(copied=False)
 @ttl_option
 @idle_timeout_option
+@on_idle_option
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
 def fork_command(
     name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, ttl, idle_timeout,
-    as_json,
+    on_idle, as_json,
 ) -> None:  # fmt: skip
     """Fork running VM NAME into siblings that continue from this instant.
 
@@ -505,7 +513,7 @@ def fork_command(
             source = await stack.enter_async_context(connect(name))
             launch = source.fork(
                 count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts), ttl=ttl,
-                idle_timeout=idle_timeout,
+                idle_timeout=idle_timeout, on_idle=on_idle,
             )  # fmt: skip
             result = await stack.enter_async_context(launch)
             siblings = [result] if isinstance(result, VM) else list(result)
@@ -556,10 +564,11 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @mount_option(copied=False)
 @ttl_option
 @idle_timeout_option
+@on_idle_option
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
     directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports,
-    live_mounts, ttl, idle_timeout, as_json,
+    live_mounts, ttl, idle_timeout, on_idle, as_json,
 ) -> None:  # fmt: skip
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
 
@@ -569,7 +578,7 @@ def restore_command(
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
                                  detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
                                  network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
-                                 idle_timeout=idle_timeout)  # fmt: skip
+                                 idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             else:
                 if image is not None:
                     raise MachinenError("--image and --host do not combine: push sends the image", code="PARSE_ARGS")
@@ -578,7 +587,7 @@ def restore_command(
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
                                       network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
-                                      idle_timeout=idle_timeout)  # fmt: skip
+                                      idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
             if as_json:
@@ -678,7 +687,10 @@ def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bo
             click.echo(line)
         return
     if not host_specs and ray_address is None:
-        _print_rows(registry.list_rows(), as_json)
+        if as_json:
+            _run(_print_rows_with_metrics)
+        else:
+            _print_rows(registry.list_rows(), as_json)
         return
 
     async def run() -> None:
@@ -696,6 +708,15 @@ def ls_command(host_specs: tuple[str, ...], ray_address: str | None, as_json: bo
     _run(run)
 
 
+async def _print_rows_with_metrics() -> None:
+    """``ls --json`` of this machine: each row with its VM's ``metrics``."""
+    rows = registry.list_rows()
+    measured = await _metrics_of(rows)
+    for row in rows:
+        row["metrics"] = measured[row["name"]]
+    _print_rows(rows, as_json=True)
+
+
 def _listed(rows: Any) -> list[dict[str, Any]]:
     """A host's VM list as rows, whatever shape the peer sent: a list of maps."""
     if not isinstance(rows, list):
@@ -707,7 +728,7 @@ def _row_of(row: dict[str, Any], where: str) -> dict[str, Any]:
     return {**row, "name": f"{where}:{_cell(row.get('name'))}"}
 
 
-def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+def _print_rows(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=repr, skipkeys=True))  # what a peer sent: any shape
         return
@@ -792,17 +813,33 @@ def top_command(interval: float, once: bool) -> None:
 
 
 Measured = dict[str, tuple[VMRow, VMMetrics]]
+METRICS_AT_ONCE = 32  # VMs asked for their metrics at once (a connection each)
 
 
 async def _measure_all() -> Measured:
     """Each running VM's row and metrics (a VM that went meanwhile is left out)."""
-    measured: Measured = {}
-    for row in registry.list_rows():
-        try:
-            async with connect(row["name"]) as vm:
-                measured[row["name"]] = (row, await vm.metrics())
-        except MachinenError:
-            continue
+    rows = registry.list_rows()
+    measured = await _metrics_of(rows)
+    return {row["name"]: (row, metrics) for row in rows if (metrics := measured[row["name"]]) is not None}
+
+
+async def _metrics_of(rows: Sequence[VMRow]) -> dict[str, VMMetrics | None]:
+    """The metrics of each VM of ``rows`` (of this machine), asked concurrently; None for one that
+    did not answer (stopped meanwhile)."""
+    measured: dict[str, VMMetrics | None] = {}
+    limiter = anyio.CapacityLimiter(METRICS_AT_ONCE)
+
+    async def measure(name: str) -> None:
+        async with limiter:
+            try:
+                async with connect(name) as vm:
+                    measured[name] = await vm.metrics()
+            except MachinenError:
+                measured[name] = None
+
+    async with anyio.create_task_group() as tg:
+        for row in rows:
+            tg.start_soon(measure, row["name"])
     return measured
 
 

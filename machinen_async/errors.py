@@ -193,6 +193,7 @@ ERRORS: tuple[ErrorRow, ...] = tuple(ErrorRow(*row) for row in (
     (MountError, ("MOUNT_FAILED", "MOUNT_COPY_FAILED", "MOUNT_COPY_STALLED"), "the guest could not mount a live mount; copying a `--mount` directory in failed, or the guest took nothing of it for `boot_timeout` seconds"),
     (BootError, ("BOOT_MEMORY_INVALID", "BOOT_CPUS_INVALID", "BOOT_TIMEOUT_INVALID"), "memory not an int ≥ 64 MiB, or more than the host has available; cpus not an int ≥ 1; `boot_timeout` not a positive number"),
     (BootError, ("BOOT_TTL_INVALID",), "`ttl` or `idle_timeout` (boot, fork, restore, `--ttl`, `--idle-timeout`) or `vm.extend(seconds)` not a positive finite number of seconds"),
+    (BootError, ("BOOT_ON_IDLE_INVALID",), '`on_idle` (boot, fork, restore, `--on-idle`) not "stop" or "snapshot:DIR", given without `idle_timeout`, or a snapshot for more than one VM (one bundle directory each)'),
     (BootTimeoutError, ("BOOT_TIMEOUT",), "the guest agent did not answer within `boot_timeout` (message has the console tail)"),
     (BootError, ("BOOT_FAILED", "BOOT_CANCELLED"), "QEMU or the supervisor died while booting (message has QEMU's output and the console tail); the supervisor was told to stop while it booted"),
     (BootError, ("BOOT_ACCEL_INVALID", "BOOT_QEMU_MISSING", "BOOT_VMM_UNKNOWN"), "bad `accel` / QEMU not installed / `MACHINEN_VMM` names no backend of this build"),

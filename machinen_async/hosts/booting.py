@@ -86,6 +86,7 @@ async def boot_here(request: BootRequest, progress: Progress | None = None) -> C
         start_workload=request.start_workload,
         deadline=deadline_of(request.ttl),
         idle_timeout=request.idle_timeout,
+        on_idle=request.on_idle,
     )
     if not request.warm:
         return await start_supervisor(config)

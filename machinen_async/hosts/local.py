@@ -31,7 +31,7 @@ from ..protocol.mounts import MountEntry
 from ..protocol.netpolicy import NetworkPolicy
 from ..store import assets, bundle, layers, oci_image, registry
 from ..store.manifest import Manifest, files_to_map
-from ..supervisor.config import SupervisorConfig, deadline_of
+from ..supervisor.config import Lifetime, SupervisorConfig, deadline_of
 from ..version import __version__
 from ..vmm import backend
 from . import transfer
@@ -117,8 +117,7 @@ async def _start_siblings(
     ports: list[list],
     mounts: list[list],
     unmounts: list[str],
-    ttl: float | None,
-    idle_timeout: float | None,
+    lifetime: Lifetime,
 ) -> list[Connection]:
     """One VM per name, all resumed from the same ``incoming`` state, started at once, with live
     ``mounts`` and the guest paths of the state's mounts to drop (``unmounts``)."""
@@ -136,8 +135,9 @@ async def _start_siblings(
                 machine=machine,
                 mounts=mounts,
                 unmounts=unmounts,
-                deadline=deadline_of(ttl),
-                idle_timeout=idle_timeout,
+                deadline=deadline_of(lifetime.ttl),
+                idle_timeout=lifetime.idle_timeout,
+                on_idle=lifetime.on_idle,
             )
             for name in names
         ]
@@ -295,7 +295,7 @@ def rebind(
 
 async def _restore_one(
     bundle_dir: Path, manifest: Manifest, machine: MachineSpec, name: str, ports: list[list], detached: bool,
-    boot_timeout: float, mounts: list[list], unmounts: list[str], ttl: float | None, idle_timeout: float | None,
+    boot_timeout: float, mounts: list[list], unmounts: list[str], lifetime: Lifetime,
 ) -> Connection:  # fmt: skip
     registry.ensure_free(name)
     config = SupervisorConfig(
@@ -318,8 +318,9 @@ async def _restore_one(
         machine=machine,
         mounts=mounts,
         unmounts=unmounts,
-        deadline=deadline_of(ttl),
-        idle_timeout=idle_timeout,
+        deadline=deadline_of(lifetime.ttl),
+        idle_timeout=lifetime.idle_timeout,
+        on_idle=lifetime.on_idle,
     )
     return await start_supervisor(config)
 
@@ -333,8 +334,7 @@ async def _restore_siblings(
     detached: bool,
     mounts: list[list],
     unmounts: list[str],
-    ttl: float | None,
-    idle_timeout: float | None,
+    lifetime: Lifetime,
 ) -> list[Connection]:
     """Several VMs from one bundle sharing its RAM copy-on-write, as fork siblings do.
 
@@ -370,7 +370,7 @@ async def _restore_siblings(
             restored_from=str(bundle_dir),
         )
         siblings = await _start_siblings(
-            list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts, ttl, idle_timeout
+            list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts, lifetime
         )
     finally:
         layers.close_quietly(template_ref)
@@ -441,14 +441,12 @@ class LocalDriver(HostDriver):
         timeout, detached = request.boot_timeout, request.detached
         if request.siblings:
             return await _restore_siblings(
-                bundle_dir, manifest, machine, names, timeout, detached, bound, dropped, request.ttl,
-                request.idle_timeout,
-            )  # fmt: skip
+                bundle_dir, manifest, machine, names, timeout, detached, bound, dropped, Lifetime.of(request)
+            )
         (name,) = names
         ports = [port.to_wire() for port in request.ports]
         return [await _restore_one(
-            bundle_dir, manifest, machine, name, ports, detached, timeout, bound, dropped, request.ttl,
-            request.idle_timeout,
+            bundle_dir, manifest, machine, name, ports, detached, timeout, bound, dropped, Lifetime.of(request)
         )]  # fmt: skip
 
     async def fork(
@@ -476,7 +474,7 @@ class LocalDriver(HostDriver):
         try:
             siblings = await _start_siblings(
                 names, machine, template.incoming, request.boot_timeout, request.detached,
-                [port.to_wire() for port in request.ports], bound, dropped, request.ttl, request.idle_timeout,
+                [port.to_wire() for port in request.ports], bound, dropped, Lifetime.of(request),
             )  # fmt: skip
         finally:
             layers.close_quietly(reference)

@@ -14,6 +14,7 @@ many times that under TCG, at every boot).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Self, TypedDict, cast
@@ -90,6 +91,7 @@ class VMInfo(TypedDict):
     socket: str
     deadline: float | None  # epoch seconds at which the supervisor stops the VM (``ttl``), or None
     idle_timeout: float | None  # seconds with no call in progress after which it stops the VM, or None
+    on_idle: str | None  # "snapshot:DIR": a bundle written into DIR before that stop; None: just the stop
     lineage: list[Ancestor]  # root first, the parent last; empty for a boot (cold or warm)
     restored_from: str | None  # the bundle a restore started from
 
@@ -159,6 +161,7 @@ class VMRow(TypedDict, total=False):
     deadline: float | None  # epoch seconds at which the VM stops (``ttl``), or None
     lineage: list[Ancestor]
     restored_from: str | None
+    metrics: VMMetrics | None  # ``machinen ls --json`` of this machine: None for a VM that did not answer
 
 
 class HostFacts(TypedDict):
@@ -203,7 +206,7 @@ class MachineSpec:
     tsc_khz: int | None = None
     network: bool = True  # outbound only, user-mode NAT
     # What the guest may reach (netguard and the egress proxy enforce it); never in a bundle.
-    network_policy: NetworkPolicy = NetworkPolicy()
+    network_policy: NetworkPolicy = NetworkPolicy()  # noqa: RUF009 (frozen: one shared instance is safe)
     # What the image was built from, for people: a tarball's path or an OCI image's REF@sha256:DIGEST
     image_source: str = ""
     image_key: str = ""  # the image's content key (its file may be named by sha256 when received)
@@ -335,6 +338,39 @@ def seconds_left(deadline: object, now: float) -> float | None:
     return max(0.0, deadline - now)
 
 
+IDLE_SNAPSHOT = "snapshot:"  # on_idle="snapshot:DIR": a bundle of the VM into DIR, then it stops
+
+
+def checked_on_idle(value: object, idle_timeout: float | None, vms: int) -> str | None:
+    """``on_idle``: what the supervisor of each of ``vms`` VMs does when ``idle_timeout`` fires.
+    None or "stop": stop the VM (None returned); "snapshot:DIR" (returned as it is): write a bundle
+    of it into DIR, an absolute path of its host, then stop it -- one VM only, as siblings would
+    share DIR.  On the wire: None or "snapshot:DIR"."""
+    if value is None:
+        return None
+    if type(value) is not str or not (
+        value == "stop" or value.startswith(IDLE_SNAPSHOT) and os.path.isabs(value.removeprefix(IDLE_SNAPSHOT))
+    ):
+        raise BootError(
+            f'on_idle is "stop" or "snapshot:DIR" (DIR an absolute path), not {value!r:.200}',
+            code="BOOT_ON_IDLE_INVALID",
+        )
+    if idle_timeout is None:
+        raise BootError(f"on_idle={value!r:.200} needs an idle_timeout", code="BOOT_ON_IDLE_INVALID")
+    if value == "stop":
+        return None
+    if vms > 1:
+        raise BootError(
+            f"on_idle={value!r:.200} writes one bundle: it takes one VM, not {vms}", code="BOOT_ON_IDLE_INVALID"
+        )
+    return value
+
+
+def idle_snapshot_dir(on_idle: str | None) -> str | None:
+    """Where a checked ``on_idle`` has the supervisor write a bundle before it stops an idle VM."""
+    return None if on_idle is None else on_idle.removeprefix(IDLE_SNAPSHOT)
+
+
 def _strings(value: object, what: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple) or not all(type(v) is str for v in value):
         raise _invalid(f"{what} is a list of strings", value)
@@ -454,7 +490,7 @@ class BootRequest(_Request):
     detached: bool = False
     ports: tuple[PortForward, ...] = ()
     network: bool = True  # a network device (outbound NAT, the host closed)
-    network_policy: NetworkPolicy = NetworkPolicy()  # what the guest may reach
+    network_policy: NetworkPolicy = NetworkPolicy()  # what the guest may reach  # noqa: RUF009 (frozen)
     workload: Workload | None = None
     start_workload: bool = True
     mounts: tuple[MountBinding, ...] = ()  # live ones, of the VM's host
@@ -464,6 +500,7 @@ class BootRequest(_Request):
     warm: bool = True
     ttl: float | None = None  # seconds from the start after which the VM's supervisor stops it
     idle_timeout: float | None = None  # seconds with no call after which its supervisor stops it
+    on_idle: str | None = None  # None (stop) or "snapshot:DIR": a bundle into DIR first (``checked_on_idle``)
 
     def __post_init__(self) -> None:
         """Every field checked here, so a bad request fails where it is made, as on arrival."""
@@ -490,10 +527,12 @@ class BootRequest(_Request):
         mounts = _bindings(self.mounts)
         if any(not binding.host for binding in mounts):
             raise BootError("a boot has no saved mounts to drop", code="MOUNT_SPEC_INVALID")
+        idle_timeout = checked_ttl(self.idle_timeout, "idle_timeout")
         checked = {
             "boot_timeout": _timeout(self.boot_timeout),
             "ttl": checked_ttl(self.ttl),
-            "idle_timeout": checked_ttl(self.idle_timeout, "idle_timeout"),
+            "idle_timeout": idle_timeout,
+            "on_idle": checked_on_idle(self.on_idle, idle_timeout, 1),
             "ports": PortForward.all_of(self.ports),
             "network_policy": NetworkPolicy.from_wire(self.network_policy),
             "mounts": mounts,
@@ -521,6 +560,7 @@ class ForkRequest(_Request):
     ttl: float | None = None  # each sibling's, from its start
     idle_timeout: float | None = None
     network_policy: NetworkPolicy | None = None  # the siblings' (None: the source's)
+    on_idle: str | None = None
 
     def __post_init__(self) -> None:
         _resuming_fields(self, least=0)
@@ -544,9 +584,10 @@ class RestoreRequest(_Request):
     image: str | None = None
     accel: str | None = None
     trust: bool = False
-    network_policy: NetworkPolicy = NetworkPolicy.closed()
+    network_policy: NetworkPolicy = NetworkPolicy.closed()  # noqa: RUF009 (frozen)
     ttl: float | None = None  # each VM's, from its start
     idle_timeout: float | None = None
+    on_idle: str | None = None
 
     def __post_init__(self) -> None:
         if type(self.bundle) is not str:
@@ -569,7 +610,9 @@ def _resuming_fields(request: ForkRequest | RestoreRequest, *, least: int) -> No
     if ports and len(names) > 1:
         raise MachinenError("ports can be given to a single VM only", code="PARSE_PORT_INVALID")
     mounts = _bindings(request.mounts)
+    idle_timeout = checked_ttl(request.idle_timeout, "idle_timeout")
     for key, value in (("names", names), ("ports", ports), ("mounts", mounts),
                        ("boot_timeout", _timeout(request.boot_timeout)), ("ttl", checked_ttl(request.ttl)),
-                       ("idle_timeout", checked_ttl(request.idle_timeout, "idle_timeout"))):  # fmt: skip
+                       ("idle_timeout", idle_timeout),
+                       ("on_idle", checked_on_idle(request.on_idle, idle_timeout, len(names)))):  # fmt: skip
         object.__setattr__(request, key, value)

@@ -13,7 +13,7 @@ from ..hosts.local import LocalDriver
 from ..protocol.messages import PortForward, RestoreRequest
 from ..protocol.ports import PortSpec
 from .forks import Forks, Launch
-from .host import IMAGE_CMD, Host, boot, image_argument, restore_names
+from .host import IMAGE_CMD, Host, boot, image_argument, on_idle_argument, restore_names
 from .mounts import Mount, rebinding
 from .network import NetworkPolicy
 from .vm import VM
@@ -27,7 +27,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
-    idle_timeout: float | None = ...,
+    idle_timeout: float | None = ..., on_idle: str | None = ...,
 ) -> Launch[VM]: ...  # fmt: skip
 
 
@@ -37,7 +37,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
-    idle_timeout: float | None = ...,
+    idle_timeout: float | None = ..., on_idle: str | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
-    idle_timeout: float | None = ...,
+    idle_timeout: float | None = ..., on_idle: str | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -68,6 +68,7 @@ def restore(
     mounts: Sequence[str | Mount] | None = None,
     ttl: float | None = None,
     idle_timeout: float | None = None,
+    on_idle: str | None = None,
 ) -> Launch[VM] | Launch[Forks]:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
@@ -97,8 +98,8 @@ def restore(
     the bundle on this machine; a bundle accepted with ``trust=True`` or
     received by a push binds only what ``mounts`` names); a live mount left
     unbound or a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
-    ``mounts`` may also add live mounts.  ``ttl``, ``idle_timeout``: each VM's
-    lifetime in seconds, and without calls (see ``boot``).
+    ``mounts`` may also add live mounts.  ``ttl``, ``idle_timeout``, ``on_idle``: each VM's
+    lifetime in seconds, and without calls, and what happens then (see ``boot``).
     """
     chosen, siblings = restore_names(name, n, names)
     request = RestoreRequest(
@@ -107,6 +108,7 @@ def restore(
         image=image_argument(image, here=True), accel=accel, trust=trust, network_policy=network if network is not None else NetworkPolicy.closed(),
         ttl=ttl,
         idle_timeout=idle_timeout,
+        on_idle=on_idle_argument(on_idle, here=True),
     )  # fmt: skip
     return Host.local().start_restore(request, progress=progress)
 

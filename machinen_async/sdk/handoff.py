@@ -108,6 +108,7 @@ async def handoff(
                     mounts=mounts,
                     ttl=ttl_until(lifetime["deadline"], time.time()),
                     idle_timeout=lifetime["idle_timeout"],
+                    on_idle=lifetime.get("on_idle"),  # its DIR is now a directory of that host
                     network=NetworkPolicy.from_wire(lifetime["network_policy"]),  # as it is now (set_network)
                 )
         except BaseException as exc:

@@ -17,7 +17,16 @@ from typing import TypedDict, Unpack, overload
 from ..errors import HostError, MachinenError
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, HostPool, Progress, TransferReport
 from ..hosts.local import LocalDriver
-from ..protocol.messages import BootRequest, ForkRequest, HostFacts, PortForward, RestoreRequest, VMRow, Workload
+from ..protocol.messages import (
+    IDLE_SNAPSHOT,
+    BootRequest,
+    ForkRequest,
+    HostFacts,
+    PortForward,
+    RestoreRequest,
+    VMRow,
+    Workload,
+)
 from ..protocol.ports import PortSpec
 from ..store import registry
 from ..supervisor.config import check_workload_started
@@ -56,6 +65,7 @@ class BootOptions(PoolBootOptions, total=False):
     warm: bool
     ttl: float | None
     idle_timeout: float | None
+    on_idle: str | None
 
 
 class Host:
@@ -168,7 +178,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
-        idle_timeout: float | None = ...,
+        idle_timeout: float | None = ..., on_idle: str | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
@@ -176,7 +186,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: int, names: Sequence[str] | None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
-        idle_timeout: float | None = ...,
+        idle_timeout: float | None = ..., on_idle: str | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
@@ -184,7 +194,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: Sequence[str],
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
-        idle_timeout: float | None = ...,
+        idle_timeout: float | None = ..., on_idle: str | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     def restore(
@@ -201,6 +211,7 @@ class Host:
         network: NetworkPolicy | None = None,
         ttl: float | None = None,
         idle_timeout: float | None = None,
+        on_idle: str | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
         with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
@@ -209,12 +220,15 @@ class Host:
         Without ``detached`` the VMs live until their handles are closed or this
         connection ends.  ``mounts``: live mounts from directories of that host (absolute paths),
         re-binding the bundle's or adding some.  ``network``: the policy (default:
-        ``NetworkPolicy.closed()``: a bundle may come from anywhere)."""
+        ``NetworkPolicy.closed()``: a bundle may come from anywhere).
+        ``on_idle`` "snapshot:DIR": DIR is a directory of that host (an absolute path)."""
         chosen, siblings = restore_names(name, n, names)
+        here = self.driver == LocalDriver()
         request = RestoreRequest(
             bundle=remote_bundle, names=tuple(chosen), siblings=siblings, ports=PortForward.all_of(ports),
-            detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts, here=self.driver == LocalDriver()),
+            detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts, here=here),
             network_policy=network if network is not None else NetworkPolicy.closed(), ttl=ttl, idle_timeout=idle_timeout,
+            on_idle=on_idle_argument(on_idle, here=here),
         )  # fmt: skip
         return self.start_restore(request)
 
@@ -269,13 +283,14 @@ class Host:
         ttl: float | None = None,
         idle_timeout: float | None = None,
         network: NetworkPolicy | None = None,
+        on_idle: str | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """``source.fork()``: siblings here, or spread over ``hosts``; ``single``: the one sibling itself."""
-        # A spread's mounts bind on every host that gets siblings: absolute directories of each.
-        bound = rebinding(mounts, here=self.driver == LocalDriver() and hosts is None)
+        # A spread's mounts (and on_idle's directory) are on every host that gets siblings: absolute paths of each.
+        here = self.driver == LocalDriver() and hosts is None
         request = ForkRequest(
-            tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=bound, ttl=ttl,
-            idle_timeout=idle_timeout, network_policy=network,
+            tuple(names), ports=ports, detached=detached, boot_timeout=boot_timeout, mounts=rebinding(mounts, here=here),
+            ttl=ttl, idle_timeout=idle_timeout, on_idle=on_idle_argument(on_idle, here=here), network_policy=network,
         )  # fmt: skip
 
         async def start() -> Forks:
@@ -326,6 +341,16 @@ def image_argument(image: str | os.PathLike[str] | None, *, here: bool) -> str |
     return image
 
 
+def on_idle_argument(on_idle: str | None, *, here: bool) -> str | None:
+    """``on_idle`` as a request carries it: the DIR of "snapshot:DIR" made absolute from this
+    process's directory when the VM runs on this machine (elsewhere it is a path there, already
+    absolute); anything else as it is, for the request to check."""
+    if not here or not isinstance(on_idle, str) or not on_idle.startswith(IDLE_SNAPSHOT):
+        return on_idle
+    directory = on_idle.removeprefix(IDLE_SNAPSHOT)
+    return IDLE_SNAPSHOT + str(Path(directory).expanduser().resolve()) if directory else on_idle
+
+
 IMAGE_CMD = "image"  # boot(cmd="image"): an OCI image's Entrypoint + Cmd as the workload
 
 
@@ -373,6 +398,7 @@ def boot(
     warm: bool = True,
     ttl: float | None = None,
     idle_timeout: float | None = None,
+    on_idle: str | None = None,
     host: Host | None = None,
 ) -> Launch[VM]:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
@@ -417,7 +443,10 @@ def boot(
     ``ttl``: the VM's lifetime in seconds: its supervisor stops it that long after it started,
     detached or not, its owner there or not (``vm.extend`` pushes the deadline; ``vm.deadline``).
     ``idle_timeout``: its supervisor stops it once it has had no call in progress and none started
-    for that many seconds.
+    for that many seconds.  ``on_idle``: what it does then: "stop" (default), or "snapshot:DIR":
+    first write the bundle ``vm.snapshot(DIR)`` writes (DIR new or empty, its parent there; a
+    relative DIR is taken from this process's directory), to ``restore`` later.  A snapshot that
+    fails (DIR not empty, a full disk) is logged by the supervisor and the VM stops all the same.
     """
     host = host or Host.local()
     here = host.driver == LocalDriver()
@@ -444,5 +473,6 @@ def boot(
         warm=warm,
         ttl=ttl,
         idle_timeout=idle_timeout,
+        on_idle=on_idle_argument(on_idle, here=here),
     )
     return Launch(lambda: _launch(host, request, [mount for mount in chosen if not mount.live], progress))

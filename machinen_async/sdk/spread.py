@@ -133,6 +133,7 @@ async def _start_across(
                     ttl=request.ttl,
                     idle_timeout=request.idle_timeout,
                     network=request.network_policy or source.network,  # a restore's own default is closed
+                    on_idle=request.on_idle,
                 )
                 started.update(zip(host_names, siblings, strict=True))
             finally:

@@ -257,6 +257,7 @@ class VM:
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
         network: NetworkPolicy | None = ...,
+        on_idle: str | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
@@ -265,6 +266,7 @@ class VM:
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
         network: NetworkPolicy | None = ...,
+        on_idle: str | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
@@ -273,6 +275,7 @@ class VM:
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
         network: NetworkPolicy | None = ...,
+        on_idle: str | None = ...,
     ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
 
     def fork(
@@ -289,6 +292,7 @@ class VM:
         ttl: float | None = None,
         idle_timeout: float | None = None,
         network: NetworkPolicy | None = None,
+        on_idle: str | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -306,7 +310,8 @@ class VM:
         start from a snapshot pushed there (see docs/scale-out.md).  Siblings
         keep this VM's live mounts; ``mounts`` re-binds them (by guest path) to
         other directories, or adds live mounts.  ``ttl``, ``idle_timeout``: each
-        sibling's lifetime in seconds from its start, and without calls (see ``boot``).
+        sibling's lifetime in seconds from its start, and without calls (see ``boot``);
+        ``on_idle`` "snapshot:DIR" (see ``boot``) takes a single sibling.
         ``network``: the siblings' ``NetworkPolicy`` (default: this VM's, as it is now), to narrow
         what an untrusted attempt may reach.
         """
@@ -328,7 +333,8 @@ class VM:
             raise MachinenError("hosts= needs at least one host and takes no ports", code="FORK_HOSTS_INVALID")
         return self.host.fork_siblings(
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
-            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout, network=network,
+            ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout, on_idle=on_idle,
+            network=network,
         )  # fmt: skip
 
     @property

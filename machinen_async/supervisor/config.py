@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import BootError
-from ..protocol.messages import Ancestor, IncomingState, MachineSpec
+from ..protocol.messages import Ancestor, BootRequest, ForkRequest, IncomingState, MachineSpec, RestoreRequest
 
 # The launcher writes this byte on our stdin to let the VM outlive it; EOF
 # without it means "my owner is gone": stop.
@@ -38,6 +38,7 @@ class SupervisorConfig:
     # Epoch seconds at which the supervisor stops the VM, owner or not (``ttl``); None: no end.
     deadline: float | None = None
     idle_timeout: float | None = None  # seconds with no call in progress after which it stops the VM
+    on_idle: str | None = None  # "snapshot:DIR": write a bundle into DIR before that stop (``checked_on_idle``)
 
     @property
     def lineage(self) -> list[Ancestor]:
@@ -55,6 +56,20 @@ class SupervisorConfig:
             **{**data, "machine": MachineSpec.from_wire(data["machine"])},
             incoming=None if incoming is None else IncomingState.from_wire(incoming),
         )
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """When a VM's supervisor stops it, as a request asks: ``ttl`` seconds after its start, or
+    ``idle_timeout`` seconds without calls (``on_idle`` "snapshot:DIR": a bundle into DIR first)."""
+
+    ttl: float | None = None
+    idle_timeout: float | None = None
+    on_idle: str | None = None
+
+    @classmethod
+    def of(cls, request: BootRequest | ForkRequest | RestoreRequest) -> Lifetime:
+        return cls(request.ttl, request.idle_timeout, request.on_idle)
 
 
 def deadline_of(ttl: float | None) -> float | None:

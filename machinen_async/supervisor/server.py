@@ -22,7 +22,7 @@ import structlog
 from ..errors import BootError, BootTimeoutError, ExecTimeoutError, MachinenError
 from ..protocol import wire
 from ..protocol.framing import FrameStream
-from ..protocol.messages import checked_ttl
+from ..protocol.messages import checked_ttl, idle_snapshot_dir
 from ..protocol.netpolicy import NetworkPolicy
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
@@ -39,6 +39,9 @@ RESET_TIMEOUT_S = 30.0
 # How often an idle_timeout's watch looks whether calls are in progress.  A call is counted as
 # running until the look after it, at the latest, so an idle VM is never stopped early.
 IDLE_POLL_S = 0.5
+# Calls that only look at the VM (``machinen ls --json`` and ``machinen top`` ask every VM for its
+# metrics): not a use of it, so they do not keep an idle VM running.
+LOOKING_CALLS = frozenset({"vm.info", "vm.metrics"})
 
 LocalCall = Callable[[ClientConnection, "wire.Params"], Awaitable["wire.Params"]]
 ReportReady = Callable[["wire.Params"], None]  # called with the VM's meta once it is up
@@ -179,6 +182,7 @@ class Supervisor:
                 "socket": str(entry.supervisor_socket),
                 "deadline": config.deadline,
                 "idle_timeout": config.idle_timeout,
+                "on_idle": config.on_idle,
                 "lineage": config.lineage,
                 "restored_from": config.incoming.restored_from if config.incoming and not config.warm else None,
             }
@@ -224,8 +228,9 @@ class Supervisor:
 
     async def _stop_when_idle(self, idle_s: float) -> None:
         """Stop the VM once it has had no call in progress (a client's: relayed to the agent, or a
-        ``vm.*`` one; or a port-forwarded connection) and none started for ``idle_s`` seconds.  The
-        supervisor's own long calls (a live mount's server) are not activity."""
+        ``vm.*`` one but ``LOOKING_CALLS``; or a port-forwarded connection) and none started for
+        ``idle_s`` seconds.  The supervisor's own long calls (a live mount's server) are not activity.  With ``on_idle``
+        "snapshot:DIR" a bundle of it goes into DIR first; the VM stops even if that fails."""
         while True:
             if self.own_work_running or any(route.client.frames is not None for route in self.relay.routes.values()):
                 self.calls_ended_by = time.monotonic() + IDLE_POLL_S
@@ -234,9 +239,26 @@ class Supervisor:
             idle_for = time.monotonic() - self.calls_ended_by
             if idle_for >= idle_s:
                 log.info("idle: stopping", idle_timeout=idle_s)
-                self.stop_requested.set()
+                try:
+                    await self._snapshot_when_idle()
+                finally:
+                    self.stop_requested.set()
                 return
             await anyio.sleep(min(IDLE_POLL_S, idle_s - idle_for))
+
+    async def _snapshot_when_idle(self) -> None:
+        """``on_idle="snapshot:DIR"``: the bundle ``vm.snapshot`` writes, into DIR.  One that cannot
+        be written (DIR not empty, a full disk, a handoff's pause) is logged, not raised: the VM
+        must not outlive its idle timeout."""
+        directory = idle_snapshot_dir(self.config.on_idle)
+        if directory is None:
+            return
+        try:
+            taken = await self.capture.snapshot(directory)
+        except Exception:  # whatever went wrong, the stop that follows must happen
+            log.exception("idle: snapshot not written", bundle=directory)
+        else:
+            log.info("idle: snapshot written", bundle=taken["bundle"], pause_ms=taken["pause_ms"])
 
     # --- the client side ----------------------------------------------------------
 
@@ -267,8 +289,9 @@ class Supervisor:
             nonce, _, _ = wire.hello(frame)
             client.outbox.put([wire.HELLO, 0, nonce, wire.PROTOCOL_VERSION, self.meta])
         elif kind == wire.OPEN:
-            self.calls_ended_by = time.monotonic() + IDLE_POLL_S  # a call that ends before the next look
             method, params = wire.request(frame)
+            if method not in LOOKING_CALLS:
+                self.calls_ended_by = time.monotonic() + IDLE_POLL_S  # a call that ends before the next look
             if method.startswith("vm."):
                 tg.start_soon(self.handle_local_call, client, sid, method, params)
             else:
@@ -284,6 +307,9 @@ class Supervisor:
             self.relay.send(wire.readdressed(frame, agent_sid))
 
     async def handle_local_call(self, client: ClientConnection, sid: int, method: str, params: wire.Params) -> None:
+        if method in LOOKING_CALLS:
+            await self._answer_local_call(client, sid, method, params)
+            return
         self.own_work_running += 1  # in progress: the VM is not idle
         try:
             await self._answer_local_call(client, sid, method, params)

@@ -57,7 +57,7 @@ class Launch:
     # symlinks there.
     read_only: Sequence[Path] = ()
     writable: Sequence[Path] = ()
-    network_policy: NetworkPolicy = NetworkPolicy()  # what the guest may reach
+    network_policy: NetworkPolicy = NetworkPolicy()  # what the guest may reach  # noqa: RUF009 (frozen)
     logs: tuple[Path, Path] | None = None  # (console, VMM messages), capped; None: discarded
 
 

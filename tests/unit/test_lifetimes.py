@@ -1,11 +1,15 @@
-"""Lifetimes (``ttl=``, ``vm.extend``) through real supervisors on the fake VMM: the supervisor
-stops a VM at its deadline on its own, whoever owns it.  That a detached VM of a killed owner
-ends in a real VM is tests/vm/test_lifetimes_qemu.py."""
+"""Lifetimes (``ttl=``, ``vm.extend``, ``idle_timeout=``, ``on_idle=``) through real supervisors on
+the fake VMM: the supervisor stops a VM at its deadline on its own, whoever owns it.  That a
+detached VM of a killed owner ends in a real VM is tests/vm/test_lifetimes_qemu.py."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -14,6 +18,7 @@ from machinen_async import boot
 from machinen_async.errors import MachinenError
 from machinen_async.protocol.messages import BootRequest, ForkRequest, RestoreRequest, seconds_left
 from machinen_async.sdk.handoff import MIN_TTL_S, ttl_until
+from machinen_async.sdk.host import on_idle_argument
 from machinen_async.store import registry
 
 pytestmark = [pytest.mark.anyio]
@@ -78,6 +83,88 @@ async def test_idle_timeout_waits_for_calls_in_progress_then_stops_the_vm(anyio_
         assert ran.stdout == b"done\n"
         assert (await vm.ping())["pong"]
     await _until_gone(name)  # no call since: stopped
+
+
+@pytest.mark.usefixtures("fake_vmm")
+async def test_looking_at_an_idle_vm_does_not_keep_it_running(anyio_backend: str) -> None:
+    """``vm.metrics`` and ``vm.info`` (what ``machinen ls --json`` and ``top`` ask) are no use of it."""
+    name = f"idle-looked-at-{anyio_backend}"
+    async with boot(name=name, warm=False, detached=True, idle_timeout=1) as vm:
+        with anyio.fail_after(GONE_WITHIN_S), pytest.raises(MachinenError):  # its connection ends with it
+            while True:
+                await vm.metrics()
+                await vm.connection.channel.call("vm.info")
+                await anyio.sleep(0.1)
+    await _until_gone(name)
+
+
+@pytest.mark.usefixtures("fake_vmm")
+async def test_an_idle_snapshot_that_fails_still_stops_the_vm(anyio_backend: str, tmp_path: Path) -> None:
+    """The fake VMM cannot save device state, so the snapshot before the idle stop fails: logged,
+    and the VM stops all the same (a real VM's bundle: tests/vm/test_lifetimes_qemu.py)."""
+    name = f"idle-snapshot-{anyio_backend}"
+    parked = tmp_path / "parked"
+    async with boot(name=name, warm=False, detached=True, idle_timeout=1, on_idle=f"snapshot:{parked}") as vm:
+        assert vm.info["on_idle"] == f"snapshot:{parked}"
+    await _until_gone(name)
+    assert not parked.exists()  # the partial bundle removed
+
+
+@pytest.mark.parametrize(
+    "on_idle", ["snapshot:", "snapshot:relative/dir", "stop:now", "snapshot /abs", "", "Snapshot:/abs", 1, ["stop"]]
+)
+def test_an_on_idle_that_is_no_action_is_refused(on_idle: object) -> None:
+    makers: list[Callable[[], object]] = [
+        lambda: BootRequest(name="a", idle_timeout=5, on_idle=on_idle),  # type: ignore[arg-type]
+        lambda: ForkRequest(("a",), idle_timeout=5, on_idle=on_idle),  # type: ignore[arg-type]
+        lambda: RestoreRequest("/b", ("a",), idle_timeout=5, on_idle=on_idle),  # type: ignore[arg-type]
+    ]
+    if on_idle != "snapshot:relative/dir":  # which boot() makes absolute, from this process's directory
+        makers.append(lambda: boot(name="a", idle_timeout=5, on_idle=on_idle))  # type: ignore[arg-type]
+    for make in makers:
+        with pytest.raises(MachinenError) as refused:
+            make()
+        assert refused.value.code == "BOOT_ON_IDLE_INVALID"
+
+
+def test_on_idle_needs_an_idle_timeout_and_a_single_vm() -> None:
+    refused: list[Callable[[], object]] = [
+        lambda: boot(name="a", on_idle="snapshot:/parked"),
+        lambda: boot(name="a", on_idle="stop"),
+        lambda: ForkRequest(("a", "b"), idle_timeout=5, on_idle="snapshot:/parked"),  # both would write /parked
+        lambda: RestoreRequest("/b", ("a", "b"), siblings=True, idle_timeout=5, on_idle="snapshot:/parked"),
+    ]
+    for make in refused:
+        with pytest.raises(MachinenError) as error:
+            make()
+        assert error.value.code == "BOOT_ON_IDLE_INVALID"
+    assert ForkRequest(("a", "b"), idle_timeout=5, on_idle="stop").on_idle is None  # siblings may all just stop
+
+
+def test_on_idle_crosses_checked_and_a_relative_directory_is_the_callers() -> None:
+    assert BootRequest(name="a", idle_timeout=5, on_idle="stop").on_idle is None  # the default, spelled out
+    for request in (
+        BootRequest(name="a", idle_timeout=60, on_idle="snapshot:/parked/a"),
+        ForkRequest(("a",), idle_timeout=6, on_idle="snapshot:/parked/a"),
+        RestoreRequest("/b", ("a",), idle_timeout=8, on_idle="snapshot:/parked/a"),
+    ):
+        assert type(request).from_wire(request.to_wire()) == request
+        assert request.to_wire()["on_idle"] == "snapshot:/parked/a"
+    with pytest.raises(MachinenError) as refused:  # checked on arrival too
+        BootRequest.from_wire({**BootRequest(name="a").to_wire(), "on_idle": "snapshot:/parked"})
+    assert refused.value.code == "BOOT_ON_IDLE_INVALID"
+    assert on_idle_argument("snapshot:parked", here=True) == f"snapshot:{Path.cwd().resolve() / 'parked'}"
+    assert on_idle_argument("snapshot:parked", here=False) == "snapshot:parked"  # a path of another host: refused
+    assert on_idle_argument("stop", here=True) == "stop"
+
+
+@pytest.mark.parametrize("command", ["boot", "restore /parked"])  # fork connects to its source first
+def test_the_cli_refuses_an_on_idle_before_it_starts_anything(command: str) -> None:
+    for options in (["--idle-timeout", "5", "--on-idle", "park"], ["--on-idle", "stop"]):
+        refused = subprocess.run(
+            [sys.executable, "-m", "machinen_async", *command.split(), *options], capture_output=True, check=False
+        )
+        assert refused.returncode == 1 and b"error [BOOT_ON_IDLE_INVALID]" in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize("ttl", [0, -1, math.inf, math.nan, True, "600"])

@@ -1,17 +1,20 @@
 """``vm.metrics`` read from /proc (of this very process, mapping a file as a VMM maps guest RAM),
-through a supervisor of the fake VMM, and ``machinen top``'s table.  Siblings sharing a real fork
+through a supervisor of the fake VMM, ``machinen ls --json``'s and ``machinen top``'s.  Siblings sharing a real fork
 template: tests/vm/test_metrics_qemu.py."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from machinen_async import boot
-from machinen_async.cli import top_lines
+from machinen_async.cli import _metrics_of, top_lines
 from machinen_async.protocol.messages import VMMetrics, VMRow
 from machinen_async.supervisor.metrics import vm_metrics
 
@@ -51,6 +54,18 @@ async def test_a_vm_answers_its_metrics(anyio_backend: str) -> None:
         measured = await vm.metrics()
     assert set(measured) == set(VMMetrics.__annotations__)
     assert measured["cpu_s"] >= 0 and measured["qemu_rss_bytes"] > 0 and measured["shared_with"] is None
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("fake_vmm")
+async def test_ls_json_rows_carry_metrics_asked_of_every_vm(anyio_backend: str) -> None:
+    async with boot(name=f"ls-metrics-{anyio_backend}", warm=False) as vm:
+        listed = await anyio.run_process([sys.executable, "-m", "machinen_async", "ls", "--json"])
+        measured = await _metrics_of([{"name": vm.name}, {"name": "no-such-vm"}])
+    (row,) = [row for row in json.loads(listed.stdout) if row["name"] == vm.name]
+    assert set(row["metrics"]) == set(VMMetrics.__annotations__) and row["metrics"]["qemu_rss_bytes"] > 0
+    assert measured["no-such-vm"] is None  # gone meanwhile: no metrics, and the others still come
+    assert measured[vm.name] is not None and measured[vm.name]["qemu_rss_bytes"] > 0
 
 
 def _measured(cpu_s: float, private_mib: int, shared_mib: int, template: str | None) -> VMMetrics:

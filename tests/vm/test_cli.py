@@ -15,6 +15,8 @@ from conftest import SHARED_VM, ls_json, qemu_of, qemu_processes, runtime_leftov
 from llm_stub import MODEL as STUB_MODEL
 from llm_stub import StubServer
 
+from machinen_async.protocol.messages import VMMetrics
+
 
 def test_exec_streams_and_returns_guest_exit_code(shared_vm, cli):
     result = cli("exec", shared_vm, "--", "sh", "-c", "cat; echo to-err >&2; exit 7", check=False, input=b"from-host\n")
@@ -37,9 +39,11 @@ def test_ls_json_shape(shared_vm):
     row = rows[SHARED_VM]
     assert set(row) == {
         "name", "pid", "qemu_pid", "accel", "memory_mib", "uptime_s", "image", "image_source", "start", "detached",
-        "forked_from", "ports", "deadline", "lineage", "restored_from",
+        "forked_from", "ports", "deadline", "lineage", "restored_from", "metrics",
     }  # fmt: skip
     assert row["deadline"] is None and row["lineage"] == [] and row["restored_from"] is None  # booted, no ttl
+    metrics = row["metrics"]  # asked of its supervisor: a running QEMU's figures
+    assert set(metrics) == set(VMMetrics.__annotations__) and metrics["qemu_rss_bytes"] > 0 and metrics["cpu_s"] > 0
     assert row["detached"] is True and row["memory_mib"] == 256 and row["accel"] in ("kvm", "tcg")
     assert isinstance(row["pid"], int) and isinstance(row["uptime_s"], float)
 
