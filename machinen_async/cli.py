@@ -251,22 +251,34 @@ class OptionDecorator(Protocol):
     def __call__(self, command: CommandFunction, /) -> CommandFunction: ...
 
 
-allow_options: list[OptionDecorator] = [
-    click.option("--allow", "allow_rules", multiple=True, metavar="ADDR[/PREFIX][:PORT]",
-                 help="Let the guest reach a destination the network policy closes; repeatable."),
+network_options: list[OptionDecorator] = [
+    click.option("--allow", "allow_rules", multiple=True, metavar="NAME|ADDR[/PREFIX][:PORT]",
+                 help="Let the guest reach a destination: an address the policy closes, or a name "
+                      "(api.example.com, *.example.com; any name makes the policy an allow list); repeatable."),
     click.option("--allow-host", "allow_host_ports", multiple=True, type=int, metavar="PORT",
                  help="Let the guest reach this host's loopback service on PORT (as 10.0.2.2:PORT); repeatable."),
+    click.option("--deny", "deny_rules", multiple=True, metavar="NAME|ADDR[/PREFIX][:PORT]",
+                 help="Refuse a name (its DNS answers NXDOMAIN) or an address; wins over --allow; repeatable."),
+    click.option("--network-closed/--network-open", "network_closed", default=None,
+                 help="Nothing reachable but what --allow names (a restore's default), or outbound open "
+                      "with the host closed (a boot's)."),
 ]  # fmt: skip
 
 
-def allow_option(command: CommandFunction) -> CommandFunction:
-    for option in reversed(allow_options):
+def network_option(command: CommandFunction) -> CommandFunction:
+    for option in reversed(network_options):
         command = option(command)
     return command
 
 
-def _network_policy(allow_rules: tuple[str, ...], allow_host_ports: tuple[int, ...]) -> NetworkPolicy:
-    return NetworkPolicy.host_ports(*allow_host_ports, allow=allow_rules)
+def _network_policy(
+    allow_rules: tuple[str, ...], allow_host_ports: tuple[int, ...], deny_rules: tuple[str, ...], closed: bool | None
+) -> NetworkPolicy | None:
+    """The policy the flags give, or None without any (the command's default)."""
+    if not (allow_rules or allow_host_ports or deny_rules or closed is not None):
+        return None
+    allow = (*(f"127.0.0.1:{port}" for port in allow_host_ports), *allow_rules)
+    return NetworkPolicy(allow=allow, deny=deny_rules, default_deny=bool(closed))
 
 
 def mount_option(copied: bool) -> OptionDecorator:
@@ -371,7 +383,7 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.option(
     "--no-network", is_flag=True, help="Boot with no network device (default: outbound NAT, the host closed)."
 )
-@allow_option
+@network_option
 @click.option("--tty", "-t", "use_tty", is_flag=True, help="Run the foreground CMD on a pseudo-terminal.")
 @publish_option
 @mount_option(copied=True)
@@ -396,7 +408,8 @@ def install(refresh: bool, pinned: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
-    args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, use_tty,
+    args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, deny_rules,
+    network_closed, use_tty,
     ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, on_idle, pull, insecure, host_spec,
     as_json,
 ) -> None:  # fmt: skip
@@ -418,7 +431,8 @@ def boot_command(
             launch = boot(
                 image, name=name, memory_mib=memory_mib, cpus=cpus, accel=accel, boot_timeout=boot_timeout,
                 detached=detach, ports=ports, progress=_progress, pull=pull, insecure=insecure, warm=not cold,
-                network=False if no_network else _network_policy(allow_rules, allow_host_ports),
+                network=False if no_network else _network_policy(allow_rules, allow_host_ports, deny_rules,
+                                                                 network_closed) or NetworkPolicy(),
                 cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
                 mounts=_mounts(live_mounts, copied_mounts), host=host, ttl=ttl,
                 idle_timeout=idle_timeout, on_idle=on_idle,
@@ -488,19 +502,22 @@ def attach(name: str, shell: str) -> None:
 @ttl_option
 @idle_timeout_option
 @on_idle_option
+@network_option
 @click.option("--json", "as_json", is_flag=True, help="Print the siblings' descriptions as JSON.")
 def fork_command(
     name: str, new_name: str | None, count: int | None, ports, detach: bool, host_specs, live_mounts, ttl, idle_timeout,
-    on_idle, as_json,
+    on_idle, allow_rules, allow_host_ports, deny_rules, network_closed, as_json,
 ) -> None:  # fmt: skip
     """Fork running VM NAME into siblings that continue from this instant.
 
     NAME keeps running; each sibling has NAME's memory, processes and disk as
     they were, copy-on-write, and its own name and hostname.  With --host the
-    siblings are placed over the hosts by free memory and CPU.
+    siblings are placed over the hosts by free memory and CPU.  The network flags give the
+    siblings a policy of their own (default: NAME's).
     """
 
     async def run() -> None:
+        network = _network_policy(allow_rules, allow_host_ports, deny_rules, network_closed)
         async with contextlib.AsyncExitStack() as stack:
             hosts = None
             if host_specs:
@@ -513,7 +530,7 @@ def fork_command(
             source = await stack.enter_async_context(connect(name))
             launch = source.fork(
                 count, name=new_name, detached=detach, ports=ports, hosts=hosts, mounts=_mounts(live_mounts), ttl=ttl,
-                idle_timeout=idle_timeout, on_idle=on_idle,
+                idle_timeout=idle_timeout, on_idle=on_idle, network=network,
             )  # fmt: skip
             result = await stack.enter_async_context(launch)
             siblings = [result] if isinstance(result, VM) else list(result)
@@ -560,24 +577,30 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
     "--host", "host_spec", metavar="[USER@]HOST", help="Push the bundle to HOST over SSH and restore it there."
 )
 @trust_option
-@allow_option
+@network_option
 @mount_option(copied=False)
 @ttl_option
 @idle_timeout_option
 @on_idle_option
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
-    directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports,
+    directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports, deny_rules,
+    network_closed,
     live_mounts, ttl, idle_timeout, on_idle, as_json,
 ) -> None:  # fmt: skip
-    """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off."""
+    """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off.
+
+    Its network is closed (a bundle may come from anywhere) unless --network-open or a rule
+    (--allow, --allow-host, --deny) says otherwise.
+    """
 
     async def run() -> None:
+        network = _network_policy(allow_rules, allow_host_ports, deny_rules, network_closed)
         async with contextlib.AsyncExitStack() as stack:
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
                                  detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
-                                 network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
+                                 network=network, ttl=ttl,
                                  idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             else:
                 if image is not None:
@@ -586,7 +609,7 @@ def restore_command(
                 pushed = await host.push(directory, progress=_progress, trust=trust)
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
-                                      network=_network_policy(allow_rules, allow_host_ports), ttl=ttl,
+                                      network=network, ttl=ttl,
                                       idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)

@@ -9,6 +9,8 @@ import ipaddress
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 
 import anyio
 import dns.message
@@ -18,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from machinen_async import MachinenError, NetworkPolicy
+from machinen_async import MachinenError, NetworkPolicy, cli
 from machinen_async.protocol.netpolicy import NameRule, Rule, normal_name, parse_target
 from machinen_async.vmm.qemu import egress
 from machinen_async.vmm.qemu.egress import Destination, Egress
@@ -232,3 +234,15 @@ async def test_a_handed_over_connection_is_checked_then_relayed():
         assert await anyio.to_thread.run_sync(through_proxy, "other.test") == b""
         assert await anyio.to_thread.run_sync(lambda: through_proxy("api.test", registered=False)) == b""
         tg.cancel_scope.cancel()
+
+
+def test_the_cli_flags_make_one_policy_and_refuse_a_bad_rule_before_anything_starts():
+    assert cli._network_policy((), (), (), None) is None  # the command's default (boot: open; restore: closed)
+    assert cli._network_policy(("pypi.org",), (11434,), ("*.ads.test",), None) == NetworkPolicy(
+        allow=["127.0.0.1:11434", "pypi.org"], deny=["*.ads.test"]
+    )
+    assert cli._network_policy((), (), (), True) == NetworkPolicy.closed()
+    assert cli._network_policy((), (), (), False) == NetworkPolicy()
+    for command in (["boot", "--allow", "no where"], ["restore", "/parked", "--deny", "*"]):
+        refused = subprocess.run([sys.executable, "-m", "machinen_async", *command], capture_output=True, check=False)
+        assert refused.returncode == 1 and b"error [BOOT_NETWORK_RULE_INVALID]" in refused.stderr, refused.stderr
