@@ -483,11 +483,19 @@ def _sni_of(hello: bytes) -> str | None:
 SYS_PIDFD_GETFD = 438  # the same on x86_64 and aarch64 (asm-generic)
 
 
+def _thread_group(tid: int) -> int:
+    """The process a thread belongs to (pidfd_open takes only a process before Linux 6.9)."""
+    for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+        if line.startswith("Tgid:"):
+            return int(line.split()[1])
+    raise ProcessLookupError(tid)
+
+
 def hand_over(libc_syscall: Callable[..., int], pid: int, fd: int, egress: Egress, destination: Destination) -> int:
     """Point QEMU's socket ``fd`` (being connected, in process ``pid``) at Egress's listener
     instead: bound first to a loopback port by which the listener knows ``destination``.  Returns
     what connect(2) returns for it: 0 or an errno (EINPROGRESS for QEMU's non-blocking sockets)."""
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(_thread_group(pid))  # the notification names a thread; the descriptor table is its process's
     try:
         ours = libc_syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
     finally:
