@@ -401,3 +401,27 @@ print(" ".join(results))
         serving.cancel()
     assert (status, out) == (0, "192.0.2.10:443 ConnectionRefusedError\n")
     assert refused == [(ipaddress.ip_address("192.0.2.11"), 443)]
+
+
+def test_verdicts_by_name_and_address():
+    """What netguard does with each call under an allow list and under the open default."""
+    resolver, named, other = (ipaddress.ip_address(a) for a in ("10.255.255.53", "192.0.2.10", "192.0.2.11"))
+    listed = Egress(NetworkPolicy(allow=["api.test:443", "10.9.0.0/16"], deny=["10.9.9.9"]), upstream=[])
+    listed.resolved.record("api.test", [named], ttl=60)
+    policy = netguard.Policy(host=frozenset(), dns=frozenset({resolver}), egress=listed)
+    Verdict = netguard.Verdict
+    assert policy.verdict(resolver, 53, connecting=True) is Verdict.DNS  # slirp's 10.0.2.3, over TCP
+    assert policy.verdict(resolver, 53, connecting=False) is Verdict.REFUSE  # UDP DNS would bypass the resolver
+    assert policy.verdict(named, 443, connecting=True) is Verdict.PROXY
+    assert policy.verdict(named, 80, connecting=True) is Verdict.REFUSE  # the rule's port only
+    assert policy.verdict(named, 443, connecting=False) is Verdict.REFUSE  # no datagram to a name
+    assert policy.verdict(other, 443, connecting=True) is Verdict.REFUSE  # nothing resolved to it
+    assert policy.verdict(ipaddress.ip_address("10.9.1.1"), 22, connecting=True) is Verdict.ALLOW  # an address rule
+    assert policy.verdict(ipaddress.ip_address("10.9.9.9"), 22, connecting=True) is Verdict.REFUSE  # deny wins
+    assert policy.verdict(ipaddress.ip_address("127.0.0.1"), 443, connecting=True) is Verdict.REFUSE
+    listed.policy = NetworkPolicy()  # set_network: open again
+    assert policy.verdict(other, 443, connecting=True) is Verdict.ALLOW
+    assert policy.verdict(resolver, 53, connecting=False) is Verdict.ALLOW
+    listed.policy = NetworkPolicy(deny=["ads.test"])  # open, with a name to refuse: TCP is checked by name
+    assert policy.verdict(other, 443, connecting=True) is Verdict.PROXY
+    assert policy.verdict(other, 443, connecting=False) is Verdict.ALLOW
