@@ -16,11 +16,13 @@ import anyio
 import dns.message
 import dns.rcode
 import dns.rrset
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from machinen_async import MachinenError, NetworkPolicy, cli
+from machinen_async.protocol.messages import IncomingState
 from machinen_async.protocol.netpolicy import NameRule, Rule, normal_name, parse_target
 from machinen_async.vmm.qemu import egress
 from machinen_async.vmm.qemu.egress import Destination, Egress
@@ -312,3 +314,24 @@ def test_hand_overs_in_flight_are_bounded():
     assert not proxy.expect(socket.AF_INET, 65000, target)  # QEMU's connect is refused, nothing grows
     proxy.forget(socket.AF_INET, 1)
     assert proxy.expect(socket.AF_INET, 65000, target)
+
+
+def test_what_resolved_goes_to_a_fork_with_the_time_it_had_left(monkeypatch: pytest.MonkeyPatch):
+    clock = [500.0]
+    monkeypatch.setattr(egress.time, "monotonic", lambda: clock[0])
+    source = egress.Resolved()
+    source.record("api.test", [ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1")], ttl=300)
+    clock[0] += 100
+    entries = source.entries()
+    assert sorted(entries) == [("api.test", "192.0.2.1", 200.0), ("api.test", "2001:db8::1", 200.0)]
+    wire = msgpack.unpackb(msgpack.packb(IncomingState([], 0, [], False, resolved_names=entries).to_wire()))
+    sibling = egress.Resolved()
+    sibling.seed(IncomingState.from_wire(wire).resolved_names)
+    assert sibling.names_for(ipaddress.ip_address("192.0.2.1")) == ["api.test"]
+    clock[0] += 201  # the source's answer ran out: the sibling's copy with it
+    assert sibling.names_for(ipaddress.ip_address("192.0.2.1")) == []
+    for bad in ([["API.test", "192.0.2.1", 1]], [["a.test", "nowhere", 1]], [["a.test", "192.0.2.1", -1]],
+                [["a.test", "192.0.2.1"]], [["a.test", "192.0.2.1", True]], "a.test"):  # fmt: skip
+        with pytest.raises(MachinenError) as refused:
+            IncomingState.from_wire({**IncomingState([], 0, [], False).to_wire(), "resolved_names": bad})
+        assert refused.value.code == "BOOT_NETWORK_RULE_INVALID", bad
