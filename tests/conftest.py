@@ -133,20 +133,26 @@ def no_qemu_survives():
 @pytest.fixture(scope="session", autouse=True)
 def boot_templates_of_the_session(request: pytest.FixtureRequest):
     """The suite boots dozens of distinct start keys (images, memory sizes, network or not), each
-    a boot template of ~130 MiB in the shared cache: those it made go when it ends.  A session of
+    a boot template of ~130 MiB in the shared cache: those it made go when it ends, and so do the
+    images it built.  A session of
     the unit tier boots no VM and makes none: it must not take those another session (CI beside a
     quick loop) made meanwhile for its own, and remove them under that session's VMs."""
-    from machinen_async.store import boot_templates
+    from machinen_async.store import assets, boot_templates
 
     if all(item.get_closest_marker("unit") for item in request.session.items):
         yield
         return
     before = set(boot_templates.templates_dir().iterdir())
+    images_before = set(assets.images_dir().iterdir())
     yield
     for path in set(boot_templates.templates_dir().iterdir()) - before:
         # Not a capture in progress (".partial-"): another session on this machine may be writing it.
         if path.is_dir() and not path.name.startswith("."):
             boot_templates.discard(path)
+    # So do the images it built from its tarballs (up to 800 MiB each): a CI run builds dozens.
+    for path in set(assets.images_dir().iterdir()) - images_before:
+        if path.is_file() and path.suffix == ".ext4":
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -169,8 +175,11 @@ def ssh_hosts():
 
 @pytest.fixture
 def remote_host(ssh_hosts) -> FakeHost:
-    """A fresh host of its own for one test (empty cache: everything has to travel)."""
-    return ssh_hosts.add(f"h{len(ssh_hosts.hosts)}")
+    """A fresh host of its own for one test (empty cache: everything has to travel).  Its cache
+    (the images and boot files sent to it, a GiB or more) goes with the test: the disk is finite."""
+    host = ssh_hosts.add(f"h{len(ssh_hosts.hosts)}")
+    yield host
+    shutil.rmtree(host.cache, ignore_errors=True)
 
 
 @pytest.fixture
