@@ -85,7 +85,7 @@ class Upstream:
                     if request.method != b"HEAD":
                         await stream.send(connection.send(h11.Data(data=payload)))
                     await stream.send(connection.send(h11.EndOfMessage()))
-                    if connection.our_state is not h11.DONE:
+                    if connection.our_state is not h11.DONE or request.target == b"/bye":  # bye: an idle timeout
                         return
                     connection.start_next_cycle()  # fmt: skip
 
@@ -272,6 +272,15 @@ async def test_keep_alive_every_request_on_one_connection_is_rewritten(pki: PKI)
     assert [r.header(b"authorization") for r in p.upstream.requests[:3]] == [KEY.encode()] * 3
     assert [r.method for r in p.upstream.requests] == [b"GET"] * 3 + [b"HEAD"]
     assert p.upstream.connections == 1
+
+
+async def test_an_upstream_closing_an_idle_connection_closes_the_guests(pki: PKI) -> None:
+    rule = openai()
+    async with proxy(pki, [rule]) as p, await p.connect("api.example.test") as stream:
+        response, _ = await request(stream, h11.Connection(h11.CLIENT), "/bye", [("Host", "api.example.test")])
+        assert not any(name == b"connection" for name, _ in response.headers)  # kept alive, as far as it said
+        with anyio.fail_after(60), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):  # a hang guard
+            await stream.receive()
 
 
 async def test_a_chunked_body_streams_through_intact(pki: PKI) -> None:

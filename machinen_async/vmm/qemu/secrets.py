@@ -387,9 +387,9 @@ async def relay_requests(
     client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)  # facing the upstream
     with contextlib.suppress(*_CLOSED):
         while True:
-            (request,) = await _events(server, guest)
+            request = await _next_request(server, guest, upstream)
             if not isinstance(request, h11.Request):
-                return  # the guest closed between requests
+                return  # a side closed between requests
             _check(request, sni, on_event)
             headers, attempts = rewrite_headers(list(request.headers.raw_items()), sni, secrets)
             for name in attempts:
@@ -400,6 +400,27 @@ async def relay_requests(
                 return
             server.start_next_cycle()
             client.start_next_cycle()
+
+
+async def _next_request(
+    server: h11.Connection, guest: anyio.abc.ByteStream, upstream: anyio.abc.ByteStream
+) -> h11.Event | None:
+    """The guest's next request, or None when the upstream closes (an idle keep-alive timing out)
+    first: the guest's connection closes then too, so its connection pool sees it gone rather
+    than sending a request into a dead one."""
+    request: h11.Event | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def upstream_gone() -> None:
+            with contextlib.suppress(*_CLOSED):
+                await upstream.receive()  # nothing is due between responses: whatever comes ends it
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(upstream_gone)
+        with contextlib.suppress(*_CLOSED):
+            (request,) = await _events(server, guest)
+        tg.cancel_scope.cancel()
+    return request
 
 
 def _check(request: h11.Request, sni: str, on_event: EventSink) -> None:
