@@ -736,7 +736,7 @@ async def _print_rows_with_metrics() -> None:
     rows = registry.list_rows()
     measured = await _metrics_of(rows)
     for row in rows:
-        row["metrics"] = measured[row["name"]]
+        row["metrics"] = measured.get(row["name"]) if isinstance(row["name"], str) else None
     _print_rows(rows, as_json=True)
 
 
@@ -843,7 +843,8 @@ async def _measure_all() -> Measured:
     """Each running VM's row and metrics (a VM that went meanwhile is left out)."""
     rows = registry.list_rows()
     measured = await _metrics_of(rows)
-    return {row["name"]: (row, metrics) for row in rows if (metrics := measured[row["name"]]) is not None}
+    return {row["name"]: (row, metrics) for row in rows
+            if isinstance(row.get("name"), str) and (metrics := measured.get(row["name"])) is not None}  # fmt: skip
 
 
 async def _metrics_of(rows: Sequence[VMRow]) -> dict[str, VMMetrics | None]:
@@ -862,7 +863,8 @@ async def _metrics_of(rows: Sequence[VMRow]) -> dict[str, VMMetrics | None]:
 
     async with anyio.create_task_group() as tg:
         for row in rows:
-            tg.start_soon(measure, row["name"])
+            if isinstance(row.get("name"), str):  # a meta.json of another shape names no VM to ask
+                tg.start_soon(measure, row["name"])
     return measured
 
 

@@ -118,10 +118,15 @@ Ports = Annotated[
 Allow = Annotated[
     list[str],
     Field(
-        description="Destinations the guest may reach although the network policy closes them (the host's "
-        'loopback, its addresses, link-local): "ADDR[/PREFIX][:PORT]"; the host\'s own loopback is 10.0.2.2 '
-        "from the guest."
+        description='What the guest may reach: names ("api.example.com", "*.example.com", either with ":PORT"; '
+        "any name makes the policy an allow list: DNS answers only allowed names, connections go only to what "
+        'they resolved to, TLS SNI / HTTP Host checked) or addresses the policy closes ("ADDR[/PREFIX][:PORT]"; '
+        "the host's own loopback is 10.0.2.2 from the guest)."
     ),
+]
+Deny = Annotated[
+    list[str],
+    Field(description='Names or addresses the guest may not reach (its DNS answers NXDOMAIN); wins over "allow".'),
 ]
 
 
@@ -146,6 +151,7 @@ class BootArguments(ToolArguments):
         True, description="Outbound network (NAT, DNS) with the host closed; false: no network device at all."
     )
     allow: Allow = []
+    deny: Deny = []
     ttl: Ttl = None
     detached: Detached = False
 
@@ -212,6 +218,7 @@ class RestoreArguments(ToolArguments):
     name: str | None = Field(None, description="The restored VM's name (default: generated).")
     ports: Ports = []
     allow: Allow = []
+    deny: Deny = []
     ttl: Ttl = None
     detached: Detached = False
 
@@ -428,7 +435,11 @@ class Tools:
             *(Mount.parse(spec) for spec in args.mounts),
             *(Mount.parse(spec, live=True) for spec in args.live_mounts),
         ]
-        network: bool | NetworkPolicy = NetworkPolicy(allow=args.allow) if args.network and args.allow else args.network
+        network: bool | NetworkPolicy = (
+            NetworkPolicy(allow=args.allow, deny=args.deny)
+            if args.network and (args.allow or args.deny)
+            else args.network
+        )
         async with self.table.reserving(1, args.memory_mib):
             vm = await boot(
                 args.image, name=args.name, memory_mib=args.memory_mib, cpus=args.cpus, mounts=mounts,
@@ -516,7 +527,7 @@ class Tools:
         checked = await anyio.to_thread.run_sync(bundle.inspect, Path(args.directory))
         async with self.table.reserving(1, checked.manifest.machine.memory_mib):
             vm = await restore(args.directory, name=args.name, ports=args.ports, detached=args.detached,
-                               network=NetworkPolicy(allow=args.allow), ttl=args.ttl)  # fmt: skip
+                               network=NetworkPolicy(allow=args.allow, deny=args.deny), ttl=args.ttl)  # fmt: skip
             self.table.track(vm, owner, detached=args.detached)
         return _described(vm)
 

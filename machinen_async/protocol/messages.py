@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Self, TypedDict, cast
 
 from ..errors import BootError, MachinenError
 from .mounts import MountEntry, is_mount_entry
-from .netpolicy import NetworkPolicy, NetworkPolicyEntry
+from .netpolicy import NetworkPolicy, NetworkPolicyEntry, ResolvedName, resolved_names
 from .ports import PortEntry, PortSpec, parse_port_forwards
 
 if TYPE_CHECKING:
@@ -235,6 +235,9 @@ class IncomingState:
     files: dict[str, object] = field(default_factory=dict)  # ... against its manifest's entries
     lineage: list[Ancestor] = field(default_factory=list)  # the VM's that starts from it
     restored_from: str | None = None  # the bundle it came from (a restore)
+    # What the source's guest resolved (egress by name), so that a sibling's connections to those
+    # addresses go on as the source's would; a bundle has none.
+    resolved_names: list[ResolvedName] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, object]:
         return asdict(self)
@@ -244,7 +247,7 @@ class IncomingState:
         data = _fields_of(cls, data)
         if not is_lineage(data.get("lineage", [])):
             raise _invalid("a lineage is a list of {name, taken_at}", data.get("lineage"))
-        return cls(**data)
+        return cls(**{**data, "resolved_names": resolved_names(data.get("resolved_names", []))})
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,27 @@ def _rules(value: object, what: str) -> tuple[str, ...]:
     return rules  # type: ignore[return-value]
 
 
+ResolvedName = tuple[str, str, float]  # (an allowed name, an address it resolved to, seconds its answer has left)
+MAX_RESOLVED_NAMES = 1024  # what a fork sibling takes over from its source's resolver
+
+
+def resolved_names(data: object) -> list[ResolvedName]:
+    """``[[name, address, seconds left], ...]`` from the wire, checked (BootError otherwise)."""
+    if not isinstance(data, list | tuple) or len(data) > MAX_RESOLVED_NAMES:
+        raise BootError(f"resolved names are at most {MAX_RESOLVED_NAMES} entries", code="BOOT_NETWORK_RULE_INVALID")
+    checked = []
+    for entry in data:
+        try:
+            name, address, left = entry
+            if normal_name(name) != name or isinstance(left, bool) or not 0 <= float(left) < 1e9:
+                raise ValueError
+            checked.append((name, str(ipaddress.ip_address(address)), float(left)))
+        except (TypeError, ValueError):
+            raise BootError(f"a resolved name is [name, address, seconds left], not {entry!r:.100}",
+                            code="BOOT_NETWORK_RULE_INVALID") from None  # fmt: skip
+    return checked
+
+
 class NetworkPolicyEntry(TypedDict):
     """A ``NetworkPolicy`` on the wire and in ``describe()``."""
 

@@ -154,7 +154,11 @@ class Capture:
         # A confined VMM sees only the files of its launch (its disk chain, RAM file, kernel and
         # initrd): not this VM's directory (logs, meta.json, sockets), nor the layer and template
         # stores, where we create files it could otherwise plant symlinks for.
-        return backend.Launch(hardware=self._hardware(), network_policy=self.config.machine.network_policy, **where)
+        incoming = self.config.incoming
+        return backend.Launch(
+            hardware=self._hardware(), network_policy=self.config.machine.network_policy,
+            resolved_names=incoming.resolved_names if incoming is not None else (), **where,
+        )  # fmt: skip
 
     # --- capture: fork templates and snapshots -------------------------------------
 
@@ -264,6 +268,7 @@ class Capture:
             state=str(template.state),
             mem=str(template.mem),
             lineage=descend(self.config.lineage, self.config.name, instant),
+            resolved_names=self.machine.resolved_names() if self.machine is not None else [],
         )
         return ForkTemplate(
             incoming, self.config.machine, pause_ms=steps["total"], pause_steps_ms=steps, mounts=self.config.mounts

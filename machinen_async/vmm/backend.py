@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import BootError
-from ..protocol.netpolicy import NetworkPolicy
+from ..protocol.netpolicy import NetworkPolicy, ResolvedName
 
 # A disk chain: [path, format] per layer, top (writable) first, the base image last.
 DiskChain = list[list[str]]
@@ -57,7 +57,8 @@ class Launch:
     # symlinks there.
     read_only: Sequence[Path] = ()
     writable: Sequence[Path] = ()
-    network_policy: NetworkPolicy = NetworkPolicy()  # what the guest may reach  # noqa: RUF009 (frozen)
+    network_policy: NetworkPolicy = NetworkPolicy()  # noqa: RUF009 (frozen)  what the guest may reach
+    resolved_names: Sequence[ResolvedName] = ()  # what the guest's resolver answered before (a fork's source)
     logs: tuple[Path, Path] | None = None  # (console, VMM messages), capped; None: discarded
 
 
@@ -100,6 +101,9 @@ class Machine(Protocol):
 
     async def set_network(self, policy: NetworkPolicy) -> None:
         """What the guest may reach from now on (new connections and DNS queries)."""
+
+    def resolved_names(self) -> list[ResolvedName]:
+        """The allowed names the guest resolved whose answers still hold (for its fork siblings)."""
 
 
 class Backend(Protocol):

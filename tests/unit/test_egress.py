@@ -16,11 +16,13 @@ import anyio
 import dns.message
 import dns.rcode
 import dns.rrset
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from machinen_async import MachinenError, NetworkPolicy, cli
+from machinen_async.protocol.messages import IncomingState
 from machinen_async.protocol.netpolicy import NameRule, Rule, normal_name, parse_target
 from machinen_async.vmm.qemu import egress
 from machinen_async.vmm.qemu.egress import Destination, Egress
@@ -246,3 +248,90 @@ def test_the_cli_flags_make_one_policy_and_refuse_a_bad_rule_before_anything_sta
     for command in (["boot", "--allow", "no where"], ["restore", "/parked", "--deny", "*"]):
         refused = subprocess.run([sys.executable, "-m", "machinen_async", *command], capture_output=True, check=False)
         assert refused.returncode == 1 and b"error [BOOT_NETWORK_RULE_INVALID]" in refused.stderr, refused.stderr
+
+
+async def test_stalled_guests_do_not_hold_up_others_and_cancel_closes_everything(monkeypatch: pytest.MonkeyPatch):
+    """Guests that connect and say nothing (or half a ClientHello) wait on their own; a request beside
+    them is relayed at once; cancelling ``serve`` closes the listeners and every connection."""
+    monkeypatch.setattr(egress, "PREAMBLE_TIMEOUT_S", 60.0)
+
+    async def reply(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\n\r\n")
+
+    proxy = Egress(NetworkPolicy(allow=["api.test"]), upstream=[])
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as server, anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, reply)
+        target = Destination(ipaddress.ip_address("127.0.0.1"), server.extra(anyio.abc.SocketAttribute.local_port))
+        proxy.resolved.record("api.test", [target.address], ttl=60)
+        serving = anyio.CancelScope()
+
+        async def run_proxy(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            with serving:
+                await proxy.serve(task_status=task_status)
+
+        await tg.start(run_proxy)
+        listener = proxy.listener_for(socket.AF_INET)
+
+        def handed_over() -> socket.socket:
+            client = socket.socket()
+            client.settimeout(30)
+            client.bind(("127.0.0.1", 0))
+            assert proxy.expect(socket.AF_INET, client.getsockname()[1], target)
+            client.connect(listener)
+            return client
+
+        stalled = [await anyio.to_thread.run_sync(handed_over) for _ in range(20)]
+        stalled[0].sendall(client_hello("api.test")[:20])
+        talking = await anyio.to_thread.run_sync(handed_over)
+        talking.sendall(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        assert await anyio.to_thread.run_sync(talking.recv, 100) == b"HTTP/1.1 200 OK\r\n\r\n"
+        serving.cancel()
+        await anyio.wait_all_tasks_blocked()
+        for client in [*stalled, talking]:
+            with client, contextlib.suppress(ConnectionResetError):
+                assert await anyio.to_thread.run_sync(client.recv, 100) == b""  # closed by the proxy
+        assert proxy.listener_for(socket.AF_INET) is None
+        with pytest.raises(OSError):
+            socket.create_connection(listener, timeout=5).close()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_stalled_upstream_resolver_gives_servfail(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(egress, "DNS_UPSTREAM_TIMEOUT_S", 0.2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind(("127.0.0.1", 0))
+        proxy = Egress(NetworkPolicy(), upstream=[silent.getsockname()])
+        answer = await proxy.answer(dns.message.make_query("a.test", "A").to_wire())
+    assert dns.message.from_wire(answer).rcode() == dns.rcode.SERVFAIL
+
+
+def test_hand_overs_in_flight_are_bounded():
+    proxy = Egress(NetworkPolicy(), upstream=[])
+    target = Destination(ipaddress.ip_address("192.0.2.1"), 443)
+    assert all(proxy.expect(socket.AF_INET, port, target) for port in range(1, egress.MAX_PENDING + 1))
+    assert not proxy.expect(socket.AF_INET, 65000, target)  # QEMU's connect is refused, nothing grows
+    proxy.forget(socket.AF_INET, 1)
+    assert proxy.expect(socket.AF_INET, 65000, target)
+
+
+def test_what_resolved_goes_to_a_fork_with_the_time_it_had_left(monkeypatch: pytest.MonkeyPatch):
+    clock = [500.0]
+    monkeypatch.setattr(egress.time, "monotonic", lambda: clock[0])
+    source = egress.Resolved()
+    source.record("api.test", [ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1")], ttl=300)
+    clock[0] += 100
+    entries = source.entries()
+    assert sorted(entries) == [("api.test", "192.0.2.1", 200.0), ("api.test", "2001:db8::1", 200.0)]
+    wire = msgpack.unpackb(msgpack.packb(IncomingState([], 0, [], False, resolved_names=entries).to_wire()))
+    sibling = egress.Resolved()
+    sibling.seed(IncomingState.from_wire(wire).resolved_names)
+    assert sibling.names_for(ipaddress.ip_address("192.0.2.1")) == ["api.test"]
+    clock[0] += 201  # the source's answer ran out: the sibling's copy with it
+    assert sibling.names_for(ipaddress.ip_address("192.0.2.1")) == []
+    for bad in ([["API.test", "192.0.2.1", 1]], [["a.test", "nowhere", 1]], [["a.test", "192.0.2.1", -1]],
+                [["a.test", "192.0.2.1"]], [["a.test", "192.0.2.1", True]], "a.test"):  # fmt: skip
+        with pytest.raises(MachinenError) as refused:
+            IncomingState.from_wire({**IncomingState([], 0, [], False).to_wire(), "resolved_names": bad})
+        assert refused.value.code == "BOOT_NETWORK_RULE_INVALID", bad

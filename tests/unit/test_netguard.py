@@ -16,16 +16,20 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
+import anyio.abc
+import anyio.from_thread
 import pytest
 
 from machinen_async import MachinenError
 from machinen_async.protocol.netpolicy import NetworkPolicy
 from machinen_async.vmm.qemu import netguard
-from machinen_async.vmm.qemu.egress import Egress
+from machinen_async.vmm.qemu.egress import Destination, Egress
 
 real_filter = pytest.mark.skipif(platform.machine() not in netguard.ABIS, reason="no filter for this architecture")
 
@@ -357,3 +361,67 @@ def test_an_address_the_host_gains_after_the_guard_started_is_closed():
                              "10.211.0.2": "sent"}, seen  # fmt: skip
     assert seen["removed"] == {"10.211.0.5": "sent"}, seen
     assert seen["refused"] == ["10.211.0.1", "10.211.0.5", "fd12:3456::1"], seen
+
+
+class RecordingEgress(Egress):
+    """Answers every handed-over connection with where the guest meant it to go."""
+
+    async def _relay_checked(self, stream: anyio.abc.SocketStream, destination: Destination) -> None:
+        await stream.send(f"{destination.address}:{destination.port}".encode())
+
+
+@real_filter
+def test_a_connection_to_a_name_is_handed_to_the_egress_proxy_from_any_thread():
+    """netguard takes QEMU's socket (pidfd_getfd on the thread's process, not the thread) and connects
+    it to the VM's proxy, which learns the destination from the port it was bound to; the caller sees
+    its own connect succeed.  An address no allowed name resolved to is refused at connect()."""
+    code = """
+import socket, sys, threading
+def connect(address, results):
+    try:
+        with socket.create_connection((address, 443), timeout=10) as s:
+            results.append(s.recv(100).decode())
+    except OSError as e:
+        results.append(type(e).__name__)
+results = []
+for address in sys.argv[1:]:
+    worker = threading.Thread(target=connect, args=(address, results))  # not the main thread
+    worker.start()
+    worker.join()
+print(" ".join(results))
+"""
+    egress = RecordingEgress(NetworkPolicy(allow=["api.test"]), upstream=[])
+    egress.resolved.record("api.test", [ipaddress.ip_address("192.0.2.10")], ttl=60)
+    policy = netguard.Policy(host=frozenset(), dns=frozenset(), egress=egress)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        serving = portal.start_task_soon(egress.serve)
+        while egress.listener_for(socket.AF_INET) is None:
+            time.sleep(0.01)
+        status, out, refused = run_guarded(code, policy, "192.0.2.10", "192.0.2.11")
+        serving.cancel()
+    assert (status, out) == (0, "192.0.2.10:443 ConnectionRefusedError\n")
+    assert refused == [(ipaddress.ip_address("192.0.2.11"), 443)]
+
+
+def test_verdicts_by_name_and_address():
+    """What netguard does with each call under an allow list and under the open default."""
+    resolver, named, other = (ipaddress.ip_address(a) for a in ("10.255.255.53", "192.0.2.10", "192.0.2.11"))
+    listed = Egress(NetworkPolicy(allow=["api.test:443", "10.9.0.0/16"], deny=["10.9.9.9"]), upstream=[])
+    listed.resolved.record("api.test", [named], ttl=60)
+    policy = netguard.Policy(host=frozenset(), dns=frozenset({resolver}), egress=listed)
+    Verdict = netguard.Verdict
+    assert policy.verdict(resolver, 53, connecting=True) is Verdict.DNS  # slirp's 10.0.2.3, over TCP
+    assert policy.verdict(resolver, 53, connecting=False) is Verdict.REFUSE  # UDP DNS would bypass the resolver
+    assert policy.verdict(named, 443, connecting=True) is Verdict.PROXY
+    assert policy.verdict(named, 80, connecting=True) is Verdict.REFUSE  # the rule's port only
+    assert policy.verdict(named, 443, connecting=False) is Verdict.REFUSE  # no datagram to a name
+    assert policy.verdict(other, 443, connecting=True) is Verdict.REFUSE  # nothing resolved to it
+    assert policy.verdict(ipaddress.ip_address("10.9.1.1"), 22, connecting=True) is Verdict.ALLOW  # an address rule
+    assert policy.verdict(ipaddress.ip_address("10.9.9.9"), 22, connecting=True) is Verdict.REFUSE  # deny wins
+    assert policy.verdict(ipaddress.ip_address("127.0.0.1"), 443, connecting=True) is Verdict.REFUSE
+    listed.policy = NetworkPolicy()  # set_network: open again
+    assert policy.verdict(other, 443, connecting=True) is Verdict.ALLOW
+    assert policy.verdict(resolver, 53, connecting=False) is Verdict.ALLOW
+    listed.policy = NetworkPolicy(deny=["ads.test"])  # open, with a name to refuse: TCP is checked by name
+    assert policy.verdict(other, 443, connecting=True) is Verdict.PROXY
+    assert policy.verdict(other, 443, connecting=False) is Verdict.ALLOW

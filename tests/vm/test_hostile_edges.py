@@ -9,6 +9,7 @@ no HELLO either, as a guest that replaced or froze its agent would.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -181,7 +182,7 @@ def test_the_supervisor_log_is_capped_and_rotated_once(tmp_path):
 
 
 def test_ls_shows_what_a_peer_sent_escaped_whatever_its_shape(monkeypatch):
-    from machinen_async.cli import _listed, main
+    from machinen_async.cli import _listed, _measure_all, main
 
     rows = [
         {"name": HOSTILE, "pid": 12, "uptime_s": 3.2, "accel": "tcg", "memory_mib": 256,
@@ -199,6 +200,8 @@ def test_ls_shows_what_a_peer_sent_escaped_whatever_its_shape(monkeypatch):
     assert "\\x1b]0;owned\\x07" in lines[1] and "'source'" in lines[1]
     as_json = CliRunner().invoke(main, ["ls", "--json"])
     assert as_json.exit_code == 0 and "\x1b" not in as_json.output
+    assert [row["metrics"] for row in json.loads(as_json.output)] == [None, None, None]  # no such VMs to ask
+    assert anyio.run(_measure_all) == {}  # machinen top: the same rows, nothing to show
 
     # Rows from another host: a list of maps or a typed error.
     assert _listed(["bare", {"name": "x"}]) == [{"name": "bare"}, {"name": "x"}]

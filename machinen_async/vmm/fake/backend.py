@@ -32,7 +32,7 @@ import anyio
 import anyio.abc
 
 from ...errors import BootError, SnapshotError
-from ...protocol.netpolicy import NetworkPolicy
+from ...protocol.netpolicy import NetworkPolicy, ResolvedName
 from ...store import paths
 from ...version import __version__
 from .. import capped_log
@@ -100,6 +100,9 @@ class FakeMachine:
 
     async def set_network(self, policy: NetworkPolicy) -> None:
         """No network device: nothing to enforce."""
+
+    def resolved_names(self) -> list[ResolvedName]:
+        return []
 
     async def exited(self) -> int:
         return await self.process.wait()

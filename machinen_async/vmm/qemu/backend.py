@@ -31,7 +31,7 @@ import structlog
 from qemu.qmp import QMPClient
 
 from ...errors import BootError, MachinenError
-from ...protocol.netpolicy import NetworkPolicy
+from ...protocol.netpolicy import NetworkPolicy, ResolvedName
 from ...store import paths
 from .. import capped_log
 from ..backend import DiskChain, Launch
@@ -74,6 +74,9 @@ class QemuMachine:
     async def set_network(self, policy: NetworkPolicy) -> None:
         if self.guard is not None:
             self.guard.policy.egress.policy = policy  # read at each query and connection
+
+    def resolved_names(self) -> list[ResolvedName]:
+        return [] if self.guard is None else self.guard.policy.egress.resolved.entries()
 
     async def exited(self) -> int:
         status = await self.process.wait()
@@ -352,6 +355,8 @@ async def _start_chain(
     output = subprocess.PIPE if launch.logs else subprocess.DEVNULL
     # Made before QEMU starts (it opens a netlink socket, which can fail), so a failure leaves no QEMU.
     policy = netguard.Policy.current(launch.network_policy) if guarded else None
+    if policy is not None:
+        policy.egress.resolved.seed(launch.resolved_names)
     try:
         info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N, ...} there, then closes it
         ours, theirs = socket.socketpair()  # netguard's shim sends its listener there

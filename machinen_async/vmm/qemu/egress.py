@@ -33,7 +33,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,7 @@ import structlog
 from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 
-from ...protocol.netpolicy import IPAddress, NetworkPolicy, normal_name
+from ...protocol.netpolicy import MAX_RESOLVED_NAMES, IPAddress, NetworkPolicy, ResolvedName, normal_name
 from .. import capped_log
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.egress")
@@ -108,9 +108,9 @@ class Resolved:
         self._lock = threading.Lock()
         self._names: dict[IPAddress, dict[str, float]] = {}  # address -> name -> expiry (monotonic)
 
-    def record(self, name: str, addresses: list[IPAddress], ttl: float) -> None:
+    def record(self, name: str, addresses: list[IPAddress], ttl: float, *, floor: float = MIN_TTL_S) -> None:
         now = time.monotonic()
-        expiry = now + min(max(ttl, MIN_TTL_S), MAX_TTL_S)
+        expiry = now + min(max(ttl, floor), MAX_TTL_S)
         with self._lock:
             for address in addresses:
                 names = self._names.setdefault(address, {})
@@ -129,6 +129,19 @@ class Resolved:
                 self._names[address] = names
             else:
                 del self._names[address]
+
+    def entries(self) -> list[ResolvedName]:
+        """What still holds, the longest-lived first, at most MAX_RESOLVED_NAMES: (name, address, seconds left)."""
+        now = time.monotonic()
+        with self._lock:
+            held = [(name, str(address), expiry - now) for address, names in self._names.items()
+                    for name, expiry in names.items() if expiry > now]  # fmt: skip
+        return sorted(held, key=lambda entry: -entry[2])[:MAX_RESOLVED_NAMES]
+
+    def seed(self, entries: Sequence[ResolvedName]) -> None:
+        """Take over ``entries`` (a fork source's): each until its own answer's time is up."""
+        for name, address, left in entries:
+            self.record(name, [ipaddress.ip_address(address)], left, floor=0.0)
 
     def names_for(self, address: IPAddress) -> list[str]:
         now = time.monotonic()
@@ -483,11 +496,19 @@ def _sni_of(hello: bytes) -> str | None:
 SYS_PIDFD_GETFD = 438  # the same on x86_64 and aarch64 (asm-generic)
 
 
+def _thread_group(tid: int) -> int:
+    """The process a thread belongs to (pidfd_open takes only a process before Linux 6.9)."""
+    for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+        if line.startswith("Tgid:"):
+            return int(line.split()[1])
+    raise ProcessLookupError(tid)
+
+
 def hand_over(libc_syscall: Callable[..., int], pid: int, fd: int, egress: Egress, destination: Destination) -> int:
     """Point QEMU's socket ``fd`` (being connected, in process ``pid``) at Egress's listener
     instead: bound first to a loopback port by which the listener knows ``destination``.  Returns
     what connect(2) returns for it: 0 or an errno (EINPROGRESS for QEMU's non-blocking sockets)."""
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(_thread_group(pid))  # the notification names a thread; the descriptor table is its process's
     try:
         ours = libc_syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
     finally:
