@@ -21,7 +21,8 @@ from oci_registry import Certificate, make_certificate
 
 from machinen_async import MachinenError
 from machinen_async.vmm.qemu import egress, secrets
-from machinen_async.vmm.qemu.secrets import SecretRule, VmCA, rewrite_headers
+from machinen_async.protocol.secret import SecretRule
+from machinen_async.vmm.qemu.secrets import VmCA, rewrite_headers
 
 pytestmark = pytest.mark.anyio
 
