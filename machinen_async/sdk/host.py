@@ -304,9 +304,11 @@ class Host:
             if inherit_secrets:
                 try:
                     given = await source.connection.channel.call("vm.secret_values")
+                    secrets = [SecretRule(s["name"], s["value"], tuple(s["hosts"]), s["placeholder"])
+                               for s in given["secrets"]]  # fmt: skip
                     async with anyio.create_task_group() as tg:
                         for sibling in forks:
-                            tg.start_soon(sibling.connection.channel.call, "vm.set_secrets", given)
+                            tg.start_soon(sibling.give_secrets, secrets)
                 except BaseException:
                     await forks.aclose()
                     raise

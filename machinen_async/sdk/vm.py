@@ -381,8 +381,13 @@ class VM:
         environment variables of later commands and trusts the proxy's CA (``boot(secrets=)``)."""
         entries = [{"name": s.name, "value": s.value, "hosts": list(s.hosts), "placeholder": s.placeholder}
                    for s in secrets]  # fmt: skip
-        reply = await self._channel.call("vm.set_secrets", {"secrets": entries})
-        self.placeholders = dict(reply["placeholders"])
+        await self._trust_secrets(await self._channel.call("vm.set_secrets", {"secrets": entries}))
+
+    async def _trust_secrets(self, given: Mapping[str, object]) -> None:
+        """The guest's part of ``vm.set_secrets``' reply: trust its CA, hold its placeholders."""
+        placeholders = dict(given["placeholders"])  # type: ignore[call-overload]  # the supervisor's reply
+        await self._channel.call("egress_trust", {"ca_pem": given["ca_pem"], "env": placeholders})
+        self.placeholders = placeholders
 
     async def metrics(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> VMMetrics:
         """What this VM costs its host now: CPU seconds, memory (guest RAM private to it, and shared

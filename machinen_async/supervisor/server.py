@@ -394,7 +394,7 @@ class Supervisor:
 
     async def _set_secrets(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         """Secrets for the guest's requests (their values stay in this process's memory): the
-        egress proxy puts them in, and the guest trusts the proxy's new CA and holds placeholders."""
+        egress proxy puts them in; the reply's CA and placeholders are for the guest."""
         entries = params.get("secrets")
         if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
             raise BootError("vm.set_secrets takes a list of secrets", code="BOOT_SECRET_INVALID")
@@ -405,11 +405,10 @@ class Supervisor:
             raise BootError(f"VM {self.config.name!r} has no network device", code="BOOT_SECRET_INVALID")
         ca_pem = await machine.set_secrets(secrets)
         env = {secret.name: secret.placeholder for secret in secrets}
-        await self.relay.call("egress_trust", {"ca_pem": ca_pem, "env": env})
         self.secrets = secrets
         self.meta["secrets"] = [{"name": s.name, "hosts": list(s.hosts)} for s in secrets]  # never a value
         self.entry.write_meta(self.meta)
-        return {"placeholders": env}
+        return {"placeholders": env, "ca_pem": ca_pem}  # the client has the guest trust it (egress_trust)
 
     async def _secret_values(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         """The secrets as set (values included), for a fork given them (``fork(secrets="inherit")``):
