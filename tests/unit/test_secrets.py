@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from oci_registry import Certificate, make_certificate
 
 from machinen_async import MachinenError
-from machinen_async.vmm.qemu import egress, secrets
 from machinen_async.protocol.secret import SecretRule
+from machinen_async.vmm.qemu import egress, secrets
 from machinen_async.vmm.qemu.secrets import VmCA, rewrite_headers
 
 pytestmark = pytest.mark.anyio
