@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # what checkers and IDEs see; at run time __getattr__ imports
     from .sdk.handoff import HandoffReport
     from .sdk.host import BootOptions, Host, boot
     from .sdk.mounts import Mount
-    from .sdk.network import NetworkPolicy
+    from .sdk.network import NetworkPolicy, Secret
     from .sdk.pool import WarmPool, warm_pool
     from .sdk.process import ExecResult, Process
     from .sdk.provisioning import debian_rootfs, provision
@@ -60,6 +60,7 @@ _FROM_SDK = {
     "RayHosts": "ray_pool",
     "HandoffReport": "handoff",
     "NetworkPolicy": "network",
+    "Secret": "network",
     "Mount": "mounts",
     "provision": "provisioning", "debian_rootfs": "provisioning",
     "warm_pool": "pool", "WarmPool": "pool",
@@ -109,6 +110,7 @@ __all__ = [
     "RayHosts",
     "RegistryError",
     "Reservation",
+    "Secret",
     "SnapshotError",
     "SnapshotInfo",
     "StopError",

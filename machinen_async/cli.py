@@ -25,12 +25,12 @@ import anyio
 import click
 
 from . import __version__
-from .errors import GuestFileError, MachinenError, plain_errors
+from .errors import BootError, GuestFileError, MachinenError, plain_errors
 from .protocol.guest_abi import WORKLOAD_LOG
 from .protocol.messages import VMMetrics, VMRow, seconds_left
 from .sdk.boot import IMAGE_CMD, boot, connect, restore, stop_vm
 from .sdk.mounts import Mount
-from .sdk.network import NetworkPolicy
+from .sdk.network import NetworkPolicy, Secret
 from .sdk.vm import VM
 from .store import assets, layers, oci_image, oci_pull, registry
 
@@ -281,6 +281,20 @@ def _network_policy(
     return NetworkPolicy(allow=allow, deny=deny_rules, default_deny=bool(closed))
 
 
+def _secrets(specs: tuple[str, ...]) -> dict[str, Secret] | None:
+    """``NAME=ENVVAR@HOST[,HOST...]`` each: the value read from this process's environment."""
+    secrets = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        variable, _, hosts = rest.partition("@")
+        if not (name and variable and hosts):
+            raise BootError(f"--secret is NAME=ENVVAR@HOST[,HOST...], not {spec!r:.100}", code="BOOT_SECRET_INVALID")
+        if variable not in os.environ:
+            raise BootError(f"--secret {name}: ${variable} is not set here", code="BOOT_SECRET_INVALID")
+        secrets[name] = Secret(os.environ[variable], hosts=hosts.split(","))
+    return secrets or None
+
+
 def mount_option(copied: bool) -> OptionDecorator:
     """``--mount-live`` (and for boot ``--mount``): host directories in the guest."""
 
@@ -405,11 +419,16 @@ def install(refresh: bool, pinned: str | None) -> None:
     "--host", "host_spec", metavar="[USER@]HOST",
     help="Boot on HOST over SSH (its images, templates and ports; --mount copies from here).",
 )  # fmt: skip
+@click.option(
+    "--secret", "secret_specs", multiple=True, metavar="NAME=ENVVAR@HOST[,HOST...]",
+    help="The guest's $NAME is a placeholder; HTTPS requests to HOST get this machine's $ENVVAR in its "
+         "place (headers only); repeatable.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
     args, name, memory_mib, cpus, accel, boot_timeout, env_pairs, no_network, allow_rules, allow_host_ports, deny_rules,
-    network_closed, use_tty,
+    network_closed, use_tty, secret_specs,
     ports, live_mounts, copied_mounts, detach, run_image_cmd, cold, ttl, idle_timeout, on_idle, pull, insecure, host_spec,
     as_json,
 ) -> None:  # fmt: skip
@@ -435,7 +454,7 @@ def boot_command(
                                                                  network_closed) or NetworkPolicy(),
                 cmd=IMAGE_CMD if run_image_cmd else cmd if detach and cmd else None, env=env,
                 mounts=_mounts(live_mounts, copied_mounts), host=host, ttl=ttl,
-                idle_timeout=idle_timeout, on_idle=on_idle,
+                idle_timeout=idle_timeout, on_idle=on_idle, secrets=_secrets(secret_specs),
             )  # fmt: skip
             vm = await stack.enter_async_context(launch)
             address = vm.host.address(vm.name)

@@ -9,6 +9,7 @@ import time
 
 from ..protocol import wire
 from ..protocol.guest_abi import AGENT_PORT_NAME
+from . import egress_trust
 from .exec import ExecTask
 from .files import ReadFileTask, WriteFileTask
 from .identity import agent_info, take_on
@@ -46,6 +47,7 @@ class Agent:
             "workload_status": WORKLOAD.status,
             "mount_prepare": prepare_mount,
             "mount_drop": drop_mount,
+            "egress_trust": egress_trust.trust,
         }
         self.streaming: dict[str, type[Task]] = {
             "exec": ExecTask,

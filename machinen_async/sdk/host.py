@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict, Unpack, overload
 
-from ..errors import HostError, MachinenError
+import anyio
+
+from ..errors import BootError, HostError, MachinenError
 from ..hosts.base import DEFAULT_BOOT_TIMEOUT_S, Connection, HostDriver, HostPool, Progress, TransferReport
 from ..hosts.local import LocalDriver
 from ..protocol.messages import (
@@ -28,11 +30,12 @@ from ..protocol.messages import (
     Workload,
 )
 from ..protocol.ports import PortSpec
+from ..protocol.secret import SecretRule
 from ..store import registry
 from ..supervisor.config import check_workload_started
 from .forks import Forks, Launch
 from .mounts import Mount, checked_mounts, copy_in, live_mounts, rebinding
-from .network import NetworkPolicy, network_settings
+from .network import NetworkPolicy, Secret, network_settings, secret_rules
 from .process import Command, argv_of
 from .spread import fork_across
 from .vm import VM
@@ -66,6 +69,7 @@ class BootOptions(PoolBootOptions, total=False):
     ttl: float | None
     idle_timeout: float | None
     on_idle: str | None
+    secrets: Mapping[str, Secret] | None
 
 
 class Host:
@@ -284,6 +288,7 @@ class Host:
         idle_timeout: float | None = None,
         network: NetworkPolicy | None = None,
         on_idle: str | None = None,
+        inherit_secrets: bool = False,
     ) -> Launch[VM] | Launch[Forks]:
         """``source.fork()``: siblings here, or spread over ``hosts``; ``single``: the one sibling itself."""
         # A spread's mounts (and on_idle's directory) are on every host that gets siblings: absolute paths of each.
@@ -294,9 +299,20 @@ class Host:
         )  # fmt: skip
 
         async def start() -> Forks:
-            if hosts is not None:
-                return await fork_across(source, request, hosts, mounts)
-            return await self.fork_here(source, request)
+            forks = await (fork_across(source, request, hosts, mounts) if hosts is not None
+                           else self.fork_here(source, request))  # fmt: skip
+            if inherit_secrets:
+                try:
+                    given = await source.connection.channel.call("vm.secret_values")
+                    secrets = [SecretRule(s["name"], s["value"], tuple(s["hosts"]), s["placeholder"])
+                               for s in given["secrets"]]  # fmt: skip
+                    async with anyio.create_task_group() as tg:
+                        for sibling in forks:
+                            tg.start_soon(sibling.give_secrets, secrets)
+                except BaseException:
+                    await forks.aclose()
+                    raise
+            return forks
 
         if not single:
             return Launch(start)
@@ -354,12 +370,16 @@ def on_idle_argument(on_idle: str | None, *, here: bool) -> str | None:
 IMAGE_CMD = "image"  # boot(cmd="image"): an OCI image's Entrypoint + Cmd as the workload
 
 
-async def _launch(host: Host, request: BootRequest, copies: Sequence[Mount], progress: Progress | None) -> VM:
+async def _launch(
+    host: Host, request: BootRequest, copies: Sequence[Mount], secrets: Sequence[SecretRule], progress: Progress | None
+) -> VM:
     vm = host.vm(await host.driver.boot(request, progress=progress))
     try:
-        if copies:  # the copies first, so the workload finds them
+        if copies or secrets:  # the copies and the secrets' placeholders first, so the workload finds them
             for mount in copies:
                 await copy_in(vm, mount, stall_timeout=request.boot_timeout)
+            if secrets:
+                await vm.give_secrets(secrets)
             started = await vm.connection.channel.call("workload_start", request.workload or {"from_image": True})
             check_workload_started(started)
     except BaseException:
@@ -399,6 +419,7 @@ def boot(
     ttl: float | None = None,
     idle_timeout: float | None = None,
     on_idle: str | None = None,
+    secrets: Mapping[str, Secret] | None = None,
     host: Host | None = None,
 ) -> Launch[VM]:
     """Boot a microVM from ``image``: a rootfs tarball, or an OCI / Docker image reference
@@ -453,6 +474,9 @@ def boot(
     # Copied mounts are the caller's directories, wherever the VM runs; live ones the VM host's.
     chosen = checked_mounts(mounts, live_here=here)
     has_network, network_policy = network_settings(network)
+    rules = secret_rules(secrets)
+    if rules and not has_network:
+        raise BootError("secrets go out through the VM's network: boot it with one", code="BOOT_SECRET_INVALID")
     request = BootRequest(
         name=registry.validate_name(name) if name is not None else registry.new_name(),
         image=image_argument(image, here=here),
@@ -465,7 +489,7 @@ def boot(
         network=has_network,
         network_policy=network_policy,
         workload=_workload(cmd, env, cwd),
-        start_workload=all(mount.live for mount in chosen),
+        start_workload=all(mount.live for mount in chosen) and not rules,
         mounts=live_mounts(chosen),
         pull=pull,
         insecure=tuple(insecure),
@@ -475,4 +499,4 @@ def boot(
         idle_timeout=idle_timeout,
         on_idle=on_idle_argument(on_idle, here=here),
     )
-    return Launch(lambda: _launch(host, request, [mount for mount in chosen if not mount.live], progress))
+    return Launch(lambda: _launch(host, request, [mount for mount in chosen if not mount.live], rules, progress))

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import anyio
 
@@ -32,6 +32,7 @@ from ..protocol.messages import (
 )
 from ..protocol.netpolicy import NetworkPolicy
 from ..protocol.ports import PortSpec
+from ..protocol.secret import SecretRule
 from ..store import registry
 from .handoff import HandoffReport, handoff
 from .process import Command, ExecResult, Process, ProcessOutput, argv_of
@@ -84,6 +85,7 @@ class VM:
         self.name: str = connection.name
         self.host: Host = host
         self.handoff_report: HandoffReport | None = None  # set on the VM a handoff() returned
+        self.placeholders: dict[str, str] = {}  # each secret's placeholder in the guest (``boot(secrets=)``)
         # Called once this handle is closed: what a host pool reserved for the VM (``RayHosts.boot``).
         self.release: Callable[[], Awaitable[None]] | None = None
 
@@ -257,7 +259,7 @@ class VM:
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
         network: NetworkPolicy | None = ...,
-        on_idle: str | None = ...,
+        on_idle: str | None = ..., secrets: Literal["inherit"] | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
@@ -266,7 +268,7 @@ class VM:
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
         network: NetworkPolicy | None = ...,
-        on_idle: str | None = ...,
+        on_idle: str | None = ..., secrets: Literal["inherit"] | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
@@ -275,7 +277,7 @@ class VM:
         detached: bool = ..., ports: Sequence[PortSpec] | None = ..., hosts: Sequence[Host] | HostPool[Host] | None = ...,
         mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ..., idle_timeout: float | None = ...,
         network: NetworkPolicy | None = ...,
-        on_idle: str | None = ...,
+        on_idle: str | None = ..., secrets: Literal["inherit"] | None = ...,
     ) -> Launch[VM] | Launch[Forks]: ...  # fmt: skip
 
     def fork(
@@ -293,6 +295,7 @@ class VM:
         idle_timeout: float | None = None,
         network: NetworkPolicy | None = None,
         on_idle: str | None = None,
+        secrets: Literal["inherit"] | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Siblings of this running VM, started concurrently from one instant.
 
@@ -313,7 +316,8 @@ class VM:
         sibling's lifetime in seconds from its start, and without calls (see ``boot``);
         ``on_idle`` "snapshot:DIR" (see ``boot``) takes a single sibling.
         ``network``: the siblings' ``NetworkPolicy`` (default: this VM's, as it is now), to narrow
-        what an untrusted attempt may reach.
+        what an untrusted attempt may reach.  ``secrets="inherit"``: the siblings' requests get this
+        VM's secrets too (same placeholders); otherwise their placeholders go out as they are.
         """
         count = 1 if n is None else n
         if not isinstance(count, int) or count < 1:
@@ -335,6 +339,7 @@ class VM:
             self, chosen, single=n is None and len(chosen) == 1, boot_timeout=boot_timeout, detached=detached,
             ports=forwards, hosts=hosts, mounts=mounts, ttl=ttl, idle_timeout=idle_timeout, on_idle=on_idle,
             network=network,
+            inherit_secrets=secrets == "inherit",
         )  # fmt: skip
 
     @property
@@ -369,6 +374,20 @@ class VM:
             raise BootError(f"set_network takes a NetworkPolicy, not {policy!r:.100}", code="BOOT_NETWORK_RULE_INVALID")
         await self._channel.call("vm.set_network", {"policy": policy.to_wire()})
         self.info = {**self.info, "network_policy": policy.to_wire()}
+
+    async def give_secrets(self, secrets: Sequence[SecretRule]) -> None:
+        """Hand ``secrets`` (checked rules, values and placeholders) to the VM's supervisor: its egress
+        proxy puts each value into requests to its hosts, the guest gets the placeholders as
+        environment variables of later commands and trusts the proxy's CA (``boot(secrets=)``)."""
+        entries = [{"name": s.name, "value": s.value, "hosts": list(s.hosts), "placeholder": s.placeholder}
+                   for s in secrets]  # fmt: skip
+        await self._trust_secrets(await self._channel.call("vm.set_secrets", {"secrets": entries}))
+
+    async def _trust_secrets(self, given: Mapping[str, object]) -> None:
+        """The guest's part of ``vm.set_secrets``' reply: trust its CA, hold its placeholders."""
+        placeholders = dict(given["placeholders"])  # type: ignore[call-overload]  # the supervisor's reply
+        await self._channel.call("egress_trust", {"ca_pem": given["ca_pem"], "env": placeholders})
+        self.placeholders = placeholders
 
     async def metrics(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT_S) -> VMMetrics:
         """What this VM costs its host now: CPU seconds, memory (guest RAM private to it, and shared

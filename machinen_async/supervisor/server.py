@@ -24,6 +24,7 @@ from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..protocol.messages import checked_ttl, idle_snapshot_dir
 from ..protocol.netpolicy import NetworkPolicy
+from ..protocol.secret import SecretRule
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
 from . import forwards, metrics, mounts
@@ -57,6 +58,7 @@ class Supervisor:
         self.mounts: list[mounts.HostDirectory] = []
         self.stop_requested: anyio.Event = anyio.Event()
         self.meta: wire.Params = {}  # VMInfo once the VM is up
+        self.secrets: list[SecretRule] = []  # in memory only: never in meta.json, a bundle or a log
         self.deadline_moved: anyio.Event = anyio.Event()  # set (and replaced) by each vm.extend
         self.own_work_running: int = 0  # vm.* calls and port-forwarded connections in progress
         self.calls_ended_by: float = time.monotonic()  # the last call known ended by then at the latest
@@ -70,6 +72,8 @@ class Supervisor:
             "vm.extend": self._extend,
             "vm.metrics": self._metrics,
             "vm.set_network": self._set_network,
+            "vm.set_secrets": self._set_secrets,
+            "vm.secret_values": self._secret_values,
         }
 
     # --- lifecycle ----------------------------------------------------------------
@@ -387,6 +391,30 @@ class Supervisor:
         self.meta["network_policy"] = policy.to_wire()
         self.entry.write_meta(self.meta)
         return {}
+
+    async def _set_secrets(self, client: ClientConnection, params: wire.Params) -> wire.Params:
+        """Secrets for the guest's requests (their values stay in this process's memory): the
+        egress proxy puts them in; the reply's CA and placeholders are for the guest."""
+        entries = params.get("secrets")
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise BootError("vm.set_secrets takes a list of secrets", code="BOOT_SECRET_INVALID")
+        secrets = [SecretRule(entry.get("name"), entry.get("value"), entry.get("hosts"), entry.get("placeholder", ""))
+                   for entry in entries]  # fmt: skip
+        machine = self.capture.machine
+        if not self.config.machine.network or machine is None:
+            raise BootError(f"VM {self.config.name!r} has no network device", code="BOOT_SECRET_INVALID")
+        ca_pem = await machine.set_secrets(secrets)
+        env = {secret.name: secret.placeholder for secret in secrets}
+        self.secrets = secrets
+        self.meta["secrets"] = [{"name": s.name, "hosts": list(s.hosts)} for s in secrets]  # never a value
+        self.entry.write_meta(self.meta)
+        return {"placeholders": env, "ca_pem": ca_pem}  # the client has the guest trust it (egress_trust)
+
+    async def _secret_values(self, client: ClientConnection, params: wire.Params) -> wire.Params:
+        """The secrets as set (values included), for a fork given them (``fork(secrets="inherit")``):
+        to this user's clients only, over the supervisor's 0600 socket."""
+        return {"secrets": [{"name": s.name, "value": s.value, "hosts": list(s.hosts), "placeholder": s.placeholder}
+                            for s in self.secrets]}  # fmt: skip
 
     async def _metrics(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         capture = self.capture

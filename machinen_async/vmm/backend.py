@@ -19,6 +19,7 @@ from typing import Protocol
 
 from ..errors import BootError
 from ..protocol.netpolicy import NetworkPolicy, ResolvedName
+from ..protocol.secret import SecretRule
 
 # A disk chain: [path, format] per layer, top (writable) first, the base image last.
 DiskChain = list[list[str]]
@@ -104,6 +105,10 @@ class Machine(Protocol):
 
     def resolved_names(self) -> list[ResolvedName]:
         """The allowed names the guest resolved whose answers still hold (for its fork siblings)."""
+
+    async def set_secrets(self, secrets: Sequence[SecretRule]) -> bytes:
+        """Put ``secrets`` into the guest's requests to their hosts from now on; the PEM of the CA
+        the guest must trust for those hosts (its TLS is terminated on the host)."""
 
 
 class Backend(Protocol):

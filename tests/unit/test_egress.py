@@ -335,3 +335,16 @@ def test_what_resolved_goes_to_a_fork_with_the_time_it_had_left(monkeypatch: pyt
         with pytest.raises(MachinenError) as refused:
             IncomingState.from_wire({**IncomingState([], 0, [], False).to_wire(), "resolved_names": bad})
         assert refused.value.code == "BOOT_NETWORK_RULE_INVALID", bad
+
+
+def test_the_cli_reads_a_secret_from_this_machines_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OPENAI_KEY", "sk-from-env")
+    secrets = cli._secrets(("OPENAI_API_KEY=OPENAI_KEY@api.openai.com,*.openai.com",))
+    assert secrets is not None and secrets["OPENAI_API_KEY"].value == "sk-from-env"
+    assert secrets["OPENAI_API_KEY"].hosts == ["api.openai.com", "*.openai.com"]
+    assert "sk-from-env" not in repr(secrets)
+    assert cli._secrets(()) is None
+    for spec in ("NOVALUE", "A=MISSING_VAR@x.test", "A=OPENAI_KEY"):
+        with pytest.raises(MachinenError) as refused:
+            cli._secrets((spec,))
+        assert refused.value.code == "BOOT_SECRET_INVALID"

@@ -54,7 +54,7 @@ def test_the_boot_options_others_pass_on_are_boots_own():
     keywords = {p.name for p in inspect.signature(boot).parameters.values() if p.kind is p.KEYWORD_ONLY}
     assert set(BootOptions.__annotations__) | set(PoolBootOptions.__annotations__) == keywords - {"host"}
     # A pool's VMs wait before they are taken: a lifetime counted from their boot is not one a pool passes on.
-    not_pooled = {"host", "name", "memory_mib", "warm", "ttl", "idle_timeout", "on_idle"}
+    not_pooled = {"host", "name", "memory_mib", "warm", "ttl", "idle_timeout", "on_idle", "secrets"}
     assert keywords - set(PoolBootOptions.__annotations__) == not_pooled
 
 

@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -33,6 +33,7 @@ import anyio.abc
 
 from ...errors import BootError, SnapshotError
 from ...protocol.netpolicy import NetworkPolicy, ResolvedName
+from ...protocol.secret import SecretRule
 from ...store import paths
 from ...version import __version__
 from .. import capped_log
@@ -103,6 +104,9 @@ class FakeMachine:
 
     def resolved_names(self) -> list[ResolvedName]:
         return []
+
+    async def set_secrets(self, secrets: Sequence[SecretRule]) -> bytes:
+        raise BootError("the fake VMM has no network to send secrets over", code="BOOT_SECRET_INVALID")
 
     async def exited(self) -> int:
         return await self.process.wait()

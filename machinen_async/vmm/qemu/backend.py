@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -32,6 +32,7 @@ from qemu.qmp import QMPClient
 
 from ...errors import BootError, MachinenError
 from ...protocol.netpolicy import NetworkPolicy, ResolvedName
+from ...protocol.secret import SecretRule
 from ...store import paths
 from .. import capped_log
 from ..backend import DiskChain, Launch
@@ -77,6 +78,11 @@ class QemuMachine:
 
     def resolved_names(self) -> list[ResolvedName]:
         return [] if self.guard is None else self.guard.policy.egress.resolved.entries()
+
+    async def set_secrets(self, secrets: Sequence[SecretRule]) -> bytes:
+        if self.guard is None:
+            raise BootError("a VM without a network sends no secret", code="BOOT_SECRET_INVALID")
+        return self.guard.policy.egress.set_secrets(secrets)
 
     async def exited(self) -> int:
         status = await self.process.wait()

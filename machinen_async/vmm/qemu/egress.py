@@ -30,6 +30,7 @@ import ipaddress
 import math
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -53,7 +54,9 @@ from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 
 from ...protocol.netpolicy import MAX_RESOLVED_NAMES, IPAddress, NetworkPolicy, ResolvedName, normal_name
+from ...protocol.secret import SecretRule
 from .. import capped_log
+from . import secrets as injection
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.egress")
 
@@ -177,6 +180,18 @@ class Egress:
         self._pending_lock = threading.Lock()
         self._listening: dict[int, tuple[str, int]] = {}  # family -> the listener's address
         self._events = capped_log.Budget(EVENTS_PER_WINDOW, capped_log.BUDGET_WINDOW_S)
+        # Secrets put into requests to their hosts (secrets.py), with the CA the guest trusts for them.
+        self.secrets: tuple[SecretRule, ...] = ()
+        self.ca: injection.VmCA | None = None
+        self._upstream_tls: ssl.SSLContext | None = None
+
+    def set_secrets(self, secrets: Sequence[SecretRule]) -> bytes:
+        """Put ``secrets`` in the guest's requests from now on; the PEM of the new CA their
+        connections are terminated with, which the guest must trust."""
+        self.ca = injection.VmCA(host for secret in secrets for host in secret.hosts)
+        self._upstream_tls = self._upstream_tls or injection.upstream_context()
+        self.secrets = tuple(secrets)
+        return self.ca.ca_pem
 
     # --- netguard's side (its own thread) ---
 
@@ -274,6 +289,11 @@ class Egress:
             return self._refused(destination, kind, claimed)
         if preamble and not self.permitted(destination, claimed, kind):
             return self._refused(destination, kind, claimed)
+        if kind == "tls" and claimed is not None and self._secrets_for(claimed):
+            assert self.ca is not None and self._upstream_tls is not None  # set with the secrets
+            await injection.inject(stream, preamble, claimed, (str(destination.address), destination.port),
+                                   self.secrets, self.ca, self._upstream_tls, self._event)  # fmt: skip
+            return
         with anyio.fail_after(UPSTREAM_CONNECT_TIMEOUT_S):
             upstream = await anyio.connect_tcp(str(destination.address), destination.port)
         async with upstream, anyio.create_task_group() as tg:
@@ -286,6 +306,9 @@ class Egress:
             if preamble:
                 await upstream.send(preamble)
             await _copy(stream, upstream)
+
+    def _secrets_for(self, name: str) -> bool:
+        return any(secret.goes_to(name) for secret in self.secrets)
 
     def _refused(self, destination: Destination, kind: str, claimed: str | None) -> None:
         self._event("guest connection refused", destination=str(destination.address), port=destination.port,

@@ -179,8 +179,8 @@ class Policy:
             return Verdict.REFUSE if network.is_allow_list else Verdict.ALLOW  # UDP: the host's own answer
         if address in self.host or any(address in closed for closed in CLOSED_NETWORKS):
             return Verdict.REFUSE
-        if not network.is_allow_list:
-            return Verdict.PROXY if connecting and network.denied_names else Verdict.ALLOW
+        if not network.is_allow_list:  # open: the proxy sees TCP only for denied names or secrets
+            return Verdict.PROXY if connecting and (network.denied_names or self.egress.secrets) else Verdict.ALLOW
         if connecting and any(network.reaches(name, port) for name in self.egress.resolved.names_for(address)):
             return Verdict.PROXY
         return Verdict.REFUSE  # an allow list: no datagram to a name (QUIC falls back to TCP)
