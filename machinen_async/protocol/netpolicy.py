@@ -193,6 +193,8 @@ class NetworkPolicy:
         """The host's loopback services on ``ports`` (guest: 10.0.2.2:PORT), plus ``allow``."""
         return cls(allow=(*(f"127.0.0.1:{port}" for port in ports), *allow))
 
+    # Cached: netguard asks these for every connection QEMU makes (a policy never changes; a new one
+    # replaces it).
     @cached_property
     def _allowed(self) -> tuple[Rule | NameRule, ...]:
         return tuple(parse_target(rule) for rule in self.allow)
@@ -201,23 +203,23 @@ class NetworkPolicy:
     def _denied(self) -> tuple[Rule | NameRule, ...]:
         return tuple(parse_target(rule) for rule in self.deny)
 
-    @property
+    @cached_property
     def allowed_addresses(self) -> tuple[Rule, ...]:
         return tuple(rule for rule in self._allowed if isinstance(rule, Rule))
 
-    @property
+    @cached_property
     def denied_addresses(self) -> tuple[Rule, ...]:
         return tuple(rule for rule in self._denied if isinstance(rule, Rule))
 
-    @property
+    @cached_property
     def allowed_names(self) -> tuple[NameRule, ...]:
         return tuple(rule for rule in self._allowed if isinstance(rule, NameRule))
 
-    @property
+    @cached_property
     def denied_names(self) -> tuple[NameRule, ...]:
         return tuple(rule for rule in self._denied if isinstance(rule, NameRule))
 
-    @property
+    @cached_property
     def is_allow_list(self) -> bool:
         """Whether only what ``allow`` names is reachable (``closed()``, or a name rule)."""
         return self.default_deny or bool(self.allowed_names)

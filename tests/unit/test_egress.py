@@ -18,12 +18,14 @@ import dns.rcode
 import dns.rrset
 import msgpack
 import pytest
+import structlog.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from machinen_async import MachinenError, NetworkPolicy, cli
 from machinen_async.protocol.messages import IncomingState
 from machinen_async.protocol.netpolicy import NameRule, Rule, normal_name, parse_target
+from machinen_async.protocol.secret import SecretRule
 from machinen_async.vmm.qemu import egress
 from machinen_async.vmm.qemu.egress import Destination, Egress
 
@@ -348,3 +350,60 @@ def test_the_cli_reads_a_secret_from_this_machines_environment(monkeypatch: pyte
         with pytest.raises(MachinenError) as refused:
             cli._secrets((spec,))
         assert refused.value.code == "BOOT_SECRET_INVALID"
+
+
+def test_the_dns_servers_setting_takes_addresses_with_ports_and_refuses_anything_else(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("MACHINEN_DNS_SERVERS", "192.0.2.1, 192.0.2.2:5353,[2001:db8::1]:53,2001:db8::2,[2001:db8::3]")
+    assert egress.upstream_resolvers() == [("192.0.2.1", 53), ("192.0.2.2", 5353), ("2001:db8::1", 53),
+                                           ("2001:db8::2", 53), ("2001:db8::3", 53)]  # fmt: skip
+    for bad in [
+        "dns.test",
+        "192.0.2.1:0",
+        "192.0.2.1:x",
+        "[2001:db8::1]53",
+        "[2001:db8::1",
+        "192.0.2.1,",
+        "1.2.3.4:70000",
+    ]:
+        monkeypatch.setenv("MACHINEN_DNS_SERVERS", bad)
+        with pytest.raises(MachinenError) as caught:
+            egress.upstream_resolvers()
+        assert caught.value.code == "BOOT_DNS_SERVERS_INVALID", bad
+
+
+async def test_a_placeholder_in_the_clear_to_another_host_goes_as_it_is_and_is_noted():
+    """Plain HTTP to a host of no secret: the placeholder is not replaced (the value goes nowhere
+    but TLS to its hosts) and the attempt is logged, without the value."""
+    received: list[bytes] = []
+
+    async def reply(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            received.append(await stream.receive())
+            await stream.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    proxy = Egress(NetworkPolicy(), upstream=[])  # open: with secrets netguard hands every TCP connection over
+    secret = SecretRule("API_KEY", "the-real-value", ("api.test",))
+    proxy.set_secrets([secret])
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as server, anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, reply)
+        target = Destination(ipaddress.ip_address("127.0.0.1"), server.extra(anyio.abc.SocketAttribute.local_port))
+        await tg.start(proxy.serve)
+
+        def send() -> bytes:
+            with socket.socket() as client:
+                client.settimeout(30)
+                client.bind(("127.0.0.1", 0))
+                assert proxy.expect(socket.AF_INET, client.getsockname()[1], target)
+                client.connect(proxy.listener_for(socket.AF_INET))
+                client.sendall(f"GET / HTTP/1.1\r\nHost: other.test\r\nX-Key: {secret.placeholder}\r\n\r\n".encode())
+                return client.recv(4096)
+
+        with structlog.testing.capture_logs() as logs:
+            assert (await anyio.to_thread.run_sync(send)).startswith(b"HTTP/1.1 204")
+        tg.cancel_scope.cancel()
+    assert secret.placeholder.encode() in received[0] and b"the-real-value" not in received[0]
+    noted = [entry for entry in logs if entry["event"] == "secret placeholder sent to another host"]
+    assert noted and noted[0]["name"] == "API_KEY" and noted[0]["host"] == "other.test"
+    assert "the-real-value" not in repr(logs)

@@ -26,6 +26,7 @@ import contextlib
 import enum
 import errno
 import functools
+import heapq
 import ipaddress
 import math
 import os
@@ -53,6 +54,7 @@ import structlog
 from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 
+from ...errors import BootError
 from ...protocol.netpolicy import MAX_RESOLVED_NAMES, IPAddress, NetworkPolicy, ResolvedName, normal_name
 from ...protocol.secret import SecretRule
 from .. import capped_log
@@ -95,12 +97,27 @@ def upstream_resolvers() -> list[tuple[str, int]]:
     configured = os.environ.get("MACHINEN_DNS_SERVERS", "").strip()
     if not configured:
         return [(str(address), 53) for address in sorted(resolvers(), key=str)]
-    found = []
-    for item in configured.split(","):
-        host, _, port = item.strip().rpartition(":") if item.count(":") == 1 or "]" in item else (item, "", "")
-        host = (host or item).strip().strip("[]")
-        found.append((str(ipaddress.ip_address(host)), int(port) if port else 53))
-    return found
+    return [_dns_server(item.strip()) for item in configured.split(",")]
+
+
+def _dns_server(item: str) -> tuple[str, int]:
+    """``ADDR``, ``ADDR:PORT``, ``[IPV6]`` or ``[IPV6]:PORT``."""
+    if item.startswith("["):
+        host, closed, rest = item[1:].partition("]")
+        port = rest[1:] if closed and rest.startswith(":") else "" if closed and not rest else "-"  # "-": not one
+    elif item.count(":") == 1:
+        host, port = item.split(":")
+    else:
+        host, port = item, ""
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port) if port else 53
+        if not 0 < number < 65536:
+            raise ValueError(number)
+    except ValueError:
+        raise BootError(f"MACHINEN_DNS_SERVERS: {item!r:.100} is not ADDR[:PORT] (IPv6 in brackets)",
+                        code="BOOT_DNS_SERVERS_INVALID") from None  # fmt: skip
+    return str(address), number
 
 
 class Resolved:
@@ -122,8 +139,10 @@ class Resolved:
                     del names[min(names, key=names.__getitem__)]
             if len(self._names) > MAX_ADDRESSES:
                 self._forget_expired(now)
-            while len(self._names) > MAX_ADDRESSES:  # the ones that expire first go
-                del self._names[min(self._names, key=lambda a: max(self._names[a].values()))]
+            excess = len(self._names) - MAX_ADDRESSES
+            if excess > 0:  # the ones that expire first go, found in one pass
+                for address in heapq.nsmallest(excess, self._names, key=lambda a: max(self._names[a].values())):
+                    del self._names[address]
 
     def _forget_expired(self, now: float) -> None:
         for address in list(self._names):
@@ -289,6 +308,7 @@ class Egress:
             return self._refused(destination, kind, claimed)
         if preamble and not self.permitted(destination, claimed, kind):
             return self._refused(destination, kind, claimed)
+        self._report_placeholders(preamble, destination, claimed)
         if kind == "tls" and claimed is not None and self._secrets_for(claimed):
             assert self.ca is not None and self._upstream_tls is not None  # set with the secrets
             await injection.inject(stream, preamble, claimed, (str(destination.address), destination.port),
@@ -303,12 +323,22 @@ class Egress:
                 if not self.permitted(destination, claimed, kind):
                     tg.cancel_scope.cancel()
                     return self._refused(destination, kind, claimed)
+                self._report_placeholders(preamble, destination, claimed)
             if preamble:
                 await upstream.send(preamble)
             await _copy(stream, upstream)
 
     def _secrets_for(self, name: str) -> bool:
         return any(secret.goes_to(name) for secret in self.secrets)
+
+    def _report_placeholders(self, preamble: bytes, destination: Destination, claimed: str | None) -> None:
+        """A placeholder in the clear in what the guest says first (plain HTTP's request head, any
+        protocol's opening bytes) goes out as it is, never replaced: noted as an attempt.  (Inside
+        TLS to a host of no secret it cannot be seen; to a secret's host, ``inject`` notes it.)"""
+        for secret in self.secrets:
+            if injection.carries_placeholder(preamble, secret):
+                self._event("secret placeholder sent to another host", name=secret.name,
+                            destination=str(destination.address), port=destination.port, host=claimed)  # fmt: skip
 
     def _refused(self, destination: Destination, kind: str, claimed: str | None) -> None:
         self._event("guest connection refused", destination=str(destination.address), port=destination.port,

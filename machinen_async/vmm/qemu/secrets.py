@@ -88,6 +88,10 @@ def request_host(headers: Sequence[Header]) -> str | None:
     return normal_name(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
 
 
+def carries_placeholder(data: bytes, secret: SecretRule) -> bool:
+    return secret.placeholder.encode() in data
+
+
 def rewrite_headers(
     headers: Sequence[Header], sni: str, secrets: Sequence[SecretRule]
 ) -> tuple[list[Header], list[str]]:
@@ -95,7 +99,7 @@ def rewrite_headers(
     in header values, when the Host header names ``sni`` too; and the names of the secrets whose
     placeholder is there but may not go (left as they are)."""
     destined = request_host(headers) == sni
-    sent = [secret for secret in secrets if any(secret.placeholder.encode() in value for _, value in headers)]
+    sent = [secret for secret in secrets if any(carries_placeholder(value, secret) for _, value in headers)]
     replaced = [secret for secret in sent if destined and secret.goes_to(sni)]
     rewritten: list[Header] = []
     for name, value in headers:
