@@ -281,6 +281,13 @@ def _network_policy(
     return NetworkPolicy(allow=allow, deny=deny_rules, default_deny=bool(closed))
 
 
+secret_option = click.option(
+    "--secret", "secret_specs", multiple=True, metavar="NAME=ENVVAR@HOST[,HOST...]",
+    help="The guest's $NAME is a placeholder; HTTPS requests to HOST get this machine's $ENVVAR in its "
+         "place (headers only); repeatable.",
+)  # fmt: skip
+
+
 def _secrets(specs: tuple[str, ...]) -> dict[str, Secret] | None:
     """``NAME=ENVVAR@HOST[,HOST...]`` each: the value read from this process's environment."""
     secrets = {}
@@ -419,11 +426,7 @@ def install(refresh: bool, pinned: str | None) -> None:
     "--host", "host_spec", metavar="[USER@]HOST",
     help="Boot on HOST over SSH (its images, templates and ports; --mount copies from here).",
 )  # fmt: skip
-@click.option(
-    "--secret", "secret_specs", multiple=True, metavar="NAME=ENVVAR@HOST[,HOST...]",
-    help="The guest's $NAME is a placeholder; HTTPS requests to HOST get this machine's $ENVVAR in its "
-         "place (headers only); repeatable.",
-)  # fmt: skip
+@secret_option
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's description as JSON.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [-- CMD...]")
 def boot_command(
@@ -601,25 +604,28 @@ def snapshot_command(name: str, directory: str, as_json: bool) -> None:
 @ttl_option
 @idle_timeout_option
 @on_idle_option
+@secret_option
 @click.option("--json", "as_json", is_flag=True)
 def restore_command(
     directory, name, count, image, ports, boot_timeout, detach, host_spec, trust, allow_rules, allow_host_ports, deny_rules,
     network_closed,
-    live_mounts, ttl, idle_timeout, on_idle, as_json,
+    live_mounts, ttl, idle_timeout, on_idle, secret_specs, as_json,
 ) -> None:  # fmt: skip
     """Start a VM (or -n siblings) from the bundle in DIRECTORY, where its snapshot left off.
 
     Its network is closed (a bundle may come from anywhere) unless --network-open or a rule
-    (--allow, --allow-host, --deny) says otherwise.
+    (--allow, --allow-host, --deny) says otherwise.  A bundle keeps no secret's value: --secret
+    gives it again (bound to the placeholder the guest holds under that name).
     """
 
     async def run() -> None:
         network = _network_policy(allow_rules, allow_host_ports, deny_rules, network_closed)
+        secrets = _secrets(secret_specs)
         async with contextlib.AsyncExitStack() as stack:
             if host_spec is None:
                 launch = restore(directory, name=name, n=count, image=image, boot_timeout=boot_timeout,
                                  detached=detach, ports=ports, trust=trust, mounts=_mounts(live_mounts),
-                                 network=network, ttl=ttl,
+                                 network=network, ttl=ttl, secrets=secrets,
                                  idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             else:
                 if image is not None:
@@ -628,7 +634,7 @@ def restore_command(
                 pushed = await host.push(directory, progress=_progress, trust=trust)
                 launch = host.restore(pushed.remote_bundle, name=name, n=count, ports=ports, detached=detach,
                                       boot_timeout=boot_timeout, mounts=_mounts(live_mounts),
-                                      network=network, ttl=ttl,
+                                      network=network, ttl=ttl, secrets=secrets,
                                       idle_timeout=idle_timeout, on_idle=on_idle)  # fmt: skip
             result = await stack.enter_async_context(launch)
             vms = [result] if isinstance(result, VM) else list(result)
@@ -1025,9 +1031,15 @@ def handoff_command(name, host_spec, new_name, ports, no_precopy, as_json) -> No
     metavar="MIB",
     help="Refuse to start VMs past this much guest memory in all.",
 )
+@click.option(
+    "--secret", "secret_specs", multiple=True, metavar="NAME=ENVVAR@HOST[,HOST...]",
+    help="A secret the boot and restore tools may give a VM by NAME (the agent sees names, never the "
+         "value: this machine's $ENVVAR); repeatable.",
+)  # fmt: skip
 def mcp_command(
-    http_address: str | None, token_file: str | None, max_vms: int | None, max_memory_mib: int | None
-) -> None:
+    http_address: str | None, token_file: str | None, max_vms: int | None, max_memory_mib: int | None,
+    secret_specs: tuple[str, ...],
+) -> None:  # fmt: skip
     """Serve VMs to an agent over MCP (Model Context Protocol): tools boot, exec, read_file, write_file,
     list_files, fork, snapshot, restore, stop, list.  On stdin/stdout (what Claude Desktop or Claude
     Code start), or with --http on streamable HTTP.  VMs a session boots stop when it ends, unless
@@ -1036,7 +1048,8 @@ def mcp_command(
     async def run() -> None:
         from .mcp_server import Limits, serve
 
-        await serve(http=http_address, token_file=token_file, limits=Limits(max_vms, max_memory_mib), say=_progress)
+        await serve(http=http_address, token_file=token_file, limits=Limits(max_vms, max_memory_mib), say=_progress,
+                    secrets=_secrets(secret_specs))  # fmt: skip
 
     _run(run)
 

@@ -200,7 +200,7 @@ ERRORS: tuple[ErrorRow, ...] = tuple(ErrorRow(*row) for row in (
     (BootError, ("BOOT_PORT_FORWARD_IN_USE",), 'the host port is taken (the message names the VM holding it, or "another process")'),
     (BootError, ("BOOT_NETWORK_RULE_INVALID", "BOOT_NETWORK_GUARD_FAILED"), "a `NetworkPolicy` rule is neither a name (`api.example.com`, `*.example.com`, either with `:PORT`) nor `ADDR[/PREFIX][:PORT]`, `vm.set_network` on a VM without a network device; QEMU's connection filter could not be installed (needs Linux ≥ 5.5, on x86_64 or aarch64)"),
     (BootError, ("BOOT_DNS_SERVERS_INVALID",), "`MACHINEN_DNS_SERVERS` holds an item that is not `ADDR[:PORT]` (IPv6 in brackets)"),
-    (BootError, ("BOOT_SECRET_INVALID",), "a secret's name is not an environment variable's name, its value is not printable ASCII (it goes into HTTP headers), or its hosts are not host names (`api.example.com`, `*.example.com`)"),
+    (BootError, ("BOOT_SECRET_INVALID",), "a secret's name is not an environment variable's name, its value is not printable ASCII (it goes into HTTP headers), or its hosts are not host names (`api.example.com`, `*.example.com`); secrets for a VM without a network device; a name `machinen mcp` holds no secret of"),
     (BootError, ("BOOT_CONFINEMENT_UNAVAILABLE",), "`MACHINEN_QEMU_NAMESPACES=on` (or `MACHINEN_VMM=fake`, which always runs its agent under bwrap) but bwrap is missing or cannot create a user namespace here"),
     (BootError, ("BOOT_CMD_NOT_FOUND",), "the workload command does not exist in the guest"),
     (BootError, ("BOOT_SNAPSHOT_NOT_FOUND",), "no bundle (no `manifest.cbor`) in the directory"),

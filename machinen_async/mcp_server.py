@@ -20,10 +20,10 @@ import codecs
 import contextlib
 import hmac
 import json
-import secrets
+import secrets as random_tokens
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, TypeVar
@@ -31,13 +31,21 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 import anyio
 import anyio.abc
 
-from .errors import ArgumentError, ExecTimeoutError, GuestFileError, MachinenError, McpServerError, plain_errors
+from .errors import (
+    ArgumentError,
+    BootError,
+    ExecTimeoutError,
+    GuestFileError,
+    MachinenError,
+    McpServerError,
+    plain_errors,
+)
 from .protocol.messages import seconds_left
 from .sdk.boot import boot, connect, restore, stop_vm
 from .sdk.forks import close_all
 from .sdk.host import Host
 from .sdk.mounts import Mount
-from .sdk.network import NetworkPolicy
+from .sdk.network import NetworkPolicy, Secret
 from .sdk.process import ExecResult
 from .sdk.vm import AGENT_TIMEOUT_SLACK_S, VM
 from .store import bundle
@@ -128,6 +136,14 @@ Deny = Annotated[
     list[str],
     Field(description='Names or addresses the guest may not reach (its DNS answers NXDOMAIN); wins over "allow".'),
 ]
+SecretNames = Annotated[
+    list[str],
+    Field(
+        description="Names of secrets this server holds (`machinen mcp --secret`; the tool's description lists "
+        "them) to give the VM: the guest's environment variable NAME holds a placeholder, and HTTPS requests to "
+        "the secret's hosts carry the value in its place. The value never enters the VM or this conversation."
+    ),
+]
 
 
 class BootArguments(ToolArguments):
@@ -152,6 +168,7 @@ class BootArguments(ToolArguments):
     )
     allow: Allow = []
     deny: Deny = []
+    secrets: SecretNames = []
     ttl: Ttl = None
     detached: Detached = False
 
@@ -204,6 +221,9 @@ class ForkArguments(ToolArguments):
     vm: VMName
     n: int = Field(1, ge=1, le=64, description="How many siblings.")
     name: str | None = Field(None, description="Name prefix: NAME-0, NAME-1, ... (default: generated).")
+    inherit_secrets: bool = Field(
+        False, description="Give the siblings the VM's secrets (default: their placeholders go out as they are)."
+    )
     ttl: Ttl = None
     detached: Detached = False
 
@@ -219,6 +239,7 @@ class RestoreArguments(ToolArguments):
     ports: Ports = []
     allow: Allow = []
     deny: Deny = []
+    secrets: SecretNames = []
     ttl: Ttl = None
     detached: Detached = False
 
@@ -239,10 +260,13 @@ class ToolSpec:
     read_only: bool = False
     destructive: bool = False
 
-    def tool(self) -> types.Tool:
+    def tool(self, secrets: Mapping[str, Secret]) -> types.Tool:
+        """The tool as listed; one that takes ``secrets`` names those this server holds (no value)."""
+        held = ", ".join(f"{name} (for {', '.join(secret.hosts)})" for name, secret in secrets.items()) or "none"
+        takes = "secrets" in self.arguments.model_fields
         return types.Tool(
             name=self.name,
-            description=self.description,
+            description=f"{self.description} Secrets this server holds: {held}." if takes else self.description,
             input_schema=self.arguments.model_json_schema(),
             annotations=types.ToolAnnotations(read_only_hint=self.read_only, destructive_hint=self.destructive),
         )
@@ -425,10 +449,20 @@ Progress = Callable[[float, str], Awaitable[None]]
 
 
 class Tools:
-    """What each tool does, on the SDK; ``owner`` is the calling session."""
+    """What each tool does, on the SDK; ``owner`` is the calling session.  ``secrets``: those this
+    server holds (``--secret``), which a boot or restore names to give them to its VM."""
 
-    def __init__(self, table: VMTable) -> None:
+    def __init__(self, table: VMTable, secrets: Mapping[str, Secret]) -> None:
         self.table = table
+        self.secrets = secrets
+
+    def _secrets_named(self, names: Sequence[str]) -> dict[str, Secret] | None:
+        unknown = [name for name in names if name not in self.secrets]
+        if unknown:
+            raise BootError(f"this server holds no secret {', '.join(unknown)} (it holds: "
+                            f"{', '.join(self.secrets) or 'none'}; `machinen mcp --secret` gives it some)",
+                            code="BOOT_SECRET_INVALID")  # fmt: skip
+        return {name: self.secrets[name] for name in names} or None
 
     async def boot(self, args: BootArguments, owner: Owner, progress: Progress) -> Payload:
         mounts = [
@@ -444,6 +478,7 @@ class Tools:
             vm = await boot(
                 args.image, name=args.name, memory_mib=args.memory_mib, cpus=args.cpus, mounts=mounts,
                 ports=args.ports, network=network, detached=args.detached, ttl=args.ttl,
+                secrets=self._secrets_named(args.secrets),
             )  # fmt: skip
             self.table.track(vm, owner, detached=args.detached)
         return _described(vm)
@@ -513,7 +548,8 @@ class Tools:
 
     async def fork(self, args: ForkArguments, owner: Owner, progress: Progress) -> Payload:
         async with self.table.handle(args.vm) as vm, self.table.reserving(args.n, vm.info["memory_mib"]):
-            forks = await vm.fork(n=args.n, name=args.name, detached=args.detached, ttl=args.ttl)
+            forks = await vm.fork(n=args.n, name=args.name, detached=args.detached, ttl=args.ttl,
+                                  secrets="inherit" if args.inherit_secrets else None)  # fmt: skip
             for sibling in forks:
                 self.table.track(sibling, owner, detached=args.detached)
         return {"names": [sibling.name for sibling in forks]}
@@ -527,7 +563,8 @@ class Tools:
         checked = await anyio.to_thread.run_sync(bundle.inspect, Path(args.directory))
         async with self.table.reserving(1, checked.manifest.machine.memory_mib):
             vm = await restore(args.directory, name=args.name, ports=args.ports, detached=args.detached,
-                               network=NetworkPolicy(allow=args.allow, deny=args.deny), ttl=args.ttl)  # fmt: skip
+                               network=NetworkPolicy(allow=args.allow, deny=args.deny), ttl=args.ttl,
+                               secrets=self._secrets_named(args.secrets))  # fmt: skip
             self.table.track(vm, owner, detached=args.detached)
         return _described(vm)
 
@@ -598,9 +635,9 @@ def _tool_error(error: MachinenError) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(type="text", text=str(error))], is_error=True)
 
 
-def make_server(table: VMTable) -> Server[VMTable]:
-    tools = Tools(table)
-    listed = types.ListToolsResult(tools=[spec.tool() for spec in TOOLS])
+def make_server(table: VMTable, secrets: Mapping[str, Secret] | None = None) -> Server[VMTable]:
+    tools = Tools(table, secrets or {})
+    listed = types.ListToolsResult(tools=[spec.tool(tools.secrets) for spec in TOOLS])
 
     async def list_tools(
         ctx: ServerRequestContext[VMTable], params: types.PaginatedRequestParams | None
@@ -659,9 +696,9 @@ async def vm_table(limits: Limits) -> AsyncIterator[VMTable]:
             tasks.cancel_scope.cancel()  # session teardowns already started finish (shielded)
 
 
-async def serve_stdio(limits: Limits) -> None:
+async def serve_stdio(limits: Limits, secrets: Mapping[str, Secret]) -> None:
     async with vm_table(limits) as table:
-        server = make_server(table)
+        server = make_server(table, secrets)
         async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
 
@@ -693,7 +730,7 @@ class BearerToken:
 def read_token(token_file: str | None) -> tuple[str, bool]:
     """(token, whether it was generated): read from ``token_file``, else a new random one."""
     if token_file is None:
-        return secrets.token_urlsafe(32), True
+        return random_tokens.token_urlsafe(32), True
     try:
         token = Path(token_file).read_text().strip()
     except OSError as error:
@@ -714,7 +751,9 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve_http(limits: Limits, address: str, token_file: str | None, say: Callable[[str], None]) -> None:
+async def serve_http(
+    limits: Limits, secrets: Mapping[str, Secret], address: str, token_file: str | None, say: Callable[[str], None]
+) -> None:
     host, port = parse_address(address)
     token, generated = read_token(token_file)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -728,7 +767,7 @@ async def serve_http(limits: Limits, address: str, token_file: str | None, say: 
         raise McpServerError(f"--http {address}: {error.strerror}", code="MCP_ADDRESS_INVALID") from None
     bound = listener.getsockname()[1]
     async with vm_table(limits) as table:
-        app = make_server(table).streamable_http_app(host=host)
+        app = make_server(table, secrets).streamable_http_app(host=host)
         config = uvicorn.Config(BearerToken(app, token), log_level="warning", lifespan="on")
         say(f"serving MCP on http://{address.rpartition(':')[0]}:{bound}/mcp")
         if generated:
@@ -736,13 +775,17 @@ async def serve_http(limits: Limits, address: str, token_file: str | None, say: 
         await uvicorn.Server(config).serve(sockets=[listener])
 
 
-def serve(*, http: str | None, token_file: str | None, limits: Limits, say: Callable[[str], None]) -> Awaitable[None]:
-    """What ``machinen mcp`` runs: stdio, or streamable HTTP on ``http`` (ADDR:PORT)."""
+def serve(
+    *, http: str | None, token_file: str | None, limits: Limits, say: Callable[[str], None],
+    secrets: Mapping[str, Secret] | None = None,
+) -> Awaitable[None]:  # fmt: skip
+    """What ``machinen mcp`` runs: stdio, or streamable HTTP on ``http`` (ADDR:PORT); ``secrets``
+    (``--secret``) are the server's to give VMs, by name."""
     if http is None:
         if token_file is not None:
             raise ArgumentError("--token-file goes with --http (stdio needs no token)", code="PARSE_ARGS")
-        return serve_stdio(limits)
-    return serve_http(limits, http, token_file, say)
+        return serve_stdio(limits, secrets or {})
+    return serve_http(limits, secrets or {}, http, token_file, say)
 
 
 __all__ = ["TOOLS", "CappedOutput", "Limits", "VMTable", "make_server", "serve"]

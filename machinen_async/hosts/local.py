@@ -314,6 +314,7 @@ async def _restore_one(
             files=files_to_map(manifest.files),
             lineage=manifest.restored_lineage,
             restored_from=str(bundle_dir),
+            secrets=manifest.secrets,
         ),
         machine=machine,
         mounts=mounts,
@@ -368,6 +369,7 @@ async def _restore_siblings(
             mem=str(template.mem),
             lineage=manifest.restored_lineage,
             restored_from=str(bundle_dir),
+            secrets=manifest.secrets,
         )
         siblings = await _start_siblings(
             list(names), machine, incoming, boot_timeout, detached, [], mounts, unmounts, lifetime

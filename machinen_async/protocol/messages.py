@@ -23,6 +23,7 @@ from ..errors import BootError, MachinenError
 from .mounts import MountEntry, is_mount_entry
 from .netpolicy import NetworkPolicy, NetworkPolicyEntry, ResolvedName, resolved_names
 from .ports import PortEntry, PortSpec, parse_port_forwards
+from .secret import SecretSlot
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -238,16 +239,19 @@ class IncomingState:
     # What the source's guest resolved (egress by name), so that a sibling's connections to those
     # addresses go on as the source's would; a bundle has none.
     resolved_names: list[ResolvedName] = field(default_factory=list)
+    # The secrets its guest holds placeholders of (names, hosts, placeholders; never a value).
+    secrets: tuple[SecretSlot, ...] = ()
 
     def to_wire(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "secrets": [slot.to_map() for slot in self.secrets]}
 
     @classmethod
     def from_wire(cls, data: object) -> IncomingState:
         data = _fields_of(cls, data)
         if not is_lineage(data.get("lineage", [])):
             raise _invalid("a lineage is a list of {name, taken_at}", data.get("lineage"))
-        return cls(**{**data, "resolved_names": resolved_names(data.get("resolved_names", []))})
+        return cls(**{**data, "resolved_names": resolved_names(data.get("resolved_names", [])),
+                      "secrets": SecretSlot.all_from(data.get("secrets", []))})  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,46 @@ def _invalid(message: str) -> BootError:
     return BootError(message, code="BOOT_SECRET_INVALID")
 
 
+MAX_SECRETS = 64  # per VM: a bundle's list is read from wherever it was copied from
+
+
+@dataclass(frozen=True)
+class SecretSlot:
+    """A secret as a VM's bundles and fork templates remember it: its ``name``, the ``hosts`` it
+    may go to and the ``placeholder`` the guest holds; never its value.  A restore given the value
+    again (``restore(secrets=)``) binds it to the same placeholder, which the guest's processes
+    still hold."""
+
+    name: str
+    hosts: tuple[str, ...]
+    placeholder: str
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        object.__setattr__(self, "hosts", _host_patterns(self.name, self.hosts))
+        _check_placeholder(self.name, self.placeholder)
+
+    def to_map(self) -> dict[str, object]:
+        return {"name": self.name, "hosts": list(self.hosts), "placeholder": self.placeholder}
+
+    @classmethod
+    def all_from(cls, entries: object) -> tuple[SecretSlot, ...]:
+        """Slots from their ``to_map`` list (hostile: a bundle's), BOOT_SECRET_INVALID if not that."""
+        if not isinstance(entries, list | tuple) or len(entries) > MAX_SECRETS:
+            raise _invalid(f"a list of at most {MAX_SECRETS} secrets, not {type(entries).__name__}")
+        slots = []
+        for entry in entries:
+            if isinstance(entry, SecretSlot):
+                slots.append(entry)
+                continue
+            if not isinstance(entry, dict) or set(entry) != {"name", "hosts", "placeholder"}:
+                raise _invalid("a secret is {name, hosts, placeholder}")
+            slots.append(cls(entry["name"], entry["hosts"], entry["placeholder"]))
+        if len({slot.name for slot in slots}) != len(slots):
+            raise _invalid("a secret is named twice")
+        return tuple(slots)
+
+
 @dataclass(frozen=True)
 class SecretRule:
     """A secret for one VM: its ``name`` (the guest's environment variable), its ``value`` (never
@@ -40,26 +80,18 @@ class SecretRule:
     placeholder: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _SECRET_NAME.match(self.name):
-            raise _invalid(f"a secret's name is an environment variable's name, not {self.name!r:.100}")
+        _check_name(self.name)
         if not isinstance(self.value, str) or not _HEADER_VALUE.match(self.value):
             raise _invalid(f"secret {self.name}: its value must be printable ASCII without surrounding spaces "
                            "(it goes into HTTP headers)")  # fmt: skip
-        if isinstance(self.hosts, str) or not isinstance(self.hosts, Iterable):
-            raise _invalid(f"secret {self.name}: hosts is a list of host names, not {self.hosts!r:.100}")
-        patterns: list[str] = []
-        for host in self.hosts:
-            rule = _host_rule(host)
-            if rule is None:
-                raise _invalid(f"secret {self.name}: {host!r:.100} is not a host name (api.example.com, *.example.com)")
-            patterns.append(rule.pattern)
-        if not patterns:
-            raise _invalid(f"secret {self.name}: name at least one host it may be sent to")
-        object.__setattr__(self, "hosts", tuple(patterns))
+        object.__setattr__(self, "hosts", _host_patterns(self.name, self.hosts))
         if not self.placeholder:
             object.__setattr__(self, "placeholder", placeholder_for(self.name))
-        elif not _HEADER_VALUE.match(self.placeholder) or len(self.placeholder) < 16:
-            raise _invalid(f"secret {self.name}: a placeholder is 16 or more printable ASCII characters")
+        _check_placeholder(self.name, self.placeholder)
+
+    @property
+    def slot(self) -> SecretSlot:
+        return SecretSlot(self.name, self.hosts, self.placeholder)
 
     @cached_property
     def rules(self) -> tuple[NameRule, ...]:
@@ -68,6 +100,33 @@ class SecretRule:
     def goes_to(self, name: str) -> bool:
         """Whether the value may be sent to host ``name`` (a ``normal_name``)."""
         return any(rule.matches_name(name) for rule in self.rules)
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not _SECRET_NAME.match(name):
+        raise _invalid(f"a secret's name is an environment variable's name, not {name!r:.100}")
+
+
+def _check_placeholder(name: str, placeholder: object) -> None:
+    if not isinstance(placeholder, str) or not _HEADER_VALUE.match(placeholder) or not 16 <= len(placeholder) <= 256:
+        raise _invalid(f"secret {name}: a placeholder is 16 to 256 printable ASCII characters")
+
+
+def _host_patterns(name: str, hosts: object) -> tuple[str, ...]:
+    """``hosts`` as name patterns, checked."""
+    if isinstance(hosts, str) or not isinstance(hosts, Iterable):
+        raise _invalid(f"secret {name}: hosts is a list of host names, not {hosts!r:.100}")
+    patterns: list[str] = []
+    for host in hosts:
+        rule = _host_rule(host)
+        if rule is None:
+            raise _invalid(f"secret {name}: {host!r:.100} is not a host name (api.example.com, *.example.com)")
+        patterns.append(rule.pattern)
+        if len(patterns) > MAX_SECRETS:
+            raise _invalid(f"secret {name}: at most {MAX_SECRETS} hosts")
+    if not patterns:
+        raise _invalid(f"secret {name}: name at least one host it may be sent to")
+    return tuple(patterns)
 
 
 def _host_rule(host: object) -> NameRule | None:

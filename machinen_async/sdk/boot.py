@@ -4,7 +4,7 @@ finding them: ``connect()``, ``stop_vm()``."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import overload
 
@@ -15,7 +15,7 @@ from ..protocol.ports import PortSpec
 from .forks import Forks, Launch
 from .host import IMAGE_CMD, Host, boot, image_argument, on_idle_argument, restore_names
 from .mounts import Mount, rebinding
-from .network import NetworkPolicy
+from .network import NetworkPolicy, Secret, secret_rules
 from .vm import VM
 
 __all__ = ["IMAGE_CMD", "boot", "connect", "restore", "stop_vm"]
@@ -27,7 +27,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
-    idle_timeout: float | None = ..., on_idle: str | None = ...,
+    idle_timeout: float | None = ..., on_idle: str | None = ..., secrets: Mapping[str, Secret] | None = ...,
 ) -> Launch[VM]: ...  # fmt: skip
 
 
@@ -37,7 +37,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
-    idle_timeout: float | None = ..., on_idle: str | None = ...,
+    idle_timeout: float | None = ..., on_idle: str | None = ..., secrets: Mapping[str, Secret] | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def restore(
     image: str | os.PathLike[str] | None = ..., accel: str | None = ..., boot_timeout: float = ..., detached: bool = ...,
     ports: Sequence[PortSpec] | None = ..., progress: Callable[[str], None] | None = ..., trust: bool = ...,
     network: NetworkPolicy | None = ..., mounts: Sequence[str | Mount] | None = ..., ttl: float | None = ...,
-    idle_timeout: float | None = ..., on_idle: str | None = ...,
+    idle_timeout: float | None = ..., on_idle: str | None = ..., secrets: Mapping[str, Secret] | None = ...,
 ) -> Launch[Forks]: ...  # fmt: skip
 
 
@@ -69,6 +69,7 @@ def restore(
     ttl: float | None = None,
     idle_timeout: float | None = None,
     on_idle: str | None = None,
+    secrets: Mapping[str, Secret] | None = None,
 ) -> Launch[VM] | Launch[Forks]:
     """Start a VM from a snapshot bundle, continuing exactly where it was.
 
@@ -100,6 +101,11 @@ def restore(
     unbound or a directory that is not there is MOUNT_SOURCE_NOT_FOUND.
     ``mounts`` may also add live mounts.  ``ttl``, ``idle_timeout``, ``on_idle``: each VM's
     lifetime in seconds, and without calls, and what happens then (see ``boot``).
+
+    A bundle keeps no secret's value, only its name, hosts and the placeholder its guest holds:
+    ``secrets`` (as ``boot`` takes them) gives the values again, each bound to the placeholder the
+    bundle recorded under its name (a new name gets a new one, in the environment of later
+    commands); the guest trusts a new CA.  ``network`` must let the guest reach their hosts.
     """
     chosen, siblings = restore_names(name, n, names)
     request = RestoreRequest(
@@ -110,7 +116,7 @@ def restore(
         idle_timeout=idle_timeout,
         on_idle=on_idle_argument(on_idle, here=True),
     )  # fmt: skip
-    return Host.local().start_restore(request, progress=progress)
+    return Host.local().start_restore(request, progress=progress, secrets=secret_rules(secrets))
 
 
 async def stop_vm(name: str, *, force: bool = False) -> str:

@@ -31,6 +31,7 @@ from ..protocol.messages import seconds_left
 from ..protocol.netpolicy import NetworkPolicy
 from ..protocol.ports import PortSpec
 from ..store import chunks, paths
+from .network import Secret
 
 if TYPE_CHECKING:
     from .host import Host
@@ -99,6 +100,8 @@ async def handoff(
             with anyio.fail_after(PAUSE_LIMIT_S):
                 final = await host.push(workdir / "final", progress=report)
                 lifetime = await vm._supervisor_info()  # fresh: another client may have extended it or set its network
+                # Its secrets go along (a bundle keeps no value), bound there to the placeholders its guest holds.
+                secrets = {rule.name: Secret(rule.value, hosts=rule.hosts) for rule in await vm.secrets_as_set()}
                 restoring = True
                 moved = await host.restore(
                     final.remote_bundle,
@@ -110,6 +113,7 @@ async def handoff(
                     idle_timeout=lifetime["idle_timeout"],
                     on_idle=lifetime.get("on_idle"),  # its DIR is now a directory of that host
                     network=NetworkPolicy.from_wire(lifetime["network_policy"]),  # as it is now (set_network)
+                    secrets=secrets or None,
                 )
         except BaseException as exc:
             # A restore that was interrupted (rather than refused) may have started the VM there

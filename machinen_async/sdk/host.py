@@ -33,7 +33,7 @@ from ..protocol.ports import PortSpec
 from ..protocol.secret import SecretRule
 from ..store import registry
 from ..supervisor.config import check_workload_started
-from .forks import Forks, Launch
+from .forks import Forks, Launch, close_all
 from .mounts import Mount, checked_mounts, copy_in, live_mounts, rebinding
 from .network import NetworkPolicy, Secret, network_settings, secret_rules
 from .process import Command, argv_of
@@ -182,7 +182,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
-        idle_timeout: float | None = ..., on_idle: str | None = ...,
+        idle_timeout: float | None = ..., on_idle: str | None = ..., secrets: Mapping[str, Secret] | None = ...,
     ) -> Launch[VM]: ...  # fmt: skip
 
     @overload
@@ -190,7 +190,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: int, names: Sequence[str] | None = None,
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
-        idle_timeout: float | None = ..., on_idle: str | None = ...,
+        idle_timeout: float | None = ..., on_idle: str | None = ..., secrets: Mapping[str, Secret] | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     @overload
@@ -198,7 +198,7 @@ class Host:
         self, remote_bundle: str, *, name: str | None = None, n: None = None, names: Sequence[str],
         ports: Sequence[PortSpec] | None = ..., detached: bool = ..., boot_timeout: float = ...,
         mounts: Sequence[str | Mount] | None = ..., network: NetworkPolicy | None = ..., ttl: float | None = ...,
-        idle_timeout: float | None = ..., on_idle: str | None = ...,
+        idle_timeout: float | None = ..., on_idle: str | None = ..., secrets: Mapping[str, Secret] | None = ...,
     ) -> Launch[Forks]: ...  # fmt: skip
 
     def restore(
@@ -216,6 +216,7 @@ class Host:
         ttl: float | None = None,
         idle_timeout: float | None = None,
         on_idle: str | None = None,
+        secrets: Mapping[str, Secret] | None = None,
     ) -> Launch[VM] | Launch[Forks]:
         """Start a VM on this host from a bundle pushed there (``push().remote_bundle``);
         with ``n`` or ``names``, siblings sharing its RAM copy-on-write, named as
@@ -225,7 +226,8 @@ class Host:
         connection ends.  ``mounts``: live mounts from directories of that host (absolute paths),
         re-binding the bundle's or adding some.  ``network``: the policy (default:
         ``NetworkPolicy.closed()``: a bundle may come from anywhere).
-        ``on_idle`` "snapshot:DIR": DIR is a directory of that host (an absolute path)."""
+        ``on_idle`` "snapshot:DIR": DIR is a directory of that host (an absolute path).
+        ``secrets``: as ``restore()`` takes them."""
         chosen, siblings = restore_names(name, n, names)
         here = self.driver == LocalDriver()
         request = RestoreRequest(
@@ -234,13 +236,23 @@ class Host:
             network_policy=network if network is not None else NetworkPolicy.closed(), ttl=ttl, idle_timeout=idle_timeout,
             on_idle=on_idle_argument(on_idle, here=here),
         )  # fmt: skip
-        return self.start_restore(request)
+        return self.start_restore(request, secrets=secret_rules(secrets))
 
-    def start_restore(self, request: RestoreRequest, *, progress: Progress | None = None) -> Launch[VM] | Launch[Forks]:
-        """The VMs ``request`` names, from a bundle of this host: ``Forks`` if they are siblings."""
+    def start_restore(
+        self, request: RestoreRequest, *, progress: Progress | None = None, secrets: Sequence[SecretRule] = ()
+    ) -> Launch[VM] | Launch[Forks]:
+        """The VMs ``request`` names, from a bundle of this host: ``Forks`` if they are siblings;
+        ``secrets`` given to each (bound to the placeholders their guests hold)."""
 
         async def start() -> list[VM]:
-            return [self.vm(connection) for connection in await self.driver.restore(request, progress=progress)]
+            vms = [self.vm(connection) for connection in await self.driver.restore(request, progress=progress)]
+            if secrets:
+                try:
+                    await give_secrets_to(vms, secrets)
+                except BaseException:
+                    await discard(vms, detached=request.detached)
+                    raise
+            return vms
 
         async def siblings() -> Forks:
             return Forks(await start())
@@ -303,14 +315,9 @@ class Host:
                            else self.fork_here(source, request))  # fmt: skip
             if inherit_secrets:
                 try:
-                    given = await source.connection.channel.call("vm.secret_values")
-                    secrets = [SecretRule(s["name"], s["value"], tuple(s["hosts"]), s["placeholder"])
-                               for s in given["secrets"]]  # fmt: skip
-                    async with anyio.create_task_group() as tg:
-                        for sibling in forks:
-                            tg.start_soon(sibling.give_secrets, secrets)
+                    await give_secrets_to(forks, await source.secrets_as_set())
                 except BaseException:
-                    await forks.aclose()
+                    await discard(forks, detached=detached)
                     raise
             return forks
 
@@ -370,6 +377,25 @@ def on_idle_argument(on_idle: str | None, *, here: bool) -> str | None:
 IMAGE_CMD = "image"  # boot(cmd="image"): an OCI image's Entrypoint + Cmd as the workload
 
 
+async def give_secrets_to(vms: Sequence[VM], secrets: Sequence[SecretRule]) -> None:
+    """``secrets`` to each of ``vms`` at once (bound to the placeholders their guests hold)."""
+    async with anyio.create_task_group() as tg:
+        for vm in vms:
+            tg.start_soon(vm.give_secrets, secrets)
+
+
+async def discard(started: VM | Forks | Sequence[VM], *, detached: bool) -> None:
+    """VMs just started whose set-up failed: closed, and stopped too when detached (closing a
+    detached VM's handle would leave it running, half set up)."""
+    with anyio.CancelScope(shield=True):
+        vms = [started] if isinstance(started, VM) else list(started)
+        await (started.aclose() if isinstance(started, VM | Forks) else close_all(vms))
+        if detached:
+            for vm in vms:
+                with contextlib.suppress(MachinenError):
+                    await vm.host.stop(vm.name, force=True)
+
+
 async def _launch(
     host: Host, request: BootRequest, copies: Sequence[Mount], secrets: Sequence[SecretRule], progress: Progress | None
 ) -> VM:
@@ -383,7 +409,7 @@ async def _launch(
             started = await vm.connection.channel.call("workload_start", request.workload or {"from_image": True})
             check_workload_started(started)
     except BaseException:
-        await vm.aclose()
+        await discard(vm, detached=request.detached)
         raise
     return vm
 

@@ -383,6 +383,12 @@ class VM:
                    for s in secrets]  # fmt: skip
         await self._trust_secrets(await self._channel.call("vm.set_secrets", {"secrets": entries}))
 
+    async def secrets_as_set(self) -> list[SecretRule]:
+        """The secrets this VM's supervisor puts into its requests, values included (over its
+        0600 socket: this user's only), for VMs given the same ones (``fork(secrets="inherit")``)."""
+        given = await self._channel.call("vm.secret_values")
+        return [SecretRule(s["name"], s["value"], tuple(s["hosts"]), s["placeholder"]) for s in given["secrets"]]
+
     async def _trust_secrets(self, given: Mapping[str, object]) -> None:
         """The guest's part of ``vm.set_secrets``' reply: trust its CA, hold its placeholders."""
         placeholders = dict(given["placeholders"])  # type: ignore[call-overload]  # the supervisor's reply

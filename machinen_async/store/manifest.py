@@ -23,9 +23,10 @@ from typing import Any, Self
 
 import cbor2
 
-from ..errors import SnapshotError
+from ..errors import BootError, SnapshotError
 from ..protocol.messages import Ancestor, MountBinding, descend, is_lineage
 from ..protocol.mounts import is_mount_entry
+from ..protocol.secret import SecretSlot
 from ..vmm.backend import Hardware
 from .assets import is_hex_digest
 
@@ -211,6 +212,7 @@ class Manifest:
     origin: str | None = None  # ``bundle.origin()`` of the machine and user that took it
     created: float | None = None  # seconds since the epoch: the instant captured
     lineage: tuple[Ancestor, ...] = ()  # the ancestors of the VM it was taken of (``source``), root first
+    secrets: tuple[SecretSlot, ...] = ()  # its secrets' names, hosts and placeholders: never a value
 
     @property
     def restored_lineage(self) -> list[Ancestor]:
@@ -258,6 +260,7 @@ class Manifest:
                 {"name": ancestor["name"], "taken_at": float(ancestor["taken_at"])}
                 for ancestor in _optional(data, "lineage", is_lineage) or ()
             ),
+            secrets=_secret_slots(data.get("secrets", [])),
         )
 
     def to_map(self) -> dict[str, object]:
@@ -273,11 +276,19 @@ class Manifest:
             "mounts": [mount.to_wire() for mount in self.mounts],
             **{key: value for key, value in present.items() if value is not None},
             **({"lineage": [dict(ancestor) for ancestor in self.lineage]} if self.lineage else {}),
+            **({"secrets": [slot.to_map() for slot in self.secrets]} if self.secrets else {}),
         }
 
     def to_cbor(self) -> bytes:
         """Canonical CBOR: the same manifest is the same bytes (its MAC and a push's bundle id are of them)."""
         return cbor2.dumps(self.to_map(), canonical=True)
+
+
+def _secret_slots(entries: object) -> tuple[SecretSlot, ...]:
+    try:
+        return SecretSlot.all_from(entries)
+    except BootError as exc:
+        raise _corrupt(f"manifest has malformed secrets: {exc.message}") from None
 
 
 def _check_format(found: object) -> None:

@@ -17,6 +17,7 @@ import structlog
 
 from ..errors import BootError, ForkError, MachinenError, SnapshotError, plain_errors
 from ..protocol.messages import ForkTemplate, IncomingState, MountBinding, descend
+from ..protocol.secret import SecretSlot
 from ..store import bundle, layers, manifest, registry, sparse
 from ..store.assets import immutable_file_digest
 from ..vmm import backend, capped_log
@@ -74,6 +75,9 @@ class Capture:
         self.state_file: Path | None = None  # device state to load (restore, fork sibling)
         self.task_group: anyio.abc.TaskGroup | None = None  # holds templates' references until handed over
         self.paused_for: ClientConnection | None = None  # the client whose handoff holds the VM paused
+        # The secrets whose placeholders its guest holds (what it started from, then ``vm.set_secrets``):
+        # its bundles and fork templates remember them, never a value.
+        self.secret_slots: tuple[SecretSlot, ...] = config.incoming.secrets if config.incoming is not None else ()
 
     # --- the machine -----------------------------------------------------------------
 
@@ -269,6 +273,7 @@ class Capture:
             mem=str(template.mem),
             lineage=descend(self.config.lineage, self.config.name, instant),
             resolved_names=self.machine.resolved_names() if self.machine is not None else [],
+            secrets=self.secret_slots,
         )
         return ForkTemplate(
             incoming, self.config.machine, pause_ms=steps["total"], pause_steps_ms=steps, mounts=self.config.mounts
@@ -446,6 +451,7 @@ class Capture:
             origin=bundle.origin(),
             created=taken_at,
             lineage=tuple(self.config.lineage),
+            secrets=self.secret_slots,
         )
         return (await anyio.to_thread.run_sync(bundle.seal, target, taken)).manifest
 

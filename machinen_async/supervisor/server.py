@@ -24,7 +24,7 @@ from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..protocol.messages import checked_ttl, idle_snapshot_dir
 from ..protocol.netpolicy import NetworkPolicy
-from ..protocol.secret import SecretRule
+from ..protocol.secret import SecretRule, SecretSlot
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
 from . import forwards, metrics, mounts
@@ -398,14 +398,22 @@ class Supervisor:
         entries = params.get("secrets")
         if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
             raise BootError("vm.set_secrets takes a list of secrets", code="BOOT_SECRET_INVALID")
-        secrets = [SecretRule(entry.get("name"), entry.get("value"), entry.get("hosts"), entry.get("placeholder", ""))
+        # A secret its guest already holds a placeholder of (from its bundle, its fork source or an
+        # earlier call) keeps that placeholder: the guest's processes have it in their environment.
+        held = {slot.name: slot.placeholder for slot in self.capture.secret_slots}
+        secrets = [SecretRule(entry.get("name"), entry.get("value"), entry.get("hosts"),
+                              held.get(entry.get("name")) or entry.get("placeholder", ""))
                    for entry in entries]  # fmt: skip
+        given = {secret.name for secret in secrets}
+        slots = SecretSlot.all_from(  # checks the count and that no name is given twice
+            [slot for slot in self.capture.secret_slots if slot.name not in given] + [s.slot for s in secrets]
+        )
         machine = self.capture.machine
         if not self.config.machine.network or machine is None:
             raise BootError(f"VM {self.config.name!r} has no network device", code="BOOT_SECRET_INVALID")
         ca_pem = await machine.set_secrets(secrets)
         env = {secret.name: secret.placeholder for secret in secrets}
-        self.secrets = secrets
+        self.secrets, self.capture.secret_slots = secrets, slots
         self.meta["secrets"] = [{"name": s.name, "hosts": list(s.hosts)} for s in secrets]  # never a value
         self.entry.write_meta(self.meta)
         return {"placeholders": env, "ca_pem": ca_pem}  # the client has the guest trust it (egress_trust)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from machinen_async.errors import SnapshotError
-from machinen_async.protocol.messages import MountBinding
+from machinen_async.protocol.messages import IncomingState, MountBinding
+from machinen_async.protocol.secret import SecretSlot
 from machinen_async.store.manifest import (
     FORMAT,
     BootFile,
@@ -22,6 +23,8 @@ from machinen_async.store.manifest import (
 from machinen_async.vmm.backend import Hardware
 
 DIGEST = "ab" * 32
+PLACEHOLDER = "machinen-secret-API_KEY-0123456789abcdef01234567"
+SLOT = {"name": "API_KEY", "hosts": ["api.example.com"], "placeholder": PLACEHOLDER}
 
 
 def manifest_as_written_before() -> dict[str, object]:
@@ -93,6 +96,7 @@ def _manifest() -> Manifest:
         mounts=(MountBinding("/srv", "/data", True),),
         source="vm",
         created=5.5,
+        secrets=(SecretSlot("API_KEY", ("api.example.com", "*.example.org"), PLACEHOLDER),),
     )
 
 
@@ -101,6 +105,18 @@ def test_cbor_round_trip():
     assert Manifest.from_cbor(manifest.to_cbor()) == manifest
     assert manifest.machine.tsc_khz == 2_000_000 and manifest.machine.accel == "kvm"  # from the VMM's Hardware
     assert cbor2.loads(manifest.to_cbor())["format"] == FORMAT
+
+
+def test_a_bundle_keeps_its_secrets_placeholders_never_a_value():
+    """Names, hosts and placeholders, in the manifest and in a fork sibling's incoming state; an
+    older manifest has none."""
+    manifest = _manifest()
+    assert cbor2.loads(manifest.to_cbor())["secrets"] == [
+        {"name": "API_KEY", "hosts": ["api.example.com", "*.example.org"], "placeholder": PLACEHOLDER}
+    ]
+    assert Manifest.from_cbor(cbor2.dumps(manifest_as_written_before())).secrets == ()
+    incoming = IncomingState(chain=[["/i", "raw"]], disk_size=1, holds=[], ram_in_state=False, secrets=manifest.secrets)
+    assert IncomingState.from_wire(incoming.to_wire()) == incoming
 
 
 def test_keys_a_reader_does_not_know_are_ignored():
@@ -159,6 +175,15 @@ MALFORMED = {
     "a source that is a map": _malformed(source={"name": "x"}),
     "a creation time as text": _malformed(created="yesterday"),
     "a creation time of NaN": _malformed(created=float("nan")),
+    "secrets that are not a list": _malformed(secrets={"API_KEY": PLACEHOLDER}),
+    "a secret with a value": _malformed(secrets=[{**SLOT, "value": "sk-1"}]),
+    "a secret named as no variable": _malformed(secrets=[{**SLOT, "name": "A B"}]),
+    "a secret for an address": _malformed(secrets=[{**SLOT, "hosts": ["10.0.0.1"]}]),
+    "a secret for no host": _malformed(secrets=[{**SLOT, "hosts": []}]),
+    "a short placeholder": _malformed(secrets=[{**SLOT, "placeholder": "x"}]),
+    "a placeholder with a newline": _malformed(secrets=[{**SLOT, "placeholder": PLACEHOLDER + "\r\nX: y"}]),
+    "a secret twice": _malformed(secrets=[SLOT, SLOT]),
+    "a thousand secrets": _malformed(secrets=[{**SLOT, "name": f"S{i}"} for i in range(1000)]),
     "a list, not a map": cbor2.dumps([1, 2, 3]),
     "not CBOR": b"\xff\xff\xff",
     "nested too deeply": _malformed(extra=[[[[[[[[[["deep"]]]]]]]]]]),

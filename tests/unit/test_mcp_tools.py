@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mcp.client.client import Client
 
-from machinen_async import connect, stop_vm
+from machinen_async import Secret, connect, stop_vm
 from machinen_async.mcp_server import TOOLS, BearerToken, CappedOutput, Limits, make_server, vm_table
 from machinen_async.store import registry
 
@@ -24,13 +24,30 @@ def test_every_tool_has_a_closed_object_schema_and_a_description() -> None:
     assert [spec.name for spec in TOOLS] == ["boot", "exec", "read_file", "write_file", "list_files", "fork",
                                              "snapshot", "restore", "stop", "list"]  # fmt: skip
     for spec in TOOLS:
-        tool = spec.tool()
+        tool = spec.tool({})
         schema = tool.input_schema
         assert tool.description and len(tool.description) > 40
         assert schema["type"] == "object" and schema["additionalProperties"] is False
         for name, prop in schema["properties"].items():
             assert prop.get("description") or name in ("cpus", "encoding", "append"), (spec.name, name)
-    assert TOOLS[0].tool().input_schema["properties"]["ttl"]["anyOf"][0]["exclusiveMinimum"] == 0
+    assert TOOLS[0].tool({}).input_schema["properties"]["ttl"]["anyOf"][0]["exclusiveMinimum"] == 0
+
+
+async def test_secrets_are_the_servers_named_by_tools_and_never_shown(anyio_backend) -> None:
+    """``machinen mcp --secret``: boot and restore list the names (and hosts) the server holds and
+    take them by name; an unknown name is refused before anything starts; no value in any listing."""
+    held = {"API_KEY": Secret("sk-never-shown-0123", hosts=["api.example.com"])}
+    async with vm_table(Limits()) as table, Client(make_server(table, held), mode="legacy") as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        for name in ("boot", "restore"):
+            assert "Secrets this server holds: API_KEY (for api.example.com)." in tools[name].description
+            assert tools[name].input_schema["properties"]["secrets"]["type"] == "array"
+        assert "inherit_secrets" in tools["fork"].input_schema["properties"]
+        assert "sk-never-shown" not in repr(tools)
+        result = await client.call_tool("boot", {"secrets": ["OTHER_KEY"]})
+        assert result.is_error and result.content[0].text.startswith("[BOOT_SECRET_INVALID] this server holds no "
+                                                                     "secret OTHER_KEY (it holds: API_KEY")  # fmt: skip
+        assert table.tracked == {}
 
 
 async def test_bad_arguments_unknown_vms_and_limits_are_tool_errors_with_their_code(anyio_backend) -> None:
