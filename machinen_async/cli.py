@@ -281,7 +281,7 @@ def _network_policy(
     return NetworkPolicy(allow=allow, deny=deny_rules, default_deny=bool(closed))
 
 
-secret_option = click.option(
+secret_option: OptionDecorator = click.option(
     "--secret", "secret_specs", multiple=True, metavar="NAME=ENVVAR@HOST[,HOST...]",
     help="The guest's $NAME is a placeholder; HTTPS requests to HOST get this machine's $ENVVAR in its "
          "place (headers only); repeatable.",
