@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from egress_hosts import test_network, unavailable
 from oci_registry import Registry, image_config, push_image
+from test_egress_qemu import PROBE
 from test_oci_boot import busybox_layers
 
 import machinen_async
@@ -34,12 +36,14 @@ class OrdinaryUser:
     home: Path
     python: str
 
-    def run(self, code: str, *args: str, timeout: float = 900) -> dict:
+    def run(self, code: str, *args: str, timeout: float = 900, env: dict[str, str] | None = None) -> dict:
         """Run ``code`` (Python that prints one JSON line last; ``args`` are its ``sys.argv[1:]``)
-        as this user, in a clean login environment; returns that JSON."""
+        as this user, in a clean login environment (plus ``env``); returns that JSON."""
+        extra = [f"{key}={value}" for key, value in (env or {}).items()]
         done = subprocess.run(
             ["runuser", "-u", self.name, "--", "env", "-i", f"HOME={self.home}", f"USER={self.name}",
-             f"PATH={USER_PATH}", "LANG=C.UTF-8", f"PYTHONPATH={_python_path()}", self.python, "-c", textwrap.dedent(code), *args],
+             f"PATH={USER_PATH}", "LANG=C.UTF-8", f"PYTHONPATH={_python_path()}", *extra, self.python, "-c",
+             textwrap.dedent(code), *args],
             cwd=self.home, capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
         output = f"{done.stdout[-3000:]}{done.stderr[-5000:]}"
@@ -176,4 +180,33 @@ def test_an_image_from_a_registry_boots_and_forks_as_an_ordinary_user(ordinary_u
     finally:
         registry.stop()
     assert result == {"seen": "pulled /srv 1000\n", "siblings": ["0\n", "1\n"], "images": [reference]}
+    assert not ordinary_user.processes("qemu-system")
+
+
+def test_egress_by_name_as_an_ordinary_user(ordinary_user, user_rootfs, tmp_path):
+    """The VM's resolver and proxy take QEMU's connections over (pidfd_getfd) with no privilege:
+    an allowed name resolves and its HTTP request goes through; another name does not resolve."""
+    if reason := unavailable():
+        pytest.skip(reason)
+    with test_network(tmp_path / "net", records={"allowed.test": ".3", "other.test": ".5"}) as net:
+        results = ordinary_user.run(
+            """
+            import json, sys, anyio
+            from machinen_async import NetworkPolicy, boot
+
+            async def main():
+                async with boot(network=NetworkPolicy(allow=["allowed.test"])) as vm:
+                    await vm.write_file("/tmp/probe.py", sys.argv[1].encode())
+                    done = await vm.exec(["python3", "/tmp/probe.py", *sys.argv[2:]], check=True, timeout=120)
+                    return [json.loads(line) for line in done.stdout.decode().splitlines()]
+
+            print(json.dumps(anyio.run(main)))
+            """,
+            PROBE,
+            *map(json.dumps, [["resolve", "allowed.test"], ["request", "allowed.test", 80, None, "allowed.test"],
+                              ["resolve", "other.test"]]),
+            env={"MACHINEN_DNS_SERVERS": net.dns_server},
+        )  # fmt: skip
+        assert results == [[net.address("allowed.test")], "HTTP/1.1 200 OK", "gaierror -2"]
+        assert "allowed.test" in net.queries() and "other.test" not in net.queries()
     assert not ordinary_user.processes("qemu-system")
