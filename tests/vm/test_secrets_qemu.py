@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from egress_hosts import EgressNetwork, test_network, unavailable
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from machinen_async import NetworkPolicy, Secret, boot, restore
+from machinen_async import Host, NetworkPolicy, Secret, boot, restore
 from machinen_async.store.manifest import DISK, MEM, STATE, Manifest
 
 pytestmark = pytest.mark.anyio
@@ -165,3 +166,27 @@ async def test_an_agent_over_mcp_gives_a_vm_a_secret_by_name_and_never_sees_it(
         echoed = await call("exec", vm=name, cmd="echo $API_KEY")
         assert echoed["stdout"].startswith("machinen-secret-API_KEY-")
     assert not any(VALUE in text for text in shown)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_handoff_takes_the_secrets_along(net: EgressNetwork, ssh_hosts) -> None:
+    """The moved VM's guest holds the same placeholder; the destination's proxy puts the value in."""
+    host = ssh_hosts.add("secrets-dest", extra_env={"MACHINEN_DNS_SERVERS": net.dns_server,
+                                                     "SSL_CERT_FILE": str(net.ca_pem)})  # fmt: skip
+    policy = NetworkPolicy(allow=["api.secret.test"])
+    async with (
+        Host.from_spec(host.alias) as there,
+        boot(name="secret-mover", network=policy, secrets={"API_KEY": Secret(VALUE, hosts=["api.secret.test"])}) as vm,
+    ):
+        await vm.write_file("/tmp/client.py", CLIENT.encode())
+        moved = await vm.handoff(there, precopy=False)
+        assert moved.placeholders == vm.placeholders and (await moved.describe())["secrets"] == [
+            {"name": "API_KEY", "hosts": ["api.secret.test"]}
+        ]
+        before = len(net.requests())
+        done = await moved.exec(["python3", "/tmp/client.py", "https://api.secret.test/moved", ""], check=True,
+                                timeout=120)  # fmt: skip
+        assert json.loads(done.stdout) == [200]
+        assert [r["headers"]["authorization"] for r in net.requests()[before:]] == [f"Bearer {VALUE}"]
+        await moved.aclose()
+    shutil.rmtree(host.cache, ignore_errors=True)  # what the handoff sent there: a GiB or more
