@@ -1087,7 +1087,7 @@ def cli_markdown() -> str:
     pages = [
         "# CLI",
         "",
-        "<!-- Generated from machinen_async/cli.py by `make docs`; tests/vm/test_cli.py fails when they differ. -->",
+        "<!-- Generated from machinen_async/cli.py by `make docs`; tests/unit/test_cli_docs.py fails when they differ. -->",
         "",
         "`machinen` (or `mn`, or `python -m machinen_async`); exit codes: the guest command's for `exec` and",
         "`boot -- CMD`; otherwise 0, 1 on error (`error [CODE]: message` on stderr, codes in",
