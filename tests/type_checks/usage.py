@@ -1,4 +1,4 @@
-"""What a type checker sees of the public API: checked by tests/test_typing.py with mypy --strict (never run)."""
+"""What a type checker sees of the public API: checked by tests/unit/test_typing.py with mypy --strict (never run)."""
 
 from typing import assert_type
 
