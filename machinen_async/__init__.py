@@ -36,6 +36,7 @@ from .version import __version__
 
 if TYPE_CHECKING:  # what checkers and IDEs see; at run time __getattr__ imports each on first use
     from .hosts.base import HostPool, Reservation, TransferReport
+    from .protocol.messages import HostFacts, VMDescription, VMInfo, VMRow
     from .sdk.boot import connect, restore, stop_vm
     from .sdk.forks import Forks, Launch
     from .sdk.handoff import HandoffReport
@@ -66,11 +67,15 @@ _FROM_SDK = {
     "warm_pool": "pool", "WarmPool": "pool",
 }  # fmt: skip
 _FROM_HOSTS = {"TransferReport", "HostPool", "Reservation"}  # hosts/base.py: the seams a host kind fills
+# protocol/messages.py: what vm.info, vm.describe(), Host.list() and Host.info() are (typed dicts).
+_FROM_MESSAGES = {"VMInfo", "VMDescription", "VMRow", "HostFacts"}
 
 
 def __getattr__(name: str) -> object:
     if name in _FROM_HOSTS:
         return getattr(importlib.import_module(f"{__name__}.hosts.base"), name)
+    if name in _FROM_MESSAGES:
+        return getattr(importlib.import_module(f"{__name__}.protocol.messages"), name)
     if name in _FROM_SDK:
         return getattr(importlib.import_module(f"{__name__}.sdk.{_FROM_SDK[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -95,6 +100,7 @@ __all__ = [
     "HandoffReport",
     "Host",
     "HostError",
+    "HostFacts",
     "HostPool",
     "ImageError",
     "Launch",
@@ -116,6 +122,9 @@ __all__ = [
     "StopError",
     "TransferError",
     "TransferReport",
+    "VMDescription",
+    "VMInfo",
+    "VMRow",
     "WarmPool",
     "__version__",
     "boot",

@@ -1,5 +1,5 @@
 """A host whose ``machinen _peer`` is reached over a byte-stream transport: SSH (hosts/ssh.py)
-or a Ray actor (hosts/ray.py).
+or a Ray actor (hosts/ray_node.py; the cluster as a pool of such hosts: sdk/ray_pool.py).
 
 The transport's own library may be asyncio-only (asyncssh, Ray's awaitables) while
 callers may run trio: the link lives in a private asyncio loop on a thread (an anyio

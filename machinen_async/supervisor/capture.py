@@ -153,13 +153,13 @@ class Capture:
             network=machine.network,
         )
 
-    def _launch(self, **where: Any) -> backend.Launch:
+    def _launch(self, **where: Any) -> backend.VmmLaunch:
         """A VMM launch of this VM's machine; ``where``: its RAM, disk and sockets."""
         # A confined VMM sees only the files of its launch (its disk chain, RAM file, kernel and
         # initrd): not this VM's directory (logs, meta.json, sockets), nor the layer and template
         # stores, where we create files it could otherwise plant symlinks for.
         incoming = self.config.incoming
-        return backend.Launch(
+        return backend.VmmLaunch(
             hardware=self._hardware(), network_policy=self.config.machine.network_policy,
             resolved_names=incoming.resolved_names if incoming is not None else (), **where,
         )  # fmt: skip
@@ -360,7 +360,7 @@ class Capture:
         return frozen, step.result()
 
     @contextlib.asynccontextmanager
-    async def _helper(self, launch: backend.Launch) -> AsyncIterator[backend.Machine]:
+    async def _helper(self, launch: backend.VmmLaunch) -> AsyncIterator[backend.Machine]:
         """A helper VMM, answering on its control socket.  One that exits before it answers has
         touched nothing yet: it is started once more (the reason is logged) before giving up."""
         for attempt in (1, 2):

@@ -41,7 +41,7 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class Launch:
+class VmmLaunch:
     """One VMM process: the machine, where its RAM and disk are, how it is reached and confined."""
 
     hardware: Hardware
@@ -128,7 +128,7 @@ class Backend(Protocol):
 
     def host_tsc_khz(self) -> int | None: ...
 
-    def start(self, launch: Launch) -> AbstractAsyncContextManager[Machine]:
+    def start(self, launch: VmmLaunch) -> AbstractAsyncContextManager[Machine]:
         """The VMM running for the duration of the context; stopped (gracefully, then by force,
         with every process it started) on exit, error or cancellation."""
 

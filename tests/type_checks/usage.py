@@ -1,8 +1,8 @@
-"""What a type checker sees of the public API: checked by tests/test_typing.py with mypy --strict (never run)."""
+"""What a type checker sees of the public API: checked by tests/unit/test_typing.py with mypy --strict (never run)."""
 
 from typing import assert_type
 
-from machinen_async import VM, Forks, Host, boot, restore
+from machinen_async import VM, Forks, Host, HostFacts, VMDescription, VMInfo, VMRow, boot, restore
 
 
 async def main() -> None:
@@ -29,3 +29,11 @@ async def facts(vm: VM, host: Host) -> None:
     assert_type((await host.info())["mem_available_mib"], int)
     rows = await host.list()
     assert_type(rows[0].get("forked_from"), str | None)
+
+
+async def exported_shapes(vm: VM, host: Host) -> None:
+    """The typed dicts exported for annotations are what the calls return."""
+    assert_type(vm.info, VMInfo)
+    assert_type(await vm.describe(), VMDescription)
+    assert_type(await host.info(), HostFacts)
+    assert_type(await host.list(), list[VMRow])

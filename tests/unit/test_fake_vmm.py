@@ -57,7 +57,7 @@ async def test_pause_stops_the_guest_processes(tmp_path: Path) -> None:
 
     hardware = backend.Hardware(memory_mib=64, cpus=1, accel="fake", kernel=Path("-"), initrd=Path("-"),
                                 hostname="fake-pause")  # fmt: skip
-    launch = backend.Launch(hardware=hardware, ram_file=tmp_path / "mem", ram_shared=True, disk_chain=[],
+    launch = backend.VmmLaunch(hardware=hardware, ram_file=tmp_path / "mem", ram_shared=True, disk_chain=[],
                             agent_socket=tmp_path / "agent.sock", control_socket=tmp_path / "control.sock")  # fmt: skip
     async with BACKEND.start(launch) as machine:
         await machine.pause()

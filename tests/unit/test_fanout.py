@@ -1,6 +1,6 @@
 """``forks.map``/``as_completed``/``first``: the fan-out over siblings, against stand-in siblings
 (no VM: the calls are the test's own), in every order and with cancellation at any point.
-tests/test_fork.py runs them on real siblings."""
+tests/vm/test_fork.py runs them on real siblings."""
 
 from __future__ import annotations
 

@@ -166,7 +166,9 @@ FORK_PI_PROMPTS = ["what is pi", "hash the word fork", "summarise why copy-on-wr
 
 def test_fork_pi_example():
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # offline mode, whatever the CI has
-    result = subprocess.run([sys.executable, FORK_PI], capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(
+        [sys.executable, FORK_PI], capture_output=True, text=True, timeout=600, env=env, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mode: offline scripted agent" in result.stdout
     assert "pi to 60 places is 3.14159265358979323846264338327950288419716939937510582097494" in result.stdout
@@ -183,7 +185,7 @@ def test_fork_pi_example_runs_the_pi_agent():
     with StubServer() as llm:
         result = subprocess.run(
             [sys.executable, FORK_PI, "--openai-base-url", f"http://10.0.2.2:{llm.port}/v1", "--model", STUB_MODEL],
-            capture_output=True, text=True, timeout=1700,
+            capture_output=True, text=True, timeout=1700, check=False,
         )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "mode: pi coding agent 0.73.1 (OpenAI-compatible server" in result.stdout
@@ -193,58 +195,12 @@ def test_fork_pi_example_runs_the_pi_agent():
     assert len(llm.prompts) == len(FORK_PI_PROMPTS)  # one model call per sibling
 
 
-SEED_README = Path(__file__).resolve().parents[3] / "shared" / "seed" / "machinen-README.md"
-
-
-def _seed_command_lines() -> list[list[str]]:
-    """Every ``npx machinen ...`` / ``npx mn ...`` line of the seed README's shell blocks, as argv."""
-    import re
-    import shlex
-
-    lines, in_shell = [], False
-    for line in SEED_README.read_text().splitlines():
-        if line.startswith("```"):
-            in_shell = line.strip() in ("```bash", "```sh")
-            continue
-        found = re.search(r"npx (?:machinen|mn) (.*)", line) if in_shell else None
-        if found:
-            command = re.split(r"\s(?:#|&)", found[1])[0]
-            lines.append(shlex.split(command.replace("<tag>", "v0")))
-    return lines
-
-
-@pytest.mark.skipif(not SEED_README.is_file(), reason="../shared/seed is beside the checkout in CI")
-def test_every_command_line_of_the_seed_readme_parses():
-    """CLI parity with machinen: what its README types, ours accepts (parsed, not run)."""
-    import click
-
-    from machinen_async.cli import main
-
-    commands = _seed_command_lines()
-    assert len(commands) >= 14  # boot, snapshot, restore, fork, exec, install as the seed types them
-    root = click.Context(main, info_name="machinen", **main.context_settings)  # as `machinen` makes it
-    for name, *rest in commands:
-        command = main.get_command(root, name)
-        assert command is not None, name
-        try:
-            command.make_context(name, rest, parent=root)
-        except click.ClickException as refused:
-            raise AssertionError(f"{[name, *rest]}: {refused.format_message()}") from None
-
-
 def test_install_pins_only_its_own_version(cli):
     from machinen_async import __version__
 
     refused = cli("install", "--version", "v0.0.0-other", check=False)
     assert refused.returncode == 1 and b"error [PARSE_FLAG_INVALID]" in refused.stderr
     assert __version__.encode() in refused.stderr
-
-
-def test_the_cli_page_is_the_cli():
-    from machinen_async.cli import cli_markdown
-
-    page = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
-    assert page.read_text() == cli_markdown(), "run `make docs`"
 
 
 TREE_SEARCH = str(Path(__file__).resolve().parents[2] / "examples" / "tree_search" / "run.py")

@@ -282,14 +282,14 @@ def test_clear_leftovers_removes_only_a_ram_directory_of_the_vms_own_name(tmp_pa
 # --- what QEMU sees ---------------------------------------------------------------------------------
 
 
-def _launch(tmp_path: Path, *, ram_shared: bool) -> vmm_backend.Launch:
+def _launch(tmp_path: Path, *, ram_shared: bool) -> vmm_backend.VmmLaunch:
     for name in ("vmlinuz", "initrd", "image.ext4", "frozen.qcow2", "top.qcow2", "mem"):
         (tmp_path / name).write_bytes(b"")
     hardware = vmm_backend.Hardware(memory_mib=256, cpus=1, accel="tcg", kernel=tmp_path / "vmlinuz",
                                     initrd=tmp_path / "initrd", hostname="vm")  # fmt: skip
     chain = [[str(tmp_path / "top.qcow2"), "qcow2"], [str(tmp_path / "frozen.qcow2"), "qcow2"],
              [str(tmp_path / "image.ext4"), "raw"]]  # fmt: skip
-    return vmm_backend.Launch(hardware=hardware, ram_file=tmp_path / "mem", ram_shared=ram_shared, disk_chain=chain,
+    return vmm_backend.VmmLaunch(hardware=hardware, ram_file=tmp_path / "mem", ram_shared=ram_shared, disk_chain=chain,
                               agent_socket=tmp_path / "agent.sock", control_socket=tmp_path / "qmp.sock")  # fmt: skip
 
 

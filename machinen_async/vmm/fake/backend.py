@@ -37,7 +37,7 @@ from ...protocol.secret import SecretRule
 from ...store import paths
 from ...version import __version__
 from .. import capped_log
-from ..backend import DiskChain, Launch
+from ..backend import DiskChain, VmmLaunch
 
 # Where ``machinen_async`` is imported from, for the agent's interpreter.
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]
@@ -138,7 +138,7 @@ class FakeMachine:
         return BACKEND.installed_version()
 
 
-def _sandbox(launch: Launch, port_fd: int, tmp: Path) -> list[str]:
+def _sandbox(launch: VmmLaunch, port_fd: int, tmp: Path) -> list[str]:
     """The agent under bubblewrap (see the module's docstring), reading its port on ``port_fd``."""
     network = [] if launch.hardware.network else ["--unshare-net"]
     # The package and the interpreter's environment (msgpack) shown again where the private /tmp
@@ -197,7 +197,7 @@ class FakeBackend:
         return None
 
     @contextlib.asynccontextmanager
-    async def start(self, launch: Launch) -> AsyncIterator[FakeMachine]:
+    async def start(self, launch: VmmLaunch) -> AsyncIterator[FakeMachine]:
         if launch.incoming or launch.never_run:
             raise unsupported("start a machine from saved state")
         tmp = launch.ram_file.parent / "fake-tmp"  # the VM's RAM directory: removed with the VM

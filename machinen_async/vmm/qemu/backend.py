@@ -35,7 +35,7 @@ from ...protocol.netpolicy import NetworkPolicy, ResolvedName
 from ...protocol.secret import SecretRule
 from ...store import paths
 from .. import capped_log
-from ..backend import DiskChain, Launch
+from ..backend import DiskChain, VmmLaunch
 from . import command, confine, netguard
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger("machinen.qemu")
@@ -52,7 +52,7 @@ REFUSALS_PER_WINDOW = 20  # refused guest connections logged a minute
 
 
 class QemuMachine:
-    def __init__(self, process: anyio.abc.Process, pid: int, launch: Launch, guard: netguard.Guard | None) -> None:
+    def __init__(self, process: anyio.abc.Process, pid: int, launch: VmmLaunch, guard: netguard.Guard | None) -> None:
         self.process = process
         self.pid = pid
         self.launch = launch
@@ -262,7 +262,7 @@ class QemuBackend:
         return command.host_tsc_khz()
 
     @contextlib.asynccontextmanager
-    async def start(self, launch: Launch) -> AsyncIterator[QemuMachine]:
+    async def start(self, launch: VmmLaunch) -> AsyncIterator[QemuMachine]:
         with contextlib.ExitStack() as sockets:
             # QEMU serves its sockets from listening descriptors: it needs no directory to
             # create them in, and the paths stay ours.  Our copies close once it has its own.
@@ -318,7 +318,7 @@ class QemuBackend:
 BACKEND = QemuBackend()  # what vmm/backend.py's default() looks for in each backend folder
 
 
-def visible(launch: Launch) -> tuple[list[Path], list[Path]]:
+def visible(launch: VmmLaunch) -> tuple[list[Path], list[Path]]:
     """What a confined QEMU of ``launch`` sees besides its system files: (read-only, writable).
 
     Exactly the files on its command line, never a directory it could write to: kernel,
@@ -351,7 +351,7 @@ def _listen(path: Path) -> Iterator[socket.socket]:
 
 
 async def _start_chain(
-    launch: Launch, agent: socket.socket, control: socket.socket
+    launch: VmmLaunch, agent: socket.socket, control: socket.socket
 ) -> tuple[anyio.abc.Process, int, netguard.Guard | None]:
     """QEMU confined (``confine``: its own namespaces, only ``visible`` paths) serving
     ``agent`` and ``control`` and, with a network, under netguard's filter: (process, QEMU's

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ...errors import BootError
 from ...protocol.guest_abi import AGENT_PORT_NAME
-from ..backend import Hardware, Launch
+from ..backend import Hardware, VmmLaunch
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE_TYPE = "microvm"
@@ -168,7 +168,7 @@ def _socket_chardev(name: str, path: Path, fd: int | None) -> str:
     return f"socket,id={name},{where},server=on,wait=off"
 
 
-def command_line(launch: Launch, *, agent_fd: int | None = None, control_fd: int | None = None) -> list[str]:
+def command_line(launch: VmmLaunch, *, agent_fd: int | None = None, control_fd: int | None = None) -> list[str]:
     """The QEMU argv.  The serial console is QEMU's stdout (copied into a capped log).  The
     agent and control sockets are the listening descriptors given, else paths QEMU creates."""
     machine = launch.hardware
