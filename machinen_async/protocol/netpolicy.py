@@ -46,9 +46,10 @@ class NameRule:
         return self.matches_name(name) and self.port in (None, port)
 
 
-_RULE = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<plain>[^:/]+|[0-9a-fA-F:]+))(?:/(?P<prefix>\d+))?(?::(?P<port>\d+))?$")
-_NAME_RULE = re.compile(r"^(?P<name>(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::(?P<port>\d+))?$")
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+# Each used with fullmatch: "$" would let a trailing newline through.
+_RULE = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<plain>[^:/]+|[0-9a-fA-F:]+))(?:/(?P<prefix>\d+))?(?::(?P<port>\d+))?")
+_NAME_RULE = re.compile(r"(?P<name>(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::(?P<port>\d+))?")
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 MAX_NAME = 253  # RFC 1035: a name's text form, without the final dot
 
 
@@ -73,7 +74,7 @@ def _port(text: str | None) -> int | None:
 def parse_rule(text: str) -> Rule:
     """``ADDR``, ``ADDR/PREFIX``, either with ``:PORT``; an IPv6 address with a port in brackets."""
     spec = text.strip()
-    match = _RULE.match(spec)
+    match = _RULE.fullmatch(spec)
     try:
         if match is None:
             raise ValueError
@@ -90,7 +91,7 @@ def normal_name(name: str) -> str | None:
     """A DNS name as rules compare it (lower case, no final dot), or None if it is not a host name."""
     name = name.lower().removesuffix(".")
     labels = name.split(".")
-    if not name or len(name) > MAX_NAME or not all(_LABEL.match(label) for label in labels):
+    if not name or len(name) > MAX_NAME or not all(_LABEL.fullmatch(label) for label in labels):
         return None
     return name
 
@@ -103,7 +104,7 @@ def parse_target(text: str) -> Rule | NameRule:
         return parse_rule(text)
     except BootError:
         pass
-    match = _NAME_RULE.match(text.strip().lower())
+    match = _NAME_RULE.fullmatch(text.strip().lower())
     try:
         if match is None:
             raise ValueError

@@ -14,13 +14,16 @@ from ..errors import BootError
 from .netpolicy import NameRule, parse_target
 
 PLACEHOLDER_PREFIX = "machinen-secret-"
-_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")  # an environment variable's name
-_HEADER_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")  # RFC 9110 field-value, ASCII
+# Each used with fullmatch: "$" would let a trailing newline through.
+_SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # an environment variable's name
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")  # RFC 9110 field-value, ASCII
+_PLACEHOLDER_BYTES = 12
+_PLACEHOLDER = re.compile(rf"{PLACEHOLDER_PREFIX}([A-Za-z_][A-Za-z0-9_]{{0,127}})-[0-9a-f]{{{2 * _PLACEHOLDER_BYTES}}}")
 
 
 def placeholder_for(name: str) -> str:
     """What the guest sees instead of secret ``name``'s value: new random bits at each call."""
-    return f"{PLACEHOLDER_PREFIX}{name}-{random_tokens.token_hex(12)}"
+    return f"{PLACEHOLDER_PREFIX}{name}-{random_tokens.token_hex(_PLACEHOLDER_BYTES)}"
 
 
 def _invalid(message: str) -> BootError:
@@ -81,7 +84,7 @@ class SecretRule:
 
     def __post_init__(self) -> None:
         _check_name(self.name)
-        if not isinstance(self.value, str) or not _HEADER_VALUE.match(self.value):
+        if not isinstance(self.value, str) or not _HEADER_VALUE.fullmatch(self.value):
             raise _invalid(f"secret {self.name}: its value must be printable ASCII without surrounding spaces "
                            "(it goes into HTTP headers)")  # fmt: skip
         object.__setattr__(self, "hosts", _host_patterns(self.name, self.hosts))
@@ -103,13 +106,16 @@ class SecretRule:
 
 
 def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not _SECRET_NAME.match(name):
+    if not isinstance(name, str) or not _SECRET_NAME.fullmatch(name):
         raise _invalid(f"a secret's name is an environment variable's name, not {name!r:.100}")
 
 
 def _check_placeholder(name: str, placeholder: object) -> None:
-    if not isinstance(placeholder, str) or not _HEADER_VALUE.match(placeholder) or not 16 <= len(placeholder) <= 256:
-        raise _invalid(f"secret {name}: a placeholder is 16 to 256 printable ASCII characters")
+    """Only what ``placeholder_for`` makes: one read from a bundle (hostile) cannot be text that
+    benign requests carry anyway ("application/json"), which the proxy would then replace."""
+    made = _PLACEHOLDER.fullmatch(placeholder) if isinstance(placeholder, str) else None
+    if made is None or made.group(1) != name:
+        raise _invalid(f"secret {name}: a placeholder is {PLACEHOLDER_PREFIX}{name}-<24 hex digits>")
 
 
 def _host_patterns(name: str, hosts: object) -> tuple[str, ...]:

@@ -28,11 +28,11 @@ from ..errors import MachinenError, RegistryError
 from ..protocol.messages import VMRow
 from . import paths
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")  # fullmatch: "$" lets a final newline through
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise RegistryError(
             f"invalid VM name {name!r}: 1-48 characters from A-Z a-z 0-9 _ . - , starting with a letter or digit",
             code="REGISTRY_NAME_INVALID",

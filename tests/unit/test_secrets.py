@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from oci_registry import Certificate, make_certificate
 
 from machinen_async import MachinenError
-from machinen_async.protocol.secret import SecretRule
+from machinen_async.protocol.netpolicy import normal_name
+from machinen_async.protocol.secret import PLACEHOLDER_PREFIX, SecretRule, SecretSlot
+from machinen_async.store import registry
 from machinen_async.vmm.qemu import egress, secrets
 from machinen_async.vmm.qemu.secrets import VmCA, rewrite_headers
 
@@ -442,12 +444,32 @@ def test_a_secret_rule_never_shows_its_value() -> None:
 @pytest.mark.parametrize("name, value, hosts", [
     ("NOT-A-NAME", KEY, ["a.test"]), ("K", "two\r\nlines", ["a.test"]), ("K", " padded", ["a.test"]),
     ("K", KEY, []), ("K", KEY, "a.test"), ("K", KEY, ["10.0.0.1"]), ("K", KEY, ["a.test:443"]), ("K", KEY, [3]),
+    ("K\n", KEY, ["a.test"]), ("K", KEY + "\n", ["a.test"]),  # a final newline ("$" would let it through)
 ])  # fmt: skip
 def test_a_bad_secret_is_a_typed_error(name: str, value: str, hosts: object) -> None:
     with pytest.raises(MachinenError) as caught:
         SecretRule(name, value, hosts)  # type: ignore[arg-type]
     assert caught.value.code == "BOOT_SECRET_INVALID"
     assert KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize("placeholder", [
+    "application/json; charset=utf-8",  # text benign requests carry: the proxy would replace it in them
+    f"{PLACEHOLDER_PREFIX}OTHER-{'0' * 24}",  # another secret's
+    f"{PLACEHOLDER_PREFIX}K-{'0' * 23}", f"{PLACEHOLDER_PREFIX}K-{'G' * 24}", f"{PLACEHOLDER_PREFIX}K-{'0' * 24}\n",
+])  # fmt: skip
+def test_only_a_placeholder_machinen_makes_is_taken_from_a_bundle(placeholder: str) -> None:
+    assert SecretSlot("K", ("a.test",), f"{PLACEHOLDER_PREFIX}K-{'0' * 24}").placeholder.endswith("0" * 24)
+    with pytest.raises(MachinenError) as caught:
+        SecretSlot("K", ("a.test",), placeholder)
+    assert caught.value.code == "BOOT_SECRET_INVALID"
+
+
+def test_a_vm_name_or_host_name_with_a_final_newline_is_not_one() -> None:
+    with pytest.raises(MachinenError) as caught:
+        registry.validate_name("vm\n")
+    assert caught.value.code == "REGISTRY_NAME_INVALID"
+    assert normal_name("api.example.test\n") is None and normal_name("API.example.test.") == "api.example.test"
 
 
 header_names = st.sampled_from([b"authorization", b"x-api-key", b"cookie", b"accept"])
