@@ -70,17 +70,28 @@ class SecretSlot:
         return tuple(slots)
 
 
+# The request headers a placeholder is replaced in unless a secret names its own: where API keys go.
+# Never Host, nor headers servers echo or store (Origin, X-Request-Id, Content-Type, x-amz-meta-*).
+DEFAULT_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+                   "x-auth-token", "private-token")  # fmt: skip
+NEVER_HEADERS = frozenset({"host", "origin", "referer", "content-type", "content-length", "transfer-encoding"})
+SECRET_PORT = 443  # a host named without a port: its HTTPS port only
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")  # RFC 9110 token, as h11 gives them (lower case)
+
+
 @dataclass(frozen=True)
 class SecretRule:
     """A secret for one VM: its ``name`` (the guest's environment variable), its ``value`` (never
     shown: not in ``repr``), the ``hosts`` it may go to (name patterns as ``NetworkPolicy`` takes
-    them, without port: ``api.example.com``, ``*.example.com``) and the ``placeholder`` the guest
-    holds instead (made by ``placeholder_for`` when not given)."""
+    them: ``api.example.com``, ``*.example.com``, with ``:PORT`` for another port than 443), the
+    request ``headers`` it may go in (``DEFAULT_HEADERS``) and the ``placeholder`` the guest holds
+    instead (made by ``placeholder_for`` when not given)."""
 
     name: str
     value: str = field(repr=False)
     hosts: tuple[str, ...]
     placeholder: str = ""
+    headers: tuple[str, ...] = DEFAULT_HEADERS
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -88,6 +99,7 @@ class SecretRule:
             raise _invalid(f"secret {self.name}: its value must be printable ASCII without surrounding spaces "
                            "(it goes into HTTP headers)")  # fmt: skip
         object.__setattr__(self, "hosts", _host_patterns(self.name, self.hosts))
+        object.__setattr__(self, "headers", _header_names(self.name, self.headers))
         if not self.placeholder:
             object.__setattr__(self, "placeholder", placeholder_for(self.name))
         _check_placeholder(self.name, self.placeholder)
@@ -98,11 +110,18 @@ class SecretRule:
 
     @cached_property
     def rules(self) -> tuple[NameRule, ...]:
-        return tuple(NameRule(pattern, None) for pattern in self.hosts)
+        """Its hosts as name rules, each with its port (443 when not named)."""
+        rules = [_host_rule(host) for host in self.hosts]
+        return tuple(NameRule(rule.pattern, rule.port or SECRET_PORT) for rule in rules if rule is not None)
 
-    def goes_to(self, name: str) -> bool:
-        """Whether the value may be sent to host ``name`` (a ``normal_name``)."""
-        return any(rule.matches_name(name) for rule in self.rules)
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Its host patterns without ports (what the VM's CA may vouch for)."""
+        return tuple(rule.pattern for rule in self.rules)
+
+    def goes_to(self, name: str, port: int) -> bool:
+        """Whether the value may be sent to host ``name`` (a ``normal_name``) on ``port``."""
+        return any(rule.matches(name, port) for rule in self.rules)
 
 
 def _check_name(name: object) -> None:
@@ -119,15 +138,16 @@ def _check_placeholder(name: str, placeholder: object) -> None:
 
 
 def _host_patterns(name: str, hosts: object) -> tuple[str, ...]:
-    """``hosts`` as name patterns, checked."""
+    """``hosts`` as name patterns (``NAME[:PORT]``), checked."""
     if isinstance(hosts, str) or not isinstance(hosts, Iterable):
         raise _invalid(f"secret {name}: hosts is a list of host names, not {hosts!r:.100}")
     patterns: list[str] = []
     for host in hosts:
         rule = _host_rule(host)
         if rule is None:
-            raise _invalid(f"secret {name}: {host!r:.100} is not a host name (api.example.com, *.example.com)")
-        patterns.append(rule.pattern)
+            raise _invalid(f"secret {name}: {host!r:.100} is not a host name (api.example.com, *.example.com, "
+                           "either with :PORT; a wildcard names at least two labels)")  # fmt: skip
+        patterns.append(rule.pattern if rule.port is None else f"{rule.pattern}:{rule.port}")
         if len(patterns) > MAX_SECRETS:
             raise _invalid(f"secret {name}: at most {MAX_SECRETS} hosts")
     if not patterns:
@@ -136,11 +156,28 @@ def _host_patterns(name: str, hosts: object) -> tuple[str, ...]:
 
 
 def _host_rule(host: object) -> NameRule | None:
-    """A host pattern as a name rule without port, or None if it is not one."""
+    """A host pattern as a name rule, or None if it is not one.  A wildcard must name two labels
+    at least: "*.com" would send the value to whoever holds any certificate under .com."""
     if not isinstance(host, str):
         return None
     try:
         rule = parse_target(host)
     except BootError:
         return None
-    return rule if isinstance(rule, NameRule) and rule.port is None else None
+    if not isinstance(rule, NameRule) or (rule.pattern.startswith("*.") and "." not in rule.pattern[2:]):
+        return None
+    return rule
+
+
+def _header_names(name: str, headers: object) -> tuple[str, ...]:
+    """The request headers a secret may go in: lower-case field names, never one a server echoes
+    or routes by (``NEVER_HEADERS``)."""
+    if isinstance(headers, str) or not isinstance(headers, Iterable):
+        raise _invalid(f"secret {name}: headers is a list of header names, not {headers!r:.100}")
+    names = tuple(header.lower() if isinstance(header, str) else header for header in headers)
+    for header in names:
+        if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header) or header in NEVER_HEADERS:
+            raise _invalid(f"secret {name}: {header!r:.100} is not a header a secret may go in")
+    if not names or len(names) > MAX_SECRETS:
+        raise _invalid(f"secret {name}: name 1 to {MAX_SECRETS} headers it may go in")
+    return names

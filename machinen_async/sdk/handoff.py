@@ -101,7 +101,8 @@ async def handoff(
                 final = await host.push(workdir / "final", progress=report)
                 lifetime = await vm._supervisor_info()  # fresh: another client may have extended it or set its network
                 # Its secrets go along (a bundle keeps no value), bound there to the placeholders its guest holds.
-                secrets = {rule.name: Secret(rule.value, hosts=rule.hosts) for rule in await vm.secrets_as_set()}
+                secrets = {rule.name: Secret(rule.value, hosts=rule.hosts, headers=rule.headers)
+                           for rule in await vm.secrets_as_set()}  # fmt: skip
                 restoring = True
                 moved = await host.restore(
                     final.remote_bundle,

@@ -379,15 +379,16 @@ class VM:
         """Hand ``secrets`` (checked rules, values and placeholders) to the VM's supervisor: its egress
         proxy puts each value into requests to its hosts, the guest gets the placeholders as
         environment variables of later commands and trusts the proxy's CA (``boot(secrets=)``)."""
-        entries = [{"name": s.name, "value": s.value, "hosts": list(s.hosts), "placeholder": s.placeholder}
-                   for s in secrets]  # fmt: skip
+        entries = [{"name": s.name, "value": s.value, "hosts": list(s.hosts), "placeholder": s.placeholder,
+                    "headers": list(s.headers)} for s in secrets]  # fmt: skip
         await self._trust_secrets(await self._channel.call("vm.set_secrets", {"secrets": entries}))
 
     async def secrets_as_set(self) -> list[SecretRule]:
         """The secrets this VM's supervisor puts into its requests, values included (over its
         0600 socket: this user's only), for VMs given the same ones (``fork(secrets="inherit")``)."""
         given = await self._channel.call("vm.secret_values")
-        return [SecretRule(s["name"], s["value"], tuple(s["hosts"]), s["placeholder"]) for s in given["secrets"]]
+        return [SecretRule(s["name"], s["value"], tuple(s["hosts"]), s["placeholder"], tuple(s["headers"]))
+                for s in given["secrets"]]  # fmt: skip
 
     async def _trust_secrets(self, given: Mapping[str, object]) -> None:
         """The guest's part of ``vm.set_secrets``' reply: trust its CA, hold its placeholders."""

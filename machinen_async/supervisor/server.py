@@ -24,7 +24,7 @@ from ..protocol import wire
 from ..protocol.framing import FrameStream
 from ..protocol.messages import checked_ttl, idle_snapshot_dir
 from ..protocol.netpolicy import NetworkPolicy
-from ..protocol.secret import SecretRule, SecretSlot
+from ..protocol.secret import DEFAULT_HEADERS, SecretRule, SecretSlot
 from ..store import layers, paths, registry
 from ..vmm import backend, capped_log
 from . import forwards, metrics, mounts
@@ -402,7 +402,8 @@ class Supervisor:
         # earlier call) keeps that placeholder: the guest's processes have it in their environment.
         held = {slot.name: slot.placeholder for slot in self.capture.secret_slots}
         secrets = [SecretRule(entry.get("name"), entry.get("value"), entry.get("hosts"),
-                              held.get(entry.get("name")) or entry.get("placeholder", ""))
+                              held.get(str(entry.get("name"))) or entry.get("placeholder", ""),
+                              entry.get("headers", DEFAULT_HEADERS))
                    for entry in entries]  # fmt: skip
         given = {secret.name for secret in secrets}
         slots = SecretSlot.all_from(  # checks the count and that no name is given twice
@@ -421,8 +422,8 @@ class Supervisor:
     async def _secret_values(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         """The secrets as set (values included), for a fork given them (``fork(secrets="inherit")``):
         to this user's clients only, over the supervisor's 0600 socket."""
-        return {"secrets": [{"name": s.name, "value": s.value, "hosts": list(s.hosts), "placeholder": s.placeholder}
-                            for s in self.secrets]}  # fmt: skip
+        return {"secrets": [{"name": s.name, "value": s.value, "hosts": list(s.hosts), "placeholder": s.placeholder,
+                             "headers": list(s.headers)} for s in self.secrets]}  # fmt: skip
 
     async def _metrics(self, client: ClientConnection, params: wire.Params) -> wire.Params:
         capture = self.capture

@@ -5,6 +5,7 @@ trusts only the VM's CA.  What the upstream receives, what the guest gets back, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -59,7 +60,7 @@ class Events:
 @dataclass
 class Upstream:
     """An HTTP/1.1 server over TLS: records each request, answers "hello <target>" (or, at /echo,
-    the Authorization header it got)."""
+    the Authorization header it got, in the body and in an X-Echo header)."""
 
     requests: list[Received] = field(default_factory=list)
     connections: int = 0
@@ -82,9 +83,9 @@ class Upstream:
                     payload = (
                         received.header(b"authorization") if request.target == b"/echo" else b"hello " + request.target
                     )
-                    await stream.send(
-                        connection.send(h11.Response(status_code=200, headers=[("Content-Length", str(len(payload)))]))
-                    )
+                    echoed = [("X-Echo", payload)] if request.target == b"/echo" else []
+                    await stream.send(connection.send(h11.Response(
+                        status_code=200, headers=[("Content-Length", str(len(payload))), *echoed])))  # fmt: skip
                     if request.method != b"HEAD":
                         await stream.send(connection.send(h11.Data(data=payload)))
                     await stream.send(connection.send(h11.EndOfMessage()))
@@ -124,6 +125,7 @@ class Proxy:
     port: int
     upstream: Upstream
     events: Events
+    upstream_port: int
 
     async def connect(self, sni: str, context: ssl.SSLContext | None = None) -> anyio.abc.ByteStream:
         """A guest's connection to ``sni`` through the proxy, trusting the VM's CA (or ``context``)."""
@@ -143,8 +145,9 @@ def guest_context(ca: VmCA) -> ssl.SSLContext:
 
 @contextlib.asynccontextmanager
 async def proxy(
-    pki: PKI, rules: Sequence[SecretRule], *, upstream_ca: Certificate | None = None
-) -> AsyncIterator[Proxy]:
+    pki: PKI, rules: Sequence[SecretRule], *, upstream_ca: Certificate | None = None,
+    current: list[SecretRule] | None = None,
+) -> AsyncIterator[Proxy]:  # fmt: skip
     """The upstream server and, in front of it, the egress proxy's TLS path: ``egress.read_preamble``
     reads the ClientHello, ``inject`` does the rest (every SNI goes to the one upstream)."""
     upstream_server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -152,23 +155,29 @@ async def proxy(
     upstream_trust = secrets.upstream_context()
     upstream_trust.load_verify_locations(cafile=(upstream_ca or pki.ca).cert_path)
     upstream, events = Upstream(), Events()
-    ca = VmCA(host for rule in rules for host in rule.hosts)
+    ca = VmCA(name for rule in rules for name in rule.names)
     upstream_listener = TLSListener(
         await anyio.create_tcp_listener(local_host="127.0.0.1"), upstream_server, standard_compatible=False
     )
     upstream_port = upstream_listener.listener.extra(anyio.abc.SocketAttribute.local_port)
+    # The upstream listens on a port of its own, not 443: the rules name it (same placeholders).
+    # ``current``: the VM's secrets as they change (read at each request), by default ``rules``.
+
+    def ported() -> list[SecretRule]:
+        return [dataclasses.replace(rule, hosts=tuple(f"{name}:{upstream_port}" for name in rule.names))
+                for rule in (rules if current is None else current)]  # fmt: skip
 
     async def handle(guest: anyio.abc.SocketStream) -> None:
         async with guest:
             preamble, kind, sni = await egress.read_preamble(guest, 5)
             assert kind == "tls" and sni is not None
-            await secrets.inject(guest, preamble, sni, ("127.0.0.1", upstream_port), rules, ca, upstream_trust, events)
+            await secrets.inject(guest, preamble, sni, ("127.0.0.1", upstream_port), ported, ca, upstream_trust, events)
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     async with listener, upstream_listener, anyio.create_task_group() as tg:
         tg.start_soon(upstream_listener.serve, upstream.handle)
         tg.start_soon(listener.serve, handle)
-        yield Proxy(ca, listener.extra(anyio.abc.SocketAttribute.local_port), upstream, events)
+        yield Proxy(ca, listener.extra(anyio.abc.SocketAttribute.local_port), upstream, events, upstream_port)
         tg.cancel_scope.cancel()
 
 
@@ -225,12 +234,13 @@ async def test_a_placeholder_sent_to_another_host_stays_and_is_reported(pki: PKI
     rules = [openai(), SecretRule("GH_TOKEN", OTHER_KEY, ("other.example.test",))]
     async with proxy(pki, rules) as p:
         await get(p, "other.example.test", [("Host", "other.example.test"), ("Authorization", f"Bearer {rules[0].placeholder}"),
-                                             ("X-Token", rules[1].placeholder)])  # fmt: skip
+                                             ("X-Api-Key", rules[1].placeholder)])  # fmt: skip
     (received,) = p.upstream.requests
     assert received.header(b"authorization") == f"Bearer {rules[0].placeholder}".encode()
-    assert received.header(b"x-token") == OTHER_KEY.encode()  # its own secret goes
+    assert received.header(b"x-api-key") == OTHER_KEY.encode()  # its own secret goes
     assert p.events.seen == [("secret placeholder sent to another host",
-                              {"name": "OPENAI_API_KEY", "host": "other.example.test", "host_header": "other.example.test"})]  # fmt: skip
+                              {"name": "OPENAI_API_KEY", "host": "other.example.test", "port": p.upstream_port,
+                               "host_header": "other.example.test"})]  # fmt: skip
 
 
 async def test_a_host_header_naming_another_host_gets_no_value(pki: PKI) -> None:
@@ -316,13 +326,15 @@ async def test_a_body_waits_for_100_continue_from_the_upstream(pki: PKI) -> None
     assert p.upstream.requests[0].header(b"authorization") == KEY.encode()
 
 
-async def test_responses_are_relayed_as_they_are_even_one_that_echoes_the_value(pki: PKI) -> None:
-    """The documented limit: an upstream that echoes a request's headers hands the value back."""
+async def test_a_response_header_echoing_the_value_is_scrubbed_a_body_is_not(pki: PKI) -> None:
+    """Headers come back with the value put back to the placeholder; a body is relayed as it is
+    (the documented limit: an upstream that echoes a request in its body hands the value back)."""
     rule = openai()
     async with proxy(pki, [rule]) as p:
-        _, body = await get(
+        response, body = await get(
             p, "api.example.test", [("Host", "api.example.test"), ("Authorization", rule.placeholder)], "/echo"
         )
+    assert dict(response.headers)[b"x-echo"] == rule.placeholder.encode()
     assert body == KEY.encode()
 
 
@@ -347,8 +359,12 @@ async def test_a_guest_that_does_not_trust_the_vm_ca_fails_its_handshake(pki: PK
 @pytest.mark.parametrize("refused", [
     ("CONNECT", "api.example.test:443", []),
     ("GET", "/socket", [("Upgrade", "websocket"), ("Connection", "Upgrade")]),
-    ("TRACE", "/", []),
+    ("TRACE", "/", []), ("trace", "/", []), ("TRACK", "/", []), ("get", "/", []),  # echo methods; only these
+    ("POST", "/", [("X-HTTP-Method-Override", "TRACE")]),
     ("GET", "https://other.example.test/", []),
+    ("GET", "//other.example.test/x", []),  # a network-path reference to some frameworks
+    # Framed two ways: a server that trusts Content-Length reads the chunks as a second request.
+    ("POST", "/", [("Content-Length", "4"), ("Transfer-Encoding", "chunked")]),
 ])  # fmt: skip
 async def test_what_the_relay_does_not_carry_closes_the_connection(
     pki: PKI, refused: tuple[str, str, list[tuple[str, str]]]
@@ -368,12 +384,58 @@ async def test_what_the_relay_does_not_carry_closes_the_connection(
     assert p.events.messages() == ["guest request to a secret host refused"]
 
 
+@pytest.mark.parametrize("host", ["api.example.test:1@other.test", "api.example.test:{placeholder}",
+                                  "api.example.test:8443", "api.example.test.other.test"])  # fmt: skip
+async def test_a_host_header_that_is_not_exactly_the_sni_gets_no_value(pki: PKI, host: str) -> None:
+    """ "NAME:1@other" reads as authority "other" to a URL parser; a placeholder in the Host's port
+    would come back in redirects: only "NAME" or "NAME:PORT" of this connection passes, and the Host
+    header itself is never rewritten."""
+    rule = openai()
+    async with proxy(pki, [rule]) as p:
+        sent = host.format(placeholder=rule.placeholder)
+        await get(p, "api.example.test", [("Host", sent), ("Authorization", rule.placeholder)])
+    (received,) = p.upstream.requests
+    assert received.header(b"host") == sent.encode() and received.header(b"authorization") == rule.placeholder.encode()
+    assert p.events.messages() == ["secret placeholder sent to another host"]
+
+
+async def test_a_placeholder_goes_only_in_the_headers_its_secret_names(pki: PKI) -> None:
+    """Headers servers echo or keep (Origin, X-Request-Id, Content-Type, x-amz-meta-*) never get
+    the value: only ``SecretRule(headers=)``, by default the headers API keys go in."""
+    rule = openai()
+    custom = SecretRule("CUSTOM", OTHER_KEY, ("api.example.test",), headers=("X-Custom-Key",))
+    async with proxy(pki, [rule, custom]) as p:
+        await get(p, "api.example.test", [("Host", "api.example.test"), ("Origin", rule.placeholder),
+                                           ("X-Request-Id", rule.placeholder), ("X-Api-Key", rule.placeholder),
+                                           ("X-Custom-Key", custom.placeholder), ("Authorization", custom.placeholder)])  # fmt: skip
+    (received,) = p.upstream.requests
+    assert received.header(b"origin") == received.header(b"x-request-id") == rule.placeholder.encode()
+    assert received.header(b"x-api-key") == KEY.encode() and received.header(b"x-custom-key") == OTHER_KEY.encode()
+    assert received.header(b"authorization") == custom.placeholder.encode()
+    assert [fields["header"] for _, fields in p.events.seen] == ["origin", "x-request-id", "authorization"]
+
+
+async def test_secrets_changed_apply_to_the_next_request_of_an_open_connection(pki: PKI) -> None:
+    """``inject`` reads the secrets at each request: one taken away is not put in after that,
+    even on a connection kept alive from before."""
+    rule = openai()
+    current: list[SecretRule] = [rule]
+    async with proxy(pki, [rule], current=current) as p, await p.connect("api.example.test") as stream:
+        connection = h11.Connection(h11.CLIENT)
+        for _ in range(2):
+            await request(stream, connection, "/", [("Host", "api.example.test"), ("Authorization", rule.placeholder)])
+            connection.start_next_cycle()
+            current.clear()
+    assert [r.header(b"authorization") for r in p.upstream.requests] == [KEY.encode(), rule.placeholder.encode()]
+
+
 async def test_a_wildcard_host_rule_covers_the_names_below_it(pki: PKI) -> None:
     rule = SecretRule("WILD", KEY, ["*.wild.test"])
     async with proxy(pki, [rule]) as p:
         await get(p, "x.wild.test", [("Host", "x.wild.test"), ("Authorization", rule.placeholder)])
     assert p.upstream.requests[0].header(b"authorization") == KEY.encode()
-    assert rule.goes_to("x.wild.test") and rule.goes_to("a.b.wild.test") and not rule.goes_to("wild.test")
+    assert rule.goes_to("x.wild.test", 443) and rule.goes_to("a.b.wild.test", 443)
+    assert not rule.goes_to("wild.test", 443) and not rule.goes_to("x.wild.test", 8443)
 
 
 # --- the VM's CA ---------------------------------------------------------------------------------
@@ -443,8 +505,9 @@ def test_a_secret_rule_never_shows_its_value() -> None:
 
 @pytest.mark.parametrize("name, value, hosts", [
     ("NOT-A-NAME", KEY, ["a.test"]), ("K", "two\r\nlines", ["a.test"]), ("K", " padded", ["a.test"]),
-    ("K", KEY, []), ("K", KEY, "a.test"), ("K", KEY, ["10.0.0.1"]), ("K", KEY, ["a.test:443"]), ("K", KEY, [3]),
+    ("K", KEY, []), ("K", KEY, "a.test"), ("K", KEY, ["10.0.0.1"]), ("K", KEY, ["a.test:x"]), ("K", KEY, [3]),
     ("K\n", KEY, ["a.test"]), ("K", KEY + "\n", ["a.test"]),  # a final newline ("$" would let it through)
+    ("K", KEY, ["*.test"]),  # a wildcard over a whole top-level domain
 ])  # fmt: skip
 def test_a_bad_secret_is_a_typed_error(name: str, value: str, hosts: object) -> None:
     with pytest.raises(MachinenError) as caught:
@@ -494,21 +557,23 @@ def request_headers(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
     sni=st.sampled_from(["api.example.test", "b.example.test", "elsewhere.test", "none.test"]),
 )
 def test_rewriting_replaces_exactly_the_placeholders_that_may_go(headers: list[tuple[bytes, bytes]], sni: str) -> None:
-    rewritten, attempts = rewrite_headers(headers, sni, RULES)
-    destined = secrets.request_host(headers) == sni
-    assert [name for name, _ in rewritten] == [name for name, _ in headers]
+    rewritten = rewrite_headers(headers, sni, 443, RULES)
+    host = secrets.request_host(headers)
+    destined = host is not None and host[0] == sni and host[1] in (None, 443)
+    assert [name for name, _ in rewritten.headers] == [name for name, _ in headers]
     for rule in RULES:
         present = any(rule.placeholder.encode() in value for _, value in headers)
-        goes = destined and rule.goes_to(sni)
-        expected = [v.replace(rule.placeholder.encode(), rule.value.encode()) if goes else v for _, v in headers]
-        assert [rule.placeholder.encode() in v for _, v in rewritten] == [
-            rule.placeholder.encode() in v and not goes for v in expected
-        ]
-        assert (rule.name in attempts) == (present and not goes)
+        goes = destined and rule.goes_to(sni, 443)
+        for (name, sent), (_, out) in zip(headers, rewritten.headers, strict=True):
+            here = rule.placeholder.encode() in sent
+            replaced = here and goes and name.decode() in rule.headers
+            assert (rule.placeholder.encode() in out) == (here and not replaced)
+            assert (rule.value.encode() in out) == replaced or rule.value.encode() in sent
+        assert (rule.name in rewritten.elsewhere) == (present and not goes)
         if not goes:
-            assert not any(rule.value.encode() in v for _, v in rewritten)
+            assert not any(rule.value.encode() in v for _, v in rewritten.headers)
 
 
 def test_rewriting_changes_nothing_without_placeholders() -> None:
     headers = [(b"host", b"api.example.test"), (b"authorization", b"Bearer mine")]
-    assert rewrite_headers(headers, "api.example.test", RULES) == (headers, [])
+    assert rewrite_headers(headers, "api.example.test", 443, RULES) == secrets.Rewritten(headers, [], [])

@@ -207,7 +207,7 @@ class Egress:
     def set_secrets(self, secrets: Sequence[SecretRule]) -> bytes:
         """Put ``secrets`` in the guest's requests from now on; the PEM of the new CA their
         connections are terminated with, which the guest must trust."""
-        self.ca = injection.VmCA(host for secret in secrets for host in secret.hosts)
+        self.ca = injection.VmCA(name for secret in secrets for name in secret.names)
         self._upstream_tls = self._upstream_tls or injection.upstream_context()
         self.secrets = tuple(secrets)
         return self.ca.ca_pem
@@ -276,6 +276,8 @@ class Egress:
                     await self._relay_checked(stream, destination)
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
                 pass  # either side went away
+            except Exception as error:  # noqa: BLE001 - one connection's failure must not end the VM's egress
+                log.warning("guest egress connection failed", error=type(error).__name__)  # its text may hold data
             finally:
                 limiter.release_on_behalf_of(stream)
 
@@ -309,10 +311,10 @@ class Egress:
         if preamble and not self.permitted(destination, claimed, kind):
             return self._refused(destination, kind, claimed)
         self._report_placeholders(preamble, destination, claimed)
-        if kind == "tls" and claimed is not None and self._secrets_for(claimed):
+        if kind == "tls" and claimed is not None and self._secrets_for(claimed, destination.port):
             assert self.ca is not None and self._upstream_tls is not None  # set with the secrets
             await injection.inject(stream, preamble, claimed, (str(destination.address), destination.port),
-                                   self.secrets, self.ca, self._upstream_tls, self._event)  # fmt: skip
+                                   lambda: self.secrets, self.ca, self._upstream_tls, self._event)  # fmt: skip
             return
         with anyio.fail_after(UPSTREAM_CONNECT_TIMEOUT_S):
             upstream = await anyio.connect_tcp(str(destination.address), destination.port)
@@ -328,8 +330,8 @@ class Egress:
                 await upstream.send(preamble)
             await _copy(stream, upstream)
 
-    def _secrets_for(self, name: str) -> bool:
-        return any(secret.goes_to(name) for secret in self.secrets)
+    def _secrets_for(self, name: str, port: int) -> bool:
+        return any(secret.goes_to(name, port) for secret in self.secrets)
 
     def _report_placeholders(self, preamble: bytes, destination: Destination, claimed: str | None) -> None:
         """A placeholder in the clear in what the guest says first (plain HTTP's request head, any

@@ -17,21 +17,28 @@ When the guest opens a TLS connection whose SNI a secret's host matches, the egr
   authority made for this VM alone, which the guest trusts (its certificate is installed at boot;
   its key never leaves the supervisor's memory).  The CA's name constraints permit only the
   secrets' host names, so even its key could vouch for nothing else in the guest.
-- It relays HTTP/1.1 (h11 on both sides).  In each request's header values (and only there: not
-  the request target, not the body) each secret's placeholder becomes its value when the SNI
-  matches one of that secret's hosts and the request's Host header names the SNI too (a shared
-  front end routing by Host would otherwise pass the value on to a neighbour).  A placeholder of
-  another secret is left as it is and reported (``on_event``): code in the guest sending a key
-  where it does not belong is worth knowing about.  Bodies stream through in bounded chunks.
+- It relays HTTP/1.1 (h11 on both sides).  In the values of the headers a secret may go in
+  (``SecretRule.headers``: Authorization, X-Api-Key... never Host, Origin or others servers echo
+  or keep; not the request target, not the body) its placeholder becomes its value when the SNI
+  and port match one of that secret's hosts and the request's Host header is exactly the SNI
+  (with this port, if it names one): a shared front end routing by Host would otherwise pass the
+  value on to a neighbour.  The secrets are read at each request, so a change applies to
+  connections already open.  A placeholder left as it is (another host, another header) is
+  reported (``on_event``): code in the guest sending a key where it does not belong is worth
+  knowing about.  Response headers get the values put back to placeholders.  Bodies stream
+  through in bounded chunks.
 
 Limits:
 
 - HTTP/1.1 only: ALPN offers the guest ``http/1.1`` alone, so HTTP/2 clients fall back; a client
   that speaks only HTTP/2 (gRPC) fails its handshake.
-- ``CONNECT``, ``Upgrade`` (WebSockets), ``TRACE`` (which echoes the request, value included) and
-  requests whose target is not a path are refused: the connection is closed.
-- Responses are relayed as they are: an upstream that echoes the request's headers (a debugging
-  endpoint) hands the value to the guest.  That is the secret host's doing; pick hosts that do not.
+- Only GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS (``TRACE`` echoes the request, value
+  included; ``CONNECT`` tunnels), no method override to another, no ``Upgrade`` (WebSockets), a
+  target that is a path (not "//host/..."), and never both Content-Length and Transfer-Encoding
+  (framed two ways: request smuggling): anything else closes the connection.
+- Response bodies are relayed as they are: an upstream that echoes a request's headers in its
+  body (a debugging endpoint) hands the value to the guest.  That is the secret host's doing; pick
+  hosts that do not.
 - A client that pins certificates, or brings its own trust store and ignores ``SSL_CERT_FILE``,
   does not trust the VM's CA and fails its handshake to the secret hosts.
 - Plain HTTP carries no secret: ``inject`` is for TLS.
@@ -44,8 +51,10 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
@@ -76,37 +85,73 @@ ALPN = ["http/1.1"]
 Header = tuple[bytes, bytes]
 
 
-def request_host(headers: Sequence[Header]) -> str | None:
-    """The host name a request's (only) Host header names, without its port; None if it has none,
-    several, or an address."""
+def request_host(headers: Sequence[Header]) -> tuple[str, int | None] | None:
+    """The host name and port a request's (only) Host header names: ``NAME`` or ``NAME:PORT``
+    exactly; None for anything else (none, several, an address, "NAME:1@other", ...)."""
     hosts = [value for name, value in headers if name.lower() == b"host"]
     if len(hosts) != 1:
         return None
-    host = hosts[0].decode("ascii", "replace").strip()
-    if host.startswith("["):
+    found = _HOST.fullmatch(hosts[0].decode("ascii", "replace").strip())
+    name = normal_name(found["name"]) if found is not None else None
+    if found is None or name is None:
         return None
-    return normal_name(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+    return name, int(found["port"]) if found["port"] else None
+
+
+_HOST = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _as_text(host: tuple[str, int | None] | None) -> str:
+    """A Host header as ``request_host`` read it, for a log line ("" if it named none)."""
+    return "" if host is None else host[0] if host[1] is None else f"{host[0]}:{host[1]}"
 
 
 def carries_placeholder(data: bytes, secret: SecretRule) -> bool:
     return secret.placeholder.encode() in data
 
 
-def rewrite_headers(
-    headers: Sequence[Header], sni: str, secrets: Sequence[SecretRule]
-) -> tuple[list[Header], list[str]]:
-    """``headers`` with each placeholder of a secret that may go to ``sni`` replaced by its value
-    in header values, when the Host header names ``sni`` too; and the names of the secrets whose
-    placeholder is there but may not go (left as they are)."""
-    destined = request_host(headers) == sni
-    sent = [secret for secret in secrets if any(carries_placeholder(value, secret) for _, value in headers)]
-    replaced = [secret for secret in sent if destined and secret.goes_to(sni)]
+@dataclass(frozen=True)
+class Rewritten:
+    """A request's headers after ``rewrite_headers``, and what stayed as the guest sent it."""
+
+    headers: list[Header]
+    elsewhere: list[str]  # secrets whose placeholder went toward a host they may not go to
+    wrong_header: list[tuple[str, str]]  # (secret, header): a placeholder in a header it may not go in
+
+
+def rewrite_headers(headers: Sequence[Header], sni: str, port: int, secrets: Sequence[SecretRule]) -> Rewritten:
+    """``headers`` with each placeholder of a secret that may go to ``sni`` on ``port`` replaced by
+    its value in the values of the headers that secret may go in, when the Host header names
+    ``sni`` (and that port, if it names one) too; what was left as it was, by why."""
+    host = request_host(headers)
+    destined = host is not None and host[0] == sni and host[1] in (None, port)
     rewritten: list[Header] = []
+    elsewhere: set[str] = set()
+    wrong_header: list[tuple[str, str]] = []
     for name, value in headers:
-        for secret in replaced:
-            value = value.replace(secret.placeholder.encode(), secret.value.encode())
+        header = name.decode("ascii", "replace").lower()
+        for secret in secrets:
+            if not carries_placeholder(value, secret):
+                continue
+            if not (destined and secret.goes_to(sni, port)):
+                elsewhere.add(secret.name)
+            elif header not in secret.headers:
+                wrong_header.append((secret.name, header[:64]))
+            else:
+                value = value.replace(secret.placeholder.encode(), secret.value.encode())
         rewritten.append((name, value))
-    return rewritten, [secret.name for secret in sent if secret not in replaced]
+    return Rewritten(rewritten, sorted(elsewhere), wrong_header)
+
+
+def scrub(headers: Sequence[Header], secrets: Sequence[SecretRule]) -> list[Header]:
+    """Response ``headers`` with each secret's value put back to its placeholder: an upstream that
+    echoes a request header (CORS, a request id, a redirect) does not hand the guest the value."""
+    scrubbed = []
+    for name, value in headers:
+        for secret in secrets:
+            value = value.replace(secret.value.encode(), secret.placeholder.encode())
+        scrubbed.append((name, value))
+    return scrubbed
 
 
 # --- the VM's certificate authority --------------------------------------------------------------
@@ -264,12 +309,15 @@ _CLOSED = (h11.ProtocolError, _Refused, anyio.EndOfStream, anyio.BrokenResourceE
            OSError, ssl.SSLError)  # fmt: skip
 
 
+Secrets = Callable[[], Sequence[SecretRule]]  # the VM's secrets as they are now: read at each request
+
+
 async def inject(
     guest: anyio.abc.ByteStream,
     preamble: bytes,
     sni: str,
     destination: tuple[str, int],
-    secrets: Sequence[SecretRule],
+    secrets: Secrets,
     ca: VmCA,
     upstream_context: ssl.SSLContext,
     on_event: EventSink,
@@ -300,7 +348,7 @@ async def inject(
         except (*_CLOSED, TimeoutError):
             return  # the guest does not trust the CA, or said something else
         async with tls:
-            await relay_requests(tls, upstream, sni, secrets, on_event)
+            await relay_requests(tls, upstream, (sni, port), secrets, on_event)
             # Say the end in TLS (close_notify), so a guest reading a body to the end is not left
             # wondering whether it was cut; wait a little for the guest to say it too.
             with anyio.move_on_after(CLOSE_NOTIFY_TIMEOUT_S), contextlib.suppress(*_CLOSED):
@@ -310,12 +358,15 @@ async def inject(
 async def relay_requests(
     guest: anyio.abc.ByteStream,
     upstream: anyio.abc.ByteStream,
-    sni: str,
-    secrets: Sequence[SecretRule],
+    server_name: tuple[str, int],
+    secrets: Secrets,
     on_event: EventSink,
 ) -> None:
-    """HTTP/1.1 from ``guest`` to ``upstream`` and back, request after request, headers rewritten
-    (``rewrite_headers``), until a side closes, breaks the protocol or a request is refused."""
+    """HTTP/1.1 from ``guest`` to ``upstream`` (``server_name``: its SNI and port) and back,
+    request after request, headers rewritten (``rewrite_headers``, with the secrets as they are
+    at that request), responses' headers scrubbed, until a side closes, breaks the protocol or a
+    request is refused."""
+    sni, port = server_name
     server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)  # facing the guest
     client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)  # facing the upstream
     with contextlib.suppress(*_CLOSED):
@@ -324,12 +375,15 @@ async def relay_requests(
             if not isinstance(request, h11.Request):
                 return  # a side closed between requests
             _check(request, sni, on_event)
-            headers, attempts = rewrite_headers(list(request.headers.raw_items()), sni, secrets)
-            for name in attempts:
-                on_event("secret placeholder sent to another host", name=name, host=sni,
-                         host_header=(request_host(headers) or "")[:255])  # fmt: skip
-            forwarded = h11.Request(method=request.method, target=request.target, headers=headers)
-            if not await _exchange(forwarded, server, guest, client, upstream):
+            now = secrets()
+            rewritten = rewrite_headers(list(request.headers.raw_items()), sni, port, now)
+            for name in rewritten.elsewhere:
+                on_event("secret placeholder sent to another host", name=name, host=sni, port=port,
+                         host_header=_as_text(request_host(rewritten.headers)))  # fmt: skip
+            for name, header in rewritten.wrong_header:
+                on_event("secret placeholder in a header it may not go in", name=name, host=sni, header=header)
+            forwarded = h11.Request(method=request.method, target=request.target, headers=rewritten.headers)
+            if not await _exchange(forwarded, server, guest, client, upstream, now):
                 return
             server.start_next_cycle()
             client.start_next_cycle()
@@ -356,15 +410,29 @@ async def _next_request(
     return request
 
 
+# Methods a secret's host is sent: TRACE (and IIS's TRACK) echo the request, CONNECT tunnels.
+METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
+
+
 def _check(request: h11.Request, sni: str, on_event: EventSink) -> None:
-    """Refuse what the relay cannot carry as HTTP/1.1 requests, or what would echo a secret."""
+    """Refuse what the relay cannot carry as HTTP/1.1 requests, what would echo a secret, and what
+    two servers could frame two ways (request smuggling)."""
+    headers = [(name.lower(), value) for name, value in request.headers]
+    names = {name for name, _ in headers}
     reason = None
-    if request.method in (b"CONNECT", b"TRACE"):
-        reason = request.method.decode()
-    elif any(name == b"upgrade" for name, _ in request.headers):
+    if request.method not in METHODS:
+        reason = f"method {request.method[:16].decode('ascii', 'replace')}"
+    elif any(name in METHOD_OVERRIDES and value.strip().upper() not in METHODS for name, value in headers):
+        reason = "method override"
+    elif b"upgrade" in names:
         reason = "upgrade"
+    elif b"content-length" in names and b"transfer-encoding" in names:
+        reason = "both Content-Length and Transfer-Encoding"  # RFC 9112 6.3: framed two ways
     elif not (request.target.startswith(b"/") or (request.target == b"*" and request.method == b"OPTIONS")):
         reason = "target not a path"
+    elif request.target.startswith(b"//"):
+        reason = "target names a host"  # "//other/x" is a network-path reference to some frameworks
     if reason is not None:
         on_event("guest request to a secret host refused", host=sni, reason=reason)
         raise _Refused(reason)
@@ -376,6 +444,7 @@ async def _exchange(
     guest: anyio.abc.ByteStream,
     client: h11.Connection,
     upstream: anyio.abc.ByteStream,
+    secrets: Sequence[SecretRule],
 ) -> bool:
     """The request up and the response down, at once (a server may answer before the body ends,
     or ask for it with 100 Continue); whether the connection can carry another request."""
@@ -392,7 +461,7 @@ async def _exchange(
     async with anyio.create_task_group() as tg:
         tg.start_soon(request_up)
         try:
-            await _relay_response(client, upstream, server, guest)
+            await _relay_response(client, upstream, server, guest, secrets)
         except _CLOSED:
             broken = True
         if broken or server.their_state not in (h11.DONE, h11.MUST_CLOSE):
@@ -420,25 +489,29 @@ async def _relay_request(
 
 
 async def _relay_response(
-    client: h11.Connection, upstream: anyio.abc.ByteStream, server: h11.Connection, guest: anyio.abc.ByteStream
+    client: h11.Connection,
+    upstream: anyio.abc.ByteStream,
+    server: h11.Connection,
+    guest: anyio.abc.ByteStream,
+    secrets: Sequence[SecretRule],
 ) -> None:
     """Informational responses, the response and its body, through to its end."""
     while client.their_state is not h11.DONE:
         events = await _events(client, upstream)
         if any(isinstance(event, h11.ConnectionClosed) for event in events):
             raise anyio.EndOfStream
-        await guest.send(b"".join(server.send(_as_sent(event)) or b"" for event in events))
+        await guest.send(b"".join(server.send(_as_sent(event, secrets)) or b"" for event in events))
 
 
-def _as_sent(event: h11.Event) -> h11.Event:
+def _as_sent(event: h11.Event, secrets: Sequence[SecretRule]) -> h11.Event:
     """An event received by one h11 connection, to send with another (a response's headers
-    keep their original case)."""
+    keep their original case, and are scrubbed of the secrets' values)."""
     if isinstance(event, h11.Response):
-        return h11.Response(status_code=event.status_code, headers=list(event.headers.raw_items()), reason=event.reason)
+        headers = scrub(list(event.headers.raw_items()), secrets)
+        return h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
     if isinstance(event, h11.InformationalResponse):
-        return h11.InformationalResponse(
-            status_code=event.status_code, headers=list(event.headers.raw_items()), reason=event.reason
-        )
+        headers = scrub(list(event.headers.raw_items()), secrets)
+        return h11.InformationalResponse(status_code=event.status_code, headers=headers, reason=event.reason)
     return event
 
 
